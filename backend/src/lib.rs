@@ -1,0 +1,130 @@
+//! The gatehouse backend: a lean hyper 1.x server on a Unix domain socket.
+//!
+//! - [`routes`]: the endpoints, routed by `match (method, path)`.
+//! - [`token`]: issuing and checking HS256 JWTs.
+//! - [`users`]: the argon2id users file.
+//! - [`store`]: Redis, shared by every backend process and replica.
+//! - [`error`], [`http_util`]: the JSON error type and body helpers.
+//!
+//! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
+//! start it the same way.
+
+pub mod error;
+pub mod http_util;
+pub mod routes;
+pub mod store;
+pub mod token;
+pub mod users;
+
+use std::{io, path::Path, sync::Arc, time::Duration};
+
+use http::HeaderValue;
+use hyper::{server::conn::http1, service::service_fn};
+use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
+use tokio::net::{UnixListener, UnixStream};
+
+pub use store::Store;
+pub use token::Tokens;
+pub use users::Users;
+
+/// Everything a request handler needs, built once at start-up.
+pub struct App {
+    pub id: String,
+    id_header: HeaderValue,
+    pub users: Arc<Users>,
+    pub tokens: Tokens,
+    pub store: Store,
+    pub max_body_bytes: usize,
+}
+
+impl App {
+    pub fn new(
+        id: String,
+        users: Users,
+        tokens: Tokens,
+        store: Store,
+        max_body_bytes: usize,
+    ) -> Result<Self, String> {
+        let id_header = HeaderValue::from_str(&id)
+            .map_err(|_| format!("backend id {id:?} is not a valid header value"))?;
+        Ok(Self {
+            id,
+            id_header,
+            users: Arc::new(users),
+            tokens,
+            store,
+            max_body_bytes,
+        })
+    }
+}
+
+/// Binds `path`, removing a socket file left by a dead process but never one that a live
+/// process still answers on.
+pub async fn bind(path: &Path) -> io::Result<UnixListener> {
+    if path.exists() {
+        match UnixStream::connect(path).await {
+            Ok(_) => {
+                return Err(io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    format!("{} is in use by a running process", path.display()),
+                ));
+            }
+            Err(_) => {
+                tracing::info!(socket = %path.display(), "removing stale socket");
+                std::fs::remove_file(path)?;
+            }
+        }
+    }
+    UnixListener::bind(path)
+}
+
+/// Serves until `shutdown` resolves, then stops accepting and lets open requests finish
+/// for up to `drain`.
+pub async fn serve(
+    listener: UnixListener,
+    app: Arc<App>,
+    shutdown: impl Future<Output = ()>,
+    drain: Duration,
+) {
+    // HTTP/1.1 only: the proxy is the one client, and it speaks HTTP/1.1 over the socket.
+    let mut server = http1::Builder::new();
+    server.keep_alive(true);
+    let graceful = GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(shutdown);
+    loop {
+        let stream = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok((stream, _)) => stream,
+                Err(error) => {
+                    // Out of file descriptors and the like: back off instead of spinning.
+                    tracing::warn!(%error, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    continue;
+                }
+            },
+            () = &mut shutdown => break,
+        };
+        let app = app.clone();
+        let service = service_fn(move |request| {
+            let app = app.clone();
+            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, request).await) }
+        });
+        let connection = server.serve_connection(TokioIo::new(stream), service);
+        let connection = graceful.watch(connection);
+        tokio::spawn(async move {
+            if let Err(error) = connection.await {
+                tracing::debug!(%error, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    if tokio::time::timeout(drain, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!(
+            drain_s = drain.as_secs(),
+            "requests still open after the drain period; closing them"
+        );
+    }
+}

@@ -1,0 +1,150 @@
+//! The backend's endpoints, routed by `match (method, path)`. Each handler returns a value or
+//! an [`ApiError`]; one place turns both into a response carrying the request id.
+
+use std::sync::Arc;
+
+use http::{Method, Request, Response, StatusCode, header};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::json;
+
+use crate::{
+    App,
+    error::ApiError,
+    http_util::{Body, json_response, read_json},
+};
+
+pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let request_id = request_id(&request);
+    let result = route(&app, request).await;
+    let mut response = match result {
+        Ok(response) => response,
+        Err(error) => error.into_response(&request_id),
+    };
+    let headers = response.headers_mut();
+    headers.insert("x-backend-id", app.id_header.clone());
+    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
+        headers.insert("x-request-id", value);
+    }
+    response
+}
+
+async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let method = request.method().clone();
+    match (&method, request.uri().path()) {
+        (&Method::GET, "/api/ping") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, "/healthz") => health(app).await,
+        (&Method::POST, "/auth/login") => login(app, request).await,
+        (&Method::GET, "/api/count") => count(app, &request).await,
+        (_, "/api/ping" | "/healthz" | "/api/count") => Err(method_not_allowed("GET")),
+        (_, "/auth/login") => Err(method_not_allowed("POST")),
+        (_, path) => Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no endpoint at {path}"),
+        )),
+    }
+}
+
+async fn health(app: &App) -> Result<Response<Body>, ApiError> {
+    let redis = if app.store.ping().await { "up" } else { "down" };
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({"status": "ok", "backend": app.id, "redis": redis}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct Login {
+    username: String,
+    password: String,
+}
+
+async fn login(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let Login { username, password } = read_json(request, app.max_body_bytes).await?;
+    let users = app.users.clone();
+    let name = username.clone();
+    // argon2id takes tens of milliseconds of CPU by design; keep it off the I/O threads.
+    let valid = tokio::task::spawn_blocking(move || users.verify(&name, &password))
+        .await
+        .unwrap_or(false);
+    if !valid {
+        tracing::info!(user = %username, "login refused");
+        return Err(ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "invalid_credentials",
+            "wrong user name or password",
+        ));
+    }
+    let token = app.tokens.issue(&username).map_err(|e| {
+        tracing::error!(error = %e, "cannot sign a token");
+        ApiError::new(
+            StatusCode::INTERNAL_SERVER_ERROR,
+            "internal",
+            "cannot issue a token",
+        )
+    })?;
+    Ok(json_response(
+        StatusCode::OK,
+        &json!({
+            "token": token,
+            "token_type": "Bearer",
+            "expires_in": app.tokens.ttl_seconds(),
+        }),
+    ))
+}
+
+async fn count(app: &App, request: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+    let token = bearer_token(request)?;
+    app.tokens
+        .verify(token)
+        .map_err(|e| ApiError::invalid_token(format!("the bearer token is not valid: {e}")))?;
+    let visits = app
+        .store
+        .count_visit()
+        .await
+        .map_err(|_| ApiError::store_unavailable())?;
+    Ok(json_response(StatusCode::OK, &json!({"visits": visits})))
+}
+
+fn bearer_token<B>(request: &Request<B>) -> Result<&str, ApiError> {
+    let value = request
+        .headers()
+        .get(header::AUTHORIZATION)
+        .ok_or_else(|| {
+            ApiError::invalid_token("an `Authorization: Bearer <token>` header is required")
+        })?;
+    let value = value
+        .to_str()
+        .map_err(|_| ApiError::invalid_token("the Authorization header is not ASCII"))?;
+    match value.split_once(' ') {
+        Some((scheme, token))
+            if scheme.eq_ignore_ascii_case("bearer") && !token.trim().is_empty() =>
+        {
+            Ok(token.trim())
+        }
+        _ => Err(ApiError::invalid_token(
+            "the Authorization header must be `Bearer <token>`",
+        )),
+    }
+}
+
+fn method_not_allowed(allow: &'static str) -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed here",
+    )
+    .with_header(header::ALLOW, allow)
+}
+
+/// The proxy always sends one; a backend reached directly makes its own.
+fn request_id<B>(request: &Request<B>) -> String {
+    request
+        .headers()
+        .get("x-request-id")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| !v.is_empty() && v.len() <= 128)
+        .map(str::to_owned)
+        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
+}

@@ -1,0 +1,82 @@
+//! The shared store: Redis, reached through one `ConnectionManager` per process.
+//!
+//! The manager is created lazily, so a backend starts while Redis is down and picks the
+//! connection up by itself when Redis returns. Every call is bounded by a deadline: a
+//! request never waits on a dead Redis for longer than that.
+
+use std::{
+    sync::atomic::{AtomicBool, Ordering},
+    time::Duration,
+};
+
+use redis::{
+    AsyncCommands, Client,
+    aio::{ConnectionManager, ConnectionManagerConfig},
+};
+
+/// The one key every backend process and every replica counts in.
+pub const VISITS_KEY: &str = "gatehouse:visits";
+
+pub struct Store {
+    manager: ConnectionManager,
+    deadline: Duration,
+    /// Last seen state, so an outage is logged once when it starts and once when it ends,
+    /// not once per request.
+    up: AtomicBool,
+}
+
+#[derive(Debug)]
+pub struct Unavailable;
+
+impl Store {
+    /// Must be called inside a tokio runtime; it does not connect yet.
+    pub fn new(url: &str, deadline: Duration) -> Result<Self, String> {
+        let client = Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+        // Few, quick retries: a request that cannot be answered now gets a 503 and its
+        // client retries, rather than holding a connection open through a long backoff.
+        let config = ConnectionManagerConfig::new()
+            .set_connection_timeout(Some(deadline))
+            .set_response_timeout(Some(deadline))
+            .set_number_of_retries(1)
+            .set_min_delay(Duration::from_millis(50))
+            .set_max_delay(Duration::from_millis(500));
+        let manager = ConnectionManager::new_lazy_with_config(client, config)
+            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+        Ok(Self {
+            manager,
+            deadline,
+            up: AtomicBool::new(true),
+        })
+    }
+
+    pub async fn count_visit(&self) -> Result<i64, Unavailable> {
+        let mut conn = self.manager.clone();
+        self.bounded(async move { conn.incr(VISITS_KEY, 1).await })
+            .await
+    }
+
+    pub async fn ping(&self) -> bool {
+        let mut conn = self.manager.clone();
+        self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
+            .await
+            .is_ok()
+    }
+
+    async fn bounded<T>(
+        &self,
+        call: impl Future<Output = redis::RedisResult<T>>,
+    ) -> Result<T, Unavailable> {
+        let outcome = match tokio::time::timeout(self.deadline, call).await {
+            Ok(Ok(value)) => Ok(value),
+            Ok(Err(error)) => Err(error.to_string()),
+            Err(_) => Err(format!("no answer within {:?}", self.deadline)),
+        };
+        let was_up = self.up.swap(outcome.is_ok(), Ordering::Relaxed);
+        match &outcome {
+            Err(error) if was_up => tracing::warn!(%error, "redis unavailable"),
+            Ok(_) if !was_up => tracing::info!("redis available again"),
+            _ => {}
+        }
+        outcome.map_err(|_| Unavailable)
+    }
+}

@@ -1,0 +1,569 @@
+//! Configuration in layers: the TOML file (and a few environment overrides) -> one validated
+//! [`Config`] -> settings for the proxy, the backends and the supervisor. Nothing after this
+//! module re-parses a string, and every error names the file, the line and the key.
+//!
+//! Relative paths in the file are relative to the file's own directory, so the group runs the
+//! same from any working directory.
+
+mod locate;
+
+use std::{
+    fmt,
+    net::SocketAddr,
+    path::{Path, PathBuf},
+    time::Duration,
+};
+
+use serde::Deserialize;
+
+use locate::Document;
+
+/// Environment variables that override the file. Secrets and listen addresses are the
+/// things a deployment changes without editing the file.
+pub const ENV_LISTEN: &str = "GATEHOUSE_LISTEN";
+pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
+pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
+pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
+
+/// Unix socket paths are limited to 108 bytes including the terminator (`sun_path`).
+const MAX_SOCKET_PATH: usize = 107;
+
+#[derive(Debug)]
+pub struct ConfigError {
+    /// The file (or environment variable) the bad value came from.
+    pub origin: String,
+    pub line: Option<usize>,
+    pub key: Option<String>,
+    pub message: String,
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}", self.origin)?;
+        if let Some(line) = self.line {
+            write!(f, ":{line}")?;
+        }
+        if let Some(key) = &self.key {
+            write!(f, ": {key}")?;
+        }
+        write!(f, ": {}", self.message)
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub file: PathBuf,
+    pub proxy: Proxy,
+    pub backend: Backend,
+    pub redis: Redis,
+    pub runtime_dir: PathBuf,
+    pub data_dir: PathBuf,
+    pub routes: Vec<gatehouse_proxy::Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Proxy {
+    pub listen: SocketAddr,
+    pub threads: usize,
+    pub shutdown_grace: Duration,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub health_check_interval: Duration,
+}
+
+#[derive(Debug, Clone)]
+pub struct Backend {
+    pub count: usize,
+    pub users_file: PathBuf,
+    pub token_ttl_seconds: u64,
+    pub max_body_bytes: usize,
+    /// `None`: `gatehouse run` makes one for the group and warns.
+    pub jwt_secret: Option<Vec<u8>>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Redis {
+    /// `None`: `gatehouse run` starts and manages its own `redis-server`.
+    pub url: Option<String>,
+    pub server_binary: String,
+    pub timeout: Duration,
+}
+
+impl Config {
+    pub fn load(file: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
+            origin: file.display().to_string(),
+            line: None,
+            key: None,
+            message: format!("cannot read the config file: {e}"),
+        })?;
+        Self::from_str(&text, file, &|name| std::env::var(name).ok())
+    }
+
+    /// `env` is the environment lookup, passed in so tests need not touch the real one.
+    pub fn from_str(
+        text: &str,
+        file: &Path,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Self, ConfigError> {
+        let doc = Document::parse(text);
+        let origin = file.display().to_string();
+        let raw: RawConfig = toml::from_str(text).map_err(|e| {
+            let offset = e.span().map(|s| s.start);
+            ConfigError {
+                origin: origin.clone(),
+                line: offset.map(|o| doc.line_of_offset(o)),
+                key: offset.and_then(|o| doc.key_at(o)),
+                message: e.message().trim().to_string(),
+            }
+        })?;
+        // Absolute, because children (Redis above all) may change their working directory.
+        let parent = file
+            .parent()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or(Path::new("."));
+        let base = std::path::absolute(parent).map_err(|e| ConfigError {
+            origin: origin.clone(),
+            line: None,
+            key: None,
+            message: format!("cannot resolve the config directory: {e}"),
+        })?;
+        let base = base.as_path();
+        let at = |key: &str, message: String| ConfigError {
+            origin: origin.clone(),
+            line: doc.line_of_key(key),
+            key: Some(key.to_string()),
+            message,
+        };
+        let from_env = |name: &str, message: String| ConfigError {
+            origin: format!("environment variable {name}"),
+            line: None,
+            key: None,
+            message,
+        };
+
+        let proxy = {
+            let p = &raw.proxy;
+            let listen = match env(ENV_LISTEN) {
+                Some(v) => v
+                    .parse()
+                    .map_err(|e| from_env(ENV_LISTEN, format!("{v:?}: {e}")))?,
+                None => p.listen.parse().map_err(|e| {
+                    at(
+                        "proxy.listen",
+                        format!("{:?} is not an address like 0.0.0.0:8080: {e}", p.listen),
+                    )
+                })?,
+            };
+            let threads = match p.threads {
+                0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
+                n if n > 256 => {
+                    return Err(at("proxy.threads", format!("{n} threads is more than 256")));
+                }
+                n => n,
+            };
+            positive(
+                p.upstream_connect_timeout_ms,
+                "proxy.upstream_connect_timeout_ms",
+                &at,
+            )?;
+            positive(
+                p.upstream_read_timeout_seconds,
+                "proxy.upstream_read_timeout_seconds",
+                &at,
+            )?;
+            positive(
+                p.health_check_interval_ms,
+                "proxy.health_check_interval_ms",
+                &at,
+            )?;
+            Proxy {
+                listen,
+                threads,
+                shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds),
+                connect_timeout: Duration::from_millis(p.upstream_connect_timeout_ms),
+                read_timeout: Duration::from_secs(p.upstream_read_timeout_seconds),
+                health_check_interval: Duration::from_millis(p.health_check_interval_ms),
+            }
+        };
+
+        let backend = {
+            let b = &raw.backend;
+            if !(1..=64).contains(&b.count) {
+                return Err(at(
+                    "backend.count",
+                    format!("{} backends: choose 1 to 64", b.count),
+                ));
+            }
+            positive(b.token_ttl_seconds, "backend.token_ttl_seconds", &at)?;
+            if !(64..=1 << 20).contains(&b.max_body_bytes) {
+                return Err(at(
+                    "backend.max_body_bytes",
+                    format!("{} bytes: choose 64 to 1048576", b.max_body_bytes),
+                ));
+            }
+            let jwt_secret = match (env(ENV_JWT_SECRET), env(ENV_JWT_SECRET_FILE)) {
+                (Some(value), _) => Some(check_secret(value.into_bytes(), |m| {
+                    from_env(ENV_JWT_SECRET, m)
+                })?),
+                (None, Some(path)) => Some(read_secret(Path::new(&path), |m| {
+                    from_env(ENV_JWT_SECRET_FILE, m)
+                })?),
+                (None, None) => match &b.jwt_secret_file {
+                    Some(path) => Some(read_secret(&base.join(path), |m| {
+                        at("backend.jwt_secret_file", m)
+                    })?),
+                    None => None,
+                },
+            };
+            Backend {
+                count: b.count,
+                users_file: base.join(&b.users_file),
+                token_ttl_seconds: b.token_ttl_seconds,
+                max_body_bytes: b.max_body_bytes,
+                jwt_secret,
+            }
+        };
+
+        let redis = {
+            let r = &raw.redis;
+            let url = env(ENV_REDIS_URL)
+                .or_else(|| r.url.clone())
+                .filter(|u| !u.is_empty());
+            if let Some(url) = &url {
+                redis_url_ok(url).map_err(|m| match env(ENV_REDIS_URL) {
+                    Some(_) => from_env(ENV_REDIS_URL, m),
+                    None => at("redis.url", m),
+                })?;
+            }
+            positive(r.timeout_ms, "redis.timeout_ms", &at)?;
+            Redis {
+                url,
+                server_binary: r.server_binary.clone(),
+                timeout: Duration::from_millis(r.timeout_ms),
+            }
+        };
+
+        let runtime_dir = base.join(&raw.paths.runtime_dir);
+        let data_dir = base.join(&raw.paths.data_dir);
+
+        if raw.routes.is_empty() {
+            return Err(at(
+                "routes",
+                "at least one [[routes]] entry is required".into(),
+            ));
+        }
+        let mut routes = Vec::with_capacity(raw.routes.len());
+        for (i, route) in raw.routes.iter().enumerate() {
+            let key = |field: &str| format!("routes[{i}].{field}");
+            if !route.prefix.starts_with('/') {
+                return Err(at(
+                    &key("prefix"),
+                    format!("{:?} must start with `/`", route.prefix),
+                ));
+            }
+            if routes
+                .iter()
+                .any(|r: &gatehouse_proxy::Route| r.prefix == route.prefix)
+            {
+                return Err(at(
+                    &key("prefix"),
+                    format!("{:?} is routed twice", route.prefix),
+                ));
+            }
+            let target = match route.upstream.as_str() {
+                "backends" => gatehouse_proxy::Target::Backends,
+                other => {
+                    return Err(at(
+                        &key("upstream"),
+                        format!("unknown upstream {other:?}; the one pool is \"backends\""),
+                    ));
+                }
+            };
+            routes.push(gatehouse_proxy::Route {
+                prefix: route.prefix.clone(),
+                target,
+            });
+        }
+
+        let config = Config {
+            file: file.to_path_buf(),
+            proxy,
+            backend,
+            redis,
+            runtime_dir,
+            data_dir,
+            routes,
+        };
+        for i in 0..config.backend.count {
+            let socket = config.backend_socket(i);
+            if socket.as_os_str().len() > MAX_SOCKET_PATH {
+                return Err(at(
+                    "paths.runtime_dir",
+                    format!(
+                        "socket path {} is longer than {MAX_SOCKET_PATH} bytes; use a shorter runtime_dir",
+                        socket.display()
+                    ),
+                ));
+            }
+        }
+        Ok(config)
+    }
+
+    pub fn backend_id(&self, index: usize) -> String {
+        format!("b{}", index + 1)
+    }
+
+    pub fn backend_socket(&self, index: usize) -> PathBuf {
+        self.runtime_dir.join(format!("backend-{}.sock", index + 1))
+    }
+
+    pub fn managed_redis_socket(&self) -> PathBuf {
+        self.runtime_dir.join("redis.sock")
+    }
+
+    pub fn proxy_settings(&self) -> gatehouse_proxy::Settings {
+        gatehouse_proxy::Settings {
+            listen: self.proxy.listen.to_string(),
+            threads: self.proxy.threads,
+            routes: self.routes.clone(),
+            pool: gatehouse_proxy::PoolSettings {
+                sockets: (0..self.backend.count)
+                    .map(|i| self.backend_socket(i))
+                    .collect(),
+                connect_timeout: self.proxy.connect_timeout,
+                read_timeout: self.proxy.read_timeout,
+                health_check_interval: self.proxy.health_check_interval,
+            },
+            shutdown_grace: self.proxy.shutdown_grace,
+            runtime_dir: self.runtime_dir.clone(),
+        }
+    }
+}
+
+fn positive<N: PartialEq + Default + fmt::Display>(
+    value: N,
+    key: &str,
+    at: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if value == N::default() {
+        Err(at(key, "must be greater than 0".into()))
+    } else {
+        Ok(())
+    }
+}
+
+fn read_secret(path: &Path, err: impl Fn(String) -> ConfigError) -> Result<Vec<u8>, ConfigError> {
+    let mut bytes = std::fs::read(path).map_err(|e| {
+        err(format!(
+            "cannot read JWT secret file {}: {e}",
+            path.display()
+        ))
+    })?;
+    // Files written with `echo` end in a newline that is not part of the secret.
+    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+        bytes.pop();
+    }
+    check_secret(bytes, err)
+}
+
+fn check_secret(
+    bytes: Vec<u8>,
+    err: impl Fn(String) -> ConfigError,
+) -> Result<Vec<u8>, ConfigError> {
+    gatehouse_backend::Tokens::new(&bytes, 1).map_err(err)?;
+    Ok(bytes)
+}
+
+fn redis_url_ok(url: &str) -> Result<(), String> {
+    let scheme = url.split_once("://").map(|(s, _)| s);
+    match scheme {
+        Some("redis" | "rediss" | "unix" | "redis+unix") => Ok(()),
+        _ => Err(format!(
+            "{url:?} is not a Redis URL (redis://host:port, unix:///path)"
+        )),
+    }
+}
+
+// The file as written. Defaults live here; `deny_unknown_fields` turns typos into errors.
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields, default)]
+struct RawConfig {
+    proxy: RawProxy,
+    backend: RawBackend,
+    redis: RawRedis,
+    paths: RawPaths,
+    routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawProxy {
+    listen: String,
+    threads: usize,
+    shutdown_grace_seconds: u64,
+    upstream_connect_timeout_ms: u64,
+    upstream_read_timeout_seconds: u64,
+    health_check_interval_ms: u64,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            threads: 0,
+            shutdown_grace_seconds: 10,
+            upstream_connect_timeout_ms: 1000,
+            upstream_read_timeout_seconds: 30,
+            health_check_interval_ms: 1000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawBackend {
+    count: usize,
+    users_file: PathBuf,
+    token_ttl_seconds: u64,
+    max_body_bytes: usize,
+    jwt_secret_file: Option<PathBuf>,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        Self {
+            count: 3,
+            users_file: "users".into(),
+            token_ttl_seconds: 3600,
+            max_body_bytes: 16 * 1024,
+            jwt_secret_file: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawRedis {
+    url: Option<String>,
+    server_binary: String,
+    timeout_ms: u64,
+}
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: None,
+            server_binary: "redis-server".into(),
+            timeout_ms: 1000,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawPaths {
+    runtime_dir: PathBuf,
+    data_dir: PathBuf,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        Self {
+            runtime_dir: "../var/run".into(),
+            data_dir: "../var/data".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    prefix: String,
+    upstream: String,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(text: &str) -> Result<Config, ConfigError> {
+        Config::from_str(text, Path::new("conf/g.toml"), &|_| None)
+    }
+
+    const ROUTES: &str = "\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n";
+
+    #[test]
+    fn defaults_are_sane() {
+        let config = parse(ROUTES).unwrap();
+        assert_eq!(config.backend.count, 3);
+        assert_eq!(config.proxy.listen.port(), 8080);
+        assert!(config.redis.url.is_none());
+        let expected = std::env::current_dir()
+            .unwrap()
+            .join("conf/../var/run/backend-1.sock");
+        assert_eq!(config.backend_socket(0), expected);
+    }
+
+    #[test]
+    fn unknown_key_names_line_and_key() {
+        let err = parse(&format!(
+            "[proxy]\nlisten = \"0.0.0.0:1\"\nlisen = 3\n{ROUTES}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert_eq!(err.key.as_deref(), Some("proxy.lisen"), "{err}");
+        assert!(
+            err.to_string()
+                .starts_with("conf/g.toml:3: proxy.lisen: unknown field"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn wrong_type_names_line_and_key() {
+        let err = parse(&format!("[backend]\n\ncount = \"three\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(3), Some("backend.count")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn semantic_errors_name_line_and_key() {
+        let err = parse(&format!("[proxy]\nlisten = \"nowhere\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(2), Some("proxy.listen")),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "{ROUTES}\n[[routes]]\nprefix = \"/b/\"\nupstream = \"elsewhere\"\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(8), Some("routes[1].upstream")),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn environment_overrides_and_short_secret() {
+        let env = |name: &str| match name {
+            ENV_LISTEN => Some("127.0.0.1:9999".to_string()),
+            ENV_JWT_SECRET => Some("too short".to_string()),
+            _ => None,
+        };
+        let err = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap_err();
+        assert!(err.to_string().contains(ENV_JWT_SECRET), "{err}");
+        let env = |name: &str| (name == ENV_LISTEN).then(|| "127.0.0.1:9999".to_string());
+        let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+        assert_eq!(config.proxy.listen.port(), 9999);
+    }
+}

@@ -1,0 +1,145 @@
+//! `gatehouse`: one binary for the whole edge deployment.
+//!
+//! - `run`: the process group (see [`supervisor`]).
+//! - `proxy`, `backend`: the group's members, also runnable on their own.
+//! - `check`: validate a config file. `hash-password`: make a users-file entry.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad config or usage.
+
+mod config;
+mod serve_backend;
+mod supervisor;
+
+use std::{io::Read, path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand};
+
+use config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "An edge server in one binary: proxy, backends and Redis as one process group."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the whole group: managed Redis, the backends and the proxy.
+    Run(ConfigArg),
+    /// Validate the config file and everything it points at; exit 2 on error.
+    Check(ConfigArg),
+    /// Run the edge proxy alone.
+    Proxy(ConfigArg),
+    /// Run one backend on a Unix socket.
+    Backend {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// The Unix socket to listen on.
+        #[arg(long)]
+        socket: PathBuf,
+        /// The name this backend reports in `X-Backend-Id`.
+        #[arg(long, default_value = "b1")]
+        id: String,
+    },
+    /// Read a password on stdin and print its argon2id hash for the users file.
+    HashPassword,
+}
+
+#[derive(clap::Args)]
+struct ConfigArg {
+    /// The config file.
+    #[arg(
+        long,
+        short,
+        env = "GATEHOUSE_CONFIG",
+        default_value = "conf/gatehouse.toml"
+    )]
+    config: PathBuf,
+}
+
+impl ConfigArg {
+    fn load(&self) -> Result<Config, Failure> {
+        Config::load(&self.config).map_err(|e| Failure::Config(e.to_string()))
+    }
+}
+
+enum Failure {
+    Config(String),
+    Runtime(String),
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging();
+    let outcome = match cli.command {
+        Command::Run(arg) => arg
+            .load()
+            .and_then(|config| supervisor::run(config).map_err(Failure::Runtime)),
+        Command::Check(arg) => check(&arg),
+        Command::Proxy(arg) => arg.load().and_then(|config| {
+            gatehouse_proxy::run(config.proxy_settings())
+                .map(|()| 0)
+                .map_err(Failure::Runtime)
+        }),
+        Command::Backend { config, socket, id } => config
+            .load()
+            .and_then(|config| serve_backend::run(&config, &socket, id)),
+        Command::HashPassword => hash_password(),
+    };
+    match outcome {
+        Ok(code) => ExitCode::from(code as u8),
+        Err(Failure::Config(message)) => {
+            eprintln!("gatehouse: config error: {message}");
+            ExitCode::from(2)
+        }
+        Err(Failure::Runtime(message)) => {
+            eprintln!("gatehouse: {message}");
+            ExitCode::from(1)
+        }
+    }
+}
+
+/// Loads the config and what it names (the users file), without starting anything.
+fn check(arg: &ConfigArg) -> Result<i32, Failure> {
+    let config = arg.load()?;
+    let users = gatehouse_backend::Users::load(&config.backend.users_file)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    println!(
+        "{}: ok ({} routes, {} backends, {} users, redis {})",
+        config.file.display(),
+        config.routes.len(),
+        config.backend.count,
+        users.len(),
+        config.redis.url.as_deref().unwrap_or("managed"),
+    );
+    Ok(0)
+}
+
+fn hash_password() -> Result<i32, Failure> {
+    let mut input = String::new();
+    std::io::stdin()
+        .read_to_string(&mut input)
+        .map_err(|e| Failure::Runtime(format!("cannot read stdin: {e}")))?;
+    let password = input.trim_end_matches(['\r', '\n']);
+    if password.is_empty() {
+        return Err(Failure::Runtime("empty password on stdin".into()));
+    }
+    let hash = gatehouse_backend::users::hash_password(password)
+        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    println!("{hash}");
+    Ok(0)
+}
+
+fn init_logging() {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}

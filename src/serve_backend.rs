@@ -1,0 +1,70 @@
+//! `gatehouse backend`: builds the backend's parts from the config and serves one socket.
+
+use std::{path::Path, sync::Arc, time::Duration};
+
+use gatehouse_backend::{App, Store, Tokens, Users};
+use tokio::signal::unix::{SignalKind, signal};
+
+use crate::{Failure, config::Config};
+
+/// How long open requests may run after SIGTERM.
+const DRAIN: Duration = Duration::from_secs(10);
+
+pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
+    let users =
+        Users::load(&config.backend.users_file).map_err(|e| Failure::Config(e.to_string()))?;
+    let secret = config.backend.jwt_secret.as_deref().ok_or_else(|| {
+        Failure::Config(format!(
+            "no JWT secret: set {} or {}, or backend.jwt_secret_file in {}",
+            crate::config::ENV_JWT_SECRET,
+            crate::config::ENV_JWT_SECRET_FILE,
+            config.file.display()
+        ))
+    })?;
+    let tokens = Tokens::new(secret, config.backend.token_ttl_seconds).map_err(Failure::Config)?;
+    let redis_url = config
+        .redis
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
+
+    // One thread per backend: the group scales by running more backend processes.
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+    runtime.block_on(async {
+        let store = Store::new(&redis_url, config.redis.timeout).map_err(Failure::Config)?;
+        let app = App::new(
+            id.clone(),
+            users,
+            tokens,
+            store,
+            config.backend.max_body_bytes,
+        )
+        .map_err(Failure::Config)?;
+        let listener = gatehouse_backend::bind(socket)
+            .await
+            .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", socket.display())))?;
+        let (Ok(mut term), Ok(mut int)) = (
+            signal(SignalKind::terminate()),
+            signal(SignalKind::interrupt()),
+        ) else {
+            return Err(Failure::Runtime("cannot install signal handlers".into()));
+        };
+        tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
+        let shutdown = async {
+            tokio::select! {
+                _ = term.recv() => tracing::info!(backend = %id, "SIGTERM: draining"),
+                _ = int.recv() => {
+                    // SIGINT means now: no draining.
+                    let _ = std::fs::remove_file(socket);
+                    std::process::exit(130);
+                }
+            }
+        };
+        gatehouse_backend::serve(listener, Arc::new(app), shutdown, DRAIN).await;
+        let _ = std::fs::remove_file(socket);
+        Ok(0)
+    })
+}

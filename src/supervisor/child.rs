@@ -1,0 +1,211 @@
+//! One supervised child process: how to start it, how to tell it is ready, how to stop it,
+//! and the loop that restarts it with backoff when it dies.
+
+use std::{
+    ffi::OsString,
+    io,
+    net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
+    path::PathBuf,
+    process::ExitStatus,
+    time::{Duration, Instant},
+};
+
+use tokio::{
+    net::{TcpStream, UnixStream},
+    process::{Child, Command},
+    sync::watch,
+    time::sleep,
+};
+
+/// How the group is being stopped; each child maps it to its own signal.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stop {
+    /// SIGTERM: finish what is in flight.
+    Graceful,
+    /// SIGINT: stop now.
+    Fast,
+}
+
+/// Where a child answers once it is ready.
+#[derive(Debug, Clone)]
+pub enum Probe {
+    Unix(PathBuf),
+    Tcp(SocketAddr),
+}
+
+impl Probe {
+    async fn answers(&self) -> bool {
+        match self {
+            Probe::Unix(path) => UnixStream::connect(path).await.is_ok(),
+            Probe::Tcp(addr) => TcpStream::connect(reachable(*addr)).await.is_ok(),
+        }
+    }
+}
+
+/// A wildcard listen address is reached through loopback.
+fn reachable(addr: SocketAddr) -> SocketAddr {
+    match addr.ip() {
+        IpAddr::V4(ip) if ip.is_unspecified() => (Ipv4Addr::LOCALHOST, addr.port()).into(),
+        IpAddr::V6(ip) if ip.is_unspecified() => (Ipv6Addr::LOCALHOST, addr.port()).into(),
+        _ => addr,
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Spec {
+    pub name: String,
+    pub program: PathBuf,
+    pub args: Vec<OsString>,
+    pub env: Vec<(String, OsString)>,
+    pub probe: Probe,
+    /// How long a graceful stop may take before the child is killed.
+    pub stop_timeout: Duration,
+}
+
+impl Spec {
+    pub fn spawn(&self) -> io::Result<Child> {
+        let mut command = Command::new(&self.program);
+        command
+            .args(&self.args)
+            .envs(self.env.iter().map(|(k, v)| (k, v)));
+        // Own process group: a Ctrl-C in the terminal reaches only the supervisor, which
+        // then stops the children in order.
+        command.process_group(0);
+        let parent = std::process::id() as libc::pid_t;
+        // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.
+        unsafe {
+            command.pre_exec(move || {
+                // If the supervisor dies, even by SIGKILL, the kernel stops its children:
+                // no orphans. The signal is tied to the spawning thread, which is why the
+                // supervisor runs on a single-threaded runtime.
+                if libc::prctl(libc::PR_SET_PDEATHSIG, libc::SIGTERM) != 0 {
+                    return Err(io::Error::last_os_error());
+                }
+                if libc::getppid() != parent {
+                    libc::raise(libc::SIGTERM);
+                }
+                Ok(())
+            });
+        }
+        command.spawn()
+    }
+
+    /// Waits until the child answers on its probe; fails if it exits or takes too long.
+    pub async fn wait_ready(&self, child: &mut Child, timeout: Duration) -> Result<(), String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if self.probe.answers().await {
+                return Ok(());
+            }
+            if let Ok(Some(status)) = child.try_wait() {
+                return Err(format!(
+                    "{} exited before it was ready ({status})",
+                    self.name
+                ));
+            }
+            if Instant::now() >= deadline {
+                return Err(format!("{} was not ready within {timeout:?}", self.name));
+            }
+            sleep(Duration::from_millis(25)).await;
+        }
+    }
+}
+
+/// Signals `child` and waits for it; kills it when it outlasts `timeout`.
+pub async fn stop(name: &str, child: &mut Child, how: Stop, timeout: Duration) {
+    let signal = match how {
+        Stop::Graceful => libc::SIGTERM,
+        Stop::Fast => libc::SIGINT,
+    };
+    if let Some(pid) = child.id() {
+        // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+        unsafe { libc::kill(pid as libc::pid_t, signal) };
+    }
+    match tokio::time::timeout(timeout, child.wait()).await {
+        Ok(status) => tracing::info!(child = name, status = %describe(status), "stopped"),
+        Err(_) => {
+            tracing::warn!(child = name, ?timeout, "did not stop in time; killing");
+            let _ = child.kill().await;
+        }
+    }
+}
+
+/// Keeps `child` running until told to stop: restarts it with exponential backoff when it
+/// exits, and stops it with the requested signal when the group goes down.
+pub async fn keep_running(
+    spec: Spec,
+    mut child: Child,
+    mut stop_rx: watch::Receiver<Option<Stop>>,
+) {
+    let mut failures: u32 = 0;
+    let mut started = Instant::now();
+    loop {
+        tokio::select! {
+            status = child.wait() => {
+                // A child that ran for a while earns a fresh backoff.
+                if started.elapsed() > Duration::from_secs(10) {
+                    failures = 0;
+                }
+                tracing::warn!(child = %spec.name, status = %describe(status), "child exited; restarting");
+                loop {
+                    let delay = backoff(failures);
+                    failures += 1;
+                    tokio::select! {
+                        () = sleep(delay) => {}
+                        _ = stop_rx.changed() => return,
+                    }
+                    match spec.spawn() {
+                        Ok(c) => {
+                            tracing::info!(child = %spec.name, pid = c.id(), restarts = failures, after = ?delay, "restarted");
+                            child = c;
+                            started = Instant::now();
+                            break;
+                        }
+                        Err(error) => tracing::error!(child = %spec.name, %error, "restart failed"),
+                    }
+                }
+            }
+            _ = stop_rx.changed() => {
+                let how = (*stop_rx.borrow()).unwrap_or(Stop::Fast);
+                stop(&spec.name, &mut child, how, spec.stop_timeout).await;
+                return;
+            }
+        }
+    }
+}
+
+/// 100 ms, doubling, at most 5 s.
+fn backoff(failures: u32) -> Duration {
+    Duration::from_millis(100u64.saturating_mul(1 << failures.min(6))).min(Duration::from_secs(5))
+}
+
+fn describe(status: io::Result<ExitStatus>) -> String {
+    match status {
+        Ok(status) => status.to_string(),
+        Err(error) => format!("unknown ({error})"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backoff_grows_then_caps() {
+        assert_eq!(backoff(0), Duration::from_millis(100));
+        assert_eq!(backoff(1), Duration::from_millis(200));
+        assert_eq!(backoff(10), Duration::from_secs(5));
+    }
+
+    #[test]
+    fn wildcard_addresses_probe_loopback() {
+        assert_eq!(
+            reachable("0.0.0.0:80".parse().unwrap()),
+            "127.0.0.1:80".parse().unwrap()
+        );
+        assert_eq!(
+            reachable("[::]:80".parse().unwrap()),
+            "[::1]:80".parse().unwrap()
+        );
+    }
+}
