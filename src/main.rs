@@ -77,9 +77,9 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     init_logging();
     let outcome = match cli.command {
-        Command::Run(arg) => arg
-            .load()
-            .and_then(|config| supervisor::run(config).map_err(Failure::Runtime)),
+        Command::Run(arg) => {
+            validate(&arg).and_then(|(config, _)| supervisor::run(config).map_err(Failure::Runtime))
+        }
         Command::Check(arg) => check(&arg),
         Command::Proxy(arg) => arg.load().and_then(|config| {
             gatehouse_proxy::run(config.proxy_settings())
@@ -104,11 +104,17 @@ fn main() -> ExitCode {
     }
 }
 
-/// Loads the config and what it names (the users file), without starting anything.
-fn check(arg: &ConfigArg) -> Result<i32, Failure> {
+/// Loads the config and what it names (the users file), without starting anything. `run`
+/// calls it too, so a group never starts half-way on a config that `check` would refuse.
+fn validate(arg: &ConfigArg) -> Result<(Config, gatehouse_backend::Users), Failure> {
     let config = arg.load()?;
     let users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
+    Ok((config, users))
+}
+
+fn check(arg: &ConfigArg) -> Result<i32, Failure> {
+    let (config, users) = validate(arg)?;
     println!(
         "{}: ok ({} routes, {} backends, {} users, redis {})",
         config.file.display(),

@@ -1,0 +1,131 @@
+//! Bad configuration stops gatehouse with exit code 2 and a message naming file, line, key.
+
+use std::{fs, path::Path, process::Command};
+
+use crate::util::BIN;
+
+fn shipped_config() -> std::path::PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/gatehouse.toml")
+}
+
+fn run(args: &[&str], config: &Path, env: &[(&str, &str)]) -> (i32, String) {
+    let output = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(config)
+        .env_remove("GATEHOUSE_JWT_SECRET")
+        .envs(env.iter().copied())
+        .output()
+        .expect("run gatehouse");
+    let text = String::from_utf8_lossy(&output.stdout).to_string()
+        + &String::from_utf8_lossy(&output.stderr);
+    (output.status.code().unwrap_or(-1), text)
+}
+
+/// The shipped config with its first line equal to `from` replaced by `to`, written to a temp
+/// dir beside a copy of the users file.
+fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
+    let text = fs::read_to_string(shipped_config()).unwrap();
+    let mut lines: Vec<&str> = text.lines().collect();
+    let at = lines
+        .iter()
+        .position(|l| l.trim() == from)
+        .unwrap_or_else(|| panic!("no line {from:?}"));
+    lines[at] = to;
+    fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users"),
+        dir.join("users"),
+    )
+    .unwrap();
+    let path = dir.join("gatehouse.toml");
+    fs::write(&path, lines.join("\n")).unwrap();
+    path
+}
+
+fn line_of(path: &Path, needle: &str) -> usize {
+    fs::read_to_string(path)
+        .unwrap()
+        .lines()
+        .position(|l| l.contains(needle))
+        .unwrap()
+        + 1
+}
+
+#[test]
+fn shipped_config_passes_check() {
+    let (code, out) = run(&["check"], &shipped_config(), &[]);
+    assert_eq!(code, 0, "{out}");
+    assert!(out.contains("ok"), "{out}");
+}
+
+#[test]
+fn bad_configs_name_file_line_and_key_and_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let cases = [
+        ("threads = 0", "threds = 0", "proxy.threds", "unknown field"),
+        (
+            "count = 3",
+            "count = \"three\"",
+            "backend.count",
+            "invalid type",
+        ),
+        (
+            "listen = \"0.0.0.0:8080\"",
+            "listen = \"0.0.0.0:99999\"",
+            "proxy.listen",
+            "not an address",
+        ),
+        (
+            "upstream = \"backends\"",
+            "upstream = \"elsewhere\"",
+            "routes[0].upstream",
+            "unknown upstream",
+        ),
+        (
+            "users_file = \"users\"",
+            "users_file = \"missing-users\"",
+            "",
+            "cannot read users file",
+        ),
+    ];
+    for (from, to, key, message) in cases {
+        let path = variant(dir.path(), from, to);
+        for command in ["check", "run"] {
+            let (code, out) = run(&[command], &path, &[]);
+            assert_eq!(code, 2, "{command} with {to:?}: {out}");
+            assert!(out.contains(message), "{command} with {to:?}: {out}");
+            if !key.is_empty() {
+                let line = line_of(&path, to);
+                let expected = format!("{}:{line}: {key}:", path.display());
+                assert!(
+                    out.contains(&expected),
+                    "{command} with {to:?} should say {expected:?}: {out}"
+                );
+            }
+        }
+    }
+}
+
+#[test]
+fn short_secret_and_bad_users_line_are_refused() {
+    let (code, out) = run(
+        &["check"],
+        &shipped_config(),
+        &[("GATEHOUSE_JWT_SECRET", "short")],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("GATEHOUSE_JWT_SECRET") && out.contains("at least 32"),
+        "{out}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let path = variant(dir.path(), "count = 3", "count = 3");
+    fs::write(dir.path().join("users"), "# users\nadmin:$apr1$abc$def\n").unwrap();
+    let (code, out) = run(&["check"], &path, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("users:2:") && out.contains("argon2id"),
+        "{out}"
+    );
+}

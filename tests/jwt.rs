@@ -1,0 +1,157 @@
+//! Every token that must not count a visit gets 401 with `WWW-Authenticate: Bearer`.
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use base64::{Engine, engine::general_purpose::URL_SAFE_NO_PAD as B64};
+use jsonwebtoken::{Algorithm, EncodingKey, Header};
+use serde_json::{Value, json};
+
+use crate::util::{Group, Options, SECRET};
+
+fn now() -> i64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs() as i64
+}
+
+fn sign(algorithm: Algorithm, secret: &str, claims: &Value) -> String {
+    jsonwebtoken::encode(
+        &Header::new(algorithm),
+        claims,
+        &EncodingKey::from_secret(secret.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// A token assembled by hand, for headers no library will write.
+fn raw(header: &Value, claims: &Value, signature: &str) -> String {
+    format!(
+        "{}.{}.{signature}",
+        B64.encode(header.to_string()),
+        B64.encode(claims.to_string())
+    )
+}
+
+#[test]
+fn forged_expired_and_malformed_tokens_are_refused() {
+    let group = Group::start(Options {
+        backends: 2,
+        ..Options::default()
+    });
+    let good = json!({"sub": "admin", "iat": now(), "exp": now() + 600, "jti": "j1"});
+    let valid = sign(Algorithm::HS256, SECRET, &good);
+    assert_eq!(
+        group.count(&valid).status(),
+        200,
+        "a token we signed ourselves is accepted"
+    );
+
+    let tampered = {
+        let mut parts: Vec<String> = valid.split('.').map(str::to_owned).collect();
+        parts[1] = B64.encode(
+            json!({"sub": "root", "iat": now(), "exp": now() + 600, "jti": "j1"}).to_string(),
+        );
+        parts.join(".")
+    };
+    let attacks: Vec<(&str, String)> = vec![
+        (
+            "bad signature",
+            sign(
+                Algorithm::HS256,
+                "another-secret-of-enough-length-0123456789",
+                &good,
+            ),
+        ),
+        ("tampered claims", tampered),
+        (
+            "alg none",
+            raw(&json!({"alg": "none", "typ": "JWT"}), &good, ""),
+        ),
+        (
+            "alg NONE with signature",
+            raw(&json!({"alg": "NONE"}), &good, "c2ln"),
+        ),
+        ("another algorithm", sign(Algorithm::HS512, SECRET, &good)),
+        (
+            "expired",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now() - 7200, "exp": now() - 3600, "jti": "j"}),
+            ),
+        ),
+        (
+            "exp as a string",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now(), "exp": (now() + 600).to_string(), "jti": "j"}),
+            ),
+        ),
+        (
+            "nbf as a string",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now(), "exp": now() + 600, "nbf": now().to_string(), "jti": "j"}),
+            ),
+        ),
+        (
+            "not yet valid",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now(), "exp": now() + 7200, "nbf": now() + 3600, "jti": "j"}),
+            ),
+        ),
+        (
+            "no exp",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now(), "jti": "j"}),
+            ),
+        ),
+        (
+            "no sub",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"iat": now(), "exp": now() + 600, "jti": "j"}),
+            ),
+        ),
+        ("garbage", "garbage".to_string()),
+        ("three dots of garbage", "a.b.c".to_string()),
+        ("empty", String::new()),
+    ];
+    for (name, token) in &attacks {
+        let response = group.count(token);
+        assert_eq!(response.status(), 401, "{name}");
+        assert_eq!(response.headers()["www-authenticate"], "Bearer", "{name}");
+        let body: Value = response.json().unwrap();
+        assert_eq!(body["error"], "invalid_token", "{name}: {body}");
+    }
+
+    // No header, another scheme, a bare token.
+    let no_header = group.get("/api/count").unwrap();
+    assert_eq!(no_header.status(), 401);
+    assert_eq!(no_header.headers()["www-authenticate"], "Bearer");
+    for value in [
+        format!("Basic {valid}"),
+        valid.clone(),
+        "Bearer".to_string(),
+    ] {
+        let response = group
+            .client
+            .get(group.url("/api/count"))
+            .header("authorization", value)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 401);
+    }
+
+    // Nothing above was counted: the one good request made the count 1.
+    let response = group.count(&valid);
+    assert_eq!(response.json::<Value>().unwrap()["visits"], 2);
+}

@@ -1,0 +1,77 @@
+//! Redis outages: counting pauses with 503 and resumes from the stored value.
+
+use std::time::Duration;
+
+use serde_json::Value;
+
+use crate::util::{Group, Options, Redis, wait_until};
+
+#[test]
+fn redis_down_gives_503_and_counting_resumes_when_it_returns() {
+    let data = tempfile::tempdir().unwrap();
+    let mut redis = Redis::start(data.path());
+    let group = Group::start(Options {
+        backends: 2,
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let token = group.token();
+    for expected in 1..=3 {
+        let response = group.count(&token);
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.json::<Value>().unwrap()["visits"], expected);
+    }
+
+    redis.stop();
+    for _ in 0..4 {
+        let response = group.count(&token);
+        assert_eq!(
+            response.status(),
+            503,
+            "never a made-up count while Redis is down"
+        );
+        assert_eq!(response.headers()["retry-after"], "1");
+        let body: Value = response.json().unwrap();
+        assert_eq!(body["error"], "store_unavailable", "{body}");
+    }
+    // The backends stay up and healthy while Redis is down.
+    assert_eq!(group.get("/api/ping").unwrap().status(), 200);
+
+    redis.restart();
+    let mut visits = Value::Null;
+    let resumed = wait_until(Duration::from_secs(15), || {
+        let response = group.count(&token);
+        if response.status() != 200 {
+            return false;
+        }
+        visits = response.json::<Value>().unwrap()["visits"].clone();
+        true
+    });
+    assert!(
+        resumed,
+        "counting did not resume after Redis came back:\n{}",
+        group.log()
+    );
+    assert_eq!(visits, 4, "the count resumes from the persisted value");
+}
+
+#[test]
+fn backends_start_while_redis_is_down() {
+    // A Redis URL nobody listens on: the group still starts, counting says 503.
+    let port = crate::util::free_port();
+    let group = Group::start(Options {
+        backends: 1,
+        redis_url: Some(format!("redis://127.0.0.1:{port}")),
+        ..Options::default()
+    });
+    let token = group.token();
+    assert_eq!(group.count(&token).status(), 503);
+    let health: Value = group
+        .client
+        .get(group.url("/api/ping"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(health["status"], "ok");
+}

@@ -1,0 +1,9 @@
+//! End-to-end tests: the real binary, real sockets, a real redis-server, a real HTTP client.
+
+mod util;
+
+mod api;
+mod config;
+mod jwt;
+mod process_group;
+mod redis;

@@ -1,0 +1,396 @@
+//! The end-to-end harness: starts the real `gatehouse` binary (and, when a test wants one, a
+//! real external `redis-server`) on free ports in a temporary directory, and tears it all
+//! down when the test ends, passed or failed.
+
+use std::{
+    fs,
+    io::{Read, Write},
+    net::{TcpListener, TcpStream},
+    path::{Path, PathBuf},
+    process::{Child, Command, ExitStatus, Stdio},
+    thread::sleep,
+    time::{Duration, Instant},
+};
+
+use serde_json::Value;
+use tempfile::TempDir;
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_gatehouse");
+/// The secret every test group signs with, so tests can forge tokens against it.
+pub const SECRET: &str = "test-secret-0123456789abcdef-0123456789abcdef";
+pub const USER: &str = "admin";
+pub const PASSWORD: &str = "password";
+
+pub fn free_port() -> u16 {
+    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
+    listener.local_addr().expect("local addr").port()
+}
+
+/// Polls `check` every 50 ms until it holds or `timeout` passes.
+pub fn wait_until(timeout: Duration, mut check: impl FnMut() -> bool) -> bool {
+    let deadline = Instant::now() + timeout;
+    while Instant::now() < deadline {
+        if check() {
+            return true;
+        }
+        sleep(Duration::from_millis(50));
+    }
+    check()
+}
+
+pub fn signal(pid: u32, signal: libc::c_int) {
+    // SAFETY: kill(2) on a process this test started.
+    unsafe { libc::kill(pid as libc::pid_t, signal) };
+}
+
+pub fn alive(pid: u32) -> bool {
+    // A zombie still answers kill(0); /proc tells the truth about its state.
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => !stat
+            .rsplit(')')
+            .next()
+            .unwrap_or("")
+            .trim_start()
+            .starts_with('Z'),
+        Err(_) => false,
+    }
+}
+
+/// Direct children of `pid` with their command lines.
+pub fn children(pid: u32) -> Vec<(u32, String)> {
+    let mut found = Vec::new();
+    let Ok(tasks) = fs::read_dir(format!("/proc/{pid}/task")) else {
+        return found;
+    };
+    for task in tasks.flatten() {
+        let list = fs::read_to_string(task.path().join("children")).unwrap_or_default();
+        for child in list
+            .split_whitespace()
+            .filter_map(|p| p.parse::<u32>().ok())
+        {
+            let cmdline = fs::read(format!("/proc/{child}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline).replace('\0', " ");
+            found.push((child, cmdline));
+        }
+    }
+    found
+}
+
+/// A test's own Redis, on a free TCP port with an append-only file in its own directory.
+pub struct Redis {
+    pub port: u16,
+    dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start(dir: &Path) -> Redis {
+        fs::create_dir_all(dir).expect("redis dir");
+        let mut redis = Redis {
+            port: free_port(),
+            dir: dir.to_path_buf(),
+            child: None,
+        };
+        redis.restart();
+        redis
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    /// Starts (again) on the same port and data directory.
+    pub fn restart(&mut self) {
+        let child = Command::new("redis-server")
+            .args([
+                "--port",
+                &self.port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+            ])
+            .args(["--appendonly", "yes", "--loglevel", "warning"])
+            .arg("--dir")
+            .arg(&self.dir)
+            .stdout(Stdio::null())
+            .spawn()
+            .expect("redis-server must be installed for the tests");
+        self.child = Some(child);
+        let port = self.port;
+        assert!(
+            wait_until(Duration::from_secs(10), || redis_ping(port)),
+            "redis-server did not start"
+        );
+    }
+
+    /// SIGTERM: Redis writes its append-only file and exits.
+    pub fn stop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            signal(child.id(), libc::SIGTERM);
+            let _ = child.wait();
+        }
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+fn redis_ping(port: u16) -> bool {
+    let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
+        return false;
+    };
+    let _ = stream.set_read_timeout(Some(Duration::from_secs(1)));
+    let mut reply = [0u8; 7];
+    stream.write_all(b"PING\r\n").is_ok()
+        && stream.read_exact(&mut reply).is_ok()
+        && &reply == b"+PONG\r\n"
+}
+
+/// How a test wants its group.
+pub struct Options {
+    pub backends: usize,
+    /// `None`: gatehouse manages its own Redis.
+    pub redis_url: Option<String>,
+    pub shutdown_grace_seconds: u64,
+    /// Extra environment for `gatehouse run`.
+    pub env: Vec<(String, String)>,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            backends: 3,
+            redis_url: None,
+            shutdown_grace_seconds: 5,
+            env: Vec::new(),
+        }
+    }
+}
+
+/// A running `gatehouse run`.
+pub struct Group {
+    pub dir: TempDir,
+    pub port: u16,
+    pub child: Child,
+    pub client: reqwest::blocking::Client,
+    env: Vec<(String, String)>,
+}
+
+impl Group {
+    pub fn start(options: Options) -> Group {
+        let dir = tempfile::tempdir().expect("temp dir");
+        Group::start_in(dir, options)
+    }
+
+    /// Starts in an existing directory (which may hold a previous run's leftovers).
+    pub fn start_in(dir: TempDir, options: Options) -> Group {
+        let port = free_port();
+        write_config(dir.path(), port, &options);
+        let client = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .build()
+            .expect("http client");
+        let child = spawn(dir.path(), &options.env);
+        let mut group = Group {
+            dir,
+            port,
+            child,
+            client,
+            env: options.env,
+        };
+        group.wait_ready();
+        group
+    }
+
+    /// SIGTERM, wait for a clean exit, then start again on the same directory and port.
+    pub fn restart(&mut self) -> ExitStatus {
+        signal(self.pid(), libc::SIGTERM);
+        let status = self.wait_exit(Duration::from_secs(20));
+        self.child = spawn(self.dir.path(), &self.env);
+        self.wait_ready();
+        status
+    }
+
+    fn wait_ready(&mut self) {
+        let deadline = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(Some(status)) = self.child.try_wait() {
+                panic!(
+                    "gatehouse exited during start-up ({status}):\n{}",
+                    self.log()
+                );
+            }
+            if self.get("/api/ping").is_ok_and(|r| r.status() == 200) {
+                return;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gatehouse not ready in time:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(100));
+        }
+    }
+
+    pub fn url(&self, path: &str) -> String {
+        format!("http://127.0.0.1:{}{path}", self.port)
+    }
+
+    pub fn get(&self, path: &str) -> reqwest::Result<reqwest::blocking::Response> {
+        self.client.get(self.url(path)).send()
+    }
+
+    pub fn login(&self, user: &str, password: &str) -> reqwest::blocking::Response {
+        self.client
+            .post(self.url("/auth/login"))
+            .json(&serde_json::json!({"username": user, "password": password}))
+            .send()
+            .expect("login request")
+    }
+
+    /// A valid token for the shipped development user.
+    pub fn token(&self) -> String {
+        let response = self.login(USER, PASSWORD);
+        assert_eq!(response.status(), 200);
+        let body: Value = response.json().expect("login JSON");
+        body["token"].as_str().expect("token").to_string()
+    }
+
+    pub fn count(&self, token: &str) -> reqwest::blocking::Response {
+        self.client
+            .get(self.url("/api/count"))
+            .bearer_auth(token)
+            .send()
+            .expect("count request")
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The pid of the child whose command line contains `needle` (e.g. `--id b2`).
+    pub fn child_pid(&self, needle: &str) -> Option<u32> {
+        children(self.pid())
+            .into_iter()
+            .find(|(_, cmd)| cmd.contains(needle))
+            .map(|(pid, _)| pid)
+    }
+
+    pub fn log(&self) -> String {
+        fs::read_to_string(self.dir.path().join("gatehouse.log")).unwrap_or_default()
+    }
+
+    /// Waits for the supervisor to exit and returns its status.
+    pub fn wait_exit(&mut self, timeout: Duration) -> ExitStatus {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(status) = self.child.try_wait().expect("try_wait") {
+                return status;
+            }
+            assert!(
+                Instant::now() < deadline,
+                "gatehouse did not exit in time:\n{}",
+                self.log()
+            );
+            sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+impl Drop for Group {
+    fn drop(&mut self) {
+        if let Ok(None) = self.child.try_wait() {
+            signal(self.child.id(), libc::SIGINT);
+            if !wait_until(Duration::from_secs(10), || {
+                matches!(self.child.try_wait(), Ok(Some(_)))
+            }) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+    }
+}
+
+fn spawn(dir: &Path, env: &[(String, String)]) -> Child {
+    let log = fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("gatehouse.log"))
+        .expect("log file");
+    Command::new(BIN)
+        .args(["run", "--config"])
+        .arg(dir.join("gatehouse.toml"))
+        .env("GATEHOUSE_JWT_SECRET", SECRET)
+        .env("RUST_LOG", "info")
+        .envs(env.iter().map(|(k, v)| (k, v)))
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("start gatehouse")
+}
+
+fn write_config(dir: &Path, port: u16, options: &Options) -> PathBuf {
+    let users = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users");
+    let redis_url = options.redis_url.clone().unwrap_or_default();
+    let text = format!(
+        r#"[proxy]
+listen = "127.0.0.1:{port}"
+threads = 2
+shutdown_grace_seconds = {grace}
+health_check_interval_ms = 200
+
+[backend]
+count = {backends}
+users_file = "{users}"
+
+[redis]
+url = "{redis_url}"
+
+[paths]
+runtime_dir = "run"
+data_dir = "data"
+
+[[routes]]
+prefix = "/api/"
+upstream = "backends"
+
+[[routes]]
+prefix = "/auth/"
+upstream = "backends"
+"#,
+        grace = options.shutdown_grace_seconds,
+        backends = options.backends,
+        users = users.display(),
+    );
+    let path = dir.join("gatehouse.toml");
+    fs::write(&path, text).expect("write config");
+    path
+}
+
+/// One HTTP/1.1 GET straight to a backend's Unix socket; returns status and body.
+pub fn unix_get(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
+    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        stream,
+        "GET {path} HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut response = String::new();
+    stream.read_to_string(&mut response)?;
+    let status = response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let body = response
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    Ok((status, body))
+}
