@@ -114,7 +114,7 @@ fn sigterm_lets_an_in_flight_request_finish_then_everything_exits() {
         alive(group.pid()),
         "the group waits for the request in flight"
     );
-    stream.write_all(body[10..].as_bytes()).unwrap();
+    stream.write_all(&body.as_bytes()[10..]).unwrap();
     let mut response = Vec::new();
     let mut buffer = [0u8; 4096];
     // Read until the JSON body is complete; the proxy may keep the connection open.

@@ -13,12 +13,19 @@ pub type Body = Full<Bytes>;
 pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
     // Serializing a `Value` cannot fail: its keys are strings.
     let bytes = serde_json::to_vec(value).unwrap_or_default();
-    let mut response = Response::new(Full::new(Bytes::from(bytes)));
+    with_json_body(status, Bytes::from(bytes))
+}
+
+/// A constant JSON body: no serialization, no copy.
+pub fn static_json(status: StatusCode, body: &'static [u8]) -> Response<Body> {
+    with_json_body(status, Bytes::from_static(body))
+}
+
+fn with_json_body(status: StatusCode, body: Bytes) -> Response<Body> {
+    let mut response = Response::new(Full::new(body));
     *response.status_mut() = status;
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        header::HeaderValue::from_static("application/json"),
-    );
+    let json = header::HeaderValue::from_static("application/json");
+    response.headers_mut().insert(header::CONTENT_TYPE, json);
     response
 }
 

@@ -11,28 +11,40 @@ use serde_json::json;
 use crate::{
     App,
     error::ApiError,
-    http_util::{Body, json_response, read_json},
+    http_util::{Body, json_response, read_json, static_json},
 };
 
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
-    let request_id = request_id(&request);
-    let result = route(&app, request).await;
-    let mut response = match result {
+    // The proxy always sends an id; a backend reached directly makes one. Kept as the header
+    // value, so the success path copies no string.
+    let request_id = request
+        .headers()
+        .get(REQUEST_ID)
+        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+        .cloned()
+        .unwrap_or_else(new_request_id);
+    let mut response = match route(&app, request).await {
         Ok(response) => response,
-        Err(error) => error.into_response(&request_id),
+        Err(error) => error.into_response(request_id.to_str().unwrap_or_default()),
     };
     let headers = response.headers_mut();
     headers.insert("x-backend-id", app.id_header.clone());
-    if let Ok(value) = header::HeaderValue::from_str(&request_id) {
-        headers.insert("x-request-id", value);
-    }
+    headers.insert(REQUEST_ID, request_id);
     response
+}
+
+const REQUEST_ID: &str = "x-request-id";
+
+fn new_request_id() -> header::HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    header::HeaderValue::from_str(id).unwrap_or(header::HeaderValue::from_static("unknown"))
 }
 
 async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let method = request.method().clone();
     match (&method, request.uri().path()) {
-        (&Method::GET, "/api/ping") => Ok(json_response(StatusCode::OK, &json!({"status": "ok"}))),
+        (&Method::GET, "/api/ping") => Ok(static_json(StatusCode::OK, br#"{"status":"ok"}"#)),
         (&Method::GET, "/healthz") => health(app).await,
         (&Method::POST, "/auth/login") => login(app, request).await,
         (&Method::GET, "/api/count") => count(app, &request).await,
@@ -136,15 +148,4 @@ fn method_not_allowed(allow: &'static str) -> ApiError {
         "method not allowed here",
     )
     .with_header(header::ALLOW, allow)
-}
-
-/// The proxy always sends one; a backend reached directly makes its own.
-fn request_id<B>(request: &Request<B>) -> String {
-    request
-        .headers()
-        .get("x-request-id")
-        .and_then(|v| v.to_str().ok())
-        .filter(|v| !v.is_empty() && v.len() <= 128)
-        .map(str::to_owned)
-        .unwrap_or_else(|| uuid::Uuid::new_v4().to_string())
 }

@@ -3,7 +3,7 @@
 //! 1. `early_request_filter`: take or make the request id.
 //! 2. `request_filter`: find the route; unknown paths end here with a JSON 404.
 //! 3. `upstream_peer`: pick a backend socket (round robin, healthy, not failed already).
-//! 4. `fail_to_connect`: a backend that refused the connection is skipped on the retry.
+//! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
 //! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
 //! 6. `response_filter`: the request id back to the client.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
@@ -112,6 +112,31 @@ impl ProxyHttp for Gateway {
         // Nothing reached the backend, so any method may go to another one.
         ctx.failed.push(peer._address.clone());
         e.set_retry(true);
+        e
+    }
+
+    fn error_while_proxy(
+        &self,
+        peer: &HttpPeer,
+        session: &mut Session,
+        e: Box<Error>,
+        ctx: &mut RequestCtx,
+        _client_reused: bool,
+    ) -> Box<Error> {
+        let mut e = e.more_context(format!("peer: {peer}"));
+        // Like nginx's `proxy_next_upstream error`: an idempotent request whose response has not
+        // started goes to the next backend, whether or not the connection was fresh. Never a
+        // POST, never after bytes reached the client, and never on a timeout (a hung backend
+        // must answer 504 once, not once per backend).
+        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
+        let retry = session.req_header().method.is_idempotent()
+            && !session.as_ref().retry_buffer_truncated()
+            && session.as_ref().response_written().is_none()
+            && !timed_out;
+        if retry {
+            ctx.failed.push(peer._address.clone());
+        }
+        e.set_retry(retry);
         e
     }
 

@@ -1,0 +1,7 @@
+#!/usr/bin/env bash
+# Runs every test: unit tests and the end-to-end tests against the real binary, a real
+# redis-server and real sockets.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+scripts/ensure-deps.sh
+cargo test --workspace --locked "$@"
