@@ -83,7 +83,10 @@ fn main() -> ExitCode {
         Command::Check(arg) => check(&arg),
         Command::Proxy(arg) => arg.load().and_then(|config| {
             gatehouse_proxy::run(config.proxy_settings())
-                .map(|()| 0)
+                .map(|stopped| match stopped {
+                    gatehouse_proxy::Stopped::Graceful => 0,
+                    gatehouse_proxy::Stopped::Fast => 130,
+                })
                 .map_err(Failure::Runtime)
         }),
         Command::Backend { config, socket, id } => config

@@ -29,8 +29,11 @@ pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
 
     // One thread per backend: the group scales by running more backend processes.
+    // Password checks run on the blocking pool; bounding it bounds the CPU and memory (about
+    // 19 MiB per argon2id check) a flood of logins can take.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
+        .max_blocking_threads(2)
         .build()
         .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
@@ -43,15 +46,16 @@ pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
             config.backend.max_body_bytes,
         )
         .map_err(Failure::Config)?;
-        let listener = gatehouse_backend::bind(socket)
-            .await
-            .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", socket.display())))?;
+        // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
         let (Ok(mut term), Ok(mut int)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
         ) else {
             return Err(Failure::Runtime("cannot install signal handlers".into()));
         };
+        let listener = gatehouse_backend::bind(socket)
+            .await
+            .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", socket.display())))?;
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
         let shutdown = async {
             tokio::select! {

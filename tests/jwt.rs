@@ -121,6 +121,14 @@ fn forged_expired_and_malformed_tokens_are_refused() {
                 &json!({"iat": now(), "exp": now() + 600, "jti": "j"}),
             ),
         ),
+        (
+            "no jti",
+            sign(
+                Algorithm::HS256,
+                SECRET,
+                &json!({"sub": "admin", "iat": now(), "exp": now() + 600}),
+            ),
+        ),
         ("garbage", "garbage".to_string()),
         ("three dots of garbage", "a.b.c".to_string()),
         ("empty", String::new()),

@@ -38,17 +38,22 @@ fn killed_backend_is_restarted_while_requests_keep_succeeding() {
         })
         .collect();
 
-    thread::sleep(Duration::from_millis(700));
+    assert!(
+        wait_until(Duration::from_secs(10), || ok.load(Ordering::Relaxed) > 50),
+        "load is flowing"
+    );
     let before = ok.load(Ordering::Relaxed);
     signal(victim, libc::SIGKILL);
-    thread::sleep(Duration::from_millis(1500));
+    let flowing = wait_until(Duration::from_secs(15), || {
+        ok.load(Ordering::Relaxed) > before + 200
+    });
     stop.store(true, Ordering::Relaxed);
     for worker in load {
         worker.join().unwrap();
     }
     let (ok, failed) = (ok.load(Ordering::Relaxed), failed.load(Ordering::Relaxed));
     assert!(
-        ok > before + 50,
+        flowing,
         "requests kept flowing after the kill ({before} -> {ok})"
     );
     assert_eq!(
@@ -107,7 +112,8 @@ fn sigterm_lets_an_in_flight_request_finish_then_everything_exits() {
         &body[..10]
     )
     .unwrap();
-    thread::sleep(Duration::from_millis(300));
+    // Time for the proxy to read the headers and count the request as in flight.
+    thread::sleep(Duration::from_millis(1000));
     signal(group.pid(), libc::SIGTERM);
     thread::sleep(Duration::from_millis(800));
     assert!(
@@ -252,4 +258,34 @@ fn managed_redis_keeps_the_count_across_restarts_of_the_group() {
     assert_eq!(group.restart().code(), Some(0));
     let visits = group.count(&group.token()).json::<Value>().unwrap()["visits"].clone();
     assert_eq!(visits, 4);
+}
+
+#[test]
+fn a_taken_port_is_a_clear_error_before_anything_starts() {
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port();
+    let dir = tempfile::tempdir().unwrap();
+    let config = dir.path().join("gatehouse.toml");
+    let users = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users");
+    std::fs::write(
+        &config,
+        format!(
+            "[paths]\nruntime_dir = \"run\"\ndata_dir = \"data\"\n\n[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let output = std::process::Command::new(crate::util::BIN)
+        .args(["run", "--config"])
+        .arg(&config)
+        .env("GATEHOUSE_LISTEN", format!("127.0.0.1:{port}"))
+        .output()
+        .unwrap();
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(
+        stderr.contains(&format!("cannot listen on 127.0.0.1:{port}")),
+        "{stderr}"
+    );
+    assert!(!stderr.contains("started"), "nothing was started: {stderr}");
 }

@@ -191,22 +191,33 @@ impl Group {
 
     /// Starts in an existing directory (which may hold a previous run's leftovers).
     pub fn start_in(dir: TempDir, options: Options) -> Group {
-        let port = free_port();
-        write_config(dir.path(), port, &options);
         let client = reqwest::blocking::Client::builder()
             .timeout(Duration::from_secs(15))
             .build()
             .expect("http client");
+        let port = free_port();
+        write_config(dir.path(), port, &options);
         let child = spawn(dir.path(), &options.env);
         let mut group = Group {
             dir,
             port,
             child,
             client,
-            env: options.env,
+            env: options.env.clone(),
         };
-        group.wait_ready();
-        group
+        // Tests run in parallel: a free port can be taken before the group binds it.
+        for _ in 0..3 {
+            match group.wait_ready() {
+                Ok(()) => return group,
+                Err(log) if log.contains("cannot listen on") => {
+                    group.port = free_port();
+                    write_config(group.dir.path(), group.port, &options);
+                    group.child = spawn(group.dir.path(), &group.env);
+                }
+                Err(log) => panic!("{log}"),
+            }
+        }
+        panic!("no free port after three tries:\n{}", group.log());
     }
 
     /// SIGTERM, wait for a clean exit, then start again on the same directory and port.
@@ -214,27 +225,31 @@ impl Group {
         signal(self.pid(), libc::SIGTERM);
         let status = self.wait_exit(Duration::from_secs(20));
         self.child = spawn(self.dir.path(), &self.env);
-        self.wait_ready();
+        if let Err(log) = self.wait_ready() {
+            panic!("{log}");
+        }
         status
     }
 
-    fn wait_ready(&mut self) {
+    /// Ready means our supervisor says so and the proxy answers. Checking the log too keeps a
+    /// test from mistaking another test's group on a reused port for its own.
+    fn wait_ready(&mut self) -> Result<(), String> {
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             if let Ok(Some(status)) = self.child.try_wait() {
-                panic!(
+                return Err(format!(
                     "gatehouse exited during start-up ({status}):\n{}",
                     self.log()
-                );
+                ));
             }
-            if self.get("/api/ping").is_ok_and(|r| r.status() == 200) {
-                return;
+            if self.log().contains("gatehouse is up")
+                && self.get("/api/ping").is_ok_and(|r| r.status() == 200)
+            {
+                return Ok(());
             }
-            assert!(
-                Instant::now() < deadline,
-                "gatehouse not ready in time:\n{}",
-                self.log()
-            );
+            if Instant::now() > deadline {
+                return Err(format!("gatehouse not ready in time:\n{}", self.log()));
+            }
             sleep(Duration::from_millis(100));
         }
     }

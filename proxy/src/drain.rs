@@ -5,7 +5,7 @@
 //! been zero for a moment; the grace period stays the upper bound.
 
 use std::{
-    sync::atomic::{AtomicUsize, Ordering},
+    sync::atomic::{AtomicBool, AtomicUsize, Ordering},
     thread,
     time::Duration,
 };
@@ -15,6 +15,12 @@ use pingora::server::{ShutdownSignal, ShutdownSignalWatch};
 use tokio::signal::unix::{SignalKind, signal};
 
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
+static STOPPED_FAST: AtomicBool = AtomicBool::new(false);
+
+/// Whether the proxy was stopped by SIGINT.
+pub fn stopped_fast() -> bool {
+    STOPPED_FAST.load(Ordering::Relaxed)
+}
 
 /// Held in each request's context; dropping it marks the request finished.
 pub struct InFlight(());
@@ -53,7 +59,10 @@ impl ShutdownSignalWatch for Signals {
                 thread::spawn(exit_when_drained);
                 ShutdownSignal::GracefulTerminate
             }
-            _ = int.recv() => ShutdownSignal::FastShutdown,
+            _ = int.recv() => {
+                STOPPED_FAST.store(true, Ordering::Relaxed);
+                ShutdownSignal::FastShutdown
+            }
         }
     }
 }

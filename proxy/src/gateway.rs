@@ -126,10 +126,14 @@ impl ProxyHttp for Gateway {
         let mut e = e.more_context(format!("peer: {peer}"));
         // Like nginx's `proxy_next_upstream error`: an idempotent request whose response has not
         // started goes to the next backend, whether or not the connection was fresh. Never a
-        // POST, never after bytes reached the client, and never on a timeout (a hung backend
-        // must answer 504 once, not once per backend).
-        let timed_out = matches!(e.etype(), ErrorType::ReadTimedout | ErrorType::WriteTimedout);
-        let retry = session.req_header().method.is_idempotent()
+        // POST, never after bytes reached the client, never when the client is what failed, and
+        // never on a timeout (a hung backend must answer 504 once, not once per backend).
+        let timed_out = matches!(
+            e.etype(),
+            ErrorType::ReadTimedout | ErrorType::WriteTimedout
+        );
+        let retry = *e.esource() == ErrorSource::Upstream
+            && session.req_header().method.is_idempotent()
             && !session.as_ref().retry_buffer_truncated()
             && session.as_ref().response_written().is_none()
             && !timed_out;

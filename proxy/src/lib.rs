@@ -32,9 +32,26 @@ pub struct Settings {
     pub runtime_dir: PathBuf,
 }
 
-/// Runs the proxy until a signal stops it. Returns only after a fast (SIGINT) shutdown or a
-/// full grace period; a drained SIGTERM exits the process directly (see [`drain`]).
-pub fn run(settings: Settings) -> Result<(), String> {
+/// How the proxy stopped, for the exit code.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Stopped {
+    Graceful,
+    /// SIGINT.
+    Fast,
+}
+
+/// Fails when `listen` cannot be bound. Pingora binds inside a task and panics there, leaving
+/// a process that runs without listening; checking first turns that into a clear error.
+pub fn check_listen(listen: &str) -> Result<(), String> {
+    std::net::TcpListener::bind(listen)
+        .map(drop)
+        .map_err(|e| format!("cannot listen on {listen}: {e}"))
+}
+
+/// Runs the proxy until a signal stops it. Returns after a fast (SIGINT) shutdown or a full
+/// grace period; a drained SIGTERM exits the process directly (see [`drain`]).
+pub fn run(settings: Settings) -> Result<Stopped, String> {
+    check_listen(&settings.listen)?;
     let conf = ServerConf {
         threads: settings.threads,
         daemon: false,
@@ -59,7 +76,11 @@ pub fn run(settings: Settings) -> Result<(), String> {
     server.run(RunArgs {
         shutdown_signal: Box::new(drain::Signals),
     });
-    Ok(())
+    Ok(if drain::stopped_fast() {
+        Stopped::Fast
+    } else {
+        Stopped::Graceful
+    })
 }
 
 fn path_string(path: PathBuf) -> Result<String, String> {

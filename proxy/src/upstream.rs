@@ -22,6 +22,9 @@ pub struct PoolSettings {
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,
+    /// How long a backend may take to answer `/healthz` (which asks Redis, so it must outlast
+    /// the Redis deadline: a slow Redis is not a dead backend).
+    pub health_check_timeout: Duration,
 }
 
 /// Builds the pool and the background service that keeps its health up to date.
@@ -57,6 +60,7 @@ pub fn build(
         .insert_header("host", "localhost")
         .map_err(|e| format!("health check request: {e}"))?;
     check.peer_template.options.connection_timeout = Some(settings.connect_timeout);
+    check.peer_template.options.read_timeout = Some(settings.health_check_timeout);
     lb.set_health_check(Box::new(check));
     lb.health_check_frequency = Some(settings.health_check_interval);
     lb.parallel_health_check = true;

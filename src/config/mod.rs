@@ -337,6 +337,7 @@ impl Config {
                 connect_timeout: self.proxy.connect_timeout,
                 read_timeout: self.proxy.read_timeout,
                 health_check_interval: self.proxy.health_check_interval,
+                health_check_timeout: self.redis.timeout + Duration::from_secs(1),
             },
             shutdown_grace: self.proxy.shutdown_grace,
             runtime_dir: self.runtime_dir.clone(),

@@ -26,6 +26,16 @@ pub enum Stop {
     Fast,
 }
 
+/// What the supervisor wants of one child, sent over a watch channel.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Order {
+    /// Keep it running: restart it when it exits.
+    Supervise,
+    /// The group is going down: leave it running, but do not restart it if it exits.
+    NoRestart,
+    Stop(Stop),
+}
+
 /// Where a child answers once it is ready.
 #[derive(Debug, Clone)]
 pub enum Probe {
@@ -71,6 +81,8 @@ impl Spec {
         // Own process group: a Ctrl-C in the terminal reaches only the supervisor, which
         // then stops the children in order.
         command.process_group(0);
+        // A child whose handle is dropped on an unexpected path is killed, never left behind.
+        command.kill_on_drop(true);
         let parent = std::process::id() as libc::pid_t;
         // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.
         unsafe {
@@ -132,16 +144,16 @@ pub async fn stop(name: &str, child: &mut Child, how: Stop, timeout: Duration) {
 
 /// Keeps `child` running until told to stop: restarts it with exponential backoff when it
 /// exits, and stops it with the requested signal when the group goes down.
-pub async fn keep_running(
-    spec: Spec,
-    mut child: Child,
-    mut stop_rx: watch::Receiver<Option<Stop>>,
-) {
+pub async fn keep_running(spec: Spec, mut child: Child, mut orders: watch::Receiver<Order>) {
     let mut failures: u32 = 0;
     let mut started = Instant::now();
     loop {
         tokio::select! {
             status = child.wait() => {
+                if *orders.borrow() != Order::Supervise {
+                    tracing::info!(child = %spec.name, status = %describe(status), "exited while the group stops");
+                    return;
+                }
                 // A child that ran for a while earns a fresh backoff.
                 if started.elapsed() > Duration::from_secs(10) {
                     failures = 0;
@@ -152,7 +164,7 @@ pub async fn keep_running(
                     failures += 1;
                     tokio::select! {
                         () = sleep(delay) => {}
-                        _ = stop_rx.changed() => return,
+                        _ = orders.changed() => return,
                     }
                     match spec.spawn() {
                         Ok(c) => {
@@ -165,10 +177,12 @@ pub async fn keep_running(
                     }
                 }
             }
-            _ = stop_rx.changed() => {
-                let how = (*stop_rx.borrow()).unwrap_or(Stop::Fast);
-                stop(&spec.name, &mut child, how, spec.stop_timeout).await;
-                return;
+            changed = orders.changed() => {
+                let order = if changed.is_ok() { *orders.borrow() } else { Order::Stop(Stop::Fast) };
+                if let Order::Stop(how) = order {
+                    stop(&spec.name, &mut child, how, spec.stop_timeout).await;
+                    return;
+                }
             }
         }
     }

@@ -24,20 +24,59 @@ use tokio::{
 };
 
 use crate::config::{self, Config};
-use child::{Probe, Spec, Stop};
+use child::{Order, Probe, Spec, Stop};
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
-/// A started child and the switch that stops it.
+/// A started child and the channel that gives it orders.
 struct Running {
-    stop: watch::Sender<Option<Stop>>,
+    orders: watch::Sender<Order>,
     task: JoinHandle<()>,
 }
 
 impl Running {
+    fn hold(&self) {
+        let _ = self.orders.send(Order::NoRestart);
+    }
+
     async fn stop(self, how: Stop) {
-        let _ = self.stop.send(Some(how));
+        let _ = self.orders.send(Order::Stop(how));
         let _ = self.task.await;
+    }
+}
+
+/// The group's members, filled in as they start.
+#[derive(Default)]
+struct Members {
+    redis: Option<Running>,
+    backends: Vec<Running>,
+    proxy: Option<Running>,
+}
+
+impl Members {
+    /// Proxy first, so nothing new reaches the backends; then the backends; Redis last, so
+    /// the final counts are written. Nobody is restarted once this begins.
+    async fn stop(self, how: Stop) {
+        let Members {
+            redis,
+            backends,
+            proxy,
+        } = self;
+        redis.iter().chain(&backends).for_each(Running::hold);
+        if let Some(proxy) = proxy {
+            proxy.stop(how).await;
+        }
+        let backends: Vec<_> = backends
+            .into_iter()
+            .map(|b| tokio::spawn(b.stop(how)))
+            .collect();
+        for backend in backends {
+            let _ = backend.await;
+        }
+        if let Some(redis) = redis {
+            // Redis saves on SIGTERM and SIGINT alike; it always gets the clean one.
+            redis.stop(Stop::Graceful).await;
+        }
     }
 }
 
@@ -53,19 +92,57 @@ pub fn run(config: Config) -> Result<i32, String> {
 }
 
 async fn run_group(config: Config) -> Result<i32, String> {
-    let (mut term, mut int) = match (
+    let (Ok(mut term), Ok(mut int)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
-    ) {
-        (Ok(term), Ok(int)) => (term, int),
-        _ => return Err("cannot install signal handlers".into()),
+    ) else {
+        return Err("cannot install signal handlers".into());
     };
     create_dir(&config.runtime_dir)?;
     let _lock = lock_runtime_dir(&config.runtime_dir)?;
+    // Everything that can be checked is checked before the first child starts.
     for i in 0..config.backend.count {
         refuse_live_socket(&config.backend_socket(i)).await?;
     }
+    if config.redis.url.is_none() {
+        refuse_live_socket(&config.managed_redis_socket()).await?;
+    }
+    gatehouse_proxy::check_listen(&config.proxy.listen.to_string())?;
 
+    let mut members = Members::default();
+    let started = tokio::select! {
+        started = start_members(&config, &mut members) => started.map(|()| None),
+        _ = term.recv() => Ok(Some((Stop::Graceful, 0))),
+        _ = int.recv() => Ok(Some((Stop::Fast, 130))),
+    };
+    let (how, code) = match started {
+        Err(error) => {
+            members.stop(Stop::Fast).await;
+            return Err(error);
+        }
+        Ok(Some(stopped)) => {
+            tracing::info!("stopped during start-up");
+            stopped
+        }
+        Ok(None) => {
+            tracing::info!(
+                listen = %config.proxy.listen, backends = config.backend.count,
+                redis = if members.redis.is_some() { "managed" } else { "external" },
+                "gatehouse is up"
+            );
+            tokio::select! {
+                _ = term.recv() => (Stop::Graceful, 0),
+                _ = int.recv() => (Stop::Fast, 130),
+            }
+        }
+    };
+    tracing::info!(?how, "stopping the group");
+    members.stop(how).await;
+    Ok(code)
+}
+
+/// Redis (when managed), then the backends, then the proxy, each waited on until it answers.
+async fn start_members(config: &Config, members: &mut Members) -> Result<(), String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find our own executable: {e}"))?;
     let config_file = std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone());
@@ -78,20 +155,14 @@ async fn run_group(config: Config) -> Result<i32, String> {
         );
         shared_env.push((config::ENV_JWT_SECRET.into(), random_secret().into()));
     }
-
-    let mut redis = None;
     if config.redis.url.is_none() {
         let socket = config.managed_redis_socket();
-        refuse_live_socket(&socket).await?;
-        let spec = redis_spec(&config, &socket)?;
-        redis = Some(start(spec).await?);
+        members.redis = Some(start(redis_spec(config, &socket)?).await?);
         shared_env.push((
             config::ENV_REDIS_URL.into(),
             format!("unix://{}", socket.display()).into(),
         ));
     }
-
-    let mut backends = Vec::new();
     for i in 0..config.backend.count {
         let socket = config.backend_socket(i);
         let spec = Spec {
@@ -110,43 +181,18 @@ async fn run_group(config: Config) -> Result<i32, String> {
             probe: Probe::Unix(socket),
             stop_timeout: Duration::from_secs(10),
         };
-        match start(spec).await {
-            Ok(running) => backends.push(running),
-            Err(error) => {
-                stop_all(None, backends, redis, Stop::Fast).await;
-                return Err(error);
-            }
-        }
+        members.backends.push(start(spec).await?);
     }
-
-    let proxy_spec = Spec {
+    let proxy = Spec {
         name: "proxy".into(),
-        program: exe.clone(),
+        program: exe,
         args: vec!["proxy".into(), "--config".into(), config_file.into()],
-        env: shared_env.clone(),
+        env: shared_env,
         probe: Probe::Tcp(config.proxy.listen),
         stop_timeout: config.proxy.shutdown_grace + Duration::from_secs(5),
     };
-    let proxy = match start(proxy_spec).await {
-        Ok(proxy) => proxy,
-        Err(error) => {
-            stop_all(None, backends, redis, Stop::Fast).await;
-            return Err(error);
-        }
-    };
-    tracing::info!(
-        listen = %config.proxy.listen, backends = config.backend.count,
-        redis = if redis.is_some() { "managed" } else { "external" },
-        "gatehouse is up"
-    );
-
-    let (how, code) = tokio::select! {
-        _ = term.recv() => (Stop::Graceful, 0),
-        _ = int.recv() => (Stop::Fast, 130),
-    };
-    tracing::info!(?how, "stopping the group");
-    stop_all(Some(proxy), backends, redis, how).await;
-    Ok(code)
+    members.proxy = Some(start(proxy).await?);
+    Ok(())
 }
 
 async fn start(spec: Spec) -> Result<Running, String> {
@@ -162,34 +208,9 @@ async fn start(spec: Spec) -> Result<Running, String> {
         return Err(error);
     }
     tracing::info!(child = %spec.name, pid = child.id(), "started");
-    let (stop, stop_rx) = watch::channel(None);
-    let task = tokio::spawn(child::keep_running(spec, child, stop_rx));
-    Ok(Running { stop, task })
-}
-
-/// Proxy first, so nothing new reaches the backends; then the backends; Redis last, so the
-/// final counts are written.
-async fn stop_all(
-    proxy: Option<Running>,
-    backends: Vec<Running>,
-    redis: Option<Running>,
-    how: Stop,
-) {
-    if let Some(proxy) = proxy {
-        proxy.stop(how).await;
-    }
-    join_all(backends.into_iter().map(|b| b.stop(how))).await;
-    if let Some(redis) = redis {
-        // Redis saves on SIGTERM and SIGINT alike; it always gets the clean one.
-        redis.stop(Stop::Graceful).await;
-    }
-}
-
-async fn join_all(stops: impl Iterator<Item = impl Future<Output = ()> + Send + 'static>) {
-    let tasks: Vec<_> = stops.map(tokio::spawn).collect();
-    for task in tasks {
-        let _ = task.await;
-    }
+    let (orders, receiver) = watch::channel(Order::Supervise);
+    let task = tokio::spawn(child::keep_running(spec, child, receiver));
+    Ok(Running { orders, task })
 }
 
 fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
