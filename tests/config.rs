@@ -23,7 +23,7 @@ fn run(args: &[&str], config: &Path, env: &[(&str, &str)]) -> (i32, String) {
 }
 
 /// The shipped config with its first line equal to `from` replaced by `to`, written to a temp
-/// dir beside a copy of the users file.
+/// dir laid out like the repository (conf/, static/).
 fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
     let text = fs::read_to_string(shipped_config()).unwrap();
     let mut lines: Vec<&str> = text.lines().collect();
@@ -32,12 +32,14 @@ fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
         .position(|l| l.trim() == from)
         .unwrap_or_else(|| panic!("no line {from:?}"));
     lines[at] = to;
-    fs::copy(
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users"),
-        dir.join("users"),
-    )
-    .unwrap();
-    let path = dir.join("gatehouse.toml");
+    // The shipped layout, so the config's relative paths (../static/...) resolve.
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    for site in ["main", "open", "close"] {
+        fs::create_dir_all(dir.join("static").join(site)).unwrap();
+    }
+    fs::create_dir_all(dir.join("conf")).unwrap();
+    fs::copy(repo.join("conf/users"), dir.join("conf/users")).unwrap();
+    let path = dir.join("conf/gatehouse.toml");
     fs::write(&path, lines.join("\n")).unwrap();
     path
 }
@@ -121,7 +123,11 @@ fn short_secret_and_bad_users_line_are_refused() {
 
     let dir = tempfile::tempdir().unwrap();
     let path = variant(dir.path(), "count = 3", "count = 3");
-    fs::write(dir.path().join("users"), "# users\nadmin:$apr1$abc$def\n").unwrap();
+    fs::write(
+        dir.path().join("conf/users"),
+        "# users\nadmin:$apr1$abc$def\n",
+    )
+    .unwrap();
     let (code, out) = run(&["check"], &path, &[]);
     assert_eq!(code, 2, "{out}");
     assert!(

@@ -86,6 +86,7 @@ fn killed_backend_is_restarted_while_requests_keep_succeeding() {
 #[test]
 fn sigterm_lets_an_in_flight_request_finish_then_everything_exits() {
     let mut group = Group::start(Options {
+        tls: false,
         backends: 2,
         ..Options::default()
     });
@@ -270,7 +271,7 @@ fn a_taken_port_is_a_clear_error_before_anything_starts() {
     std::fs::write(
         &config,
         format!(
-            "[paths]\nruntime_dir = \"run\"\ndata_dir = \"data\"\n\n[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
+            "[tls]\nenabled = false\n\n[paths]\nruntime_dir = \"run\"\ndata_dir = \"data\"\n\n[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
             users.display()
         ),
     )

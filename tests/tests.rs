@@ -7,3 +7,5 @@ mod config;
 mod jwt;
 mod process_group;
 mod redis;
+mod statics;
+mod tls;

@@ -155,6 +155,8 @@ fn redis_ping(port: u16) -> bool {
 
 /// How a test wants its group.
 pub struct Options {
+    /// HTTPS on a second port, plain HTTP redirecting to it; `false`: plain HTTP only.
+    pub tls: bool,
     pub backends: usize,
     /// `None`: gatehouse manages its own Redis.
     pub redis_url: Option<String>,
@@ -166,6 +168,7 @@ pub struct Options {
 impl Default for Options {
     fn default() -> Self {
         Self {
+            tls: true,
             backends: 3,
             redis_url: None,
             shutdown_grace_seconds: 5,
@@ -177,7 +180,10 @@ impl Default for Options {
 /// A running `gatehouse run`.
 pub struct Group {
     pub dir: TempDir,
+    /// The plain HTTP listener.
     pub port: u16,
+    /// The HTTPS listener, when TLS is on.
+    pub tls_port: Option<u16>,
     pub child: Child,
     pub client: reqwest::blocking::Client,
     env: Vec<(String, String)>,
@@ -191,33 +197,65 @@ impl Group {
 
     /// Starts in an existing directory (which may hold a previous run's leftovers).
     pub fn start_in(dir: TempDir, options: Options) -> Group {
-        let client = reqwest::blocking::Client::builder()
-            .timeout(Duration::from_secs(15))
-            .build()
-            .expect("http client");
-        let port = free_port();
-        write_config(dir.path(), port, &options);
-        let child = spawn(dir.path(), &options.env);
+        fs::create_dir_all(dir.path().join("files")).expect("files dir");
         let mut group = Group {
             dir,
-            port,
-            child,
-            client,
+            port: 0,
+            tls_port: None,
+            child: Command::new("true").spawn().expect("placeholder child"),
+            client: reqwest::blocking::Client::new(),
             env: options.env.clone(),
         };
         // Tests run in parallel: a free port can be taken before the group binds it.
         for _ in 0..3 {
+            group.port = free_port();
+            group.tls_port = options.tls.then(free_port);
+            write_config(group.dir.path(), group.port, group.tls_port, &options);
+            if options.tls && !group.dir.path().join("certs/gatehouse.crt").exists() {
+                let status = Command::new(BIN)
+                    .args(["cert", "--config"])
+                    .arg(group.dir.path().join("gatehouse.toml"))
+                    .status()
+                    .expect("gatehouse cert");
+                assert!(status.success(), "gatehouse cert failed");
+            }
+            group.client = group.http_client(false);
+            let _ = group.child.wait();
+            group.child = spawn(group.dir.path(), &group.env);
             match group.wait_ready() {
                 Ok(()) => return group,
-                Err(log) if log.contains("cannot listen on") => {
-                    group.port = free_port();
-                    write_config(group.dir.path(), group.port, &options);
-                    group.child = spawn(group.dir.path(), &group.env);
-                }
+                Err(log) if log.contains("cannot listen on") => continue,
                 Err(log) => panic!("{log}"),
             }
         }
         panic!("no free port after three tries:\n{}", group.log());
+    }
+
+    /// A client that trusts the group's certificate, does not follow redirects and does not
+    /// decompress (tests look at the bytes). `http1_only` pins HTTP/1.1; otherwise ALPN
+    /// offers HTTP/2.
+    pub fn http_client(&self, http1_only: bool) -> reqwest::blocking::Client {
+        let mut builder = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls();
+        if self.tls_port.is_some() {
+            let pem = fs::read(self.dir.path().join("certs/gatehouse.crt")).expect("certificate");
+            let cert = reqwest::Certificate::from_pem(&pem).expect("PEM certificate");
+            builder = builder.add_root_certificate(cert);
+        }
+        if http1_only {
+            builder = builder.http1_only();
+        }
+        builder.build().expect("http client")
+    }
+
+    /// Where requests go: HTTPS when TLS is on.
+    pub fn base(&self) -> String {
+        match self.tls_port {
+            Some(port) => format!("https://localhost:{port}"),
+            None => format!("http://127.0.0.1:{}", self.port),
+        }
     }
 
     /// SIGTERM, wait for a clean exit, then start again on the same directory and port.
@@ -255,6 +293,11 @@ impl Group {
     }
 
     pub fn url(&self, path: &str) -> String {
+        format!("{}{path}", self.base())
+    }
+
+    /// The plain HTTP listener, whatever TLS does.
+    pub fn http_url(&self, path: &str) -> String {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
@@ -351,8 +394,10 @@ fn spawn(dir: &Path, env: &[(String, String)]) -> Child {
         .expect("start gatehouse")
 }
 
-fn write_config(dir: &Path, port: u16, options: &Options) -> PathBuf {
-    let users = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users");
+fn write_config(dir: &Path, port: u16, tls_port: Option<u16>, options: &Options) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let users = repo.join("conf/users");
+    let statics = repo.join("static");
     let redis_url = options.redis_url.clone().unwrap_or_default();
     let text = format!(
         r#"[proxy]
@@ -360,6 +405,15 @@ listen = "127.0.0.1:{port}"
 threads = 2
 shutdown_grace_seconds = {grace}
 health_check_interval_ms = 200
+
+[tls]
+enabled = {tls}
+listen = "127.0.0.1:{tls_port}"
+cert = "certs/gatehouse.crt"
+key = "certs/gatehouse.key"
+
+[static]
+max_cached_file_bytes = 65536
 
 [backend]
 count = {backends}
@@ -379,7 +433,28 @@ upstream = "backends"
 [[routes]]
 prefix = "/auth/"
 upstream = "backends"
+
+[[routes]]
+prefix = "/files/"
+static_dir = "files"
+cache_control = "max-age=60"
+
+[[routes]]
+prefix = "/open/"
+static_dir = "{statics}/open"
+
+[[routes]]
+prefix = "/close/"
+static_dir = "{statics}/close"
+
+[[routes]]
+prefix = "/"
+static_dir = "{statics}/main"
+cache_control = "no-cache"
 "#,
+        tls = tls_port.is_some(),
+        tls_port = tls_port.unwrap_or(1),
+        statics = statics.display(),
         grace = options.shutdown_grace_seconds,
         backends = options.backends,
         users = users.display(),
@@ -408,4 +483,30 @@ pub fn unix_get(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
         .map(|(_, b)| b.to_string())
         .unwrap_or_default();
     Ok((status, body))
+}
+
+/// Sends raw request bytes to a plain-HTTP listener and returns the whole response as text
+/// (the request must ask for `Connection: close`). For requests no HTTP library would send.
+pub fn raw_http(port: u16, request: &str) -> String {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .expect("timeout");
+    stream.write_all(request.as_bytes()).expect("send");
+    let mut response = Vec::new();
+    let _ = stream.read_to_end(&mut response);
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+pub fn gunzip(bytes: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(bytes), &mut plain)
+        .expect("gzip body");
+    plain
+}
+
+pub fn unbrotli(bytes: &[u8]) -> Vec<u8> {
+    let mut plain = Vec::new();
+    brotli::BrotliDecompress(&mut &bytes[..], &mut plain).expect("brotli body");
+    plain
 }

@@ -1,17 +1,20 @@
 //! The proxy's request phases, in the order Pingora runs them:
 //!
-//! 1. `early_request_filter`: take or make the request id.
-//! 2. `request_filter`: find the route; unknown paths end here with a JSON 404.
+//! 1. `early_request_filter`: take or make the request id; note whether the connection is TLS.
+//! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
+//!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
+//!    404); static routes are answered here from files.
 //! 3. `upstream_peer`: pick a backend socket (round robin, healthy, not failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
 //! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
-//! 6. `response_filter`: the request id back to the client.
+//! 6. `response_filter`: request id, HSTS, compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
 
 use async_trait::async_trait;
 use pingora::{
     Error, ErrorSource, ErrorType, Result,
     http::{RequestHeader, ResponseHeader},
+    modules::http::compression::ResponseCompression,
     protocols::l4::socket::SocketAddr,
     upstreams::peer::HttpPeer,
 };
@@ -19,19 +22,48 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::{
     drain::InFlight,
-    request_id, respond,
-    routes::{RouteTable, Target},
+    https_redirect::HttpsRedirect,
+    request_id,
+    respond::{self, Stamp},
+    routes::{RouteTable, Served},
+    statics::{encoding::compressible, path},
     upstream::Pool,
 };
+
+/// What HTTPS changes in how requests are answered.
+pub struct TlsBehaviour {
+    /// `Some`: plain-HTTP requests are redirected to HTTPS.
+    pub redirect: Option<HttpsRedirect>,
+    /// `Strict-Transport-Security` for HTTPS responses; `None` sends none.
+    pub hsts: Option<String>,
+}
+
+/// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
+const COMPRESSION_LEVEL: u32 = 5;
 
 pub struct Gateway {
     routes: RouteTable,
     pool: Pool,
+    tls: TlsBehaviour,
+    /// Backend responses at least this large are compressed for clients that accept it.
+    compress_min_bytes: u64,
 }
 
 impl Gateway {
-    pub fn new(routes: RouteTable, pool: Pool) -> Self {
-        Self { routes, pool }
+    pub fn new(routes: RouteTable, pool: Pool, tls: TlsBehaviour, compress_min_bytes: u64) -> Self {
+        Self {
+            routes,
+            pool,
+            tls,
+            compress_min_bytes,
+        }
+    }
+
+    fn stamp<'a>(&'a self, ctx: &'a RequestCtx) -> Stamp<'a> {
+        Stamp {
+            request_id: &ctx.request_id,
+            hsts: self.tls.hsts.as_deref().filter(|_| ctx.tls),
+        }
     }
 }
 
@@ -39,8 +71,11 @@ impl Gateway {
 pub struct RequestCtx {
     _in_flight: InFlight,
     request_id: String,
-    target: Option<Target>,
-    /// Backends that refused this request's connection; allocated only when one fails.
+    /// Whether this request came over TLS.
+    tls: bool,
+    /// Index of the matched route in the table.
+    route: Option<usize>,
+    /// Backends that failed this request; allocated only when one fails.
     failed: Vec<SocketAddr>,
 }
 
@@ -52,7 +87,8 @@ impl ProxyHttp for Gateway {
         RequestCtx {
             _in_flight: InFlight::enter(),
             request_id: String::new(),
-            target: None,
+            tls: false,
+            route: None,
             failed: Vec::new(),
         }
     }
@@ -68,21 +104,109 @@ impl ProxyHttp for Gateway {
             .get("x-request-id")
             .and_then(|v| request_id::accept(v.as_bytes()))
             .map_or_else(request_id::generate, str::to_owned);
+        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        // Pingora's compression module reads `Accept-Encoding` between this phase and
+        // `request_filter`, and only when it is on: on here, decided per route below.
+        set_compression(session, COMPRESSION_LEVEL);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        let path = session.req_header().uri.path();
-        match self.routes.lookup(path) {
-            Some(route) => {
-                ctx.target = Some(route.target);
-                Ok(false)
+        // Off for everything the proxy answers itself: static files are compressed once per
+        // version by `statics`, never per request.
+        set_compression(session, 0);
+        let stamp = self.stamp(ctx);
+        let raw_path = session.req_header().uri.path();
+
+        // The proxy's own liveness, on every listener, never redirected.
+        if raw_path == "/healthz" {
+            let mut header = ResponseHeader::build(200, Some(4))?;
+            header.insert_header("content-type", "application/json")?;
+            header.insert_header("content-length", "15")?;
+            stamp.apply(&mut header)?;
+            session
+                .write_response_header(Box::new(header), false)
+                .await?;
+            session
+                .write_response_body(
+                    Some(bytes::Bytes::from_static(b"{\"status\":\"ok\"}")),
+                    true,
+                )
+                .await?;
+            return Ok(true);
+        }
+
+        if !ctx.tls
+            && let Some(redirect) = &self.tls.redirect
+        {
+            let request = session.req_header();
+            let path_and_query = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
+            let host = request.headers.get("host").map(|h| h.as_bytes());
+            // 308 keeps the method and body; 301 is what every client follows for GET.
+            let status = if matches!(request.method, http::Method::GET | http::Method::HEAD) {
+                301
+            } else {
+                308
+            };
+            match redirect.location(host, path_and_query) {
+                Some(location) => respond::redirect(session, &stamp, status, &location).await?,
+                None => {
+                    let message = "the Host header is missing or not a valid host name";
+                    respond::json_error(session, &stamp, 400, "bad_host", message).await?
+                }
             }
-            None => {
-                let message = format!("no route for {path}");
-                respond::json_error(session, 404, "not_found", &message, &ctx.request_id).await?;
+            return Ok(true);
+        }
+
+        let decoded = match path::check(raw_path) {
+            Ok(decoded) => decoded,
+            Err(path::Unsafe::Traversal) => {
+                let message = "the path leaves its directory";
+                respond::error_for_client(session, &stamp, 403, "forbidden", message).await?;
+                return Ok(true);
+            }
+            Err(path::Unsafe::Encoding) => {
+                let message = "the path is not valid UTF-8 once decoded";
+                respond::json_error(session, &stamp, 400, "bad_request", message).await?;
+                return Ok(true);
+            }
+        };
+
+        // `/open` for the static route `/open/`: checked first, as `/` would take it otherwise.
+        if self.routes.is_static_without_slash(&decoded) {
+            let uri = &session.req_header().uri;
+            let location = match uri.query() {
+                Some(query) => format!("{}/?{query}", uri.path()),
+                None => format!("{}/", uri.path()),
+            };
+            respond::redirect(session, &stamp, 301, &location).await?;
+            return Ok(true);
+        }
+        let Some(index) = self.routes.lookup(&decoded) else {
+            let message = format!("no route for {decoded}");
+            respond::json_error(session, &stamp, 404, "not_found", &message).await?;
+            return Ok(true);
+        };
+        ctx.route = Some(index);
+        match self.routes.get(index) {
+            Some((prefix, Served::Static(site))) => {
+                let decoded = decoded.into_owned();
+                site.serve(session, &self.stamp(ctx), prefix, &decoded)
+                    .await?;
                 Ok(true)
             }
+            Some((_, Served::Backends)) => {
+                // Pingora's compression module reads `Accept-Encoding` only when it is on at
+                // request time; `response_filter` turns it off for small or binary responses.
+                if let Some(compression) = session
+                    .downstream_modules_ctx
+                    .get_mut::<ResponseCompression>()
+                {
+                    compression.adjust_level(COMPRESSION_LEVEL);
+                }
+                Ok(false)
+            }
+            None => Error::e_explain(ErrorType::InternalError, "route index out of range"),
         }
     }
 
@@ -91,13 +215,13 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        match ctx.target {
-            Some(Target::Backends) => self.pool.select(&ctx.failed).ok_or_else(|| {
+        match ctx.route.and_then(|i| self.routes.get(i)) {
+            Some((_, Served::Backends)) => self.pool.select(&ctx.failed).ok_or_else(|| {
                 Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
             }),
-            None => Error::e_explain(
+            _ => Error::e_explain(
                 ErrorType::InternalError,
-                "no route chosen before upstream_peer",
+                "no backend route chosen before upstream_peer",
             ),
         }
     }
@@ -161,18 +285,37 @@ impl ProxyHttp for Gateway {
             upstream.insert_header("x-forwarded-for", &ip)?;
             upstream.insert_header("x-real-ip", ip)?;
         }
-        upstream.insert_header("x-forwarded-proto", "http")?;
+        upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         upstream.insert_header("x-request-id", &ctx.request_id)?;
         Ok(())
     }
 
     async fn response_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        response.insert_header("x-request-id", &ctx.request_id)
+        self.stamp(ctx).apply(response)?;
+        // Large text responses (a big JSON listing) are compressed by Pingora's module, which
+        // also negotiates `Accept-Encoding`; small ones are not worth it.
+        let headers = &response.headers;
+        let large = headers
+            .get("content-length")
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
+            .is_none_or(|len| len >= self.compress_min_bytes);
+        let text = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compressible);
+        if !(large && text)
+            && let Some(compression) = session
+                .downstream_modules_ctx
+                .get_mut::<ResponseCompression>()
+        {
+            compression.adjust_level(0);
+        }
+        Ok(())
     }
 
     async fn fail_to_proxy(
@@ -184,7 +327,7 @@ impl ProxyHttp for Gateway {
         let (status, code, message) = classify(e);
         if status != 0
             && let Err(write_error) =
-                respond::json_error(session, status, code, message, &ctx.request_id).await
+                respond::json_error(session, &self.stamp(ctx), status, code, message).await
         {
             tracing::debug!(error = %write_error, "could not send the error response");
         }
@@ -192,6 +335,15 @@ impl ProxyHttp for Gateway {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+}
+
+fn set_compression(session: &mut Session, level: u32) {
+    if let Some(compression) = session
+        .downstream_modules_ctx
+        .get_mut::<ResponseCompression>()
+    {
+        compression.adjust_level(level);
     }
 }
 

@@ -2,30 +2,51 @@
 //!
 //! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
 //! - [`routes`]: the route table, path prefix to target.
+//! - [`statics`]: static sites: files, compression once per version, conditional requests.
+//! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 
 pub mod drain;
 pub mod gateway;
+pub mod https_redirect;
 pub mod request_id;
 pub mod respond;
 pub mod routes;
+pub mod statics;
 pub mod upstream;
 
 use std::{path::PathBuf, time::Duration};
 
-use pingora::server::{RunArgs, Server, configuration::ServerConf};
+use pingora::{
+    listeners::tls::TlsSettings,
+    server::{RunArgs, Server, configuration::ServerConf},
+};
 
+pub use gateway::TlsBehaviour;
+pub use https_redirect::HttpsRedirect;
 pub use routes::{Route, Target};
+pub use statics::StaticSettings;
 pub use upstream::PoolSettings;
+
+/// The HTTPS listener.
+pub struct TlsListener {
+    pub listen: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
 
 pub struct Settings {
     /// `host:port` of the HTTP listener.
     pub listen: String,
     pub threads: usize,
     pub routes: Vec<Route>,
+    pub statics: StaticSettings,
     pub pool: PoolSettings,
+    /// `None`: plain HTTP only.
+    pub tls: Option<TlsListener>,
+    pub tls_behaviour: TlsBehaviour,
     /// Upper bound on draining in-flight requests after SIGTERM.
     pub shutdown_grace: Duration,
     /// Where the proxy keeps its pid file and upgrade socket.
@@ -52,6 +73,9 @@ pub fn check_listen(listen: &str) -> Result<(), String> {
 /// grace period; a drained SIGTERM exits the process directly (see [`drain`]).
 pub fn run(settings: Settings) -> Result<Stopped, String> {
     check_listen(&settings.listen)?;
+    if let Some(tls) = &settings.tls {
+        check_listen(&tls.listen)?;
+    }
     let conf = ServerConf {
         threads: settings.threads,
         daemon: false,
@@ -66,13 +90,26 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
 
     let health = upstream::build(&settings.pool)?;
     let pool = upstream::Pool::new(health.task());
-    let gateway = gateway::Gateway::new(routes::RouteTable::new(settings.routes), pool);
+    let routes = routes::RouteTable::new(settings.routes, &settings.statics)?;
+    let compress_min = settings.statics.min_compress_bytes;
+    let gateway = gateway::Gateway::new(routes, pool, settings.tls_behaviour, compress_min);
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&settings.listen);
+    if let Some(tls) = &settings.tls {
+        // The files were checked at start-up (Pingora would panic on a bad pair later).
+        let mut tls_settings = TlsSettings::intermediate(
+            &path_string(tls.cert.clone())?,
+            &path_string(tls.key.clone())?,
+        )
+        .map_err(|e| format!("TLS settings: {e}"))?;
+        // HTTP/2 and HTTP/1.1 by ALPN; rustls offers TLS 1.2 and 1.3 with AEAD suites only.
+        tls_settings.enable_h2();
+        proxy.add_tls_with_settings(&tls.listen, None, tls_settings);
+    }
 
     server.add_service(proxy);
     server.add_service(health);
-    tracing::info!(listen = %settings.listen, "proxy listening");
+    tracing::info!(listen = %settings.listen, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "proxy listening");
     server.run(RunArgs {
         shutdown_signal: Box::new(drain::Signals),
     });

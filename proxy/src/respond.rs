@@ -1,26 +1,108 @@
-//! Responses the proxy writes itself: JSON errors with the request id.
+//! Responses the proxy writes itself: JSON and HTML errors, redirects. Each one carries the
+//! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response.
 
 use bytes::Bytes;
 use pingora::{Result, http::ResponseHeader};
 use pingora_proxy::Session;
 
+/// The headers every response gets.
+pub struct Stamp<'a> {
+    pub request_id: &'a str,
+    /// `Strict-Transport-Security`, on HTTPS connections only.
+    pub hsts: Option<&'a str>,
+}
+
+impl Stamp<'_> {
+    pub fn apply(&self, header: &mut ResponseHeader) -> Result<()> {
+        header.insert_header("x-request-id", self.request_id)?;
+        if let Some(hsts) = self.hsts {
+            header.insert_header("strict-transport-security", hsts)?;
+        }
+        Ok(())
+    }
+}
+
 pub async fn json_error(
     session: &mut Session,
+    stamp: &Stamp<'_>,
     status: u16,
     code: &str,
     message: &str,
-    request_id: &str,
 ) -> Result<()> {
-    let body = Bytes::from(
-        serde_json::json!({"error": code, "message": message, "request_id": request_id})
-            .to_string(),
-    );
+    let body =
+        serde_json::json!({"error": code, "message": message, "request_id": stamp.request_id});
     let mut header = ResponseHeader::build(status, Some(4))?;
     header.insert_header("content-type", "application/json")?;
+    send(session, stamp, header, Bytes::from(body.to_string())).await
+}
+
+/// An error as a small HTML page for browsers, JSON for everyone else.
+pub async fn error_for_client(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    status: u16,
+    code: &str,
+    message: &str,
+) -> Result<()> {
+    let wants_html = session
+        .req_header()
+        .headers
+        .get("accept")
+        .is_some_and(|accept| accept.as_bytes().windows(9).any(|w| w == b"text/html"));
+    if !wants_html {
+        return json_error(session, stamp, status, code, message).await;
+    }
+    let title = match status {
+        403 => "403 Forbidden",
+        404 => "404 Not Found",
+        405 => "405 Method Not Allowed",
+        _ => "Error",
+    };
+    let page = format!(
+        "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
+         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#1f2933}}\
+         small{{color:#7b8794}}</style></head>\n<body><h1>{title}</h1><p>{}</p>\
+         <p><small>request id {}</small></p></body></html>\n",
+        html_escape(message),
+        html_escape(stamp.request_id)
+    );
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header("content-type", "text/html; charset=utf-8")?;
+    send(session, stamp, header, Bytes::from(page)).await
+}
+
+pub async fn redirect(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    status: u16,
+    location: &str,
+) -> Result<()> {
+    let mut header = ResponseHeader::build(status, Some(4))?;
+    header.insert_header("location", location)?;
+    send(session, stamp, header, Bytes::new()).await
+}
+
+async fn send(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    mut header: ResponseHeader,
+    body: Bytes,
+) -> Result<()> {
     header.insert_header("content-length", body.len().to_string())?;
-    header.insert_header("x-request-id", request_id)?;
+    stamp.apply(&mut header)?;
+    let head_only = body.is_empty() || session.req_header().method == http::Method::HEAD;
     session
-        .write_response_header(Box::new(header), false)
+        .write_response_header(Box::new(header), head_only)
         .await?;
-    session.write_response_body(Some(body), true).await
+    if !head_only {
+        session.write_response_body(Some(body), true).await?;
+    }
+    Ok(())
+}
+
+fn html_escape(text: &str) -> String {
+    text.replace('&', "&amp;")
+        .replace('<', "&lt;")
+        .replace('>', "&gt;")
+        .replace('"', "&quot;")
 }

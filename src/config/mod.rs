@@ -21,6 +21,7 @@ use locate::Document;
 /// Environment variables that override the file. Secrets and listen addresses are the
 /// things a deployment changes without editing the file.
 pub const ENV_LISTEN: &str = "GATEHOUSE_LISTEN";
+pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
 pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
 pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
 pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
@@ -59,9 +60,22 @@ pub struct Config {
     pub proxy: Proxy,
     pub backend: Backend,
     pub redis: Redis,
+    pub tls: Option<Tls>,
+    pub statics: gatehouse_proxy::StaticSettings,
     pub runtime_dir: PathBuf,
     pub data_dir: PathBuf,
     pub routes: Vec<gatehouse_proxy::Route>,
+}
+
+#[derive(Debug, Clone)]
+pub struct Tls {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    /// Names for redirects (the first) and for a generated certificate (all).
+    pub server_names: Vec<String>,
+    pub hsts: Option<String>,
+    pub redirect_http: bool,
 }
 
 #[derive(Debug, Clone)]
@@ -250,6 +264,56 @@ impl Config {
         let runtime_dir = base.join(&raw.paths.runtime_dir);
         let data_dir = base.join(&raw.paths.data_dir);
 
+        let tls = match &raw.tls {
+            t if !t.enabled => None,
+            t => {
+                let listen = match env(ENV_TLS_LISTEN) {
+                    Some(v) => v
+                        .parse()
+                        .map_err(|e| from_env(ENV_TLS_LISTEN, format!("{v:?}: {e}")))?,
+                    None => t.listen.parse().map_err(|e| {
+                        at(
+                            "tls.listen",
+                            format!("{:?} is not an address like 0.0.0.0:8443: {e}", t.listen),
+                        )
+                    })?,
+                };
+                for (i, name) in t.server_names.iter().enumerate() {
+                    if !gatehouse_proxy::https_redirect::is_dns_name(name) {
+                        return Err(at(
+                            &format!("tls.server_names[{i}]"),
+                            format!("{name:?} is not a host name"),
+                        ));
+                    }
+                }
+                let hsts = Some(t.hsts.trim().to_string()).filter(|h| !h.is_empty());
+                if let Some(value) = &hsts {
+                    header_value_ok(value).map_err(|m| at("tls.hsts", m))?;
+                }
+                Some(Tls {
+                    listen,
+                    cert: base.join(&t.cert),
+                    key: base.join(&t.key),
+                    server_names: t.server_names.clone(),
+                    hsts,
+                    redirect_http: t.redirect_http,
+                })
+            }
+        };
+
+        let st = &raw.statics;
+        positive(st.cache_bytes, "static.cache_bytes", &at)?;
+        positive(
+            st.max_cached_file_bytes,
+            "static.max_cached_file_bytes",
+            &at,
+        )?;
+        let statics = gatehouse_proxy::StaticSettings {
+            cache_bytes: st.cache_bytes,
+            max_cached_file_bytes: st.max_cached_file_bytes,
+            min_compress_bytes: st.min_compress_bytes,
+        };
+
         if raw.routes.is_empty() {
             return Err(at(
                 "routes",
@@ -259,10 +323,10 @@ impl Config {
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, route) in raw.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
-            if !route.prefix.starts_with('/') {
+            if !route.prefix.starts_with('/') || !route.prefix.ends_with('/') {
                 return Err(at(
                     &key("prefix"),
-                    format!("{:?} must start with `/`", route.prefix),
+                    format!("{:?} must start and end with `/`", route.prefix),
                 ));
             }
             if routes
@@ -274,12 +338,42 @@ impl Config {
                     format!("{:?} is routed twice", route.prefix),
                 ));
             }
-            let target = match route.upstream.as_str() {
-                "backends" => gatehouse_proxy::Target::Backends,
-                other => {
+            let target = match (&route.upstream, &route.static_dir) {
+                (Some(upstream), None) => {
+                    if upstream != "backends" {
+                        return Err(at(
+                            &key("upstream"),
+                            format!("unknown upstream {upstream:?}; the one pool is \"backends\""),
+                        ));
+                    }
+                    if route.cache_control.is_some() {
+                        return Err(at(
+                            &key("cache_control"),
+                            "only static routes take cache_control; backends set their own".into(),
+                        ));
+                    }
+                    gatehouse_proxy::Target::Backends
+                }
+                (None, Some(dir)) => {
+                    let dir = base.join(dir);
+                    if !dir.is_dir() {
+                        return Err(at(
+                            &key("static_dir"),
+                            format!("{} is not a directory", dir.display()),
+                        ));
+                    }
+                    if let Some(value) = &route.cache_control {
+                        header_value_ok(value).map_err(|m| at(&key("cache_control"), m))?;
+                    }
+                    gatehouse_proxy::Target::Static {
+                        dir,
+                        cache_control: route.cache_control.clone(),
+                    }
+                }
+                _ => {
                     return Err(at(
-                        &key("upstream"),
-                        format!("unknown upstream {other:?}; the one pool is \"backends\""),
+                        &key("prefix"),
+                        "a route needs exactly one of `upstream` or `static_dir`".into(),
                     ));
                 }
             };
@@ -294,6 +388,8 @@ impl Config {
             proxy,
             backend,
             redis,
+            tls,
+            statics,
             runtime_dir,
             data_dir,
             routes,
@@ -339,6 +435,21 @@ impl Config {
                 health_check_interval: self.proxy.health_check_interval,
                 health_check_timeout: self.redis.timeout + Duration::from_secs(1),
             },
+            statics: self.statics.clone(),
+            tls: self.tls.as_ref().map(|t| gatehouse_proxy::TlsListener {
+                listen: t.listen.to_string(),
+                cert: t.cert.clone(),
+                key: t.key.clone(),
+            }),
+            tls_behaviour: gatehouse_proxy::TlsBehaviour {
+                redirect: self.tls.as_ref().filter(|t| t.redirect_http).map(|t| {
+                    gatehouse_proxy::HttpsRedirect {
+                        server_name: t.server_names.first().cloned(),
+                        https_port: t.listen.port(),
+                    }
+                }),
+                hsts: self.tls.as_ref().and_then(|t| t.hsts.clone()),
+            },
             shutdown_grace: self.proxy.shutdown_grace,
             runtime_dir: self.runtime_dir.clone(),
         }
@@ -379,6 +490,17 @@ fn check_secret(
     Ok(bytes)
 }
 
+fn header_value_ok(value: &str) -> Result<(), String> {
+    if value
+        .bytes()
+        .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+    {
+        Ok(())
+    } else {
+        Err(format!("{value:?} is not a valid header value"))
+    }
+}
+
 fn redis_url_ok(url: &str) -> Result<(), String> {
     let scheme = url.split_once("://").map(|(s, _)| s);
     match scheme {
@@ -395,10 +517,57 @@ fn redis_url_ok(url: &str) -> Result<(), String> {
 #[serde(deny_unknown_fields, default)]
 struct RawConfig {
     proxy: RawProxy,
+    tls: RawTls,
+    #[serde(rename = "static")]
+    statics: RawStatic,
     backend: RawBackend,
     redis: RawRedis,
     paths: RawPaths,
     routes: Vec<RawRoute>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawTls {
+    enabled: bool,
+    listen: String,
+    cert: PathBuf,
+    key: PathBuf,
+    server_names: Vec<String>,
+    hsts: String,
+    redirect_http: bool,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            listen: "0.0.0.0:8443".into(),
+            cert: "../certs/gatehouse.crt".into(),
+            key: "../certs/gatehouse.key".into(),
+            server_names: Vec::new(),
+            hsts: "max-age=31536000".into(),
+            redirect_http: true,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawStatic {
+    cache_bytes: u64,
+    max_cached_file_bytes: u64,
+    min_compress_bytes: u64,
+}
+
+impl Default for RawStatic {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 << 20,
+            max_cached_file_bytes: 1 << 20,
+            min_compress_bytes: 256,
+        }
+    }
 }
 
 #[derive(Deserialize)]
@@ -485,7 +654,9 @@ impl Default for RawPaths {
 #[serde(deny_unknown_fields)]
 struct RawRoute {
     prefix: String,
-    upstream: String,
+    upstream: Option<String>,
+    static_dir: Option<PathBuf>,
+    cache_control: Option<String>,
 }
 
 #[cfg(test)]

@@ -1,0 +1,136 @@
+//! The HTTP listener's answer: a redirect to the same path and query over HTTPS.
+//!
+//! The host is the configured server name when there is one, otherwise the request's `Host`
+//! when it is a valid host name or IP literal. Nothing else from the request reaches the
+//! `Location` header, so a garbage `Host` can never redirect a client elsewhere.
+
+use std::net::{Ipv4Addr, Ipv6Addr};
+
+pub struct HttpsRedirect {
+    /// Configured server name; `None` means the request's `Host`.
+    pub server_name: Option<String>,
+    pub https_port: u16,
+}
+
+impl HttpsRedirect {
+    /// The `Location` for a request, or `None` when no trustworthy host is known.
+    pub fn location(&self, host_header: Option<&[u8]>, path_and_query: &str) -> Option<String> {
+        let host = match &self.server_name {
+            Some(name) => name.clone(),
+            None => valid_host(host_header?)?,
+        };
+        let port = if self.https_port == 443 {
+            String::new()
+        } else {
+            format!(":{}", self.https_port)
+        };
+        Some(format!("https://{host}{port}{path_and_query}"))
+    }
+}
+
+/// The host part of a `Host` header (port dropped) if it is a DNS name or an IP literal.
+fn valid_host(header: &[u8]) -> Option<String> {
+    let text = std::str::from_utf8(header).ok()?.trim();
+    if let Some(rest) = text.strip_prefix('[') {
+        let (v6, after) = rest.split_once(']')?;
+        v6.parse::<Ipv6Addr>().ok()?;
+        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
+            return None;
+        }
+        return Some(format!("[{v6}]"));
+    }
+    let host = match text.rsplit_once(':') {
+        Some((host, port)) if is_port(port) => host,
+        Some(_) => return None,
+        None => text,
+    };
+    if host.parse::<Ipv4Addr>().is_ok() || is_dns_name(host) {
+        Some(host.to_ascii_lowercase())
+    } else {
+        None
+    }
+}
+
+fn is_port(text: &str) -> bool {
+    !text.is_empty() && text.len() <= 5 && text.bytes().all(|b| b.is_ascii_digit())
+}
+
+/// RFC 1123 host name: dot-separated labels of letters, digits and inner hyphens.
+pub fn is_dns_name(name: &str) -> bool {
+    let name = name.strip_suffix('.').unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|label| {
+            !label.is_empty()
+                && label.len() <= 63
+                && !label.starts_with('-')
+                && !label.ends_with('-')
+                && label
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || b == b'-')
+        })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn from_host(host: &str) -> Option<String> {
+        HttpsRedirect {
+            server_name: None,
+            https_port: 8443,
+        }
+        .location(Some(host.as_bytes()), "/a?b=1")
+    }
+
+    #[test]
+    fn valid_hosts_keep_path_and_query() {
+        assert_eq!(
+            from_host("example.com").as_deref(),
+            Some("https://example.com:8443/a?b=1")
+        );
+        assert_eq!(
+            from_host("Example.COM:8080").as_deref(),
+            Some("https://example.com:8443/a?b=1")
+        );
+        assert_eq!(
+            from_host("127.0.0.1:8080").as_deref(),
+            Some("https://127.0.0.1:8443/a?b=1")
+        );
+        assert_eq!(
+            from_host("[::1]:8080").as_deref(),
+            Some("https://[::1]:8443/a?b=1")
+        );
+        let fixed = HttpsRedirect {
+            server_name: Some("edge.example".into()),
+            https_port: 443,
+        };
+        assert_eq!(
+            fixed.location(Some(b"evil.test"), "/").as_deref(),
+            Some("https://edge.example/")
+        );
+    }
+
+    #[test]
+    fn garbage_hosts_never_become_a_location() {
+        for host in [
+            "evil.com/path",
+            "a b",
+            "evil.com@x",
+            "x:99999999",
+            "-bad.com",
+            "[::1",
+            "a..b",
+            "",
+            "\u{e9}.com",
+            "x:y",
+        ] {
+            assert_eq!(from_host(host), None, "{host:?}");
+        }
+        let redirect = HttpsRedirect {
+            server_name: None,
+            https_port: 8443,
+        };
+        assert_eq!(redirect.location(None, "/"), None);
+    }
+}

@@ -1,0 +1,220 @@
+//! Files, read once per version and held in a bounded in-memory cache.
+//!
+//! A request costs one `stat` of the file: when size, modification time and inode still match
+//! the cached entry, the bytes (and any compressed variant) come from memory; when not, the
+//! file is read again, so an edit on disk is served on the next request. Compressed variants
+//! are made at most once per version: taken from a fresh `.gz`/`.br` file beside the original
+//! when there is one, otherwise compressed on first use.
+
+use std::{
+    fs, io,
+    os::unix::fs::MetadataExt,
+    path::PathBuf,
+    sync::{Arc, OnceLock},
+    time::SystemTime,
+};
+
+use bytes::Bytes;
+use quick_cache::{Weighter, sync::Cache};
+
+use super::encoding::{Encoding, compressible};
+
+pub struct Asset {
+    /// Where the file really is, inside the root.
+    pub path: PathBuf,
+    pub len: u64,
+    modified: SystemTime,
+    inode: u64,
+    pub mime: &'static str,
+    pub compressible: bool,
+    pub last_modified: String,
+    /// One ETag per encoding, indexed by [`Encoding::index`].
+    etags: [String; 3],
+    /// The file's own bytes; `None` for files too large to hold, which are streamed from disk.
+    pub identity: Option<Bytes>,
+    gzip: OnceLock<Option<Bytes>>,
+    brotli: OnceLock<Option<Bytes>>,
+}
+
+impl Asset {
+    fn load(path: PathBuf, meta: &fs::Metadata, max_cached: u64) -> io::Result<Asset> {
+        let mime = mime_guess::from_path(&path)
+            .first_raw()
+            .unwrap_or("application/octet-stream");
+        let modified = meta.modified()?;
+        let identity = if meta.len() <= max_cached {
+            Some(Bytes::from(fs::read(&path)?))
+        } else {
+            None
+        };
+        let len = identity.as_ref().map_or(meta.len(), |b| b.len() as u64);
+        // Size and mtime make the validator; the coding keeps each variant's ETag distinct.
+        let nanos = modified
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map_or(0, |d| d.as_nanos());
+        let etags = [Encoding::Identity, Encoding::Gzip, Encoding::Brotli].map(|e| match e {
+            Encoding::Identity => format!("\"{len:x}-{nanos:x}\""),
+            other => format!("\"{len:x}-{nanos:x}-{}\"", other.token()),
+        });
+        Ok(Asset {
+            len,
+            etags,
+            modified,
+            inode: meta.ino(),
+            mime: with_charset(mime),
+            compressible: compressible(mime),
+            last_modified: httpdate::fmt_http_date(modified),
+            identity,
+            gzip: OnceLock::new(),
+            brotli: OnceLock::new(),
+            path,
+        })
+    }
+
+    fn is_current(&self, meta: &fs::Metadata) -> bool {
+        meta.len() == self.len
+            && meta.ino() == self.inode
+            && meta.modified().ok() == Some(self.modified)
+    }
+
+    pub fn modified(&self) -> SystemTime {
+        self.modified
+    }
+
+    pub fn etag(&self, encoding: Encoding) -> &str {
+        &self.etags[encoding.index()]
+    }
+
+    /// The compressed variant, made once; `None` when it would not be smaller.
+    /// Slow the first time: call it off the async threads.
+    pub fn variant(&self, encoding: Encoding) -> Option<Bytes> {
+        let cell = match encoding {
+            Encoding::Identity => return None,
+            Encoding::Gzip => &self.gzip,
+            Encoding::Brotli => &self.brotli,
+        };
+        cell.get_or_init(|| {
+            let identity = self.identity.as_ref()?;
+            let compressed = self
+                .sidecar(encoding)
+                .or_else(|| encoding.compress(identity))?;
+            (compressed.len() < identity.len()).then_some(compressed)
+        })
+        .clone()
+    }
+
+    pub fn variant_ready(&self, encoding: Encoding) -> bool {
+        match encoding {
+            Encoding::Identity => true,
+            Encoding::Gzip => self.gzip.get().is_some(),
+            Encoding::Brotli => self.brotli.get().is_some(),
+        }
+    }
+
+    /// A precompressed file beside the original, if it is at least as new.
+    fn sidecar(&self, encoding: Encoding) -> Option<Bytes> {
+        let mut name = self.path.clone().into_os_string();
+        name.push(".");
+        name.push(encoding.sidecar_extension()?);
+        let meta = fs::metadata(&name).ok()?;
+        if meta.modified().ok()? < self.modified {
+            return None;
+        }
+        fs::read(&name).ok().map(Bytes::from)
+    }
+
+    /// What the entry may come to hold, fixed when it is made: the cache requires a weight
+    /// that never changes. Variants are kept only when smaller than the file, so gzip and
+    /// brotli together stay under twice its size.
+    fn weight(&self) -> u64 {
+        let bytes = self.identity.as_ref().map_or(0, |b| b.len() as u64);
+        let variants = if self.compressible { 2 * bytes } else { 0 };
+        1024 + bytes + variants
+    }
+}
+
+/// Text types are sent as UTF-8, as nginx's `charset utf-8` would.
+fn with_charset(mime: &'static str) -> &'static str {
+    match mime {
+        "text/html" => "text/html; charset=utf-8",
+        "text/css" => "text/css; charset=utf-8",
+        "text/plain" => "text/plain; charset=utf-8",
+        "text/javascript" | "application/javascript" => "text/javascript; charset=utf-8",
+        other => other,
+    }
+}
+
+#[derive(Clone)]
+struct ByBytes;
+
+impl Weighter<String, Arc<Asset>> for ByBytes {
+    fn weight(&self, _key: &String, asset: &Arc<Asset>) -> u64 {
+        asset.weight()
+    }
+}
+
+/// What a lookup found.
+pub enum Found {
+    File(Arc<Asset>),
+    /// A directory asked for without its trailing slash.
+    Directory,
+    Missing,
+}
+
+/// One static site's files.
+pub struct Files {
+    root: PathBuf,
+    cache: Cache<String, Arc<Asset>, ByBytes>,
+    max_cached_file: u64,
+}
+
+impl Files {
+    /// `root` must be canonical: it is what resolved paths are checked against.
+    pub fn new(root: PathBuf, capacity_bytes: u64, max_cached_file: u64) -> Files {
+        let estimated_items = (capacity_bytes / 16_384).max(16) as usize;
+        let cache = Cache::with_weighter(estimated_items, capacity_bytes, ByBytes);
+        Files {
+            root,
+            cache,
+            max_cached_file,
+        }
+    }
+
+    /// Finds `relative` below the root. One `stat` when cached and unchanged.
+    pub fn lookup(&self, relative: &str) -> Found {
+        if let Some(asset) = self.cache.get(relative) {
+            match fs::metadata(&asset.path) {
+                Ok(meta) if asset.is_current(&meta) => return Found::File(asset),
+                _ => {
+                    self.cache.remove(relative);
+                }
+            }
+        }
+        // Resolve symlinks, and refuse anything that ends up outside the root.
+        let Ok(path) = self.root.join(relative).canonicalize() else {
+            return Found::Missing;
+        };
+        if !path.starts_with(&self.root) {
+            return Found::Missing;
+        }
+        let Ok(meta) = fs::metadata(&path) else {
+            return Found::Missing;
+        };
+        if meta.is_dir() {
+            return Found::Directory;
+        }
+        if !meta.is_file() {
+            return Found::Missing;
+        }
+        match Asset::load(path, &meta, self.max_cached_file) {
+            Ok(asset) => {
+                let asset = Arc::new(asset);
+                if asset.identity.is_some() {
+                    self.cache.insert(relative.to_string(), asset.clone());
+                }
+                Found::File(asset)
+            }
+            Err(_) => Found::Missing,
+        }
+    }
+}

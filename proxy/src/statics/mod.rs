@@ -1,0 +1,298 @@
+//! Static sites: files under a route's directory, served like a web server should.
+//!
+//! - [`path`]: decoding and the traversal guard (runs before routing).
+//! - [`cache`]: files held in memory per version, checked with one `stat` per request.
+//! - [`encoding`]: `Accept-Encoding` negotiation, gzip and brotli.
+//! - [`conditional`]: ETags, `If-None-Match`, `If-Modified-Since`, `Range`, `If-Range`.
+
+pub mod cache;
+pub mod conditional;
+pub mod encoding;
+pub mod path;
+
+use std::{path::PathBuf, sync::Arc};
+
+use bytes::Bytes;
+use http::Method;
+use pingora::{Error, ErrorType, Result, http::ResponseHeader};
+use pingora_proxy::Session;
+use tokio::io::{AsyncReadExt, AsyncSeekExt};
+
+use crate::respond::{self, Stamp};
+use cache::{Asset, Files, Found};
+use conditional::Range;
+use encoding::Encoding;
+
+/// How static files are served, shared by every static route.
+#[derive(Debug, Clone)]
+pub struct StaticSettings {
+    /// Memory for cached files and their compressed variants, across all static routes.
+    pub cache_bytes: u64,
+    /// Files larger than this are streamed from disk, uncompressed.
+    pub max_cached_file_bytes: u64,
+    /// Smaller files are not worth compressing.
+    pub min_compress_bytes: u64,
+}
+
+/// One static route.
+pub struct Site {
+    files: Files,
+    cache_control: Option<String>,
+    min_compress_bytes: u64,
+}
+
+impl Site {
+    /// `dir` must exist; it is made canonical so symlinks can be checked against it.
+    pub fn new(
+        dir: &std::path::Path,
+        cache_control: Option<String>,
+        settings: &StaticSettings,
+        sites: usize,
+    ) -> Result<Site, String> {
+        let root: PathBuf = dir
+            .canonicalize()
+            .map_err(|e| format!("static directory {}: {e}", dir.display()))?;
+        let share = settings.cache_bytes / sites.max(1) as u64;
+        Ok(Site {
+            files: Files::new(root, share, settings.max_cached_file_bytes),
+            cache_control,
+            min_compress_bytes: settings.min_compress_bytes,
+        })
+    }
+
+    /// Answers a request under `prefix`; `decoded` has passed [`path::check`].
+    pub async fn serve(
+        &self,
+        session: &mut Session,
+        stamp: &Stamp<'_>,
+        prefix: &str,
+        decoded: &str,
+    ) -> Result<u16> {
+        let method = session.req_header().method.clone();
+        if method != Method::GET && method != Method::HEAD {
+            let mut header = ResponseHeader::build(405, Some(5))?;
+            header.insert_header("allow", "GET, HEAD")?;
+            let body = serde_json::json!({
+                "error": "method_not_allowed",
+                "message": "static files answer GET and HEAD only",
+                "request_id": stamp.request_id,
+            });
+            header.insert_header("content-type", "application/json")?;
+            return send(
+                session,
+                stamp,
+                header,
+                Body::Memory(Bytes::from(body.to_string())),
+            )
+            .await
+            .map(|()| 405);
+        }
+        let Some(relative) = path::relative(decoded, prefix) else {
+            return not_found(session, stamp).await;
+        };
+        let asset = match self.files.lookup(&relative) {
+            Found::File(asset) => asset,
+            Found::Missing => return not_found(session, stamp).await,
+            Found::Directory => {
+                // `/open/docs` -> `/open/docs/`, keeping the query.
+                let uri = &session.req_header().uri;
+                let location = match uri.query() {
+                    Some(query) => format!("{}/?{query}", uri.path()),
+                    None => format!("{}/", uri.path()),
+                };
+                respond::redirect(session, stamp, 301, &location).await?;
+                return Ok(301);
+            }
+        };
+        self.send_file(session, stamp, asset).await
+    }
+
+    async fn send_file(
+        &self,
+        session: &mut Session,
+        stamp: &Stamp<'_>,
+        asset: Arc<Asset>,
+    ) -> Result<u16> {
+        let headers = &session.req_header().headers;
+        let range_header = headers.get("range").map(|v| v.as_bytes().to_vec());
+        let compress =
+            asset.compressible && asset.identity.is_some() && asset.len >= self.min_compress_bytes;
+        // A range names bytes of the file itself, so ranged requests are served uncompressed.
+        let wanted = if compress && range_header.is_none() {
+            encoding::negotiate(headers.get("accept-encoding").map(|v| v.as_bytes()))
+        } else {
+            Encoding::Identity
+        };
+        let (encoding, compressed) = match wanted {
+            Encoding::Identity => (Encoding::Identity, None),
+            wanted => match variant(&asset, wanted).await {
+                Some(bytes) => (wanted, Some(bytes)),
+                None => (Encoding::Identity, None),
+            },
+        };
+        let etag = asset.etag(encoding);
+
+        let headers = &session.req_header().headers;
+        let unchanged = match headers.get("if-none-match") {
+            Some(tags) => conditional::none_match(tags.as_bytes(), etag),
+            None => headers.get("if-modified-since").is_some_and(|since| {
+                conditional::not_modified_since(since.as_bytes(), asset.modified())
+            }),
+        };
+        let mut range = match &range_header {
+            Some(value) if encoding == Encoding::Identity => conditional::range(value, asset.len),
+            _ => Range::Full,
+        };
+        if range != Range::Full
+            && let Some(if_range) = headers.get("if-range")
+            && !conditional::if_range_holds(if_range.as_bytes(), etag, &asset.last_modified)
+        {
+            range = Range::Full;
+        }
+
+        let status = match (unchanged, &range) {
+            (true, _) => 304,
+            (false, Range::Full) => 200,
+            (false, Range::Part(..)) => 206,
+            (false, Range::Unsatisfiable) => 416,
+        };
+        let mut header = ResponseHeader::build(status, Some(10))?;
+        header.insert_header("etag", etag)?;
+        header.insert_header("last-modified", &asset.last_modified)?;
+        if let Some(cache_control) = &self.cache_control {
+            header.insert_header("cache-control", cache_control)?;
+        }
+        if compress {
+            header.insert_header("vary", "Accept-Encoding")?;
+        }
+        if status == 304 {
+            return send(session, stamp, header, Body::Memory(Bytes::new()))
+                .await
+                .map(|()| 304);
+        }
+        header.insert_header("content-type", asset.mime)?;
+        header.insert_header("accept-ranges", "bytes")?;
+        if encoding != Encoding::Identity {
+            header.insert_header("content-encoding", encoding.token())?;
+        }
+        let body = match (range, compressed) {
+            (_, Some(bytes)) => Body::Memory(bytes),
+            (Range::Unsatisfiable, None) => {
+                header.insert_header("content-range", format!("bytes */{}", asset.len))?;
+                Body::Memory(Bytes::new())
+            }
+            (Range::Part(first, last), None) => {
+                header.insert_header(
+                    "content-range",
+                    format!("bytes {first}-{last}/{}", asset.len),
+                )?;
+                Body::slice(&asset, first, last - first + 1)
+            }
+            (Range::Full, None) => Body::slice(&asset, 0, asset.len),
+        };
+        send(session, stamp, header, body).await.map(|()| status)
+    }
+}
+
+/// The compressed variant, made off the async threads the first time.
+async fn variant(asset: &Arc<Asset>, encoding: Encoding) -> Option<Bytes> {
+    if asset.variant_ready(encoding) {
+        return asset.variant(encoding);
+    }
+    let worker = asset.clone();
+    tokio::task::spawn_blocking(move || worker.variant(encoding))
+        .await
+        .ok()?
+}
+
+async fn not_found(session: &mut Session, stamp: &Stamp<'_>) -> Result<u16> {
+    respond::error_for_client(
+        session,
+        stamp,
+        404,
+        "not_found",
+        "there is no file at this address",
+    )
+    .await?;
+    Ok(404)
+}
+
+enum Body {
+    Memory(Bytes),
+    /// A file too large to cache: `len` bytes from `offset`, read as they are sent.
+    Disk {
+        path: PathBuf,
+        offset: u64,
+        len: u64,
+    },
+}
+
+impl Body {
+    fn slice(asset: &Asset, offset: u64, len: u64) -> Body {
+        match &asset.identity {
+            Some(bytes) => Body::Memory(bytes.slice(offset as usize..(offset + len) as usize)),
+            None => Body::Disk {
+                path: asset.path.clone(),
+                offset,
+                len,
+            },
+        }
+    }
+
+    fn len(&self) -> u64 {
+        match self {
+            Body::Memory(bytes) => bytes.len() as u64,
+            Body::Disk { len, .. } => *len,
+        }
+    }
+}
+
+async fn send(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    mut header: ResponseHeader,
+    body: Body,
+) -> Result<()> {
+    header.insert_header("content-length", body.len().to_string())?;
+    stamp.apply(&mut header)?;
+    let head_only = session.req_header().method == Method::HEAD || body.len() == 0;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    if head_only {
+        return Ok(());
+    }
+    match body {
+        Body::Memory(bytes) => session.write_response_body(Some(bytes), true).await,
+        Body::Disk {
+            path,
+            offset,
+            mut len,
+        } => {
+            let read_error = |e: std::io::Error| {
+                Error::because(ErrorType::ReadError, "reading a static file", e)
+            };
+            let mut file = tokio::fs::File::open(&path).await.map_err(read_error)?;
+            file.seek(std::io::SeekFrom::Start(offset))
+                .await
+                .map_err(read_error)?;
+            while len > 0 {
+                let mut chunk = vec![0u8; len.min(64 * 1024) as usize];
+                let n = file.read(&mut chunk).await.map_err(read_error)?;
+                if n == 0 {
+                    // The file shrank under us; the client sees a short body and retries.
+                    return Error::e_explain(
+                        ErrorType::ReadError,
+                        "static file shorter than announced",
+                    );
+                }
+                chunk.truncate(n);
+                len -= n as u64;
+                session
+                    .write_response_body(Some(Bytes::from(chunk)), len == 0)
+                    .await?;
+            }
+            Ok(())
+        }
+    }
+}

@@ -1,0 +1,110 @@
+//! TLS certificates: a self-signed one for development (`gatehouse cert`, or `gatehouse run`
+//! when none is configured), and the start-up check that a configured pair is usable.
+//! Pingora loads the files only when its listener starts, and panics there on a bad pair;
+//! this check turns that into an error naming the file.
+
+use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+
+use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
+
+/// Self-signed ECDSA P-256, valid for 365 days, for localhost and `names`.
+pub fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), String> {
+    let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
+    sans.extend(
+        names
+            .iter()
+            .filter(|n| !sans.contains(n))
+            .cloned()
+            .collect::<Vec<_>>(),
+    );
+    let mut params =
+        rcgen::CertificateParams::new(sans).map_err(|e| format!("certificate names: {e}"))?;
+    let now = time::OffsetDateTime::now_utc();
+    params.not_before = now - time::Duration::minutes(5);
+    params.not_after = now + time::Duration::days(365);
+    params.distinguished_name.push(
+        rcgen::DnType::CommonName,
+        names.first().map_or("localhost", String::as_str),
+    );
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256)
+        .map_err(|e| format!("cannot make a key: {e}"))?;
+    let cert = params
+        .self_signed(&key)
+        .map_err(|e| format!("cannot sign the certificate: {e}"))?;
+    for path in [cert_path, key_path] {
+        if let Some(dir) = path.parent() {
+            fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+        }
+    }
+    write(key_path, key.serialize_pem().as_bytes(), 0o600)?;
+    write(cert_path, cert.pem().as_bytes(), 0o644)
+}
+
+fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
+    let mut file = fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(mode)
+        .open(path)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    file.write_all(contents)
+        .map_err(|e| format!("cannot write {}: {e}", path.display()))
+}
+
+/// Reads both files and checks that the key belongs to the certificate.
+pub fn validate(cert_path: &Path, key_path: &Path) -> Result<(), String> {
+    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
+        .and_then(|iter| iter.collect::<Result<_, _>>())
+        .map_err(|e| {
+            format!(
+                "{}: cannot read a PEM certificate: {e}",
+                cert_path.display()
+            )
+        })?;
+    if certs.is_empty() {
+        return Err(format!(
+            "{}: no certificate in the file",
+            cert_path.display()
+        ));
+    }
+    let key = PrivateKeyDer::from_pem_file(key_path)
+        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_path.display()))?;
+    let provider = rustls::crypto::ring::default_provider();
+    let signing_key = provider
+        .key_provider
+        .load_private_key(key)
+        .map_err(|e| format!("{}: unusable private key: {e}", key_path.display()))?;
+    let certified = rustls::sign::CertifiedKey::new(certs, signing_key);
+    certified.keys_match().map_err(|e| {
+        format!(
+            "{} does not match the certificate {}: {e}",
+            key_path.display(),
+            cert_path.display()
+        )
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generated_pairs_validate_and_mismatches_do_not() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a_cert, a_key) = (dir.path().join("a.crt"), dir.path().join("a.key"));
+        let (b_cert, b_key) = (dir.path().join("b.crt"), dir.path().join("b.key"));
+        generate(&a_cert, &a_key, &["edge.example".into()]).unwrap();
+        generate(&b_cert, &b_key, &[]).unwrap();
+        validate(&a_cert, &a_key).unwrap();
+        let err = validate(&a_cert, &b_key).unwrap_err();
+        assert!(err.contains("b.key does not match"), "{err}");
+        let err = validate(&dir.path().join("none.crt"), &a_key).unwrap_err();
+        assert!(err.contains("none.crt"), "{err}");
+        let err = validate(&a_key, &a_key).unwrap_err();
+        assert!(
+            err.contains("a.key: no certificate") || err.contains("a.key"),
+            "{err}"
+        );
+    }
+}
