@@ -126,7 +126,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
         }
         Ok(None) => {
             tracing::info!(
-                listen = %config.proxy.listen, backends = config.backend.count,
+                http = %config.proxy.listen,
+                https = config.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "off".into()),
+                backends = config.backend.count,
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
             );
