@@ -39,6 +39,7 @@ fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
     }
     fs::create_dir_all(dir.join("conf")).unwrap();
     fs::copy(repo.join("conf/users"), dir.join("conf/users")).unwrap();
+    fs::copy(repo.join("conf/htpasswd"), dir.join("conf/htpasswd")).unwrap();
     let path = dir.join("conf/gatehouse.toml");
     fs::write(&path, lines.join("\n")).unwrap();
     path
@@ -89,6 +90,24 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "",
             "cannot read users file",
         ),
+        (
+            "allow = [\"127.0.0.1\", \"::1\", \"192.168.1.0/24\", \"10.0.0.5\"]",
+            "allow = [\"127.0.0.1\", \"10.0.0.0/33\"]",
+            "routes[4].allow[1]",
+            "not an IP address or CIDR network",
+        ),
+        (
+            "rate_limit = \"login\"",
+            "rate_limit = \"logni\"",
+            "routes[2].rate_limit",
+            "no [rate_limits.logni] policy",
+        ),
+        (
+            "per_second = 20",
+            "per_second = 0",
+            "rate_limits.default.per_second",
+            "must be above 0",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);
@@ -106,6 +125,23 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             }
         }
     }
+}
+
+#[test]
+fn a_bad_htpasswd_line_names_the_file_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = variant(dir.path(), "count = 3", "count = 3");
+    fs::write(
+        dir.path().join("conf/htpasswd"),
+        "# users\r\nadmin:plaintext-password\r\n",
+    )
+    .unwrap();
+    let (code, out) = run(&["check"], &path, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("conf/htpasswd:2:") && out.contains("unsupported hash"),
+        "{out}"
+    );
 }
 
 #[test]

@@ -2,6 +2,7 @@
 
 mod util;
 
+mod access;
 mod api;
 mod config;
 mod jwt;

@@ -163,6 +163,10 @@ pub struct Options {
     pub shutdown_grace_seconds: u64,
     /// Extra environment for `gatehouse run`.
     pub env: Vec<(String, String)>,
+    /// Extra keys for the `[proxy]` table.
+    pub proxy_extra: String,
+    /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
+    pub extra: String,
 }
 
 impl Default for Options {
@@ -173,6 +177,8 @@ impl Default for Options {
             redis_url: None,
             shutdown_grace_seconds: 5,
             env: Vec::new(),
+            proxy_extra: String::new(),
+            extra: String::new(),
         }
     }
 }
@@ -246,6 +252,25 @@ impl Group {
         }
         if http1_only {
             builder = builder.http1_only();
+        }
+        builder.build().expect("http client")
+    }
+
+    /// A client whose connections come from `source` (another loopback address, such as
+    /// 127.0.0.2), so the server sees a different client.
+    pub fn client_from(&self, source: &str) -> reqwest::blocking::Client {
+        let mut builder = reqwest::blocking::Client::builder()
+            .timeout(Duration::from_secs(15))
+            .redirect(reqwest::redirect::Policy::none())
+            .use_rustls_tls()
+            .local_address(source.parse::<std::net::IpAddr>().expect("source address"));
+        if let Some(port) = self.tls_port {
+            let pem = fs::read(self.dir.path().join("certs/gatehouse.crt")).expect("certificate");
+            builder = builder
+                .add_root_certificate(
+                    reqwest::Certificate::from_pem(&pem).expect("PEM certificate"),
+                )
+                .resolve("localhost", ([127, 0, 0, 1], port).into());
         }
         builder.build().expect("http client")
     }
@@ -405,6 +430,9 @@ listen = "127.0.0.1:{port}"
 threads = 2
 shutdown_grace_seconds = {grace}
 health_check_interval_ms = 200
+# Load tests must not be throttled; access tests set their own limits.
+default_rate_limit = "none"
+{proxy_extra}
 
 [tls]
 enabled = {tls}
@@ -452,6 +480,7 @@ prefix = "/"
 static_dir = "{statics}/main"
 cache_control = "no-cache"
 "#,
+        proxy_extra = options.proxy_extra,
         tls = tls_port.is_some(),
         tls_port = tls_port.unwrap_or(1),
         statics = statics.display(),
@@ -460,7 +489,7 @@ cache_control = "no-cache"
         users = users.display(),
     );
     let path = dir.join("gatehouse.toml");
-    fs::write(&path, text).expect("write config");
+    fs::write(&path, text + &options.extra).expect("write config");
     path
 }
 

@@ -1,14 +1,17 @@
 //! The proxy's request phases, in the order Pingora runs them:
 //!
-//! 1. `early_request_filter`: take or make the request id; note whether the connection is TLS.
+//! 1. `early_request_filter`: take or make the request id; note TLS and the client address.
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
-//!    404); static routes are answered here from files.
+//!    404); the route's access rules (rate limit -> 429, allow/deny -> 403, basic auth ->
+//!    401); static routes are then answered here from files.
 //! 3. `upstream_peer`: pick a backend socket (round robin, healthy, not failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
 //! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
 //! 6. `response_filter`: request id, HSTS, compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
+
+use std::net::{IpAddr, Ipv4Addr};
 
 use async_trait::async_trait;
 use pingora::{
@@ -21,6 +24,7 @@ use pingora::{
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::{
+    access::{Decision, client_ip, ip_list::IpList},
     drain::InFlight,
     https_redirect::HttpsRedirect,
     request_id,
@@ -45,16 +49,25 @@ pub struct Gateway {
     routes: RouteTable,
     pool: Pool,
     tls: TlsBehaviour,
+    /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed.
+    trusted_proxies: IpList,
     /// Backend responses at least this large are compressed for clients that accept it.
     compress_min_bytes: u64,
 }
 
 impl Gateway {
-    pub fn new(routes: RouteTable, pool: Pool, tls: TlsBehaviour, compress_min_bytes: u64) -> Self {
+    pub fn new(
+        routes: RouteTable,
+        pool: Pool,
+        tls: TlsBehaviour,
+        trusted_proxies: IpList,
+        compress_min_bytes: u64,
+    ) -> Self {
         Self {
             routes,
             pool,
             tls,
+            trusted_proxies,
             compress_min_bytes,
         }
     }
@@ -65,6 +78,91 @@ impl Gateway {
             hsts: self.tls.hsts.as_deref().filter(|_| ctx.tls),
         }
     }
+
+    /// The proxy's own liveness, with how many clients each rate limit tracks.
+    async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
+        let keys: serde_json::Map<String, serde_json::Value> = self
+            .routes
+            .rate_limit_keys()
+            .map(|(name, n)| (name.to_string(), n.into()))
+            .collect();
+        let body = serde_json::json!({"status": "ok", "rate_limit_keys": keys}).to_string();
+        let mut header = ResponseHeader::build(200, Some(4))?;
+        header.insert_header("content-type", "application/json")?;
+        header.insert_header("content-length", body.len().to_string())?;
+        header.insert_header("cache-control", "no-store")?;
+        self.stamp(ctx).apply(&mut header)?;
+        session
+            .write_response_header(Box::new(header), false)
+            .await?;
+        session
+            .write_response_body(Some(bytes::Bytes::from(body)), true)
+            .await
+    }
+
+    /// Answers the request when the route's access rules refuse it; `Ok(true)` if answered.
+    async fn refuse(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        decision: Decision,
+    ) -> Result<bool> {
+        let stamp = self.stamp(ctx);
+        match decision {
+            Decision::Pass { .. } => return Ok(false),
+            Decision::RateLimited { retry_after, limit } => {
+                let (retry, limit) = (retry_after.to_string(), limit.to_string());
+                let headers = [
+                    ("retry-after", retry.as_str()),
+                    ("ratelimit-limit", limit.as_str()),
+                    ("ratelimit-remaining", "0"),
+                    ("ratelimit-reset", retry.as_str()),
+                ];
+                let message = format!("too many requests; try again in {retry_after} s");
+                respond::error_for_client_with(
+                    session,
+                    &stamp,
+                    429,
+                    "rate_limited",
+                    &message,
+                    &headers,
+                )
+                .await?;
+            }
+            Decision::Forbidden => {
+                let message = "your address may not use this site";
+                respond::error_for_client(session, &stamp, 403, "forbidden", message).await?;
+            }
+            Decision::Unauthorized { challenge } => {
+                let headers = [("www-authenticate", challenge.as_str())];
+                let message = "this site needs a user name and password";
+                respond::error_for_client_with(
+                    session,
+                    &stamp,
+                    401,
+                    "unauthorized",
+                    message,
+                    &headers,
+                )
+                .await?;
+            }
+            Decision::TooManyFailures { retry_after } => {
+                let retry = retry_after.to_string();
+                let headers = [("retry-after", retry.as_str())];
+                let message = format!("too many failed sign-ins; try again in {retry_after} s");
+                respond::error_for_client_with(
+                    session,
+                    &stamp,
+                    429,
+                    "too_many_failures",
+                    &message,
+                    &headers,
+                )
+                .await?;
+            }
+        }
+        Ok(true)
+    }
 }
 
 /// Per-request state.
@@ -73,8 +171,12 @@ pub struct RequestCtx {
     request_id: String,
     /// Whether this request came over TLS.
     tls: bool,
+    /// The client, after trusted proxies are accounted for.
+    client: IpAddr,
     /// Index of the matched route in the table.
     route: Option<usize>,
+    /// The basic-auth user, once verified.
+    user: Option<String>,
     /// Backends that failed this request; allocated only when one fails.
     failed: Vec<SocketAddr>,
 }
@@ -88,7 +190,9 @@ impl ProxyHttp for Gateway {
             _in_flight: InFlight::enter(),
             request_id: String::new(),
             tls: false,
+            client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             route: None,
+            user: None,
             failed: Vec::new(),
         }
     }
@@ -98,12 +202,24 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        ctx.request_id = session
-            .req_header()
-            .headers
+        let headers = &session.req_header().headers;
+        ctx.request_id = headers
             .get("x-request-id")
             .and_then(|v| request_id::accept(v.as_bytes()))
             .map_or_else(request_id::generate, str::to_owned);
+        if let Some(peer) = session
+            .client_addr()
+            .and_then(|a| a.as_inet())
+            .map(|a| a.ip())
+        {
+            let headers = &session.req_header().headers;
+            ctx.client = client_ip::client_ip(
+                peer,
+                headers.get("x-forwarded-for").map(|v| v.as_bytes()),
+                headers.get("x-real-ip").map(|v| v.as_bytes()),
+                &self.trusted_proxies,
+            );
+        }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         // Pingora's compression module reads `Accept-Encoding` between this phase and
         // `request_filter`, and only when it is on: on here, decided per route below.
@@ -120,19 +236,7 @@ impl ProxyHttp for Gateway {
 
         // The proxy's own liveness, on every listener, never redirected.
         if raw_path == "/healthz" {
-            let mut header = ResponseHeader::build(200, Some(4))?;
-            header.insert_header("content-type", "application/json")?;
-            header.insert_header("content-length", "15")?;
-            stamp.apply(&mut header)?;
-            session
-                .write_response_header(Box::new(header), false)
-                .await?;
-            session
-                .write_response_body(
-                    Some(bytes::Bytes::from_static(b"{\"status\":\"ok\"}")),
-                    true,
-                )
-                .await?;
+            self.health(session, ctx).await?;
             return Ok(true);
         }
 
@@ -159,7 +263,7 @@ impl ProxyHttp for Gateway {
         }
 
         let decoded = match path::check(raw_path) {
-            Ok(decoded) => decoded,
+            Ok(decoded) => decoded.into_owned(),
             Err(path::Unsafe::Traversal) => {
                 let message = "the path leaves its directory";
                 respond::error_for_client(session, &stamp, 403, "forbidden", message).await?;
@@ -182,31 +286,38 @@ impl ProxyHttp for Gateway {
             respond::redirect(session, &stamp, 301, &location).await?;
             return Ok(true);
         }
-        let Some(index) = self.routes.lookup(&decoded) else {
+        let Some((index, (prefix, served, access))) = self
+            .routes
+            .lookup(&decoded)
+            .and_then(|i| Some((i, self.routes.get(i)?)))
+        else {
             let message = format!("no route for {decoded}");
             respond::json_error(session, &stamp, 404, "not_found", &message).await?;
             return Ok(true);
         };
         ctx.route = Some(index);
-        match self.routes.get(index) {
-            Some((prefix, Served::Static(site))) => {
-                let decoded = decoded.into_owned();
+
+        let authorization = session
+            .req_header()
+            .headers
+            .get("authorization")
+            .map(|v| v.as_bytes());
+        match access.check(ctx.client, authorization).await {
+            Decision::Pass { user } => ctx.user = user,
+            refused => return self.refuse(session, ctx, refused).await,
+        }
+
+        match served {
+            Served::Static(site) => {
                 site.serve(session, &self.stamp(ctx), prefix, &decoded)
                     .await?;
                 Ok(true)
             }
-            Some((_, Served::Backends)) => {
-                // Pingora's compression module reads `Accept-Encoding` only when it is on at
-                // request time; `response_filter` turns it off for small or binary responses.
-                if let Some(compression) = session
-                    .downstream_modules_ctx
-                    .get_mut::<ResponseCompression>()
-                {
-                    compression.adjust_level(COMPRESSION_LEVEL);
-                }
+            Served::Backends => {
+                // `response_filter` turns it off again for small or binary responses.
+                set_compression(session, COMPRESSION_LEVEL);
                 Ok(false)
             }
-            None => Error::e_explain(ErrorType::InternalError, "route index out of range"),
         }
     }
 
@@ -216,7 +327,7 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         match ctx.route.and_then(|i| self.routes.get(i)) {
-            Some((_, Served::Backends)) => self.pool.select(&ctx.failed).ok_or_else(|| {
+            Some((_, Served::Backends, _)) => self.pool.select(&ctx.failed).ok_or_else(|| {
                 Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
             }),
             _ => Error::e_explain(
@@ -274,19 +385,34 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Until trusted proxies are configured, the socket peer is the only client address we
-        // believe, so client-sent forwarding headers are replaced, not extended.
-        if let Some(ip) = session
+        // A trusted proxy's chain is extended with the hop we saw; anyone else's is replaced,
+        // so a backend never sees an address the edge did not vouch for.
+        if let Some(peer) = session
             .client_addr()
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical())
         {
-            let ip = ip.to_string();
-            upstream.insert_header("x-forwarded-for", &ip)?;
-            upstream.insert_header("x-real-ip", ip)?;
+            let chain = match upstream
+                .headers
+                .get("x-forwarded-for")
+                .and_then(|v| v.to_str().ok())
+            {
+                Some(chain) if self.trusted_proxies.contains(peer) => format!("{chain}, {peer}"),
+                _ => peer.to_string(),
+            };
+            upstream.insert_header("x-forwarded-for", chain)?;
+            upstream.insert_header("x-real-ip", ctx.client.to_string())?;
         }
         upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         upstream.insert_header("x-request-id", &ctx.request_id)?;
+        // Basic-auth credentials are the edge's business unless the route says otherwise.
+        let keep = ctx
+            .route
+            .and_then(|i| self.routes.get(i))
+            .is_none_or(|(_, _, a)| a.passes_authorization());
+        if !keep {
+            upstream.remove_header("authorization");
+        }
         Ok(())
     }
 
@@ -308,12 +434,8 @@ impl ProxyHttp for Gateway {
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(compressible);
-        if !(large && text)
-            && let Some(compression) = session
-                .downstream_modules_ctx
-                .get_mut::<ResponseCompression>()
-        {
-            compression.adjust_level(0);
+        if !(large && text) {
+            set_compression(session, 0);
         }
         Ok(())
     }

@@ -2,12 +2,14 @@
 //!
 //! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
 //! - [`routes`]: the route table, path prefix to target.
+//! - [`access`]: rate limits, allow/deny lists and basic auth, per route.
 //! - [`statics`]: static sites: files, compression once per version, conditional requests.
 //! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 
+pub mod access;
 pub mod drain;
 pub mod gateway;
 pub mod https_redirect;
@@ -24,6 +26,7 @@ use pingora::{
     server::{RunArgs, Server, configuration::ServerConf},
 };
 
+pub use access::{AccessSettings, AccessSpec};
 pub use gateway::TlsBehaviour;
 pub use https_redirect::HttpsRedirect;
 pub use routes::{Route, Target};
@@ -47,6 +50,7 @@ pub struct Settings {
     /// `None`: plain HTTP only.
     pub tls: Option<TlsListener>,
     pub tls_behaviour: TlsBehaviour,
+    pub access: AccessSettings,
     /// Upper bound on draining in-flight requests after SIGTERM.
     pub shutdown_grace: Duration,
     /// Where the proxy keeps its pid file and upgrade socket.
@@ -90,9 +94,11 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
 
     let health = upstream::build(&settings.pool)?;
     let pool = upstream::Pool::new(health.task());
-    let routes = routes::RouteTable::new(settings.routes, &settings.statics)?;
+    let routes = routes::RouteTable::new(settings.routes, &settings.statics, &settings.access)?;
     let compress_min = settings.statics.min_compress_bytes;
-    let gateway = gateway::Gateway::new(routes, pool, settings.tls_behaviour, compress_min);
+    let trusted = settings.access.trusted_proxies.clone();
+    let gateway =
+        gateway::Gateway::new(routes, pool, settings.tls_behaviour, trusted, compress_min);
     let mut proxy = pingora_proxy::http_proxy_service(&server.configuration, gateway);
     proxy.add_tcp(&settings.listen);
     if let Some(tls) = &settings.tls {

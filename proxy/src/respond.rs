@@ -29,10 +29,24 @@ pub async fn json_error(
     code: &str,
     message: &str,
 ) -> Result<()> {
+    json_error_with(session, stamp, status, code, message, &[]).await
+}
+
+async fn json_error_with(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    status: u16,
+    code: &str,
+    message: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
     let body =
         serde_json::json!({"error": code, "message": message, "request_id": stamp.request_id});
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
     header.insert_header("content-type", "application/json")?;
+    for (name, value) in extra {
+        header.insert_header(*name, *value)?;
+    }
     send(session, stamp, header, Bytes::from(body.to_string())).await
 }
 
@@ -44,18 +58,32 @@ pub async fn error_for_client(
     code: &str,
     message: &str,
 ) -> Result<()> {
+    error_for_client_with(session, stamp, status, code, message, &[]).await
+}
+
+/// [`error_for_client`] with extra headers (`WWW-Authenticate`, `Retry-After`, ...).
+pub async fn error_for_client_with(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    status: u16,
+    code: &str,
+    message: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<()> {
     let wants_html = session
         .req_header()
         .headers
         .get("accept")
         .is_some_and(|accept| accept.as_bytes().windows(9).any(|w| w == b"text/html"));
     if !wants_html {
-        return json_error(session, stamp, status, code, message).await;
+        return json_error_with(session, stamp, status, code, message, extra).await;
     }
     let title = match status {
+        401 => "401 Unauthorized",
         403 => "403 Forbidden",
         404 => "404 Not Found",
         405 => "405 Method Not Allowed",
+        429 => "429 Too Many Requests",
         _ => "Error",
     };
     let page = format!(
@@ -66,8 +94,11 @@ pub async fn error_for_client(
         html_escape(message),
         html_escape(stamp.request_id)
     );
-    let mut header = ResponseHeader::build(status, Some(4))?;
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
     header.insert_header("content-type", "text/html; charset=utf-8")?;
+    for (name, value) in extra {
+        header.insert_header(*name, *value)?;
+    }
     send(session, stamp, header, Bytes::from(page)).await
 }
 

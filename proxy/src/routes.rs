@@ -3,7 +3,12 @@
 
 use std::path::PathBuf;
 
-use crate::statics::{Site, StaticSettings};
+use std::{collections::HashMap, sync::Arc};
+
+use crate::{
+    access::{Access, AccessSettings, AccessSpec, rate_limit::RateLimit},
+    statics::{Site, StaticSettings},
+};
 
 /// What a route sends requests to, as configured.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -21,6 +26,7 @@ pub enum Target {
 pub struct Route {
     pub prefix: String,
     pub target: Target,
+    pub access: AccessSpec,
 }
 
 /// What serves a route at run time.
@@ -30,17 +36,24 @@ pub enum Served {
 }
 
 pub struct RouteTable {
-    routes: Vec<(String, Served)>,
+    routes: Vec<(String, Served, Access)>,
+    /// Every rate limit policy in use, by name.
+    limits: HashMap<String, Arc<RateLimit>>,
 }
 
 impl RouteTable {
-    pub fn new(mut routes: Vec<Route>, statics: &StaticSettings) -> Result<Self, String> {
+    pub fn new(
+        mut routes: Vec<Route>,
+        statics: &StaticSettings,
+        access: &AccessSettings,
+    ) -> Result<Self, String> {
         // Longest prefix first, so `/api/admin/` wins over `/api/`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         let sites = routes
             .iter()
             .filter(|r| matches!(r.target, Target::Static { .. }))
             .count();
+        let mut limits = HashMap::new();
         let routes = routes
             .into_iter()
             .map(|route| {
@@ -50,27 +63,35 @@ impl RouteTable {
                         Served::Static(Site::new(&dir, cache_control, statics, sites)?)
                     }
                 };
-                Ok((route.prefix, served))
+                let rules = Access::build(route.access, access, &mut limits)?;
+                Ok((route.prefix, served, rules))
             })
             .collect::<Result<_, String>>()?;
-        Ok(Self { routes })
+        Ok(Self { routes, limits })
     }
 
     pub fn lookup(&self, path: &str) -> Option<usize> {
         self.routes
             .iter()
-            .position(|(prefix, _)| path.starts_with(prefix.as_str()))
+            .position(|(prefix, ..)| path.starts_with(prefix.as_str()))
     }
 
-    pub fn get(&self, index: usize) -> Option<(&str, &Served)> {
+    pub fn get(&self, index: usize) -> Option<(&str, &Served, &Access)> {
         self.routes
             .get(index)
-            .map(|(prefix, served)| (prefix.as_str(), served))
+            .map(|(prefix, served, access)| (prefix.as_str(), served, access))
+    }
+
+    /// Clients tracked by each rate limit policy, for `/healthz`.
+    pub fn rate_limit_keys(&self) -> impl Iterator<Item = (&str, usize)> {
+        self.limits
+            .iter()
+            .map(|(name, limit)| (name.as_str(), limit.len()))
     }
 
     /// Whether `path` names a static route without its trailing slash (`/open` for `/open/`).
     pub fn is_static_without_slash(&self, path: &str) -> bool {
-        self.routes.iter().any(|(prefix, served)| {
+        self.routes.iter().any(|(prefix, served, _)| {
             matches!(served, Served::Static(_)) && prefix.strip_suffix('/') == Some(path)
         })
     }
@@ -88,49 +109,65 @@ mod tests {
         }
     }
 
+    fn access() -> AccessSettings {
+        let auth_guard = crate::access::basic_auth::GuardSpec {
+            max_failures: 5,
+            window: std::time::Duration::from_secs(60),
+        };
+        AccessSettings {
+            trusted_proxies: Default::default(),
+            rate_limit_max_keys: 100,
+            auth_guard,
+        }
+    }
+
+    fn route(prefix: &str, target: Target) -> Route {
+        Route {
+            prefix: prefix.into(),
+            target,
+            access: AccessSpec::default(),
+        }
+    }
+
     #[test]
     fn longest_prefix_wins_and_unknown_is_none() {
         let dir = std::env::temp_dir();
         let table = RouteTable::new(
             vec![
-                Route {
-                    prefix: "/".into(),
-                    target: Target::Static {
+                route(
+                    "/",
+                    Target::Static {
                         dir: dir.clone(),
                         cache_control: None,
                     },
-                },
-                Route {
-                    prefix: "/api/".into(),
-                    target: Target::Backends,
-                },
-                Route {
-                    prefix: "/open/".into(),
-                    target: Target::Static {
+                ),
+                route("/api/", Target::Backends),
+                route(
+                    "/open/",
+                    Target::Static {
                         dir,
                         cache_control: None,
                     },
-                },
+                ),
             ],
             &settings(),
+            &access(),
         )
         .unwrap();
         let prefix = |path| {
             table
                 .lookup(path)
                 .and_then(|i| table.get(i))
-                .map(|(p, _)| p)
+                .map(|(p, ..)| p)
         };
         assert_eq!(prefix("/api/ping"), Some("/api/"));
         assert_eq!(prefix("/x"), Some("/"));
         assert!(table.is_static_without_slash("/open"));
         assert!(!table.is_static_without_slash("/api"));
         let only_api = RouteTable::new(
-            vec![Route {
-                prefix: "/api/".into(),
-                target: Target::Backends,
-            }],
+            vec![route("/api/", Target::Backends)],
             &settings(),
+            &access(),
         )
         .unwrap();
         assert!(only_api.lookup("/apix").is_none());

@@ -62,6 +62,7 @@ pub struct Config {
     pub redis: Redis,
     pub tls: Option<Tls>,
     pub statics: gatehouse_proxy::StaticSettings,
+    pub access: gatehouse_proxy::AccessSettings,
     pub runtime_dir: PathBuf,
     pub data_dir: PathBuf,
     pub routes: Vec<gatehouse_proxy::Route>,
@@ -323,10 +324,18 @@ impl Config {
         let mut routes = Vec::with_capacity(raw.routes.len());
         for (i, route) in raw.routes.iter().enumerate() {
             let key = |field: &str| format!("routes[{i}].{field}");
-            if !route.prefix.starts_with('/') || !route.prefix.ends_with('/') {
+            if !route.prefix.starts_with('/') {
                 return Err(at(
                     &key("prefix"),
-                    format!("{:?} must start and end with `/`", route.prefix),
+                    format!("{:?} must start with `/`", route.prefix),
+                ));
+            }
+            // A static route is a directory; a backend route may be one exact endpoint
+            // (`/auth/login`, to give it a stricter rate limit).
+            if route.static_dir.is_some() && !route.prefix.ends_with('/') {
+                return Err(at(
+                    &key("prefix"),
+                    format!("{:?}: a static route must end with `/`", route.prefix),
                 ));
             }
             if routes
@@ -377,11 +386,32 @@ impl Config {
                     ));
                 }
             };
+            let access = route_access(route, i, &raw, base, &at)?;
             routes.push(gatehouse_proxy::Route {
                 prefix: route.prefix.clone(),
                 target,
+                access,
             });
         }
+
+        let p = &raw.proxy;
+        let trusted_proxies = gatehouse_proxy::access::ip_list::IpList::parse(&p.trusted_proxies)
+            .map_err(|(j, m)| at(&format!("proxy.trusted_proxies[{j}]"), m))?;
+        positive(p.rate_limit_max_keys, "proxy.rate_limit_max_keys", &at)?;
+        positive(p.auth_max_failures, "proxy.auth_max_failures", &at)?;
+        positive(
+            p.auth_failure_window_seconds,
+            "proxy.auth_failure_window_seconds",
+            &at,
+        )?;
+        let access = gatehouse_proxy::AccessSettings {
+            trusted_proxies,
+            rate_limit_max_keys: p.rate_limit_max_keys,
+            auth_guard: gatehouse_proxy::access::basic_auth::GuardSpec {
+                max_failures: p.auth_max_failures,
+                window: Duration::from_secs(p.auth_failure_window_seconds),
+            },
+        };
 
         let config = Config {
             file: file.to_path_buf(),
@@ -390,6 +420,7 @@ impl Config {
             redis,
             tls,
             statics,
+            access,
             runtime_dir,
             data_dir,
             routes,
@@ -450,6 +481,7 @@ impl Config {
                 }),
                 hsts: self.tls.as_ref().and_then(|t| t.hsts.clone()),
             },
+            access: self.access.clone(),
             shutdown_grace: self.proxy.shutdown_grace,
             runtime_dir: self.runtime_dir.clone(),
         }
@@ -490,6 +522,102 @@ fn check_secret(
     Ok(bytes)
 }
 
+/// A route's access rules: its rate limit (its own, the default, or `"none"`), its allow and
+/// deny lists, and its htpasswd users.
+fn route_access(
+    route: &RawRoute,
+    i: usize,
+    raw: &RawConfig,
+    base: &Path,
+    at: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<gatehouse_proxy::AccessSpec, ConfigError> {
+    use gatehouse_proxy::access::{
+        AuthSpec, basic_auth::Htpasswd, ip_list::IpList, rate_limit::RateSpec,
+    };
+    let key = |field: &str| format!("routes[{i}].{field}");
+    let (name, name_key) = match &route.rate_limit {
+        Some(name) => (name.as_str(), key("rate_limit")),
+        None => (
+            raw.proxy.default_rate_limit.as_str(),
+            "proxy.default_rate_limit".to_string(),
+        ),
+    };
+    let rate_limit = match name {
+        "" | "none" => None,
+        name => {
+            let rate = raw.rate_limits.get(name).ok_or_else(|| {
+                let known: Vec<&str> = raw.rate_limits.keys().map(String::as_str).collect();
+                at(
+                    &name_key,
+                    format!(
+                        "no [rate_limits.{name}] policy (defined: {})",
+                        known.join(", ")
+                    ),
+                )
+            })?;
+            let policy_key = format!("rate_limits.{name}");
+            if !(rate.per_second > 0.0 && rate.per_second <= 1_000_000.0) {
+                return Err(at(
+                    &format!("{policy_key}.per_second"),
+                    "must be above 0 and at most 1000000".into(),
+                ));
+            }
+            positive(rate.burst, &format!("{policy_key}.burst"), at)?;
+            Some(RateSpec {
+                name: name.to_string(),
+                per_second: rate.per_second,
+                burst: rate.burst,
+            })
+        }
+    };
+    let allow =
+        IpList::parse(&route.allow).map_err(|(j, m)| at(&format!("{}[{j}]", key("allow")), m))?;
+    let deny =
+        IpList::parse(&route.deny).map_err(|(j, m)| at(&format!("{}[{j}]", key("deny")), m))?;
+    let auth = match &route.htpasswd {
+        None => {
+            if route.realm.is_some() {
+                return Err(at(&key("realm"), "a realm needs an htpasswd file".into()));
+            }
+            None
+        }
+        Some(file) => {
+            let path = base.join(file);
+            let text = std::fs::read_to_string(&path).map_err(|e| {
+                at(
+                    &key("htpasswd"),
+                    format!("cannot read {}: {e}", path.display()),
+                )
+            })?;
+            let users = Htpasswd::parse(&text).map_err(|(line, message)| ConfigError {
+                origin: path.display().to_string(),
+                line: Some(line),
+                key: None,
+                message,
+            })?;
+            if users.is_empty() {
+                return Err(at(
+                    &key("htpasswd"),
+                    format!("{} has no users", path.display()),
+                ));
+            }
+            let realm = route.realm.clone().unwrap_or_else(|| "gatehouse".into());
+            header_value_ok(&realm).map_err(|m| at(&key("realm"), m))?;
+            Some(AuthSpec {
+                users: std::sync::Arc::new(users),
+                realm,
+                pass_authorization: route.pass_authorization,
+            })
+        }
+    };
+    Ok(gatehouse_proxy::AccessSpec {
+        rate_limit,
+        allow,
+        deny,
+        auth,
+    })
+}
+
 fn header_value_ok(value: &str) -> Result<(), String> {
     if value
         .bytes()
@@ -523,6 +651,8 @@ struct RawConfig {
     backend: RawBackend,
     redis: RawRedis,
     paths: RawPaths,
+    #[serde(default = "default_rate_limits")]
+    rate_limits: std::collections::BTreeMap<String, RawRate>,
     routes: Vec<RawRoute>,
 }
 
@@ -579,6 +709,11 @@ struct RawProxy {
     upstream_connect_timeout_ms: u64,
     upstream_read_timeout_seconds: u64,
     health_check_interval_ms: u64,
+    trusted_proxies: Vec<String>,
+    default_rate_limit: String,
+    rate_limit_max_keys: usize,
+    auth_max_failures: u32,
+    auth_failure_window_seconds: u64,
 }
 
 impl Default for RawProxy {
@@ -590,8 +725,32 @@ impl Default for RawProxy {
             upstream_connect_timeout_ms: 1000,
             upstream_read_timeout_seconds: 30,
             health_check_interval_ms: 1000,
+            trusted_proxies: Vec::new(),
+            default_rate_limit: "default".into(),
+            rate_limit_max_keys: 100_000,
+            auth_max_failures: 10,
+            auth_failure_window_seconds: 60,
         }
     }
+}
+
+#[derive(Deserialize, Clone)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: f64,
+    burst: u32,
+}
+
+fn default_rate_limits() -> std::collections::BTreeMap<String, RawRate> {
+    // nginx-like defaults: 20 requests a second per client, bursts of 40.
+    [(
+        "default".to_string(),
+        RawRate {
+            per_second: 20.0,
+            burst: 40,
+        },
+    )]
+    .into()
 }
 
 #[derive(Deserialize)]
@@ -657,6 +816,15 @@ struct RawRoute {
     upstream: Option<String>,
     static_dir: Option<PathBuf>,
     cache_control: Option<String>,
+    rate_limit: Option<String>,
+    #[serde(default)]
+    allow: Vec<String>,
+    #[serde(default)]
+    deny: Vec<String>,
+    htpasswd: Option<PathBuf>,
+    realm: Option<String>,
+    #[serde(default)]
+    pass_authorization: bool,
 }
 
 #[cfg(test)]

@@ -30,8 +30,8 @@ pub fn check(raw: &str) -> Result<std::borrow::Cow<'_, str>, Unsafe> {
     Ok(decoded)
 }
 
-/// The file path below a route's directory for a decoded request path: `None` when a segment
-/// is a dotfile or empty (a doubled slash).
+/// The file path below a route's directory for a decoded request path; `None` when a segment
+/// is a dotfile. Leading empty segments are dropped, so `//etc/passwd` stays below the root.
 pub fn relative(decoded: &str, prefix: &str) -> Option<String> {
     let rest = decoded.strip_prefix(prefix)?;
     let mut relative = String::with_capacity(rest.len() + 10);

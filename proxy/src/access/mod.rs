@@ -1,0 +1,124 @@
+//! Edge access control, checked on each route in a fixed order, cheapest first:
+//! rate limit, then allow/deny lists, then basic auth.
+//!
+//! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
+//! - [`ip_list`]: CIDR lists.
+//! - [`rate_limit`]: per-client token buckets.
+//! - [`basic_auth`]: htpasswd users, the verification cache, the brute-force guard.
+
+pub mod basic_auth;
+pub mod client_ip;
+pub mod ip_list;
+pub mod rate_limit;
+
+use std::{collections::HashMap, net::IpAddr, sync::Arc};
+
+use basic_auth::{BasicAuth, GuardSpec, Htpasswd};
+use ip_list::IpList;
+use rate_limit::{RateLimit, RateSpec, Verdict};
+
+/// A route's access rules, as configured (validated, not yet running).
+#[derive(Debug, Clone, Default)]
+pub struct AccessSpec {
+    pub rate_limit: Option<RateSpec>,
+    pub allow: IpList,
+    pub deny: IpList,
+    pub auth: Option<AuthSpec>,
+}
+
+#[derive(Debug, Clone)]
+pub struct AuthSpec {
+    pub users: Arc<Htpasswd>,
+    pub realm: String,
+    /// Pass the client's `Authorization` header on to the backend.
+    pub pass_authorization: bool,
+}
+
+/// Settings shared by every route's access rules.
+#[derive(Debug, Clone)]
+pub struct AccessSettings {
+    pub trusted_proxies: IpList,
+    pub rate_limit_max_keys: usize,
+    pub auth_guard: GuardSpec,
+}
+
+/// A route's access rules, running.
+pub struct Access {
+    rate_limit: Option<Arc<RateLimit>>,
+    allow: IpList,
+    deny: IpList,
+    auth: Option<BasicAuth>,
+    pass_authorization: bool,
+}
+
+/// What the checks decided.
+pub enum Decision {
+    Pass { user: Option<String> },
+    RateLimited { retry_after: u64, limit: u32 },
+    Forbidden,
+    Unauthorized { challenge: String },
+    TooManyFailures { retry_after: u64 },
+}
+
+impl Access {
+    /// Routes naming the same policy share its buckets (like an nginx `limit_req_zone`).
+    pub fn build(
+        spec: AccessSpec,
+        settings: &AccessSettings,
+        limits: &mut HashMap<String, Arc<RateLimit>>,
+    ) -> Result<Self, String> {
+        let rate_limit = match spec.rate_limit {
+            None => None,
+            Some(rate) => Some(match limits.get(&rate.name) {
+                Some(existing) => existing.clone(),
+                None => {
+                    let limit =
+                        Arc::new(RateLimit::new(rate.clone(), settings.rate_limit_max_keys)?);
+                    limits.insert(rate.name, limit.clone());
+                    limit
+                }
+            }),
+        };
+        let pass_authorization = spec.auth.as_ref().is_none_or(|a| a.pass_authorization);
+        Ok(Self {
+            rate_limit,
+            allow: spec.allow,
+            deny: spec.deny,
+            auth: spec
+                .auth
+                .map(|a| BasicAuth::new(a.users, &a.realm, settings.auth_guard)),
+            pass_authorization,
+        })
+    }
+
+    /// Whether the backend may see the client's `Authorization` header.
+    pub fn passes_authorization(&self) -> bool {
+        self.pass_authorization
+    }
+
+    pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Decision {
+        if let Some(limit) = &self.rate_limit
+            && let Verdict::Limited { retry_after } = limit.check(client)
+        {
+            return Decision::RateLimited {
+                retry_after,
+                limit: limit.spec().burst,
+            };
+        }
+        if self.deny.contains(client) || (!self.allow.is_empty() && !self.allow.contains(client)) {
+            return Decision::Forbidden;
+        }
+        let Some(auth) = &self.auth else {
+            return Decision::Pass { user: None };
+        };
+        match auth.check(client, authorization).await {
+            basic_auth::Outcome::Allowed { user } => Decision::Pass { user: Some(user) },
+            basic_auth::Outcome::Challenge => Decision::Unauthorized {
+                challenge: auth.challenge().to_string(),
+            },
+            basic_auth::Outcome::Blocked { retry_after } => {
+                Decision::TooManyFailures { retry_after }
+            }
+        }
+    }
+}

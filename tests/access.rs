@@ -1,0 +1,368 @@
+//! Edge access control for real: distinct loopback source addresses, htpasswd files made by
+//! the real `htpasswd` tool, forged forwarding headers, bursts and floods.
+
+use std::{fs, process::Command, thread, time::Duration};
+
+use base64::{Engine, engine::general_purpose::STANDARD};
+use serde_json::Value;
+
+use crate::util::{Group, Options};
+
+/// A group whose `/files/` directory is served again under guarded prefixes.
+fn group(proxy_extra: &str, extra: &str) -> Group {
+    Group::start(Options {
+        backends: 1,
+        proxy_extra: proxy_extra.into(),
+        extra: extra.into(),
+        ..Options::default()
+    })
+}
+
+fn status(client: &reqwest::blocking::Client, url: &str, headers: &[(&str, &str)]) -> u16 {
+    let mut request = client.get(url);
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    request.send().unwrap().status().as_u16()
+}
+
+#[test]
+fn allowlists_denylists_and_forged_forwarding_headers() {
+    let group = group(
+        r#"trusted_proxies = ["127.0.0.3"]"#,
+        r#"
+[[routes]]
+prefix = "/guarded/"
+static_dir = "files"
+allow = ["127.0.0.1/32", "127.0.1.0/24", "2001:db8::/64", "::ffff:10.9.9.9"]
+deny = ["127.0.1.7"]
+"#,
+    );
+    fs::write(group.dir.path().join("files/page.txt"), "members only").unwrap();
+    let url = group.url("/guarded/page.txt");
+
+    // Socket peers: /32 and /24 edges, and deny winning over allow.
+    for (source, expected) in [
+        ("127.0.0.1", 200),
+        ("127.0.0.2", 403),
+        ("127.0.1.0", 200),
+        ("127.0.1.255", 200),
+        ("127.0.1.7", 403),
+        ("127.0.2.1", 403),
+    ] {
+        assert_eq!(
+            status(&group.client_from(source), &url, &[]),
+            expected,
+            "from {source}"
+        );
+    }
+    // Denied: JSON for programs, HTML for browsers.
+    let denied = group.client_from("127.0.0.2").get(&url).send().unwrap();
+    assert_eq!(denied.json::<Value>().unwrap()["error"], "forbidden");
+    let denied = group
+        .client_from("127.0.0.2")
+        .get(&url)
+        .header("accept", "text/html")
+        .send()
+        .unwrap();
+    assert!(
+        denied.headers()["content-type"]
+            .to_str()
+            .unwrap()
+            .starts_with("text/html")
+    );
+
+    // A forged X-Forwarded-For / X-Real-IP from an untrusted peer changes nothing.
+    let untrusted = group.client_from("127.0.0.2");
+    for (name, value) in [
+        ("x-forwarded-for", "127.0.0.1"),
+        ("x-real-ip", "127.0.0.1"),
+        ("x-forwarded-for", "10.9.9.9"),
+    ] {
+        assert_eq!(
+            status(&untrusted, &url, &[(name, value)]),
+            403,
+            "{name}: {value}"
+        );
+    }
+    // From the trusted proxy, the rightmost untrusted hop is the client: IPv6, mapped IPv4.
+    let proxy = group.client_from("127.0.0.3");
+    for (chain, expected) in [
+        ("10.9.9.9", 200),
+        ("::ffff:10.9.9.9", 200),
+        ("2001:db8::42", 200),
+        ("2001:db8:0:1::42", 403),
+        ("198.51.100.1", 403),
+        ("10.9.9.9, 198.51.100.1", 403),
+        ("198.51.100.1, 10.9.9.9", 200),
+        ("10.9.9.9, 127.0.0.3", 200),
+        ("garbage", 403),
+    ] {
+        assert_eq!(
+            status(&proxy, &url, &[("x-forwarded-for", chain)]),
+            expected,
+            "XFF {chain}"
+        );
+    }
+    assert_eq!(status(&proxy, &url, &[("x-real-ip", "10.9.9.9")]), 200);
+    assert_eq!(
+        status(&proxy, &url, &[]),
+        403,
+        "the proxy itself is not allowed"
+    );
+}
+
+/// An htpasswd file with one user per format, made by the real tool.
+fn htpasswd_file(path: &std::path::Path) -> Vec<(String, String)> {
+    let mut lines = vec!["# made by htpasswd\r".to_string()];
+    let mut users = Vec::new();
+    for (flag, user) in [
+        ("-B", "bcrypt"),
+        ("-m", "apr1"),
+        ("-s", "sha1"),
+        ("-2", "sha256"),
+        ("-5", "sha512"),
+    ] {
+        let password = format!("{user}-pass:word");
+        let output = Command::new("htpasswd")
+            .args(["-nb", flag, user, &password])
+            .output()
+            .expect("htpasswd (apache2-utils) must be installed for the tests");
+        assert!(output.status.success(), "htpasswd {flag}");
+        let line = String::from_utf8(output.stdout).unwrap().trim().to_string();
+        lines.push(format!("{line}\r"));
+        users.push((user.to_string(), password));
+    }
+    // The same bcrypt under the other prefixes crypt libraries write.
+    let bcrypt = lines[1].split_once(':').unwrap().1.trim_end().to_string();
+    for prefix in ["$2b$", "$2a$"] {
+        let user = format!("bcrypt{}", &prefix[2..3]);
+        lines.push(format!("{user}:{}{}\r", prefix, &bcrypt[4..]));
+        users.push((user, "bcrypt-pass:word".to_string()));
+    }
+    fs::write(path, lines.join("\n")).unwrap();
+    users
+}
+
+fn basic(user: &str, password: &str) -> String {
+    format!("Basic {}", STANDARD.encode(format!("{user}:{password}")))
+}
+
+#[test]
+fn basic_auth_with_every_hash_format_and_malformed_headers() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd_file(&dir.path().join("htpasswd"));
+    let extra = format!(
+        r#"
+[[routes]]
+prefix = "/secret/"
+static_dir = "files"
+htpasswd = "{}"
+realm = "test realm"
+
+[[routes]]
+prefix = "/api/count"
+upstream = "backends"
+htpasswd = "{0}"
+"#,
+        dir.path().join("htpasswd").display()
+    );
+    let group = group("auth_max_failures = 1000", &extra);
+    fs::write(group.dir.path().join("files/s.txt"), "secret").unwrap();
+    let url = group.url("/secret/s.txt");
+    let client = &group.client;
+
+    for (user, password) in &users {
+        assert_eq!(
+            status(client, &url, &[("authorization", &basic(user, password))]),
+            200,
+            "{user} right"
+        );
+        assert_eq!(
+            status(client, &url, &[("authorization", &basic(user, "wrong"))]),
+            401,
+            "{user} wrong"
+        );
+        // Again: now answered from the verification cache.
+        assert_eq!(
+            status(client, &url, &[("authorization", &basic(user, password))]),
+            200,
+            "{user} cached"
+        );
+    }
+    assert_eq!(
+        status(client, &url, &[("authorization", &basic("nobody", "x"))]),
+        401
+    );
+
+    let response = client.get(&url).send().unwrap();
+    assert_eq!(response.status(), 401);
+    assert_eq!(
+        response.headers()["www-authenticate"],
+        "Basic realm=\"test realm\", charset=\"UTF-8\""
+    );
+    let no_colon = format!("Basic {}", STANDARD.encode("bcrypt"));
+    for bad in [
+        "Basic",
+        "Basic ",
+        "Basic !!!notbase64",
+        &no_colon,
+        "Bearer abc",
+        "",
+        "basic",
+    ] {
+        let response = client
+            .get(&url)
+            .header("authorization", bad)
+            .send()
+            .unwrap();
+        assert_eq!(response.status(), 401, "{bad:?}");
+        assert!(
+            response.headers().contains_key("www-authenticate"),
+            "{bad:?}"
+        );
+    }
+
+    // The backend never sees the edge's credentials: its answer is "no bearer token at all".
+    let (user, password) = &users[0];
+    let response = client
+        .get(group.url("/api/count"))
+        .header("authorization", basic(user, password))
+        .send()
+        .unwrap();
+    assert_eq!(response.status(), 401);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["error"], "invalid_token");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("header is required"),
+        "{body}"
+    );
+}
+
+#[test]
+fn repeated_failures_are_refused_and_a_success_resets_the_count() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd_file(&dir.path().join("htpasswd"));
+    let (user, password) = users.iter().find(|(u, _)| u == "sha1").unwrap();
+    let extra = format!(
+        "\n[[routes]]\nprefix = \"/secret/\"\nstatic_dir = \"files\"\nhtpasswd = \"{}\"\n",
+        dir.path().join("htpasswd").display()
+    );
+    let group = group(
+        "auth_max_failures = 3\nauth_failure_window_seconds = 2",
+        &extra,
+    );
+    let url = group.url("/secret/");
+    let right = basic(user, password);
+    let wrong = basic(user, "guess");
+
+    // A success in between resets the count.
+    let client = group.client_from("127.0.0.5");
+    for _ in 0..2 {
+        assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
+    }
+    assert_ne!(status(&client, &url, &[("authorization", &right)]), 429);
+    for _ in 0..2 {
+        assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
+    }
+    let blocked = client
+        .get(&url)
+        .header("authorization", &wrong)
+        .send()
+        .unwrap();
+    assert_eq!(
+        blocked.status(),
+        429,
+        "the third failure in a row is refused"
+    );
+    let retry_after: u64 = blocked.headers()["retry-after"]
+        .to_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    // Even the right password waits: no hash is computed while blocked.
+    assert_eq!(status(&client, &url, &[("authorization", &right)]), 429);
+    // Other clients are not affected.
+    assert_ne!(
+        status(
+            &group.client_from("127.0.0.6"),
+            &url,
+            &[("authorization", &right)]
+        ),
+        429
+    );
+    thread::sleep(Duration::from_secs(retry_after) + Duration::from_millis(200));
+    assert_ne!(
+        status(&client, &url, &[("authorization", &right)]),
+        429,
+        "after Retry-After"
+    );
+}
+
+#[test]
+fn rate_limits_burst_then_429_then_recover_and_stay_bounded() {
+    let group = group(
+        "trusted_proxies = [\"127.0.0.3\"]\nrate_limit_max_keys = 200",
+        r#"
+[rate_limits.tight]
+per_second = 2
+burst = 3
+
+[[routes]]
+prefix = "/limited/"
+static_dir = "files"
+rate_limit = "tight"
+"#,
+    );
+    fs::write(group.dir.path().join("files/x.txt"), "x").unwrap();
+    let url = group.url("/limited/x.txt");
+    let client = group.client_from("127.0.0.7");
+    for i in 0..3 {
+        assert_eq!(
+            status(&client, &url, &[]),
+            200,
+            "request {i} is within the burst"
+        );
+    }
+    let limited = client.get(&url).send().unwrap();
+    assert_eq!(limited.status(), 429);
+    let headers = limited.headers().clone();
+    assert_eq!(headers["retry-after"], "1");
+    assert_eq!(headers["ratelimit-limit"], "3");
+    assert_eq!(headers["ratelimit-remaining"], "0");
+    assert_eq!(headers["ratelimit-reset"], "1");
+    assert_eq!(limited.json::<Value>().unwrap()["error"], "rate_limited");
+    // Forged forwarding headers from an untrusted peer do not open a new bucket.
+    for i in 0..5 {
+        let forged = format!("198.51.100.{i}");
+        assert_eq!(status(&client, &url, &[("x-forwarded-for", &forged)]), 429);
+    }
+    // Another client has its own bucket; this one recovers after the advertised wait.
+    assert_eq!(status(&group.client_from("127.0.0.8"), &url, &[]), 200);
+    thread::sleep(Duration::from_millis(1100));
+    assert_eq!(
+        status(&client, &url, &[]),
+        200,
+        "recovered after Retry-After"
+    );
+
+    // A flood of distinct client addresses (through the trusted proxy) stays bounded.
+    let proxy = group.client_from("127.0.0.3");
+    for i in 0..5000u32 {
+        let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        let _ = status(&proxy, &url, &[("x-forwarded-for", &ip)]);
+    }
+    let health: Value = group
+        .client
+        .get(group.url("/healthz"))
+        .send()
+        .unwrap()
+        .json()
+        .unwrap();
+    let tracked = health["rate_limit_keys"]["tight"].as_u64().unwrap();
+    assert!(tracked <= 200 + 1024, "5000 clients, {tracked} tracked");
+}
