@@ -1,14 +1,19 @@
 #!/usr/bin/env bash
 # Makes sure the system packages gatehouse needs are present: cmake (to build Pingora's
-# zlib-ng), redis-server (the managed Redis, and the tests' Redis). Installs them with
+# zlib-ng), redis-server (the managed Redis, and the tests' Redis), and with --tests what the
+# tests use besides (openssl, apache2-utils). Installs them with
 # apt-get when it can; otherwise prints the exact command and fails.
 set -euo pipefail
 
 missing=()
 command -v cmake >/dev/null 2>&1 || missing+=(cmake)
 command -v redis-server >/dev/null 2>&1 || missing+=(redis-server)
-# The TLS tests talk to the server with `openssl s_client`.
-command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+if [ "${1:-}" = "--tests" ]; then
+    # The TLS tests talk to the server with `openssl s_client`; the access tests make
+    # htpasswd files with the real `htpasswd` tool.
+    command -v openssl >/dev/null 2>&1 || missing+=(openssl)
+    command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
+fi
 command -v cc >/dev/null 2>&1 || missing+=(build-essential)
 [ ${#missing[@]} -eq 0 ] && exit 0
 

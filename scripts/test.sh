@@ -3,5 +3,5 @@
 # redis-server and real sockets.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-scripts/ensure-deps.sh
+scripts/ensure-deps.sh --tests
 cargo test --workspace --locked "$@"
