@@ -366,3 +366,42 @@ rate_limit = "tight"
     let tracked = health["rate_limit_keys"]["tight"].as_u64().unwrap();
     assert!(tracked <= 200 + 1024, "5000 clients, {tracked} tracked");
 }
+
+#[test]
+fn checks_run_in_order_rate_limit_then_allowlist_then_basic_auth() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd_file(&dir.path().join("htpasswd"));
+    let (user, password) = users.iter().find(|(u, _)| u == "apr1").unwrap();
+    let extra = format!(
+        r#"
+[rate_limits.tight]
+per_second = 0.5
+burst = 3
+
+[[routes]]
+prefix = "/ordered/"
+static_dir = "files"
+rate_limit = "tight"
+allow = ["127.0.0.1"]
+htpasswd = "{}"
+"#,
+        dir.path().join("htpasswd").display()
+    );
+    let group = group("", &extra);
+    let url = group.url("/ordered/");
+    let outsider = group.client_from("127.0.0.9");
+    let good = basic(user, password);
+    // Not on the list: 403 before any credential is looked at, right ones included...
+    assert_eq!(status(&outsider, &url, &[]), 403);
+    assert_eq!(status(&outsider, &url, &[("authorization", &good)]), 403);
+    assert_eq!(
+        status(&outsider, &url, &[("authorization", &basic(user, "x"))]),
+        403
+    );
+    // ...and the rate limit comes first of all.
+    assert_eq!(status(&outsider, &url, &[]), 429);
+    // On the list: credentials decide.
+    let insider = group.client_from("127.0.0.1");
+    assert_eq!(status(&insider, &url, &[]), 401);
+    assert_ne!(status(&insider, &url, &[("authorization", &good)]), 401);
+}
