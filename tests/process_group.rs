@@ -13,7 +13,7 @@ use std::{
 
 use serde_json::Value;
 
-use crate::util::{Group, Options, alive, children, signal, unix_get, wait_until};
+use crate::util::{Group, Options, alive, signal, unix_get, wait_until};
 
 #[test]
 fn killed_backend_is_restarted_while_requests_keep_succeeding() {
@@ -90,10 +90,7 @@ fn sigterm_lets_an_in_flight_request_finish_then_everything_exits() {
         backends: 2,
         ..Options::default()
     });
-    let members: Vec<u32> = children(group.pid())
-        .into_iter()
-        .map(|(pid, _)| pid)
-        .collect();
+    let members = group.members();
     assert_eq!(
         members.len(),
         4,
@@ -150,10 +147,7 @@ fn killing_the_supervisor_leaves_no_orphans() {
         backends: 2,
         ..Options::default()
     });
-    let members: Vec<u32> = children(group.pid())
-        .into_iter()
-        .map(|(pid, _)| pid)
-        .collect();
+    let members = group.members();
     assert_eq!(members.len(), 4, "{members:?}");
     signal(group.pid(), libc::SIGKILL);
     group.wait_exit(Duration::from_secs(5));
@@ -172,10 +166,7 @@ fn sigint_stops_the_group_quickly() {
         shutdown_grace_seconds: 30,
         ..Options::default()
     });
-    let members: Vec<u32> = children(group.pid())
-        .into_iter()
-        .map(|(pid, _)| pid)
-        .collect();
+    let members = group.members();
     signal(group.pid(), libc::SIGINT);
     let started = std::time::Instant::now();
     let status = group.wait_exit(Duration::from_secs(10));

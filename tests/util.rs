@@ -358,6 +358,14 @@ impl Group {
         self.child.id()
     }
 
+    /// The pids of the group's children: Redis, the backends, the proxy.
+    pub fn members(&self) -> Vec<u32> {
+        children(self.pid())
+            .into_iter()
+            .map(|(pid, _)| pid)
+            .collect()
+    }
+
     /// The pid of the child whose command line contains `needle` (e.g. `--id b2`).
     pub fn child_pid(&self, needle: &str) -> Option<u32> {
         children(self.pid())

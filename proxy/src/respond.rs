@@ -42,11 +42,7 @@ async fn json_error_with(
 ) -> Result<()> {
     let body =
         serde_json::json!({"error": code, "message": message, "request_id": stamp.request_id});
-    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    header.insert_header("content-type", "application/json")?;
-    for (name, value) in extra {
-        header.insert_header(*name, *value)?;
-    }
+    let header = header_with(status, "application/json", extra)?;
     send(session, stamp, header, Bytes::from(body.to_string())).await
 }
 
@@ -94,11 +90,7 @@ pub async fn error_for_client_with(
         html_escape(message),
         html_escape(stamp.request_id)
     );
-    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
-    header.insert_header("content-type", "text/html; charset=utf-8")?;
-    for (name, value) in extra {
-        header.insert_header(*name, *value)?;
-    }
+    let header = header_with(status, "text/html; charset=utf-8", extra)?;
     send(session, stamp, header, Bytes::from(page)).await
 }
 
@@ -113,22 +105,47 @@ pub async fn redirect(
     send(session, stamp, header, Bytes::new()).await
 }
 
-async fn send(
+fn header_with(
+    status: u16,
+    content_type: &str,
+    extra: &[(&'static str, &str)],
+) -> Result<ResponseHeader> {
+    let mut header = ResponseHeader::build(status, Some(4 + extra.len()))?;
+    header.insert_header("content-type", content_type)?;
+    for (name, value) in extra {
+        header.insert_header(*name, *value)?;
+    }
+    Ok(header)
+}
+
+/// Writes a whole response from memory.
+pub async fn send(
     session: &mut Session,
     stamp: &Stamp<'_>,
-    mut header: ResponseHeader,
+    header: ResponseHeader,
     body: Bytes,
 ) -> Result<()> {
-    header.insert_header("content-length", body.len().to_string())?;
-    stamp.apply(&mut header)?;
-    let head_only = body.is_empty() || session.req_header().method == http::Method::HEAD;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if !head_only {
+    if send_head(session, stamp, header, body.len() as u64).await? {
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
+}
+
+/// Writes the header of a `len`-byte response with the stamp; returns whether a body should
+/// follow (not for HEAD, not when empty).
+pub async fn send_head(
+    session: &mut Session,
+    stamp: &Stamp<'_>,
+    mut header: ResponseHeader,
+    len: u64,
+) -> Result<bool> {
+    header.insert_header("content-length", len.to_string())?;
+    stamp.apply(&mut header)?;
+    let head_only = len == 0 || session.req_header().method == http::Method::HEAD;
+    session
+        .write_response_header(Box::new(header), head_only)
+        .await?;
+    Ok(!head_only)
 }
 
 fn html_escape(text: &str) -> String {

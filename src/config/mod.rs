@@ -162,17 +162,8 @@ impl Config {
 
         let proxy = {
             let p = &raw.proxy;
-            let listen = match env(ENV_LISTEN) {
-                Some(v) => v
-                    .parse()
-                    .map_err(|e| from_env(ENV_LISTEN, format!("{v:?}: {e}")))?,
-                None => p.listen.parse().map_err(|e| {
-                    at(
-                        "proxy.listen",
-                        format!("{:?} is not an address like 0.0.0.0:8080: {e}", p.listen),
-                    )
-                })?,
-            };
+            let listen =
+                listen_address(env(ENV_LISTEN), ENV_LISTEN, &p.listen, "proxy.listen", &at)?;
             let threads = match p.threads {
                 0 => std::thread::available_parallelism().map_or(1, |n| n.get()),
                 n if n > 256 => {
@@ -268,17 +259,13 @@ impl Config {
         let tls = match &raw.tls {
             t if !t.enabled => None,
             t => {
-                let listen = match env(ENV_TLS_LISTEN) {
-                    Some(v) => v
-                        .parse()
-                        .map_err(|e| from_env(ENV_TLS_LISTEN, format!("{v:?}: {e}")))?,
-                    None => t.listen.parse().map_err(|e| {
-                        at(
-                            "tls.listen",
-                            format!("{:?} is not an address like 0.0.0.0:8443: {e}", t.listen),
-                        )
-                    })?,
-                };
+                let listen = listen_address(
+                    env(ENV_TLS_LISTEN),
+                    ENV_TLS_LISTEN,
+                    &t.listen,
+                    "tls.listen",
+                    &at,
+                )?;
                 for (i, name) in t.server_names.iter().enumerate() {
                     if !gatehouse_proxy::https_redirect::is_dns_name(name) {
                         return Err(at(
@@ -486,6 +473,32 @@ impl Config {
             runtime_dir: self.runtime_dir.clone(),
         }
     }
+}
+
+/// A listen address from its environment override, or else from the file.
+fn listen_address(
+    from_env: Option<String>,
+    env_name: &str,
+    in_file: &str,
+    key: &str,
+    at: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<SocketAddr, ConfigError> {
+    let (value, origin) = match &from_env {
+        Some(value) => (value.as_str(), None),
+        None => (in_file, Some(key)),
+    };
+    value.parse().map_err(|e| {
+        let message = format!("{value:?} is not an address like 0.0.0.0:8080: {e}");
+        match origin {
+            Some(key) => at(key, message),
+            None => ConfigError {
+                origin: format!("environment variable {env_name}"),
+                line: None,
+                key: None,
+                message,
+            },
+        }
+    })
 }
 
 fn positive<N: PartialEq + Default + fmt::Display>(

@@ -250,16 +250,10 @@ impl Body {
 async fn send(
     session: &mut Session,
     stamp: &Stamp<'_>,
-    mut header: ResponseHeader,
+    header: ResponseHeader,
     body: Body,
 ) -> Result<()> {
-    header.insert_header("content-length", body.len().to_string())?;
-    stamp.apply(&mut header)?;
-    let head_only = session.req_header().method == Method::HEAD || body.len() == 0;
-    session
-        .write_response_header(Box::new(header), head_only)
-        .await?;
-    if head_only {
+    if !respond::send_head(session, stamp, header, body.len()).await? {
         return Ok(());
     }
     match body {
