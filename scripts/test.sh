@@ -4,4 +4,5 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/ensure-deps.sh --tests
-cargo test --workspace --locked "$@"
+# Unit and end-to-end tests (the project has no doc tests).
+cargo test --workspace --all-targets --locked "$@"

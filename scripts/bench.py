@@ -1,0 +1,346 @@
+#!/usr/bin/env python3
+"""Benchmark gatehouse against nginx doing the same work, side by side, with oha.
+
+One run builds a release, starts `gatehouse run` and an nginx configured to do the same work
+(the same static files with gzip_static, the same backend processes over the same Unix sockets
+with keepalive, the same basic auth), then drives oha with identical settings against both,
+alternating, and prints a markdown table: rps, p50, p99, CPU microseconds per request of the
+edge process (the gatehouse proxy; the nginx workers), peak RSS of the edge, and the
+gatehouse/nginx ratio. Raw oha JSON goes to the output directory.
+
+    scripts/bench.py            # the full run (a few minutes)
+    scripts/bench.py --quick    # a short smoke run, as CI does
+    scripts/bench.py --out DIR  # where the table and the raw JSON go
+
+Needs oha (cargo install oha --locked), nginx, and what gatehouse itself needs.
+Everything runs on loopback and stops by itself.
+"""
+
+import argparse
+import json
+import os
+import pwd
+import shutil
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+SECRET = "benchmark-secret-0123456789abcdef-0123456789"
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def cpu_ticks(pids):
+    total = 0
+    for pid in pids:
+        try:
+            fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+            total += int(fields[11]) + int(fields[12])  # utime + stime
+        except (OSError, IndexError, ValueError):
+            pass
+    return total
+
+
+def peak_rss_mb(pids):
+    total = 0
+    for pid in pids:
+        try:
+            for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+                if line.startswith("VmHWM:"):
+                    total += int(line.split()[1])
+        except OSError:
+            pass
+    return total / 1024
+
+
+def children(pid):
+    found = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        text = (task / "children").read_text().split()
+        found += [int(p) for p in text]
+    return found
+
+
+def cmdline(pid):
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode()
+    except OSError:
+        return ""
+
+
+def wait_for(url, log, timeout=60):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as r:
+                if r.status == 200:
+                    return
+        except Exception:
+            time.sleep(0.2)
+    tail = log.read_text()[-3000:] if log.exists() else ""
+    sys.exit(f"bench: {url} did not come up\n{tail}")
+
+
+def gatehouse_config(work, http, https, backends):
+    static = work / "static"
+    return f"""
+[proxy]
+listen = "127.0.0.1:{http}"
+# Benchmarks measure work, not throttling.
+default_rate_limit = "none"
+
+[tls]
+listen = "127.0.0.1:{https}"
+cert = "{work}/cert.pem"
+key = "{work}/key.pem"
+redirect_http = false
+
+[backend]
+count = {backends}
+users_file = "{REPO}/conf/users"
+
+[paths]
+runtime_dir = "{work}/run"
+data_dir = "{work}/data"
+
+[[routes]]
+prefix = "/api/"
+upstream = "backends"
+
+[[routes]]
+prefix = "/auth/"
+upstream = "backends"
+
+[[routes]]
+prefix = "/close/"
+static_dir = "{static}/close"
+allow = ["127.0.0.1"]
+htpasswd = "{REPO}/conf/htpasswd"
+
+[[routes]]
+prefix = "/"
+static_dir = "{static}/main"
+"""
+
+
+def nginx_config(work, http, https, backends, workers):
+    static = work / "static"
+    servers = "\n".join(f"        server unix:{work}/run/backend-{i}.sock;" for i in range(1, backends + 1))
+    # Workers run as us, so they can reach the backend sockets in our private directory.
+    user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+    return f"""
+{user}
+worker_processes {workers};
+pid {work}/nginx.pid;
+error_log {work}/nginx-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    include /etc/nginx/mime.types;
+    access_log off;
+    sendfile on;
+    tcp_nopush on;
+    keepalive_requests 100000;
+    gzip_static on;
+    upstream backends {{
+{servers}
+        keepalive 64;
+    }}
+    server {{
+        listen 127.0.0.1:{http};
+        listen 127.0.0.1:{https} ssl http2;
+        ssl_certificate {work}/cert.pem;
+        ssl_certificate_key {work}/key.pem;
+        ssl_protocols TLSv1.2 TLSv1.3;
+        location /api/ {{
+            proxy_pass http://backends;
+            proxy_http_version 1.1;
+            proxy_set_header Connection "";
+            proxy_set_header X-Request-ID $request_id;
+            proxy_set_header X-Forwarded-For $remote_addr;
+        }}
+        location /close/ {{
+            alias {static}/close/;
+            allow 127.0.0.1;
+            deny all;
+            auth_basic "gatehouse";
+            auth_basic_user_file {REPO}/conf/htpasswd;
+        }}
+        location / {{ root {static}/main; }}
+    }}
+}}
+"""
+
+
+def oha(args, url, out_file):
+    result = subprocess.run(
+        ["oha", "--no-tui", "--output-format", "json", "--insecure", *args, url],
+        capture_output=True, text=True, check=False,
+    )
+    if result.returncode != 0:
+        sys.exit(f"bench: oha failed on {url}: {result.stderr.strip()}")
+    out_file.write_text(result.stdout)
+    return json.loads(result.stdout)
+
+
+def measure(label, args, url, pids, out_dir, run_id):
+    before = cpu_ticks(pids)
+    data = oha(args, url, out_dir / f"{run_id}.json")
+    after = cpu_ticks(pids)
+    counts = data.get("statusCodeDistribution", {})
+    served = sum(counts.values())
+    ok = sum(n for code, n in counts.items() if code.startswith("2"))
+    if served == 0 or ok / served < 0.99:
+        sys.exit(f"bench: {label} at {url}: only {ok} of {served} responses were 2xx: {counts}")
+    pct = data["latencyPercentiles"]
+    return {
+        "rps": data["summary"]["requestsPerSec"],
+        "p50": pct["p50"] * 1000,
+        "p99": pct["p99"] * 1000,
+        "cpu_us": (after - before) / CLOCK_TICKS * 1e6 / served,
+        "rss_mb": peak_rss_mb(pids),
+    }
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="short smoke run (CI)")
+    parser.add_argument("--out", type=Path, default=REPO / "target" / "bench", help="results directory")
+    parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    opts = parser.parse_args()
+
+    for tool in ("oha", "nginx"):
+        if not shutil.which(tool):
+            sys.exit(f"bench: {tool} not found (oha: cargo install oha --locked; nginx: apt-get install nginx)")
+    if not opts.no_build:
+        subprocess.run(["cargo", "build", "--release", "--locked"], cwd=REPO, check=True)
+    binary = REPO / "target" / "release" / "gatehouse"
+
+    duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, 2)
+    backends = 3
+    workers = os.cpu_count() or 1
+    opts.out.mkdir(parents=True, exist_ok=True)
+    raw = opts.out / "raw"
+    raw.mkdir(exist_ok=True)
+
+    work = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
+    processes = []
+    try:
+        # The same files for both, with the .gz beside each text file (nginx gzip_static; a
+        # fresh .gz beside a file is what gatehouse serves too).
+        shutil.copytree(REPO / "static", work / "static")
+        for path in (work / "static").rglob("*"):
+            if path.suffix in (".html", ".css", ".svg"):
+                subprocess.run(["gzip", "-9", "-k", "-f", str(path)], check=True)
+
+        ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https")}
+        (work / "gatehouse.toml").write_text(gatehouse_config(work, ports["gh_http"], ports["gh_https"], backends))
+        subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
+        env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
+        log = open(work / "gatehouse.log", "w")
+        group = subprocess.Popen([binary, "run", "--config", work / "gatehouse.toml"], env=env, stdout=log, stderr=log)
+        processes.append(group)
+        wait_for(f"http://127.0.0.1:{ports['gh_http']}/api/ping", work / "gatehouse.log")
+        members = children(group.pid)
+        proxy = [p for p in members if " proxy " in cmdline(p)]
+        backend_socket = work / "run" / "backend-1.sock"
+
+        (work / "nginx.conf").write_text(nginx_config(work, ports["ngx_http"], ports["ngx_https"], backends, workers))
+        subprocess.run(["nginx", "-c", work / "nginx.conf"], check=True)
+        wait_for(f"http://127.0.0.1:{ports['ngx_http']}/api/ping", work / "nginx-error.log")
+        nginx_master = int((work / "nginx.pid").read_text())
+        nginx_workers = children(nginx_master)
+
+        login = urllib.request.Request(
+            f"http://127.0.0.1:{ports['gh_http']}/auth/login",
+            data=json.dumps({"username": "admin", "password": "password"}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
+        token = json.load(urllib.request.urlopen(login))["token"]
+
+        base = ["-z", duration, "-c", str(connections)]
+        gzip = ["-H", "Accept-Encoding: gzip"]
+        scenarios = [
+            ("static page, identity, HTTP", [], "http", "/"),
+            ("static page, gzip, HTTP", gzip, "http", "/"),
+            ("static page, identity, HTTPS", [], "https", "/"),
+            ("static page, gzip, HTTPS", gzip, "https", "/"),
+            ("GET /api/ping", [], "http", "/api/ping"),
+            ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
+            ("GET /close/ (allowlist + basic auth)", ["-a", "admin:homework"], "http", "/close/"),
+        ]
+        servers = {
+            "gatehouse": (ports["gh_http"], ports["gh_https"], proxy),
+            "nginx": (ports["ngx_http"], ports["ngx_https"], nginx_workers),
+        }
+        results = {}
+        for round_no in range(rounds):
+            for index, (label, args, scheme, path) in enumerate(scenarios):
+                for name, (http, https, pids) in servers.items():
+                    port = http if scheme == "http" else https
+                    url = f"{scheme}://127.0.0.1:{port}{path}"
+                    run_id = f"r{round_no}-s{index}-{name}"
+                    results.setdefault((label, name), []).append(
+                        measure(label, base + args, url, pids, raw, run_id)
+                    )
+        ceiling = measure(
+            "ceiling", base + ["--unix-socket", str(backend_socket)], "http://localhost/api/ping",
+            [p for p in members if "backend-1.sock" in cmdline(p)], raw, "ceiling",
+        )
+    finally:
+        for proc in processes:
+            proc.send_signal(signal.SIGTERM)
+        pid_file = work / "nginx.pid"
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGQUIT)
+        for proc in processes:
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(work, ignore_errors=True)
+
+    def med(label, name, key):
+        return statistics.median(r[key] for r in results[(label, name)])
+
+    lines = [
+        f"`scripts/bench.py{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} per run, "
+        f"{rounds} round(s) alternating, medians; {os.cpu_count()} cores; edge = gatehouse proxy / nginx workers "
+        f"({workers}); {backends} backends shared by both.",
+        "",
+        "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | edge peak RSS MB | gatehouse/nginx rps | gatehouse/nginx CPU |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for label, *_ in scenarios:
+        for name in ("gatehouse", "nginx"):
+            row = [label, name] + [f"{med(label, name, k):,.{d}f}" for k, d in (("rps", 0), ("p50", 2), ("p99", 2), ("cpu_us", 1), ("rss_mb", 1))]
+            if name == "gatehouse":
+                row.append(f"{med(label, 'gatehouse', 'rps') / med(label, 'nginx', 'rps'):.2f}x")
+                cpu_ratio = med(label, "gatehouse", "cpu_us") / max(med(label, "nginx", "cpu_us"), 0.01)
+                row.append(f"{cpu_ratio:.2f}x" if cpu_ratio >= 0.01 else "<0.01x")
+            else:
+                row += ["", ""]
+            lines.append("| " + " | ".join(row) + " |")
+    lines.append(
+        f"| GET /api/ping straight at one backend socket (ceiling) | backend | {ceiling['rps']:,.0f} | "
+        f"{ceiling['p50']:.2f} | {ceiling['p99']:.2f} | {ceiling['cpu_us']:.1f} | {ceiling['rss_mb']:.1f} | | |"
+    )
+    table = "\n".join(lines) + "\n"
+    (opts.out / "results.md").write_text(table)
+    print(table)
+    print(f"raw oha JSON in {raw}")
+
+
+if __name__ == "__main__":
+    main()
