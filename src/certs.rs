@@ -3,7 +3,12 @@
 //! Pingora loads the files only when its listener starts, and panics there on a bad pair;
 //! this check turns that into an error naming the file.
 
-use std::{fs, io::Write, os::unix::fs::OpenOptionsExt, path::Path};
+use std::{
+    fs,
+    io::Write,
+    os::unix::fs::{OpenOptionsExt, PermissionsExt},
+    path::Path,
+};
 
 use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
 
@@ -48,6 +53,9 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
         .mode(mode)
         .open(path)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    // `mode` applies only to a new file; an overwritten key must not keep looser permissions.
+    file.set_permissions(fs::Permissions::from_mode(mode))
+        .map_err(|e| format!("cannot set permissions of {}: {e}", path.display()))?;
     file.write_all(contents)
         .map_err(|e| format!("cannot write {}: {e}", path.display()))
 }

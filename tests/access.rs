@@ -265,7 +265,7 @@ fn repeated_failures_are_refused_and_a_success_resets_the_count() {
         assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
     }
     assert_ne!(status(&client, &url, &[("authorization", &right)]), 429);
-    for _ in 0..2 {
+    for _ in 0..3 {
         assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
     }
     let blocked = client
@@ -276,7 +276,7 @@ fn repeated_failures_are_refused_and_a_success_resets_the_count() {
     assert_eq!(
         blocked.status(),
         429,
-        "the third failure in a row is refused"
+        "after three failures in a row, the next attempt is refused"
     );
     let retry_after: u64 = blocked.headers()["retry-after"]
         .to_str()

@@ -125,6 +125,11 @@ fn conditional_and_range_requests() {
         .unwrap();
     assert_eq!(response.status(), 304);
     assert_eq!(header(&response, "etag"), etag);
+    assert_eq!(
+        header(&response, "content-length"),
+        "",
+        "a 304 carries no Content-Length"
+    );
     assert!(response.bytes().unwrap().is_empty());
     let response = client
         .get(&url)
@@ -274,6 +279,20 @@ fn compression_is_negotiated_and_done_once_per_version() {
         .send()
         .unwrap();
     assert_eq!(response.status(), 304);
+
+    // A text file too large to hold in memory is streamed as it is: never compressed per request.
+    fs::write(
+        group.dir.path().join("files/huge.txt"),
+        "large text ".repeat(10_000),
+    )
+    .unwrap();
+    let huge = client
+        .get(group.url("/files/huge.txt"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .unwrap();
+    assert_eq!(header(&huge, "content-encoding"), "");
+    assert_eq!(huge.bytes().unwrap().len(), 110_000);
 
     // Small files and images are sent as they are.
     fs::write(group.dir.path().join("files/tiny.txt"), "tiny").unwrap();
@@ -441,6 +460,38 @@ fn traversal_dotfiles_and_symlinks_never_leave_the_root() {
             "{probe} leaked: {response}"
         );
     }
+    // A symlink to a dotfile is refused like the dotfile itself.
+    std::os::unix::fs::symlink(files.join(".env"), files.join("env.txt")).unwrap();
+    let response = raw_http(
+        group.port,
+        "GET /files/env.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        response.starts_with("HTTP/1.1 404") && !response.contains("TOP-SECRET"),
+        "{response}"
+    );
+    // Doubled slashes name the same file, and a directory redirect is built from the
+    // normalised path, never a protocol-relative `//host` one.
+    fs::create_dir_all(files.join("docs")).unwrap();
+    let response = raw_http(
+        group.port,
+        "GET /files//docs HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 301"), "{response}");
+    assert!(
+        response
+            .to_ascii_lowercase()
+            .contains("location: /files/docs/\r\n"),
+        "{response}"
+    );
+    let response = raw_http(
+        group.port,
+        "GET /files//inside.txt HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n",
+    );
+    assert!(
+        response.starts_with("HTTP/1.1 200") && response.ends_with("fine"),
+        "{response}"
+    );
     // A symlink that stays inside the root is fine.
     let response = raw_http(
         group.port,

@@ -212,13 +212,8 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip())
         {
-            let headers = &session.req_header().headers;
-            ctx.client = client_ip::client_ip(
-                peer,
-                headers.get("x-forwarded-for").map(|v| v.as_bytes()),
-                headers.get("x-real-ip").map(|v| v.as_bytes()),
-                &self.trusted_proxies,
-            );
+            ctx.client =
+                client_ip::client_ip(peer, &session.req_header().headers, &self.trusted_proxies);
         }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         // Pingora's compression module reads `Accept-Encoding` between this phase and
@@ -392,11 +387,7 @@ impl ProxyHttp for Gateway {
             .and_then(|a| a.as_inet())
             .map(|a| a.ip().to_canonical())
         {
-            let chain = match upstream
-                .headers
-                .get("x-forwarded-for")
-                .and_then(|v| v.to_str().ok())
-            {
+            let chain = match client_ip::forwarded_chain(&upstream.headers) {
                 Some(chain) if self.trusted_proxies.contains(peer) => format!("{chain}, {peer}"),
                 _ => peer.to_string(),
             };
@@ -447,7 +438,11 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> FailToProxy {
         let (status, code, message) = classify(e);
+        // Once a response has started, a second one would corrupt it: the connection is cut
+        // instead (`can_reuse_downstream: false`), and the client sees a truncated body.
+        let not_started = session.as_ref().response_written().is_none();
         if status != 0
+            && not_started
             && let Err(write_error) =
                 respond::json_error(session, &self.stamp(ctx), status, code, message).await
         {

@@ -125,23 +125,25 @@ pub async fn send(
     header: ResponseHeader,
     body: Bytes,
 ) -> Result<()> {
-    if send_head(session, stamp, header, body.len() as u64).await? {
+    if send_head(session, stamp, header, Some(body.len() as u64)).await? {
         session.write_response_body(Some(body), true).await?;
     }
     Ok(())
 }
 
 /// Writes the header of a `len`-byte response with the stamp; returns whether a body should
-/// follow (not for HEAD, not when empty).
+/// follow (not for HEAD, not when empty). `None`: no body and no `Content-Length` (a 304).
 pub async fn send_head(
     session: &mut Session,
     stamp: &Stamp<'_>,
     mut header: ResponseHeader,
-    len: u64,
+    len: Option<u64>,
 ) -> Result<bool> {
-    header.insert_header("content-length", len.to_string())?;
+    if let Some(len) = len {
+        header.insert_header("content-length", len.to_string())?;
+    }
     stamp.apply(&mut header)?;
-    let head_only = len == 0 || session.req_header().method == http::Method::HEAD;
+    let head_only = len.unwrap_or(0) == 0 || session.req_header().method == http::Method::HEAD;
     session
         .write_response_header(Box::new(header), head_only)
         .await?;

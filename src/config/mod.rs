@@ -569,7 +569,9 @@ fn route_access(
                 )
             })?;
             let policy_key = format!("rate_limits.{name}");
-            if !(rate.per_second > 0.0 && rate.per_second <= 1_000_000.0) {
+            if !(rate.per_second > 0.0 && rate.per_second <= 1_000_000.0)
+                || Duration::try_from_secs_f64(1.0 / rate.per_second).is_err()
+            {
                 return Err(at(
                     &format!("{policy_key}.per_second"),
                     "must be above 0 and at most 1000000".into(),

@@ -64,6 +64,9 @@ impl Hash {
 #[derive(Debug, Clone)]
 pub struct Htpasswd {
     users: HashMap<String, Hash>,
+    /// The file's slowest hash, checked for unknown names so that their timing matches the
+    /// worst case and reveals nothing about which names exist.
+    decoy: Option<Hash>,
 }
 
 impl Htpasswd {
@@ -87,7 +90,17 @@ impl Htpasswd {
                 return Err(at(format!("user {user:?} is listed twice")));
             }
         }
-        Ok(Self { users })
+        // bcrypt first (by cost), then the SHA-crypts, then the cheap formats.
+        let cost = |hash: &Hash| match hash {
+            Hash::Crypt(h) if h.starts_with("$2") => {
+                1000 + h.get(4..6).and_then(|c| c.parse::<u32>().ok()).unwrap_or(0)
+            }
+            Hash::Crypt(h) if h.starts_with("$6$") || h.starts_with("$5$") => 100,
+            Hash::Crypt(_) => 10,
+            Hash::Sha1(_) => 1,
+        };
+        let decoy = users.values().max_by_key(|h| cost(h)).cloned();
+        Ok(Self { users, decoy })
     }
 
     pub fn len(&self) -> usize {
@@ -103,9 +116,8 @@ impl Htpasswd {
         match self.users.get(user) {
             Some(hash) => hash.verify(password),
             None => {
-                // Spend the same effort on an unknown name, so timing does not reveal names.
-                if let Some(any) = self.users.values().next() {
-                    any.verify(password);
+                if let Some(decoy) = &self.decoy {
+                    decoy.verify(password);
                 }
                 false
             }
@@ -138,6 +150,7 @@ pub struct BasicAuth {
     realm: String,
     challenge: String,
     verified: Cache<[u8; 32], (String, Instant)>,
+    /// Failed attempts per client (IPv6 by /64, as for rate limits).
     failures: Cache<IpAddr, (u32, Instant)>,
     guard: GuardSpec,
 }
@@ -163,6 +176,7 @@ impl BasicAuth {
     }
 
     pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Outcome {
+        let client = super::rate_limit::key(client);
         if let Some(retry_after) = self.blocked(client) {
             return Outcome::Blocked { retry_after };
         }
@@ -170,7 +184,8 @@ impl BasicAuth {
             return Outcome::Challenge;
         };
         let Some((user, password)) = decode(header) else {
-            return self.failed(client);
+            self.charge(client);
+            return Outcome::Challenge;
         };
         let key = self.cache_key(&user, &password);
         if let Some((cached_user, expires)) = self.verified.get(&key)
@@ -178,13 +193,16 @@ impl BasicAuth {
         {
             return Outcome::Allowed { user: cached_user };
         }
+        // Counted before the hash is computed, so parallel attempts (HTTP/2 streams) cannot
+        // all get a bcrypt run before the first failure is recorded; a success clears it.
+        self.charge(client);
         let users = self.users.clone();
         let name = user.clone();
         let valid = tokio::task::spawn_blocking(move || users.verify(&name, &password))
             .await
             .unwrap_or(false);
         if !valid {
-            return self.failed(client);
+            return Outcome::Challenge;
         }
         self.verified
             .insert(key, (user.clone(), Instant::now() + CACHE_TTL));
@@ -216,17 +234,13 @@ impl BasicAuth {
         })
     }
 
-    fn failed(&self, client: IpAddr) -> Outcome {
-        let now = Instant::now();
+    /// Records one attempt that has not (yet) succeeded.
+    fn charge(&self, client: IpAddr) {
         let (count, since) = match self.failures.get(&client) {
             Some((count, since)) if since.elapsed() < self.guard.window => (count + 1, since),
-            _ => (1, now),
+            _ => (1, Instant::now()),
         };
         self.failures.insert(client, (count, since));
-        match self.blocked(client) {
-            Some(retry_after) => Outcome::Blocked { retry_after },
-            None => Outcome::Challenge,
-        }
     }
 }
 
@@ -290,6 +304,10 @@ mod tests {
         }
     }
 
+    async fn check(auth: &BasicAuth, ip: IpAddr, header: &str) -> Outcome {
+        auth.check(ip, Some(header.as_bytes())).await
+    }
+
     #[tokio::test]
     async fn guard_blocks_after_repeated_failures_and_success_resets() {
         let users = Arc::new(Htpasswd::parse("u:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
@@ -304,24 +322,22 @@ mod tests {
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let wrong = format!("Basic {}", STANDARD.encode("u:nope"));
         let right = format!("Basic {}", STANDARD.encode("u:test"));
+        assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
+        assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
+        assert!(
+            matches!(check(&auth, ip, &right).await, Outcome::Allowed { .. }),
+            "a success resets the count"
+        );
+        for _ in 0..3 {
+            assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
+        }
+        // Three failures recorded: refused, the right password included, before any hash.
         assert!(matches!(
-            auth.check(ip, Some(right.as_bytes())).await,
-            Outcome::Allowed { .. }
-        ));
-        assert!(matches!(
-            auth.check(ip, Some(wrong.as_bytes())).await,
-            Outcome::Challenge
-        ));
-        assert!(matches!(
-            auth.check(ip, Some(wrong.as_bytes())).await,
-            Outcome::Challenge
-        ));
-        assert!(matches!(
-            auth.check(ip, Some(wrong.as_bytes())).await,
+            check(&auth, ip, &wrong).await,
             Outcome::Blocked { .. }
         ));
         assert!(
-            matches!(auth.check(ip, Some(right.as_bytes())).await, Outcome::Blocked { retry_after } if retry_after <= 60)
+            matches!(check(&auth, ip, &right).await, Outcome::Blocked { retry_after } if retry_after <= 60)
         );
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         assert!(matches!(

@@ -55,7 +55,9 @@ impl RateLimit {
         if !(spec.per_second > 0.0 && spec.per_second.is_finite()) {
             return Err("per_second must be greater than 0".into());
         }
-        let quota = Quota::with_period(Duration::from_secs_f64(1.0 / spec.per_second))
+        let period = Duration::try_from_secs_f64(1.0 / spec.per_second)
+            .map_err(|_| "per_second is too small")?;
+        let quota = Quota::with_period(period)
             .ok_or("per_second is too large")?
             .allow_burst(burst);
         Ok(Self {
@@ -115,7 +117,7 @@ impl RateLimit {
 }
 
 /// The bucket a client counts against: its IPv4 address, or its IPv6 /64.
-fn key(ip: IpAddr) -> IpAddr {
+pub fn key(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V4(_) => ip,
         IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),

@@ -32,6 +32,8 @@ pub struct Asset {
     etags: [String; 3],
     /// The file's own bytes; `None` for files too large to hold, which are streamed from disk.
     pub identity: Option<Bytes>,
+    /// Whether the cache holds it (so a compressed variant is made once, not per request).
+    pub held: bool,
     gzip: OnceLock<Option<Bytes>>,
     brotli: OnceLock<Option<Bytes>>,
 }
@@ -65,6 +67,7 @@ impl Asset {
             compressible: compressible(mime),
             last_modified: httpdate::fmt_http_date(modified),
             identity,
+            held: false,
             gzip: OnceLock::new(),
             brotli: OnceLock::new(),
             path,
@@ -161,40 +164,63 @@ pub enum Found {
     Missing,
 }
 
-/// One static site's files.
-pub struct Files {
+/// One static site's files. Cheap to clone: clones share the cache.
+#[derive(Clone)]
+pub struct Files(Arc<Inner>);
+
+struct Inner {
     root: PathBuf,
     cache: Cache<String, Arc<Asset>, ByBytes>,
+    capacity: u64,
     max_cached_file: u64,
 }
 
 impl Files {
     /// `root` must be canonical: it is what resolved paths are checked against.
-    pub fn new(root: PathBuf, capacity_bytes: u64, max_cached_file: u64) -> Files {
-        let estimated_items = (capacity_bytes / 16_384).max(16) as usize;
-        let cache = Cache::with_weighter(estimated_items, capacity_bytes, ByBytes);
-        Files {
+    pub fn new(root: PathBuf, capacity: u64, max_cached_file: u64) -> Result<Files, String> {
+        // One shard: the cache refuses entries heavier than a shard, and a site's largest
+        // files must fit whole.
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity((capacity / 16_384).max(16) as usize)
+            .weight_capacity(capacity)
+            .shards(1)
+            .build()
+            .map_err(|e| format!("static cache: {e:?}"))?;
+        let cache = Cache::with_options(options, ByBytes, Default::default(), Default::default());
+        Ok(Files(Arc::new(Inner {
             root,
             cache,
+            capacity,
             max_cached_file,
+        })))
+    }
+
+    /// A cached file that has not changed on disk: one `stat`.
+    pub fn cached(&self, relative: &str) -> Option<Arc<Asset>> {
+        let asset = self.0.cache.get(relative)?;
+        match fs::metadata(&asset.path) {
+            Ok(meta) if asset.is_current(&meta) => Some(asset),
+            _ => {
+                self.0.cache.remove(relative);
+                None
+            }
         }
     }
 
-    /// Finds `relative` below the root. One `stat` when cached and unchanged.
-    pub fn lookup(&self, relative: &str) -> Found {
-        if let Some(asset) = self.cache.get(relative) {
-            match fs::metadata(&asset.path) {
-                Ok(meta) if asset.is_current(&meta) => return Found::File(asset),
-                _ => {
-                    self.cache.remove(relative);
-                }
-            }
-        }
-        // Resolve symlinks, and refuse anything that ends up outside the root.
-        let Ok(path) = self.root.join(relative).canonicalize() else {
+    /// Resolves and reads `relative` below the root. Blocking: call it off the async threads.
+    pub fn load(&self, relative: &str) -> Found {
+        let inner = &self.0;
+        // Resolve symlinks; refuse anything outside the root, or a dotfile it points to.
+        let Ok(path) = inner.root.join(relative).canonicalize() else {
             return Found::Missing;
         };
-        if !path.starts_with(&self.root) {
+        let Ok(inside) = path.strip_prefix(&inner.root) else {
+            return Found::Missing;
+        };
+        if inside
+            .components()
+            .any(|c| c.as_os_str().as_encoded_bytes().starts_with(b"."))
+        {
             return Found::Missing;
         }
         let Ok(meta) = fs::metadata(&path) else {
@@ -206,11 +232,14 @@ impl Files {
         if !meta.is_file() {
             return Found::Missing;
         }
-        match Asset::load(path, &meta, self.max_cached_file) {
-            Ok(asset) => {
+        match Asset::load(path, &meta, inner.max_cached_file) {
+            Ok(mut asset) => {
+                // Held in memory only if the cache can take it whole; only then are
+                // compressed variants made (once), never for a file that would be re-read.
+                asset.held = asset.identity.is_some() && asset.weight() <= inner.capacity / 10 * 9;
                 let asset = Arc::new(asset);
-                if asset.identity.is_some() {
-                    self.cache.insert(relative.to_string(), asset.clone());
+                if asset.held {
+                    inner.cache.insert(relative.to_string(), asset.clone());
                 }
                 Found::File(asset)
             }

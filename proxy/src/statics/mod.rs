@@ -19,6 +19,22 @@ use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::respond::{self, Stamp};
+use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
+
+/// Characters that cannot stand in a path segment of a `Location` header.
+const SEGMENT: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'<')
+    .add(b'>')
+    .add(b'?')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}')
+    .add(b'/')
+    .add(b'\\');
 use cache::{Asset, Files, Found};
 use conditional::Range;
 use encoding::Encoding;
@@ -54,7 +70,7 @@ impl Site {
             .map_err(|e| format!("static directory {}: {e}", dir.display()))?;
         let share = settings.cache_bytes / sites.max(1) as u64;
         Ok(Site {
-            files: Files::new(root, share, settings.max_cached_file_bytes),
+            files: Files::new(root, share, settings.max_cached_file_bytes)?,
             cache_control,
             min_compress_bytes: settings.min_compress_bytes,
         })
@@ -90,16 +106,31 @@ impl Site {
         let Some(relative) = path::relative(decoded, prefix) else {
             return not_found(session, stamp).await;
         };
-        let asset = match self.files.lookup(&relative) {
+        let found = match self.files.cached(&relative) {
+            Some(asset) => Found::File(asset),
+            None => {
+                // A miss reads the file: off the async threads.
+                let (files, wanted) = (self.files.clone(), relative.clone());
+                tokio::task::spawn_blocking(move || files.load(&wanted))
+                    .await
+                    .unwrap_or(Found::Missing)
+            }
+        };
+        let asset = match found {
             Found::File(asset) => asset,
             Found::Missing => return not_found(session, stamp).await,
             Found::Directory => {
-                // `/open/docs` -> `/open/docs/`, keeping the query.
-                let uri = &session.req_header().uri;
-                let location = match uri.query() {
-                    Some(query) => format!("{}/?{query}", uri.path()),
-                    None => format!("{}/", uri.path()),
-                };
+                // `/open/docs` -> `/open/docs/`, built from the normalised path (never from the
+                // raw one, so `//evil.example` cannot become a protocol-relative redirect).
+                let mut location = String::from(prefix);
+                for segment in relative.split('/') {
+                    location.extend(utf8_percent_encode(segment, SEGMENT));
+                    location.push('/');
+                }
+                if let Some(query) = session.req_header().uri.query() {
+                    location.push('?');
+                    location.push_str(query);
+                }
                 respond::redirect(session, stamp, 301, &location).await?;
                 return Ok(301);
             }
@@ -115,8 +146,8 @@ impl Site {
     ) -> Result<u16> {
         let headers = &session.req_header().headers;
         let range_header = headers.get("range").map(|v| v.as_bytes().to_vec());
-        let compress =
-            asset.compressible && asset.identity.is_some() && asset.len >= self.min_compress_bytes;
+        // Only files the cache holds are compressed: their variants are made once, not per request.
+        let compress = asset.compressible && asset.held && asset.len >= self.min_compress_bytes;
         // A range names bytes of the file itself, so ranged requests are served uncompressed.
         let wanted = if compress && range_header.is_none() {
             encoding::negotiate(headers.get("accept-encoding").map(|v| v.as_bytes()))
@@ -166,9 +197,9 @@ impl Site {
             header.insert_header("vary", "Accept-Encoding")?;
         }
         if status == 304 {
-            return send(session, stamp, header, Body::Memory(Bytes::new()))
-                .await
-                .map(|()| 304);
+            // No Content-Length: on a 304 it would have to be the full response's.
+            respond::send_head(session, stamp, header, None).await?;
+            return Ok(304);
         }
         header.insert_header("content-type", asset.mime)?;
         header.insert_header("accept-ranges", "bytes")?;
@@ -253,7 +284,7 @@ async fn send(
     header: ResponseHeader,
     body: Body,
 ) -> Result<()> {
-    if !respond::send_head(session, stamp, header, body.len()).await? {
+    if !respond::send_head(session, stamp, header, Some(body.len())).await? {
         return Ok(());
     }
     match body {

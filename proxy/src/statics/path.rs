@@ -31,11 +31,12 @@ pub fn check(raw: &str) -> Result<std::borrow::Cow<'_, str>, Unsafe> {
 }
 
 /// The file path below a route's directory for a decoded request path; `None` when a segment
-/// is a dotfile. Leading empty segments are dropped, so `//etc/passwd` stays below the root.
+/// is a dotfile. Empty segments are dropped, so `//etc/passwd` stays below the root.
 pub fn relative(decoded: &str, prefix: &str) -> Option<String> {
     let rest = decoded.strip_prefix(prefix)?;
     let mut relative = String::with_capacity(rest.len() + 10);
-    for segment in rest.split('/') {
+    // Empty segments (doubled slashes) are dropped: `/open//a` is `/open/a`, one cache entry.
+    for segment in rest.split('/').filter(|s| !s.is_empty()) {
         if segment.starts_with('.') {
             return None;
         }
@@ -45,7 +46,10 @@ pub fn relative(decoded: &str, prefix: &str) -> Option<String> {
         relative.push_str(segment);
     }
     // A path that names a directory (`/open/`, `/open/docs/`) means its index page.
-    if relative.is_empty() || relative.ends_with('/') {
+    if relative.is_empty() || rest.ends_with('/') {
+        if !relative.is_empty() {
+            relative.push('/');
+        }
         relative.push_str("index.html");
     }
     Some(relative)
@@ -90,5 +94,17 @@ mod tests {
         );
         assert!(relative("/open/.env", "/open/").is_none());
         assert!(relative("/open/a/.git/config", "/open/").is_none());
+        assert_eq!(
+            relative("/open/docs//a.css", "/open/").unwrap(),
+            "docs/a.css"
+        );
+        assert_eq!(
+            relative("/open//etc/passwd", "/open/").unwrap(),
+            "etc/passwd"
+        );
+        assert_eq!(
+            relative("/open/docs//", "/open/").unwrap(),
+            "docs/index.html"
+        );
     }
 }
