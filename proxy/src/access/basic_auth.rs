@@ -7,6 +7,8 @@
 //!   of realm, user and password, so bcrypt's cost is paid once per credential, not per
 //!   request, and no password is kept in memory. A reload builds a new cache.
 //! - Repeated failures from one client are refused with 429 before any hash is computed.
+//!   Parallel requests with the same credentials share one verification; verifications run at
+//!   most one per core at a time.
 
 use std::{
     collections::HashMap,
@@ -152,6 +154,8 @@ pub struct BasicAuth {
     verified: Cache<[u8; 32], (String, Instant)>,
     /// Failed attempts per client (IPv6 by /64, as for rate limits).
     failures: Cache<IpAddr, (u32, Instant)>,
+    /// Verifications running at once.
+    verifying: tokio::sync::Semaphore,
     guard: GuardSpec,
 }
 
@@ -166,6 +170,9 @@ impl BasicAuth {
             ),
             verified: Cache::new(CACHE_ENTRIES),
             failures: Cache::new(GUARD_ENTRIES),
+            verifying: tokio::sync::Semaphore::new(
+                std::thread::available_parallelism().map_or(1, |n| n.get()),
+            ),
             guard,
         }
     }
@@ -184,30 +191,46 @@ impl BasicAuth {
             return Outcome::Challenge;
         };
         let Some((user, password)) = decode(header) else {
-            self.charge(client);
+            self.fail(client);
             return Outcome::Challenge;
         };
         let key = self.cache_key(&user, &password);
-        if let Some((cached_user, expires)) = self.verified.get(&key)
-            && Instant::now() < expires
-        {
-            return Outcome::Allowed { user: cached_user };
+        loop {
+            // Single flight: requests carrying the same credentials in parallel (a browser's
+            // connections, a load test) wait for one verification instead of each running it.
+            let guard = match self.verified.get_value_or_guard_async(&key).await {
+                Ok((cached_user, expires)) if Instant::now() < expires => {
+                    // A good sign-in clears the failure count, from the cache as well.
+                    self.failures.remove(&client);
+                    return Outcome::Allowed { user: cached_user };
+                }
+                Ok(_) => {
+                    self.verified.remove(&key);
+                    continue;
+                }
+                Err(guard) => guard,
+            };
+            // Different credentials verify in parallel only up to the number of cores, so a
+            // flood of guesses costs bounded CPU while the guard counts their failures.
+            let valid = match self.verifying.acquire().await {
+                Ok(_permit) => {
+                    let (users, name, password) =
+                        (self.users.clone(), user.clone(), password.clone());
+                    tokio::task::spawn_blocking(move || users.verify(&name, &password))
+                        .await
+                        .unwrap_or(false)
+                }
+                Err(_) => false,
+            };
+            if !valid {
+                drop(guard);
+                self.fail(client);
+                return Outcome::Challenge;
+            }
+            let _ = guard.insert((user.clone(), Instant::now() + CACHE_TTL));
+            self.failures.remove(&client);
+            return Outcome::Allowed { user };
         }
-        // Counted before the hash is computed, so parallel attempts (HTTP/2 streams) cannot
-        // all get a bcrypt run before the first failure is recorded; a success clears it.
-        self.charge(client);
-        let users = self.users.clone();
-        let name = user.clone();
-        let valid = tokio::task::spawn_blocking(move || users.verify(&name, &password))
-            .await
-            .unwrap_or(false);
-        if !valid {
-            return Outcome::Challenge;
-        }
-        self.verified
-            .insert(key, (user.clone(), Instant::now() + CACHE_TTL));
-        self.failures.remove(&client);
-        Outcome::Allowed { user }
     }
 
     fn cache_key(&self, user: &str, password: &[u8]) -> [u8; 32] {
@@ -234,8 +257,8 @@ impl BasicAuth {
         })
     }
 
-    /// Records one attempt that has not (yet) succeeded.
-    fn charge(&self, client: IpAddr) {
+    /// Records a failed attempt.
+    fn fail(&self, client: IpAddr) {
         let (count, since) = match self.failures.get(&client) {
             Some((count, since)) if since.elapsed() < self.guard.window => (count + 1, since),
             _ => (1, Instant::now()),
@@ -301,6 +324,31 @@ mod tests {
             b"",
         ] {
             assert!(decode(bad).is_none(), "{:?}", String::from_utf8_lossy(bad));
+        }
+    }
+
+    #[tokio::test]
+    async fn parallel_right_credentials_are_never_counted_as_failures() {
+        let users = Arc::new(Htpasswd::parse("u:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
+        let guard = GuardSpec {
+            max_failures: 2,
+            window: Duration::from_secs(60),
+        };
+        let auth = Arc::new(BasicAuth::new(users, "r", guard));
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let auth = auth.clone();
+            tasks.spawn(async move {
+                check(
+                    &auth,
+                    "192.0.2.9".parse().unwrap(),
+                    &format!("Basic {}", STANDARD.encode("u:test")),
+                )
+                .await
+            });
+        }
+        while let Some(outcome) = tasks.join_next().await {
+            assert!(matches!(outcome.unwrap(), Outcome::Allowed { .. }));
         }
     }
 
