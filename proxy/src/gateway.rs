@@ -89,15 +89,8 @@ impl Gateway {
         let body = serde_json::json!({"status": "ok", "rate_limit_keys": keys}).to_string();
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;
-        header.insert_header("content-length", body.len().to_string())?;
         header.insert_header("cache-control", "no-store")?;
-        self.stamp(ctx).apply(&mut header)?;
-        session
-            .write_response_header(Box::new(header), false)
-            .await?;
-        session
-            .write_response_body(Some(bytes::Bytes::from(body)), true)
-            .await
+        respond::send(session, &self.stamp(ctx), header, bytes::Bytes::from(body)).await
     }
 
     /// Answers the request when the route's access rules refuse it; `Ok(true)` if answered.

@@ -32,7 +32,8 @@ pub async fn json_error(
     json_error_with(session, stamp, status, code, message, &[]).await
 }
 
-async fn json_error_with(
+/// [`json_error`] with extra headers (`Allow`, ...).
+pub async fn json_error_with(
     session: &mut Session,
     stamp: &Stamp<'_>,
     status: u16,

@@ -86,22 +86,11 @@ impl Site {
     ) -> Result<u16> {
         let method = session.req_header().method.clone();
         if method != Method::GET && method != Method::HEAD {
-            let mut header = ResponseHeader::build(405, Some(5))?;
-            header.insert_header("allow", "GET, HEAD")?;
-            let body = serde_json::json!({
-                "error": "method_not_allowed",
-                "message": "static files answer GET and HEAD only",
-                "request_id": stamp.request_id,
-            });
-            header.insert_header("content-type", "application/json")?;
-            return send(
-                session,
-                stamp,
-                header,
-                Body::Memory(Bytes::from(body.to_string())),
-            )
-            .await
-            .map(|()| 405);
+            let message = "static files answer GET and HEAD only";
+            let allow = [("allow", "GET, HEAD")];
+            respond::json_error_with(session, stamp, 405, "method_not_allowed", message, &allow)
+                .await?;
+            return Ok(405);
         }
         let Some(relative) = path::relative(decoded, prefix) else {
             return not_found(session, stamp).await;
