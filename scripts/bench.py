@@ -11,6 +11,7 @@ gatehouse/nginx ratio. Raw oha JSON goes to the output directory.
     scripts/bench.py            # the full run (a few minutes)
     scripts/bench.py --quick    # a short smoke run, as CI does
     scripts/bench.py --out DIR  # where the table and the raw JSON go
+    scripts/bench.py --observability  # gatehouse with metrics and access logs on vs off
 
 Needs oha (cargo install oha --locked), nginx, and what gatehouse itself needs.
 Everything runs on loopback and stops by itself.
@@ -93,9 +94,18 @@ def wait_for(url, log, timeout=60):
     sys.exit(f"bench: {url} did not come up\n{tail}")
 
 
-def gatehouse_config(work, http, https, backends):
+def gatehouse_config(work, http, https, backends, admin=None, access_log=""):
+    """`admin`: the admin listener's port (None: off, and no metrics kept); `access_log`: a
+    file for every route's access log ("" for none, like the nginx side)."""
     static = work / "static"
+    admin_listen = f"127.0.0.1:{admin}" if admin else ""
     return f"""
+[admin]
+listen = "{admin_listen}"
+
+[logging]
+access_log = "{access_log}"
+
 [proxy]
 listen = "127.0.0.1:{http}"
 # Benchmarks measure work, not throttling.
@@ -213,11 +223,128 @@ def measure(label, args, url, pids, out_dir, run_id):
     }
 
 
+def copy_static(work):
+    """The same files for both sides, with the .gz beside each text file (nginx gzip_static; a
+    fresh .gz beside a file is what gatehouse serves too)."""
+    shutil.copytree(REPO / "static", work / "static")
+    for path in (work / "static").rglob("*"):
+        if path.suffix in (".html", ".css", ".svg"):
+            subprocess.run(["gzip", "-9", "-k", "-f", str(path)], check=True)
+
+
+def login_token(http_port):
+    login = urllib.request.Request(
+        f"http://127.0.0.1:{http_port}/auth/login",
+        data=json.dumps({"username": "admin", "password": "password"}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
+    return json.load(urllib.request.urlopen(login))["token"]
+
+
+def median_of(results, label, name, key):
+    return statistics.median(r[key] for r in results[(label, name)])
+
+
+def stop_all(processes, work):
+    """SIGTERM to what we started (and nginx's master, by its pid file), then clean up."""
+    for proc in processes:
+        proc.send_signal(signal.SIGTERM)
+    pid_file = work / "nginx.pid"
+    if pid_file.exists():
+        os.kill(int(pid_file.read_text()), signal.SIGQUIT)
+    for proc in processes:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    shutil.rmtree(work, ignore_errors=True)
+
+
+def start_group(binary, work, name, backends, admin, access_log):
+    """Starts `gatehouse run` in its own directory under `work`; returns (process, http port,
+    https port, proxy pids)."""
+    home = work / name
+    home.mkdir()
+    http, https = free_port(), free_port()
+    config = home / "gatehouse.toml"
+    config.write_text(gatehouse_config(work, http, https, backends, admin, access_log).replace(
+        f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
+    env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
+    log = open(home / "gatehouse.log", "w")
+    group = subprocess.Popen([binary, "run", "--config", config], env=env, stdout=log, stderr=log)
+    wait_for(f"http://127.0.0.1:{http}/api/ping", home / "gatehouse.log")
+    proxy = [p for p in children(group.pid) if " proxy " in cmdline(p)]
+    return group, http, https, proxy
+
+
+def observability(opts, binary):
+    """Two groups side by side, one with metrics (admin listener) and JSON access logs to a
+    file, one with both off; the same oha runs alternate between them."""
+    duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, 3)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    raw = opts.out / "raw"
+    raw.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
+    processes = []
+    try:
+        copy_static(work)
+        (work / "gatehouse.toml").write_text(gatehouse_config(work, 1, 2, 1))
+        subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
+        groups = {}
+        for name, admin, access_log in (
+            ("on", free_port(), str(work / "on" / "logs" / "access.log")),
+            ("off", None, ""),
+        ):
+            group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log)
+            processes.append(group)
+            groups[name] = (http, proxy)
+        token = login_token(groups["on"][0])
+        base = ["-z", duration, "-c", str(connections)]
+        scenarios = [
+            ("static page, gzip, HTTP", ["-H", "Accept-Encoding: gzip"], "/"),
+            ("GET /api/ping", [], "/api/ping"),
+            ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "/api/count"),
+        ]
+        results = {}
+        for round_no in range(rounds):
+            for index, (label, args, path) in enumerate(scenarios):
+                for name, (http, pids) in groups.items():
+                    run_id = f"obs-r{round_no}-s{index}-{name}"
+                    url = f"http://127.0.0.1:{http}{path}"
+                    results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
+        logged = sum(1 for _ in open(work / "on" / "logs" / "access.log"))
+    finally:
+        stop_all(processes, work)
+
+    def med(label, name, key):
+        return median_of(results, label, name, key)
+
+    lines = [
+        f"`scripts/bench.py --observability{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} "
+        f"per run, {rounds} round(s) alternating, medians; {os.cpu_count()} cores; 'on' = metrics kept and "
+        f"scraped-ready, JSON access log to a file ({logged:,} lines written); 'off' = neither.",
+        "",
+        "| scenario | rps on | rps off | on/off | p99 ms on | p99 ms off | proxy CPU us/req on | off |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for label, *_ in scenarios:
+        on, off = (med(label, n, "rps") for n in ("on", "off"))
+        lines.append(
+            f"| {label} | {on:,.0f} | {off:,.0f} | {on / off:.2f}x | {med(label, 'on', 'p99'):.2f} | "
+            f"{med(label, 'off', 'p99'):.2f} | {med(label, 'on', 'cpu_us'):.1f} | {med(label, 'off', 'cpu_us'):.1f} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (opts.out / "observability.md").write_text(table)
+    print(table)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "target" / "bench", help="results directory")
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    parser.add_argument("--observability", action="store_true",
+                        help="compare gatehouse with metrics and access logs on and off")
     opts = parser.parse_args()
 
     for tool in ("oha", "nginx"):
@@ -226,6 +353,9 @@ def main():
     if not opts.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=REPO, check=True)
     binary = REPO / "target" / "release" / "gatehouse"
+    if opts.observability:
+        observability(opts, binary)
+        return
 
     duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, 2)
     backends = 3
@@ -237,15 +367,11 @@ def main():
     work = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     processes = []
     try:
-        # The same files for both, with the .gz beside each text file (nginx gzip_static; a
-        # fresh .gz beside a file is what gatehouse serves too).
-        shutil.copytree(REPO / "static", work / "static")
-        for path in (work / "static").rglob("*"):
-            if path.suffix in (".html", ".css", ".svg"):
-                subprocess.run(["gzip", "-9", "-k", "-f", str(path)], check=True)
-
+        copy_static(work)
         ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https")}
-        (work / "gatehouse.toml").write_text(gatehouse_config(work, ports["gh_http"], ports["gh_https"], backends))
+        # Metrics on (gatehouse always keeps them in production), access logs off on both sides.
+        (work / "gatehouse.toml").write_text(
+            gatehouse_config(work, ports["gh_http"], ports["gh_https"], backends, admin=free_port()))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
         log = open(work / "gatehouse.log", "w")
@@ -262,12 +388,7 @@ def main():
         nginx_master = int((work / "nginx.pid").read_text())
         nginx_workers = children(nginx_master)
 
-        login = urllib.request.Request(
-            f"http://127.0.0.1:{ports['gh_http']}/auth/login",
-            data=json.dumps({"username": "admin", "password": "password"}).encode(),
-            headers={"Content-Type": "application/json"},
-        )
-        token = json.load(urllib.request.urlopen(login))["token"]
+        token = login_token(ports["gh_http"])
 
         base = ["-z", duration, "-c", str(connections)]
         gzip = ["-H", "Accept-Encoding: gzip"]
@@ -299,20 +420,10 @@ def main():
             [p for p in members if "backend-1.sock" in cmdline(p)], raw, "ceiling",
         )
     finally:
-        for proc in processes:
-            proc.send_signal(signal.SIGTERM)
-        pid_file = work / "nginx.pid"
-        if pid_file.exists():
-            os.kill(int(pid_file.read_text()), signal.SIGQUIT)
-        for proc in processes:
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-        shutil.rmtree(work, ignore_errors=True)
+        stop_all(processes, work)
 
     def med(label, name, key):
-        return statistics.median(r[key] for r in results[(label, name)])
+        return median_of(results, label, name, key)
 
     lines = [
         f"`scripts/bench.py{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} per run, "

@@ -10,8 +10,6 @@ use std::{
     path::Path,
 };
 
-use rustls::pki_types::{CertificateDer, PrivateKeyDer, pem::PemObject};
-
 /// Self-signed ECDSA P-256, valid for 365 days, for localhost and `names`.
 pub fn generate(cert_path: &Path, key_path: &Path, names: &[String]) -> Result<(), String> {
     let mut sans = vec!["localhost".to_string(), "127.0.0.1".into(), "::1".into()];
@@ -62,35 +60,7 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
 
 /// Reads both files and checks that the key belongs to the certificate.
 pub fn validate(cert_path: &Path, key_path: &Path) -> Result<(), String> {
-    let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
-        .and_then(|iter| iter.collect::<Result<_, _>>())
-        .map_err(|e| {
-            format!(
-                "{}: cannot read a PEM certificate: {e}",
-                cert_path.display()
-            )
-        })?;
-    if certs.is_empty() {
-        return Err(format!(
-            "{}: no certificate in the file",
-            cert_path.display()
-        ));
-    }
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_path.display()))?;
-    let provider = rustls::crypto::ring::default_provider();
-    let signing_key = provider
-        .key_provider
-        .load_private_key(key)
-        .map_err(|e| format!("{}: unusable private key: {e}", key_path.display()))?;
-    let certified = rustls::sign::CertifiedKey::new(certs, signing_key);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} does not match the certificate {}: {e}",
-            key_path.display(),
-            cert_path.display()
-        )
-    })
+    gatehouse_proxy::tls::load_certified_key(cert_path, key_path).map(drop)
 }
 
 #[cfg(test)]

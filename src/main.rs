@@ -47,6 +47,18 @@ enum Command {
         /// The name this backend reports in `X-Backend-Id`.
         #[arg(long, default_value = "b1")]
         id: String,
+        /// A second Unix socket, serving the backend's metrics at `/metrics`.
+        #[arg(long)]
+        admin_socket: Option<PathBuf>,
+    },
+    /// Ask the running group's admin listener whether it is alive (or, with --ready, ready);
+    /// exit 0 if so, 1 if not. For container health checks.
+    Healthcheck {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Ask `/readyz` (backends and Redis ready) instead of `/healthz` (alive).
+        #[arg(long)]
+        ready: bool,
     },
     /// Read a password on stdin and print its argon2id hash for the users file.
     HashPassword,
@@ -73,8 +85,11 @@ struct ConfigArg {
 }
 
 impl ConfigArg {
+    /// Loads the config and sets up logging as it says.
     fn load(&self) -> Result<Config, Failure> {
-        Config::load(&self.config).map_err(|e| Failure::Config(e.to_string()))
+        let config = Config::load(&self.config).map_err(|e| Failure::Config(e.to_string()))?;
+        init_logging(config.logging.json);
+        Ok(config)
     }
 }
 
@@ -85,7 +100,6 @@ enum Failure {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    init_logging();
     let outcome = match cli.command {
         Command::Run(arg) => arg
             .load()
@@ -101,9 +115,17 @@ fn main() -> ExitCode {
                 })
                 .map_err(Failure::Runtime)
         }),
-        Command::Backend { config, socket, id } => config
+        Command::Backend {
+            config,
+            socket,
+            id,
+            admin_socket,
+        } => config
             .load()
-            .and_then(|config| serve_backend::run(&config, &socket, id)),
+            .and_then(|config| serve_backend::run(&config, &socket, admin_socket.as_deref(), id)),
+        Command::Healthcheck { config, ready } => {
+            config.load().and_then(|config| healthcheck(&config, ready))
+        }
         Command::HashPassword => hash_password(),
         Command::Cert { config, force } => config.load().and_then(|config| cert(&config, force)),
     };
@@ -214,11 +236,65 @@ fn hash_password() -> Result<i32, Failure> {
     Ok(0)
 }
 
-fn init_logging() {
+/// Application logs on stderr, as text or JSON lines; `RUST_LOG` sets the level.
+fn init_logging(json: bool) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    // `try_init`: a second load (run validates twice) keeps the first subscriber.
+    let _ = if json {
+        builder.json().flatten_event(true).try_init()
+    } else {
+        builder.try_init()
+    };
+}
+
+/// One GET to the admin listener, with a short deadline: 0 on a 200, 1 otherwise.
+fn healthcheck(config: &Config, ready: bool) -> Result<i32, Failure> {
+    use std::io::{Read, Write};
+    let Some(mut addr) = config.admin_listen else {
+        return Err(Failure::Config(format!(
+            "{}: the admin listener is off ([admin] listen = \"\")",
+            config.file.display()
+        )));
+    };
+    // A wildcard listen address is reached through loopback.
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr {
+            std::net::SocketAddr::V4(_) => std::net::Ipv4Addr::LOCALHOST.into(),
+            std::net::SocketAddr::V6(_) => std::net::Ipv6Addr::LOCALHOST.into(),
+        });
+    }
+    let path = if ready { "/readyz" } else { "/healthz" };
+    let deadline = std::time::Duration::from_secs(5);
+    let answer = (|| -> std::io::Result<String> {
+        let mut stream = std::net::TcpStream::connect_timeout(&addr, deadline)?;
+        stream.set_read_timeout(Some(deadline))?;
+        stream.set_write_timeout(Some(deadline))?;
+        write!(
+            stream,
+            "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
+        )?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    match answer {
+        Ok(response) if response.starts_with("HTTP/1.1 200") => {
+            println!("{path}: ok");
+            Ok(0)
+        }
+        Ok(response) => {
+            let status = response.lines().next().unwrap_or_default();
+            let body = response.split("\r\n\r\n").nth(1).unwrap_or_default();
+            println!("{path}: {status} {body}");
+            Ok(1)
+        }
+        Err(error) => {
+            println!("{path}: cannot reach the admin listener on {addr}: {error}");
+            Ok(1)
+        }
+    }
 }

@@ -2,7 +2,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use gatehouse_backend::{App, Store, Tokens, Users};
+use gatehouse_backend::{App, Metrics, Store, Tokens, Users};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{Failure, config::Config};
@@ -10,7 +10,13 @@ use crate::{Failure, config::Config};
 /// How long open requests may run after SIGTERM.
 const DRAIN: Duration = Duration::from_secs(10);
 
-pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
+/// Serves `socket`, and the backend's metrics on `admin_socket` when given.
+pub fn run(
+    config: &Config,
+    socket: &Path,
+    admin_socket: Option<&Path>,
+    id: String,
+) -> Result<i32, Failure> {
     let users =
         Users::load(&config.backend.users_file).map_err(|e| Failure::Config(e.to_string()))?;
     let secret = config.backend.jwt_secret.as_deref().ok_or_else(|| {
@@ -37,13 +43,16 @@ pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
         .build()
         .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
-        let store = Store::new(&redis_url, config.redis.timeout).map_err(Failure::Config)?;
+        let metrics = Arc::new(Metrics::new(&id).map_err(Failure::Runtime)?);
+        let store = Store::new(&redis_url, config.redis.timeout, Some(metrics.clone()))
+            .map_err(Failure::Config)?;
         let app = App::new(
             id.clone(),
             users,
             tokens,
             store,
             config.backend.max_body_bytes,
+            metrics.clone(),
         )
         .map_err(Failure::Config)?;
         // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
@@ -56,6 +65,12 @@ pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
         let listener = gatehouse_backend::bind(socket)
             .await
             .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", socket.display())))?;
+        if let Some(admin) = admin_socket {
+            let listener = gatehouse_backend::bind(admin).await.map_err(|e| {
+                Failure::Runtime(format!("cannot listen on {}: {e}", admin.display()))
+            })?;
+            tokio::spawn(gatehouse_backend::serve_admin(listener, metrics));
+        }
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
         let shutdown = async {
             tokio::select! {
@@ -63,12 +78,14 @@ pub fn run(config: &Config, socket: &Path, id: String) -> Result<i32, Failure> {
                 _ = int.recv() => {
                     // SIGINT means now: no draining.
                     let _ = std::fs::remove_file(socket);
+                    admin_socket.map(std::fs::remove_file);
                     std::process::exit(130);
                 }
             }
         };
         gatehouse_backend::serve(listener, Arc::new(app), shutdown, DRAIN).await;
         let _ = std::fs::remove_file(socket);
+        admin_socket.map(std::fs::remove_file);
         Ok(0)
     })
 }

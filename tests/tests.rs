@@ -6,6 +6,7 @@ mod access;
 mod api;
 mod config;
 mod jwt;
+mod observability;
 mod process_group;
 mod redis;
 mod statics;

@@ -165,6 +165,8 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra keys for the `[proxy]` table.
     pub proxy_extra: String,
+    /// Extra keys for the `[logging]` table (whose access log is `logs/access.log`).
+    pub logging_extra: String,
     /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
     pub extra: String,
 }
@@ -178,6 +180,7 @@ impl Default for Options {
             shutdown_grace_seconds: 5,
             env: Vec::new(),
             proxy_extra: String::new(),
+            logging_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -190,6 +193,8 @@ pub struct Group {
     pub port: u16,
     /// The HTTPS listener, when TLS is on.
     pub tls_port: Option<u16>,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`).
+    pub admin_port: u16,
     pub child: Child,
     pub client: reqwest::blocking::Client,
     env: Vec<(String, String)>,
@@ -208,6 +213,7 @@ impl Group {
             dir,
             port: 0,
             tls_port: None,
+            admin_port: 0,
             child: Command::new("true").spawn().expect("placeholder child"),
             client: reqwest::blocking::Client::new(),
             env: options.env.clone(),
@@ -216,7 +222,14 @@ impl Group {
         for _ in 0..3 {
             group.port = free_port();
             group.tls_port = options.tls.then(free_port);
-            write_config(group.dir.path(), group.port, group.tls_port, &options);
+            group.admin_port = free_port();
+            write_config(
+                group.dir.path(),
+                group.port,
+                group.tls_port,
+                group.admin_port,
+                &options,
+            );
             if options.tls && !group.dir.path().join("certs/gatehouse.crt").exists() {
                 let status = Command::new(BIN)
                     .args(["cert", "--config"])
@@ -326,6 +339,23 @@ impl Group {
         format!("http://127.0.0.1:{}{path}", self.port)
     }
 
+    /// A GET to the admin listener: status and body.
+    pub fn admin(&self, path: &str) -> (u16, String) {
+        let response =
+            reqwest::blocking::get(format!("http://127.0.0.1:{}{path}", self.admin_port))
+                .expect("admin listener");
+        (
+            response.status().as_u16(),
+            response.text().expect("admin body"),
+        )
+    }
+
+    /// The value of one sample in the admin listener's `/metrics`, e.g.
+    /// `gatehouse_denied_total{route="/close/"}`; 0 when the series is absent.
+    pub fn metric(&self, series: &str) -> f64 {
+        metric_value(&self.admin("/metrics").1, series)
+    }
+
     pub fn get(&self, path: &str) -> reqwest::Result<reqwest::blocking::Response> {
         self.client.get(self.url(path)).send()
     }
@@ -427,7 +457,23 @@ fn spawn(dir: &Path, env: &[(String, String)]) -> Child {
         .expect("start gatehouse")
 }
 
-fn write_config(dir: &Path, port: u16, tls_port: Option<u16>, options: &Options) -> PathBuf {
+/// The value of `series` (name and labels exactly as exposed) in a Prometheus text page.
+pub fn metric_value(text: &str, series: &str) -> f64 {
+    text.lines()
+        .find_map(|line| {
+            let (name, value) = line.rsplit_once(' ')?;
+            (name == series).then(|| value.parse().ok()).flatten()
+        })
+        .unwrap_or(0.0)
+}
+
+fn write_config(
+    dir: &Path,
+    port: u16,
+    tls_port: Option<u16>,
+    admin_port: u16,
+    options: &Options,
+) -> PathBuf {
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let users = repo.join("conf/users");
     let statics = repo.join("static");
@@ -450,6 +496,13 @@ key = "certs/gatehouse.key"
 
 [static]
 max_cached_file_bytes = 65536
+
+[admin]
+listen = "127.0.0.1:{admin_port}"
+
+[logging]
+access_log = "logs/access.log"
+{logging_extra}
 
 [backend]
 count = {backends}
@@ -489,6 +542,7 @@ static_dir = "{statics}/main"
 cache_control = "no-cache"
 "#,
         proxy_extra = options.proxy_extra,
+        logging_extra = options.logging_extra,
         tls = tls_port.is_some(),
         tls_port = tls_port.unwrap_or(1),
         statics = statics.display(),

@@ -4,13 +4,16 @@
 //! - [`token`]: issuing and checking HS256 JWTs.
 //! - [`users`]: the argon2id users file.
 //! - [`store`]: Redis, shared by every backend process and replica.
+//! - [`metrics`]: the backend's Prometheus series, served on a separate admin socket.
 //! - [`error`], [`http_util`]: the JSON error type and body helpers.
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
-//! start it the same way.
+//! start it the same way. [`serve_admin`] answers `GET /metrics` on its own socket, which
+//! no route of the proxy can reach.
 
 pub mod error;
 pub mod http_util;
+pub mod metrics;
 pub mod routes;
 pub mod store;
 pub mod token;
@@ -23,6 +26,7 @@ use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::net::{UnixListener, UnixStream};
 
+pub use metrics::Metrics;
 pub use store::Store;
 pub use token::Tokens;
 pub use users::Users;
@@ -35,6 +39,7 @@ pub struct App {
     pub tokens: Tokens,
     pub store: Store,
     pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
 }
 
 impl App {
@@ -44,6 +49,7 @@ impl App {
         tokens: Tokens,
         store: Store,
         max_body_bytes: usize,
+        metrics: Arc<Metrics>,
     ) -> Result<Self, String> {
         let id_header = HeaderValue::from_str(&id)
             .map_err(|_| format!("backend id {id:?} is not a valid header value"))?;
@@ -54,6 +60,7 @@ impl App {
             tokens,
             store,
             max_body_bytes,
+            metrics,
         })
     }
 }
@@ -126,5 +133,43 @@ pub async fn serve(
             drain_s = drain.as_secs(),
             "requests still open after the drain period; closing them"
         );
+    }
+}
+
+/// Answers `GET /metrics` with the Prometheus text of `metrics`, until the process ends.
+pub async fn serve_admin(listener: UnixListener, metrics: Arc<Metrics>) {
+    loop {
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            Err(error) => {
+                tracing::warn!(%error, "admin accept failed");
+                tokio::time::sleep(Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let metrics = metrics.clone();
+        let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
+            let metrics = metrics.clone();
+            async move {
+                let response = if request.uri().path() == "/metrics" {
+                    let mut response = http::Response::new(http_util::Body::from(metrics.render()));
+                    response.headers_mut().insert(
+                        http::header::CONTENT_TYPE,
+                        HeaderValue::from_static("text/plain; version=0.0.4"),
+                    );
+                    response
+                } else {
+                    let mut response = http::Response::new(http_util::Body::default());
+                    *response.status_mut() = http::StatusCode::NOT_FOUND;
+                    response
+                };
+                Ok::<_, std::convert::Infallible>(response)
+            }
+        });
+        tokio::spawn(async move {
+            let _ = http1::Builder::new()
+                .serve_connection(TokioIo::new(stream), service)
+                .await;
+        });
     }
 }

@@ -1,7 +1,7 @@
 //! The backend's endpoints, routed by `match (method, path)`. Each handler returns a value or
 //! an [`ApiError`]; one place turns both into a response carrying the request id.
 
-use std::sync::Arc;
+use std::{sync::Arc, time::Instant};
 
 use http::{Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
@@ -12,9 +12,16 @@ use crate::{
     App,
     error::ApiError,
     http_util::{Body, json_response, read_json, static_json},
+    metrics::{Endpoint, Login as LoginOutcome},
 };
 
+/// Response header naming the token's subject, for the proxy's access log; the proxy
+/// removes it before the response reaches the client.
+pub const USER_HEADER: &str = "x-gatehouse-user";
+
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
+    let started = Instant::now();
+    let endpoint = endpoint(request.uri().path());
     // The proxy always sends an id; a backend reached directly makes one. Kept as the header
     // value, so the success path copies no string.
     let request_id = request
@@ -23,10 +30,14 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body>
         .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
         .cloned()
         .unwrap_or_else(new_request_id);
-    let mut response = match route(&app, request).await {
+    let id = request_id.to_str().unwrap_or_default();
+    let mut response = match route(&app, request, id).await {
         Ok(response) => response,
-        Err(error) => error.into_response(request_id.to_str().unwrap_or_default()),
+        Err(error) => error.into_response(id),
     };
+    let seconds = started.elapsed().as_secs_f64();
+    app.metrics
+        .request(endpoint, response.status().as_u16(), seconds);
     let headers = response.headers_mut();
     headers.insert("x-backend-id", app.id_header.clone());
     headers.insert(REQUEST_ID, request_id);
@@ -41,12 +52,34 @@ fn new_request_id() -> header::HeaderValue {
     header::HeaderValue::from_str(id).unwrap_or(header::HeaderValue::from_static("unknown"))
 }
 
-async fn route(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+fn endpoint(path: &str) -> Endpoint {
+    match path {
+        "/api/ping" => Endpoint::Ping,
+        "/auth/login" => Endpoint::Login,
+        "/api/count" => Endpoint::Count,
+        "/healthz" => Endpoint::Health,
+        _ => Endpoint::Other,
+    }
+}
+
+async fn route(
+    app: &App,
+    request: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
     let method = request.method().clone();
     match (&method, request.uri().path()) {
         (&Method::GET, "/api/ping") => Ok(static_json(StatusCode::OK, br#"{"status":"ok"}"#)),
         (&Method::GET, "/healthz") => health(app).await,
-        (&Method::POST, "/auth/login") => login(app, request).await,
+        (&Method::POST, "/auth/login") => {
+            let result = login(app, request, request_id).await;
+            app.metrics.login(match &result {
+                Ok(_) => LoginOutcome::Success,
+                Err(e) if e.status == StatusCode::UNAUTHORIZED => LoginOutcome::Refused,
+                Err(_) => LoginOutcome::Error,
+            });
+            result
+        }
         (&Method::GET, "/api/count") => count(app, &request).await,
         (_, "/api/ping" | "/healthz" | "/api/count") => Err(method_not_allowed("GET")),
         (_, "/auth/login") => Err(method_not_allowed("POST")),
@@ -72,7 +105,11 @@ struct Login {
     password: String,
 }
 
-async fn login(app: &App, request: Request<Incoming>) -> Result<Response<Body>, ApiError> {
+async fn login(
+    app: &App,
+    request: Request<Incoming>,
+    request_id: &str,
+) -> Result<Response<Body>, ApiError> {
     let Login { username, password } = read_json(request, app.max_body_bytes).await?;
     let users = app.users.clone();
     let name = username.clone();
@@ -81,7 +118,7 @@ async fn login(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
         .await
         .unwrap_or(false);
     if !valid {
-        tracing::info!(user = %username, "login refused");
+        tracing::info!(user = %username, request_id, "login refused");
         return Err(ApiError::new(
             StatusCode::UNAUTHORIZED,
             "invalid_credentials",
@@ -89,7 +126,7 @@ async fn login(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
         ));
     }
     let token = app.tokens.issue(&username).map_err(|e| {
-        tracing::error!(error = %e, "cannot sign a token");
+        tracing::error!(error = %e, request_id, "cannot sign a token");
         ApiError::new(
             StatusCode::INTERNAL_SERVER_ERROR,
             "internal",
@@ -108,7 +145,8 @@ async fn login(app: &App, request: Request<Incoming>) -> Result<Response<Body>, 
 
 async fn count(app: &App, request: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
     let token = bearer_token(request)?;
-    app.tokens
+    let claims = app
+        .tokens
         .verify(token)
         .map_err(|e| ApiError::invalid_token(format!("the bearer token is not valid: {e}")))?;
     let visits = app
@@ -116,7 +154,11 @@ async fn count(app: &App, request: &Request<Incoming>) -> Result<Response<Body>,
         .count_visit()
         .await
         .map_err(|_| ApiError::store_unavailable())?;
-    Ok(json_response(StatusCode::OK, &json!({"visits": visits})))
+    let mut response = json_response(StatusCode::OK, &json!({"visits": visits}));
+    if let Ok(user) = header::HeaderValue::from_str(&claims.sub) {
+        response.headers_mut().insert(USER_HEADER, user);
+    }
+    Ok(response)
 }
 
 fn bearer_token<B>(request: &Request<B>) -> Result<&str, ApiError> {

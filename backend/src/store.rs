@@ -5,7 +5,10 @@
 //! request never waits on a dead Redis for longer than that.
 
 use std::{
-    sync::atomic::{AtomicBool, Ordering},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
     time::Duration,
 };
 
@@ -13,6 +16,8 @@ use redis::{
     AsyncCommands, Client,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
+
+use crate::metrics::Metrics;
 
 /// The one key every backend process and every replica counts in.
 pub const VISITS_KEY: &str = "gatehouse:visits";
@@ -23,14 +28,20 @@ pub struct Store {
     /// Last seen state, so an outage is logged once when it starts and once when it ends,
     /// not once per request.
     up: AtomicBool,
+    metrics: Option<Arc<Metrics>>,
 }
 
 #[derive(Debug)]
 pub struct Unavailable;
 
 impl Store {
-    /// Must be called inside a tokio runtime; it does not connect yet.
-    pub fn new(url: &str, deadline: Duration) -> Result<Self, String> {
+    /// Must be called inside a tokio runtime; it does not connect yet. Every call's outcome
+    /// goes to `metrics` when given.
+    pub fn new(
+        url: &str,
+        deadline: Duration,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, String> {
         let client = Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
         // Few, quick retries: a request that cannot be answered now gets a 503 and its
         // client retries, rather than holding a connection open through a long backoff.
@@ -46,6 +57,7 @@ impl Store {
             manager,
             deadline,
             up: AtomicBool::new(true),
+            metrics,
         })
     }
 
@@ -71,6 +83,9 @@ impl Store {
             Ok(Err(error)) => Err(error.to_string()),
             Err(_) => Err(format!("no answer within {:?}", self.deadline)),
         };
+        if let Some(metrics) = &self.metrics {
+            metrics.redis(outcome.is_ok());
+        }
         let was_up = self.up.swap(outcome.is_ok(), Ordering::Relaxed);
         match &outcome {
             Err(error) if was_up => tracing::warn!(%error, "redis unavailable"),

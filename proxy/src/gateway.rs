@@ -1,6 +1,7 @@
 //! The proxy's request phases, in the order Pingora runs them:
 //!
-//! 1. `early_request_filter`: take or make the request id; note TLS and the client address.
+//! 1. `early_request_filter`: take (from a trusted proxy) or make the request id; note TLS and
+//!    the client address.
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
 //!    404); the route's access rules (rate limit -> 429, allow/deny -> 403, basic auth ->
@@ -10,8 +11,13 @@
 //! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
 //! 6. `response_filter`: request id, HSTS, compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
+//! 8. `logging`: the request's metrics and access log line, once it is over.
 
-use std::net::{IpAddr, Ipv4Addr};
+use std::{
+    net::{IpAddr, Ipv4Addr},
+    sync::Arc,
+    time::{Duration, Instant, SystemTime},
+};
 
 use async_trait::async_trait;
 use pingora::{
@@ -25,8 +31,10 @@ use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
 use crate::{
     access::{Decision, client_ip, ip_list::IpList},
+    access_log::{AccessLog, Record},
     drain::InFlight,
     https_redirect::HttpsRedirect,
+    metrics::{Metrics, Refusal, RouteSeries},
     request_id,
     respond::{self, Stamp},
     routes::{RouteTable, Served},
@@ -45,19 +53,45 @@ pub struct TlsBehaviour {
 /// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
 const COMPRESSION_LEVEL: u32 = 5;
 
+/// The request metrics, when the admin listener is on to serve them.
+pub struct Observe {
+    pub metrics: Arc<Metrics>,
+    /// By route index.
+    pub routes: Vec<RouteSeries>,
+    /// Requests no route took.
+    pub unrouted: RouteSeries,
+}
+
+/// Access logging, when configured.
+pub struct Logs {
+    pub log: Arc<AccessLog>,
+    /// By route index: the target (in the writer's list), or `None` for no log.
+    pub routes: Vec<Option<usize>>,
+    pub unrouted: Option<usize>,
+    /// Route prefixes, as the `route` field shows them.
+    pub names: Vec<Arc<str>>,
+}
+
+/// Response header a backend uses to name the token's subject, for the access log; removed
+/// before the response reaches the client.
+const USER_HEADER: &str = "x-gatehouse-user";
+
 pub struct Gateway {
-    routes: RouteTable,
+    routes: Arc<RouteTable>,
     pool: Pool,
     tls: TlsBehaviour,
     /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed.
     trusted_proxies: IpList,
     /// Backend responses at least this large are compressed for clients that accept it.
     compress_min_bytes: u64,
+    observe: Option<Observe>,
+    logs: Option<Logs>,
+    unrouted_name: Arc<str>,
 }
 
 impl Gateway {
     pub fn new(
-        routes: RouteTable,
+        routes: Arc<RouteTable>,
         pool: Pool,
         tls: TlsBehaviour,
         trusted_proxies: IpList,
@@ -69,7 +103,24 @@ impl Gateway {
             tls,
             trusted_proxies,
             compress_min_bytes,
+            observe: None,
+            logs: None,
+            unrouted_name: Arc::from(crate::metrics::NO_ROUTE),
         }
+    }
+
+    pub fn with_observers(mut self, observe: Option<Observe>, logs: Option<Logs>) -> Self {
+        self.observe = observe;
+        self.logs = logs;
+        self
+    }
+
+    fn series(&self, route: Option<usize>) -> Option<&RouteSeries> {
+        let observe = self.observe.as_ref()?;
+        Some(match route {
+            Some(i) => observe.routes.get(i)?,
+            None => &observe.unrouted,
+        })
     }
 
     fn stamp<'a>(&'a self, ctx: &'a RequestCtx) -> Stamp<'a> {
@@ -79,18 +130,13 @@ impl Gateway {
         }
     }
 
-    /// The proxy's own liveness, with how many clients each rate limit tracks.
+    /// The proxy's own liveness (the admin listener has the details).
     async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
-        let keys: serde_json::Map<String, serde_json::Value> = self
-            .routes
-            .rate_limit_keys()
-            .map(|(name, n)| (name.to_string(), n.into()))
-            .collect();
-        let body = serde_json::json!({"status": "ok", "rate_limit_keys": keys}).to_string();
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;
         header.insert_header("cache-control", "no-store")?;
-        respond::send(session, &self.stamp(ctx), header, bytes::Bytes::from(body)).await
+        let body = bytes::Bytes::from_static(br#"{"status":"ok"}"#);
+        respond::send(session, &self.stamp(ctx), header, body).await
     }
 
     /// Answers the request when the route's access rules refuse it; `Ok(true)` if answered.
@@ -101,6 +147,17 @@ impl Gateway {
         decision: Decision,
     ) -> Result<bool> {
         let stamp = self.stamp(ctx);
+        let refusal = match decision {
+            Decision::Pass { .. } => None,
+            Decision::RateLimited { .. } => Some(Refusal::RateLimited),
+            Decision::Forbidden => Some(Refusal::Denied),
+            Decision::Unauthorized { .. } | Decision::TooManyFailures { .. } => {
+                Some(Refusal::AuthFailed)
+            }
+        };
+        if let (Some(series), Some(refusal)) = (self.series(ctx.route), refusal) {
+            series.refused(refusal);
+        }
         match decision {
             Decision::Pass { .. } => return Ok(false),
             Decision::RateLimited { retry_after, limit } => {
@@ -161,6 +218,7 @@ impl Gateway {
 /// Per-request state.
 pub struct RequestCtx {
     _in_flight: InFlight,
+    started: Instant,
     request_id: String,
     /// Whether this request came over TLS.
     tls: bool,
@@ -172,6 +230,10 @@ pub struct RequestCtx {
     user: Option<String>,
     /// Backends that failed this request; allocated only when one fails.
     failed: Vec<SocketAddr>,
+    /// The backend chosen last, and when.
+    upstream: Option<(Arc<str>, Instant)>,
+    /// From choosing the backend to its response header.
+    upstream_time: Option<Duration>,
 }
 
 #[async_trait]
@@ -181,12 +243,15 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             _in_flight: InFlight::enter(),
+            started: Instant::now(),
             request_id: String::new(),
             tls: false,
             client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             route: None,
             user: None,
             failed: Vec::new(),
+            upstream: None,
+            upstream_time: None,
         }
     }
 
@@ -196,17 +261,20 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         let headers = &session.req_header().headers;
-        ctx.request_id = headers
-            .get("x-request-id")
-            .and_then(|v| request_id::accept(v.as_bytes()))
-            .map_or_else(request_id::generate, str::to_owned);
-        if let Some(peer) = session
+        let peer = session
             .client_addr()
             .and_then(|a| a.as_inet())
-            .map(|a| a.ip())
-        {
-            ctx.client =
-                client_ip::client_ip(peer, &session.req_header().headers, &self.trusted_proxies);
+            .map(|a| a.ip());
+        // An id from a proxy we trust ties our logs to its own; anyone else's is replaced, so
+        // a client cannot plant ids in our logs.
+        let trusted = peer.is_some_and(|p| self.trusted_proxies.contains(p.to_canonical()));
+        ctx.request_id = headers
+            .get("x-request-id")
+            .filter(|_| trusted)
+            .and_then(|v| request_id::accept(v.as_bytes()))
+            .map_or_else(request_id::generate, str::to_owned);
+        if let Some(peer) = peer {
+            ctx.client = client_ip::client_ip(peer, headers, &self.trusted_proxies);
         }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         // Pingora's compression module reads `Accept-Encoding` between this phase and
@@ -297,7 +365,8 @@ impl ProxyHttp for Gateway {
 
         match served {
             Served::Static(site) => {
-                site.serve(session, &self.stamp(ctx), prefix, &decoded)
+                let series = self.series(ctx.route);
+                site.serve(session, &self.stamp(ctx), prefix, &decoded, series)
                     .await?;
                 Ok(true)
             }
@@ -315,9 +384,13 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         match ctx.route.and_then(|i| self.routes.get(i)) {
-            Some((_, Served::Backends, _)) => self.pool.select(&ctx.failed).ok_or_else(|| {
-                Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
-            }),
+            Some((_, Served::Backends, _)) => {
+                let (peer, id) = self.pool.select(&ctx.failed).ok_or_else(|| {
+                    Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
+                })?;
+                ctx.upstream = id.map(|id| (id, Instant::now()));
+                Ok(peer)
+            }
             _ => Error::e_explain(
                 ErrorType::InternalError,
                 "no backend route chosen before upstream_peer",
@@ -334,6 +407,7 @@ impl ProxyHttp for Gateway {
     ) -> Box<Error> {
         // Nothing reached the backend, so any method may go to another one.
         ctx.failed.push(peer._address.clone());
+        self.upstream_error(ctx, "connect");
         e.set_retry(true);
         e
     }
@@ -362,6 +436,9 @@ impl ProxyHttp for Gateway {
             && !timed_out;
         if retry {
             ctx.failed.push(peer._address.clone());
+        }
+        if *e.esource() == ErrorSource::Upstream {
+            self.upstream_error(ctx, if timed_out { "timeout" } else { "error" });
         }
         e.set_retry(retry);
         e
@@ -407,6 +484,12 @@ impl ProxyHttp for Gateway {
         ctx: &mut RequestCtx,
     ) -> Result<()> {
         self.stamp(ctx).apply(response)?;
+        ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
+        if let Some(user) = response.remove_header(USER_HEADER)
+            && ctx.user.is_none()
+        {
+            ctx.user = user.to_str().ok().map(str::to_owned);
+        }
         // Large text responses (a big JSON listing) are compressed by Pingora's module, which
         // also negotiates `Accept-Encoding`; small ones are not worth it.
         let headers = &response.headers;
@@ -445,6 +528,70 @@ impl ProxyHttp for Gateway {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+        self.observe(session, ctx);
+    }
+}
+
+impl Gateway {
+    fn upstream_error(&self, ctx: &RequestCtx, kind: &str) {
+        if let (Some(observe), Some((id, _))) = (&self.observe, &ctx.upstream) {
+            observe.metrics.upstream_error(id, kind);
+        }
+    }
+
+    /// The request's metrics and access log line.
+    fn observe(&self, session: &Session, ctx: &mut RequestCtx) {
+        let elapsed = ctx.started.elapsed();
+        // No response at all: the client went away first (nginx's 499).
+        let status = session
+            .as_ref()
+            .response_written()
+            .map_or(499, |r| r.status.as_u16());
+        let request = session.req_header();
+        if let Some(series) = self.series(ctx.route) {
+            series.request(&request.method, status, elapsed.as_secs_f64());
+        }
+        let Some(logs) = &self.logs else { return };
+        let target = match ctx.route {
+            Some(i) => logs.routes.get(i).copied().flatten(),
+            None => logs.unrouted,
+        };
+        let Some(target) = target else { return };
+        let header = |name: &str| {
+            request
+                .headers
+                .get(name)
+                .and_then(|v| v.to_str().ok())
+                .map(|v| v.get(..512).unwrap_or(v).to_owned())
+        };
+        logs.log.log(Record {
+            target,
+            time: SystemTime::now() - elapsed,
+            request_id: std::mem::take(&mut ctx.request_id),
+            client: ctx.client,
+            method: request.method.clone(),
+            path: request.uri.path().to_owned(),
+            http2: session.is_http2(),
+            route: match ctx.route {
+                Some(i) => logs
+                    .names
+                    .get(i)
+                    .cloned()
+                    .unwrap_or_else(|| self.unrouted_name.clone()),
+                None => self.unrouted_name.clone(),
+            },
+            status,
+            bytes: session.as_ref().body_bytes_sent(),
+            duration: elapsed,
+            upstream: ctx.upstream.as_ref().map(|(id, _)| id.clone()),
+            upstream_duration: ctx.upstream_time,
+            user: ctx.user.take(),
+            user_agent: header("user-agent"),
+            referer: header("referer"),
+        });
     }
 }
 

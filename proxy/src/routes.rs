@@ -7,6 +7,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     access::{Access, AccessSettings, AccessSpec, rate_limit::RateLimit},
+    access_log::LogTarget,
     statics::{Site, StaticSettings},
 };
 
@@ -27,6 +28,8 @@ pub struct Route {
     pub prefix: String,
     pub target: Target,
     pub access: AccessSpec,
+    /// Where its requests are logged; `None`: not logged.
+    pub access_log: Option<LogTarget>,
 }
 
 /// What serves a route at run time.
@@ -37,6 +40,8 @@ pub enum Served {
 
 pub struct RouteTable {
     routes: Vec<(String, Served, Access)>,
+    /// Each route's access log, in the same order.
+    logs: Vec<Option<LogTarget>>,
     /// Every rate limit policy in use, by name.
     limits: HashMap<String, Arc<RateLimit>>,
 }
@@ -54,6 +59,7 @@ impl RouteTable {
             .filter(|r| matches!(r.target, Target::Static { .. }))
             .count();
         let mut limits = HashMap::new();
+        let logs = routes.iter().map(|r| r.access_log.clone()).collect();
         let routes = routes
             .into_iter()
             .map(|route| {
@@ -67,7 +73,11 @@ impl RouteTable {
                 Ok((route.prefix, served, rules))
             })
             .collect::<Result<_, String>>()?;
-        Ok(Self { routes, limits })
+        Ok(Self {
+            routes,
+            logs,
+            limits,
+        })
     }
 
     pub fn lookup(&self, path: &str) -> Option<usize> {
@@ -82,7 +92,17 @@ impl RouteTable {
             .map(|(prefix, served, access)| (prefix.as_str(), served, access))
     }
 
-    /// Clients tracked by each rate limit policy, for `/healthz`.
+    /// Prefixes and access logs of the routes, in lookup order (the index [`lookup`] returns).
+    ///
+    /// [`lookup`]: RouteTable::lookup
+    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&LogTarget>)> {
+        self.routes
+            .iter()
+            .zip(&self.logs)
+            .map(|((prefix, ..), log)| (prefix.as_str(), log.as_ref()))
+    }
+
+    /// Clients tracked by each rate limit policy, for the metrics.
     pub fn rate_limit_keys(&self) -> impl Iterator<Item = (&str, usize)> {
         self.limits
             .iter()
@@ -126,6 +146,7 @@ mod tests {
             prefix: prefix.into(),
             target,
             access: AccessSpec::default(),
+            access_log: None,
         }
     }
 

@@ -4,7 +4,7 @@
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use pingora::{
     http::RequestHeader,
@@ -17,8 +17,14 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 
+use crate::admin::BackendSocket;
+
+/// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
+#[derive(Debug, Clone)]
+pub struct BackendId(pub Arc<str>);
+
 pub struct PoolSettings {
-    pub sockets: Vec<PathBuf>,
+    pub backends: Vec<BackendSocket>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,
@@ -32,7 +38,8 @@ pub fn build(
     settings: &PoolSettings,
 ) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, String> {
     let mut backends = BTreeSet::new();
-    for path in &settings.sockets {
+    for backend in &settings.backends {
+        let path = &backend.socket;
         let text = path
             .to_str()
             .ok_or_else(|| format!("{} is not UTF-8", path.display()))?;
@@ -41,13 +48,14 @@ pub fn build(
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
         peer.options.idle_timeout = Some(Duration::from_secs(60));
-        let mut backend = Backend {
+        let mut entry = Backend {
             addr: peer._address.clone(),
             weight: 1,
             ext: Default::default(),
         };
-        backend.ext.insert(peer);
-        backends.insert(backend);
+        entry.ext.insert(peer);
+        entry.ext.insert(BackendId(Arc::from(backend.id.as_str())));
+        backends.insert(entry);
     }
     let backends = Backends::new(discovery::Static::new(backends));
     let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
@@ -78,12 +86,14 @@ impl Pool {
 
     /// The next healthy backend that has not already failed this request. When health checks
     /// have every one marked down, an untried backend is still worth one connect attempt.
-    pub fn select(&self, failed: &[SocketAddr]) -> Option<Box<HttpPeer>> {
+    pub fn select(&self, failed: &[SocketAddr]) -> Option<(Box<HttpPeer>, Option<Arc<str>>)> {
         let untried = |b: &Backend| !failed.contains(&b.addr);
         let backend = self
             .lb
             .select_with(b"", 256, |b, healthy| healthy && untried(b))
             .or_else(|| self.lb.select_with(b"", 256, |b, _| untried(b)))?;
-        backend.ext.get::<HttpPeer>().cloned().map(Box::new)
+        let id = backend.ext.get::<BackendId>().map(|id| id.0.clone());
+        let peer = backend.ext.get::<HttpPeer>().cloned().map(Box::new)?;
+        Some((peer, id))
     }
 }

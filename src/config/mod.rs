@@ -25,6 +25,8 @@ pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
 pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
 pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
 pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
+pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
+pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
 
 /// Unix socket paths are limited to 108 bytes including the terminator (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
@@ -66,6 +68,18 @@ pub struct Config {
     pub runtime_dir: PathBuf,
     pub data_dir: PathBuf,
     pub routes: Vec<gatehouse_proxy::Route>,
+    /// `None`: no admin listener (and no metrics kept).
+    pub admin_listen: Option<SocketAddr>,
+    pub logging: Logging,
+}
+
+#[derive(Debug, Clone)]
+pub struct Logging {
+    /// Application logs as JSON lines rather than text.
+    pub json: bool,
+    pub access_log_format: gatehouse_proxy::LogFormat,
+    /// The log of requests no route takes, and of routes that name none.
+    pub access_log: Option<gatehouse_proxy::LogTarget>,
 }
 
 #[derive(Debug, Clone)]
@@ -302,6 +316,55 @@ impl Config {
             min_compress_bytes: st.min_compress_bytes,
         };
 
+        let admin_listen = match env(ENV_ADMIN_LISTEN) {
+            Some(value) if value.is_empty() => None,
+            Some(value) => Some(listen_address(
+                Some(value),
+                ENV_ADMIN_LISTEN,
+                "",
+                "admin.listen",
+                &at,
+            )?),
+            None if raw.admin.listen.is_empty() => None,
+            None => Some(listen_address(
+                None,
+                ENV_ADMIN_LISTEN,
+                &raw.admin.listen,
+                "admin.listen",
+                &at,
+            )?),
+        };
+        let json_logs = match env(ENV_LOG_FORMAT) {
+            Some(value) => log_format(&value).ok_or_else(|| {
+                from_env(
+                    ENV_LOG_FORMAT,
+                    format!("{value:?}: choose \"text\" or \"json\""),
+                )
+            })?,
+            None => log_format(&raw.logging.format).ok_or_else(|| {
+                at(
+                    "logging.format",
+                    format!("{:?}: choose \"text\" or \"json\"", raw.logging.format),
+                )
+            })?,
+        };
+        let access_log_format = match raw.logging.access_log_format.as_str() {
+            "json" => gatehouse_proxy::LogFormat::Json,
+            "combined" => gatehouse_proxy::LogFormat::Combined,
+            other => {
+                return Err(at(
+                    "logging.access_log_format",
+                    format!("{other:?}: choose \"json\" or \"combined\""),
+                ));
+            }
+        };
+        let default_log = log_target(&raw.logging.access_log, base, "logging.access_log", &at)?;
+        let logging = Logging {
+            json: json_logs,
+            access_log_format,
+            access_log: default_log.clone(),
+        };
+
         if raw.routes.is_empty() {
             return Err(at(
                 "routes",
@@ -374,10 +437,15 @@ impl Config {
                 }
             };
             let access = route_access(route, i, &raw, base, &at)?;
+            let access_log = match &route.access_log {
+                Some(value) => log_target(value, base, &key("access_log"), &at)?,
+                None => default_log.clone(),
+            };
             routes.push(gatehouse_proxy::Route {
                 prefix: route.prefix.clone(),
                 target,
                 access,
+                access_log,
             });
         }
 
@@ -411,9 +479,12 @@ impl Config {
             runtime_dir,
             data_dir,
             routes,
+            admin_listen,
+            logging,
         };
         for i in 0..config.backend.count {
-            let socket = config.backend_socket(i);
+            // The admin socket has the longer name.
+            let socket = config.backend_admin_socket(i);
             if socket.as_os_str().len() > MAX_SOCKET_PATH {
                 return Err(at(
                     "paths.runtime_dir",
@@ -435,6 +506,12 @@ impl Config {
         self.runtime_dir.join(format!("backend-{}.sock", index + 1))
     }
 
+    /// Where backend `index` serves its metrics to the admin listener.
+    pub fn backend_admin_socket(&self, index: usize) -> PathBuf {
+        self.runtime_dir
+            .join(format!("backend-{}.admin.sock", index + 1))
+    }
+
     pub fn managed_redis_socket(&self) -> PathBuf {
         self.runtime_dir.join("redis.sock")
     }
@@ -445,8 +522,12 @@ impl Config {
             threads: self.proxy.threads,
             routes: self.routes.clone(),
             pool: gatehouse_proxy::PoolSettings {
-                sockets: (0..self.backend.count)
-                    .map(|i| self.backend_socket(i))
+                backends: (0..self.backend.count)
+                    .map(|i| gatehouse_proxy::BackendSocket {
+                        id: self.backend_id(i),
+                        socket: self.backend_socket(i),
+                        admin_socket: Some(self.backend_admin_socket(i)),
+                    })
                     .collect(),
                 connect_timeout: self.proxy.connect_timeout,
                 read_timeout: self.proxy.read_timeout,
@@ -471,6 +552,9 @@ impl Config {
             access: self.access.clone(),
             shutdown_grace: self.proxy.shutdown_grace,
             runtime_dir: self.runtime_dir.clone(),
+            admin_listen: self.admin_listen.map(|a| a.to_string()),
+            access_log_format: self.logging.access_log_format,
+            default_access_log: self.logging.access_log.clone(),
         }
     }
 }
@@ -633,6 +717,34 @@ fn route_access(
     })
 }
 
+fn log_format(value: &str) -> Option<bool> {
+    match value {
+        "text" => Some(false),
+        "json" => Some(true),
+        _ => None,
+    }
+}
+
+/// `""`: no log; `"-"`: standard output; otherwise a file (the proxy creates its directory).
+fn log_target(
+    value: &str,
+    base: &Path,
+    key: &str,
+    at: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<Option<gatehouse_proxy::LogTarget>, ConfigError> {
+    Ok(match value {
+        "" => None,
+        "-" => Some(gatehouse_proxy::LogTarget::Stdout),
+        file => {
+            let path = base.join(file);
+            if path.is_dir() {
+                return Err(at(key, format!("{} is a directory", path.display())));
+            }
+            Some(gatehouse_proxy::LogTarget::File(path))
+        }
+    })
+}
+
 fn header_value_ok(value: &str) -> Result<(), String> {
     if value
         .bytes()
@@ -666,6 +778,8 @@ struct RawConfig {
     backend: RawBackend,
     redis: RawRedis,
     paths: RawPaths,
+    admin: RawAdmin,
+    logging: RawLogging,
     #[serde(default = "default_rate_limits")]
     rate_limits: std::collections::BTreeMap<String, RawRate>,
     routes: Vec<RawRoute>,
@@ -810,6 +924,38 @@ impl Default for RawRedis {
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields, default)]
+struct RawAdmin {
+    listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9180".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
+struct RawLogging {
+    format: String,
+    access_log: String,
+    access_log_format: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            access_log: "-".into(),
+            access_log_format: "json".into(),
+        }
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields, default)]
 struct RawPaths {
     runtime_dir: PathBuf,
     data_dir: PathBuf,
@@ -840,6 +986,7 @@ struct RawRoute {
     realm: Option<String>,
     #[serde(default)]
     pass_authorization: bool,
+    access_log: Option<String>,
 }
 
 #[cfg(test)]

@@ -7,6 +7,7 @@ use std::{
     net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr},
     path::PathBuf,
     process::ExitStatus,
+    sync::Arc,
     time::{Duration, Instant},
 };
 
@@ -16,6 +17,8 @@ use tokio::{
     sync::watch,
     time::sleep,
 };
+
+use super::metrics::GroupMetrics;
 
 /// How the group is being stopped; each child maps it to its own signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -143,13 +146,23 @@ pub async fn stop(name: &str, child: &mut Child, how: Stop, timeout: Duration) {
 }
 
 /// Keeps `child` running until told to stop: restarts it with exponential backoff when it
-/// exits, and stops it with the requested signal when the group goes down.
-pub async fn keep_running(spec: Spec, mut child: Child, mut orders: watch::Receiver<Order>) {
+/// exits, and stops it with the requested signal when the group goes down. Its current pid
+/// goes to `pid`, so signals can be forwarded to it.
+pub async fn keep_running(
+    spec: Spec,
+    mut child: Child,
+    mut orders: watch::Receiver<Order>,
+    pid: watch::Sender<Option<u32>>,
+    metrics: Arc<GroupMetrics>,
+) {
+    metrics.started(&spec.name);
     let mut failures: u32 = 0;
     let mut started = Instant::now();
     loop {
         tokio::select! {
             status = child.wait() => {
+                metrics.exited(&spec.name);
+                let _ = pid.send(None);
                 if *orders.borrow() != Order::Supervise {
                     tracing::info!(child = %spec.name, status = %describe(status), "exited while the group stops");
                     return;
@@ -169,6 +182,8 @@ pub async fn keep_running(spec: Spec, mut child: Child, mut orders: watch::Recei
                     match spec.spawn() {
                         Ok(c) => {
                             tracing::info!(child = %spec.name, pid = c.id(), restarts = failures, after = ?delay, "restarted");
+                            metrics.restarted(&spec.name);
+                            let _ = pid.send(c.id());
                             child = c;
                             started = Instant::now();
                             break;
@@ -181,6 +196,7 @@ pub async fn keep_running(spec: Spec, mut child: Child, mut orders: watch::Recei
                 let order = if changed.is_ok() { *orders.borrow() } else { Order::Stop(Stop::Fast) };
                 if let Order::Stop(how) = order {
                     stop(&spec.name, &mut child, how, spec.stop_timeout).await;
+                    metrics.exited(&spec.name);
                     return;
                 }
             }

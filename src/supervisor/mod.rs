@@ -6,6 +6,7 @@
 //! once. Children are tied to the supervisor's life, so none outlives it even if it crashes.
 
 mod child;
+mod metrics;
 
 use std::{
     ffi::OsString,
@@ -25,6 +26,7 @@ use tokio::{
 
 use crate::config::{self, Config};
 use child::{Order, Probe, Spec, Stop};
+use metrics::GroupMetrics;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
@@ -32,9 +34,18 @@ const READY_TIMEOUT: Duration = Duration::from_secs(15);
 struct Running {
     orders: watch::Sender<Order>,
     task: JoinHandle<()>,
+    pid: watch::Receiver<Option<u32>>,
 }
 
 impl Running {
+    fn signal(&self, signal: libc::c_int) {
+        if let Some(pid) = *self.pid.borrow() {
+            // SAFETY: plain kill(2) on our own child's pid, which the child task has not
+            // reaped yet (it clears the pid when it does).
+            unsafe { libc::kill(pid as libc::pid_t, signal) };
+        }
+    }
+
     fn hold(&self) {
         let _ = self.orders.send(Order::NoRestart);
     }
@@ -92,9 +103,10 @@ pub fn run(config: Config) -> Result<i32, String> {
 }
 
 async fn run_group(config: Config) -> Result<i32, String> {
-    let (Ok(mut term), Ok(mut int)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
+        signal(SignalKind::user_defined1()),
     ) else {
         return Err("cannot install signal handlers".into());
     };
@@ -103,15 +115,29 @@ async fn run_group(config: Config) -> Result<i32, String> {
     // Everything that can be checked is checked before the first child starts.
     for i in 0..config.backend.count {
         refuse_live_socket(&config.backend_socket(i)).await?;
+        refuse_live_socket(&config.backend_admin_socket(i)).await?;
     }
     if config.redis.url.is_none() {
         refuse_live_socket(&config.managed_redis_socket()).await?;
     }
     gatehouse_proxy::check_listen(&config.proxy.listen.to_string())?;
+    if let Some(admin) = config.admin_listen {
+        gatehouse_proxy::check_listen(&admin.to_string())?;
+    }
+
+    let metrics = GroupMetrics::new()?;
+    let redis_url = config
+        .redis
+        .url
+        .clone()
+        .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
+    let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
+    let metrics_file = config.runtime_dir.join(gatehouse_proxy::SUPERVISOR_METRICS);
+    let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
 
     let mut members = Members::default();
     let started = tokio::select! {
-        started = start_members(&config, &mut members) => started.map(|()| None),
+        started = start_members(&config, &mut members, &metrics) => started.map(|()| None),
         _ = term.recv() => Ok(Some((Stop::Graceful, 0))),
         _ = int.recv() => Ok(Some((Stop::Fast, 130))),
     };
@@ -132,19 +158,34 @@ async fn run_group(config: Config) -> Result<i32, String> {
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
             );
-            tokio::select! {
-                _ = term.recv() => (Stop::Graceful, 0),
-                _ = int.recv() => (Stop::Fast, 130),
+            loop {
+                tokio::select! {
+                    _ = term.recv() => break (Stop::Graceful, 0),
+                    _ = int.recv() => break (Stop::Fast, 130),
+                    // logrotate's signal: the proxy reopens its access logs.
+                    _ = usr1.recv() => {
+                        tracing::info!("SIGUSR1: the proxy reopens its access logs");
+                        if let Some(proxy) = &members.proxy {
+                            proxy.signal(libc::SIGUSR1);
+                        }
+                    }
+                }
             }
         }
     };
     tracing::info!(?how, "stopping the group");
     members.stop(how).await;
+    writer.abort();
+    let _ = std::fs::remove_file(metrics_file);
     Ok(code)
 }
 
 /// Redis (when managed), then the backends, then the proxy, each waited on until it answers.
-async fn start_members(config: &Config, members: &mut Members) -> Result<(), String> {
+async fn start_members(
+    config: &Config,
+    members: &mut Members,
+    metrics: &std::sync::Arc<GroupMetrics>,
+) -> Result<(), String> {
     let exe =
         std::env::current_exe().map_err(|e| format!("cannot find our own executable: {e}"))?;
     let config_file = std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone());
@@ -159,7 +200,7 @@ async fn start_members(config: &Config, members: &mut Members) -> Result<(), Str
     }
     if config.redis.url.is_none() {
         let socket = config.managed_redis_socket();
-        members.redis = Some(start(redis_spec(config, &socket)?).await?);
+        members.redis = Some(start(redis_spec(config, &socket)?, metrics).await?);
         shared_env.push((
             config::ENV_REDIS_URL.into(),
             format!("unix://{}", socket.display()).into(),
@@ -178,12 +219,14 @@ async fn start_members(config: &Config, members: &mut Members) -> Result<(), Str
                 socket.clone().into(),
                 "--id".into(),
                 config.backend_id(i).into(),
+                "--admin-socket".into(),
+                config.backend_admin_socket(i).into(),
             ],
             env: shared_env.clone(),
             probe: Probe::Unix(socket),
             stop_timeout: Duration::from_secs(10),
         };
-        members.backends.push(start(spec).await?);
+        members.backends.push(start(spec, metrics).await?);
     }
     let proxy = Spec {
         name: "proxy".into(),
@@ -193,11 +236,11 @@ async fn start_members(config: &Config, members: &mut Members) -> Result<(), Str
         probe: Probe::Tcp(config.proxy.listen),
         stop_timeout: config.proxy.shutdown_grace + Duration::from_secs(5),
     };
-    members.proxy = Some(start(proxy).await?);
+    members.proxy = Some(start(proxy, metrics).await?);
     Ok(())
 }
 
-async fn start(spec: Spec) -> Result<Running, String> {
+async fn start(spec: Spec, metrics: &std::sync::Arc<GroupMetrics>) -> Result<Running, String> {
     let mut child = spec.spawn().map_err(|e| {
         format!(
             "cannot start {} ({}): {e}",
@@ -211,8 +254,15 @@ async fn start(spec: Spec) -> Result<Running, String> {
     }
     tracing::info!(child = %spec.name, pid = child.id(), "started");
     let (orders, receiver) = watch::channel(Order::Supervise);
-    let task = tokio::spawn(child::keep_running(spec, child, receiver));
-    Ok(Running { orders, task })
+    let (pid_sender, pid) = watch::channel(child.id());
+    let task = tokio::spawn(child::keep_running(
+        spec,
+        child,
+        receiver,
+        pid_sender,
+        metrics.clone(),
+    ));
+    Ok(Running { orders, task, pid })
 }
 
 fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {

@@ -18,7 +18,10 @@ use pingora::{Error, ErrorType, Result, http::ResponseHeader};
 use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
-use crate::respond::{self, Stamp};
+use crate::{
+    metrics::RouteSeries,
+    respond::{self, Stamp},
+};
 use percent_encoding::{AsciiSet, CONTROLS, utf8_percent_encode};
 
 /// Characters that cannot stand in a path segment of a `Location` header.
@@ -83,6 +86,7 @@ impl Site {
         stamp: &Stamp<'_>,
         prefix: &str,
         decoded: &str,
+        series: Option<&RouteSeries>,
     ) -> Result<u16> {
         let method = session.req_header().method.clone();
         if method != Method::GET && method != Method::HEAD {
@@ -95,7 +99,9 @@ impl Site {
         let Some(relative) = path::relative(decoded, prefix) else {
             return not_found(session, stamp).await;
         };
-        let found = match self.files.cached(&relative) {
+        let cached = self.files.cached(&relative);
+        let hit = cached.is_some();
+        let found = match cached {
             Some(asset) => Found::File(asset),
             None => {
                 // A miss reads the file: off the async threads.
@@ -124,7 +130,11 @@ impl Site {
                 return Ok(301);
             }
         };
-        self.send_file(session, stamp, asset).await
+        let (status, encoding) = self.send_file(session, stamp, asset).await?;
+        if let Some(series) = series {
+            series.static_response(encoding, hit);
+        }
+        Ok(status)
     }
 
     async fn send_file(
@@ -132,7 +142,7 @@ impl Site {
         session: &mut Session,
         stamp: &Stamp<'_>,
         asset: Arc<Asset>,
-    ) -> Result<u16> {
+    ) -> Result<(u16, Encoding)> {
         let headers = &session.req_header().headers;
         let range_header = headers.get("range").map(|v| v.as_bytes().to_vec());
         // Only files the cache holds are compressed: their variants are made once, not per request.
@@ -188,7 +198,7 @@ impl Site {
         if status == 304 {
             // No Content-Length: on a 304 it would have to be the full response's.
             respond::send_head(session, stamp, header, None).await?;
-            return Ok(304);
+            return Ok((304, encoding));
         }
         header.insert_header("content-type", asset.mime)?;
         header.insert_header("accept-ranges", "bytes")?;
@@ -210,7 +220,9 @@ impl Site {
             }
             (Range::Full, None) => Body::slice(&asset, 0, asset.len),
         };
-        send(session, stamp, header, body).await.map(|()| status)
+        send(session, stamp, header, body)
+            .await
+            .map(|()| (status, encoding))
     }
 }
 

@@ -1,0 +1,159 @@
+//! The backend's own Prometheus series, labelled with its id so the proxy can merge every
+//! backend's scrape into one. Every per-request series is resolved once at start-up: a
+//! request only bumps atomics.
+
+use prometheus::{
+    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
+    TextEncoder,
+};
+
+/// The endpoints, as the `endpoint` label names them.
+#[derive(Debug, Clone, Copy)]
+pub enum Endpoint {
+    Ping,
+    Login,
+    Count,
+    Health,
+    Other,
+}
+
+const ENDPOINTS: [&str; 5] = ["ping", "login", "count", "healthz", "other"];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+
+/// How a login ended, as the `outcome` label names it.
+#[derive(Debug, Clone, Copy)]
+pub enum Login {
+    Success,
+    /// Wrong user name or password.
+    Refused,
+    /// Malformed request, or the token could not be signed.
+    Error,
+}
+
+pub struct Metrics {
+    registry: Registry,
+    requests: [[IntCounter; 5]; 5],
+    latency: [Histogram; 5],
+    redis_errors: IntCounter,
+    redis_up: IntGauge,
+    logins: [IntCounter; 3],
+}
+
+impl Metrics {
+    pub fn new(backend_id: &str) -> Result<Self, String> {
+        let labels = [("backend".to_string(), backend_id.to_string())].into();
+        let registry = Registry::new_custom(None, Some(labels)).map_err(|e| e.to_string())?;
+        let err = |e: prometheus::Error| format!("metrics: {e}");
+
+        let requests = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_http_requests_total",
+                "Requests a backend answered, by endpoint and status class.",
+            ),
+            &["endpoint", "status"],
+        )
+        .map_err(err)?;
+        let latency = prometheus::HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_backend_http_request_duration_seconds",
+                "Time a backend took to answer, by endpoint.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["endpoint"],
+        )
+        .map_err(err)?;
+        let logins = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_logins_total",
+                "Logins by outcome: success, refused (wrong credentials) or error.",
+            ),
+            &["outcome"],
+        )
+        .map_err(err)?;
+        let redis_errors = IntCounter::new(
+            "gatehouse_backend_redis_errors_total",
+            "Redis calls that failed or missed their deadline.",
+        )
+        .map_err(err)?;
+        let redis_up = IntGauge::new(
+            "gatehouse_backend_redis_up",
+            "1 when this backend's last Redis call succeeded.",
+        )
+        .map_err(err)?;
+        for collector in [
+            Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(latency.clone()),
+            Box::new(logins.clone()),
+            Box::new(redis_errors.clone()),
+            Box::new(redis_up.clone()),
+        ] {
+            registry.register(collector).map_err(err)?;
+        }
+        redis_up.set(1);
+        Ok(Self {
+            registry,
+            requests: ENDPOINTS.map(|endpoint| {
+                CLASSES.map(|class| requests.with_label_values(&[endpoint, class]))
+            }),
+            latency: ENDPOINTS.map(|endpoint| latency.with_label_values(&[endpoint])),
+            redis_errors,
+            redis_up,
+            logins: ["success", "refused", "error"].map(|o| logins.with_label_values(&[o])),
+        })
+    }
+
+    pub fn request(&self, endpoint: Endpoint, status: u16, seconds: f64) {
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[endpoint as usize][class].inc();
+        self.latency[endpoint as usize].observe(seconds);
+    }
+
+    pub fn login(&self, outcome: Login) {
+        self.logins[outcome as usize].inc();
+    }
+
+    pub fn redis(&self, ok: bool) {
+        if !ok {
+            self.redis_errors.inc();
+        }
+        self.redis_up.set(i64::from(ok));
+    }
+
+    /// The Prometheus text exposition of every series.
+    pub fn render(&self) -> Vec<u8> {
+        let mut out = Vec::with_capacity(8192);
+        // Encoding into a Vec cannot fail on I/O; a malformed family would be our bug.
+        if let Err(error) = TextEncoder::new().encode(&self.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        out
+    }
+}
+
+/// Seconds: from a cached ping (tens of microseconds) to an argon2 login (tens of ms) and a
+/// Redis call at its deadline.
+const BUCKETS: [f64; 12] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
+];
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn series_carry_the_backend_label_and_move() {
+        let metrics = Metrics::new("b7").unwrap();
+        metrics.request(Endpoint::Count, 503, 0.002);
+        metrics.login(Login::Refused);
+        metrics.redis(false);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        assert!(text.contains(
+            r#"gatehouse_backend_http_requests_total{endpoint="count",status="5xx",backend="b7"} 1"#
+        ));
+        assert!(
+            text.contains(r#"gatehouse_backend_logins_total{outcome="refused",backend="b7"} 1"#)
+        );
+        assert!(text.contains(r#"gatehouse_backend_redis_errors_total{backend="b7"} 1"#));
+        assert!(text.contains(r#"gatehouse_backend_redis_up{backend="b7"} 0"#));
+    }
+}

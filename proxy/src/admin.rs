@@ -1,0 +1,259 @@
+//! The admin listener (loopback by default, never a public port unless configured):
+//!
+//! - `/metrics`: one Prometheus scrape for the whole group: the proxy's series, each
+//!   backend's (fetched over its admin socket, labelled `backend`) and the supervisor's
+//!   (from the file it keeps in the runtime directory);
+//! - `/healthz`: the proxy is alive;
+//! - `/readyz`: at least one backend answers and Redis is reachable (503 otherwise).
+
+use std::{path::PathBuf, sync::Arc, time::Duration};
+
+use async_trait::async_trait;
+use http::Response;
+use pingora::{
+    apps::http_app::ServeHttp,
+    lb::{LoadBalancer, selection::RoundRobin},
+    protocols::http::ServerSession,
+};
+use prometheus::{Encoder, IntGaugeVec, Opts, TextEncoder};
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    net::UnixStream,
+};
+
+use crate::{metrics::Metrics, routes::RouteTable, upstream::BackendId};
+
+/// A backend as the admin listener reaches it.
+#[derive(Debug, Clone)]
+pub struct BackendSocket {
+    pub id: String,
+    /// Where it serves requests (and `/healthz`).
+    pub socket: PathBuf,
+    /// Where it serves `/metrics`; `None` when it runs without one.
+    pub admin_socket: Option<PathBuf>,
+}
+
+/// How long a backend may take to answer the admin listener.
+const BACKEND_DEADLINE: Duration = Duration::from_secs(2);
+
+pub struct Admin {
+    pub metrics: Arc<Metrics>,
+    pub lb: Arc<LoadBalancer<RoundRobin>>,
+    pub routes: Arc<RouteTable>,
+    pub backends: Vec<BackendSocket>,
+    /// The supervisor's series, rewritten by it every second.
+    pub supervisor_file: PathBuf,
+    /// Ports of the public listeners, for the open-connections gauge.
+    pub public_ports: Vec<u16>,
+    pub rate_limit_keys: IntGaugeVec,
+}
+
+impl Admin {
+    pub fn rate_limit_keys_gauge(metrics: &Metrics) -> Result<IntGaugeVec, String> {
+        let gauge = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_rate_limit_keys",
+                "Clients a rate limit policy is tracking.",
+            ),
+            &["policy"],
+        )
+        .map_err(|e| e.to_string())?;
+        metrics
+            .registry
+            .register(Box::new(gauge.clone()))
+            .map_err(|e| e.to_string())?;
+        Ok(gauge)
+    }
+
+    async fn render_metrics(&self) -> Vec<u8> {
+        for backend in self.lb.backends().get_backend().iter() {
+            if let Some(BackendId(id)) = backend.ext.get::<BackendId>() {
+                let up = self.lb.backends().ready(backend);
+                self.metrics
+                    .backend_up
+                    .with_label_values(&[id.as_ref()])
+                    .set(i64::from(up));
+            }
+        }
+        self.metrics
+            .open_connections
+            .set(crate::metrics::established_connections(&self.public_ports));
+        for (policy, keys) in self.routes.rate_limit_keys() {
+            self.rate_limit_keys
+                .with_label_values(&[policy])
+                .set(keys as i64);
+        }
+        let mut out = Vec::with_capacity(32 * 1024);
+        if let Err(error) = TextEncoder::new().encode(&self.metrics.registry.gather(), &mut out) {
+            tracing::error!(%error, "cannot encode metrics");
+        }
+        let scrapes = self
+            .backends
+            .iter()
+            .filter_map(|b| b.admin_socket.clone())
+            .map(|socket| async move {
+                match get(&socket, "/metrics").await {
+                    Some((200, body)) => String::from_utf8(body).ok(),
+                    _ => None,
+                }
+            });
+        let texts: Vec<String> = join_all(scrapes).await.into_iter().flatten().collect();
+        out.extend_from_slice(merge_families(&texts).as_bytes());
+        if let Ok(text) = tokio::fs::read(&self.supervisor_file).await {
+            out.extend_from_slice(&text);
+        }
+        out
+    }
+
+    async fn readiness(&self) -> (bool, serde_json::Value) {
+        let checks = self.backends.iter().cloned().map(|b| async move {
+            let answer = get(&b.socket, "/healthz").await;
+            let health = answer
+                .filter(|(status, _)| *status == 200)
+                .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok());
+            (b.id.clone(), health)
+        });
+        let results = join_all(checks).await;
+        let redis_up = results
+            .iter()
+            .any(|(_, h)| h.as_ref().is_some_and(|h| h["redis"] == "up"));
+        let backends: serde_json::Map<String, serde_json::Value> = results
+            .iter()
+            .map(|(id, h)| (id.clone(), if h.is_some() { "up" } else { "down" }.into()))
+            .collect();
+        let any_backend = results.iter().any(|(_, h)| h.is_some());
+        let ready = any_backend && redis_up;
+        let body = serde_json::json!({
+            "ready": ready,
+            "backends": backends,
+            "redis": if redis_up { "up" } else if any_backend { "down" } else { "unknown" },
+        });
+        (ready, body)
+    }
+}
+
+#[async_trait]
+impl ServeHttp for Admin {
+    async fn response(&self, session: &mut ServerSession) -> Response<Vec<u8>> {
+        let (status, content_type, body) = match session.req_header().uri.path() {
+            "/metrics" => (
+                200,
+                "text/plain; version=0.0.4",
+                self.render_metrics().await,
+            ),
+            "/healthz" => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            "/readyz" => {
+                let (ready, body) = self.readiness().await;
+                let status = if ready { 200 } else { 503 };
+                (status, "application/json", body.to_string().into_bytes())
+            }
+            _ => (
+                404,
+                "application/json",
+                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz and /readyz"}"#
+                    .to_vec(),
+            ),
+        };
+        Response::builder()
+            .status(status)
+            .header("content-type", content_type)
+            .header("content-length", body.len())
+            .header("cache-control", "no-store")
+            .body(body)
+            .unwrap_or_default()
+    }
+}
+
+/// Runs each future as its own task, so they overlap, and returns their outputs in order.
+async fn join_all<F>(futures: impl Iterator<Item = F>) -> Vec<F::Output>
+where
+    F: Future + Send + 'static,
+    F::Output: Send + 'static,
+{
+    let tasks: Vec<_> = futures.map(tokio::spawn).collect();
+    let mut out = Vec::with_capacity(tasks.len());
+    for task in tasks {
+        if let Ok(value) = task.await {
+            out.push(value);
+        }
+    }
+    out
+}
+
+/// One HTTP/1.1 GET over a Unix socket: the status and the body, or `None` on any failure
+/// or past [`BACKEND_DEADLINE`].
+async fn get(socket: &std::path::Path, path: &str) -> Option<(u16, Vec<u8>)> {
+    let exchange = async {
+        let mut stream = UnixStream::connect(socket).await.ok()?;
+        let request =
+            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
+        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut response = Vec::with_capacity(16 * 1024);
+        stream.read_to_end(&mut response).await.ok()?;
+        let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;
+        let status = std::str::from_utf8(response.get(9..12)?)
+            .ok()?
+            .parse()
+            .ok()?;
+        Some((status, response.split_off(split + 4)))
+    };
+    tokio::time::timeout(BACKEND_DEADLINE, exchange)
+        .await
+        .ok()
+        .flatten()
+}
+
+/// Merges Prometheus text expositions whose families repeat (one per backend): each family's
+/// `# HELP` and `# TYPE` once, then the samples of every input.
+fn merge_families(texts: &[String]) -> String {
+    let mut order: Vec<&str> = Vec::new();
+    let mut families: std::collections::HashMap<&str, (Vec<&str>, Vec<&str>)> =
+        std::collections::HashMap::new();
+    for text in texts {
+        let mut current = "";
+        for line in text.lines() {
+            if let Some(rest) = line
+                .strip_prefix("# HELP ")
+                .or(line.strip_prefix("# TYPE "))
+            {
+                current = rest.split_whitespace().next().unwrap_or_default();
+                let family = families.entry(current).or_insert_with(|| {
+                    order.push(current);
+                    Default::default()
+                });
+                if family.0.len() < 2 && !family.0.contains(&line) {
+                    family.0.push(line);
+                }
+            } else if !line.is_empty() && !line.starts_with('#') {
+                families.entry(current).or_default().1.push(line);
+            }
+        }
+    }
+    let mut out = String::new();
+    for name in order {
+        if let Some((meta, samples)) = families.get(name) {
+            for line in meta.iter().chain(samples) {
+                out.push_str(line);
+                out.push('\n');
+            }
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn families_from_several_backends_are_merged() {
+        let one = "# HELP up Up.\n# TYPE up gauge\nup{backend=\"b1\"} 1\n# HELP n N.\n# TYPE n counter\nn{backend=\"b1\"} 3\n";
+        let two = one.replace("b1", "b2");
+        let merged = merge_families(&[one.to_string(), two]);
+        assert_eq!(
+            merged,
+            "# HELP up Up.\n# TYPE up gauge\nup{backend=\"b1\"} 1\nup{backend=\"b2\"} 1\n\
+             # HELP n N.\n# TYPE n counter\nn{backend=\"b1\"} 3\nn{backend=\"b2\"} 3\n"
+        );
+    }
+}

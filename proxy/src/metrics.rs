@@ -1,0 +1,287 @@
+//! The proxy's Prometheus series.
+//!
+//! Everything a request touches is resolved once, when the route table is built: a
+//! request finds its counters by index and bumps atomics, with no label lookup, lock or
+//! allocation. Series that only move on failures (upstream errors) are looked up by label
+//! when they move. Gauges that describe state (backend health, open connections) are read
+//! when scraped.
+
+use prometheus::{
+    Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
+    Registry, core::Collector,
+};
+
+use crate::statics::encoding::Encoding;
+
+const METHODS: [&str; 8] = [
+    "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
+];
+const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
+const ENCODINGS: [&str; 3] = ["identity", "gzip", "br"];
+
+/// The `route` label of requests no route took (the proxy's `/healthz`, redirects, 404s).
+pub const NO_ROUTE: &str = "none";
+
+/// Seconds, from a static file served from memory to a backend at its read timeout.
+const BUCKETS: [f64; 14] = [
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
+];
+
+/// Why the access rules refused a request.
+#[derive(Debug, Clone, Copy)]
+pub enum Refusal {
+    RateLimited,
+    Denied,
+    AuthFailed,
+}
+
+pub struct Metrics {
+    pub registry: Registry,
+    upstream_errors: IntCounterVec,
+    pub backend_up: IntGaugeVec,
+    pub open_connections: IntGauge,
+    pub tls_connections: IntCounter,
+    pub tls_handshakes: IntCounter,
+    pub access_log_dropped: IntCounter,
+    requests: IntCounterVec,
+    latency: HistogramVec,
+    refusals: [IntCounterVec; 3],
+    statics: IntCounterVec,
+}
+
+/// One route's series, resolved up front.
+pub struct RouteSeries {
+    requests: [[IntCounter; 5]; 8],
+    latency: Histogram,
+    refusals: [IntCounter; 3],
+    /// By encoding, then hit (0) or miss (1); only static routes count here.
+    statics: [[IntCounter; 2]; 3],
+}
+
+impl Metrics {
+    pub fn new() -> Result<Self, String> {
+        let registry = Registry::new();
+        let err = |e: prometheus::Error| format!("metrics: {e}");
+        let counter = |name: &str, help: &str, labels: &[&str]| {
+            IntCounterVec::new(Opts::new(name, help), labels).map_err(err)
+        };
+        let requests = counter(
+            "gatehouse_http_requests_total",
+            "Requests answered, by route, method and status class.",
+            &["route", "method", "status"],
+        )?;
+        let latency = HistogramVec::new(
+            HistogramOpts::new(
+                "gatehouse_http_request_duration_seconds",
+                "Time from the request's arrival to the end of its response, by route.",
+            )
+            .buckets(BUCKETS.to_vec()),
+            &["route"],
+        )
+        .map_err(err)?;
+        let refusals = [
+            counter(
+                "gatehouse_rate_limited_total",
+                "Requests refused by a rate limit (429), by route.",
+                &["route"],
+            )?,
+            counter(
+                "gatehouse_denied_total",
+                "Requests refused by an allow/deny list (403), by route.",
+                &["route"],
+            )?,
+            counter(
+                "gatehouse_auth_failures_total",
+                "Basic-auth requests refused: missing or wrong credentials (401), or too many failures (429).",
+                &["route"],
+            )?,
+        ];
+        let statics = counter(
+            "gatehouse_static_responses_total",
+            "Static file responses, by route, content encoding and whether the file was in memory.",
+            &["route", "encoding", "cache"],
+        )?;
+        let upstream_errors = counter(
+            "gatehouse_upstream_errors_total",
+            "Failures talking to a backend, by backend and kind (connect, timeout, error).",
+            &["backend", "kind"],
+        )?;
+        let backend_up = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_backend_up",
+                "1 while the backend passes its health checks.",
+            ),
+            &["backend"],
+        )
+        .map_err(err)?;
+        let open_connections = IntGauge::new(
+            "gatehouse_open_connections",
+            "Client connections open on the public listeners.",
+        )
+        .map_err(err)?;
+        let tls_connections = IntCounter::new(
+            "gatehouse_tls_connections_total",
+            "Connections accepted on the HTTPS listener (handshakes begun).",
+        )
+        .map_err(err)?;
+        let tls_handshakes = IntCounter::new(
+            "gatehouse_tls_handshakes_total",
+            "TLS handshakes completed. Begun minus completed is the failures (and the few in progress).",
+        )
+        .map_err(err)?;
+        let access_log_dropped = IntCounter::new(
+            "gatehouse_access_log_dropped_total",
+            "Access log lines dropped because the writer fell behind.",
+        )
+        .map_err(err)?;
+        let collectors: [Box<dyn Collector>; 12] = [
+            Box::new(requests.clone()),
+            Box::new(latency.clone()),
+            Box::new(refusals[0].clone()),
+            Box::new(refusals[1].clone()),
+            Box::new(refusals[2].clone()),
+            Box::new(statics.clone()),
+            Box::new(upstream_errors.clone()),
+            Box::new(backend_up.clone()),
+            Box::new(open_connections.clone()),
+            Box::new(tls_connections.clone()),
+            Box::new(tls_handshakes.clone()),
+            Box::new(access_log_dropped.clone()),
+        ];
+        for collector in collectors {
+            registry.register(collector).map_err(err)?;
+        }
+        Ok(Self {
+            registry,
+            upstream_errors,
+            backend_up,
+            open_connections,
+            tls_connections,
+            tls_handshakes,
+            access_log_dropped,
+            requests,
+            latency,
+            refusals,
+            statics,
+        })
+    }
+
+    /// The series of one route, labelled `route`.
+    pub fn route(&self, route: &str) -> RouteSeries {
+        RouteSeries {
+            requests: METHODS.map(|method| {
+                CLASSES.map(|class| self.requests.with_label_values(&[route, method, class]))
+            }),
+            latency: self.latency.with_label_values(&[route]),
+            refusals: [0, 1, 2].map(|i| self.refusals[i].with_label_values(&[route])),
+            statics: ENCODINGS.map(|encoding| {
+                ["hit", "miss"]
+                    .map(|cache| self.statics.with_label_values(&[route, encoding, cache]))
+            }),
+        }
+    }
+
+    pub fn upstream_error(&self, backend: &str, kind: &str) {
+        self.upstream_errors
+            .with_label_values(&[backend, kind])
+            .inc();
+    }
+}
+
+impl RouteSeries {
+    pub fn request(&self, method: &http::Method, status: u16, seconds: f64) {
+        let method = match *method {
+            http::Method::GET => 0,
+            http::Method::HEAD => 1,
+            http::Method::POST => 2,
+            http::Method::PUT => 3,
+            http::Method::DELETE => 4,
+            http::Method::PATCH => 5,
+            http::Method::OPTIONS => 6,
+            _ => 7,
+        };
+        let class = usize::from(status / 100).clamp(1, 5) - 1;
+        self.requests[method][class].inc();
+        self.latency.observe(seconds);
+    }
+
+    pub fn refused(&self, why: Refusal) {
+        self.refusals[why as usize].inc();
+    }
+
+    pub fn static_response(&self, encoding: Encoding, hit: bool) {
+        let encoding = match encoding {
+            Encoding::Identity => 0,
+            Encoding::Gzip => 1,
+            Encoding::Brotli => 2,
+        };
+        self.statics[encoding][usize::from(!hit)].inc();
+    }
+}
+
+/// Client connections in the ESTABLISHED state whose local port is one of `ports`, from the
+/// kernel's socket tables: exact, and free for the request path.
+pub fn established_connections(ports: &[u16]) -> i64 {
+    ["/proc/self/net/tcp", "/proc/self/net/tcp6"]
+        .iter()
+        .filter_map(|table| std::fs::read_to_string(table).ok())
+        .map(|text| {
+            text.lines()
+                .skip(1)
+                .filter(|line| {
+                    let mut fields = line.split_whitespace();
+                    let local = fields.nth(1);
+                    let state = fields.nth(1);
+                    let port = local
+                        .and_then(|l| l.rsplit_once(':'))
+                        .and_then(|(_, p)| u16::from_str_radix(p, 16).ok());
+                    state == Some("01") && port.is_some_and(|p| ports.contains(&p))
+                })
+                .count() as i64
+        })
+        .sum()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn route_series_move_under_their_labels() {
+        let metrics = Metrics::new().unwrap();
+        let api = metrics.route("/api/");
+        api.request(&http::Method::POST, 201, 0.01);
+        api.request(&http::Method::from_bytes(b"PURGE").unwrap(), 404, 0.01);
+        api.refused(Refusal::Denied);
+        api.static_response(Encoding::Gzip, false);
+        metrics.upstream_error("b2", "connect");
+        let mut text = Vec::new();
+        prometheus::Encoder::encode(
+            &prometheus::TextEncoder::new(),
+            &metrics.registry.gather(),
+            &mut text,
+        )
+        .unwrap();
+        let text = String::from_utf8(text).unwrap();
+        for line in [
+            r#"gatehouse_http_requests_total{method="POST",route="/api/",status="2xx"} 1"#,
+            r#"gatehouse_http_requests_total{method="other",route="/api/",status="4xx"} 1"#,
+            r#"gatehouse_denied_total{route="/api/"} 1"#,
+            r#"gatehouse_static_responses_total{cache="miss",encoding="gzip",route="/api/"} 1"#,
+            r#"gatehouse_upstream_errors_total{backend="b2",kind="connect"} 1"#,
+            r#"gatehouse_http_request_duration_seconds_count{route="/api/"} 2"#,
+        ] {
+            assert!(text.contains(line), "missing {line}");
+        }
+    }
+
+    #[test]
+    fn counts_established_sockets_on_a_port() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = listener.local_addr().unwrap().port();
+        assert_eq!(established_connections(&[port]), 0);
+        let _client = std::net::TcpStream::connect(("127.0.0.1", port)).unwrap();
+        let _server = listener.accept().unwrap();
+        assert_eq!(established_connections(&[port]), 1);
+    }
+}
