@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# Makes the secret files that compose.yaml and compose.monitoring.yaml mount, in secrets/
+# (ignored by git and by docker build):
+#
+#   secrets/jwt_secret              random; signs the backends' JWTs, one for every replica
+#   secrets/htpasswd                basic-auth users of /close/: a copy of conf/htpasswd, whose
+#                                   development user (admin / homework) you replace
+#   secrets/grafana_admin_password  random; the password of Grafana's `admin` user
+#
+# A file that exists is kept, so running this again changes nothing: delete a file to have it
+# made anew. Needs only coreutils.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# The directory keeps other users of this machine out. The files inside must stay readable by
+# the containers' users (gatehouse runs as uid 10001, Grafana as uid 472), because
+# `docker compose` bind-mounts a secret file as it is, owner and mode included.
+# (`docker stack deploy` copies the contents into Swarm instead.)
+mkdir -p secrets
+chmod 700 secrets
+
+# $1 random bytes as base64, without a newline.
+random() {
+    head -c "$1" /dev/urandom | base64 | tr -d '\n'
+}
+
+if [ ! -e secrets/jwt_secret ]; then
+    # 48 bytes: 64 characters, over the 32 bytes gatehouse requires.
+    random 48 >secrets/jwt_secret
+    echo "made secrets/jwt_secret (random)"
+fi
+if [ ! -e secrets/htpasswd ]; then
+    cp conf/htpasswd secrets/htpasswd
+    echo "made secrets/htpasswd: the development user admin / homework."
+    echo "  Replace it before going live: htpasswd -B -c secrets/htpasswd NAME   (apache2-utils)"
+fi
+if [ ! -e secrets/grafana_admin_password ]; then
+    random 18 >secrets/grafana_admin_password
+    echo "made secrets/grafana_admin_password (random; Grafana's user is admin)"
+fi
+chmod 644 secrets/jwt_secret secrets/htpasswd secrets/grafana_admin_password
