@@ -367,7 +367,9 @@ rate_limit = "tight"
         let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
         let _ = status(&proxy, &url, &[("x-forwarded-for", &ip)]);
     }
-    let tracked = group.metric(r#"gatehouse_rate_limit_keys{policy="tight"}"#);
+    let tracked = group
+        .metric(r#"gatehouse_rate_limit_keys{policy="tight"}"#)
+        .expect("the policy's key count");
     assert!(
         (1.0..=(200.0 + 1024.0)).contains(&tracked),
         "5000 clients, {tracked} tracked"

@@ -85,6 +85,13 @@ fn every_series_moves_when_its_feature_acts() {
     assert_eq!(group.get("/members/").unwrap().status(), 401);
     assert_eq!(group.login(USER, "wrong").status(), 401);
     assert_eq!(group.login(USER, PASSWORD).status(), 200);
+    // The plain HTTP listener redirects: no route took it.
+    let redirect = group
+        .client
+        .get(group.http_url("/api/ping"))
+        .send()
+        .unwrap();
+    assert_eq!(redirect.status(), 301);
 
     // The test's client keeps its connection open while the scrape counts it.
     let (status, after) = group.admin("/metrics");
@@ -98,6 +105,13 @@ fn every_series_moves_when_its_feature_acts() {
         1.0
     );
     assert!(moved("gatehouse_http_request_duration_seconds_count", &[api]) >= 1.0);
+    assert_eq!(
+        moved(
+            "gatehouse_http_requests_total",
+            &[r#"route="none""#, r#"method="GET""#, r#"status="3xx""#]
+        ),
+        1.0
+    );
     for (encoding, cache) in [("gzip", "miss"), ("gzip", "hit")] {
         assert_eq!(
             moved(
@@ -142,9 +156,9 @@ fn every_series_moves_when_its_feature_acts() {
     );
     for backend in ["b1", "b2", "b3"] {
         let up = format!(r#"gatehouse_backend_up{{backend="{backend}"}}"#);
-        assert_eq!(metric_value(&after, &up), 1.0, "{up}");
+        assert_eq!(metric_value(&after, &up), Some(1.0), "{up}");
         let redis = format!(r#"gatehouse_backend_redis_up{{backend="{backend}"}}"#);
-        assert_eq!(metric_value(&after, &redis), 1.0, "{redis}");
+        assert_eq!(metric_value(&after, &redis), Some(1.0), "{redis}");
     }
     // One `# TYPE` per family, however many backends report it.
     assert_eq!(
@@ -153,16 +167,14 @@ fn every_series_moves_when_its_feature_acts() {
             .count(),
         1
     );
-    assert!(metric_value(&after, "gatehouse_tls_handshakes_total") >= 1.0);
-    assert!(
-        metric_value(&after, "gatehouse_tls_connections_total")
-            >= metric_value(&after, "gatehouse_tls_handshakes_total")
-    );
-    assert!(metric_value(&after, "gatehouse_open_connections") >= 1.0);
-    assert_eq!(metric_value(&after, "gatehouse_redis_up"), 1.0);
+    let handshakes = metric_value(&after, "gatehouse_tls_handshakes_total").unwrap();
+    assert!(handshakes >= 1.0);
+    assert!(metric_value(&after, "gatehouse_tls_connections_total").unwrap() >= handshakes);
+    assert!(metric_value(&after, "gatehouse_open_connections").unwrap() >= 1.0);
+    assert_eq!(metric_value(&after, "gatehouse_redis_up"), Some(1.0));
     assert_eq!(
         metric_value(&after, r#"gatehouse_supervisor_child_up{child="proxy"}"#),
-        1.0
+        Some(1.0)
     );
 
     // A backend that dies is restarted, and the scrape says so.
@@ -170,7 +182,7 @@ fn every_series_moves_when_its_feature_acts() {
     util::signal(b2, libc::SIGKILL);
     assert!(
         wait_until(Duration::from_secs(10), || {
-            group.metric(r#"gatehouse_supervisor_restarts_total{child="b2"}"#) == 1.0
+            group.metric(r#"gatehouse_supervisor_restarts_total{child="b2"}"#) == Some(1.0)
         }),
         "restart not counted"
     );
@@ -191,18 +203,28 @@ fn a_hung_backend_is_counted_as_a_timeout_and_leaves_rotation() {
     });
     let backend = group.child_pid("--id b1").expect("backend b1");
     util::signal(backend, libc::SIGSTOP);
-    let status = group.get("/api/ping").unwrap().status();
+    let response = group.get("/api/ping").unwrap();
+    let (status, id) = (response.status(), request_id(&response));
     let up = r#"gatehouse_backend_up{backend="b1"}"#;
-    let down = wait_until(Duration::from_secs(10), || group.metric(up) == 0.0);
+    let down = wait_until(Duration::from_secs(10), || group.metric(up) == Some(0.0));
     let timeouts = group.metric(r#"gatehouse_upstream_errors_total{backend="b1",kind="timeout"}"#);
     let (ready, body) = group.admin("/readyz");
     util::signal(backend, libc::SIGCONT);
     assert_eq!(status, 504);
-    assert_eq!(timeouts, 1.0);
+    assert_eq!(timeouts, Some(1.0));
+    let line = group
+        .log()
+        .lines()
+        .find(|l| l.contains(&id))
+        .map(str::to_owned);
+    assert!(
+        line.as_deref().is_some_and(|l| l.contains("Fail to proxy")),
+        "the proxy's log line about the 504 lacks its request id: {line:?}"
+    );
     assert!(down, "the hung backend stayed in rotation");
     assert_eq!(ready, 503, "{body}");
     assert!(
-        wait_until(Duration::from_secs(10), || group.metric(up) == 1.0),
+        wait_until(Duration::from_secs(10), || group.metric(up) == Some(1.0)),
         "the backend did not come back"
     );
     assert_eq!(group.admin("/readyz").0, 200);
@@ -233,7 +255,7 @@ fn readyz_follows_redis() {
     assert!(
         wait_until(Duration::from_secs(5), || group
             .metric("gatehouse_redis_up")
-            == 0.0),
+            == Some(0.0)),
         "gatehouse_redis_up stayed 1"
     );
     // The health check says ready for containers only when it is.
@@ -304,6 +326,10 @@ fn access_logs_land_in_the_routes_files_with_every_field_and_no_secret() {
         .get(group.url("/api/count"))
         .bearer_auth(&token)
         .header("user-agent", "observability-test/1")
+        .header(
+            "referer",
+            "https://example.com/page?token=from-the-referer#frag",
+        )
         .send()
         .unwrap();
     assert_eq!(response.status(), 200);
@@ -332,6 +358,10 @@ fn access_logs_land_in_the_routes_files_with_every_field_and_no_secret() {
     assert_eq!(line["status"], 200);
     assert_eq!(line["user"], USER, "the JWT's subject");
     assert_eq!(line["user_agent"], "observability-test/1");
+    assert_eq!(
+        line["referer"], "https://example.com/page",
+        "without its query"
+    );
     assert!(line["upstream"].as_str().unwrap().starts_with('b'));
     assert!(line["upstream_ms"].as_f64().unwrap() <= line["duration_ms"].as_f64().unwrap());
     assert!(line["bytes"].as_u64().unwrap() > 0);
@@ -377,6 +407,7 @@ fn access_logs_land_in_the_routes_files_with_every_field_and_no_secret() {
         "hunter2",
         "not-the-password",
         "Basic ",
+        "from-the-referer",
     ] {
         assert!(!everything.contains(secret), "{secret:?} was logged");
     }
@@ -412,6 +443,11 @@ fn request_ids_come_from_trusted_proxies_only_and_reach_the_backend() {
     assert_eq!(body["request_id"], "trace-42");
     let response = send(&group.client_from("127.0.0.4"));
     assert_ne!(response.headers()["x-request-id"], "trace-42");
+    let body: Value = response.json().unwrap();
+    assert_ne!(
+        body["request_id"], "trace-42",
+        "an untrusted id reached the backend"
+    );
 
     // nginx's combined format, with the request id and times after it.
     let log = group.dir.path().join("logs/access.log");
@@ -465,4 +501,37 @@ fn sigusr1_reopens_the_access_logs_after_logrotate_moves_them() {
     );
     let old = fs::read_to_string(&rotated).unwrap();
     assert!(old.contains(&first) && !old.contains(&second));
+}
+
+#[test]
+fn the_last_lines_are_written_before_the_proxy_exits() {
+    let mut group = Group::start(Options::default());
+    let ids: Vec<String> = (0..20)
+        .map(|_| request_id(&group.get("/api/ping").unwrap()))
+        .collect();
+    util::signal(group.pid(), libc::SIGTERM);
+    assert!(group.wait_exit(Duration::from_secs(20)).success());
+    let log = fs::read_to_string(group.dir.path().join("logs/access.log")).unwrap();
+    for id in ids {
+        assert!(log.contains(&id), "{id} was lost at exit");
+    }
+}
+
+#[test]
+fn sigusr1_without_access_logs_changes_nothing() {
+    let group = Group::start(Options {
+        access_log: String::new(),
+        ..Options::default()
+    });
+    let proxy = group.child_pid(" proxy ").expect("the proxy");
+    util::signal(group.pid(), libc::SIGUSR1);
+    util::signal(proxy, libc::SIGUSR1);
+    sleep(Duration::from_millis(500));
+    assert_eq!(
+        group.child_pid(" proxy "),
+        Some(proxy),
+        "the proxy was replaced"
+    );
+    assert_eq!(group.get("/api/ping").unwrap().status(), 200);
+    assert!(!group.dir.path().join("logs").exists());
 }

@@ -165,7 +165,9 @@ pub struct Options {
     pub env: Vec<(String, String)>,
     /// Extra keys for the `[proxy]` table.
     pub proxy_extra: String,
-    /// Extra keys for the `[logging]` table (whose access log is `logs/access.log`).
+    /// `[logging] access_log`: `logs/access.log` unless a test says otherwise.
+    pub access_log: String,
+    /// Extra keys for the `[logging]` table.
     pub logging_extra: String,
     /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
     pub extra: String,
@@ -180,6 +182,7 @@ impl Default for Options {
             shutdown_grace_seconds: 5,
             env: Vec::new(),
             proxy_extra: String::new(),
+            access_log: "logs/access.log".into(),
             logging_extra: String::new(),
             extra: String::new(),
         }
@@ -351,8 +354,8 @@ impl Group {
     }
 
     /// The value of one sample in the admin listener's `/metrics`, e.g.
-    /// `gatehouse_denied_total{route="/close/"}`; 0 when the series is absent.
-    pub fn metric(&self, series: &str) -> f64 {
+    /// `gatehouse_denied_total{route="/close/"}`; `None` when the series is absent.
+    pub fn metric(&self, series: &str) -> Option<f64> {
         metric_value(&self.admin("/metrics").1, series)
     }
 
@@ -458,13 +461,11 @@ fn spawn(dir: &Path, env: &[(String, String)]) -> Child {
 }
 
 /// The value of `series` (name and labels exactly as exposed) in a Prometheus text page.
-pub fn metric_value(text: &str, series: &str) -> f64 {
-    text.lines()
-        .find_map(|line| {
-            let (name, value) = line.rsplit_once(' ')?;
-            (name == series).then(|| value.parse().ok()).flatten()
-        })
-        .unwrap_or(0.0)
+pub fn metric_value(text: &str, series: &str) -> Option<f64> {
+    text.lines().find_map(|line| {
+        let (name, value) = line.rsplit_once(' ')?;
+        (name == series).then(|| value.parse().ok()).flatten()
+    })
 }
 
 fn write_config(
@@ -501,7 +502,7 @@ max_cached_file_bytes = 65536
 listen = "127.0.0.1:{admin_port}"
 
 [logging]
-access_log = "logs/access.log"
+access_log = "{access_log}"
 {logging_extra}
 
 [backend]
@@ -542,6 +543,7 @@ static_dir = "{statics}/main"
 cache_control = "no-cache"
 "#,
         proxy_extra = options.proxy_extra,
+        access_log = options.access_log,
         logging_extra = options.logging_extra,
         tls = tls_port.is_some(),
         tls_port = tls_port.unwrap_or(1),

@@ -16,11 +16,11 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{
-        Arc,
-        atomic::{AtomicBool, Ordering},
+        Arc, OnceLock,
+        atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
-    time::{Duration, SystemTime},
+    time::{Duration, Instant, SystemTime},
 };
 
 use prometheus::IntCounter;
@@ -71,6 +71,23 @@ pub struct AccessLog {
     sender: SyncSender<Record>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
+    /// Turns of the writer's loop, each one a full drain and flush.
+    turns: Arc<AtomicU64>,
+}
+
+/// The process's access log, for [`flush_before_exit`].
+static RUNNING: OnceLock<Arc<AccessLog>> = OnceLock::new();
+
+/// Waits (at most a second) until every line logged so far is written: the process is about
+/// to exit, and the writer thread would die with the last lines still queued.
+pub fn flush_before_exit() {
+    let Some(log) = RUNNING.get() else { return };
+    let start = log.turns.load(Ordering::Acquire);
+    let deadline = Instant::now() + Duration::from_secs(1);
+    // Two turns: the one in progress may have started before the last lines came in.
+    while log.turns.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(5));
+    }
 }
 
 impl AccessLog {
@@ -79,27 +96,34 @@ impl AccessLog {
         targets: Vec<LogTarget>,
         format: Format,
         dropped: IntCounter,
-    ) -> Result<Self, String> {
+    ) -> Result<Arc<Self>, String> {
         let sinks = targets
             .into_iter()
             .map(Sink::open)
             .collect::<Result<Vec<_>, _>>()?;
         let (sender, receiver) = sync_channel(QUEUE);
         let reopen = Arc::new(AtomicBool::new(false));
+        let turns = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             sinks,
             format,
             reopen: reopen.clone(),
+            turns: turns.clone(),
+            failing: false,
+            lost: dropped.clone(),
         };
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run(receiver))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
-        Ok(Self {
+        let log = Arc::new(Self {
             sender,
             reopen,
             dropped,
-        })
+            turns,
+        });
+        let _ = RUNNING.set(log.clone());
+        Ok(log)
     }
 
     pub fn log(&self, record: Record) {
@@ -155,6 +179,12 @@ struct Writer {
     sinks: Vec<Sink>,
     format: Format,
     reopen: Arc<AtomicBool>,
+    turns: Arc<AtomicU64>,
+    /// Whether writes are failing (a full disk): logged once when it starts and once when it
+    /// ends, not once per line.
+    failing: bool,
+    /// Lines that could not be written count as dropped.
+    lost: IntCounter,
 }
 
 impl Writer {
@@ -181,6 +211,7 @@ impl Writer {
             if self.reopen.swap(false, Ordering::Relaxed) {
                 self.reopen_files();
             }
+            self.turns.fetch_add(1, Ordering::Release);
             std::thread::sleep(BATCH_INTERVAL);
         }
     }
@@ -195,15 +226,35 @@ impl Writer {
             Format::Combined => combined_line(record, line),
         }
         line.push(b'\n');
-        if let Err(error) = sink.out().write_all(line) {
-            tracing::warn!(%error, "cannot write the access log");
-        }
+        let written = sink.out().write_all(line);
+        self.outcome(written);
     }
 
     fn flush(&mut self) {
+        let mut outcome = Ok(());
         for sink in &mut self.sinks {
             if let Err(error) = sink.out().flush() {
-                tracing::warn!(%error, "cannot write the access log");
+                outcome = Err(error);
+            }
+        }
+        if outcome.is_err() || self.failing {
+            self.outcome(outcome);
+        }
+    }
+
+    fn outcome(&mut self, result: io::Result<()>) {
+        match result {
+            Ok(()) if self.failing => {
+                self.failing = false;
+                tracing::info!("access log writes work again");
+            }
+            Ok(()) => {}
+            Err(error) => {
+                self.lost.inc();
+                if !self.failing {
+                    self.failing = true;
+                    tracing::error!(%error, "cannot write the access log; lines are dropped until it works again");
+                }
             }
         }
     }

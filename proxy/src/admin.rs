@@ -99,7 +99,12 @@ impl Admin {
             });
         let texts: Vec<String> = join_all(scrapes).await.into_iter().flatten().collect();
         out.extend_from_slice(merge_families(&texts).as_bytes());
-        if let Ok(text) = tokio::fs::read(&self.supervisor_file).await {
+        // The supervisor rewrites it every second; an old file is from a supervisor that is gone.
+        let fresh = tokio::fs::metadata(&self.supervisor_file)
+            .await
+            .and_then(|m| m.modified())
+            .is_ok_and(|t| t.elapsed().is_ok_and(|age| age < Duration::from_secs(5)));
+        if fresh && let Ok(text) = tokio::fs::read(&self.supervisor_file).await {
             out.extend_from_slice(&text);
         }
         out

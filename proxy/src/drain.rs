@@ -76,6 +76,7 @@ fn exit_when_drained() {
             idle_looks += 1;
             if idle_looks == 3 {
                 tracing::info!("drained; exiting");
+                crate::access_log::flush_before_exit();
                 std::process::exit(0);
             }
         } else {

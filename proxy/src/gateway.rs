@@ -522,12 +522,21 @@ impl ProxyHttp for Gateway {
             && let Err(write_error) =
                 respond::json_error(session, &self.stamp(ctx), status, code, message).await
         {
-            tracing::debug!(error = %write_error, "could not send the error response");
+            tracing::debug!(error = %write_error, request_id = %ctx.request_id, "could not send the error response");
         }
         FailToProxy {
             error_code: status,
             can_reuse_downstream: false,
         }
+    }
+
+    /// Pingora's own log lines about a request (a failed proxy attempt) carry its id.
+    fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        format!(
+            "{}, request_id: {}",
+            session.as_ref().request_summary(),
+            ctx.request_id
+        )
     }
 
     async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -565,7 +574,7 @@ impl Gateway {
                 .headers
                 .get(name)
                 .and_then(|v| v.to_str().ok())
-                .map(|v| v.get(..512).unwrap_or(v).to_owned())
+                .map(|v| v.get(..512).unwrap_or(v))
         };
         logs.log.log(Record {
             target,
@@ -589,8 +598,11 @@ impl Gateway {
             upstream: ctx.upstream.as_ref().map(|(id, _)| id.clone()),
             upstream_duration: ctx.upstream_time,
             user: ctx.user.take(),
-            user_agent: header("user-agent"),
-            referer: header("referer"),
+            user_agent: header("user-agent").map(str::to_owned),
+            // Without its query or fragment, which may carry a token.
+            referer: header("referer")
+                .and_then(|r| r.split(['?', '#']).next())
+                .map(str::to_owned),
         });
     }
 }

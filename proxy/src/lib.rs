@@ -141,7 +141,7 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
     )?;
     let compress_min = settings.statics.min_compress_bytes;
     let trusted = settings.access.trusted_proxies.clone();
-    let reopen = logs.as_ref().map(|l| ReopenLogs(l.log.clone()));
+    let reopen = ReopenLogs(logs.as_ref().map(|l| l.log.clone()));
     let gateway = gateway::Gateway::new(
         routes.clone(),
         pool,
@@ -186,18 +186,18 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
         service.add_tcp(listen);
         server.add_service(service);
     }
-    if let Some(reopen) = reopen {
-        server.add_service(pingora::services::background::background_service(
-            "access log reopen",
-            reopen,
-        ));
-    }
+    // Always, so SIGUSR1 (which logrotate sends the group) never kills a proxy without logs.
+    server.add_service(pingora::services::background::background_service(
+        "access log reopen",
+        reopen,
+    ));
     server.add_service(proxy);
     server.add_service(health);
     tracing::info!(listen = %settings.listen, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "proxy listening");
     server.run(RunArgs {
         shutdown_signal: Box::new(drain::Signals),
     });
+    access_log::flush_before_exit();
     Ok(if drain::stopped_fast() {
         Stopped::Fast
     } else {
@@ -234,7 +234,7 @@ fn access_logs(
         None => unregistered_counter()?,
     };
     Ok(Some(gateway::Logs {
-        log: Arc::new(access_log::AccessLog::start(targets, format, dropped)?),
+        log: access_log::AccessLog::start(targets, format, dropped)?,
         routes: by_route,
         unrouted,
         names: routes.iter().map(|(prefix, _)| Arc::from(prefix)).collect(),
@@ -253,8 +253,9 @@ fn port_of(listen: &str) -> u16 {
         .unwrap_or(0)
 }
 
-/// SIGUSR1 reopens the access logs (after logrotate has moved them).
-struct ReopenLogs(Arc<access_log::AccessLog>);
+/// SIGUSR1 reopens the access logs (after logrotate has moved them); without logs it is
+/// ignored.
+struct ReopenLogs(Option<Arc<access_log::AccessLog>>);
 
 #[async_trait]
 impl BackgroundService for ReopenLogs {
@@ -266,7 +267,11 @@ impl BackgroundService for ReopenLogs {
         };
         loop {
             tokio::select! {
-                _ = usr1.recv() => self.0.reopen(),
+                _ = usr1.recv() => {
+                    if let Some(log) = &self.0 {
+                        log.reopen();
+                    }
+                }
                 _ = shutdown.changed() => return,
             }
         }

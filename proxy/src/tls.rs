@@ -6,7 +6,7 @@ use std::{path::Path, sync::Arc};
 use async_trait::async_trait;
 use pingora::{
     listeners::{PreTlsProcess, TlsAccept, TlsAcceptCallbacks, tls::TlsSettings},
-    protocols::{l4::stream::Stream as L4Stream, tls::TlsRef},
+    protocols::{Peek, l4::stream::Stream as L4Stream, tls::TlsRef},
 };
 use prometheus::IntCounter;
 use rustls::{
@@ -82,13 +82,22 @@ impl TlsAccept for CountCompleted {
     }
 }
 
-/// Runs before each handshake: counts the handshakes begun.
+/// Runs before each handshake: counts the handshakes begun, that is connections whose first
+/// byte opens a TLS handshake record (so TCP probes and port scans are not counted as failed
+/// handshakes). The byte is peeked, not consumed.
 pub struct CountBegun(pub IntCounter);
+
+/// The TLS record type of a handshake message (RFC 8446, 5.1).
+const HANDSHAKE_RECORD: u8 = 0x16;
 
 #[async_trait]
 impl PreTlsProcess for CountBegun {
-    async fn process(&self, _stream: &mut L4Stream) -> pingora::Result<()> {
-        self.0.inc();
+    async fn process(&self, stream: &mut L4Stream) -> pingora::Result<()> {
+        let mut first = [0u8; 1];
+        // A connection that closes before sending a byte fails in the handshake that follows.
+        if matches!(stream.try_peek(&mut first).await, Ok(true)) && first[0] == HANDSHAKE_RECORD {
+            self.0.inc();
+        }
         Ok(())
     }
 }

@@ -334,6 +334,16 @@ impl Config {
                 &at,
             )?),
         };
+        if let Some(admin) = admin_listen {
+            let public = [Some(proxy.listen), tls.as_ref().map(|t| t.listen)];
+            if let Some(taken) = public.into_iter().flatten().find(|p| same_port(*p, admin)) {
+                let message = format!("{admin} would share {taken} with a public listener");
+                return Err(match env(ENV_ADMIN_LISTEN) {
+                    Some(_) => from_env(ENV_ADMIN_LISTEN, message),
+                    None => at("admin.listen", message),
+                });
+            }
+        }
         let json_logs = match env(ENV_LOG_FORMAT) {
             Some(value) => log_format(&value).ok_or_else(|| {
                 from_env(
@@ -717,6 +727,12 @@ fn route_access(
     })
 }
 
+/// Whether two listeners would fight over one port (a wildcard address takes it on every
+/// address).
+fn same_port(a: SocketAddr, b: SocketAddr) -> bool {
+    a.port() == b.port() && (a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified())
+}
+
 fn log_format(value: &str) -> Option<bool> {
     match value {
         "text" => Some(false),
@@ -998,6 +1014,17 @@ mod tests {
     }
 
     const ROUTES: &str = "\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n";
+
+    #[test]
+    fn admin_listener_may_not_share_a_public_port() {
+        let error = parse(&format!("[admin]\nlisten = \"127.0.0.1:8443\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some("admin.listen"));
+        assert_eq!(error.line, Some(2));
+        let config = parse(&format!("[admin]\nlisten = \"\"\n{ROUTES}")).unwrap();
+        assert!(config.admin_listen.is_none());
+        let error = parse(&format!("[logging]\nformat = \"xml\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some("logging.format"));
+    }
 
     #[test]
     fn defaults_are_sane() {

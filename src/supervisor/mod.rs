@@ -144,6 +144,8 @@ async fn run_group(config: Config) -> Result<i32, String> {
     let (how, code) = match started {
         Err(error) => {
             members.stop(Stop::Fast).await;
+            writer.abort();
+            let _ = std::fs::remove_file(metrics_file);
             return Err(error);
         }
         Ok(Some(stopped)) => {
