@@ -35,8 +35,23 @@ enum Command {
     Run(ConfigArg),
     /// Validate the config file and everything it points at; exit 2 on error.
     Check(ConfigArg),
+    /// Check the config, then have the running group apply it (SIGHUP to the supervisor):
+    /// routes, access rules, static roots, logs and certificates without dropping a
+    /// connection; backends restart one at a time if their settings changed.
+    Reload(ConfigArg),
+    /// Have the running group move to the binary now on disk without refusing a connection
+    /// (SIGUSR2 to the supervisor): a new proxy takes the listening sockets over, then the
+    /// backends restart one at a time.
+    Upgrade(ConfigArg),
     /// Run the edge proxy alone.
-    Proxy(ConfigArg),
+    Proxy {
+        #[command(flatten)]
+        config: ConfigArg,
+        /// Take the listening sockets over from the running proxy, which hands them over
+        /// when it gets SIGQUIT (a zero-downtime binary upgrade).
+        #[arg(long)]
+        upgrade: bool,
+    },
     /// Run one backend on a Unix socket.
     Backend {
         #[command(flatten)]
@@ -107,8 +122,21 @@ fn main() -> ExitCode {
             .and_then(|()| validate(&arg))
             .and_then(|(config, _)| supervisor::run(config).map_err(Failure::Runtime)),
         Command::Check(arg) => check(&arg),
-        Command::Proxy(arg) => arg.load().and_then(|config| {
-            gatehouse_proxy::run(config.proxy_settings())
+        Command::Reload(arg) => {
+            validate(&arg).and_then(|(config, _)| signal_group(&config, libc::SIGHUP))
+        }
+        Command::Upgrade(arg) => arg
+            .load()
+            .and_then(|config| signal_group(&config, libc::SIGUSR2)),
+        Command::Proxy { config, upgrade } => config.load().and_then(|loaded| {
+            let file = config.config.clone();
+            // SIGHUP: the same checks as `gatehouse check`, then the new settings.
+            let load: gatehouse_proxy::live::LoadSettings = Box::new(move || {
+                Config::load(&file)
+                    .map(|c| c.proxy_settings())
+                    .map_err(|e| e.to_string())
+            });
+            gatehouse_proxy::run(loaded.proxy_settings(), Some(load), upgrade)
                 .map(|stopped| match stopped {
                     gatehouse_proxy::Stopped::Graceful => 0,
                     gatehouse_proxy::Stopped::Fast => 130,
@@ -145,7 +173,21 @@ fn main() -> ExitCode {
 /// Loads the config and what it names (the users file), without starting anything. `run`
 /// calls it too, so a group never starts half-way on a config that `check` would refuse.
 fn validate(arg: &ConfigArg) -> Result<(Config, gatehouse_backend::Users), Failure> {
-    let config = arg.load()?;
+    checked(arg.load()?)
+}
+
+/// [`validate`] for the supervisor's reload: the same checks, the error as text.
+pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backend::Users), String> {
+    Config::load(file)
+        .map_err(|e| e.to_string())
+        .and_then(|config| {
+            checked(config).map_err(|e| match e {
+                Failure::Config(m) | Failure::Runtime(m) => m,
+            })
+        })
+}
+
+fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
     let users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
     if let Some(tls) = &config.tls
@@ -233,6 +275,42 @@ fn hash_password() -> Result<i32, Failure> {
     let hash = gatehouse_backend::users::hash_password(password)
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     println!("{hash}");
+    Ok(0)
+}
+
+/// Signals the supervisor of the group running with this config (its pid is in the lock file).
+fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32, Failure> {
+    let lock = config.runtime_dir.join("gatehouse.lock");
+    let pid = std::fs::read_to_string(&lock)
+        .ok()
+        .and_then(|text| text.trim().parse::<libc::pid_t>().ok())
+        .filter(|pid| *pid > 0)
+        .ok_or_else(|| {
+            Failure::Runtime(format!(
+                "no running group: {} holds no pid (is `gatehouse run` running with this config?)",
+                lock.display()
+            ))
+        })?;
+    // SAFETY: kill(2) with a pid read from our lock file; signal 0 only checks it exists.
+    if unsafe { libc::kill(pid, 0) } != 0 {
+        return Err(Failure::Runtime(format!(
+            "no running group: pid {pid} from {} is gone",
+            lock.display()
+        )));
+    }
+    // SAFETY: as above.
+    if unsafe { libc::kill(pid, signal) } != 0 {
+        return Err(Failure::Runtime(format!(
+            "cannot signal pid {pid}: {}",
+            std::io::Error::last_os_error()
+        )));
+    }
+    let what = if signal == libc::SIGHUP {
+        "reload"
+    } else {
+        "upgrade"
+    };
+    println!("{what} requested from the group (pid {pid}); its log says how it went");
     Ok(0)
 }
 

@@ -46,7 +46,7 @@ pub fn run(
         let metrics = Arc::new(Metrics::new(&id).map_err(Failure::Runtime)?);
         let store = Store::new(&redis_url, config.redis.timeout, Some(metrics.clone()))
             .map_err(Failure::Config)?;
-        let app = App::new(
+        let app = Arc::new(App::new(
             id.clone(),
             users,
             tokens,
@@ -54,11 +54,12 @@ pub fn run(
             config.backend.max_body_bytes,
             metrics.clone(),
         )
-        .map_err(Failure::Config)?;
+        .map_err(Failure::Config)?);
         // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
-        let (Ok(mut term), Ok(mut int)) = (
+        let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),
             signal(SignalKind::interrupt()),
+            signal(SignalKind::user_defined2()),
         ) else {
             return Err(Failure::Runtime("cannot install signal handlers".into()));
         };
@@ -72,9 +73,18 @@ pub fn run(
             tokio::spawn(gatehouse_backend::serve_admin(listener, metrics));
         }
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
+        // Long enough for the proxy's health checks to see it gone: two checks and a margin.
+        let lame_duck = config.proxy.health_check_interval * 2 + Duration::from_millis(300);
         let shutdown = async {
             tokio::select! {
                 _ = term.recv() => tracing::info!(backend = %id, "SIGTERM: draining"),
+                // A rolling restart: leave the rotation first, so no request meets a closing
+                // socket, then drain like SIGTERM.
+                _ = usr2.recv() => {
+                    tracing::info!(backend = %id, ?lame_duck, "SIGUSR2: leaving the rotation, then draining");
+                    app.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                    tokio::time::sleep(lame_duck).await;
+                }
                 _ = int.recv() => {
                     // SIGINT means now: no draining.
                     let _ = std::fs::remove_file(socket);
@@ -83,7 +93,7 @@ pub fn run(
                 }
             }
         };
-        gatehouse_backend::serve(listener, Arc::new(app), shutdown, DRAIN).await;
+        gatehouse_backend::serve(listener, app.clone(), shutdown, DRAIN).await;
         let _ = std::fs::remove_file(socket);
         admin_socket.map(std::fs::remove_file);
         Ok(0)

@@ -7,6 +7,7 @@ mod api;
 mod config;
 mod jwt;
 mod observability;
+mod operations;
 mod process_group;
 mod redis;
 mod statics;

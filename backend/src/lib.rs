@@ -40,6 +40,9 @@ pub struct App {
     pub store: Store,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// Set when the backend is about to stop: `/healthz` fails, so the proxy takes it out of
+    /// rotation before it closes its socket.
+    pub draining: std::sync::atomic::AtomicBool,
 }
 
 impl App {
@@ -61,6 +64,7 @@ impl App {
             store,
             max_body_bytes,
             metrics,
+            draining: std::sync::atomic::AtomicBool::new(false),
         })
     }
 }

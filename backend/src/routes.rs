@@ -92,6 +92,13 @@ async fn route(
 }
 
 async fn health(app: &App) -> Result<Response<Body>, ApiError> {
+    if app.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return Err(ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "this backend is about to stop",
+        ));
+    }
     let redis = if app.store.ping().await { "up" } else { "down" };
     Ok(json_response(
         StatusCode::OK,

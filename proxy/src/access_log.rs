@@ -16,7 +16,7 @@ use std::{
     net::IpAddr,
     path::PathBuf,
     sync::{
-        Arc, OnceLock,
+        Arc, Mutex,
         atomic::{AtomicBool, AtomicU64, Ordering},
         mpsc::{Receiver, SyncSender, TryRecvError, TrySendError, sync_channel},
     },
@@ -68,6 +68,8 @@ const QUEUE: usize = 16_384;
 pub const BATCH_INTERVAL: Duration = Duration::from_millis(50);
 
 pub struct AccessLog {
+    targets: Vec<LogTarget>,
+    format: Format,
     sender: SyncSender<Record>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
@@ -75,13 +77,15 @@ pub struct AccessLog {
     turns: Arc<AtomicU64>,
 }
 
-/// The process's access log, for [`flush_before_exit`].
-static RUNNING: OnceLock<Arc<AccessLog>> = OnceLock::new();
+/// The process's access log (the latest, after a reload), for [`flush_before_exit`].
+static RUNNING: Mutex<Option<Arc<AccessLog>>> = Mutex::new(None);
 
 /// Waits (at most a second) until every line logged so far is written: the process is about
 /// to exit, and the writer thread would die with the last lines still queued.
 pub fn flush_before_exit() {
-    let Some(log) = RUNNING.get() else { return };
+    let Some(log) = RUNNING.lock().ok().and_then(|l| l.clone()) else {
+        return;
+    };
     let start = log.turns.load(Ordering::Acquire);
     let deadline = Instant::now() + Duration::from_secs(1);
     // Two turns: the one in progress may have started before the last lines came in.
@@ -98,7 +102,8 @@ impl AccessLog {
         dropped: IntCounter,
     ) -> Result<Arc<Self>, String> {
         let sinks = targets
-            .into_iter()
+            .iter()
+            .cloned()
             .map(Sink::open)
             .collect::<Result<Vec<_>, _>>()?;
         let (sender, receiver) = sync_channel(QUEUE);
@@ -117,13 +122,22 @@ impl AccessLog {
             .spawn(move || writer.run(receiver))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
         let log = Arc::new(Self {
+            targets,
+            format,
             sender,
             reopen,
             dropped,
             turns,
         });
-        let _ = RUNNING.set(log.clone());
+        if let Ok(mut running) = RUNNING.lock() {
+            *running = Some(log.clone());
+        }
         Ok(log)
+    }
+
+    /// Whether this log writes exactly these files in this format (a reload keeps it then).
+    pub fn writes(&self, targets: &[LogTarget], format: Format) -> bool {
+        self.targets == targets && self.format == format
     }
 
     pub fn log(&self, record: Record) {

@@ -21,7 +21,9 @@ use tokio::{
     net::UnixStream,
 };
 
-use crate::{metrics::Metrics, routes::RouteTable, upstream::BackendId};
+use arc_swap::ArcSwap;
+
+use crate::{live::Live, metrics::Metrics, upstream::BackendId};
 
 /// A backend as the admin listener reaches it.
 #[derive(Debug, Clone)]
@@ -39,7 +41,7 @@ const BACKEND_DEADLINE: Duration = Duration::from_secs(2);
 pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
-    pub routes: Arc<RouteTable>,
+    pub live: Arc<ArcSwap<Live>>,
     pub backends: Vec<BackendSocket>,
     /// The supervisor's series, rewritten by it every second.
     pub supervisor_file: PathBuf,
@@ -78,7 +80,7 @@ impl Admin {
         self.metrics
             .open_connections
             .set(crate::metrics::established_connections(&self.public_ports));
-        for (policy, keys) in self.routes.rate_limit_keys() {
+        for (policy, keys) in self.live.load().routes.rate_limit_keys() {
             self.rate_limit_keys
                 .with_label_values(&[policy])
                 .set(keys as i64);

@@ -16,6 +16,14 @@ use tokio::signal::unix::{SignalKind, signal};
 
 static IN_FLIGHT: AtomicUsize = AtomicUsize::new(0);
 static STOPPED_FAST: AtomicBool = AtomicBool::new(false);
+static LEAVING: AtomicBool = AtomicBool::new(false);
+
+/// Whether this process is on its way out (SIGTERM, or SIGQUIT for an upgrade). Responses then
+/// say `Connection: close`, so keep-alive clients open their next connection (to the new
+/// process, after an upgrade) instead of racing the close of an idle one.
+pub fn leaving() -> bool {
+    LEAVING.load(Ordering::Relaxed)
+}
 
 /// Whether the proxy was stopped by SIGINT.
 pub fn stopped_fast() -> bool {
@@ -52,8 +60,17 @@ impl ShutdownSignalWatch for Signals {
             tracing::error!("cannot install signal handlers; stopping");
             return ShutdownSignal::FastShutdown;
         };
-        tokio::select! {
-            _ = quit.recv() => ShutdownSignal::GracefulUpgrade,
+        let signal = tokio::select! {
+            _ = quit.recv() => {
+                // Pingora hands the sockets over, waits 5 s for the new process to take them,
+                // then stops accepting; from then on, leave as soon as the last request is done.
+                tracing::info!("SIGQUIT: handing the listening sockets over");
+                thread::spawn(|| {
+                    thread::sleep(Duration::from_secs(5));
+                    exit_when_drained();
+                });
+                ShutdownSignal::GracefulUpgrade
+            }
             _ = term.recv() => {
                 tracing::info!("SIGTERM: draining in-flight requests");
                 thread::spawn(exit_when_drained);
@@ -63,7 +80,9 @@ impl ShutdownSignalWatch for Signals {
                 STOPPED_FAST.store(true, Ordering::Relaxed);
                 ShutdownSignal::FastShutdown
             }
-        }
+        };
+        LEAVING.store(true, Ordering::Relaxed);
+        signal
     }
 }
 

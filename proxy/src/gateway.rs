@@ -29,20 +29,24 @@ use pingora::{
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 
+use arc_swap::ArcSwap;
+
 use crate::{
-    access::{Decision, client_ip, ip_list::IpList},
-    access_log::{AccessLog, Record},
+    access::{Decision, client_ip},
+    access_log::Record,
     drain::InFlight,
     https_redirect::HttpsRedirect,
-    metrics::{Metrics, Refusal, RouteSeries},
+    live::Live,
+    metrics::Refusal,
     request_id,
     respond::{self, Stamp},
-    routes::{RouteTable, Served},
+    routes::Served,
     statics::{encoding::compressible, path},
     upstream::Pool,
 };
 
 /// What HTTPS changes in how requests are answered.
+#[derive(Debug, Clone)]
 pub struct TlsBehaviour {
     /// `Some`: plain-HTTP requests are redirected to HTTPS.
     pub redirect: Option<HttpsRedirect>,
@@ -53,80 +57,30 @@ pub struct TlsBehaviour {
 /// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
 const COMPRESSION_LEVEL: u32 = 5;
 
-/// The request metrics, when the admin listener is on to serve them.
-pub struct Observe {
-    pub metrics: Arc<Metrics>,
-    /// By route index.
-    pub routes: Vec<RouteSeries>,
-    /// Requests no route took.
-    pub unrouted: RouteSeries,
-}
-
-/// Access logging, when configured.
-pub struct Logs {
-    pub log: Arc<AccessLog>,
-    /// By route index: the target (in the writer's list), or `None` for no log.
-    pub routes: Vec<Option<usize>>,
-    pub unrouted: Option<usize>,
-    /// Route prefixes, as the `route` field shows them.
-    pub names: Vec<Arc<str>>,
-}
-
 /// Response header a backend uses to name the token's subject, for the access log; removed
 /// before the response reaches the client.
 const USER_HEADER: &str = "x-gatehouse-user";
 
 pub struct Gateway {
-    routes: Arc<RouteTable>,
+    /// Everything a reload can change; each request keeps the version it started with.
+    live: Arc<ArcSwap<Live>>,
     pool: Pool,
-    tls: TlsBehaviour,
-    /// Peers whose `X-Forwarded-For` / `X-Real-IP` are believed.
-    trusted_proxies: IpList,
-    /// Backend responses at least this large are compressed for clients that accept it.
-    compress_min_bytes: u64,
-    observe: Option<Observe>,
-    logs: Option<Logs>,
     unrouted_name: Arc<str>,
 }
 
 impl Gateway {
-    pub fn new(
-        routes: Arc<RouteTable>,
-        pool: Pool,
-        tls: TlsBehaviour,
-        trusted_proxies: IpList,
-        compress_min_bytes: u64,
-    ) -> Self {
+    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool) -> Self {
         Self {
-            routes,
+            live,
             pool,
-            tls,
-            trusted_proxies,
-            compress_min_bytes,
-            observe: None,
-            logs: None,
             unrouted_name: Arc::from(crate::metrics::NO_ROUTE),
         }
-    }
-
-    pub fn with_observers(mut self, observe: Option<Observe>, logs: Option<Logs>) -> Self {
-        self.observe = observe;
-        self.logs = logs;
-        self
-    }
-
-    fn series(&self, route: Option<usize>) -> Option<&RouteSeries> {
-        let observe = self.observe.as_ref()?;
-        Some(match route {
-            Some(i) => observe.routes.get(i)?,
-            None => &observe.unrouted,
-        })
     }
 
     fn stamp<'a>(&'a self, ctx: &'a RequestCtx) -> Stamp<'a> {
         Stamp {
             request_id: &ctx.request_id,
-            hsts: self.tls.hsts.as_deref().filter(|_| ctx.tls),
+            hsts: ctx.live.tls.hsts.as_deref().filter(|_| ctx.tls),
         }
     }
 
@@ -155,7 +109,7 @@ impl Gateway {
                 Some(Refusal::AuthFailed)
             }
         };
-        if let (Some(series), Some(refusal)) = (self.series(ctx.route), refusal) {
+        if let (Some(series), Some(refusal)) = (ctx.live.series(ctx.route), refusal) {
             series.refused(refusal);
         }
         match decision {
@@ -218,6 +172,7 @@ impl Gateway {
 /// Per-request state.
 pub struct RequestCtx {
     _in_flight: InFlight,
+    live: Arc<Live>,
     started: Instant,
     request_id: String,
     /// Whether this request came over TLS.
@@ -243,6 +198,7 @@ impl ProxyHttp for Gateway {
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
             _in_flight: InFlight::enter(),
+            live: self.live.load_full(),
             started: Instant::now(),
             request_id: String::new(),
             tls: false,
@@ -267,16 +223,20 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip());
         // An id from a proxy we trust ties our logs to its own; anyone else's is replaced, so
         // a client cannot plant ids in our logs.
-        let trusted = peer.is_some_and(|p| self.trusted_proxies.contains(p.to_canonical()));
+        let live = Arc::clone(&ctx.live);
+        let trusted = peer.is_some_and(|p| live.trusted_proxies.contains(p.to_canonical()));
         ctx.request_id = headers
             .get("x-request-id")
             .filter(|_| trusted)
             .and_then(|v| request_id::accept(v.as_bytes()))
             .map_or_else(request_id::generate, str::to_owned);
         if let Some(peer) = peer {
-            ctx.client = client_ip::client_ip(peer, headers, &self.trusted_proxies);
+            ctx.client = client_ip::client_ip(peer, headers, &live.trusted_proxies);
         }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        if crate::drain::leaving() {
+            session.set_keepalive(None);
+        }
         // Pingora's compression module reads `Accept-Encoding` between this phase and
         // `request_filter`, and only when it is on: on here, decided per route below.
         set_compression(session, COMPRESSION_LEVEL);
@@ -287,6 +247,7 @@ impl ProxyHttp for Gateway {
         // Off for everything the proxy answers itself: static files are compressed once per
         // version by `statics`, never per request.
         set_compression(session, 0);
+        let live = Arc::clone(&ctx.live);
         let stamp = self.stamp(ctx);
         let raw_path = session.req_header().uri.path();
 
@@ -297,7 +258,7 @@ impl ProxyHttp for Gateway {
         }
 
         if !ctx.tls
-            && let Some(redirect) = &self.tls.redirect
+            && let Some(redirect) = &live.tls.redirect
         {
             let request = session.req_header();
             let path_and_query = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
@@ -333,7 +294,7 @@ impl ProxyHttp for Gateway {
         };
 
         // `/open` for the static route `/open/`: checked first, as `/` would take it otherwise.
-        if self.routes.is_static_without_slash(&decoded) {
+        if live.routes.is_static_without_slash(&decoded) {
             let uri = &session.req_header().uri;
             let location = match uri.query() {
                 Some(query) => format!("{}/?{query}", uri.path()),
@@ -342,10 +303,10 @@ impl ProxyHttp for Gateway {
             respond::redirect(session, &stamp, 301, &location).await?;
             return Ok(true);
         }
-        let Some((index, (prefix, served, access))) = self
+        let Some((index, (prefix, served, access))) = live
             .routes
             .lookup(&decoded)
-            .and_then(|i| Some((i, self.routes.get(i)?)))
+            .and_then(|i| Some((i, live.routes.get(i)?)))
         else {
             let message = format!("no route for {decoded}");
             respond::json_error(session, &stamp, 404, "not_found", &message).await?;
@@ -365,7 +326,7 @@ impl ProxyHttp for Gateway {
 
         match served {
             Served::Static(site) => {
-                let series = self.series(ctx.route);
+                let series = live.series(ctx.route);
                 site.serve(session, &self.stamp(ctx), prefix, &decoded, series)
                     .await?;
                 Ok(true)
@@ -383,7 +344,8 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        match ctx.route.and_then(|i| self.routes.get(i)) {
+        let live = Arc::clone(&ctx.live);
+        match ctx.route.and_then(|i| live.routes.get(i)) {
             Some((_, Served::Backends, _)) => {
                 let (peer, id) = self.pool.select(&ctx.failed).ok_or_else(|| {
                     Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
@@ -458,7 +420,9 @@ impl ProxyHttp for Gateway {
             .map(|a| a.ip().to_canonical())
         {
             let chain = match client_ip::forwarded_chain(&upstream.headers) {
-                Some(chain) if self.trusted_proxies.contains(peer) => format!("{chain}, {peer}"),
+                Some(chain) if ctx.live.trusted_proxies.contains(peer) => {
+                    format!("{chain}, {peer}")
+                }
                 _ => peer.to_string(),
             };
             upstream.insert_header("x-forwarded-for", chain)?;
@@ -469,7 +433,7 @@ impl ProxyHttp for Gateway {
         // Basic-auth credentials are the edge's business unless the route says otherwise.
         let keep = ctx
             .route
-            .and_then(|i| self.routes.get(i))
+            .and_then(|i| ctx.live.routes.get(i))
             .is_none_or(|(_, _, a)| a.passes_authorization());
         if !keep {
             upstream.remove_header("authorization");
@@ -496,7 +460,7 @@ impl ProxyHttp for Gateway {
         let large = headers
             .get("content-length")
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
-            .is_none_or(|len| len >= self.compress_min_bytes);
+            .is_none_or(|len| len >= ctx.live.compress_min_bytes);
         let text = headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
@@ -546,7 +510,7 @@ impl ProxyHttp for Gateway {
 
 impl Gateway {
     fn upstream_error(&self, ctx: &RequestCtx, kind: &str) {
-        if let (Some(observe), Some((id, _))) = (&self.observe, &ctx.upstream) {
+        if let (Some(observe), Some((id, _))) = (&ctx.live.observe, &ctx.upstream) {
             observe.metrics.upstream_error(id, kind);
         }
     }
@@ -560,10 +524,11 @@ impl Gateway {
             .response_written()
             .map_or(499, |r| r.status.as_u16());
         let request = session.req_header();
-        if let Some(series) = self.series(ctx.route) {
+        if let Some(series) = ctx.live.series(ctx.route) {
             series.request(&request.method, status, elapsed.as_secs_f64());
         }
-        let Some(logs) = &self.logs else { return };
+        let live = Arc::clone(&ctx.live);
+        let Some(logs) = &live.logs else { return };
         let target = match ctx.route {
             Some(i) => logs.routes.get(i).copied().flatten(),
             None => logs.unrouted,

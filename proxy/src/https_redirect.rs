@@ -6,6 +6,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
+#[derive(Debug, Clone)]
 pub struct HttpsRedirect {
     /// Configured server name; `None` means the request's `Host`.
     pub server_name: Option<String>,

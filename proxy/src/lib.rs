@@ -11,6 +11,7 @@
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
 //! - [`tls`]: the certificate pair and the handshake counters.
+//! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
 
 pub mod access;
 pub mod access_log;
@@ -18,6 +19,7 @@ pub mod admin;
 pub mod drain;
 pub mod gateway;
 pub mod https_redirect;
+pub mod live;
 pub mod metrics;
 pub mod request_id;
 pub mod respond;
@@ -26,13 +28,13 @@ pub mod statics;
 pub mod tls;
 pub mod upstream;
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc, time::Duration};
+use std::{path::PathBuf, sync::Arc, time::Duration};
 
-use async_trait::async_trait;
+use arc_swap::ArcSwap;
 use pingora::{
     listeners::Listeners,
-    server::{RunArgs, Server, ShutdownWatch, configuration::ServerConf},
-    services::{background::BackgroundService, listening::Service},
+    server::{RunArgs, Server, configuration::ServerConf},
+    services::listening::Service,
 };
 
 pub use access::{AccessSettings, AccessSpec};
@@ -93,13 +95,23 @@ pub fn check_listen(listen: &str) -> Result<(), String> {
 
 /// Runs the proxy until a signal stops it. Returns after a fast (SIGINT) shutdown or a full
 /// grace period; a drained SIGTERM exits the process directly (see [`drain`]).
-pub fn run(settings: Settings) -> Result<Stopped, String> {
-    check_listen(&settings.listen)?;
-    if let Some(tls) = &settings.tls {
-        check_listen(&tls.listen)?;
-    }
-    if let Some(admin) = &settings.admin_listen {
-        check_listen(admin)?;
+///
+/// `load` reads the configuration again on SIGHUP. `upgrade`: take the listening sockets
+/// over from the running proxy (which hands them over on SIGQUIT) instead of binding them.
+pub fn run(
+    settings: Settings,
+    load: Option<live::LoadSettings>,
+    upgrade: bool,
+) -> Result<Stopped, String> {
+    // An upgrade receives its sockets from the old proxy, which still holds the ports.
+    if !upgrade {
+        check_listen(&settings.listen)?;
+        if let Some(tls) = &settings.tls {
+            check_listen(&tls.listen)?;
+        }
+        if let Some(admin) = &settings.admin_listen {
+            check_listen(admin)?;
+        }
     }
     let conf = ServerConf {
         threads: settings.threads,
@@ -110,59 +122,41 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };
-    let mut server = Server::new_with_opt_and_conf(None, conf);
+    let opt = pingora::server::configuration::Opt {
+        upgrade,
+        ..Default::default()
+    };
+    let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
     server.bootstrap();
 
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
     let pool = upstream::Pool::new(lb.clone());
-    let routes = Arc::new(routes::RouteTable::new(
-        settings.routes,
-        &settings.statics,
-        &settings.access,
-    )?);
     let metrics = match &settings.admin_listen {
         Some(_) => Some(Arc::new(metrics::Metrics::new()?)),
         None => None,
     };
-    let observe = metrics.as_ref().map(|metrics| gateway::Observe {
-        metrics: metrics.clone(),
-        routes: routes
-            .iter()
-            .map(|(prefix, _)| metrics.route(prefix))
-            .collect(),
-        unrouted: metrics.route(metrics::NO_ROUTE),
-    });
-    let logs = access_logs(
-        &routes,
-        settings.default_access_log,
-        settings.access_log_format,
+    let live = Arc::new(ArcSwap::from_pointee(live::Live::build(
+        &settings,
+        None,
         metrics.as_ref(),
-    )?;
-    let compress_min = settings.statics.min_compress_bytes;
-    let trusted = settings.access.trusted_proxies.clone();
-    let reopen = ReopenLogs(logs.as_ref().map(|l| l.log.clone()));
-    let gateway = gateway::Gateway::new(
-        routes.clone(),
-        pool,
-        settings.tls_behaviour,
-        trusted,
-        compress_min,
-    )
-    .with_observers(observe, logs);
+    )?));
+    let gateway = gateway::Gateway::new(live.clone(), pool);
 
     let mut listeners = Listeners::new();
+    let mut certificate = None;
     listeners.add_tcp(&settings.listen);
     let mut public_ports = vec![port_of(&settings.listen)];
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
-        let key = tls::load_certified_key(&tls.cert, &tls.key)?;
+        let slot = Arc::new(ArcSwap::new(tls::load_certified_key(&tls.cert, &tls.key)?));
+        certificate = Some(slot.clone());
         let (begun, completed) = match &metrics {
             Some(m) => (m.tls_connections.clone(), m.tls_handshakes.clone()),
-            None => (unregistered_counter()?, unregistered_counter()?),
+            None => (live::unregistered_counter()?, live::unregistered_counter()?),
         };
         listeners.set_pre_tls_callback(Arc::new(tls::CountBegun(begun)));
-        listeners.add_tls_with_settings(&tls.listen, None, tls::settings(key, completed)?);
+        listeners.add_tls_with_settings(&tls.listen, None, tls::settings(slot, completed)?);
         public_ports.push(port_of(&tls.listen));
     }
     let proxy = Service::with_listeners(
@@ -171,12 +165,12 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
         pingora_proxy::http_proxy(&server.configuration, gateway),
     );
 
-    if let (Some(listen), Some(metrics)) = (&settings.admin_listen, metrics) {
-        let rate_limit_keys = admin::Admin::rate_limit_keys_gauge(&metrics)?;
+    if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
+        let rate_limit_keys = admin::Admin::rate_limit_keys_gauge(metrics)?;
         let admin = admin::Admin {
-            metrics,
+            metrics: metrics.clone(),
             lb,
-            routes,
+            live: live.clone(),
             backends: settings.pool.backends.clone(),
             supervisor_file: settings.runtime_dir.join(SUPERVISOR_METRICS),
             public_ports,
@@ -186,10 +180,17 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
         service.add_tcp(listen);
         server.add_service(service);
     }
-    // Always, so SIGUSR1 (which logrotate sends the group) never kills a proxy without logs.
+    // Always, so neither SIGHUP nor SIGUSR1 (logrotate) ever kills the proxy.
+    let signals = live::Signals {
+        fixed: live::Fixed::of(&settings),
+        live,
+        load,
+        certificate,
+        metrics,
+    };
     server.add_service(pingora::services::background::background_service(
-        "access log reopen",
-        reopen,
+        "reload and log reopening",
+        signals,
     ));
     server.add_service(proxy);
     server.add_service(health);
@@ -208,74 +209,11 @@ pub fn run(settings: Settings) -> Result<Stopped, String> {
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";
 
-/// Opens the access logs the routes name, each file once, and starts their writer.
-fn access_logs(
-    routes: &routes::RouteTable,
-    default: Option<LogTarget>,
-    format: LogFormat,
-    metrics: Option<&Arc<metrics::Metrics>>,
-) -> Result<Option<gateway::Logs>, String> {
-    let mut targets: Vec<LogTarget> = Vec::new();
-    let mut index: HashMap<LogTarget, usize> = HashMap::new();
-    let mut slot = |target: Option<&LogTarget>| {
-        let target = target?;
-        Some(*index.entry(target.clone()).or_insert_with(|| {
-            targets.push(target.clone());
-            targets.len() - 1
-        }))
-    };
-    let unrouted = slot(default.as_ref());
-    let by_route: Vec<Option<usize>> = routes.iter().map(|(_, log)| slot(log)).collect();
-    if targets.is_empty() {
-        return Ok(None);
-    }
-    let dropped = match metrics {
-        Some(m) => m.access_log_dropped.clone(),
-        None => unregistered_counter()?,
-    };
-    Ok(Some(gateway::Logs {
-        log: access_log::AccessLog::start(targets, format, dropped)?,
-        routes: by_route,
-        unrouted,
-        names: routes.iter().map(|(prefix, _)| Arc::from(prefix)).collect(),
-    }))
-}
-
-/// A counter nobody scrapes, for when metrics are off.
-fn unregistered_counter() -> Result<prometheus::IntCounter, String> {
-    prometheus::IntCounter::new("unused", "unused").map_err(|e| e.to_string())
-}
-
 fn port_of(listen: &str) -> u16 {
     listen
         .rsplit_once(':')
         .and_then(|(_, port)| port.parse().ok())
         .unwrap_or(0)
-}
-
-/// SIGUSR1 reopens the access logs (after logrotate has moved them); without logs it is
-/// ignored.
-struct ReopenLogs(Option<Arc<access_log::AccessLog>>);
-
-#[async_trait]
-impl BackgroundService for ReopenLogs {
-    async fn start(&self, mut shutdown: ShutdownWatch) {
-        use tokio::signal::unix::{SignalKind, signal};
-        let Ok(mut usr1) = signal(SignalKind::user_defined1()) else {
-            tracing::error!("cannot listen for SIGUSR1; access logs cannot be reopened");
-            return;
-        };
-        loop {
-            tokio::select! {
-                _ = usr1.recv() => {
-                    if let Some(log) = &self.0 {
-                        log.reopen();
-                    }
-                }
-                _ = shutdown.changed() => return,
-            }
-        }
-    }
 }
 
 fn path_string(path: PathBuf) -> Result<String, String> {

@@ -43,6 +43,7 @@ pub struct Metrics {
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
     pub access_log_dropped: IntCounter,
+    reloads: IntCounterVec,
     requests: IntCounterVec,
     latency: HistogramVec,
     refusals: [IntCounterVec; 3],
@@ -134,7 +135,13 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind.",
         )
         .map_err(err)?;
-        let collectors: [Box<dyn Collector>; 12] = [
+        let reloads = counter(
+            "gatehouse_proxy_reloads_total",
+            "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
+            &["result"],
+        )?;
+        let collectors: [Box<dyn Collector>; 13] = [
+            Box::new(reloads.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
             Box::new(refusals[0].clone()),
@@ -159,6 +166,7 @@ impl Metrics {
             tls_connections,
             tls_handshakes,
             access_log_dropped,
+            reloads,
             requests,
             latency,
             refusals,
@@ -179,6 +187,11 @@ impl Metrics {
                     .map(|cache| self.statics.with_label_values(&[route, encoding, cache]))
             }),
         }
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.with_label_values(&[result]).inc();
     }
 
     pub fn upstream_error(&self, backend: &str, kind: &str) {

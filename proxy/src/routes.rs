@@ -47,10 +47,13 @@ pub struct RouteTable {
 }
 
 impl RouteTable {
+    /// `previous`: the table this one replaces on a reload; its rate limit policies that are
+    /// defined the same way carry their buckets over, so a reload is no way around a limit.
     pub fn new(
         mut routes: Vec<Route>,
         statics: &StaticSettings,
         access: &AccessSettings,
+        previous: Option<&RouteTable>,
     ) -> Result<Self, String> {
         // Longest prefix first, so `/api/admin/` wins over `/api/`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
@@ -59,6 +62,16 @@ impl RouteTable {
             .filter(|r| matches!(r.target, Target::Static { .. }))
             .count();
         let mut limits = HashMap::new();
+        if let Some(previous) = previous {
+            for spec in routes.iter().filter_map(|r| r.access.rate_limit.as_ref()) {
+                if let Some(limit) = previous.limits.get(&spec.name)
+                    && limit.spec() == spec
+                    && limit.max_keys() == access.rate_limit_max_keys
+                {
+                    limits.insert(spec.name.clone(), limit.clone());
+                }
+            }
+        }
         let logs = routes.iter().map(|r| r.access_log.clone()).collect();
         let routes = routes
             .into_iter()
@@ -173,6 +186,7 @@ mod tests {
             ],
             &settings(),
             &access(),
+            None,
         )
         .unwrap();
         let prefix = |path| {
@@ -189,6 +203,7 @@ mod tests {
             vec![route("/api/", Target::Backends)],
             &settings(),
             &access(),
+            None,
         )
         .unwrap();
         assert!(only_api.lookup("/apix").is_none());

@@ -3,6 +3,7 @@
 
 use std::{path::Path, sync::Arc};
 
+use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use pingora::{
     listeners::{PreTlsProcess, TlsAccept, TlsAcceptCallbacks, tls::TlsSettings},
@@ -49,23 +50,27 @@ pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Arc<Certi
     Ok(Arc::new(certified))
 }
 
-/// TLS settings for the listener: the pair, HTTP/2 and HTTP/1.1 by ALPN, and the handshake
-/// counters. rustls offers TLS 1.2 and 1.3 with AEAD suites only.
-pub fn settings(key: Arc<CertifiedKey>, completed: IntCounter) -> Result<TlsSettings, String> {
+/// The certificate the listener presents; a reload stores a new one, which the next
+/// handshake uses.
+pub type CertificateSlot = Arc<ArcSwap<CertifiedKey>>;
+
+/// TLS settings for the listener: the pair in `slot`, HTTP/2 and HTTP/1.1 by ALPN, and the
+/// handshake counters. rustls offers TLS 1.2 and 1.3 with AEAD suites only.
+pub fn settings(slot: CertificateSlot, completed: IntCounter) -> Result<TlsSettings, String> {
     let callbacks: TlsAcceptCallbacks = Box::new(CountCompleted(completed));
     let mut settings =
         TlsSettings::with_callbacks(callbacks).map_err(|e| format!("TLS settings: {e}"))?;
-    settings.set_cert_resolver(Arc::new(OneCertificate(key)));
+    settings.set_cert_resolver(Arc::new(CurrentCertificate(slot)));
     settings.enable_h2();
     Ok(settings)
 }
 
 #[derive(Debug)]
-struct OneCertificate(Arc<CertifiedKey>);
+struct CurrentCertificate(CertificateSlot);
 
-impl ResolvesServerCert for OneCertificate {
+impl ResolvesServerCert for CurrentCertificate {
     fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.clone())
+        Some(self.0.load_full())
     }
 }
 

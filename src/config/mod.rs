@@ -103,7 +103,7 @@ pub struct Proxy {
     pub health_check_interval: Duration,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Backend {
     pub count: usize,
     pub users_file: PathBuf,
@@ -113,7 +113,7 @@ pub struct Backend {
     pub jwt_secret: Option<Vec<u8>>,
 }
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq)]
 pub struct Redis {
     /// `None`: `gatehouse run` starts and manages its own `redis-server`.
     pub url: Option<String>,

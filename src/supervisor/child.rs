@@ -14,7 +14,7 @@ use std::{
 use tokio::{
     net::{TcpStream, UnixStream},
     process::{Child, Command},
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
     time::sleep,
 };
 
@@ -73,13 +73,37 @@ pub struct Spec {
     pub probe: Probe,
     /// How long a graceful stop may take before the child is killed.
     pub stop_timeout: Duration,
+    /// The signal that stops it for a planned restart (backends: SIGUSR2, which first takes
+    /// them out of the proxy's rotation).
+    pub restart_signal: libc::c_int,
+}
+
+/// A planned replacement of a running child, with its outcome sent back on `done`.
+#[derive(Debug)]
+pub struct Replace {
+    pub how: Replacement,
+    pub done: oneshot::Sender<Result<(), String>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Replacement {
+    /// Stop it with its restart signal, start it again, wait until it answers.
+    Restart,
+    /// The proxy: start a new one that takes the listening sockets over, then tell the old
+    /// one (SIGQUIT) to hand them over and drain. No connection is refused meanwhile.
+    HandOver,
 }
 
 impl Spec {
     pub fn spawn(&self) -> io::Result<Child> {
+        self.spawn_with(&[])
+    }
+
+    fn spawn_with(&self, extra: &[&str]) -> io::Result<Child> {
         let mut command = Command::new(&self.program);
         command
             .args(&self.args)
+            .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
         // Own process group: a Ctrl-C in the terminal reaches only the supervisor, which
         // then stops the children in order.
@@ -132,6 +156,10 @@ pub async fn stop(name: &str, child: &mut Child, how: Stop, timeout: Duration) {
         Stop::Graceful => libc::SIGTERM,
         Stop::Fast => libc::SIGINT,
     };
+    stop_with(name, child, signal, timeout).await;
+}
+
+async fn stop_with(name: &str, child: &mut Child, signal: libc::c_int, timeout: Duration) {
     if let Some(pid) = child.id() {
         // SAFETY: plain kill(2) on a child we spawned and have not reaped.
         unsafe { libc::kill(pid as libc::pid_t, signal) };
@@ -154,6 +182,7 @@ pub async fn keep_running(
     mut orders: watch::Receiver<Order>,
     pid: watch::Sender<Option<u32>>,
     metrics: Arc<GroupMetrics>,
+    mut replacements: mpsc::Receiver<Replace>,
 ) {
     metrics.started(&spec.name);
     let mut failures: u32 = 0;
@@ -192,6 +221,14 @@ pub async fn keep_running(
                     }
                 }
             }
+            Some(Replace { how, done }) = replacements.recv() => {
+                let outcome = replace(&spec, &mut child, how).await;
+                let _ = pid.send(child.id());
+                if outcome.is_ok() {
+                    started = Instant::now();
+                }
+                let _ = done.send(outcome);
+            }
             changed = orders.changed() => {
                 let order = if changed.is_ok() { *orders.borrow() } else { Order::Stop(Stop::Fast) };
                 if let Order::Stop(how) = order {
@@ -200,6 +237,57 @@ pub async fn keep_running(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// A planned replacement; on failure the child is left for the restart loop to bring back.
+async fn replace(spec: &Spec, child: &mut Child, how: Replacement) -> Result<(), String> {
+    match how {
+        Replacement::Restart => {
+            stop_with(&spec.name, child, spec.restart_signal, spec.stop_timeout).await;
+            let mut fresh = spec
+                .spawn()
+                .map_err(|e| format!("cannot start {}: {e}", spec.name))?;
+            let ready = spec.wait_ready(&mut fresh, Duration::from_secs(15)).await;
+            *child = fresh;
+            ready?;
+            tracing::info!(child = %spec.name, pid = child.id(), "restarted as planned");
+            Ok(())
+        }
+        Replacement::HandOver => {
+            let mut fresh = spec
+                .spawn_with(&["--upgrade"])
+                .map_err(|e| format!("cannot start the new {}: {e}", spec.name))?;
+            // The new one listens on the hand-over socket; give it a moment to be there.
+            sleep(Duration::from_millis(300)).await;
+            if let Ok(Some(status)) = fresh.try_wait() {
+                return Err(format!("the new {} exited at once ({status})", spec.name));
+            }
+            if let Some(pid) = child.id() {
+                // SAFETY: plain kill(2) on a child we spawned and have not reaped.
+                unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) };
+            }
+            let mut old = std::mem::replace(child, fresh);
+            // The old one hands its sockets over, keeps serving its open requests and exits;
+            // reap it on the side, killing it if it outstays its welcome.
+            let (name, timeout) = (
+                spec.name.clone(),
+                spec.stop_timeout + Duration::from_secs(10),
+            );
+            tokio::spawn(async move {
+                match tokio::time::timeout(timeout, old.wait()).await {
+                    Ok(status) => {
+                        tracing::info!(child = %name, status = %describe(status), "old process exited after the hand-over")
+                    }
+                    Err(_) => {
+                        tracing::warn!(child = %name, "old process still running after the hand-over; killing it");
+                        let _ = old.kill().await;
+                    }
+                }
+            });
+            tracing::info!(child = %spec.name, pid = child.id(), "new process took the sockets over");
+            Ok(())
         }
     }
 }

@@ -12,6 +12,7 @@ pub struct GroupMetrics {
     restarts: IntCounterVec,
     up: IntGaugeVec,
     redis_up: IntGauge,
+    reloads: IntCounterVec,
     changed: tokio::sync::Notify,
 }
 
@@ -43,11 +44,24 @@ impl GroupMetrics {
         registry.register(Box::new(restarts.clone())).map_err(err)?;
         registry.register(Box::new(up.clone())).map_err(err)?;
         registry.register(Box::new(redis_up.clone())).map_err(err)?;
+        let reloads = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_reloads_total",
+                "Configuration reloads (SIGHUP, `gatehouse reload`) by result: ok, or failed (a bad file: nothing changed).",
+            ),
+            &["result"],
+        )
+        .map_err(err)?;
+        registry.register(Box::new(reloads.clone())).map_err(err)?;
+        for result in ["ok", "failed"] {
+            reloads.with_label_values(&[result]);
+        }
         Ok(Arc::new(Self {
             registry,
             restarts,
             up,
             redis_up,
+            reloads,
             changed: tokio::sync::Notify::new(),
         }))
     }
@@ -56,6 +70,12 @@ impl GroupMetrics {
         self.up.with_label_values(&[child]).set(1);
         // Present from the start, so a scrape shows 0 rather than nothing.
         self.restarts.with_label_values(&[child]);
+        self.changed.notify_one();
+    }
+
+    pub fn reload(&self, ok: bool) {
+        let result = if ok { "ok" } else { "failed" };
+        self.reloads.with_label_values(&[result]).inc();
         self.changed.notify_one();
     }
 

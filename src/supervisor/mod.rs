@@ -20,24 +20,38 @@ use std::{
 use tokio::{
     net::UnixStream,
     signal::unix::{SignalKind, signal},
-    sync::watch,
+    sync::{mpsc, oneshot, watch},
     task::JoinHandle,
 };
 
 use crate::config::{self, Config};
-use child::{Order, Probe, Spec, Stop};
+use child::{Order, Probe, Replace, Replacement, Spec, Stop};
 use metrics::GroupMetrics;
 
 const READY_TIMEOUT: Duration = Duration::from_secs(15);
 
 /// A started child and the channel that gives it orders.
 struct Running {
+    name: String,
     orders: watch::Sender<Order>,
     task: JoinHandle<()>,
     pid: watch::Receiver<Option<u32>>,
+    replacements: mpsc::Sender<Replace>,
 }
 
 impl Running {
+    /// A planned restart or hand-over; returns once the new process is in place.
+    async fn replace(&self, how: Replacement) -> Result<(), String> {
+        let (done, outcome) = oneshot::channel();
+        self.replacements
+            .send(Replace { how, done })
+            .await
+            .map_err(|_| format!("{} is not running", self.name))?;
+        outcome
+            .await
+            .map_err(|_| format!("{} stopped during its replacement", self.name))?
+    }
+
     fn signal(&self, signal: libc::c_int) {
         if let Some(pid) = *self.pid.borrow() {
             // SAFETY: plain kill(2) on our own child's pid, which the child task has not
@@ -103,10 +117,12 @@ pub fn run(config: Config) -> Result<i32, String> {
 }
 
 async fn run_group(config: Config) -> Result<i32, String> {
-    let (Ok(mut term), Ok(mut int), Ok(mut usr1)) = (
+    let (Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
         signal(SignalKind::user_defined1()),
+        signal(SignalKind::hangup()),
+        signal(SignalKind::user_defined2()),
     ) else {
         return Err("cannot install signal handlers".into());
     };
@@ -160,10 +176,16 @@ async fn run_group(config: Config) -> Result<i32, String> {
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
             );
+            let mut applied = BackendInputs::of(&config);
             loop {
                 tokio::select! {
                     _ = term.recv() => break (Stop::Graceful, 0),
                     _ = int.recv() => break (Stop::Fast, 130),
+                    _ = hup.recv() => {
+                        let reloaded = reload(&config, &members, &mut applied).await;
+                        metrics.reload(reloaded);
+                    }
+                    _ = usr2.recv() => upgrade(&config, &members).await,
                     // logrotate's signal: the proxy reopens its access logs.
                     _ = usr1.recv() => {
                         tracing::info!("SIGUSR1: the proxy reopens its access logs");
@@ -180,6 +202,96 @@ async fn run_group(config: Config) -> Result<i32, String> {
     writer.abort();
     let _ = std::fs::remove_file(metrics_file);
     Ok(code)
+}
+
+/// What the backends read from the configuration at start: when it changes, a reload restarts
+/// them one by one.
+#[derive(PartialEq)]
+struct BackendInputs {
+    backend: config::Backend,
+    users: Option<Vec<u8>>,
+    redis: config::Redis,
+    health_check_interval: Duration,
+}
+
+impl BackendInputs {
+    fn of(config: &Config) -> Self {
+        Self {
+            backend: config.backend.clone(),
+            users: std::fs::read(&config.backend.users_file).ok(),
+            redis: config.redis.clone(),
+            health_check_interval: config.proxy.health_check_interval,
+        }
+    }
+}
+
+/// SIGHUP: checks the file as `gatehouse check` does; a bad one changes nothing. Otherwise the
+/// proxy reloads (it swaps its configuration without touching a connection) and, when what the
+/// backends read has changed, they restart one at a time. Returns whether it was applied.
+async fn reload(running: &Config, members: &Members, applied: &mut BackendInputs) -> bool {
+    let fresh = match crate::validate_file(&running.file) {
+        Ok((fresh, _)) => fresh,
+        Err(error) => {
+            tracing::error!(%error, "reload refused; the running configuration is unchanged");
+            return false;
+        }
+    };
+    let restart_only = [
+        (
+            "backend.count",
+            running.backend.count != fresh.backend.count,
+        ),
+        (
+            "paths",
+            running.runtime_dir != fresh.runtime_dir || running.data_dir != fresh.data_dir,
+        ),
+        (
+            "redis.url (managed or not)",
+            running.redis.url.is_none() != fresh.redis.url.is_none(),
+        ),
+    ];
+    for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
+        tracing::warn!(key, "this setting changes only at a restart");
+    }
+    tracing::info!("reloading: the proxy re-reads the configuration");
+    if let Some(proxy) = &members.proxy {
+        proxy.signal(libc::SIGHUP);
+    }
+    let wanted = BackendInputs::of(&fresh);
+    if wanted != *applied {
+        tracing::info!("the backends' settings changed: restarting them one at a time");
+        rolling_restart(&members.backends, fresh.proxy.health_check_interval).await;
+        *applied = wanted;
+    }
+    true
+}
+
+/// One backend at a time: it leaves the proxy's rotation, drains, starts again, and the next
+/// one waits until the proxy's health checks have seen it back.
+async fn rolling_restart(backends: &[Running], health_check_interval: Duration) {
+    for backend in backends {
+        match backend.replace(Replacement::Restart).await {
+            Ok(()) => tokio::time::sleep(health_check_interval * 2).await,
+            Err(error) => {
+                tracing::error!(%error, backend = %backend.name, "planned restart failed; the supervisor brings it back");
+            }
+        }
+    }
+}
+
+/// SIGUSR2: a new binary in place of the running one without refusing a connection. A new
+/// proxy takes the listening sockets over from the old one, which finishes its requests and
+/// exits; then the backends restart one at a time on the new binary.
+async fn upgrade(config: &Config, members: &Members) {
+    tracing::info!("upgrade: starting a new proxy to take the sockets over");
+    if let Some(proxy) = &members.proxy
+        && let Err(error) = proxy.replace(Replacement::HandOver).await
+    {
+        tracing::error!(%error, "upgrade failed; the running proxy keeps serving");
+        return;
+    }
+    rolling_restart(&members.backends, config.proxy.health_check_interval).await;
+    tracing::info!("upgrade done");
 }
 
 /// Redis (when managed), then the backends, then the proxy, each waited on until it answers.
@@ -227,6 +339,8 @@ async fn start_members(
             env: shared_env.clone(),
             probe: Probe::Unix(socket),
             stop_timeout: Duration::from_secs(10),
+            // Out of the proxy's rotation first, then drained: see `gatehouse backend`.
+            restart_signal: libc::SIGUSR2,
         };
         members.backends.push(start(spec, metrics).await?);
     }
@@ -237,6 +351,7 @@ async fn start_members(
         env: shared_env,
         probe: Probe::Tcp(config.proxy.listen),
         stop_timeout: config.proxy.shutdown_grace + Duration::from_secs(5),
+        restart_signal: libc::SIGTERM,
     };
     members.proxy = Some(start(proxy, metrics).await?);
     Ok(())
@@ -257,14 +372,23 @@ async fn start(spec: Spec, metrics: &std::sync::Arc<GroupMetrics>) -> Result<Run
     tracing::info!(child = %spec.name, pid = child.id(), "started");
     let (orders, receiver) = watch::channel(Order::Supervise);
     let (pid_sender, pid) = watch::channel(child.id());
+    let (replacements, requests) = mpsc::channel(1);
+    let name = spec.name.clone();
     let task = tokio::spawn(child::keep_running(
         spec,
         child,
         receiver,
         pid_sender,
         metrics.clone(),
+        requests,
     ));
-    Ok(Running { orders, task, pid })
+    Ok(Running {
+        name,
+        orders,
+        task,
+        pid,
+        replacements,
+    })
 }
 
 fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
@@ -299,6 +423,7 @@ fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
         env: Vec::new(),
         probe: Probe::Unix(socket.to_path_buf()),
         stop_timeout: Duration::from_secs(10),
+        restart_signal: libc::SIGTERM,
     })
 }
 

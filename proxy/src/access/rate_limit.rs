@@ -70,6 +70,10 @@ impl RateLimit {
         })
     }
 
+    pub fn max_keys(&self) -> usize {
+        self.max_keys
+    }
+
     pub fn spec(&self) -> &RateSpec {
         &self.spec
     }
