@@ -45,6 +45,18 @@ impl Load {
         Load { stop, workers }
     }
 
+    /// Stops the clients and checks that plenty of requests were made and none failed.
+    fn finish_without_failures(self) {
+        let (ok, failures) = self.finish();
+        assert!(ok > 100, "only {ok} requests");
+        assert!(
+            failures.is_empty(),
+            "{} failed: {:?}",
+            failures.len(),
+            &failures[..failures.len().min(5)]
+        );
+    }
+
     /// Stops the clients; returns how many requests succeeded and every failure.
     fn finish(self) -> (u64, Vec<String>) {
         self.stop.store(true, Ordering::Relaxed);
@@ -153,14 +165,7 @@ fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a
     );
 
     // The load clients built before the new certificate keep their open connections.
-    let (ok, failures) = load.finish();
-    assert!(ok > 100, "only {ok} requests");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    load.finish_without_failures();
 }
 
 #[test]
@@ -190,14 +195,7 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
         group.log()
     );
     thread::sleep(Duration::from_millis(500));
-    let (ok, failures) = load.finish();
-    assert!(ok > 100, "only {ok} requests");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    load.finish_without_failures();
     // The new setting is in force: a fresh token lives 600 s.
     let token = group.token();
     let payload = token.split('.').nth(1).unwrap();
@@ -237,13 +235,6 @@ fn upgrade_hands_the_sockets_to_a_new_proxy_without_a_failed_request() {
         group.log()
     );
     thread::sleep(Duration::from_millis(500));
-    let (ok, failures) = load.finish();
-    assert!(ok > 100, "only {ok} requests");
-    assert!(
-        failures.is_empty(),
-        "{} failed: {:?}",
-        failures.len(),
-        &failures[..failures.len().min(5)]
-    );
+    load.finish_without_failures();
     assert_eq!(group.get("/api/ping").unwrap().status(), 200);
 }

@@ -5,6 +5,7 @@ mod util;
 mod access;
 mod api;
 mod config;
+mod drills;
 mod jwt;
 mod observability;
 mod operations;

@@ -35,6 +35,7 @@ use crate::{
     access::{Decision, client_ip},
     access_log::Record,
     drain::InFlight,
+    framing,
     https_redirect::HttpsRedirect,
     live::Live,
     metrics::Refusal,
@@ -189,6 +190,8 @@ pub struct RequestCtx {
     upstream: Option<(Arc<str>, Instant)>,
     /// From choosing the backend to its response header.
     upstream_time: Option<Duration>,
+    /// Request body bytes received so far.
+    body_bytes: u64,
 }
 
 #[async_trait]
@@ -208,6 +211,7 @@ impl ProxyHttp for Gateway {
             failed: Vec::new(),
             upstream: None,
             upstream_time: None,
+            body_bytes: 0,
         }
     }
 
@@ -249,6 +253,13 @@ impl ProxyHttp for Gateway {
         set_compression(session, 0);
         let live = Arc::clone(&ctx.live);
         let stamp = self.stamp(ctx);
+
+        if let Some((status, code, message)) = framing::check(session, &live.limits) {
+            // Whatever follows on this connection cannot be trusted to start where we think.
+            session.set_keepalive(None);
+            respond::json_error(session, &stamp, status, code, message).await?;
+            return Ok(true);
+        }
         let raw_path = session.req_header().uri.path();
 
         // The proxy's own liveness, on every listener, never redirected.
@@ -337,6 +348,24 @@ impl ProxyHttp for Gateway {
                 Ok(false)
             }
         }
+    }
+
+    async fn request_body_filter(
+        &self,
+        _session: &mut Session,
+        body: &mut Option<bytes::Bytes>,
+        _end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        // Chunked bodies announce no length: counted as they arrive.
+        ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
+        if ctx.body_bytes > ctx.live.limits.max_body_bytes {
+            return Error::e_explain(
+                ErrorType::HTTPStatus(413),
+                "the request body is over the limit",
+            );
+        }
+        Ok(())
     }
 
     async fn upstream_peer(
@@ -587,6 +616,11 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
     use ErrorType::*;
     match (e.esource(), e.etype()) {
         (_, HTTPStatus(503)) => (503, "unavailable", "no backend is available"),
+        (_, HTTPStatus(413)) => (
+            413,
+            "payload_too_large",
+            "the request body is larger than this server accepts",
+        ),
         (_, HTTPStatus(code)) if (400..500).contains(code) => {
             (*code, "bad_request", "the request is malformed")
         }

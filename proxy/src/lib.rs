@@ -7,6 +7,7 @@
 //! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
+//! - [`framing`]: requests whose framing is ambiguous or too large are refused first.
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
@@ -17,6 +18,7 @@ pub mod access;
 pub mod access_log;
 pub mod admin;
 pub mod drain;
+pub mod framing;
 pub mod gateway;
 pub mod https_redirect;
 pub mod live;
@@ -56,6 +58,7 @@ pub struct TlsListener {
 pub struct Settings {
     /// `host:port` of the HTTP listener.
     pub listen: String,
+    pub limits: RequestLimits,
     pub threads: usize,
     pub routes: Vec<Route>,
     pub statics: StaticSettings,
@@ -75,6 +78,14 @@ pub struct Settings {
     pub access_log_format: LogFormat,
     /// The log of requests no route takes.
     pub default_access_log: Option<LogTarget>,
+}
+
+/// What a request may carry (nginx: `client_max_body_size`, `large_client_header_buffers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
 }
 
 /// How the proxy stopped, for the exit code.

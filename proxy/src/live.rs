@@ -53,6 +53,7 @@ pub struct Live {
     pub trusted_proxies: IpList,
     /// Backend responses at least this large are compressed for clients that accept it.
     pub compress_min_bytes: u64,
+    pub limits: crate::RequestLimits,
     pub observe: Option<Observe>,
     pub logs: Option<Logs>,
 }
@@ -91,6 +92,7 @@ impl Live {
             tls: settings.tls_behaviour.clone(),
             trusted_proxies: settings.access.trusted_proxies.clone(),
             compress_min_bytes: settings.statics.min_compress_bytes,
+            limits: settings.limits,
             observe,
             logs,
         })

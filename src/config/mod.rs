@@ -96,6 +96,7 @@ pub struct Tls {
 #[derive(Debug, Clone)]
 pub struct Proxy {
     pub listen: SocketAddr,
+    pub limits: gatehouse_proxy::RequestLimits,
     pub threads: usize,
     pub shutdown_grace: Duration,
     pub connect_timeout: Duration,
@@ -200,8 +201,32 @@ impl Config {
                 "proxy.health_check_interval_ms",
                 &at,
             )?;
+            if !(1..=1 << 30).contains(&p.max_body_bytes) {
+                return Err(at(
+                    "proxy.max_body_bytes",
+                    format!("{} bytes: choose 1 to 1073741824", p.max_body_bytes),
+                ));
+            }
+            // Pingora itself reads at most 1 MiB of header and 256 fields.
+            if !(1024..=1 << 20).contains(&p.max_header_bytes) {
+                return Err(at(
+                    "proxy.max_header_bytes",
+                    format!("{} bytes: choose 1024 to 1048576", p.max_header_bytes),
+                ));
+            }
+            if !(8..=256).contains(&p.max_headers) {
+                return Err(at(
+                    "proxy.max_headers",
+                    format!("{}: choose 8 to 256", p.max_headers),
+                ));
+            }
             Proxy {
                 listen,
+                limits: gatehouse_proxy::RequestLimits {
+                    max_body_bytes: p.max_body_bytes,
+                    max_header_bytes: p.max_header_bytes,
+                    max_headers: p.max_headers,
+                },
                 threads,
                 shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds),
                 connect_timeout: Duration::from_millis(p.upstream_connect_timeout_ms),
@@ -529,6 +554,7 @@ impl Config {
     pub fn proxy_settings(&self) -> gatehouse_proxy::Settings {
         gatehouse_proxy::Settings {
             listen: self.proxy.listen.to_string(),
+            limits: self.proxy.limits,
             threads: self.proxy.threads,
             routes: self.routes.clone(),
             pool: gatehouse_proxy::PoolSettings {
@@ -859,6 +885,9 @@ struct RawProxy {
     rate_limit_max_keys: usize,
     auth_max_failures: u32,
     auth_failure_window_seconds: u64,
+    max_body_bytes: u64,
+    max_header_bytes: usize,
+    max_headers: usize,
 }
 
 impl Default for RawProxy {
@@ -875,6 +904,9 @@ impl Default for RawProxy {
             rate_limit_max_keys: 100_000,
             auth_max_failures: 10,
             auth_failure_window_seconds: 60,
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 32 << 10,
+            max_headers: 100,
         }
     }
 }

@@ -1,0 +1,271 @@
+//! Failure drills: what a client sees when a backend hangs or dies, and when requests are
+//! oversized or try to smuggle a second request past the proxy. Each says what may fail and
+//! what may not. (Redis restarting is in `redis.rs`; reloads and upgrades in `operations.rs`.)
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::util::{self, Group, Options, wait_until};
+
+/// Sends raw bytes to the plain listener; returns what came back and whether the proxy
+/// closed the connection (within 3 s).
+fn exchange(port: u16, request: &[u8]) -> (String, bool) {
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(3)))
+        .unwrap();
+    stream.write_all(request).expect("send");
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 8192];
+    let closed = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => response.extend_from_slice(&buffer[..n]),
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (String::from_utf8_lossy(&response).into_owned(), closed)
+}
+
+fn plain_group(backends: usize, proxy_extra: &str) -> Group {
+    Group::start(Options {
+        tls: false,
+        backends,
+        proxy_extra: proxy_extra.into(),
+        ..Options::default()
+    })
+}
+
+/// Requests for /api/ping that the backends answered, from their own counters.
+fn pings_at_backends(group: &Group) -> f64 {
+    group
+        .admin("/metrics")
+        .1
+        .lines()
+        .filter(|l| {
+            l.starts_with("gatehouse_backend_http_requests_total{")
+                && l.contains(r#"endpoint="ping""#)
+        })
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+#[test]
+fn smuggling_probes_get_400_and_a_closed_connection_and_reach_no_backend() {
+    let group = plain_group(1, "");
+    let smuggled = "GET /api/ping HTTP/1.1\r\nHost: x\r\n\r\n";
+    let probes: [(&str, String); 8] = [
+        (
+            "Content-Length with Transfer-Encoding",
+            format!(
+                "POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 5\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two different lengths",
+            format!(
+                "POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 38\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "two equal lengths",
+            format!(
+                "POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\nContent-Length: 0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "a signed length",
+            format!("POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: +0\r\n\r\n{smuggled}"),
+        ),
+        (
+            "Transfer-Encoding on HTTP/1.0",
+            format!(
+                "POST /api/ping HTTP/1.0\r\nHost: x\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "an unknown transfer coding",
+            format!(
+                "POST /api/ping HTTP/1.1\r\nHost: x\r\nTransfer-Encoding: xchunked\r\n\r\n0\r\n\r\n{smuggled}"
+            ),
+        ),
+        (
+            "obs-fold",
+            format!("GET /api/ping HTTP/1.1\r\nHost: x\r\nX-A: a\r\n b\r\n\r\n{smuggled}"),
+        ),
+        (
+            "bare LF line ends",
+            format!("GET /api/ping HTTP/1.1\nHost: x\n\n{smuggled}"),
+        ),
+    ];
+    let before = pings_at_backends(&group);
+    for (name, probe) in &probes {
+        let (response, closed) = exchange(group.port, probe.as_bytes());
+        assert!(response.starts_with("HTTP/1.1 400 "), "{name}: {response}");
+        assert_eq!(
+            response.matches("HTTP/1.1 ").count(),
+            1,
+            "{name}: a second response means a smuggled request was served: {response}"
+        );
+        assert!(closed, "{name}: the connection stayed open");
+    }
+    assert_eq!(
+        pings_at_backends(&group),
+        before,
+        "a probe reached a backend"
+    );
+    // A well-formed request still works.
+    let (response, _) = exchange(
+        group.port,
+        b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+}
+
+#[test]
+fn oversized_headers_get_431_and_oversized_bodies_413_even_chunked() {
+    let group = plain_group(
+        1,
+        "max_body_bytes = 4096\nmax_header_bytes = 8192\nmax_headers = 50",
+    );
+    let many: String = (0..60).map(|i| format!("X-Field-{i}: y\r\n")).collect();
+    let (response, closed) = exchange(
+        group.port,
+        format!("GET /api/ping HTTP/1.1\r\nHost: x\r\n{many}\r\n").as_bytes(),
+    );
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+    assert!(
+        response.contains(r#""error":"headers_too_large""#),
+        "{response}"
+    );
+    assert!(closed);
+    let big = "a".repeat(10_000);
+    let (response, _) = exchange(
+        group.port,
+        format!("GET /api/ping HTTP/1.1\r\nHost: x\r\nX-Big: {big}\r\n\r\n").as_bytes(),
+    );
+    assert!(response.starts_with("HTTP/1.1 431 "), "{response}");
+
+    // Announced: refused before the body is read.
+    let (response, closed) = exchange(
+        group.port,
+        b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 5000\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+    assert!(response.contains(r#""request_id""#), "{response}");
+    assert!(closed);
+    // Chunked: refused once the body passes the limit.
+    let chunk = format!("800\r\n{}\r\n", "b".repeat(0x800));
+    let body: String = std::iter::repeat_n(chunk, 4).collect::<String>() + "0\r\n\r\n";
+    let (response, _) = exchange(
+        group.port,
+        format!("POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n{body}").as_bytes(),
+    );
+    assert!(response.starts_with("HTTP/1.1 413 "), "{response}");
+    assert!(
+        response.contains(r#""error":"payload_too_large""#),
+        "{response}"
+    );
+    // Under the limits, all is well.
+    let (response, _) = exchange(
+        group.port,
+        b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+}
+
+#[test]
+fn a_hung_backend_costs_only_its_own_requests_504_and_leaves_the_rotation() {
+    let group = plain_group(3, "upstream_read_timeout_seconds = 2");
+    let stop = Arc::new(AtomicBool::new(false));
+    let workers: Vec<_> = (0..4)
+        .map(|_| {
+            let client = group.http_client(true);
+            let (url, stop) = (group.url("/api/ping"), stop.clone());
+            thread::spawn(move || {
+                let mut statuses = Vec::new();
+                while !stop.load(Ordering::Relaxed) {
+                    let started = Instant::now();
+                    let status = client
+                        .get(&url)
+                        .send()
+                        .map(|r| r.status().as_u16())
+                        .unwrap_or(0);
+                    statuses.push((status, started.elapsed()));
+                }
+                statuses
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let b2 = group.child_pid("--id b2 ").expect("b2");
+    util::signal(b2, libc::SIGSTOP);
+    let left = wait_until(Duration::from_secs(10), || {
+        group.metric(r#"gatehouse_backend_up{backend="b2"}"#) == Some(0.0)
+    });
+    thread::sleep(Duration::from_secs(3));
+    util::signal(b2, libc::SIGCONT);
+    let back = wait_until(Duration::from_secs(10), || {
+        group.metric(r#"gatehouse_backend_up{backend="b2"}"#) == Some(1.0)
+    });
+    stop.store(true, Ordering::Relaxed);
+    let statuses: Vec<(u16, Duration)> = workers
+        .into_iter()
+        .flat_map(|w| w.join().expect("worker"))
+        .collect();
+    assert!(left, "the hung backend stayed in rotation");
+    assert!(back, "the backend did not return after SIGCONT");
+    // What may fail: requests already sent to the hung backend, with 504 after the read
+    // timeout (2 s) and not much later. What may not: anything else.
+    let failed: Vec<_> = statuses.iter().filter(|(s, _)| *s != 200).collect();
+    assert!(
+        failed
+            .iter()
+            .all(|(s, t)| *s == 504 && *t >= Duration::from_secs(2) && *t < Duration::from_secs(4)),
+        "{failed:?}"
+    );
+    assert!(failed.len() <= 8, "{} requests failed", failed.len());
+    let ok = statuses.iter().filter(|(s, _)| *s == 200).count();
+    assert!(ok > 100, "the other backends served only {ok}");
+}
+
+#[test]
+fn a_backend_killed_mid_request_gets_502_at_once_and_comes_back() {
+    let group = plain_group(1, "");
+    // A login whose body has only half arrived: the backend is waiting for the rest.
+    let mut stream = TcpStream::connect(("127.0.0.1", group.port)).unwrap();
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    stream
+        .write_all(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"username\":\"admin\",")
+        .unwrap();
+    thread::sleep(Duration::from_millis(500));
+    let backend = group.child_pid("--id b1 ").expect("b1");
+    let killed = Instant::now();
+    util::signal(backend, libc::SIGKILL);
+    let mut response = String::new();
+    let _ = stream.read_to_string(&mut response);
+    assert!(response.starts_with("HTTP/1.1 502 "), "{response}");
+    assert!(
+        killed.elapsed() < Duration::from_secs(3),
+        "not at once: {:?}",
+        killed.elapsed()
+    );
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            group.metric(r#"gatehouse_supervisor_restarts_total{child="b1"}"#) == Some(1.0)
+                && group.get("/api/ping").is_ok_and(|r| r.status() == 200)
+        }),
+        "b1 did not come back"
+    );
+}
