@@ -281,6 +281,19 @@ fn hash_password() -> Result<i32, Failure> {
 /// Signals the supervisor of the group running with this config (its pid is in the lock file).
 fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32, Failure> {
     let lock = config.runtime_dir.join("gatehouse.lock");
+    // The running supervisor holds the lock; if we can take it, nobody does, and the pid in
+    // the file may belong to some unrelated process by now.
+    let held = std::fs::File::open(&lock).is_ok_and(|file| {
+        use std::os::fd::AsRawFd;
+        // SAFETY: flock on a descriptor we own; closing the file releases what we took.
+        unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
+    });
+    if !held {
+        return Err(Failure::Runtime(format!(
+            "no running group holds {} (is `gatehouse run` running with this config?)",
+            lock.display()
+        )));
+    }
     let pid = std::fs::read_to_string(&lock)
         .ok()
         .and_then(|text| text.trim().parse::<libc::pid_t>().ok())

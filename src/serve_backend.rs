@@ -8,7 +8,13 @@ use tokio::signal::unix::{SignalKind, signal};
 use crate::{Failure, config::Config};
 
 /// How long open requests may run after SIGTERM.
-const DRAIN: Duration = Duration::from_secs(10);
+pub const DRAIN: Duration = Duration::from_secs(10);
+
+/// How long a backend keeps serving after SIGUSR2 while failing its health check: long enough
+/// for the proxy's checks to see it gone (two checks and a margin).
+pub fn lame_duck(config: &Config) -> Duration {
+    config.proxy.health_check_interval * 2 + Duration::from_millis(300)
+}
 
 /// Serves `socket`, and the backend's metrics on `admin_socket` when given.
 pub fn run(
@@ -73,8 +79,7 @@ pub fn run(
             tokio::spawn(gatehouse_backend::serve_admin(listener, metrics));
         }
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
-        // Long enough for the proxy's health checks to see it gone: two checks and a margin.
-        let lame_duck = config.proxy.health_check_interval * 2 + Duration::from_millis(300);
+        let lame_duck = lame_duck(config);
         let shutdown = async {
             tokio::select! {
                 _ = term.recv() => tracing::info!(backend = %id, "SIGTERM: draining"),

@@ -123,12 +123,20 @@ fn smuggling_probes_get_400_and_a_closed_connection_and_reach_no_backend() {
         before,
         "a probe reached a backend"
     );
-    // A well-formed request still works.
+    // A well-formed request still works, and the count above does move when one arrives.
     let (response, _) = exchange(
         group.port,
         b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
     );
     assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+    assert_eq!(pings_at_backends(&group), before + 1.0);
+    // A comma list of lengths is refused too.
+    let (response, closed) = exchange(
+        group.port,
+        b"POST /api/ping HTTP/1.1\r\nHost: x\r\nContent-Length: 0, 0\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 400 "), "{response}");
+    assert!(closed);
 }
 
 #[test]

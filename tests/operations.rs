@@ -15,7 +15,9 @@ use std::{
 
 use crate::util::{self, BIN, Group, Options, wait_until};
 
-/// Clients hammering one URL over keep-alive connections until stopped.
+/// Clients hammering one URL over keep-alive connections until stopped: GETs, which the proxy
+/// may retry on another backend, and POSTs, which it never replays (a backend answers them
+/// with 405), so a request lost in a restart shows.
 struct Load {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<(u64, Vec<String>)>>,
@@ -26,14 +28,24 @@ impl Load {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..clients)
             .map(|i| {
-                // Half over HTTP/1.1 keep-alive, half over HTTP/2.
+                // Half over HTTP/1.1 keep-alive, half over HTTP/2; every third one POSTs.
                 let client = group.http_client(i % 2 == 0);
                 let (url, stop) = (group.url(path), stop.clone());
+                let (post, expected) = if i % 3 == 2 {
+                    (true, 405)
+                } else {
+                    (false, 200)
+                };
                 thread::spawn(move || {
                     let (mut ok, mut failures) = (0, Vec::new());
                     while !stop.load(Ordering::Relaxed) {
-                        match client.get(&url).send() {
-                            Ok(r) if r.status() == 200 => ok += 1,
+                        let request = if post {
+                            client.post(&url)
+                        } else {
+                            client.get(&url)
+                        };
+                        match request.send() {
+                            Ok(r) if r.status() == expected => ok += 1,
                             Ok(r) => failures.push(format!("status {}", r.status())),
                             Err(e) => failures.push(format!("{e:?}")),
                         }
@@ -88,7 +100,7 @@ fn edit_config(group: &Group, old: &str, new: &str) {
 #[test]
 fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a_bad_file() {
     let group = Group::start(Options::default());
-    let load = Load::start(&group, "/api/ping", 4);
+    let load = Load::start(&group, "/api/ping", 6);
     assert_eq!(group.get("/open/").unwrap().status(), 200);
 
     // An allowlist on /open/, applied by `gatehouse reload` (which checks the file first).
@@ -175,8 +187,16 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
         .iter()
         .map(|id| group.child_pid(&format!("--id {id} ")).expect("backend"))
         .collect();
-    let load = Load::start(&group, "/api/ping", 4);
+    let load = Load::start(&group, "/api/ping", 6);
     thread::sleep(Duration::from_millis(300));
+    // A key that needs a restart of the group: refused as a whole.
+    edit_config(&group, "count = 3\n", "count = 2\n");
+    util::signal(group.pid(), libc::SIGHUP);
+    assert!(wait_until(Duration::from_secs(5), || {
+        group.metric(r#"gatehouse_reloads_total{result="failed"}"#) == Some(1.0)
+    }));
+    assert!(group.log().contains("change only with a restart"));
+    edit_config(&group, "count = 2\n", "count = 3\n");
     edit_config(
         &group,
         "[backend]\n",
@@ -221,7 +241,7 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
 fn upgrade_hands_the_sockets_to_a_new_proxy_without_a_failed_request() {
     let group = Group::start(Options::default());
     let old_proxy = group.child_pid(" proxy ").expect("proxy");
-    let load = Load::start(&group, "/api/ping", 4);
+    let load = Load::start(&group, "/api/ping", 6);
     thread::sleep(Duration::from_millis(300));
     let output = gatehouse(&group, "upgrade");
     assert!(output.status.success(), "{output:?}");

@@ -62,11 +62,12 @@ impl ShutdownSignalWatch for Signals {
         };
         let signal = tokio::select! {
             _ = quit.recv() => {
-                // Pingora hands the sockets over, waits 5 s for the new process to take them,
-                // then stops accepting; from then on, leave as soon as the last request is done.
+                // Pingora sends the sockets (retrying for up to 5 s), keeps accepting 5 s more
+                // while the new process takes over, then stops accepting and tells HTTP/2
+                // clients to go away; only after all that, leave once the last request is done.
                 tracing::info!("SIGQUIT: handing the listening sockets over");
                 thread::spawn(|| {
-                    thread::sleep(Duration::from_secs(5));
+                    thread::sleep(Duration::from_secs(11));
                     exit_when_drained();
                 });
                 ShutdownSignal::GracefulUpgrade

@@ -37,10 +37,19 @@ pub fn check(
                 fields_named(&raw, b"transfer-encoding"),
             )
         }
-        None => (
-            headers.get_all("content-length").iter().count(),
-            headers.get_all("transfer-encoding").iter().count(),
-        ),
+        None => {
+            let size: usize = headers
+                .iter()
+                .map(|(name, value)| name.as_str().len() + value.len() + 4)
+                .sum();
+            if size > limits.max_header_bytes {
+                return Some(HEADERS_TOO_LARGE);
+            }
+            (
+                headers.get_all("content-length").iter().count(),
+                headers.get_all("transfer-encoding").iter().count(),
+            )
+        }
     };
     if lengths > 1 {
         return Some((400, "bad_request", "more than one Content-Length header"));
@@ -53,9 +62,17 @@ pub fn check(
             "both Content-Length and Transfer-Encoding: the body's length is ambiguous",
         ));
     }
-    let announced = length
-        .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
-        .unwrap_or(0);
+    // Digits only: `5, 5` or `+5` would be one length here and maybe another elsewhere.
+    let announced = match length.map(|v| v.as_bytes()) {
+        None => 0,
+        Some(digits) if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) => {
+            std::str::from_utf8(digits)
+                .ok()
+                .and_then(|d| d.parse::<u64>().ok())
+                .unwrap_or(u64::MAX)
+        }
+        Some(_) => return Some((400, "bad_request", "Content-Length must be digits only")),
+    };
     if announced > limits.max_body_bytes {
         return Some((
             413,

@@ -510,6 +510,9 @@ impl ProxyHttp for Gateway {
         // Once a response has started, a second one would corrupt it: the connection is cut
         // instead (`can_reuse_downstream: false`), and the client sees a truncated body.
         let not_started = session.as_ref().response_written().is_none();
+        // The connection is closed after this response: say so, or a keep-alive client would
+        // send its next request into the closing connection.
+        session.set_keepalive(None);
         if status != 0
             && not_started
             && let Err(write_error) =

@@ -114,6 +114,13 @@ pub fn run(
     load: Option<live::LoadSettings>,
     upgrade: bool,
 ) -> Result<Stopped, String> {
+    // Until the reload service listens for them, SIGHUP and SIGUSR1 would end the process (a
+    // reload or logrotate right after start); ignored now, handled once the service runs.
+    // SAFETY: setting the disposition of two signals to "ignore", before any thread starts.
+    unsafe {
+        libc::signal(libc::SIGHUP, libc::SIG_IGN);
+        libc::signal(libc::SIGUSR1, libc::SIG_IGN);
+    }
     // An upgrade receives its sockets from the old proxy, which still holds the ports.
     if !upgrade {
         check_listen(&settings.listen)?;
@@ -138,7 +145,6 @@ pub fn run(
         ..Default::default()
     };
     let mut server = Server::new_with_opt_and_conf(Some(opt), conf);
-    server.bootstrap();
 
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
@@ -205,6 +211,14 @@ pub fn run(
     ));
     server.add_service(proxy);
     server.add_service(health);
+    // Last, after everything that can fail: in an upgrade this takes the listening sockets
+    // from the old proxy, which stops serving them soon after. Then say so to the
+    // supervisor, which waits for it.
+    server.bootstrap();
+    let ready = settings.runtime_dir.join(READY_FILE);
+    if let Err(error) = std::fs::write(&ready, std::process::id().to_string()) {
+        tracing::warn!(file = %ready.display(), %error, "cannot write the ready file");
+    }
     tracing::info!(listen = %settings.listen, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "proxy listening");
     server.run(RunArgs {
         shutdown_signal: Box::new(drain::Signals),
@@ -216,6 +230,13 @@ pub fn run(
         Stopped::Graceful
     })
 }
+
+/// The file in the runtime directory where the proxy writes its pid once it holds the
+/// listening sockets (the supervisor waits for it during an upgrade).
+pub const READY_FILE: &str = "proxy.ready";
+
+/// The file in the runtime directory where the proxy writes the outcome of its last reload.
+pub const RELOAD_FILE: &str = "proxy.reload";
 
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";

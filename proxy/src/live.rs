@@ -165,6 +165,7 @@ pub struct Fixed {
     threads: usize,
     backends: Vec<PathBuf>,
     runtime_dir: PathBuf,
+    health_check_interval: std::time::Duration,
 }
 
 impl Fixed {
@@ -181,6 +182,7 @@ impl Fixed {
                 .map(|b| b.socket.clone())
                 .collect(),
             runtime_dir: settings.runtime_dir.clone(),
+            health_check_interval: settings.pool.health_check_interval,
         }
     }
 }
@@ -205,6 +207,18 @@ impl Signals {
         if let Some(metrics) = &self.metrics {
             metrics.reload(outcome.is_ok());
         }
+        // For the supervisor, which restarts backends only when the proxy took the new file.
+        let report = match &outcome {
+            Ok(()) => "ok".to_string(),
+            Err(error) => format!("failed: {error}"),
+        };
+        let file = self.fixed.runtime_dir.join(crate::RELOAD_FILE);
+        let staging = file.with_extension("tmp");
+        if let Err(error) =
+            std::fs::write(&staging, report).and_then(|()| std::fs::rename(&staging, &file))
+        {
+            tracing::warn!(file = %file.display(), %error, "cannot report the reload");
+        }
         match outcome {
             Ok(()) => tracing::info!("configuration reloaded"),
             // The message names the file, line and key; the old configuration keeps serving.
@@ -218,7 +232,7 @@ impl Signals {
         let fixed = Fixed::of(settings);
         if fixed != self.fixed {
             tracing::warn!(
-                "listen addresses, threads, backends and the runtime directory change only at a restart or upgrade; \
+                "listen addresses, threads, backends, health checks and the runtime directory change only at a restart or upgrade; \
                  the rest of the configuration is reloaded"
             );
         }

@@ -85,13 +85,18 @@ pub struct Replace {
     pub done: oneshot::Sender<Result<(), String>>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Replacement {
     /// Stop it with its restart signal, start it again, wait until it answers.
     Restart,
     /// The proxy: start a new one that takes the listening sockets over, then tell the old
     /// one (SIGQUIT) to hand them over and drain. No connection is refused meanwhile.
-    HandOver,
+    HandOver {
+        /// Where the new proxy listens for the sockets.
+        socket: PathBuf,
+        /// Where the new proxy writes its pid once it holds them.
+        ready: PathBuf,
+    },
 }
 
 impl Spec {
@@ -187,8 +192,14 @@ pub async fn keep_running(
     metrics.started(&spec.name);
     let mut failures: u32 = 0;
     let mut started = Instant::now();
+    // The proxy an upgrade replaced, finishing its requests.
+    let mut retiring: Option<Child> = None;
     loop {
         tokio::select! {
+            status = wait_for(&mut retiring) => {
+                tracing::info!(child = %spec.name, status = %describe(status), "the replaced process exited");
+                retiring = None;
+            }
             status = child.wait() => {
                 metrics.exited(&spec.name);
                 let _ = pid.send(None);
@@ -222,7 +233,7 @@ pub async fn keep_running(
                 }
             }
             Some(Replace { how, done }) = replacements.recv() => {
-                let outcome = replace(&spec, &mut child, how).await;
+                let outcome = replace(&spec, &mut child, &mut retiring, how).await;
                 let _ = pid.send(child.id());
                 if outcome.is_ok() {
                     started = Instant::now();
@@ -233,6 +244,10 @@ pub async fn keep_running(
                 let order = if changed.is_ok() { *orders.borrow() } else { Order::Stop(Stop::Fast) };
                 if let Order::Stop(how) = order {
                     stop(&spec.name, &mut child, how, spec.stop_timeout).await;
+                    // A replaced proxy still finishing requests goes before the backends do.
+                    if let Some(mut old) = retiring.take() {
+                        stop(&spec.name, &mut old, how, spec.stop_timeout).await;
+                    }
                     metrics.exited(&spec.name);
                     return;
                 }
@@ -241,8 +256,21 @@ pub async fn keep_running(
     }
 }
 
+/// Waits for a replaced process to exit; never, when there is none.
+async fn wait_for(retiring: &mut Option<Child>) -> io::Result<ExitStatus> {
+    match retiring {
+        Some(child) => child.wait().await,
+        None => std::future::pending().await,
+    }
+}
+
 /// A planned replacement; on failure the child is left for the restart loop to bring back.
-async fn replace(spec: &Spec, child: &mut Child, how: Replacement) -> Result<(), String> {
+async fn replace(
+    spec: &Spec,
+    child: &mut Child,
+    retiring: &mut Option<Child>,
+    how: Replacement,
+) -> Result<(), String> {
     match how {
         Replacement::Restart => {
             stop_with(&spec.name, child, spec.restart_signal, spec.stop_timeout).await;
@@ -255,40 +283,57 @@ async fn replace(spec: &Spec, child: &mut Child, how: Replacement) -> Result<(),
             tracing::info!(child = %spec.name, pid = child.id(), "restarted as planned");
             Ok(())
         }
-        Replacement::HandOver => {
+        Replacement::HandOver { socket, ready } => {
+            if retiring.is_some() {
+                return Err("the previous upgrade is still finishing".into());
+            }
+            let _ = std::fs::remove_file(&socket);
+            let _ = std::fs::remove_file(&ready);
             let mut fresh = spec
                 .spawn_with(&["--upgrade"])
                 .map_err(|e| format!("cannot start the new {}: {e}", spec.name))?;
-            // The new one listens on the hand-over socket; give it a moment to be there.
-            sleep(Duration::from_millis(300)).await;
-            if let Ok(Some(status)) = fresh.try_wait() {
-                return Err(format!("the new {} exited at once ({status})", spec.name));
+            let pid = fresh.id().map(|p| p.to_string()).unwrap_or_default();
+            // Only once the new one listens for the sockets may the old one send them.
+            let listening = poll(&mut fresh, Duration::from_secs(10), || socket.exists()).await;
+            if let Err(error) = listening {
+                let _ = fresh.kill().await;
+                return Err(error);
             }
-            if let Some(pid) = child.id() {
+            if let Some(old) = child.id() {
                 // SAFETY: plain kill(2) on a child we spawned and have not reaped.
-                unsafe { libc::kill(pid as libc::pid_t, libc::SIGQUIT) };
+                unsafe { libc::kill(old as libc::pid_t, libc::SIGQUIT) };
             }
-            let mut old = std::mem::replace(child, fresh);
-            // The old one hands its sockets over, keeps serving its open requests and exits;
-            // reap it on the side, killing it if it outstays its welcome.
-            let (name, timeout) = (
-                spec.name.clone(),
-                spec.stop_timeout + Duration::from_secs(10),
-            );
-            tokio::spawn(async move {
-                match tokio::time::timeout(timeout, old.wait()).await {
-                    Ok(status) => {
-                        tracing::info!(child = %name, status = %describe(status), "old process exited after the hand-over")
-                    }
-                    Err(_) => {
-                        tracing::warn!(child = %name, "old process still running after the hand-over; killing it");
-                        let _ = old.kill().await;
-                    }
-                }
-            });
-            tracing::info!(child = %spec.name, pid = child.id(), "new process took the sockets over");
+            // From here the old one is leaving whatever happens: it finishes its requests
+            // and exits, and is stopped with the group if that comes first.
+            *retiring = Some(std::mem::replace(child, fresh));
+            poll(child, Duration::from_secs(20), || {
+                std::fs::read_to_string(&ready).is_ok_and(|text| text.trim() == pid)
+            })
+            .await?;
+            tracing::info!(child = %spec.name, pid = child.id(), "the new process holds the sockets");
             Ok(())
         }
+    }
+}
+
+/// Checks `done` every 50 ms until it holds; fails if `child` exits or time runs out.
+async fn poll(
+    child: &mut Child,
+    timeout: Duration,
+    mut done: impl FnMut() -> bool,
+) -> Result<(), String> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        if done() {
+            return Ok(());
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            return Err(format!("the new process exited ({status})"));
+        }
+        if Instant::now() >= deadline {
+            return Err(format!("the new process was not ready within {timeout:?}"));
+        }
+        sleep(Duration::from_millis(50)).await;
     }
 }
 

@@ -176,16 +176,34 @@ async fn run_group(config: Config) -> Result<i32, String> {
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
             );
-            let mut applied = BackendInputs::of(&config);
-            loop {
+            let applied = std::cell::RefCell::new(BackendInputs::of(&config));
+            // A reload or upgrade in progress; signals are still answered meanwhile, and a
+            // stop abandons it (the replacement under way finishes in its child's task).
+            let mut operation: Option<std::pin::Pin<Box<dyn Future<Output = ()> + '_>>> = None;
+            let stopped = loop {
                 tokio::select! {
                     _ = term.recv() => break (Stop::Graceful, 0),
                     _ = int.recv() => break (Stop::Fast, 130),
-                    _ = hup.recv() => {
-                        let reloaded = reload(&config, &members, &mut applied).await;
-                        metrics.reload(reloaded);
+                    () = async { if let Some(op) = operation.as_mut() { op.await } else { std::future::pending().await } } => {
+                        operation = None;
                     }
-                    _ = usr2.recv() => upgrade(&config, &members).await,
+                    _ = hup.recv() => {
+                        if operation.is_some() {
+                            tracing::warn!("SIGHUP: a reload or upgrade is still in progress; try again when it is done");
+                        } else {
+                            let (config, members, applied, metrics) = (&config, &members, &applied, &metrics);
+                            operation = Some(Box::pin(async move {
+                                metrics.reload(reload(config, members, applied).await);
+                            }));
+                        }
+                    }
+                    _ = usr2.recv() => {
+                        if operation.is_some() {
+                            tracing::warn!("SIGUSR2: a reload or upgrade is still in progress; try again when it is done");
+                        } else {
+                            operation = Some(Box::pin(upgrade(&config, &members)));
+                        }
+                    }
                     // logrotate's signal: the proxy reopens its access logs.
                     _ = usr1.recv() => {
                         tracing::info!("SIGUSR1: the proxy reopens its access logs");
@@ -194,7 +212,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
                         }
                     }
                 }
-            }
+            };
+            drop(operation);
+            stopped
         }
     };
     tracing::info!(?how, "stopping the group");
@@ -226,9 +246,14 @@ impl BackendInputs {
 }
 
 /// SIGHUP: checks the file as `gatehouse check` does; a bad one changes nothing. Otherwise the
-/// proxy reloads (it swaps its configuration without touching a connection) and, when what the
-/// backends read has changed, they restart one at a time. Returns whether it was applied.
-async fn reload(running: &Config, members: &Members, applied: &mut BackendInputs) -> bool {
+/// proxy reloads (it swaps its configuration without touching a connection) and, once it
+/// reports success, and when what the backends read has changed, they restart one at a time.
+/// Returns whether it was applied.
+async fn reload(
+    running: &Config,
+    members: &Members,
+    applied: &std::cell::RefCell<BackendInputs>,
+) -> bool {
     let fresh = match crate::validate_file(&running.file) {
         Ok((fresh, _)) => fresh,
         Err(error) => {
@@ -236,6 +261,8 @@ async fn reload(running: &Config, members: &Members, applied: &mut BackendInputs
             return false;
         }
     };
+    // What the group was started with and cannot change in place: refused as a whole rather
+    // than half applied.
     let restart_only = [
         (
             "backend.count",
@@ -245,53 +272,100 @@ async fn reload(running: &Config, members: &Members, applied: &mut BackendInputs
             "paths",
             running.runtime_dir != fresh.runtime_dir || running.data_dir != fresh.data_dir,
         ),
+        ("redis.url", running.redis.url != fresh.redis.url),
         (
-            "redis.url (managed or not)",
-            running.redis.url.is_none() != fresh.redis.url.is_none(),
+            "the JWT secret being set or not",
+            running.backend.jwt_secret.is_some() != fresh.backend.jwt_secret.is_some(),
         ),
     ];
-    for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
-        tracing::warn!(key, "this setting changes only at a restart");
+    let changed: Vec<&str> = restart_only
+        .iter()
+        .filter(|(_, changed)| *changed)
+        .map(|(key, _)| *key)
+        .collect();
+    if !changed.is_empty() {
+        tracing::error!(
+            keys = %changed.join(", "),
+            "reload refused: these change only with a restart of the group; nothing changed"
+        );
+        return false;
     }
+    let report = running.runtime_dir.join(gatehouse_proxy::RELOAD_FILE);
+    let _ = std::fs::remove_file(&report);
     tracing::info!("reloading: the proxy re-reads the configuration");
     if let Some(proxy) = &members.proxy {
         proxy.signal(libc::SIGHUP);
     }
+    match proxy_report(&report).await {
+        Ok(()) => {}
+        Err(error) => {
+            tracing::error!(%error, "reload failed in the proxy; it keeps its configuration and the backends are left alone");
+            return false;
+        }
+    }
     let wanted = BackendInputs::of(&fresh);
-    if wanted != *applied {
+    if wanted != *applied.borrow() {
         tracing::info!("the backends' settings changed: restarting them one at a time");
-        rolling_restart(&members.backends, fresh.proxy.health_check_interval).await;
-        *applied = wanted;
+        if let Err(error) = rolling_restart(&members.backends, &fresh).await {
+            tracing::error!(%error, "rolling restart stopped; the other backends keep their settings");
+            return false;
+        }
+        *applied.borrow_mut() = wanted;
     }
     true
 }
 
-/// One backend at a time: it leaves the proxy's rotation, drains, starts again, and the next
-/// one waits until the proxy's health checks have seen it back.
-async fn rolling_restart(backends: &[Running], health_check_interval: Duration) {
-    for backend in backends {
-        match backend.replace(Replacement::Restart).await {
-            Ok(()) => tokio::time::sleep(health_check_interval * 2).await,
-            Err(error) => {
-                tracing::error!(%error, backend = %backend.name, "planned restart failed; the supervisor brings it back");
-            }
+/// The outcome the proxy writes after a reload: `ok`, or `failed: why`.
+async fn proxy_report(file: &Path) -> Result<(), String> {
+    for _ in 0..200 {
+        if let Ok(text) = std::fs::read_to_string(file) {
+            return match text.strip_prefix("failed: ") {
+                Some(why) => Err(why.to_string()),
+                None => Ok(()),
+            };
         }
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    Err("the proxy did not report within 10 s".into())
+}
+
+/// One backend at a time: it leaves the proxy's rotation, drains, starts again, and the next
+/// one waits until the proxy's health checks have seen it back. Stops at the first failure,
+/// so a setting no backend can start with takes down at most one.
+async fn rolling_restart(backends: &[Running], config: &Config) -> Result<(), String> {
+    for backend in backends {
+        backend
+            .replace(Replacement::Restart)
+            .await
+            .map_err(|e| format!("{}: {e}", backend.name))?;
+        tokio::time::sleep(config.proxy.health_check_interval * 2).await;
+    }
+    Ok(())
 }
 
 /// SIGUSR2: a new binary in place of the running one without refusing a connection. A new
 /// proxy takes the listening sockets over from the old one, which finishes its requests and
 /// exits; then the backends restart one at a time on the new binary.
 async fn upgrade(config: &Config, members: &Members) {
-    tracing::info!("upgrade: starting a new proxy to take the sockets over");
-    if let Some(proxy) = &members.proxy
-        && let Err(error) = proxy.replace(Replacement::HandOver).await
-    {
-        tracing::error!(%error, "upgrade failed; the running proxy keeps serving");
+    if let Err(error) = crate::validate_file(&config.file) {
+        tracing::error!(%error, "upgrade refused: the config does not pass the check; nothing changed");
         return;
     }
-    rolling_restart(&members.backends, config.proxy.health_check_interval).await;
-    tracing::info!("upgrade done");
+    tracing::info!("upgrade: starting a new proxy to take the sockets over");
+    let hand_over = Replacement::HandOver {
+        socket: config.runtime_dir.join("proxy-upgrade.sock"),
+        ready: config.runtime_dir.join(gatehouse_proxy::READY_FILE),
+    };
+    if let Some(proxy) = &members.proxy
+        && let Err(error) = proxy.replace(hand_over).await
+    {
+        tracing::error!(%error, "upgrade failed");
+        return;
+    }
+    match rolling_restart(&members.backends, config).await {
+        Ok(()) => tracing::info!("upgrade done"),
+        Err(error) => tracing::error!(%error, "upgrade: rolling restart of the backends stopped"),
+    }
 }
 
 /// Redis (when managed), then the backends, then the proxy, each waited on until it answers.
@@ -338,8 +412,10 @@ async fn start_members(
             ],
             env: shared_env.clone(),
             probe: Probe::Unix(socket),
-            stop_timeout: Duration::from_secs(10),
             // Out of the proxy's rotation first, then drained: see `gatehouse backend`.
+            stop_timeout: crate::serve_backend::lame_duck(config)
+                + crate::serve_backend::DRAIN
+                + Duration::from_secs(2),
             restart_signal: libc::SIGUSR2,
         };
         members.backends.push(start(spec, metrics).await?);
