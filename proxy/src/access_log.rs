@@ -116,6 +116,7 @@ impl AccessLog {
             turns: turns.clone(),
             failing: false,
             lost: dropped.clone(),
+            stamps: Stamps::default(),
         };
         std::thread::Builder::new()
             .name("access-log".into())
@@ -199,6 +200,7 @@ struct Writer {
     failing: bool,
     /// Lines that could not be written count as dropped.
     lost: IntCounter,
+    stamps: Stamps,
 }
 
 impl Writer {
@@ -236,8 +238,8 @@ impl Writer {
         };
         line.clear();
         match self.format {
-            Format::Json => json_line(record, line),
-            Format::Combined => combined_line(record, line),
+            Format::Json => json_line(record, line, &mut self.stamps),
+            Format::Combined => combined_line(record, line, &mut self.stamps),
         }
         line.push(b'\n');
         let written = sink.out().write_all(line);
@@ -288,9 +290,51 @@ impl Writer {
     }
 }
 
+/// Line timestamps, UTC: the part down to the second is formatted once per second.
+#[derive(Default)]
+struct Stamps {
+    second: Option<u64>,
+    /// `2026-11-22T10:08:40`
+    iso: String,
+    /// `22/Nov/2026:10:08:40 +0000`
+    common: String,
+    /// The last JSON timestamp, with microseconds.
+    line: String,
+}
+
+impl Stamps {
+    /// Brings the cached parts to `time`'s second; returns its microseconds.
+    fn at(&mut self, time: SystemTime) -> u32 {
+        const MONTHS: [&str; 12] = [
+            "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
+        ];
+        let since = time
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default();
+        if self.second != Some(since.as_secs()) {
+            self.second = Some(since.as_secs());
+            let t = time::OffsetDateTime::from(time);
+            let month = MONTHS[usize::from(u8::from(t.month())) - 1];
+            let (y, d, h, m, s) = (t.year(), t.day(), t.hour(), t.minute(), t.second());
+            let n = u8::from(t.month());
+            self.iso = format!("{y:04}-{n:02}-{d:02}T{h:02}:{m:02}:{s:02}");
+            self.common = format!("{d:02}/{month}/{y}:{h:02}:{m:02}:{s:02} +0000");
+        }
+        since.subsec_micros()
+    }
+
+    fn iso(&mut self, time: SystemTime) -> &str {
+        let micros = self.at(time);
+        self.line.clear();
+        let _ =
+            std::fmt::Write::write_fmt(&mut self.line, format_args!("{}.{micros:06}Z", self.iso));
+        &self.line
+    }
+}
+
 #[derive(Serialize)]
 struct JsonLine<'a> {
-    time: String,
+    time: &'a str,
     request_id: &'a str,
     client: IpAddr,
     method: &'a str,
@@ -315,10 +359,8 @@ fn protocol(record: &Record) -> &'static str {
     if record.http2 { "HTTP/2.0" } else { "HTTP/1.1" }
 }
 
-fn json_line(record: &Record, out: &mut Vec<u8>) {
-    let time = time::OffsetDateTime::from(record.time)
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
+fn json_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
+    let time = stamps.iso(record.time);
     let line = JsonLine {
         time,
         request_id: &record.request_id,
@@ -343,24 +385,11 @@ fn json_line(record: &Record, out: &mut Vec<u8>) {
 /// nginx's "combined", then the request id, the request time, the backend and its time:
 /// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent
 /// "$http_referer" "$http_user_agent" $request_id $request_time $upstream $upstream_time`.
-fn combined_line(record: &Record, out: &mut Vec<u8>) {
-    const MONTHS: [&str; 12] = [
-        "Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec",
-    ];
-    let t = time::OffsetDateTime::from(record.time);
-    let month = MONTHS[usize::from(u8::from(t.month())) - 1];
+fn combined_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
+    stamps.at(record.time);
     let _ = write!(out, "{} - ", record.client);
     quoted_or_dash(out, record.user.as_deref(), false);
-    let _ = write!(
-        out,
-        " [{:02}/{month}/{}:{:02}:{:02}:{:02} +0000] \"{} ",
-        t.day(),
-        t.year(),
-        t.hour(),
-        t.minute(),
-        t.second(),
-        record.method
-    );
+    let _ = write!(out, " [{}] \"{} ", stamps.common, record.method);
     escaped(out, &record.path);
     let _ = write!(
         out,
@@ -443,7 +472,7 @@ mod tests {
     #[test]
     fn combined_is_nginx_shaped_and_escaped() {
         let mut out = Vec::new();
-        combined_line(&record(), &mut out);
+        combined_line(&record(), &mut out, &mut Stamps::default());
         assert_eq!(
             String::from_utf8(out).unwrap(),
             "203.0.113.9 - admin [14/Nov/2023:22:13:20 +0000] \"GET /open/\\x22x\\x22 HTTP/1.1\" 200 512 \"-\" \"curl/8.0\\x0A\" rid-1 0.002 b2 0.001"
@@ -453,9 +482,9 @@ mod tests {
     #[test]
     fn json_has_every_field() {
         let mut out = Vec::new();
-        json_line(&record(), &mut out);
+        json_line(&record(), &mut out, &mut Stamps::default());
         let value: serde_json::Value = serde_json::from_slice(&out).unwrap();
-        assert_eq!(value["time"], "2023-11-14T22:13:20Z");
+        assert_eq!(value["time"], "2023-11-14T22:13:20.000000Z");
         assert_eq!(value["status"], 200);
         assert_eq!(value["duration_ms"], 1.5);
         assert_eq!(value["upstream"], "b2");
