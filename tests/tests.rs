@@ -3,6 +3,7 @@
 mod util;
 
 mod access;
+mod accounts;
 mod api;
 mod config;
 mod jwt;
