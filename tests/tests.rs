@@ -1,5 +1,6 @@
 //! End-to-end tests: the real binary, real sockets, a real redis-server, a real HTTP client.
 
+mod browser;
 mod util;
 
 mod access;

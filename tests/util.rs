@@ -605,6 +605,10 @@ prefix = "/close/"
 static_dir = "{statics}/close"
 
 [[routes]]
+prefix = "/swagger/"
+static_dir = "{statics}/swagger"
+
+[[routes]]
 prefix = "/"
 static_dir = "{statics}/main"
 cache_control = "no-cache"
