@@ -75,7 +75,8 @@ enum Command {
         #[arg(long)]
         ready: bool,
     },
-    /// Read a password on stdin and print its argon2id hash for the users file.
+    /// Read a password on stdin and print its argon2id hash for the users file
+    /// (`name:HASH:role`).
     HashPassword,
     /// Write a self-signed ECDSA P-256 certificate and key to the paths in `[tls]`.
     Cert {

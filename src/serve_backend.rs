@@ -2,7 +2,7 @@
 
 use std::{path::Path, sync::Arc, time::Duration};
 
-use gatehouse_backend::{App, Metrics, Store, Tokens, Users};
+use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
 use tokio::signal::unix::{SignalKind, signal};
 
 use crate::{Failure, config::Config};
@@ -52,15 +52,18 @@ pub fn run(
         let metrics = Arc::new(Metrics::new(&id).map_err(Failure::Runtime)?);
         let store = Store::new(&redis_url, config.redis.timeout, Some(metrics.clone()))
             .map_err(Failure::Config)?;
-        let app = Arc::new(App::new(
-            id.clone(),
-            users,
-            tokens,
-            store,
-            config.backend.max_body_bytes,
-            metrics.clone(),
-        )
-        .map_err(Failure::Config)?);
+        let app = Arc::new(
+            App::new(Settings {
+                id: id.clone(),
+                users,
+                tokens,
+                store,
+                guard: config.backend.login_guard,
+                max_body_bytes: config.backend.max_body_bytes,
+                metrics: metrics.clone(),
+            })
+            .map_err(Failure::Config)?,
+        );
         // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
         let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
             signal(SignalKind::terminate()),

@@ -34,7 +34,7 @@ fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
     lines[at] = to;
     // The shipped layout, so the config's relative paths (../static/...) resolve.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for site in ["main", "open", "close"] {
+    for site in ["main", "open", "close", "swagger"] {
         fs::create_dir_all(dir.join("static").join(site)).unwrap();
     }
     fs::create_dir_all(dir.join("conf")).unwrap();
@@ -108,6 +108,18 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "rate_limits.default.per_second",
             "must be above 0",
         ),
+        (
+            "login_max_failures_per_user = 5",
+            "login_max_failures_per_user = 0",
+            "backend.login_max_failures_per_user",
+            "must be greater than 0",
+        ),
+        (
+            "login_failure_window_seconds = 300",
+            "login_failure_window_seconds = -1",
+            "backend.login_failure_window_seconds",
+            "invalid value",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);
@@ -168,6 +180,18 @@ fn short_secret_and_bad_users_line_are_refused() {
     assert_eq!(code, 2, "{out}");
     assert!(
         out.contains("users:2:") && out.contains("argon2id"),
+        "{out}"
+    );
+
+    // A role the code does not know, on the line that has it.
+    let shipped = fs::read_to_string(Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users"));
+    let users = shipped.unwrap().replace(":admin\n", ":root\n");
+    fs::write(dir.path().join("conf/users"), &users).unwrap();
+    let line = users.lines().position(|l| l.ends_with(":root")).unwrap() + 1;
+    let (code, out) = run(&["check"], &path, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!("users:{line}: role of \"admin\" is \"root\"")),
         "{out}"
     );
 }

@@ -10,17 +10,11 @@ use std::{
 
 use serde_json::Value;
 
-use crate::util::{self, BIN, Group, Options, PASSWORD, Redis, USER, metric_value, wait_until};
+use crate::util::{
+    self, BIN, Group, Options, PASSWORD, Redis, USER, metric_sum as sum, metric_value, wait_until,
+};
 
 /// Every value in `text` of the series whose name and labels contain all of `parts`, summed.
-fn sum(text: &str, name: &str, parts: &[&str]) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
-        .filter(|l| parts.iter().all(|p| l.contains(p)))
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
-}
-
 fn repo_file(path: &str) -> std::path::PathBuf {
     std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(path)
 }

@@ -4,17 +4,11 @@ use std::time::Duration;
 
 use serde_json::Value;
 
-use crate::util::{Group, Options, Redis, wait_until};
+use crate::util::{Group, Options, group_with_own_redis, wait_until};
 
 #[test]
 fn redis_down_gives_503_and_counting_resumes_when_it_returns() {
-    let data = tempfile::tempdir().unwrap();
-    let mut redis = Redis::start(data.path());
-    let group = Group::start(Options {
-        backends: 2,
-        redis_url: Some(redis.url()),
-        ..Options::default()
-    });
+    let (_data, mut redis, group) = group_with_own_redis(2);
     let token = group.token();
     for expected in 1..=3 {
         let response = group.count(&token);
@@ -57,14 +51,33 @@ fn redis_down_gives_503_and_counting_resumes_when_it_returns() {
 
 #[test]
 fn backends_start_while_redis_is_down() {
-    // A Redis URL nobody listens on: the group still starts, counting says 503.
+    // A Redis URL nobody listens on: the group still starts; logging in and counting say 503
+    // (users, the denylist and the count all live in Redis).
     let port = crate::util::free_port();
     let group = Group::start(Options {
         backends: 1,
         redis_url: Some(format!("redis://127.0.0.1:{port}")),
         ..Options::default()
     });
-    let token = group.token();
+    let response = group.login(crate::util::USER, crate::util::PASSWORD);
+    assert_eq!(response.status(), 503);
+    assert_eq!(
+        response.json::<Value>().unwrap()["error"],
+        "store_unavailable"
+    );
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    let claims = serde_json::json!({
+        "sub": "admin", "role": "admin", "iat": now, "nbf": now, "exp": now + 60, "jti": "j"
+    });
+    let token = jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &claims,
+        &jsonwebtoken::EncodingKey::from_secret(crate::util::SECRET.as_bytes()),
+    )
+    .unwrap();
     assert_eq!(group.count(&token).status(), 503);
     let health: Value = group
         .client

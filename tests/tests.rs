@@ -1,8 +1,10 @@
 //! End-to-end tests: the real binary, real sockets, a real redis-server, a real HTTP client.
 
+mod browser;
 mod util;
 
 mod access;
+mod accounts;
 mod api;
 mod config;
 mod drills;

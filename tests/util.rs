@@ -142,6 +142,36 @@ impl Drop for Redis {
     }
 }
 
+impl Redis {
+    /// One command, answered as text: a simple string, an integer, a bulk string, `(nil)`,
+    /// or the error line. Enough for tests to look at what the backends stored.
+    pub fn command(&self, args: &[&str]) -> String {
+        let mut stream = TcpStream::connect(("127.0.0.1", self.port)).expect("connect to redis");
+        stream
+            .set_read_timeout(Some(Duration::from_secs(5)))
+            .expect("timeout");
+        let mut request = format!("*{}\r\n", args.len());
+        for arg in args {
+            request += &format!("${}\r\n{arg}\r\n", arg.len());
+        }
+        stream.write_all(request.as_bytes()).expect("send to redis");
+        let mut reader = std::io::BufReader::new(stream);
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut reader, &mut line).expect("redis reply");
+        let line = line.trim_end().to_string();
+        match line.split_at(1) {
+            ("$", "-1") => "(nil)".into(),
+            ("$", len) => {
+                let mut bulk = vec![0; len.parse::<usize>().expect("bulk length") + 2];
+                reader.read_exact(&mut bulk).expect("bulk string");
+                String::from_utf8_lossy(&bulk[..bulk.len() - 2]).into_owned()
+            }
+            ("+" | ":", rest) => rest.to_string(),
+            _ => line,
+        }
+    }
+}
+
 fn redis_ping(port: u16) -> bool {
     let Ok(mut stream) = TcpStream::connect(("127.0.0.1", port)) else {
         return false;
@@ -151,6 +181,19 @@ fn redis_ping(port: u16) -> bool {
     stream.write_all(b"PING\r\n").is_ok()
         && stream.read_exact(&mut reply).is_ok()
         && &reply == b"+PONG\r\n"
+}
+
+/// A group of `backends` on an external Redis the test can stop and restart. Keep the
+/// directory (Redis's data) alive as long as Redis.
+pub fn group_with_own_redis(backends: usize) -> (tempfile::TempDir, Redis, Group) {
+    let data = tempfile::tempdir().expect("temp dir");
+    let redis = Redis::start(data.path());
+    let group = Group::start(Options {
+        backends,
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    (data, redis, group)
 }
 
 /// How a test wants its group.
@@ -169,6 +212,8 @@ pub struct Options {
     pub access_log: String,
     /// Extra keys for the `[logging]` table.
     pub logging_extra: String,
+    /// Extra keys for the `[backend]` table.
+    pub backend_extra: String,
     /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
     pub extra: String,
 }
@@ -184,6 +229,7 @@ impl Default for Options {
             proxy_extra: String::new(),
             access_log: "logs/access.log".into(),
             logging_extra: String::new(),
+            backend_extra: String::new(),
             extra: String::new(),
         }
     }
@@ -373,10 +419,33 @@ impl Group {
 
     /// A valid token for the shipped development user.
     pub fn token(&self) -> String {
-        let response = self.login(USER, PASSWORD);
-        assert_eq!(response.status(), 200);
+        self.token_for(USER, PASSWORD)
+    }
+
+    /// A token for `user`, who must be able to log in.
+    pub fn token_for(&self, user: &str, password: &str) -> String {
+        let response = self.login(user, password);
+        assert_eq!(response.status(), 200, "login of {user}");
         let body: Value = response.json().expect("login JSON");
         body["token"].as_str().expect("token").to_string()
+    }
+
+    /// A request to `path` with `token` as its bearer, and a JSON body when given.
+    pub fn call(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        token: &str,
+        body: Option<Value>,
+    ) -> reqwest::blocking::Response {
+        let mut request = self
+            .client
+            .request(method, self.url(path))
+            .bearer_auth(token);
+        if let Some(body) = body {
+            request = request.json(&body);
+        }
+        request.send().expect("API request")
     }
 
     pub fn count(&self, token: &str) -> reqwest::blocking::Response {
@@ -460,6 +529,16 @@ fn spawn(dir: &Path, env: &[(String, String)]) -> Child {
         .expect("start gatehouse")
 }
 
+/// The sum of every sample of `name` whose labels contain all of `parts` (e.g.
+/// `r#"outcome="refused""#`), over every backend.
+pub fn metric_sum(text: &str, name: &str, parts: &[&str]) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with('{'))
+        .filter(|l| parts.iter().all(|p| l.contains(p)))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
 /// The value of `series` (name and labels exactly as exposed) in a Prometheus text page.
 pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     text.lines().find_map(|line| {
@@ -508,6 +587,7 @@ access_log = "{access_log}"
 [backend]
 count = {backends}
 users_file = "{users}"
+{backend_extra}
 
 [redis]
 url = "{redis_url}"
@@ -538,6 +618,10 @@ prefix = "/close/"
 static_dir = "{statics}/close"
 
 [[routes]]
+prefix = "/swagger/"
+static_dir = "{statics}/swagger"
+
+[[routes]]
 prefix = "/"
 static_dir = "{statics}/main"
 cache_control = "no-cache"
@@ -545,6 +629,7 @@ cache_control = "no-cache"
         proxy_extra = options.proxy_extra,
         access_log = options.access_log,
         logging_extra = options.logging_extra,
+        backend_extra = options.backend_extra,
         tls = tls_port.is_some(),
         tls_port = tls_port.unwrap_or(1),
         statics = statics.display(),

@@ -3,7 +3,22 @@
 
 use http::{HeaderValue, Response, StatusCode, header};
 
+use serde::Serialize;
+
 use crate::http_util::{Body, json_response};
+
+/// The body of every error response (the proxy's own errors have the same shape).
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct ErrorBody<'a> {
+    /// A stable code for programs, e.g. `invalid_token`, `forbidden`, `conflict`.
+    #[schema(example = "invalid_token")]
+    pub error: &'a str,
+    /// For people; names the offending field when a body is refused.
+    #[schema(example = "the bearer token is not valid: ExpiredSignature")]
+    pub message: &'a str,
+    /// The request's `X-Request-ID`, to find it in the logs.
+    pub request_id: &'a str,
+}
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -24,8 +39,12 @@ impl ApiError {
         }
     }
 
-    pub fn with_header(mut self, name: header::HeaderName, value: &'static str) -> Self {
-        self.headers.push((name, HeaderValue::from_static(value)));
+    pub fn with_header(self, name: header::HeaderName, value: &'static str) -> Self {
+        self.with_header_value(name, HeaderValue::from_static(value))
+    }
+
+    pub fn with_header_value(mut self, name: header::HeaderName, value: HeaderValue) -> Self {
+        self.headers.push((name, value));
         self
     }
 
@@ -39,26 +58,52 @@ impl ApiError {
             .with_header(header::WWW_AUTHENTICATE, "Bearer")
     }
 
-    /// Redis is unreachable: say so and when to come back, never guess an answer.
+    /// A valid token whose user may not do this.
+    pub fn forbidden(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "forbidden", message)
+    }
+
+    pub fn not_found(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "not_found", message)
+    }
+
+    pub fn conflict(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::CONFLICT, "conflict", message)
+    }
+
+    /// Our own fault; the details go to the log, not to the client.
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message)
+    }
+
+    /// Redis is unreachable: say so and when to come back, never guess an answer. Every
+    /// endpoint that checks a token needs Redis (the denylist, the user's state), so they all
+    /// fail closed with this.
     pub fn store_unavailable() -> Self {
         Self::new(
             StatusCode::SERVICE_UNAVAILABLE,
             "store_unavailable",
-            "the visit counter is unavailable; try again shortly",
+            "the shared store (Redis) is unavailable; try again shortly",
         )
         .with_header(header::RETRY_AFTER, "1")
     }
 
     pub fn into_response(self, request_id: &str) -> Response<Body> {
-        let body = serde_json::json!({
-            "error": self.code,
-            "message": self.message,
-            "request_id": request_id,
-        });
+        let body = ErrorBody {
+            error: self.code,
+            message: &self.message,
+            request_id,
+        };
         let mut response = json_response(self.status, &body);
         for (name, value) in self.headers {
             response.headers_mut().insert(name, value);
         }
         response
+    }
+}
+
+impl From<crate::store::Unavailable> for ApiError {
+    fn from(_: crate::store::Unavailable) -> Self {
+        ApiError::store_unavailable()
     }
 }

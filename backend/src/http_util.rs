@@ -4,16 +4,23 @@ use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 
 use crate::error::ApiError;
 
 pub type Body = Full<Bytes>;
 
-pub fn json_response(status: StatusCode, value: &serde_json::Value) -> Response<Body> {
-    // Serializing a `Value` cannot fail: its keys are strings.
+pub fn json_response<T: Serialize + ?Sized>(status: StatusCode, value: &T) -> Response<Body> {
+    // Our response types serialize to objects with string keys: this cannot fail.
     let bytes = serde_json::to_vec(value).unwrap_or_default();
     with_json_body(status, Bytes::from(bytes))
+}
+
+/// `204 No Content`.
+pub fn no_content() -> Response<Body> {
+    let mut response = Response::new(Body::default());
+    *response.status_mut() = StatusCode::NO_CONTENT;
+    response
 }
 
 /// A constant JSON body: no serialization, no copy.
@@ -73,6 +80,17 @@ pub async fn read_json<T: DeserializeOwned>(
             }
         })?
         .to_bytes();
-    serde_json::from_slice(&bytes)
-        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    // The path names the field at fault (`role: unknown variant ...`), which serde_json's own
+    // message does not.
+    let mut json = serde_json::Deserializer::from_slice(&bytes);
+    let value = serde_path_to_error::deserialize(&mut json).map_err(|e| {
+        let path = e.path().to_string();
+        match path.as_str() {
+            "." => ApiError::bad_request(format!("invalid JSON body: {}", e.inner())),
+            _ => ApiError::bad_request(format!("{path}: {}", e.inner())),
+        }
+    })?;
+    json.end()
+        .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
+    Ok(value)
 }

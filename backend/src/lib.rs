@@ -1,9 +1,14 @@
 //! The gatehouse backend: a lean hyper 1.x server on a Unix domain socket.
 //!
-//! - [`routes`]: the endpoints, routed by `match (method, path)`.
+//! - [`routes`]: the route table (each endpoint with who may call it) and the dispatch.
+//! - [`login`]: logging in and out, `/auth/verify`, `/api/me`.
+//! - [`user_admin`]: the admin-only user endpoints.
+//! - [`accounts`]: users, roles, token sessions and the denylist, in Redis.
+//! - [`guard`]: the login brute-force guard, in Redis.
 //! - [`token`]: issuing and checking HS256 JWTs.
-//! - [`users`]: the argon2id users file.
-//! - [`store`]: Redis, shared by every backend process and replica.
+//! - [`users`]: the users file that seeds Redis, and argon2id hashing.
+//! - [`openapi`]: the OpenAPI document, generated from the types and the route table.
+//! - [`store`]: the Redis connection, shared by every backend process and replica.
 //! - [`metrics`]: the backend's Prometheus series, served on a separate admin socket.
 //! - [`error`], [`http_util`]: the JSON error type and body helpers.
 //!
@@ -11,12 +16,17 @@
 //! start it the same way. [`serve_admin`] answers `GET /metrics` on its own socket, which
 //! no route of the proxy can reach.
 
+pub mod accounts;
 pub mod error;
+pub mod guard;
 pub mod http_util;
+pub mod login;
 pub mod metrics;
+pub mod openapi;
 pub mod routes;
 pub mod store;
 pub mod token;
+pub mod user_admin;
 pub mod users;
 
 use std::{io, path::Path, sync::Arc, time::Duration};
@@ -26,6 +36,8 @@ use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
 use tokio::net::{UnixListener, UnixStream};
 
+pub use accounts::Accounts;
+pub use guard::{Guard, GuardSettings};
 pub use metrics::Metrics;
 pub use store::Store;
 pub use token::Tokens;
@@ -35,37 +47,65 @@ pub use users::Users;
 pub struct App {
     pub id: String,
     id_header: HeaderValue,
-    pub users: Arc<Users>,
     pub tokens: Tokens,
-    pub store: Store,
+    pub store: Arc<Store>,
+    pub accounts: Accounts,
+    pub guard: Guard,
     pub max_body_bytes: usize,
     pub metrics: Arc<Metrics>,
+    /// The OpenAPI document, serialized once.
+    pub openapi: bytes::Bytes,
     /// Set when the backend is about to stop: `/healthz` fails, so the proxy takes it out of
     /// rotation before it closes its socket.
     pub draining: std::sync::atomic::AtomicBool,
 }
 
+/// What [`App::new`] is built from.
+pub struct Settings {
+    pub id: String,
+    /// The users file, copied into Redis when Redis has no users.
+    pub users: Users,
+    pub tokens: Tokens,
+    pub store: Store,
+    pub guard: GuardSettings,
+    pub max_body_bytes: usize,
+    pub metrics: Arc<Metrics>,
+}
+
 impl App {
-    pub fn new(
-        id: String,
-        users: Users,
-        tokens: Tokens,
-        store: Store,
-        max_body_bytes: usize,
-        metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
+    pub fn new(settings: Settings) -> Result<Self, String> {
+        let Settings {
+            id,
+            users,
+            tokens,
+            store,
+            guard,
+            max_body_bytes,
+            metrics,
+        } = settings;
         let id_header = HeaderValue::from_str(&id)
             .map_err(|_| format!("backend id {id:?} is not a valid header value"))?;
+        let store = Arc::new(store);
         Ok(Self {
             id,
             id_header,
-            users: Arc::new(users),
             tokens,
+            accounts: Accounts::new(store.clone(), users.seed)?,
+            guard: Guard::new(store.clone(), guard),
             store,
             max_body_bytes,
             metrics,
+            openapi: openapi::document_json()?,
             draining: std::sync::atomic::AtomicBool::new(false),
         })
+    }
+
+    /// Copies the users file into Redis if it has no users yet, retrying while Redis is down.
+    /// Requests that need the users do the same, so none waits for this loop.
+    pub async fn seed_users(self: Arc<Self>) {
+        while self.accounts.ensure_seeded().await.is_err() {
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
     }
 }
 
@@ -97,6 +137,7 @@ pub async fn serve(
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
+    tokio::spawn(app.clone().seed_users());
     // HTTP/1.1 only: the proxy is the one client, and it speaks HTTP/1.1 over the socket.
     let mut server = http1::Builder::new();
     server.keep_alive(true);

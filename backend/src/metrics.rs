@@ -7,36 +7,48 @@ use prometheus::{
     TextEncoder,
 };
 
-/// The endpoints, as the `endpoint` label names them.
-#[derive(Debug, Clone, Copy)]
+/// The endpoints, as the `endpoint` label names them. A fixed set: the four user-management
+/// operations share `users`, and paths no route takes are `other`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Endpoint {
     Ping,
     Login,
+    Logout,
+    Verify,
+    Me,
     Count,
+    Users,
+    OpenApi,
     Health,
     Other,
 }
 
-const ENDPOINTS: [&str; 5] = ["ping", "login", "count", "healthz", "other"];
+const ENDPOINTS: [&str; 10] = [
+    "ping", "login", "logout", "verify", "me", "count", "users", "openapi", "healthz", "other",
+];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// How a login ended, as the `outcome` label names it.
 #[derive(Debug, Clone, Copy)]
 pub enum Login {
     Success,
-    /// Wrong user name or password.
+    /// Wrong user name or password, or a disabled user.
     Refused,
-    /// Malformed request, or the token could not be signed.
+    /// Refused unheard by the brute-force guard (429).
+    Throttled,
+    /// Malformed request, Redis unavailable, or the token could not be signed.
     Error,
 }
 
+const LOGINS: [&str; 4] = ["success", "refused", "throttled", "error"];
+
 pub struct Metrics {
     registry: Registry,
-    requests: [[IntCounter; 5]; 5],
-    latency: [Histogram; 5],
+    requests: [[IntCounter; 5]; ENDPOINTS.len()],
+    latency: [Histogram; ENDPOINTS.len()],
     redis_errors: IntCounter,
     redis_up: IntGauge,
-    logins: [IntCounter; 3],
+    logins: [IntCounter; LOGINS.len()],
 }
 
 impl Metrics {
@@ -65,7 +77,7 @@ impl Metrics {
         let logins = IntCounterVec::new(
             Opts::new(
                 "gatehouse_backend_logins_total",
-                "Logins by outcome: success, refused (wrong credentials) or error.",
+                "Logins by outcome: success, refused (wrong credentials), throttled or error.",
             ),
             &["outcome"],
         )
@@ -98,7 +110,7 @@ impl Metrics {
             latency: ENDPOINTS.map(|endpoint| latency.with_label_values(&[endpoint])),
             redis_errors,
             redis_up,
-            logins: ["success", "refused", "error"].map(|o| logins.with_label_values(&[o])),
+            logins: LOGINS.map(|o| logins.with_label_values(&[o])),
         })
     }
 
@@ -144,15 +156,25 @@ mod tests {
     fn series_carry_the_backend_label_and_move() {
         let metrics = Metrics::new("b7").unwrap();
         metrics.request(Endpoint::Count, 503, 0.002);
+        metrics.request(Endpoint::Users, 403, 0.001);
         metrics.login(Login::Refused);
+        metrics.login(Login::Throttled);
         metrics.redis(false);
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(text.contains(
             r#"gatehouse_backend_http_requests_total{endpoint="count",status="5xx",backend="b7"} 1"#
         ));
-        assert!(
-            text.contains(r#"gatehouse_backend_logins_total{outcome="refused",backend="b7"} 1"#)
-        );
+        assert!(text.contains(
+            r#"gatehouse_backend_http_requests_total{endpoint="users",status="4xx",backend="b7"} 1"#
+        ));
+        assert!(text.contains(
+            r#"gatehouse_backend_http_requests_total{endpoint="healthz",status="2xx",backend="b7"} 0"#
+        ));
+        for outcome in ["refused", "throttled"] {
+            assert!(text.contains(&format!(
+                r#"gatehouse_backend_logins_total{{outcome="{outcome}",backend="b7"}} 1"#
+            )));
+        }
         assert!(text.contains(r#"gatehouse_backend_redis_errors_total{backend="b7"} 1"#));
         assert!(text.contains(r#"gatehouse_backend_redis_up{backend="b7"} 0"#));
     }

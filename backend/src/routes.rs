@@ -1,27 +1,125 @@
-//! The backend's endpoints, routed by `match (method, path)`. Each handler returns a value or
-//! an [`ApiError`]; one place turns both into a response carrying the request id.
+//! The backend's endpoints. [`ROUTES`] lists every one with who may call it; [`handle`] finds
+//! the request's route, checks its token when the route asks for one (in one place, so no
+//! handler can forget), and runs the handler. Each handler returns a value or an
+//! [`ApiError`]; one place turns both into a response carrying the request id.
+//!
+//! The OpenAPI document is built from the same table (see [`crate::openapi`]), and a test
+//! checks that the two list the same operations.
 
 use std::{sync::Arc, time::Instant};
 
-use http::{Method, Request, Response, StatusCode, header};
+use http::{HeaderValue, Method, Request, Response, StatusCode, header};
 use hyper::body::Incoming;
-use serde::Deserialize;
-use serde_json::json;
+use serde::Serialize;
 
 use crate::{
     App,
+    accounts::{Role, Session},
     error::ApiError,
-    http_util::{Body, json_response, read_json, static_json},
-    metrics::{Endpoint, Login as LoginOutcome},
+    http_util::{Body, json_response, static_json},
+    login,
+    metrics::Endpoint,
+    openapi, user_admin,
 };
 
-/// Response header naming the token's subject, for the proxy's access log; the proxy
+/// Response header naming the authenticated user, for the proxy's access log; the proxy
 /// removes it before the response reaches the client.
 pub const USER_HEADER: &str = "x-gatehouse-user";
 
+/// Who may call an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    Public,
+    /// A valid bearer token: signed by us, not expired, not revoked, of an active user.
+    User,
+    /// As `User`, and the user is an admin now.
+    Admin,
+}
+
+/// What answers an endpoint.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Op {
+    Ping,
+    OpenApi,
+    Login,
+    Logout,
+    Verify,
+    Me,
+    Count,
+    ListUsers,
+    CreateUser,
+    UpdateUser,
+    DeleteUser,
+    Health,
+}
+
+impl Op {
+    fn metric(self) -> Endpoint {
+        match self {
+            Op::Ping => Endpoint::Ping,
+            Op::OpenApi => Endpoint::OpenApi,
+            Op::Login => Endpoint::Login,
+            Op::Logout => Endpoint::Logout,
+            Op::Verify => Endpoint::Verify,
+            Op::Me => Endpoint::Me,
+            Op::Count => Endpoint::Count,
+            Op::ListUsers | Op::CreateUser | Op::UpdateUser | Op::DeleteUser => Endpoint::Users,
+            Op::Health => Endpoint::Health,
+        }
+    }
+}
+
+pub struct Route {
+    pub method: Method,
+    /// `{name}` stands for one path segment.
+    pub path: &'static str,
+    pub access: Access,
+    pub op: Op,
+}
+
+const fn route(method: Method, path: &'static str, access: Access, op: Op) -> Route {
+    Route {
+        method,
+        path,
+        access,
+        op,
+    }
+}
+
+/// Every endpoint. All but `/healthz` (the proxy's health check, on the backend socket only)
+/// are reachable through the proxy and in the OpenAPI document.
+pub const ROUTES: &[Route] = &[
+    route(Method::GET, "/api/ping", Access::Public, Op::Ping),
+    route(
+        Method::GET,
+        "/api/openapi.json",
+        Access::Public,
+        Op::OpenApi,
+    ),
+    route(Method::POST, "/auth/login", Access::Public, Op::Login),
+    route(Method::POST, "/auth/logout", Access::User, Op::Logout),
+    route(Method::GET, "/auth/verify", Access::User, Op::Verify),
+    route(Method::GET, "/api/me", Access::User, Op::Me),
+    route(Method::GET, "/api/count", Access::User, Op::Count),
+    route(Method::GET, "/api/users", Access::Admin, Op::ListUsers),
+    route(Method::POST, "/api/users", Access::Admin, Op::CreateUser),
+    route(
+        Method::PUT,
+        "/api/users/{name}",
+        Access::Admin,
+        Op::UpdateUser,
+    ),
+    route(
+        Method::DELETE,
+        "/api/users/{name}",
+        Access::Admin,
+        Op::DeleteUser,
+    ),
+    route(Method::GET, "/healthz", Access::Public, Op::Health),
+];
+
 pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
     let started = Instant::now();
-    let endpoint = endpoint(request.uri().path());
     // The proxy always sends an id; a backend reached directly makes one. Kept as the header
     // value, so the success path copies no string.
     let request_id = request
@@ -31,141 +129,119 @@ pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body>
         .cloned()
         .unwrap_or_else(new_request_id);
     let id = request_id.to_str().unwrap_or_default();
-    let mut response = match route(&app, request, id).await {
-        Ok(response) => response,
-        Err(error) => error.into_response(id),
+    let found = find(request.method(), request.uri().path());
+    let endpoint = found
+        .as_ref()
+        .map_or(Endpoint::Other, |(route, _)| route.op.metric());
+    let mut user = None;
+    let result = match found {
+        Ok((route, name)) => call(&app, route, name, request, id, &mut user).await,
+        Err(error) => Err(error),
     };
+    let mut response = result.unwrap_or_else(|error| error.into_response(id));
     let seconds = started.elapsed().as_secs_f64();
     app.metrics
         .request(endpoint, response.status().as_u16(), seconds);
     let headers = response.headers_mut();
     headers.insert("x-backend-id", app.id_header.clone());
     headers.insert(REQUEST_ID, request_id);
+    if let Some(user) = user {
+        headers.insert(USER_HEADER, user);
+    }
     response
 }
 
-const REQUEST_ID: &str = "x-request-id";
-
-fn new_request_id() -> header::HeaderValue {
-    let mut buffer = uuid::Uuid::encode_buffer();
-    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
-    header::HeaderValue::from_str(id).unwrap_or(header::HeaderValue::from_static("unknown"))
-}
-
-fn endpoint(path: &str) -> Endpoint {
-    match path {
-        "/api/ping" => Endpoint::Ping,
-        "/auth/login" => Endpoint::Login,
-        "/api/count" => Endpoint::Count,
-        "/healthz" => Endpoint::Health,
-        _ => Endpoint::Other,
-    }
-}
-
-async fn route(
-    app: &App,
-    request: Request<Incoming>,
-    request_id: &str,
-) -> Result<Response<Body>, ApiError> {
-    let method = request.method().clone();
-    match (&method, request.uri().path()) {
-        (&Method::GET, "/api/ping") => Ok(static_json(StatusCode::OK, br#"{"status":"ok"}"#)),
-        (&Method::GET, "/healthz") => health(app).await,
-        (&Method::POST, "/auth/login") => {
-            let result = login(app, request, request_id).await;
-            app.metrics.login(match &result {
-                Ok(_) => LoginOutcome::Success,
-                Err(e) if e.status == StatusCode::UNAUTHORIZED => LoginOutcome::Refused,
-                Err(_) => LoginOutcome::Error,
-            });
-            result
+/// The route for `method` and `path`, with the `{name}` segment if it has one; `404` when no
+/// route has the path, `405` with `Allow` when none has it with this method.
+fn find(method: &Method, path: &str) -> Result<(&'static Route, Option<String>), ApiError> {
+    let mut allowed: Vec<&str> = Vec::new();
+    for route in ROUTES {
+        let Some(name) = matches(route.path, path) else {
+            continue;
+        };
+        if route.method == method {
+            return Ok((route, name.map(str::to_owned)));
         }
-        (&Method::GET, "/api/count") => count(app, &request).await,
-        (_, "/api/ping" | "/healthz" | "/api/count") => Err(method_not_allowed("GET")),
-        (_, "/auth/login") => Err(method_not_allowed("POST")),
-        (_, path) => Err(ApiError::new(
-            StatusCode::NOT_FOUND,
-            "not_found",
-            format!("no endpoint at {path}"),
-        )),
+        allowed.push(route.method.as_str());
+    }
+    if allowed.is_empty() {
+        return Err(ApiError::not_found(format!("no endpoint at {path}")));
+    }
+    let allow =
+        HeaderValue::from_str(&allowed.join(", ")).unwrap_or(HeaderValue::from_static("GET"));
+    Err(ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        "method not allowed here",
+    )
+    .with_header_value(header::ALLOW, allow))
+}
+
+/// `Some(None)` for a plain match, `Some(Some(segment))` for a `{name}` template.
+fn matches<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
+    match template.strip_suffix("{name}") {
+        None => (template == path).then_some(None),
+        Some(prefix) => path
+            .strip_prefix(prefix)
+            .filter(|rest| !rest.is_empty() && !rest.contains('/'))
+            .map(Some),
     }
 }
 
-async fn health(app: &App) -> Result<Response<Body>, ApiError> {
-    if app.draining.load(std::sync::atomic::Ordering::Relaxed) {
-        return Err(ApiError::new(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "this backend is about to stop",
-        ));
-    }
-    let redis = if app.store.ping().await { "up" } else { "down" };
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({"status": "ok", "backend": app.id, "redis": redis}),
-    ))
-}
-
-#[derive(Deserialize)]
-struct Login {
-    username: String,
-    password: String,
-}
-
-async fn login(
+async fn call(
     app: &App,
+    route: &Route,
+    name: Option<String>,
     request: Request<Incoming>,
     request_id: &str,
+    user: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {
-    let Login { username, password } = read_json(request, app.max_body_bytes).await?;
-    let users = app.users.clone();
-    let name = username.clone();
-    // argon2id takes tens of milliseconds of CPU by design; keep it off the I/O threads.
-    let valid = tokio::task::spawn_blocking(move || users.verify(&name, &password))
-        .await
-        .unwrap_or(false);
-    if !valid {
-        tracing::info!(user = %username, request_id, "login refused");
-        return Err(ApiError::new(
-            StatusCode::UNAUTHORIZED,
-            "invalid_credentials",
-            "wrong user name or password",
-        ));
+    let session = match route.access {
+        Access::Public => None,
+        Access::User | Access::Admin => {
+            let session = authenticate(app, &request).await?;
+            *user = HeaderValue::from_str(&session.claims.sub).ok();
+            if route.access == Access::Admin && session.role != Role::Admin {
+                return Err(ApiError::forbidden("only an admin may manage users"));
+            }
+            Some(session)
+        }
+    };
+    let name = name.as_deref().unwrap_or_default();
+    match route.op {
+        Op::Ping => Ok(ping()),
+        Op::OpenApi => Ok(openapi::response(&app.openapi)),
+        Op::Health => Ok(health(app).await),
+        Op::Login => login::login(app, request, request_id, user).await,
+        Op::Logout => login::logout(app, signed_in(&session)?).await,
+        Op::Verify => Ok(login::verify(signed_in(&session)?)),
+        Op::Me => Ok(login::me(signed_in(&session)?)),
+        Op::Count => count(app).await,
+        Op::ListUsers => user_admin::list(app).await,
+        Op::CreateUser => user_admin::create(app, signed_in(&session)?, request).await,
+        Op::UpdateUser => user_admin::update(app, signed_in(&session)?, name, request).await,
+        Op::DeleteUser => user_admin::delete(app, signed_in(&session)?, name).await,
     }
-    let token = app.tokens.issue(&username).map_err(|e| {
-        tracing::error!(error = %e, request_id, "cannot sign a token");
-        ApiError::new(
-            StatusCode::INTERNAL_SERVER_ERROR,
-            "internal",
-            "cannot issue a token",
-        )
-    })?;
-    Ok(json_response(
-        StatusCode::OK,
-        &json!({
-            "token": token,
-            "token_type": "Bearer",
-            "expires_in": app.tokens.ttl_seconds(),
-        }),
-    ))
 }
 
-async fn count(app: &App, request: &Request<Incoming>) -> Result<Response<Body>, ApiError> {
+/// The session of an operation the table protects; its absence would be a bug in the table.
+fn signed_in(session: &Option<Session>) -> Result<&Session, ApiError> {
+    session
+        .as_ref()
+        .ok_or_else(|| ApiError::internal("this operation needs a signed-in user"))
+}
+
+/// The bearer token's checks, cheapest first: the header, the signature and claims (no I/O),
+/// then the denylist and the user's state in Redis (one round trip; `503` when Redis is down,
+/// since a revoked token cannot be told from a good one then).
+async fn authenticate<B>(app: &App, request: &Request<B>) -> Result<Session, ApiError> {
     let token = bearer_token(request)?;
     let claims = app
         .tokens
         .verify(token)
         .map_err(|e| ApiError::invalid_token(format!("the bearer token is not valid: {e}")))?;
-    let visits = app
-        .store
-        .count_visit()
-        .await
-        .map_err(|_| ApiError::store_unavailable())?;
-    let mut response = json_response(StatusCode::OK, &json!({"visits": visits}));
-    if let Ok(user) = header::HeaderValue::from_str(&claims.sub) {
-        response.headers_mut().insert(USER_HEADER, user);
-    }
-    Ok(response)
+    app.accounts.ensure_seeded().await?;
+    app.accounts.session(claims).await
 }
 
 fn bearer_token<B>(request: &Request<B>) -> Result<&str, ApiError> {
@@ -190,11 +266,114 @@ fn bearer_token<B>(request: &Request<B>) -> Result<&str, ApiError> {
     }
 }
 
-fn method_not_allowed(allow: &'static str) -> ApiError {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "method_not_allowed",
-        "method not allowed here",
+const REQUEST_ID: &str = "x-request-id";
+
+fn new_request_id() -> HeaderValue {
+    let mut buffer = uuid::Uuid::encode_buffer();
+    let id = uuid::Uuid::new_v4().hyphenated().encode_lower(&mut buffer);
+    HeaderValue::from_str(id).unwrap_or(HeaderValue::from_static("unknown"))
+}
+
+/// `{"status":"ok"}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Status {
+    #[schema(example = "ok")]
+    pub status: &'static str,
+}
+
+/// Written out once: the ping path serializes nothing. A test checks it against [`Status`].
+const PING_BODY: &[u8] = br#"{"status":"ok"}"#;
+
+/// Liveness: answers without touching Redis.
+#[utoipa::path(
+    get,
+    path = "/api/ping",
+    tag = "service",
+    operation_id = "ping",
+    responses((status = 200, description = "The backend is up.", body = Status))
+)]
+pub(crate) fn ping() -> Response<Body> {
+    static_json(StatusCode::OK, PING_BODY)
+}
+
+/// `{"visits":N}`.
+#[derive(Serialize, utoipa::ToSchema)]
+pub struct Visits {
+    /// Visits counted so far by every backend of every replica.
+    #[schema(example = 42)]
+    pub visits: i64,
+}
+
+/// Counts a visit in Redis, shared by every backend process and replica.
+#[utoipa::path(
+    get,
+    path = "/api/count",
+    tag = "service",
+    operation_id = "count",
+    responses((status = 200, description = "The count after this visit.", body = Visits))
+)]
+pub(crate) async fn count(app: &App) -> Result<Response<Body>, ApiError> {
+    let visits = app.store.count_visit().await?;
+    Ok(json_response(StatusCode::OK, &Visits { visits }))
+}
+
+async fn health(app: &App) -> Response<Body> {
+    // About to stop (SIGUSR2): fail the check, so the proxy takes this backend out of
+    // rotation before its socket closes.
+    if app.draining.load(std::sync::atomic::Ordering::Relaxed) {
+        return json_response(
+            StatusCode::SERVICE_UNAVAILABLE,
+            &serde_json::json!({"status": "draining", "backend": app.id}),
+        );
+    }
+    let redis = if app.store.ping().await { "up" } else { "down" };
+    json_response(
+        StatusCode::OK,
+        &serde_json::json!({"status": "ok", "backend": app.id, "redis": redis}),
     )
-    .with_header(header::ALLOW, allow)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn paths_and_methods_find_their_route() {
+        let op = |method: Method, path: &str| find(&method, path).map(|(r, n)| (r.op, n));
+        assert_eq!(op(Method::GET, "/api/ping").unwrap(), (Op::Ping, None));
+        assert_eq!(
+            op(Method::PUT, "/api/users/alice").unwrap(),
+            (Op::UpdateUser, Some("alice".into()))
+        );
+        assert_eq!(
+            op(Method::DELETE, "/api/users/bob").unwrap().0,
+            Op::DeleteUser
+        );
+        for missing in ["/api/users/", "/api/users/a/b", "/api/ping/", "/nothing"] {
+            let error = op(Method::GET, missing).unwrap_err();
+            assert_eq!(error.status, StatusCode::NOT_FOUND, "{missing}");
+        }
+        let error = op(Method::PATCH, "/api/users/alice").unwrap_err();
+        assert_eq!(error.status, StatusCode::METHOD_NOT_ALLOWED);
+        assert_eq!(error.headers[0].1, "PUT, DELETE");
+        let error = op(Method::DELETE, "/api/users").unwrap_err();
+        assert_eq!(error.headers[0].1, "GET, POST");
+    }
+
+    #[test]
+    fn only_ping_health_openapi_and_login_are_public() {
+        for route in ROUTES {
+            let public = matches!(route.op, Op::Ping | Op::Health | Op::OpenApi | Op::Login);
+            assert_eq!(route.access == Access::Public, public, "{}", route.path);
+            if route.path.starts_with("/api/users") {
+                assert_eq!(route.access, Access::Admin, "{}", route.path);
+            }
+        }
+    }
+
+    #[test]
+    fn ping_body_is_the_documented_status() {
+        let body = serde_json::to_vec(&Status { status: "ok" }).unwrap();
+        assert_eq!(body, PING_BODY);
+    }
 }

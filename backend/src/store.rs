@@ -13,7 +13,7 @@ use std::{
 };
 
 use redis::{
-    AsyncCommands, Client,
+    AsyncCommands, Client, ScriptInvocation,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
@@ -62,19 +62,37 @@ impl Store {
     }
 
     pub async fn count_visit(&self) -> Result<i64, Unavailable> {
-        let mut conn = self.manager.clone();
+        let mut conn = self.connection();
         self.bounded(async move { conn.incr(VISITS_KEY, 1).await })
             .await
     }
 
     pub async fn ping(&self) -> bool {
-        let mut conn = self.manager.clone();
+        let mut conn = self.connection();
         self.bounded(async move { redis::cmd("PING").query_async::<String>(&mut conn).await })
             .await
             .is_ok()
     }
 
-    async fn bounded<T>(
+    /// A handle on the shared connection (cheap: the manager multiplexes one socket), for a
+    /// call to be run through [`Store::bounded`].
+    pub fn connection(&self) -> ConnectionManager {
+        self.manager.clone()
+    }
+
+    /// Runs a Lua script (atomic in Redis) within the deadline.
+    pub async fn script<T: redis::FromRedisValue>(
+        &self,
+        invocation: ScriptInvocation<'_>,
+    ) -> Result<T, Unavailable> {
+        let mut conn = self.connection();
+        self.bounded(async move { invocation.invoke_async(&mut conn).await })
+            .await
+    }
+
+    /// Runs one Redis call (a command, a pipeline or a script) within the deadline, and
+    /// records its outcome.
+    pub async fn bounded<T>(
         &self,
         call: impl Future<Output = redis::RedisResult<T>>,
     ) -> Result<T, Unavailable> {

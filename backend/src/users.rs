@@ -1,18 +1,29 @@
-//! The users file: one `name:argon2id-hash` per line, `#` comments. Parsed and checked once at
-//! start-up; a bad line stops the backend with the file and line number.
+//! The users file and password hashing.
+//!
+//! The file holds one `name:argon2id-hash:role` per line, `#` comments. It is only the seed:
+//! the first backend to reach an empty Redis copies it there (see [`crate::accounts`]), and
+//! from then on users live in Redis and are managed through the API. Parsed and checked once
+//! at start-up; a bad line stops the backend with the file and line number.
 
-use std::{collections::HashMap, fmt, path::Path};
+use std::{fmt, path::Path};
 
 use argon2::{
     Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
     password_hash::{SaltString, rand_core::OsRng},
 };
 
+use crate::accounts::Role;
+
+/// One line of the users file.
+#[derive(Debug, Clone)]
+pub struct SeedUser {
+    pub name: String,
+    pub hash: String,
+    pub role: Role,
+}
+
 pub struct Users {
-    hashes: HashMap<String, String>,
-    /// Checked against when the user is unknown, so a missing name costs the same time as a
-    /// wrong password and does not reveal which names exist.
-    decoy: String,
+    pub seed: Vec<SeedUser>,
 }
 
 #[derive(Debug)]
@@ -34,16 +45,22 @@ impl Users {
     }
 
     pub fn parse(text: &str, origin: &str) -> Result<Self, UsersError> {
-        let mut hashes = HashMap::new();
+        let mut seed: Vec<SeedUser> = Vec::new();
         for (index, raw) in text.lines().enumerate() {
             let line = raw.trim();
             if line.is_empty() || line.starts_with('#') {
                 continue;
             }
             let at = |msg: String| UsersError(format!("{origin}:{}: {msg}", index + 1));
-            let (name, hash) = line
-                .split_once(':')
-                .ok_or_else(|| at("expected `name:argon2id-hash`".into()))?;
+            // An argon2id PHC string has no `:`, so the line splits cleanly in three.
+            let mut fields = line.splitn(3, ':');
+            let (Some(name), Some(hash), Some(role)) =
+                (fields.next(), fields.next(), fields.next())
+            else {
+                return Err(at(
+                    "expected `name:argon2id-hash:role` (role: admin, maintainer or viewer)".into(),
+                ));
+            };
             if !valid_name(name) {
                 return Err(at(format!(
                     "user name {name:?} must be 1-64 characters of letters, digits, `.`, `_`, `-`"
@@ -59,37 +76,29 @@ impl Users {
                     "password hash of {name:?} is not a valid argon2id string: {e}"
                 ))
             })?;
-            if hashes.insert(name.to_string(), hash.to_string()).is_some() {
+            let role = Role::parse(role).ok_or_else(|| {
+                at(format!(
+                    "role of {name:?} is {role:?}; choose admin, maintainer or viewer"
+                ))
+            })?;
+            if seed.iter().any(|u| u.name == name) {
                 return Err(at(format!("user {name:?} is listed twice")));
             }
+            seed.push(SeedUser {
+                name: name.to_string(),
+                hash: hash.to_string(),
+                role,
+            });
         }
-        Ok(Self {
-            hashes,
-            decoy: hash_password("decoy password, never matches")?,
-        })
+        Ok(Self { seed })
     }
 
     pub fn len(&self) -> usize {
-        self.hashes.len()
+        self.seed.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.hashes.is_empty()
-    }
-
-    /// Slow on purpose (argon2id): call it off the async threads.
-    pub fn verify(&self, name: &str, password: &str) -> bool {
-        let (hash, known) = match self.hashes.get(name) {
-            Some(hash) => (hash.as_str(), true),
-            None => (self.decoy.as_str(), false),
-        };
-        let Ok(parsed) = PasswordHash::new(hash) else {
-            return false;
-        };
-        let matches = Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok();
-        matches && known
+        self.seed.is_empty()
     }
 }
 
@@ -100,7 +109,8 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// An argon2id PHC string with the crate's recommended parameters and a random salt.
+/// An argon2id PHC string with the crate's recommended parameters and a random salt. Slow on
+/// purpose: call it off the async threads.
 pub fn hash_password(password: &str) -> Result<String, UsersError> {
     let salt = SaltString::generate(&mut OsRng);
     Argon2::default()
@@ -109,34 +119,56 @@ pub fn hash_password(password: &str) -> Result<String, UsersError> {
         .map_err(|e| UsersError(format!("cannot hash password: {e}")))
 }
 
+/// Whether `password` matches the PHC string `hash`. Slow on purpose: call it off the async
+/// threads.
+pub fn verify_password(hash: &str, password: &str) -> bool {
+    PasswordHash::new(hash).is_ok_and(|parsed| {
+        Argon2::default()
+            .verify_password(password.as_bytes(), &parsed)
+            .is_ok()
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
-    fn verifies_the_right_password_only() {
-        let text = format!(
-            "# comment\r\n\r\nadmin:{}\r\n",
-            hash_password("s3cret").unwrap()
-        );
+    fn parses_names_hashes_and_roles() {
+        let hash = hash_password("s3cret").unwrap();
+        let text = format!("# comment\r\n\r\nadmin:{hash}:admin\r\nvera:{hash}:viewer\n");
         let users = Users::parse(&text, "users").unwrap();
-        assert_eq!(users.len(), 1);
-        assert!(users.verify("admin", "s3cret"));
-        assert!(!users.verify("admin", "wrong"));
-        assert!(!users.verify("nobody", "s3cret"));
+        assert_eq!(users.len(), 2);
+        assert_eq!(users.seed[1].name, "vera");
+        assert_eq!(users.seed[1].role, Role::Viewer);
+        assert!(verify_password(&users.seed[0].hash, "s3cret"));
+        assert!(!verify_password(&users.seed[0].hash, "wrong"));
+        assert!(!verify_password("not a hash", "s3cret"));
     }
 
     #[test]
     fn bad_lines_name_the_line() {
         let err = Users::parse("# x\nadmin\n", "conf/users").err().unwrap();
         assert!(err.0.starts_with("conf/users:2:"), "{err}");
-        let err = Users::parse("admin:$2y$05$abcdefghijklmnopqrstuv", "u")
+        let err = Users::parse("admin:$2y$05$abcdefghijklmnopqrstuv:admin", "u")
             .err()
             .unwrap();
         assert!(err.0.contains("u:1:"), "{err}");
-        let md5 = "admin:$apr1$abc$def";
+        let md5 = "admin:$apr1$abc$def:admin";
         assert!(Users::parse(md5, "u").is_err());
-        let twice = format!("a:{h}\na:{h}\n", h = hash_password("x").unwrap());
+        let h = hash_password("x").unwrap();
+        let no_role = format!("a:{h}\n");
+        assert!(
+            Users::parse(&no_role, "u")
+                .err()
+                .unwrap()
+                .0
+                .contains("u:1: expected")
+        );
+        let bad_role = format!("a:{h}:root\n");
+        let err = Users::parse(&bad_role, "u").err().unwrap();
+        assert!(err.0.contains("u:1: role of \"a\" is \"root\""), "{err}");
+        let twice = format!("a:{h}:admin\na:{h}:viewer\n");
         assert!(
             Users::parse(&twice, "u")
                 .err()

@@ -112,6 +112,8 @@ pub struct Backend {
     pub max_body_bytes: usize,
     /// `None`: `gatehouse run` makes one for the group and warns.
     pub jwt_secret: Option<Vec<u8>>,
+    /// The login brute-force guard.
+    pub login_guard: gatehouse_backend::GuardSettings,
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -264,12 +266,36 @@ impl Config {
                     None => None,
                 },
             };
+            positive(
+                b.login_max_failures_per_user,
+                "backend.login_max_failures_per_user",
+                &at,
+            )?;
+            positive(
+                b.login_max_failures_per_ip,
+                "backend.login_max_failures_per_ip",
+                &at,
+            )?;
+            if !(1..=86_400).contains(&b.login_failure_window_seconds) {
+                return Err(at(
+                    "backend.login_failure_window_seconds",
+                    format!(
+                        "{} seconds: choose 1 to 86400",
+                        b.login_failure_window_seconds
+                    ),
+                ));
+            }
             Backend {
                 count: b.count,
                 users_file: base.join(&b.users_file),
                 token_ttl_seconds: b.token_ttl_seconds,
                 max_body_bytes: b.max_body_bytes,
                 jwt_secret,
+                login_guard: gatehouse_backend::GuardSettings {
+                    max_failures_per_user: b.login_max_failures_per_user,
+                    max_failures_per_ip: b.login_max_failures_per_ip,
+                    window_seconds: b.login_failure_window_seconds,
+                },
             }
         };
 
@@ -938,6 +964,9 @@ struct RawBackend {
     token_ttl_seconds: u64,
     max_body_bytes: usize,
     jwt_secret_file: Option<PathBuf>,
+    login_max_failures_per_user: u32,
+    login_max_failures_per_ip: u32,
+    login_failure_window_seconds: u64,
 }
 
 impl Default for RawBackend {
@@ -948,6 +977,9 @@ impl Default for RawBackend {
             token_ttl_seconds: 3600,
             max_body_bytes: 16 * 1024,
             jwt_secret_file: None,
+            login_max_failures_per_user: 5,
+            login_max_failures_per_ip: 20,
+            login_failure_window_seconds: 300,
         }
     }
 }
@@ -1112,6 +1144,29 @@ mod tests {
             (Some(8), Some("routes[1].upstream")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn login_guard_keys_are_checked() {
+        let config = parse(ROUTES).unwrap();
+        assert_eq!(config.backend.login_guard.max_failures_per_user, 5);
+        assert_eq!(config.backend.login_guard.max_failures_per_ip, 20);
+        assert_eq!(config.backend.login_guard.window_seconds, 300);
+        let err = parse(&format!(
+            "[backend]\nlogin_max_failures_per_ip = 0\n{ROUTES}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(2), Some("backend.login_max_failures_per_ip")),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "[backend]\ncount = 2\nlogin_failure_window_seconds = 100000\n{ROUTES}"
+        ))
+        .unwrap_err();
+        assert_eq!(err.line, Some(3), "{err}");
+        assert!(err.to_string().contains("choose 1 to 86400"), "{err}");
     }
 
     #[test]

@@ -1,0 +1,627 @@
+//! Users, roles and token sessions, kept in Redis so that every backend process and every
+//! replica sees the same thing.
+//!
+//! Keys:
+//! - `gatehouse:user:NAME`: a hash of `hash` (argon2id), `role`, `active` (`1`/`0`), `created`;
+//! - `gatehouse:users`: the set of names (for the list and the last-admin check);
+//! - `gatehouse:users:seeded`: set once the users file has been copied in;
+//! - `gatehouse:sessions:NAME`: the user's live tokens (`jti` scored by `exp`), so that changing
+//!   or deleting a user can revoke them all;
+//! - `gatehouse:revoked:JTI`: the denylist, each entry expiring when its token would.
+//!
+//! Every change that touches more than one key is one Lua script (or MULTI), so a failure
+//! never leaves half of it written. The scripts name other users' keys from a prefix, which is
+//! fine for one Redis (or a primary with replicas), not for Redis Cluster.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
+use redis::{Script, ScriptInvocation};
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    error::ApiError,
+    store::Store,
+    token::{Claims, LEEWAY_SECONDS, now},
+    users::{SeedUser, hash_password, valid_name, verify_password},
+};
+
+const USER_PREFIX: &str = "gatehouse:user:";
+const USERS: &str = "gatehouse:users";
+const SEEDED: &str = "gatehouse:users:seeded";
+const SESSIONS_PREFIX: &str = "gatehouse:sessions:";
+const REVOKED_PREFIX: &str = "gatehouse:revoked:";
+
+pub const MIN_PASSWORD_CHARS: usize = 8;
+pub const MAX_PASSWORD_CHARS: usize = 256;
+
+/// What a user may do. Only `admin` manages users; `maintainer` and `viewer` differ only in
+/// name so far, for services behind the proxy to read from `/auth/verify` or `/api/me`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Maintainer,
+    Viewer,
+}
+
+impl Role {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Role::Admin => "admin",
+            Role::Maintainer => "maintainer",
+            Role::Viewer => "viewer",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Role> {
+        [Role::Admin, Role::Maintainer, Role::Viewer]
+            .into_iter()
+            .find(|r| r.as_str() == text)
+    }
+}
+
+/// A user as the API shows it: never the password or its hash.
+#[derive(Debug, Serialize, utoipa::ToSchema)]
+pub struct User {
+    #[schema(example = "alice")]
+    pub username: String,
+    pub role: Role,
+    /// A disabled user cannot log in, and its tokens stop working.
+    pub active: bool,
+}
+
+/// `POST /api/users`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "alice")]
+    pub username: String,
+    #[schema(min_length = 8, max_length = 256, format = Password, example = "correct horse battery")]
+    pub password: String,
+    pub role: Role,
+    /// Default `true`.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `PUT /api/users/{name}`: the fields to change, at least one. Any change ends the user's
+/// tokens: a new role, password or state takes effect at once.
+///
+/// A field is absent or has a value: `null` is refused, as the schema says, rather than read
+/// as "unchanged".
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
+pub struct UserChange {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    pub role: Option<Role>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, min_length = 8, max_length = 256, format = Password)]
+    pub password: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    pub active: Option<bool>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    value: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(value).map(Some)
+}
+
+/// A token that passed every check: signature and claims, the denylist, and its user, who
+/// exists and is active. `role` is the user's role now, which is what permissions follow.
+pub struct Session {
+    pub claims: Claims,
+    pub role: Role,
+}
+
+/// A user whose password was just verified, as it was read: the login records the token only
+/// if the user is still so.
+pub struct Verified {
+    hash: String,
+    pub role: Role,
+}
+
+pub struct Accounts {
+    store: Arc<Store>,
+    seed: Vec<SeedUser>,
+    seeded: AtomicBool,
+    /// Checked against when the user is unknown or disabled, so that costs the same time as a
+    /// wrong password and does not reveal which names exist.
+    decoy: String,
+    scripts: Scripts,
+}
+
+impl Accounts {
+    /// Hashes the decoy password: call it before serving, not on a request.
+    pub fn new(store: Arc<Store>, seed: Vec<SeedUser>) -> Result<Self, String> {
+        let decoy = hash_password("decoy password, never matches").map_err(|e| e.0)?;
+        Ok(Self {
+            store,
+            seed,
+            seeded: AtomicBool::new(false),
+            decoy,
+            scripts: Scripts::new(),
+        })
+    }
+
+    /// Copies the users file into Redis if Redis has no users yet. Every backend of every
+    /// replica tries at start-up; the script makes the first one win and the rest no-ops.
+    pub async fn ensure_seeded(&self) -> Result<(), ApiError> {
+        if self.seeded.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let now = now();
+        let mut invocation = self.scripts.seed.key(USERS);
+        invocation.key(SEEDED).arg(now);
+        for user in &self.seed {
+            invocation
+                .key(user_key(&user.name))
+                .arg(&user.name)
+                .arg(&user.hash)
+                .arg(user.role.as_str());
+        }
+        let copied: usize = self.store.script(invocation).await?;
+        if copied > 0 {
+            tracing::info!(
+                users = copied,
+                "seeded the users in Redis from the users file"
+            );
+        }
+        self.seeded.store(true, Ordering::Relaxed);
+        Ok(())
+    }
+
+    /// Checks `password` against the user's hash, off the I/O threads. `None` for a wrong
+    /// password, an unknown user or a disabled one, all at the same cost.
+    pub async fn check_password(
+        &self,
+        name: &str,
+        password: String,
+    ) -> Result<Option<Verified>, ApiError> {
+        self.ensure_seeded().await?;
+        let record = if valid_name(name) {
+            let mut conn = self.store.connection();
+            let key = user_key(name);
+            self.store
+                .bounded(async move {
+                    redis::cmd("HMGET")
+                        .arg(key)
+                        .arg(&["hash", "role", "active"])
+                        .query_async::<(Option<String>, Option<String>, Option<String>)>(&mut conn)
+                        .await
+                })
+                .await?
+        } else {
+            (None, None, None)
+        };
+        let user = match record {
+            (Some(hash), Some(role), Some(active)) if active == "1" => {
+                Role::parse(&role).map(|role| Verified { hash, role })
+            }
+            _ => None,
+        };
+        let hash = user.as_ref().map_or(&self.decoy, |u| &u.hash).clone();
+        // argon2id takes tens of milliseconds of CPU by design.
+        let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
+            .await
+            .unwrap_or(false);
+        Ok(user.filter(|_| matches))
+    }
+
+    /// Records a new token of `user`, unless the user changed since its password was checked
+    /// (then `false`: a token must not outlive a change made during its login).
+    pub async fn open_session(&self, user: &Verified, claims: &Claims) -> Result<bool, ApiError> {
+        let mut invocation = self.scripts.open_session.key(user_key(&claims.sub));
+        invocation
+            .key(sessions_key(&claims.sub))
+            .arg(&user.hash)
+            .arg(user.role.as_str())
+            .arg(&claims.jti)
+            .arg(claims.exp)
+            .arg(now())
+            .arg(LEEWAY_SECONDS);
+        let opened: bool = self.store.script(invocation).await?;
+        Ok(opened)
+    }
+
+    /// The per-request check of a token whose signature and claims are valid: one round trip
+    /// for the denylist and the user's state.
+    pub async fn session(&self, claims: Claims) -> Result<Session, ApiError> {
+        let mut conn = self.store.connection();
+        let (revoked_key, user_key) = (revoked_key(&claims.jti), user_key(&claims.sub));
+        let (revoked, (role, active)): (bool, (Option<String>, Option<String>)) = self
+            .store
+            .bounded(async move {
+                redis::pipe()
+                    .exists(revoked_key)
+                    .cmd("HMGET")
+                    .arg(user_key)
+                    .arg(&["role", "active"])
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        if revoked {
+            return Err(ApiError::invalid_token("the token has been revoked"));
+        }
+        let (Some(role), Some(active)) = (role, active) else {
+            return Err(ApiError::invalid_token("the token's user no longer exists"));
+        };
+        if active != "1" {
+            return Err(ApiError::invalid_token("the token's user is disabled"));
+        }
+        let role = Role::parse(&role).ok_or_else(|| {
+            tracing::error!(user = %claims.sub, role, "a user in Redis has an unknown role");
+            ApiError::internal("the user's record is damaged")
+        })?;
+        Ok(Session { claims, role })
+    }
+
+    /// Puts the token on the denylist until it would have expired (plus the leeway its `exp`
+    /// is checked with), and drops it from the user's live tokens, in one transaction.
+    pub async fn revoke(&self, claims: &Claims) -> Result<(), ApiError> {
+        let ttl = (claims.exp + LEEWAY_SECONDS).saturating_sub(now()).max(1);
+        let mut conn = self.store.connection();
+        let (revoked_key, sessions_key) = (revoked_key(&claims.jti), sessions_key(&claims.sub));
+        let jti = claims.jti.clone();
+        self.store
+            .bounded(async move {
+                redis::pipe()
+                    .atomic()
+                    .set_ex(revoked_key, 1, ttl)
+                    .ignore()
+                    .zrem(sessions_key, jti)
+                    .ignore()
+                    .query_async::<()>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(())
+    }
+
+    /// Every user, sorted by name.
+    pub async fn list(&self) -> Result<Vec<User>, ApiError> {
+        let mut invocation = self.scripts.list.key(USERS);
+        invocation.arg(USER_PREFIX);
+        let rows: Vec<(String, String, String)> = self.store.script(invocation).await?;
+        rows.into_iter()
+            .map(|(username, role, active)| {
+                let role = Role::parse(&role).ok_or_else(|| {
+                    tracing::error!(user = %username, role, "a user in Redis has an unknown role");
+                    ApiError::internal("a user's record is damaged")
+                })?;
+                Ok(User {
+                    username,
+                    role,
+                    active: active == "1",
+                })
+            })
+            .collect()
+    }
+
+    pub async fn create(&self, new: NewUser) -> Result<User, ApiError> {
+        if !valid_name(&new.username) {
+            return Err(ApiError::bad_request(
+                "username: must be 1-64 characters of letters, digits, `.`, `_`, `-`",
+            ));
+        }
+        check_password_length(&new.password)?;
+        let hash = hash_off_thread(new.password).await?;
+        let mut invocation = self.scripts.create.key(user_key(&new.username));
+        invocation
+            .key(USERS)
+            .arg(&new.username)
+            .arg(hash)
+            .arg(new.role.as_str())
+            .arg(flag(new.active))
+            .arg(now());
+        let created: bool = self.store.script(invocation).await?;
+        if !created {
+            return Err(ApiError::conflict(format!(
+                "username: a user named {:?} exists already",
+                new.username
+            )));
+        }
+        Ok(User {
+            username: new.username,
+            role: new.role,
+            active: new.active,
+        })
+    }
+
+    /// Applies `change`; if anything changed, the user's tokens are revoked.
+    pub async fn update(&self, name: &str, change: UserChange) -> Result<User, ApiError> {
+        if change.role.is_none() && change.password.is_none() && change.active.is_none() {
+            return Err(ApiError::bad_request(
+                "body: give at least one of role, password, active",
+            ));
+        }
+        if !valid_name(name) {
+            return Err(no_such_user(name));
+        }
+        let hash = match change.password {
+            Some(password) => {
+                check_password_length(&password)?;
+                Some(hash_off_thread(password).await?)
+            }
+            None => None,
+        };
+        let mut invocation = changing(&self.scripts.update, name);
+        invocation
+            .arg(change.role.map_or("", Role::as_str))
+            .arg(hash.unwrap_or_default())
+            .arg(change.active.map_or("", flag));
+        let outcome: Vec<String> = self.store.script(invocation).await?;
+        match outcome.as_slice() {
+            [status, role, active] if status == "ok" => Ok(User {
+                username: name.to_string(),
+                role: Role::parse(role)
+                    .ok_or_else(|| ApiError::internal("the user's record is damaged"))?,
+                active: active == "1",
+            }),
+            [status] if status == "missing" => Err(no_such_user(name)),
+            [status] if status == "last_admin" => Err(last_admin(name)),
+            _ => Err(ApiError::internal("unexpected answer from Redis")),
+        }
+    }
+
+    /// Deletes the user and revokes its tokens.
+    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+        if !valid_name(name) {
+            return Err(no_such_user(name));
+        }
+        let mut invocation = changing(&self.scripts.delete, name);
+        invocation.arg(name);
+        let outcome: String = self.store.script(invocation).await?;
+        match outcome.as_str() {
+            "deleted" => Ok(()),
+            "missing" => Err(no_such_user(name)),
+            "last_admin" => Err(last_admin(name)),
+            _ => Err(ApiError::internal("unexpected answer from Redis")),
+        }
+    }
+}
+
+/// An invocation of a script that changes user `name` and revokes its tokens: what the update
+/// and delete scripts share (see `OTHER_ADMIN` and `REVOKE_SESSIONS`).
+fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
+    let mut invocation = script.key(user_key(name));
+    invocation
+        .key(USERS)
+        .key(sessions_key(name))
+        .arg(USER_PREFIX)
+        .arg(REVOKED_PREFIX)
+        .arg(now())
+        .arg(LEEWAY_SECONDS);
+    invocation
+}
+
+fn user_key(name: &str) -> String {
+    format!("{USER_PREFIX}{name}")
+}
+
+fn sessions_key(name: &str) -> String {
+    format!("{SESSIONS_PREFIX}{name}")
+}
+
+fn revoked_key(jti: &str) -> String {
+    format!("{REVOKED_PREFIX}{jti}")
+}
+
+fn flag(on: bool) -> &'static str {
+    if on { "1" } else { "0" }
+}
+
+fn no_such_user(name: &str) -> ApiError {
+    ApiError::not_found(format!("no user named {name:?}"))
+}
+
+fn last_admin(name: &str) -> ApiError {
+    ApiError::conflict(format!(
+        "{name:?} is the last active admin: make another admin first"
+    ))
+}
+
+fn check_password_length(password: &str) -> Result<(), ApiError> {
+    let chars = password.chars().count();
+    if (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
+        Ok(())
+    } else {
+        Err(ApiError::bad_request(format!(
+            "password: must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
+        )))
+    }
+}
+
+async fn hash_off_thread(password: String) -> Result<String, ApiError> {
+    tokio::task::spawn_blocking(move || hash_password(&password))
+        .await
+        .map_err(|_| ApiError::internal("cannot hash the password"))?
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot hash a password");
+            ApiError::internal("cannot hash the password")
+        })
+}
+
+/// The Lua scripts, each atomic in Redis. `redis::Script` sends the SHA first and the source
+/// only when Redis does not know it yet.
+struct Scripts {
+    seed: Script,
+    open_session: Script,
+    list: Script,
+    create: Script,
+    update: Script,
+    delete: Script,
+}
+
+impl Scripts {
+    fn new() -> Self {
+        Self {
+            seed: Script::new(SEED),
+            open_session: Script::new(OPEN_SESSION),
+            list: Script::new(LIST),
+            create: Script::new(CREATE),
+            update: Script::new(&format!("{OTHER_ADMIN}{REVOKE_SESSIONS}{UPDATE}")),
+            delete: Script::new(&format!("{OTHER_ADMIN}{REVOKE_SESSIONS}{DELETE}")),
+        }
+    }
+}
+
+/// KEYS: users set, seeded marker, then one user key per user.
+/// ARGV: now, then name, hash, role per user.
+const SEED: &str = r"
+if #KEYS == 2 or redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[1]) > 0 then
+  return 0
+end
+for i = 3, #KEYS do
+  local a = 2 + (i - 3) * 3
+  redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
+    'created', ARGV[1])
+  redis.call('SADD', KEYS[1], ARGV[a])
+end
+redis.call('SET', KEYS[2], ARGV[1])
+return #KEYS - 2
+";
+
+/// KEYS: user, sessions. ARGV: verified hash, role, jti, exp, now, leeway.
+const OPEN_SESSION: &str = r"
+local user = redis.call('HMGET', KEYS[1], 'hash', 'role', 'active')
+if user[1] ~= ARGV[1] or user[2] ~= ARGV[2] or user[3] ~= '1' then
+  return 0
+end
+local now, leeway = tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - leeway - 1)
+redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
+local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
+redis.call('EXPIRE', KEYS[2], tonumber(last[2]) - now + leeway)
+return 1
+";
+
+/// KEYS: users set. ARGV: user key prefix. Returns name, role, active for each user.
+const LIST: &str = r"
+local names = redis.call('SMEMBERS', KEYS[1])
+table.sort(names)
+local out = {}
+for _, name in ipairs(names) do
+  local user = redis.call('HMGET', ARGV[1] .. name, 'role', 'active')
+  if user[1] then
+    out[#out + 1] = {name, user[1], user[2] or '0'}
+  end
+end
+return out
+";
+
+/// KEYS: user, users set. ARGV: name, hash, role, active, now.
+const CREATE: &str = r"
+if redis.call('EXISTS', KEYS[1]) == 1 then
+  return 0
+end
+redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'role', ARGV[3], 'active', ARGV[4],
+  'created', ARGV[5])
+redis.call('SADD', KEYS[2], ARGV[1])
+return 1
+";
+
+/// Whether an active admin other than `self_key`'s user exists: a change may never leave
+/// nobody able to manage users.
+const OTHER_ADMIN: &str = r"
+local function other_admin(users, self_key, prefix)
+  for _, name in ipairs(redis.call('SMEMBERS', users)) do
+    local key = prefix .. name
+    if key ~= self_key then
+      local user = redis.call('HMGET', key, 'role', 'active')
+      if user[1] == 'admin' and user[2] == '1' then
+        return true
+      end
+    end
+  end
+  return false
+end
+";
+
+/// Puts every live token of a user on the denylist, each until its own `exp` + leeway.
+const REVOKE_SESSIONS: &str = r"
+local function revoke_sessions(sessions, prefix, now, leeway)
+  local live = redis.call('ZRANGEBYSCORE', sessions, now - leeway, '+inf', 'WITHSCORES')
+  for i = 1, #live, 2 do
+    local ttl = tonumber(live[i + 1]) - now + leeway
+    if ttl > 0 then
+      redis.call('SET', prefix .. live[i], '1', 'EX', ttl)
+    end
+  end
+  redis.call('DEL', sessions)
+end
+";
+
+/// KEYS: user, users set, sessions.
+/// ARGV: user prefix, revoked prefix, now, leeway, role, hash, active ('' = unchanged).
+const UPDATE: &str = r"
+local current = redis.call('HMGET', KEYS[1], 'role', 'active')
+if not current[1] then
+  return {'missing'}
+end
+local role = ARGV[5] ~= '' and ARGV[5] or current[1]
+local active = ARGV[7] ~= '' and ARGV[7] or current[2]
+local was_admin = current[1] == 'admin' and current[2] == '1'
+if was_admin and not (role == 'admin' and active == '1')
+    and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
+  return {'last_admin'}
+end
+if role ~= current[1] or active ~= current[2] or ARGV[6] ~= '' then
+  redis.call('HSET', KEYS[1], 'role', role, 'active', active)
+  if ARGV[6] ~= '' then
+    redis.call('HSET', KEYS[1], 'hash', ARGV[6])
+  end
+  revoke_sessions(KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+end
+return {'ok', role, active}
+";
+
+/// KEYS: user, users set, sessions. ARGV: user prefix, revoked prefix, now, leeway, name.
+const DELETE: &str = r"
+local current = redis.call('HMGET', KEYS[1], 'role', 'active')
+if not current[1] then
+  return 'missing'
+end
+if current[1] == 'admin' and current[2] == '1'
+    and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
+  return 'last_admin'
+end
+revoke_sessions(KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+redis.call('DEL', KEYS[1])
+redis.call('SREM', KEYS[2], ARGV[5])
+return 'deleted'
+";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn roles_round_trip() {
+        for role in [Role::Admin, Role::Maintainer, Role::Viewer] {
+            assert_eq!(Role::parse(role.as_str()), Some(role));
+            let json = serde_json::to_string(&role).unwrap();
+            assert_eq!(json, format!("\"{}\"", role.as_str()));
+        }
+        assert_eq!(Role::parse("Admin"), None);
+    }
+
+    #[test]
+    fn password_length_is_counted_in_characters() {
+        assert!(check_password_length("1234567").is_err());
+        assert!(check_password_length("12345678").is_ok());
+        assert!(check_password_length(&"é".repeat(256)).is_ok());
+        let error = check_password_length(&"x".repeat(257)).unwrap_err();
+        assert!(error.message.starts_with("password:"), "{}", error.message);
+    }
+}

@@ -1,0 +1,351 @@
+//! The OpenAPI 3.1 document of every endpoint the proxy can reach, served at
+//! `GET /api/openapi.json` and built once at start-up.
+//!
+//! It is generated, not written: schemas come from the request and response types themselves
+//! (`utoipa::ToSchema`), each operation from the `#[utoipa::path]` beside its handler, and
+//! what every protected operation shares (the bearer requirement, `401`, `403`, `503`) from
+//! the access levels in [`ROUTES`], the same table that enforces them. A test checks that the
+//! document and the table list the same operations.
+
+use bytes::Bytes;
+use http::{HeaderValue, Response, header};
+use utoipa::{
+    Modify, OpenApi,
+    openapi::{
+        self, Content, HttpMethod, Ref, RefOr, ResponseBuilder,
+        header::HeaderBuilder,
+        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+    },
+};
+
+use crate::{
+    http_util::Body,
+    login,
+    routes::{self, Access, Op, ROUTES},
+    user_admin,
+};
+
+/// The security scheme's name in the document (and in Swagger UI's Authorize dialog).
+const BEARER: &str = "bearer";
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "gatehouse API",
+        description = "The backends behind the gatehouse proxy: tokens, users and roles, a \
+            shared visit counter. Log in at `POST /auth/login`, then send the token as \
+            `Authorization: Bearer <token>` (in Swagger UI: the Authorize button)."
+    ),
+    paths(
+        routes::ping,
+        document,
+        login::login,
+        login::logout,
+        login::verify,
+        login::me,
+        routes::count,
+        user_admin::list,
+        user_admin::create,
+        user_admin::update,
+        user_admin::delete,
+    ),
+    components(schemas(crate::error::ErrorBody)),
+    modifiers(&FromRouteTable),
+    tags(
+        (name = "tokens", description = "Logging in and out, checking a token."),
+        (name = "users", description = "The current user; managing users (admins only)."),
+        (name = "service", description = "Liveness, the visit counter and this document."),
+    )
+)]
+struct ApiDoc;
+
+/// The document as JSON, made once.
+pub fn document_json() -> Result<Bytes, String> {
+    let doc = ApiDoc::openapi();
+    serde_json::to_vec(&doc)
+        .map(Bytes::from)
+        .map_err(|e| format!("cannot serialize the OpenAPI document: {e}"))
+}
+
+pub fn response(document: &Bytes) -> Response<Body> {
+    let mut response = Response::new(Body::new(document.clone()));
+    let headers = response.headers_mut();
+    headers.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/json"),
+    );
+    headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
+    response
+}
+
+/// This document.
+#[utoipa::path(
+    get,
+    path = "/api/openapi.json",
+    tag = "service",
+    operation_id = "openapi",
+    responses((status = 200, description = "The OpenAPI 3.1 document.",
+        body = serde_json::Value))
+)]
+#[allow(dead_code)] // Only its documentation is used: the router serves the bytes.
+fn document() {}
+
+/// Adds to each operation what its access level in [`ROUTES`] implies, and to each operation
+/// with a JSON body the answers of [`crate::http_util::read_json`].
+struct FromRouteTable;
+
+impl Modify for FromRouteTable {
+    fn modify(&self, doc: &mut openapi::OpenApi) {
+        let components = doc.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            BEARER,
+            SecurityScheme::Http(
+                HttpBuilder::new()
+                    .scheme(HttpAuthScheme::Bearer)
+                    .bearer_format("JWT")
+                    .description(Some("A token from `POST /auth/login`."))
+                    .build(),
+            ),
+        );
+        for (name, _, description, header) in SHARED {
+            let mut response = ResponseBuilder::new().description(*description).content(
+                "application/json",
+                Content::new(Some(Ref::from_schema_name("ErrorBody"))),
+            );
+            if let Some((header_name, about)) = header {
+                let value = HeaderBuilder::new()
+                    .schema(Some(openapi::ObjectBuilder::new().schema_type(
+                        openapi::schema::SchemaType::Type(openapi::schema::Type::String),
+                    )))
+                    .description(Some(*about))
+                    .build();
+                response = response.header(*header_name, value);
+            }
+            components
+                .responses
+                .insert((*name).to_string(), response.build().into());
+        }
+        for route in ROUTES {
+            let Some(operation) = operation_mut(doc, route) else {
+                continue;
+            };
+            // Any route may carry a proxy rate limit (the shipped config gives one to all).
+            let mut shared: Vec<&str> = vec!["TooManyRequests"];
+            if operation.request_body.is_some() {
+                shared.extend(["BadRequest", "PayloadTooLarge", "UnsupportedMediaType"]);
+            }
+            if route.access != Access::Public {
+                operation.security =
+                    Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
+                shared.extend(["Unauthorized", "StoreUnavailable"]);
+            }
+            if route.access == Access::Admin {
+                shared.push("Forbidden");
+            }
+            if route.op == Op::Login {
+                shared.push("StoreUnavailable");
+            }
+            for name in shared {
+                if let Some((_, status, _, _)) = SHARED.iter().find(|s| s.0 == name) {
+                    operation
+                        .responses
+                        .responses
+                        .entry(status.to_string())
+                        .or_insert_with(|| RefOr::Ref(Ref::from_response_name(name)));
+                }
+            }
+        }
+    }
+}
+
+/// Responses many operations share: name, status, description, a header it carries.
+type Shared = (
+    &'static str,
+    u16,
+    &'static str,
+    Option<(&'static str, &'static str)>,
+);
+
+const SHARED: &[Shared] = &[
+    (
+        "BadRequest",
+        400,
+        "The body is not valid JSON or a field is wrong; the message names the field.",
+        None,
+    ),
+    (
+        "Unauthorized",
+        401,
+        "No bearer token, or it is invalid, expired, revoked, or its user is disabled or gone.",
+        Some(("WWW-Authenticate", "`Bearer`")),
+    ),
+    ("Forbidden", 403, "The token's user is not an admin.", None),
+    (
+        "PayloadTooLarge",
+        413,
+        "The body is larger than the backend's `max_body_bytes`.",
+        None,
+    ),
+    (
+        "UnsupportedMediaType",
+        415,
+        "The body is not `application/json`.",
+        None,
+    ),
+    (
+        "TooManyRequests",
+        429,
+        "Too many requests from this client: the proxy's rate limit (on login, also the \
+         brute-force guard).",
+        Some(("Retry-After", "Seconds to wait.")),
+    ),
+    (
+        "StoreUnavailable",
+        503,
+        "Redis cannot be reached: nothing was changed, and no token is accepted unchecked.",
+        Some(("Retry-After", "Seconds to wait.")),
+    ),
+];
+
+fn operation_mut<'d>(
+    doc: &'d mut openapi::OpenApi,
+    route: &routes::Route,
+) -> Option<&'d mut openapi::path::Operation> {
+    let item = doc.paths.paths.get_mut(route.path)?;
+    match http_method(&route.method)? {
+        HttpMethod::Get => item.get.as_mut(),
+        HttpMethod::Post => item.post.as_mut(),
+        HttpMethod::Put => item.put.as_mut(),
+        HttpMethod::Delete => item.delete.as_mut(),
+        _ => None,
+    }
+}
+
+fn http_method(method: &http::Method) -> Option<HttpMethod> {
+    Some(match *method {
+        http::Method::GET => HttpMethod::Get,
+        http::Method::POST => HttpMethod::Post,
+        http::Method::PUT => HttpMethod::Put,
+        http::Method::DELETE => HttpMethod::Delete,
+        _ => return None,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeSet;
+
+    use serde_json::Value;
+
+    use super::*;
+
+    fn doc() -> Value {
+        serde_json::from_slice(&document_json().unwrap()).unwrap()
+    }
+
+    /// Every operation the router serves through the proxy is documented, and nothing else.
+    #[test]
+    fn document_and_route_table_list_the_same_operations() {
+        let doc = doc();
+        assert_eq!(doc["openapi"], "3.1.0");
+        let mut documented = BTreeSet::new();
+        for (path, item) in doc["paths"].as_object().unwrap() {
+            for method in ["get", "put", "post", "delete", "patch", "head", "options"] {
+                if item.get(method).is_some() {
+                    documented.insert((method.to_uppercase(), path.clone()));
+                }
+            }
+        }
+        let routed: BTreeSet<(String, String)> = ROUTES
+            .iter()
+            .filter(|r| r.op != Op::Health)
+            .map(|r| (r.method.to_string(), r.path.to_string()))
+            .collect();
+        assert_eq!(documented, routed);
+    }
+
+    /// The access level in the table and the document agree for every operation.
+    #[test]
+    fn protected_operations_say_so() {
+        let doc = doc();
+        for route in ROUTES.iter().filter(|r| r.op != Op::Health) {
+            let operation = &doc["paths"][route.path][route.method.as_str().to_lowercase()];
+            let responses = operation["responses"].as_object().unwrap();
+            let secured = operation["security"][0].get(BEARER).is_some();
+            assert_eq!(secured, route.access != Access::Public, "{}", route.path);
+            assert_eq!(
+                responses.contains_key("401"),
+                route.access != Access::Public || route.op == Op::Login,
+                "{}",
+                route.path
+            );
+            assert_eq!(
+                responses.contains_key("403"),
+                route.access == Access::Admin,
+                "{}",
+                route.path
+            );
+            if route.access != Access::Public {
+                assert!(responses.contains_key("503"), "{}", route.path);
+            }
+            assert!(responses.contains_key("429"), "{}", route.path);
+            assert!(
+                responses.keys().any(|s| s.starts_with('2')),
+                "{} has no success response",
+                route.path
+            );
+        }
+        let scheme = &doc["components"]["securitySchemes"][BEARER];
+        assert_eq!(scheme["type"], "http");
+        assert_eq!(scheme["scheme"], "bearer");
+    }
+
+    /// Request bodies are closed (unknown fields are refused by serde and by the schema), and
+    /// enums list exactly the roles the code knows.
+    #[test]
+    fn schemas_match_the_types() {
+        let doc = doc();
+        let schemas = &doc["components"]["schemas"];
+        for closed in ["NewUser", "UserChange"] {
+            assert_eq!(
+                schemas[closed]["additionalProperties"], false,
+                "{closed}: {}",
+                schemas[closed]
+            );
+        }
+        let roles: Vec<&str> = schemas["Role"]["enum"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_str().unwrap())
+            .collect();
+        assert_eq!(roles, ["admin", "maintainer", "viewer"]);
+        // Optional, but never null: the code refuses `null` too.
+        let change = &schemas["UserChange"]["properties"];
+        assert_eq!(change["active"]["type"], "boolean", "{change}");
+        assert_eq!(change["password"]["type"], "string", "{change}");
+        assert_eq!(
+            change["role"]["$ref"], "#/components/schemas/Role",
+            "{change}"
+        );
+        let required = |name: &str| -> BTreeSet<String> {
+            schemas[name]["required"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .map(|v| v.as_str().unwrap().to_string())
+                .collect()
+        };
+        assert_eq!(
+            required("Claims"),
+            ["exp", "iat", "jti", "nbf", "role", "sub"]
+                .map(String::from)
+                .into()
+        );
+        assert_eq!(
+            required("NewUser"),
+            ["password", "role", "username"].map(String::from).into()
+        );
+        assert!(required("ErrorBody").contains("request_id"));
+    }
+}

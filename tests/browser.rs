@@ -1,0 +1,174 @@
+//! Headless Chromium driven over the DevTools protocol, for tests that need a page to run its
+//! scripts and be clicked. `--remote-debugging-pipe` speaks the protocol as NUL-separated JSON
+//! on file descriptors 3 (commands in) and 4 (answers out), so no websocket is needed.
+
+use std::{
+    fs::File,
+    io::{BufRead, BufReader, Write},
+    os::{
+        fd::{FromRawFd, RawFd},
+        unix::process::CommandExt,
+    },
+    path::Path,
+    process::{Child, Command, Stdio},
+};
+
+use serde_json::{Value, json};
+
+pub struct Browser {
+    child: Child,
+    commands: File,
+    answers: BufReader<File>,
+    next_id: u64,
+    /// The session of the one page, once [`Browser::open`] made it.
+    session: Option<String>,
+    /// Events that arrived while a call waited for its answer.
+    events: Vec<String>,
+    _profile: tempfile::TempDir,
+}
+
+impl Browser {
+    pub fn launch(chromium: &Path) -> Browser {
+        let profile = tempfile::tempdir().expect("browser profile");
+        let (commands_read, commands_write) = pipe();
+        let (answers_read, answers_write) = pipe();
+        let mut command = Command::new(chromium);
+        command
+            .args([
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--ignore-certificate-errors",
+                "--remote-debugging-pipe",
+                "--window-size=1280,1800",
+            ])
+            .arg(format!("--user-data-dir={}", profile.path().display()))
+            .stdout(Stdio::null())
+            .stderr(Stdio::null());
+        // SAFETY: only dup2, async-signal-safe, between fork and exec. The pipe's ends are
+        // above 10 (see `pipe`), so neither copy overwrites the other.
+        unsafe {
+            command.pre_exec(move || {
+                for (from, to) in [(commands_read, 3), (answers_write, 4)] {
+                    if libc::dup2(from, to) < 0 {
+                        return Err(std::io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let child = command.spawn().expect("start chromium");
+        // SAFETY: the pipe's ends are ours alone; each becomes one owning File.
+        let (commands, answers) = unsafe {
+            libc::close(commands_read);
+            libc::close(answers_write);
+            (
+                File::from_raw_fd(commands_write),
+                File::from_raw_fd(answers_read),
+            )
+        };
+        Browser {
+            child,
+            commands,
+            answers: BufReader::new(answers),
+            next_id: 0,
+            session: None,
+            events: Vec::new(),
+            _profile: profile,
+        }
+    }
+
+    /// Opens `url` in a new page, which later calls act on, and waits for it to load.
+    pub fn open(&mut self, url: &str) {
+        let target = self.call("Target.createTarget", json!({"url": "about:blank"}));
+        let target_id = target["targetId"].as_str().expect("targetId").to_string();
+        let attached = self.call(
+            "Target.attachToTarget",
+            json!({"targetId": target_id, "flatten": true}),
+        );
+        self.session = Some(attached["sessionId"].as_str().expect("sessionId").into());
+        self.call("Page.enable", json!({}));
+        self.call("Page.navigate", json!({"url": url}));
+        while !self.events.iter().any(|e| e == "Page.loadEventFired") {
+            let message = self.read();
+            if let Some(method) = message["method"].as_str() {
+                self.events.push(method.to_string());
+            }
+        }
+    }
+
+    /// Runs `expression` in the page, waits for the promise it returns, and gives its value.
+    /// A thrown error fails the test with its message.
+    pub fn evaluate(&mut self, expression: &str) -> Value {
+        let result = self.call(
+            "Runtime.evaluate",
+            json!({"expression": expression, "awaitPromise": true, "returnByValue": true}),
+        );
+        if let Some(exception) = result.get("exceptionDetails") {
+            panic!("the page threw: {exception}");
+        }
+        result["result"]["value"].clone()
+    }
+
+    fn call(&mut self, method: &str, params: Value) -> Value {
+        self.next_id += 1;
+        let id = self.next_id;
+        let mut message = json!({"id": id, "method": method, "params": params});
+        if let Some(session) = &self.session {
+            message["sessionId"] = json!(session);
+        }
+        let mut bytes = serde_json::to_vec(&message).expect("a command");
+        bytes.push(0);
+        self.commands.write_all(&bytes).expect("write to chromium");
+        loop {
+            let answer = self.read();
+            if let Some(event) = answer["method"].as_str() {
+                self.events.push(event.to_string());
+                continue;
+            }
+            if answer["id"] != id {
+                continue;
+            }
+            if let Some(error) = answer.get("error") {
+                panic!("{method}: {error}");
+            }
+            return answer["result"].clone();
+        }
+    }
+
+    /// The next message: an answer or an event.
+    fn read(&mut self) -> Value {
+        let mut message = Vec::new();
+        let read = self
+            .answers
+            .read_until(0, &mut message)
+            .expect("read chromium");
+        assert!(read > 0, "chromium closed its pipe");
+        message.pop();
+        serde_json::from_slice(&message).expect("a JSON message")
+    }
+}
+
+impl Drop for Browser {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A pipe whose ends are close-on-exec and numbered above 10.
+fn pipe() -> (RawFd, RawFd) {
+    let mut fds = [0; 2];
+    // SAFETY: pipe2 writes two descriptors into the array it is given; each is then moved to
+    // a number above 10 and the original closed.
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0, "pipe2");
+        for fd in &mut fds {
+            let high = libc::fcntl(*fd, libc::F_DUPFD_CLOEXEC, 10);
+            assert!(high >= 10, "fcntl: {}", std::io::Error::last_os_error());
+            libc::close(*fd);
+            *fd = high;
+        }
+    }
+    (fds[0], fds[1])
+}
