@@ -75,7 +75,7 @@ pub struct User {
 #[derive(Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct NewUser {
-    #[schema(pattern = "^[A-Za-z0-9._-]{1,64}$", example = "alice")]
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", example = "alice")]
     pub username: String,
     #[schema(min_length = 8, max_length = 256, format = Password, example = "correct horse battery")]
     pub password: String,
@@ -138,7 +138,15 @@ pub struct Accounts {
     /// wrong password and does not reveal which names exist.
     decoy: String,
     scripts: Scripts,
+    /// Turns at argon2id (about 19 MiB and tens of milliseconds each): a flood of logins
+    /// queues here, bounded, instead of piling up on the blocking threads.
+    hashing: Arc<tokio::sync::Semaphore>,
 }
+
+/// Password hashes computed at once by one backend.
+const HASHING_AT_ONCE: usize = 2;
+/// How long a login waits for its turn before it is told to come back.
+const HASHING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Accounts {
     /// Hashes the decoy password: call it before serving, not on a request.
@@ -150,6 +158,7 @@ impl Accounts {
             seeded: AtomicBool::new(false),
             decoy,
             scripts: Scripts::new(),
+            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
         })
     }
 
@@ -211,9 +220,9 @@ impl Accounts {
         };
         let hash = user.as_ref().map_or(&self.decoy, |u| &u.hash).clone();
         // argon2id takes tens of milliseconds of CPU by design.
-        let matches = tokio::task::spawn_blocking(move || verify_password(&hash, &password))
-            .await
-            .unwrap_or(false);
+        let matches = self
+            .off_thread(move || verify_password(&hash, &password))
+            .await?;
         Ok(user.filter(|_| matches))
     }
 
@@ -228,7 +237,7 @@ impl Accounts {
             .arg(&claims.jti)
             .arg(claims.exp)
             .arg(now())
-            .arg(LEEWAY_SECONDS);
+            .arg(KEEP_AFTER_EXP);
         let opened: bool = self.store.script(invocation).await?;
         Ok(opened)
     }
@@ -269,7 +278,7 @@ impl Accounts {
     /// Puts the token on the denylist until it would have expired (plus the leeway its `exp`
     /// is checked with), and drops it from the user's live tokens, in one transaction.
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ApiError> {
-        let ttl = (claims.exp + LEEWAY_SECONDS).saturating_sub(now()).max(1);
+        let ttl = (claims.exp + KEEP_AFTER_EXP).saturating_sub(now()).max(1);
         let mut conn = self.store.connection();
         let (revoked_key, sessions_key) = (revoked_key(&claims.jti), sessions_key(&claims.sub));
         let jti = claims.jti.clone();
@@ -311,11 +320,11 @@ impl Accounts {
     pub async fn create(&self, new: NewUser) -> Result<User, ApiError> {
         if !valid_name(&new.username) {
             return Err(ApiError::bad_request(
-                "username: must be 1-64 characters of letters, digits, `.`, `_`, `-`",
+                "username: must be 1-64 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit",
             ));
         }
         check_password_length(&new.password)?;
-        let hash = hash_off_thread(new.password).await?;
+        let hash = self.hash_off_thread(new.password).await?;
         let mut invocation = self.scripts.create.key(user_key(&new.username));
         invocation
             .key(USERS)
@@ -351,7 +360,7 @@ impl Accounts {
         let hash = match change.password {
             Some(password) => {
                 check_password_length(&password)?;
-                Some(hash_off_thread(password).await?)
+                Some(self.hash_off_thread(password).await?)
             }
             None => None,
         };
@@ -401,9 +410,14 @@ fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
         .arg(USER_PREFIX)
         .arg(REVOKED_PREFIX)
         .arg(now())
-        .arg(LEEWAY_SECONDS);
+        .arg(KEEP_AFTER_EXP);
     invocation
 }
+
+/// How long past a token's `exp` its denylist entry and session record are kept: the leeway
+/// `exp` is checked with, plus a margin for backends (or replicas) whose clocks differ from
+/// the one that wrote them. Dropping an entry early would bring a revoked token back.
+const KEEP_AFTER_EXP: u64 = LEEWAY_SECONDS + 30;
 
 fn user_key(name: &str) -> String {
     format!("{USER_PREFIX}{name}")
@@ -442,14 +456,34 @@ fn check_password_length(password: &str) -> Result<(), ApiError> {
     }
 }
 
-async fn hash_off_thread(password: String) -> Result<String, ApiError> {
-    tokio::task::spawn_blocking(move || hash_password(&password))
-        .await
-        .map_err(|_| ApiError::internal("cannot hash the password"))?
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot hash a password");
-            ApiError::internal("cannot hash the password")
+impl Accounts {
+    /// Runs password work on the blocking threads, at most [`HASHING_AT_ONCE`] at a time. A
+    /// request that gives up while waiting for its turn costs nothing; one that waits too
+    /// long gets `503` with `Retry-After`.
+    async fn off_thread<T: Send + 'static>(
+        &self,
+        work: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<T, ApiError> {
+        let permit = tokio::time::timeout(HASHING_WAIT, self.hashing.clone().acquire_owned())
+            .await
+            .map_err(|_| ApiError::busy())?
+            .map_err(|_| ApiError::internal("cannot check the password"))?;
+        tokio::task::spawn_blocking(move || {
+            let _turn = permit;
+            work()
         })
+        .await
+        .map_err(|_| ApiError::internal("cannot check the password"))
+    }
+
+    async fn hash_off_thread(&self, password: String) -> Result<String, ApiError> {
+        self.off_thread(move || hash_password(&password))
+            .await?
+            .map_err(|e| {
+                tracing::error!(error = %e, "cannot hash a password");
+                ApiError::internal("cannot hash the password")
+            })
+    }
 }
 
 /// The Lua scripts, each atomic in Redis. `redis::Script` sends the SHA first and the source

@@ -88,6 +88,16 @@ impl ApiError {
         .with_header(header::RETRY_AFTER, "1")
     }
 
+    /// Too many passwords being checked at once on this backend.
+    pub fn busy() -> Self {
+        Self::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "busy",
+            "too many sign-ins are being checked; try again shortly",
+        )
+        .with_header(header::RETRY_AFTER, "1")
+    }
+
     pub fn into_response(self, request_id: &str) -> Response<Body> {
         let body = ErrorBody {
             error: self.code,

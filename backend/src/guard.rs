@@ -4,7 +4,9 @@
 //!
 //! An attempt is charged before the password is hashed, so parallel guesses cannot slip past
 //! the count, and a refused attempt costs no hash. Past either limit the answer is `429` with
-//! `Retry-After` (the seconds left in the window). A successful login clears both counters.
+//! `Retry-After` (the seconds left in the window). A successful login clears the name's
+//! counter and takes back only its own charge from the address's: otherwise a client could
+//! spray guesses at many names and wipe its address's count by signing in to its own account.
 //! The per-name limit bounds guesses at any one account however many addresses they come
 //! from; the per-address limit bounds one client spraying many names.
 
@@ -32,6 +34,7 @@ pub struct Guard {
     store: Arc<Store>,
     settings: GuardSettings,
     charge: Script,
+    success: Script,
 }
 
 impl Guard {
@@ -40,6 +43,7 @@ impl Guard {
             store,
             settings,
             charge: Script::new(CHARGE),
+            success: Script::new(SUCCESS),
         }
     }
 
@@ -65,18 +69,11 @@ impl Guard {
         .with_header_value(header::RETRY_AFTER, HeaderValue::from(wait)))
     }
 
-    /// A success clears both counters.
+    /// A success clears the name's counter and undoes this attempt's charge on the address.
     pub async fn reset(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
-        let mut conn = self.store.connection();
-        let keys = [user_key(user), client_key(client)];
-        self.store
-            .bounded(async move {
-                redis::cmd("DEL")
-                    .arg(&keys)
-                    .query_async::<()>(&mut conn)
-                    .await
-            })
-            .await?;
+        let mut invocation = self.success.key(user_key(user));
+        invocation.key(client_key(client));
+        let () = self.store.script(invocation).await?;
         Ok(())
     }
 }
@@ -123,6 +120,14 @@ for _, key in ipairs(KEYS) do
   end
 end
 return 0
+";
+
+/// KEYS: the name's counter, the address's counter.
+const SUCCESS: &str = r"
+redis.call('DEL', KEYS[1])
+if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('DECR', KEYS[2]) <= 0 then
+  redis.call('DEL', KEYS[2])
+end
 ";
 
 #[cfg(test)]

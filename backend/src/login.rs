@@ -66,8 +66,14 @@ pub(crate) async fn login(
         let LoginRequest { username, password } = read_json(request, app.max_body_bytes).await?;
         app.guard.charge(&username, client).await?;
         let refused = || {
-            // Debug formatting: a user name is client input and must not forge log lines.
-            tracing::info!(user = ?username, request_id, "login refused");
+            // Only a name a user could have: client bytes (or a password typed into the name
+            // field) never reach the log.
+            let user = if crate::users::valid_name(&username) {
+                username.as_str()
+            } else {
+                "<invalid>"
+            };
+            tracing::info!(user, request_id, "login refused");
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "invalid_credentials",

@@ -202,7 +202,9 @@ const SHARED: &[Shared] = &[
     (
         "StoreUnavailable",
         503,
-        "Redis cannot be reached: nothing was changed, and no token is accepted unchecked.",
+        "Redis cannot be reached (or, on login, too many passwords are being checked): no \
+         token is accepted unchecked and nothing is half-written, but a change whose answer \
+         was lost may have been applied; retrying is safe.",
         Some(("Retry-After", "Seconds to wait.")),
     ),
 ];

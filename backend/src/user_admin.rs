@@ -64,7 +64,7 @@ pub(crate) async fn create(
     tag = "users",
     operation_id = "update_user",
     params(("name" = String, Path, description = "The user name.", example = "alice",
-        pattern = "^[A-Za-z0-9._-]{1,64}$")),
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     request_body = UserChange,
     responses(
         (status = 200, description = "The user as changed.", body = User),
@@ -101,7 +101,7 @@ pub(crate) async fn update(
     tag = "users",
     operation_id = "delete_user",
     params(("name" = String, Path, description = "The user name.", example = "alice",
-        pattern = "^[A-Za-z0-9._-]{1,64}$")),
+        pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")),
     responses(
         (status = 204, description = "Deleted."),
         (status = 404, description = "No such user.", body = crate::error::ErrorBody),

@@ -63,7 +63,7 @@ impl Users {
             };
             if !valid_name(name) {
                 return Err(at(format!(
-                    "user name {name:?} must be 1-64 characters of letters, digits, `.`, `_`, `-`"
+                    "user name {name:?} must be 1-64 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit"
                 )));
             }
             if !hash.starts_with("$argon2id$") {
@@ -90,6 +90,12 @@ impl Users {
                 role,
             });
         }
+        // The file seeds Redis once; without an admin, nobody could ever manage users.
+        if !seed.is_empty() && !seed.iter().any(|u| u.role == Role::Admin) {
+            return Err(UsersError(format!(
+                "{origin}: no user has the admin role; at least one must, to manage the others"
+            )));
+        }
         Ok(Self { seed })
     }
 
@@ -102,8 +108,11 @@ impl Users {
     }
 }
 
+/// A letter or digit first: `.` and `..` would be unreachable in a URL path (clients remove
+/// dot segments), and so would the user.
 pub fn valid_name(name: &str) -> bool {
     (1..=64).contains(&name.len())
+        && name.as_bytes()[0].is_ascii_alphanumeric()
         && name
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
@@ -144,6 +153,18 @@ mod tests {
         assert!(verify_password(&users.seed[0].hash, "s3cret"));
         assert!(!verify_password(&users.seed[0].hash, "wrong"));
         assert!(!verify_password("not a hash", "s3cret"));
+    }
+
+    #[test]
+    fn a_file_without_an_admin_and_dot_names_are_refused() {
+        let hash = hash_password("s3cret").unwrap();
+        let err = Users::parse(&format!("vera:{hash}:viewer\n"), "u")
+            .err()
+            .unwrap();
+        assert!(err.0.contains("no user has the admin role"), "{err}");
+        assert!(!valid_name(".."));
+        assert!(!valid_name(".hidden"));
+        assert!(valid_name("a.b_c-1"));
     }
 
     #[test]

@@ -456,6 +456,10 @@ impl ProxyHttp for Gateway {
             };
             upstream.insert_header("x-forwarded-for", chain)?;
             upstream.insert_header("x-real-ip", ctx.client.to_string())?;
+        } else {
+            // No address of our own to vouch for: pass on none of the client's.
+            upstream.remove_header("x-forwarded-for");
+            upstream.remove_header("x-real-ip");
         }
         upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
         upstream.insert_header("x-request-id", &ctx.request_id)?;
