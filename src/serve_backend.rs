@@ -40,6 +40,13 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
 
+    // An argon2id check takes about 19 MiB. glibc serves the first from mmap and returns it,
+    // then raises its mmap threshold and keeps the next ones in the heap for good; a fixed
+    // threshold hands every one back to the kernel when the check is done.
+    // SAFETY: mallopt before the runtime starts its threads.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 1 << 20);
+    }
     // One thread per backend: the group scales by running more backend processes.
     // Password checks run on the blocking pool; bounding it bounds the CPU and memory (about
     // 19 MiB per argon2id check) a flood of logins can take.

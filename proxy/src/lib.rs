@@ -121,6 +121,12 @@ pub fn run(
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGUSR1, libc::SIG_IGN);
     }
+    // glibc gives each busy thread its own heap; under many connections they fragment and the
+    // proxy's memory creeps up run after run. Two heaps keep it flat, at no measurable cost.
+    // SAFETY: mallopt before any thread starts.
+    unsafe {
+        libc::mallopt(libc::M_ARENA_MAX, 2);
+    }
     // An upgrade receives its sockets from the old proxy, which still holds the ports.
     if !upgrade {
         check_listen(&settings.listen)?;
