@@ -13,7 +13,7 @@ use std::{
     time::{Duration, Instant},
 };
 
-use crate::util::{self, Group, Options, wait_until};
+use crate::util::{self, Group, Options, metric_sum, wait_until};
 
 /// Sends raw bytes to the plain listener; returns what came back and whether the proxy
 /// closed the connection (within 3 s).
@@ -47,16 +47,11 @@ fn plain_group(backends: usize, proxy_extra: &str) -> Group {
 
 /// Requests for /api/ping that the backends answered, from their own counters.
 fn pings_at_backends(group: &Group) -> f64 {
-    group
-        .admin("/metrics")
-        .1
-        .lines()
-        .filter(|l| {
-            l.starts_with("gatehouse_backend_http_requests_total{")
-                && l.contains(r#"endpoint="ping""#)
-        })
-        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
-        .sum()
+    metric_sum(
+        &group.admin("/metrics").1,
+        "gatehouse_backend_http_requests_total",
+        &[r#"endpoint="ping""#],
+    )
 }
 
 #[test]

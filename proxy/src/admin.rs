@@ -15,7 +15,7 @@ use pingora::{
     lb::{LoadBalancer, selection::RoundRobin},
     protocols::http::ServerSession,
 };
-use prometheus::{Encoder, IntGaugeVec, Opts, TextEncoder};
+use prometheus::{Encoder, TextEncoder};
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
     net::UnixStream,
@@ -47,26 +47,9 @@ pub struct Admin {
     pub supervisor_file: PathBuf,
     /// Ports of the public listeners, for the open-connections gauge.
     pub public_ports: Vec<u16>,
-    pub rate_limit_keys: IntGaugeVec,
 }
 
 impl Admin {
-    pub fn rate_limit_keys_gauge(metrics: &Metrics) -> Result<IntGaugeVec, String> {
-        let gauge = IntGaugeVec::new(
-            Opts::new(
-                "gatehouse_rate_limit_keys",
-                "Clients a rate limit policy is tracking.",
-            ),
-            &["policy"],
-        )
-        .map_err(|e| e.to_string())?;
-        metrics
-            .registry
-            .register(Box::new(gauge.clone()))
-            .map_err(|e| e.to_string())?;
-        Ok(gauge)
-    }
-
     async fn render_metrics(&self) -> Vec<u8> {
         for backend in self.lb.backends().get_backend().iter() {
             if let Some(BackendId(id)) = backend.ext.get::<BackendId>() {
@@ -81,7 +64,8 @@ impl Admin {
             .open_connections
             .set(crate::metrics::established_connections(&self.public_ports));
         for (policy, keys) in self.live.load().routes.rate_limit_keys() {
-            self.rate_limit_keys
+            self.metrics
+                .rate_limit_keys
                 .with_label_values(&[policy])
                 .set(keys as i64);
         }

@@ -189,7 +189,6 @@ pub fn run(
     );
 
     if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
-        let rate_limit_keys = admin::Admin::rate_limit_keys_gauge(metrics)?;
         let admin = admin::Admin {
             metrics: metrics.clone(),
             lb,
@@ -197,7 +196,6 @@ pub fn run(
             backends: settings.pool.backends.clone(),
             supervisor_file: settings.runtime_dir.join(SUPERVISOR_METRICS),
             public_ports,
-            rate_limit_keys,
         };
         let mut service = Service::new("gatehouse admin".into(), admin);
         service.add_tcp(listen);

@@ -39,6 +39,8 @@ pub struct Metrics {
     pub registry: Registry,
     upstream_errors: IntCounterVec,
     pub backend_up: IntGaugeVec,
+    /// Clients each rate limit policy tracks, set when scraped.
+    pub rate_limit_keys: IntGaugeVec,
     pub open_connections: IntGauge,
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
@@ -115,6 +117,14 @@ impl Metrics {
             &["backend"],
         )
         .map_err(err)?;
+        let rate_limit_keys = IntGaugeVec::new(
+            Opts::new(
+                "gatehouse_rate_limit_keys",
+                "Clients a rate limit policy is tracking.",
+            ),
+            &["policy"],
+        )
+        .map_err(err)?;
         let open_connections = IntGauge::new(
             "gatehouse_open_connections",
             "Client connections open on the public listeners.",
@@ -140,7 +150,8 @@ impl Metrics {
             "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
             &["result"],
         )?;
-        let collectors: [Box<dyn Collector>; 13] = [
+        let collectors: [Box<dyn Collector>; 14] = [
+            Box::new(rate_limit_keys.clone()),
             Box::new(reloads.clone()),
             Box::new(requests.clone()),
             Box::new(latency.clone()),
@@ -162,6 +173,7 @@ impl Metrics {
             registry,
             upstream_errors,
             backend_up,
+            rate_limit_keys,
             open_connections,
             tls_connections,
             tls_handshakes,
