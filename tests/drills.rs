@@ -1,6 +1,6 @@
-//! Failure drills: what a client sees when a backend hangs or dies, and when requests are
-//! oversized or try to smuggle a second request past the proxy. Each says what may fail and
-//! what may not. (Redis restarting is in `redis.rs`; reloads and upgrades in `operations.rs`.)
+//! Failure drills: what a client sees when a backend hangs or dies, when requests are
+//! oversized, slow or try to smuggle a second request past the proxy, and when connections
+//! flood in. Each says what may fail and what may not. (Redis restarting is in `redis.rs`; reloads and upgrades in `operations.rs`.)
 
 use std::{
     io::{Read, Write},
@@ -106,6 +106,14 @@ fn smuggling_probes_get_400_and_a_closed_connection_and_reach_no_backend() {
     for (name, probe) in &probes {
         let (response, closed) = exchange(group.port, probe.as_bytes());
         assert!(response.starts_with("HTTP/1.1 400 "), "{name}: {response}");
+        let body: serde_json::Value =
+            serde_json::from_str(response.split("\r\n\r\n").nth(1).unwrap_or_default())
+                .unwrap_or_else(|e| panic!("{name}: not JSON ({e}): {response}"));
+        assert_eq!(body["error"], "bad_request", "{name}: {response}");
+        assert!(
+            body["request_id"].as_str().is_some_and(|id| !id.is_empty()),
+            "{name}: {response}"
+        );
         assert_eq!(
             response.matches("HTTP/1.1 ").count(),
             1,
@@ -270,5 +278,208 @@ fn a_backend_killed_mid_request_gets_502_at_once_and_comes_back() {
                 && group.get("/api/ping").is_ok_and(|r| r.status() == 200)
         }),
         "b1 did not come back"
+    );
+}
+
+/// Writes `first`, then one byte of `drip` every `every` until the proxy stops reading or
+/// `drip` runs out; returns the connection for reading the answer.
+fn trickle(port: u16, first: &[u8], drip: &'static [u8], every: Duration) -> TcpStream {
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(8)))
+        .unwrap();
+    let mut writer = stream.try_clone().expect("clone");
+    writer.write_all(first).expect("send");
+    thread::spawn(move || {
+        for byte in drip {
+            thread::sleep(every);
+            if writer.write_all(&[*byte]).is_err() {
+                break;
+            }
+        }
+    });
+    stream
+}
+
+/// Reads until the proxy closes the connection; the response, and when it began.
+fn answer(mut stream: TcpStream) -> (String, Option<Instant>, bool) {
+    let mut response = Vec::new();
+    let mut buffer = [0u8; 4096];
+    let mut began = None;
+    let closed = loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => break true,
+            Ok(n) => {
+                began.get_or_insert_with(Instant::now);
+                response.extend_from_slice(&buffer[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => break true,
+            Err(_) => break false,
+        }
+    };
+    (
+        String::from_utf8_lossy(&response).into_owned(),
+        began,
+        closed,
+    )
+}
+
+/// Plain pings on fresh connections until `stop`; the statuses that were not 200.
+fn steady_pings(port: u16, stop: Arc<AtomicBool>) -> thread::JoinHandle<(usize, Vec<String>)> {
+    thread::spawn(move || {
+        let (mut served, mut failed) = (0, Vec::new());
+        while !stop.load(Ordering::Relaxed) {
+            let (response, _) = exchange(
+                port,
+                b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+            );
+            if response.starts_with("HTTP/1.1 200 ") {
+                served += 1;
+            } else {
+                failed.push(response);
+            }
+            thread::sleep(Duration::from_millis(20));
+        }
+        (served, failed)
+    })
+}
+
+#[test]
+fn slow_headers_get_408_at_the_deadline_slow_bodies_at_theirs_and_others_are_served() {
+    let group = plain_group(1, "header_timeout_ms = 1000\nbody_timeout_ms = 1000");
+    let stop = Arc::new(AtomicBool::new(false));
+    let pings = steady_pings(group.port, stop.clone());
+
+    // Slowloris: a header line, then a byte every 200 ms that never ends the header.
+    let started = Instant::now();
+    let slow = trickle(
+        group.port,
+        b"GET /api/ping HTTP/1.1\r\nHost: x\r\n",
+        b"X-Slow: aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        Duration::from_millis(200),
+    );
+    let (response, began, closed) = answer(slow);
+    let after = began.map(|t| t - started).unwrap_or_default();
+    assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    assert!(
+        response.contains(r#""error":"request_timeout""#),
+        "{response}"
+    );
+    assert!(response.contains(r#""request_id":""#), "{response}");
+    assert!(closed, "the slow connection stayed open");
+    // Bytes kept arriving all along: only a deadline for the whole header stops this.
+    assert!(
+        after >= Duration::from_millis(900) && after < Duration::from_millis(2500),
+        "408 after {after:?}"
+    );
+
+    // A connection that sends nothing is closed at the deadline, without an answer.
+    let idle = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+    idle.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    let started = Instant::now();
+    let (response, _, closed) = answer(idle);
+    assert!(response.is_empty() && closed, "{response:?}");
+    assert!(started.elapsed() < Duration::from_millis(2500));
+
+    // A kept-alive connection may idle past the header deadline between requests.
+    let mut kept = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+    kept.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+    let mut buffer = [0u8; 4096];
+    for round in 0..2 {
+        kept.write_all(b"GET /api/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+            .expect("send");
+        let n = kept.read(&mut buffer).expect("an answer");
+        let text = String::from_utf8_lossy(&buffer[..n]);
+        assert!(text.starts_with("HTTP/1.1 200 "), "round {round}: {text}");
+        thread::sleep(Duration::from_millis(1500));
+    }
+
+    // A slow body: half of it, then nothing. 408 one body timeout later.
+    let started = Instant::now();
+    let stalled = trickle(
+        group.port,
+        b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 40\r\n\r\n{\"username\":",
+        b"",
+        Duration::ZERO,
+    );
+    let (response, began, _) = answer(stalled);
+    assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    assert!(response.contains(r#""request_id":""#), "{response}");
+    let after = began.map(|t| t - started).unwrap_or_default();
+    assert!(after < Duration::from_millis(3000), "408 after {after:?}");
+
+    stop.store(true, Ordering::Relaxed);
+    let (served, failed) = pings.join().expect("pings");
+    assert!(failed.is_empty(), "other clients failed: {failed:?}");
+    assert!(served > 50, "only {served} other requests were served");
+    let refused = metric_sum(
+        &group.admin("/metrics").1,
+        "gatehouse_http_requests_total",
+        &[r#"route="none""#, r#"status="4xx""#],
+    );
+    assert!(refused >= 1.0, "the 408 is not counted");
+}
+
+/// VmRSS of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes() {
+    let group = plain_group(1, "max_connections = 20\nheader_timeout_ms = 3000");
+    let proxy = group.child_pid("gatehouse proxy").expect("the proxy");
+    let before = rss_kib(proxy);
+    // Far more connections than allowed, each sending half a header and then nothing.
+    let flood: Vec<TcpStream> = (0..400)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", group.port)).ok()?;
+            s.write_all(b"GET /api/ping HTTP/1.1\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    assert!(flood.len() > 300, "only {} connections opened", flood.len());
+    thread::sleep(Duration::from_millis(500));
+    // Past the limit, a new request waits instead of being served...
+    let mut waiting = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+    waiting
+        .write_all(b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        .expect("send");
+    waiting
+        .set_read_timeout(Some(Duration::from_millis(700)))
+        .unwrap();
+    let mut buffer = [0u8; 4096];
+    assert!(
+        waiting.read(&mut buffer).is_err(),
+        "answered while {} connections were open",
+        flood.len()
+    );
+    let during = rss_kib(proxy);
+    assert!(
+        group.metric("gatehouse_connection_limit_waits_total") >= Some(1.0),
+        "the wait is not counted"
+    );
+    // ...and is served once the flood ends.
+    drop(flood);
+    waiting
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let n = waiting.read(&mut buffer).expect("served after the flood");
+    let text = String::from_utf8_lossy(&buffer[..n]);
+    assert!(text.starts_with("HTTP/1.1 200 "), "{text}");
+    assert!(
+        during < before + 10 * 1024,
+        "the flood grew the proxy from {before} to {during} KiB"
+    );
+    assert!(
+        wait_until(Duration::from_secs(5), || group
+            .get("/api/ping")
+            .is_ok_and(|r| r.status() == 200)),
+        "service did not resume"
     );
 }

@@ -1,111 +1,210 @@
 //! The first check on every request: its framing. A request whose length is ambiguous could
 //! be read one way here and another way by a backend (request smuggling), so it is refused
-//! and its connection closed. Pingora already refuses unparsable lengths, obs-fold and
-//! `Transfer-Encoding` on HTTP/1.0; what it lets through is caught here. Oversized headers and
-//! announced bodies are refused before anything reads them.
+//! and its connection closed. Oversized headers and announced bodies are refused before
+//! anything reads them.
+//!
+//! HTTP/1 headers are looked at as raw bytes, before Pingora parses them ([`look_h1`], called
+//! by [`crate::connection`]): the raw fields show what parsing hides (Pingora drops
+//! `Content-Length` when `Transfer-Encoding` is present), and everything Pingora would refuse
+//! with a bare `400` is refused here first, with the JSON body every other error carries.
+//! HTTP/2 frames requests itself; only its header size is checked ([`check_h2`]).
+
+use std::mem::MaybeUninit;
 
 use pingora_proxy::Session;
 
 use crate::RequestLimits;
 
-/// Status, error code and message for a request to refuse, or `None`.
-pub fn check(
-    session: &Session,
+/// A request refused before any route sees it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Refusal {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
+/// What the bytes read so far of an HTTP/1 request header amount to.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Look {
+    /// The header is not complete yet.
+    Partial,
+    /// A complete header, fit to hand to Pingora.
+    Complete,
+    Refuse(Refusal),
+}
+
+/// Pingora's own limit on header fields.
+const MOST_FIELDS: usize = 256;
+
+pub fn look_h1(buf: &[u8], limits: &RequestLimits) -> Look {
+    let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MOST_FIELDS];
+    let mut request = httparse::Request::new(&mut []);
+    let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
+        &mut request,
+        buf,
+        &mut fields,
+    );
+    match parsed {
+        Ok(httparse::Status::Complete(end)) => {
+            let http10 = request.version == Some(0);
+            check_fields(request.headers, http10, &buf[..end], limits)
+        }
+        Ok(httparse::Status::Partial) => Look::Partial,
+        // Pingora percent-escapes a request line with raw spaces or bytes outside the URI
+        // set (and refuses what it cannot escape); the fields still get every check here.
+        Err(httparse::Error::Token | httparse::Error::Version) => {
+            look_past_request_line(buf, limits)
+        }
+        Err(httparse::Error::TooManyHeaders) => Look::Refuse(TOO_MANY_HEADERS),
+        Err(_) => Look::Refuse(MALFORMED),
+    }
+}
+
+fn look_past_request_line(buf: &[u8], limits: &RequestLimits) -> Look {
+    let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
+        return Look::Partial;
+    };
+    let line = buf[..line_end]
+        .strip_suffix(b"\r")
+        .unwrap_or(&buf[..line_end]);
+    let http10 = line.ends_with(b" HTTP/1.0");
+    let mut fields = [httparse::EMPTY_HEADER; MOST_FIELDS];
+    match httparse::parse_headers(&buf[line_end + 1..], &mut fields) {
+        Ok(httparse::Status::Complete((length, fields))) => {
+            check_fields(fields, http10, &buf[..line_end + 1 + length], limits)
+        }
+        Ok(httparse::Status::Partial) => Look::Partial,
+        Err(httparse::Error::TooManyHeaders) => Look::Refuse(TOO_MANY_HEADERS),
+        Err(_) => Look::Refuse(MALFORMED),
+    }
+}
+
+/// The checks on a complete header: `raw` is the whole header section as sent.
+fn check_fields(
+    fields: &[httparse::Header],
+    http10: bool,
+    raw: &[u8],
     limits: &RequestLimits,
-) -> Option<(u16, &'static str, &'static str)> {
+) -> Look {
+    if fields.len() > limits.max_headers {
+        return Look::Refuse(TOO_MANY_HEADERS);
+    }
+    if raw.len() > limits.max_header_bytes {
+        return Look::Refuse(HEADERS_TOO_LARGE);
+    }
+    if has_bare_lf(raw) {
+        return bad("header lines must end with CRLF, not a bare LF");
+    }
+    let (mut lengths, mut codings, mut hosts) = (0, 0, 0);
+    let (mut length, mut coding): (&[u8], &[u8]) = (b"", b"");
+    for field in fields {
+        let name = field.name.as_bytes();
+        if name.eq_ignore_ascii_case(b"content-length") {
+            lengths += 1;
+            length = field.value;
+        } else if name.eq_ignore_ascii_case(b"transfer-encoding") {
+            codings += 1;
+            coding = field.value;
+        } else if name.eq_ignore_ascii_case(b"host") {
+            hosts += 1;
+            if field.value.contains(&b'@') {
+                return bad("the Host header may not carry user information");
+            }
+        }
+    }
+    if hosts > 1 {
+        return bad("more than one Host header");
+    }
+    if lengths > 1 {
+        return bad("more than one Content-Length header");
+    }
+    if lengths > 0 && codings > 0 {
+        return bad("both Content-Length and Transfer-Encoding: the body's length is ambiguous");
+    }
+    if codings > 0 {
+        if http10 {
+            return bad("HTTP/1.0 has no Transfer-Encoding");
+        }
+        // Only chunked says where the body ends; anything else after it would be read to
+        // the close of the connection, which a proxy cannot pass on.
+        let last = coding.rsplit(|&b| b == b',').next().unwrap_or_default();
+        if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
+            return bad("the last Transfer-Encoding must be chunked");
+        }
+        return Look::Complete;
+    }
+    if lengths == 0 {
+        return Look::Complete;
+    }
+    // Digits only: `5, 5` or `+5` would be one length here and maybe another elsewhere.
+    if length.is_empty() || !length.iter().all(u8::is_ascii_digit) {
+        return bad("Content-Length must be digits only");
+    }
+    let announced = std::str::from_utf8(length)
+        .ok()
+        .and_then(|digits| digits.parse::<u64>().ok())
+        .unwrap_or(u64::MAX);
+    if announced > limits.max_body_bytes {
+        return Look::Refuse(TOO_LARGE_BODY);
+    }
+    Look::Complete
+}
+
+/// The checks on an HTTP/2 request, whose codec has already refused malformed framing.
+pub fn check_h2(session: &Session, limits: &RequestLimits) -> Option<Refusal> {
     let headers = &session.req_header().headers;
     if headers.len() > limits.max_headers {
         return Some(TOO_MANY_HEADERS);
     }
-    // The fields as the client sent them: Pingora drops Content-Length when a request also
-    // has Transfer-Encoding, so the parsed header alone would hide the conflict.
-    let (lengths, codings) = match session.as_downstream().as_http1() {
-        Some(h1) => {
-            let raw = h1.get_headers_raw_bytes();
-            if raw.len() > limits.max_header_bytes {
-                return Some(HEADERS_TOO_LARGE);
-            }
-            if has_bare_lf(&raw) {
-                return Some((
-                    400,
-                    "bad_request",
-                    "header lines must end with CRLF, not a bare LF",
-                ));
-            }
-            (
-                fields_named(&raw, b"content-length"),
-                fields_named(&raw, b"transfer-encoding"),
-            )
-        }
-        None => {
-            let size: usize = headers
-                .iter()
-                .map(|(name, value)| name.as_str().len() + value.len() + 4)
-                .sum();
-            if size > limits.max_header_bytes {
-                return Some(HEADERS_TOO_LARGE);
-            }
-            (
-                headers.get_all("content-length").iter().count(),
-                headers.get_all("transfer-encoding").iter().count(),
-            )
-        }
-    };
-    if lengths > 1 {
-        return Some((400, "bad_request", "more than one Content-Length header"));
+    let size: usize = headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .sum();
+    if size > limits.max_header_bytes {
+        return Some(HEADERS_TOO_LARGE);
     }
-    let length = headers.get("content-length");
-    if lengths > 0 && codings > 0 {
-        return Some((
-            400,
-            "bad_request",
-            "both Content-Length and Transfer-Encoding: the body's length is ambiguous",
-        ));
-    }
-    // Digits only: `5, 5` or `+5` would be one length here and maybe another elsewhere.
-    let announced = match length.map(|v| v.as_bytes()) {
-        None => 0,
-        Some(digits) if !digits.is_empty() && digits.iter().all(u8::is_ascii_digit) => {
-            std::str::from_utf8(digits)
-                .ok()
-                .and_then(|d| d.parse::<u64>().ok())
-                .unwrap_or(u64::MAX)
-        }
-        Some(_) => return Some((400, "bad_request", "Content-Length must be digits only")),
-    };
-    if announced > limits.max_body_bytes {
-        return Some((
-            413,
-            "payload_too_large",
-            "the request body is larger than this server accepts",
-        ));
-    }
-    None
+    let announced = headers
+        .get("content-length")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+        .unwrap_or(0);
+    (announced > limits.max_body_bytes).then_some(TOO_LARGE_BODY)
 }
 
-const TOO_MANY_HEADERS: (u16, &str, &str) = (
+fn bad(message: &'static str) -> Look {
+    Look::Refuse(refusal(400, "bad_request", message))
+}
+
+pub const MALFORMED: Refusal = refusal(400, "bad_request", "the request header is malformed");
+pub const TOO_MANY_HEADERS: Refusal = refusal(
     431,
     "headers_too_large",
     "the request has too many header fields",
 );
-const HEADERS_TOO_LARGE: (u16, &str, &str) = (
+pub const HEADERS_TOO_LARGE: Refusal = refusal(
     431,
     "headers_too_large",
     "the request's header section is too large",
 );
+pub const TOO_LARGE_BODY: Refusal = refusal(
+    413,
+    "payload_too_large",
+    "the request body is larger than this server accepts",
+);
+pub const HEADER_TIMEOUT: Refusal = refusal(
+    408,
+    "request_timeout",
+    "the request header did not arrive in time",
+);
 
-/// How many header lines of `raw` have the field `name` (ASCII, lower case).
-fn fields_named(raw: &[u8], name: &[u8]) -> usize {
-    raw.split(|&b| b == b'\n')
-        .filter(|line| {
-            line.len() > name.len()
-                && line[name.len()] == b':'
-                && line[..name.len()].eq_ignore_ascii_case(name)
-        })
-        .count()
+const fn refusal(status: u16, code: &'static str, message: &'static str) -> Refusal {
+    Refusal {
+        status,
+        code,
+        message,
+    }
 }
 
-/// A line feed not preceded by a carriage return.
 fn has_bare_lf(raw: &[u8]) -> bool {
     raw.iter()
         .enumerate()
@@ -116,17 +215,75 @@ fn has_bare_lf(raw: &[u8]) -> bool {
 mod tests {
     use super::*;
 
-    #[test]
-    fn bare_line_feeds_are_found() {
-        assert!(!has_bare_lf(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n"));
-        assert!(has_bare_lf(b"GET / HTTP/1.1\nHost: x\r\n\r\n"));
-        assert!(has_bare_lf(b"\n"));
+    const LIMITS: RequestLimits = RequestLimits {
+        max_body_bytes: 100,
+        max_header_bytes: 1024,
+        max_headers: 10,
+        header_timeout: std::time::Duration::from_secs(1),
+        body_timeout: std::time::Duration::from_secs(1),
+        max_connections: 10,
+    };
+
+    fn look(raw: &str) -> Look {
+        look_h1(raw.as_bytes(), &LIMITS)
+    }
+
+    fn refused(raw: &str) -> u16 {
+        match look(raw) {
+            Look::Refuse(refusal) => refusal.status,
+            other => panic!("{raw:?} was not refused: {other:?}"),
+        }
     }
 
     #[test]
-    fn fields_are_counted_by_name_whatever_the_case() {
-        let raw = b"POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\nX-Content-Length: 2\r\n\r\n";
-        assert_eq!(fields_named(raw, b"content-length"), 2);
-        assert_eq!(fields_named(raw, b"transfer-encoding"), 0);
+    fn well_formed_headers_pass_and_partial_ones_wait() {
+        assert_eq!(look("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Look::Complete);
+        assert_eq!(look("GET / HTTP/1.1\r\nHost: x\r\n"), Look::Partial);
+        assert_eq!(look("GET / HT"), Look::Partial);
+        assert_eq!(
+            look("POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nbody"),
+            Look::Complete
+        );
+        assert_eq!(
+            look("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
+            Look::Complete
+        );
+        // Pingora escapes these itself; the fields are still checked.
+        assert_eq!(look("GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"), Look::Complete);
+        assert_eq!(
+            refused("GET /a b HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
+            400
+        );
+    }
+
+    #[test]
+    fn ambiguous_framing_is_refused() {
+        for raw in [
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1\r\ncontent-length: 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: 1, 1\r\n\r\n",
+            "POST / HTTP/1.1\r\nContent-Length: +1\r\n\r\n",
+            "POST / HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "POST / HTTP/1.1\r\nTransfer-Encoding: chunked, gzip\r\n\r\n",
+            "GET / HTTP/1.1\r\nX-A: a\r\n b\r\n\r\n",
+            "GET / HTTP/1.1\nHost: x\n\n",
+            "GET / HTTP/1.1\r\nHost: a\r\nHost: b\r\n\r\n",
+            "GET / HTTP/1.1\r\nHost: u@b\r\n\r\n",
+            "GET / HTTP/1.1\r\nBad Name: x\r\n\r\n",
+        ] {
+            assert_eq!(refused(raw), 400, "{raw:?}");
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let many: String = (0..11).map(|i| format!("X-{i}: y\r\n")).collect();
+        assert_eq!(refused(&format!("GET / HTTP/1.1\r\n{many}\r\n")), 431);
+        let big = "a".repeat(1100);
+        assert_eq!(refused(&format!("GET / HTTP/1.1\r\nX: {big}\r\n\r\n")), 431);
+        assert_eq!(
+            refused("POST / HTTP/1.1\r\nContent-Length: 101\r\n\r\n"),
+            413
+        );
     }
 }

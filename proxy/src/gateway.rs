@@ -254,10 +254,22 @@ impl ProxyHttp for Gateway {
         let live = Arc::clone(&ctx.live);
         let stamp = self.stamp(ctx);
 
-        if let Some((status, code, message)) = framing::check(session, &live.limits) {
-            // Whatever follows on this connection cannot be trusted to start where we think.
-            session.set_keepalive(None);
-            respond::json_error(session, &stamp, status, code, message).await?;
+        // HTTP/1 headers were checked as they arrived (`connection`); the body may still
+        // trickle in, a read at a time.
+        session
+            .as_downstream_mut()
+            .set_read_timeout(Some(live.limits.body_timeout));
+        if session.is_http2()
+            && let Some(refusal) = framing::check_h2(session, &live.limits)
+        {
+            respond::json_error(
+                session,
+                &stamp,
+                refusal.status,
+                refusal.code,
+                refusal.message,
+            )
+            .await?;
             return Ok(true);
         }
         let raw_path = session.req_header().uri.path();

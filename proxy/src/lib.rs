@@ -7,7 +7,9 @@
 //! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
-//! - [`framing`]: requests whose framing is ambiguous or too large are refused first.
+//! - [`connection`]: each client connection first: the cap on open connections, the
+//!   deadline for a request header, and the [`framing`] checks (ambiguous or oversized
+//!   requests are refused before anything else).
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
@@ -17,6 +19,7 @@
 pub mod access;
 pub mod access_log;
 pub mod admin;
+pub mod connection;
 pub mod drain;
 pub mod framing;
 pub mod gateway;
@@ -86,6 +89,12 @@ pub struct RequestLimits {
     pub max_body_bytes: u64,
     pub max_header_bytes: usize,
     pub max_headers: usize,
+    /// The whole request header must arrive within this (nginx: `client_header_timeout`).
+    pub header_timeout: Duration,
+    /// The longest wait for the next bytes of a request body (nginx: `client_body_timeout`).
+    pub body_timeout: Duration,
+    /// Client connections open at once; past this the listeners stop accepting.
+    pub max_connections: usize,
 }
 
 /// How the proxy stopped, for the exit code.
@@ -127,6 +136,7 @@ pub fn run(
     unsafe {
         libc::mallopt(libc::M_ARENA_MAX, 2);
     }
+    raise_file_limit(settings.limits.max_connections);
     // An upgrade receives its sockets from the old proxy, which still holds the ports.
     if !upgrade {
         check_listen(&settings.listen)?;
@@ -167,6 +177,8 @@ pub fn run(
     let gateway = gateway::Gateway::new(live.clone(), pool);
 
     let mut listeners = Listeners::new();
+    let capacity = Arc::new(connection::Capacity::new(live.clone()));
+    listeners.set_connection_filter(capacity.clone());
     let mut certificate = None;
     listeners.add_tcp(&settings.listen);
     let mut public_ports = vec![port_of(&settings.listen)];
@@ -185,7 +197,11 @@ pub fn run(
     let proxy = Service::with_listeners(
         "gatehouse proxy".into(),
         listeners,
-        pingora_proxy::http_proxy(&server.configuration, gateway),
+        connection::Edge::new(
+            pingora_proxy::http_proxy(&server.configuration, gateway),
+            live.clone(),
+            capacity,
+        ),
     );
 
     if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
@@ -244,6 +260,42 @@ pub const RELOAD_FILE: &str = "proxy.reload";
 
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";
+
+/// Each client connection takes a file descriptor and may take another to a backend; many
+/// systems start processes with a soft limit of 1024, far below `max_connections`. The soft
+/// limit goes up to the hard one (as Go and nginx's `worker_rlimit_nofile` do), and a limit
+/// still too low is reported, since past it connections fail instead of waiting their turn.
+fn raise_file_limit(max_connections: usize) {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
+    let soft = unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
+            return;
+        }
+        if limit.rlim_cur < limit.rlim_max {
+            let raised = libc::rlimit {
+                rlim_cur: limit.rlim_max,
+                rlim_max: limit.rlim_max,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
+                limit = raised;
+            }
+        }
+        limit.rlim_cur
+    };
+    // Room for a backend connection each, and the proxy's own files.
+    let needed = (max_connections as u64).saturating_mul(2) + 64;
+    if soft < needed {
+        tracing::warn!(
+            open_files = soft,
+            max_connections,
+            "the open-file limit is low for proxy.max_connections; raise it (ulimit -n) or lower max_connections"
+        );
+    }
+}
 
 fn port_of(listen: &str) -> u16 {
     listen

@@ -45,6 +45,8 @@ pub struct Metrics {
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
     pub access_log_dropped: IntCounter,
+    /// Accepts held back because `max_connections` were open.
+    pub connection_waits: IntCounter,
     reloads: IntCounterVec,
     requests: IntCounterVec,
     latency: HistogramVec,
@@ -145,12 +147,18 @@ impl Metrics {
             "Access log lines dropped because the writer fell behind.",
         )
         .map_err(err)?;
+        let connection_waits = IntCounter::new(
+            "gatehouse_connection_limit_waits_total",
+            "Times the listeners stopped accepting because proxy.max_connections client connections were open; new ones waited in the kernel's backlog.",
+        )
+        .map_err(err)?;
         let reloads = counter(
             "gatehouse_proxy_reloads_total",
             "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
             &["result"],
         )?;
-        let collectors: [Box<dyn Collector>; 14] = [
+        let collectors: [Box<dyn Collector>; 15] = [
+            Box::new(connection_waits.clone()),
             Box::new(rate_limit_keys.clone()),
             Box::new(reloads.clone()),
             Box::new(requests.clone()),
@@ -178,6 +186,7 @@ impl Metrics {
             tls_connections,
             tls_handshakes,
             access_log_dropped,
+            connection_waits,
             reloads,
             requests,
             latency,
@@ -215,14 +224,19 @@ impl Metrics {
 
 impl RouteSeries {
     pub fn request(&self, method: &http::Method, status: u16, seconds: f64) {
-        let method = match *method {
-            http::Method::GET => 0,
-            http::Method::HEAD => 1,
-            http::Method::POST => 2,
-            http::Method::PUT => 3,
-            http::Method::DELETE => 4,
-            http::Method::PATCH => 5,
-            http::Method::OPTIONS => 6,
+        self.request_of(Some(method), status, seconds);
+    }
+
+    /// [`Self::request`] for requests refused before their method was known, too.
+    pub fn request_of(&self, method: Option<&http::Method>, status: u16, seconds: f64) {
+        let method = match method {
+            Some(&http::Method::GET) => 0,
+            Some(&http::Method::HEAD) => 1,
+            Some(&http::Method::POST) => 2,
+            Some(&http::Method::PUT) => 3,
+            Some(&http::Method::DELETE) => 4,
+            Some(&http::Method::PATCH) => 5,
+            Some(&http::Method::OPTIONS) => 6,
             _ => 7,
         };
         let class = usize::from(status / 100).clamp(1, 5) - 1;

@@ -203,31 +203,52 @@ impl Config {
                 "proxy.health_check_interval_ms",
                 &at,
             )?;
-            if !(1..=1 << 30).contains(&p.max_body_bytes) {
-                return Err(at(
-                    "proxy.max_body_bytes",
-                    format!("{} bytes: choose 1 to 1073741824", p.max_body_bytes),
-                ));
-            }
+            within(
+                p.max_body_bytes,
+                1..=1 << 30,
+                "proxy.max_body_bytes",
+                " bytes",
+                &at,
+            )?;
             // Pingora itself reads at most 1 MiB of header and 256 fields.
-            if !(1024..=1 << 20).contains(&p.max_header_bytes) {
-                return Err(at(
-                    "proxy.max_header_bytes",
-                    format!("{} bytes: choose 1024 to 1048576", p.max_header_bytes),
-                ));
-            }
-            if !(8..=256).contains(&p.max_headers) {
-                return Err(at(
-                    "proxy.max_headers",
-                    format!("{}: choose 8 to 256", p.max_headers),
-                ));
-            }
+            within(
+                p.max_header_bytes,
+                1024..=1 << 20,
+                "proxy.max_header_bytes",
+                " bytes",
+                &at,
+            )?;
+            within(p.max_headers, 8..=256, "proxy.max_headers", "", &at)?;
+            within(
+                p.header_timeout_ms,
+                100..=600_000,
+                "proxy.header_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(
+                p.body_timeout_ms,
+                100..=600_000,
+                "proxy.body_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(
+                p.max_connections,
+                1..=1_000_000,
+                "proxy.max_connections",
+                "",
+                &at,
+            )?;
             Proxy {
                 listen,
                 limits: gatehouse_proxy::RequestLimits {
                     max_body_bytes: p.max_body_bytes,
                     max_header_bytes: p.max_header_bytes,
                     max_headers: p.max_headers,
+                    header_timeout: Duration::from_millis(p.header_timeout_ms),
+                    body_timeout: Duration::from_millis(p.body_timeout_ms),
+                    max_connections: p.max_connections,
                 },
                 threads,
                 shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds),
@@ -659,6 +680,24 @@ fn positive<N: PartialEq + Default + fmt::Display>(
     }
 }
 
+/// `value` (in `unit`) must lie in `range`; the error says which values to choose.
+fn within<N: PartialOrd + fmt::Display>(
+    value: N,
+    range: std::ops::RangeInclusive<N>,
+    key: &str,
+    unit: &str,
+    at: &dyn Fn(&str, String) -> ConfigError,
+) -> Result<(), ConfigError> {
+    if range.contains(&value) {
+        Ok(())
+    } else {
+        Err(at(
+            key,
+            format!("{value}{unit}: choose {} to {}", range.start(), range.end()),
+        ))
+    }
+}
+
 fn read_secret(path: &Path, err: impl Fn(String) -> ConfigError) -> Result<Vec<u8>, ConfigError> {
     let mut bytes = std::fs::read(path).map_err(|e| {
         err(format!(
@@ -914,6 +953,9 @@ struct RawProxy {
     max_body_bytes: u64,
     max_header_bytes: usize,
     max_headers: usize,
+    header_timeout_ms: u64,
+    body_timeout_ms: u64,
+    max_connections: usize,
 }
 
 impl Default for RawProxy {
@@ -933,6 +975,9 @@ impl Default for RawProxy {
             max_body_bytes: 1 << 20,
             max_header_bytes: 32 << 10,
             max_headers: 100,
+            header_timeout_ms: 10_000,
+            body_timeout_ms: 30_000,
+            max_connections: 4096,
         }
     }
 }

@@ -1,0 +1,394 @@
+//! Each client connection, before Pingora's HTTP code reads from it.
+//!
+//! - **A cap on open connections** (`proxy.max_connections`). At the cap the listeners stop
+//!   accepting, as nginx and HAProxy do: new connections wait in the kernel's backlog rather
+//!   than each costing a task and buffers here, and are taken in turn as others close.
+//! - **A deadline for the whole request header** (`proxy.header_timeout_ms`). Pingora's read
+//!   timeout restarts with every byte, so a client trickling a byte a minute would hold its
+//!   connection for ever; here it gets `408` when the deadline passes.
+//! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same
+//!   JSON errors as every other refusal.
+//!
+//! The header read here is handed to Pingora as the session's first bytes, so nothing is
+//! read twice. HTTP/2 connections go straight to Pingora, whose codec frames requests itself.
+
+use std::{
+    fmt,
+    net::{IpAddr, Ipv4Addr, SocketAddr},
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
+};
+
+use arc_swap::ArcSwap;
+use async_trait::async_trait;
+use bytes::BytesMut;
+use pingora_core::{
+    apps::{HttpPersistentSettings, HttpServerApp, ServerApp},
+    listeners::ConnectionFilter,
+    protocols::{ALPN, Stream, http::ServerSession},
+    server::ShutdownWatch,
+};
+use pingora_proxy::HttpProxy;
+use tokio::{
+    io::{AsyncReadExt, AsyncWriteExt},
+    sync::Notify,
+};
+
+use crate::{
+    RequestLimits,
+    access_log::Record,
+    framing::{self, Look, Refusal},
+    gateway::Gateway,
+    live::Live,
+    metrics::NO_ROUTE,
+    request_id,
+};
+
+/// How long a kept-alive connection may sit idle between requests (Pingora's default).
+const KEEPALIVE_IDLE: Duration = Duration::from_secs(60);
+
+/// Room for a typical request header in one read.
+const FIRST_READ: usize = 4096;
+
+/// After refusing a request, how long its connection is read and discarded before it closes:
+/// closing with unread bytes would reset the connection and could lose the response.
+const LINGER: Duration = Duration::from_secs(2);
+
+/// The proxy's application: every connection on the public listeners starts here.
+pub struct Edge {
+    proxy: Arc<HttpProxy<Gateway>>,
+    live: Arc<ArcSwap<Live>>,
+    capacity: Arc<Capacity>,
+}
+
+impl Edge {
+    pub fn new(
+        proxy: HttpProxy<Gateway>,
+        live: Arc<ArcSwap<Live>>,
+        capacity: Arc<Capacity>,
+    ) -> Self {
+        Self {
+            proxy: Arc::new(proxy),
+            live,
+            capacity,
+        }
+    }
+
+    /// HTTP/1: read each request header here, then let Pingora serve the request.
+    async fn serve_http1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+        let mut kept_alive = false;
+        let mut settings: Option<HttpPersistentSettings> = None;
+        loop {
+            let limits = self.live.load().limits;
+            // A new connection owes its first header from the start; a kept-alive one may
+            // idle, and owes the header from its first byte.
+            let idle = if kept_alive {
+                KEEPALIVE_IDLE
+            } else {
+                limits.header_timeout
+            };
+            let started = Instant::now();
+            let header = match read_header(&mut stream, &limits, idle, shutdown).await {
+                Ok(header) => header,
+                Err(Ended::Quietly) => return,
+                Err(Ended::Refused(refusal, header)) => {
+                    return self.refuse(stream, refusal, &header, started).await;
+                }
+            };
+            let mut session = ServerSession::new_http1(stream);
+            match settings.take() {
+                Some(settings) => settings.apply_to_session(&mut session),
+                None => session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs())),
+            }
+            if *shutdown.borrow() {
+                session.set_keepalive(None);
+            }
+            session.set_pipelined_prefix(header);
+            let Some(next) = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await
+            else {
+                return;
+            };
+            (stream, settings) = next.consume();
+            kept_alive = true;
+        }
+    }
+
+    /// Answers a refused request with its JSON error and closes the connection.
+    async fn refuse(&self, mut stream: Stream, refusal: Refusal, header: &[u8], started: Instant) {
+        let live = self.live.load_full();
+        let request_id = request_id::generate();
+        let tls = stream.get_ssl_digest().is_some();
+        let response = error_response(
+            refusal,
+            &request_id,
+            live.tls.hsts.as_deref().filter(|_| tls),
+        );
+        let sent = tokio::time::timeout(LINGER, async {
+            stream.write_all(&response).await?;
+            stream.flush().await?;
+            AsyncWriteExt::shutdown(&mut stream).await
+        })
+        .await;
+        let bytes = match sent {
+            Ok(Ok(())) => response.len(),
+            _ => 0,
+        };
+        if bytes > 0 {
+            let _ = tokio::time::timeout(LINGER, async {
+                let mut sink = [0u8; 4096];
+                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+            })
+            .await;
+        }
+
+        let (method, path) = request_line(header);
+        let elapsed = started.elapsed();
+        if let Some(series) = live.series(None) {
+            series.request_of(method.as_ref(), refusal.status, elapsed.as_secs_f64());
+        }
+        let Some(logs) = &live.logs else { return };
+        let Some(target) = logs.unrouted else { return };
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip))
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        logs.log.log(Record {
+            target,
+            time: SystemTime::now() - elapsed,
+            request_id,
+            client,
+            method: method.unwrap_or(http::Method::CONNECT),
+            path,
+            http2: false,
+            route: Arc::from(NO_ROUTE),
+            status: refusal.status,
+            bytes,
+            duration: elapsed,
+            upstream: None,
+            upstream_duration: None,
+            user: None,
+            user_agent: None,
+            referer: None,
+        });
+    }
+}
+
+#[async_trait]
+impl ServerApp for Edge {
+    async fn process_new(
+        self: &Arc<Self>,
+        stream: Stream,
+        shutdown: &ShutdownWatch,
+    ) -> Option<Stream> {
+        let _open = self.capacity.enter();
+        if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
+            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+        }
+        self.serve_http1(stream, shutdown).await;
+        None
+    }
+
+    async fn cleanup(&self) {
+        ServerApp::cleanup(self.proxy.as_ref()).await;
+    }
+}
+
+/// Why a connection ends before its request reaches Pingora.
+enum Ended {
+    /// Closed by the client, idle too long or the proxy is stopping: nothing to answer.
+    Quietly,
+    /// The header so far, refused.
+    Refused(Refusal, BytesMut),
+}
+
+/// Reads one request header: waits up to `idle` for its first byte, then until the
+/// header deadline for the rest.
+async fn read_header(
+    stream: &mut Stream,
+    limits: &RequestLimits,
+    idle: Duration,
+    shutdown: &ShutdownWatch,
+) -> Result<BytesMut, Ended> {
+    let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let mut stopping = shutdown.clone();
+    let first = tokio::select! {
+        biased;
+        read = pingora_timeout::timeout(idle, stream.read_buf(&mut buf)) => read,
+        _ = stopping.wait_for(|&down| down) => return Err(Ended::Quietly),
+    };
+    if !matches!(first, Ok(Ok(n)) if n > 0) {
+        return Err(Ended::Quietly);
+    }
+    let deadline = Instant::now() + limits.header_timeout;
+    loop {
+        match framing::look_h1(&buf, limits) {
+            Look::Complete => return Ok(buf),
+            Look::Refuse(refusal) => return Err(Ended::Refused(refusal, buf)),
+            Look::Partial if buf.len() > limits.max_header_bytes => {
+                return Err(Ended::Refused(framing::HEADERS_TOO_LARGE, buf));
+            }
+            Look::Partial => {}
+        }
+        let left = deadline.saturating_duration_since(Instant::now());
+        match pingora_timeout::timeout(left, stream.read_buf(&mut buf)).await {
+            Err(_) => return Err(Ended::Refused(framing::HEADER_TIMEOUT, buf)),
+            Ok(Ok(n)) if n > 0 => {}
+            Ok(_) => return Err(Ended::Quietly),
+        }
+    }
+}
+
+fn error_response(refusal: Refusal, request_id: &str, hsts: Option<&str>) -> Vec<u8> {
+    let body = serde_json::json!({
+        "error": refusal.code,
+        "message": refusal.message,
+        "request_id": request_id,
+    })
+    .to_string();
+    let reason = http::StatusCode::from_u16(refusal.status)
+        .ok()
+        .and_then(|s| s.canonical_reason())
+        .unwrap_or("");
+    let mut head = format!(
+        "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
+         cache-control: no-store\r\nconnection: close\r\nx-request-id: {request_id}\r\n",
+        refusal.status,
+        body.len(),
+    );
+    if let Some(hsts) = hsts {
+        head.push_str("strict-transport-security: ");
+        head.push_str(hsts);
+        head.push_str("\r\n");
+    }
+    head.push_str("\r\n");
+    head.push_str(&body);
+    head.into_bytes()
+}
+
+/// The method and path of a refused request, as far as they can be read, for its log line.
+/// The query is left out, as for every logged request.
+fn request_line(header: &[u8]) -> (Option<http::Method>, String) {
+    let line = header.split(|&b| b == b'\n').next().unwrap_or_default();
+    let mut parts = line.split(|&b| b == b' ');
+    let method = parts
+        .next()
+        .and_then(|m| http::Method::from_bytes(m).ok())
+        .filter(|_| line.contains(&b' '));
+    let path = parts
+        .next()
+        .map(|target| target.split(|&b| b == b'?').next().unwrap_or_default())
+        .filter(|p| p.starts_with(b"/"))
+        .map_or_else(
+            || "-".to_owned(),
+            |p| String::from_utf8_lossy(p).into_owned(),
+        );
+    (method, path)
+}
+
+/// The count of open client connections, and the wait at the listeners when it is full.
+pub struct Capacity {
+    open: AtomicUsize,
+    freed: Notify,
+    live: Arc<ArcSwap<Live>>,
+}
+
+impl Capacity {
+    pub fn new(live: Arc<ArcSwap<Live>>) -> Self {
+        Self {
+            open: AtomicUsize::new(0),
+            freed: Notify::new(),
+            live,
+        }
+    }
+
+    fn max(&self) -> usize {
+        self.live.load().limits.max_connections
+    }
+
+    fn enter(self: &Arc<Self>) -> Open {
+        self.open.fetch_add(1, Ordering::AcqRel);
+        Open(self.clone())
+    }
+}
+
+impl fmt::Debug for Capacity {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Capacity")
+            .field("open", &self.open.load(Ordering::Relaxed))
+            .finish()
+    }
+}
+
+/// One open connection, counted until dropped.
+struct Open(Arc<Capacity>);
+
+impl Drop for Open {
+    fn drop(&mut self) {
+        let before = self.0.open.fetch_sub(1, Ordering::AcqRel);
+        if before >= self.0.max() {
+            self.0.freed.notify_waiters();
+        }
+    }
+}
+
+#[async_trait]
+impl ConnectionFilter for Capacity {
+    /// Called by a listener's accept loop with a connection just accepted: while this waits,
+    /// the loop accepts nothing more, and the kernel queues the rest.
+    async fn should_accept(&self, _addr: Option<&SocketAddr>) -> bool {
+        let mut counted = false;
+        loop {
+            let freed = self.freed.notified();
+            let mut freed = std::pin::pin!(freed);
+            // Registered before the check, so a close between the two is not missed.
+            freed.as_mut().enable();
+            if self.open.load(Ordering::Acquire) < self.max() {
+                return true;
+            }
+            if !counted {
+                counted = true;
+                if let Some(observe) = &self.live.load().observe {
+                    observe.metrics.connection_waits.inc();
+                }
+            }
+            // Looked at again every second anyway: a reload may raise the limit.
+            let _ = tokio::time::timeout(Duration::from_secs(1), freed).await;
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_request_line_is_read_for_the_log_without_its_query() {
+        let (method, path) = request_line(b"GET /a/b?token=x HTTP/1.1\r\nHost: x\r\n");
+        assert_eq!(method, Some(http::Method::GET));
+        assert_eq!(path, "/a/b");
+        let (method, path) = request_line(b"GET");
+        assert_eq!(method, None);
+        assert_eq!(path, "-");
+        assert_eq!(request_line(b"\x01\x02 x").1, "-");
+    }
+
+    #[test]
+    fn refusals_are_json_with_a_request_id_and_close() {
+        let response = error_response(framing::HEADER_TIMEOUT, "id-1", Some("max-age=60"));
+        let text = String::from_utf8(response).unwrap_or_default();
+        assert!(
+            text.starts_with("HTTP/1.1 408 Request Timeout\r\n"),
+            "{text}"
+        );
+        assert!(text.contains("connection: close\r\n"));
+        assert!(text.contains("strict-transport-security: max-age=60\r\n"));
+        let body = text.split("\r\n\r\n").nth(1).unwrap_or_default();
+        let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
+        assert_eq!(json["error"], "request_timeout");
+        assert_eq!(json["request_id"], "id-1");
+        assert!(text.contains(&format!("content-length: {}\r\n", body.len())));
+    }
+}
