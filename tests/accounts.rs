@@ -89,6 +89,17 @@ fn create_user(group: &Group, admin: &str, name: &str, password: &str, role: &st
     );
 }
 
+/// Enables or disables `name`; returns the user as the API now shows it.
+fn set_active(group: &Group, admin: &str, name: &str, active: bool) -> Value {
+    let path = format!("/api/users/{name}");
+    let body = json!({"active": active});
+    expect(
+        group.call(Method::PUT, &path, admin, Some(body)),
+        200,
+        &path,
+    )
+}
+
 fn users(group: &Group, admin: &str) -> Value {
     expect(
         group.call(Method::GET, "/api/users", admin, None),
@@ -527,10 +538,8 @@ fn a_disabled_user_is_refused_at_once() {
         );
     }
 
-    let body = json!({"active": false});
-    let changed = group.call(Method::PUT, "/api/users/dora", &admin, Some(body));
     assert_eq!(
-        expect(changed, 200, "disable"),
+        set_active(&group, &admin, "dora", false),
         json!({"username": "dora", "role": "viewer", "active": false})
     );
     // Its issued tokens were revoked; a token no login recorded is refused by the per-request
@@ -550,12 +559,7 @@ fn a_disabled_user_is_refused_at_once() {
     );
 
     // Enabled again: the old token stays revoked; logging in works again.
-    let body = json!({"active": true});
-    expect(
-        group.call(Method::PUT, "/api/users/dora", &admin, Some(body)),
-        200,
-        "enable",
-    );
+    set_active(&group, &admin, "dora", true);
     expect(
         group.call(Method::GET, "/api/me", &issued, None),
         401,
@@ -567,6 +571,53 @@ fn a_disabled_user_is_refused_at_once() {
         200,
         "new token",
     );
+}
+
+#[test]
+fn the_count_counts_only_tokens_every_protected_route_lets_through() {
+    // `/api/count` checks its token and counts in one Lua script, where the other routes read
+    // a pipeline: a token they refuse gets the very same answer from the count, uncounted.
+    let (_data, redis, group) = group_with_own_redis(2);
+    let admin = group.token();
+    for name in ["cole", "dora", "rex"] {
+        create_user(&group, &admin, name, &format!("{name}-password"), "viewer");
+    }
+    let logged_out = group.token_for("cole", "cole-password");
+    expect(
+        group.call(Method::POST, "/auth/logout", &logged_out, None),
+        204,
+        "logout",
+    );
+    set_active(&group, &admin, "dora", false);
+    // A role no backend writes: a damaged record is our fault (500), and still no visit.
+    redis.command(&["HSET", "gatehouse:user:rex", "role", "root"]);
+    let refused = [
+        (logged_out, 401, "revoked"),
+        (unrecorded_token("dora", "viewer"), 401, "disabled"),
+        (
+            unrecorded_token("nobody", "viewer"),
+            401,
+            "no longer exists",
+        ),
+        (unrecorded_token("rex", "viewer"), 500, "damaged"),
+    ];
+
+    let visits = |token: &str| expect(group.count(token), 200, "count")["visits"].clone();
+    assert_eq!(visits(&admin), 1);
+    // All of an answer but its request id.
+    let answer = |response: Response, status: u16| {
+        let challenge = response.headers().get("www-authenticate").cloned();
+        let body = expect(response, status, "refused");
+        (challenge, body["error"].clone(), body["message"].clone())
+    };
+    for (token, status, says) in &refused {
+        let count = answer(group.count(token), *status);
+        let me = answer(group.call(Method::GET, "/api/me", token, None), *status);
+        assert_eq!(count, me, "{says}");
+        assert!(count.2.as_str().unwrap().contains(says), "{count:?}");
+    }
+    assert_eq!(redis.command(&["GET", "gatehouse:visits"]), "1");
+    assert_eq!(visits(&admin), 2);
 }
 
 #[test]

@@ -13,13 +13,14 @@ use std::{
 };
 
 use redis::{
-    AsyncCommands, Client, ScriptInvocation,
+    Client, ScriptInvocation,
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
 use crate::metrics::Metrics;
 
-/// The one key every backend process and every replica counts in.
+/// The one key every backend process and every replica counts in (see
+/// [`crate::accounts::Accounts::session_counting_visit`]).
 pub const VISITS_KEY: &str = "gatehouse:visits";
 
 pub struct Store {
@@ -59,12 +60,6 @@ impl Store {
             up: AtomicBool::new(true),
             metrics,
         })
-    }
-
-    pub async fn count_visit(&self) -> Result<i64, Unavailable> {
-        let mut conn = self.connection();
-        self.bounded(async move { conn.incr(VISITS_KEY, 1).await })
-            .await
     }
 
     pub async fn ping(&self) -> bool {
