@@ -5,8 +5,9 @@ One run builds a release, starts `gatehouse run` and an nginx configured to do t
 (the same static files with gzip_static, the same backend processes over the same Unix sockets
 with keepalive, the same basic auth), then drives oha with identical settings against both,
 alternating, and prints a markdown table: rps, p50, p99, CPU microseconds per request of the
-edge process (the gatehouse proxy; the nginx workers), peak RSS of the edge, and the
-gatehouse/nginx ratio. Raw oha JSON goes to the output directory.
+edge process (the gatehouse proxy; the nginx workers), peak RSS of the edge, RSS of the edge
+plus the backends halfway through each run, and the gatehouse/nginx ratio. Raw oha JSON goes
+to the output directory.
 
     scripts/bench.py            # the full run (a few minutes)
     scripts/bench.py --quick    # a short smoke run, as CI does
@@ -54,12 +55,13 @@ def cpu_ticks(pids):
     return total
 
 
-def peak_rss_mb(pids):
+def status_mb(pids, field):
+    """A memory field of /proc/PID/status (VmRSS, VmHWM), summed over `pids`, in MB."""
     total = 0
     for pid in pids:
         try:
             for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-                if line.startswith("VmHWM:"):
+                if line.startswith(field + ":"):
                     total += int(line.split()[1])
         except OSError:
             pass
@@ -193,20 +195,29 @@ http {{
 """
 
 
-def oha(args, url, out_file):
-    result = subprocess.run(
+def oha(args, url, out_file, group=()):
+    """Runs oha; with `group`, also returns those processes' summed RSS halfway through."""
+    proc = subprocess.Popen(
         ["oha", "--no-tui", "--output-format", "json", "--insecure", *args, url],
-        capture_output=True, text=True, check=False,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )
-    if result.returncode != 0:
-        sys.exit(f"bench: oha failed on {url}: {result.stderr.strip()}")
-    out_file.write_text(result.stdout)
-    return json.loads(result.stdout)
+    group_mb = None
+    if group:
+        seconds = float(args[args.index("-z") + 1].rstrip("s"))
+        time.sleep(seconds / 2)
+        group_mb = status_mb(group, "VmRSS")
+    out, err = proc.communicate()
+    if proc.returncode != 0:
+        sys.exit(f"bench: oha failed on {url}: {err.strip()}")
+    out_file.write_text(out)
+    return json.loads(out), group_mb
 
 
-def measure(label, args, url, pids, out_dir, run_id):
+def measure(label, args, url, pids, out_dir, run_id, group=()):
+    """`pids`: the edge processes, for CPU and peak RSS; `group`: edge and backends, whose
+    RSS is taken under load."""
     before = cpu_ticks(pids)
-    data = oha(args, url, out_dir / f"{run_id}.json")
+    data, group_mb = oha(args, url, out_dir / f"{run_id}.json", group)
     after = cpu_ticks(pids)
     counts = data.get("statusCodeDistribution", {})
     served = sum(counts.values())
@@ -219,7 +230,8 @@ def measure(label, args, url, pids, out_dir, run_id):
         "p50": pct["p50"] * 1000,
         "p99": pct["p99"] * 1000,
         "cpu_us": (after - before) / CLOCK_TICKS * 1e6 / served,
-        "rss_mb": peak_rss_mb(pids),
+        "rss_mb": status_mb(pids, "VmHWM"),
+        "group_mb": group_mb or 0.0,
     }
 
 
@@ -380,6 +392,7 @@ def main():
         wait_for(f"http://127.0.0.1:{ports['gh_http']}/api/ping", work / "gatehouse.log")
         members = children(group.pid)
         proxy = [p for p in members if " proxy " in cmdline(p)]
+        backend_pids = [p for p in members if " backend " in cmdline(p)]
         backend_socket = work / "run" / "backend-1.sock"
 
         (work / "nginx.conf").write_text(nginx_config(work, ports["ngx_http"], ports["ngx_https"], backends, workers))
@@ -387,6 +400,8 @@ def main():
         wait_for(f"http://127.0.0.1:{ports['ngx_http']}/api/ping", work / "nginx-error.log")
         nginx_master = int((work / "nginx.pid").read_text())
         nginx_workers = children(nginx_master)
+        # The memory each side needs: its edge processes and the backends both use.
+        groups = {"gatehouse": proxy + backend_pids, "nginx": [nginx_master] + nginx_workers + backend_pids}
 
         token = login_token(ports["gh_http"])
 
@@ -413,7 +428,7 @@ def main():
                     url = f"{scheme}://127.0.0.1:{port}{path}"
                     run_id = f"r{round_no}-s{index}-{name}"
                     results.setdefault((label, name), []).append(
-                        measure(label, base + args, url, pids, raw, run_id)
+                        measure(label, base + args, url, pids, raw, run_id, groups[name])
                     )
         ceiling = measure(
             "ceiling", base + ["--unix-socket", str(backend_socket)], "http://localhost/api/ping",
@@ -430,12 +445,12 @@ def main():
         f"{rounds} round(s) alternating, medians; {os.cpu_count()} cores; edge = gatehouse proxy / nginx workers "
         f"({workers}); {backends} backends shared by both.",
         "",
-        "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | edge peak RSS MB | gatehouse/nginx rps | gatehouse/nginx CPU |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | edge peak RSS MB | group RSS MB under load | gatehouse/nginx rps | gatehouse/nginx CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, *_ in scenarios:
         for name in ("gatehouse", "nginx"):
-            row = [label, name] + [f"{med(label, name, k):,.{d}f}" for k, d in (("rps", 0), ("p50", 2), ("p99", 2), ("cpu_us", 1), ("rss_mb", 1))]
+            row = [label, name] + [f"{med(label, name, k):,.{d}f}" for k, d in (("rps", 0), ("p50", 2), ("p99", 2), ("cpu_us", 1), ("rss_mb", 1), ("group_mb", 1))]
             if name == "gatehouse":
                 row.append(f"{med(label, 'gatehouse', 'rps') / med(label, 'nginx', 'rps'):.2f}x")
                 cpu_ratio = med(label, "gatehouse", "cpu_us") / max(med(label, "nginx", "cpu_us"), 0.01)
@@ -445,7 +460,7 @@ def main():
             lines.append("| " + " | ".join(row) + " |")
     lines.append(
         f"| GET /api/ping straight at one backend socket (ceiling) | backend | {ceiling['rps']:,.0f} | "
-        f"{ceiling['p50']:.2f} | {ceiling['p99']:.2f} | {ceiling['cpu_us']:.1f} | {ceiling['rss_mb']:.1f} | | |"
+        f"{ceiling['p50']:.2f} | {ceiling['p99']:.2f} | {ceiling['cpu_us']:.1f} | {ceiling['rss_mb']:.1f} | | | |"
     )
     table = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(table)

@@ -1,11 +1,14 @@
 //! Static sites: serving, validators, ranges, compression done once, edits, and safety.
 
-use std::{fs, thread, time::Duration};
+use std::{
+    fs, thread,
+    time::{Duration, Instant},
+};
 
 use reqwest::blocking::Response;
 use serde_json::Value;
 
-use crate::util::{Group, Options, gunzip, raw_http, unbrotli};
+use crate::util::{Group, Options, gunzip, raw_http, unbrotli, wait_until};
 
 fn header(response: &Response, name: &str) -> String {
     response
@@ -406,6 +409,32 @@ fn an_edit_on_disk_is_served_on_the_next_request() {
         client.get(&url).send().unwrap().status(),
         404,
         "a deleted file is gone at once"
+    );
+}
+
+#[test]
+fn with_a_check_interval_an_edit_is_served_once_it_has_passed() {
+    let group = Group::start(Options {
+        backends: 1,
+        static_extra: "check_interval_ms = 1500".into(),
+        ..Options::default()
+    });
+    let path = group.dir.path().join("files/news.txt");
+    let body = || group.get("/files/news.txt").unwrap().text().unwrap();
+    fs::write(&path, "version one").unwrap();
+    assert_eq!(body(), "version one");
+    let edited = Instant::now();
+    fs::write(&path, "version two").unwrap();
+    // Within the interval the file is not looked at: the copy in memory is served.
+    assert_eq!(body(), "version one");
+    assert!(
+        wait_until(Duration::from_secs(5), || body() == "version two"),
+        "the edit was never served"
+    );
+    let after = edited.elapsed();
+    assert!(
+        after > Duration::from_millis(1000) && after < Duration::from_millis(2500),
+        "the edit was served after {after:?}"
     );
 }
 

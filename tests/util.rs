@@ -214,6 +214,8 @@ pub struct Options {
     pub logging_extra: String,
     /// Extra keys for the `[backend]` table.
     pub backend_extra: String,
+    /// Lines for `[static]`; the default checks files at every request.
+    pub static_extra: String,
     /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
     pub extra: String,
 }
@@ -230,6 +232,7 @@ impl Default for Options {
             access_log: "logs/access.log".into(),
             logging_extra: String::new(),
             backend_extra: String::new(),
+            static_extra: "check_interval_ms = 0".into(),
             extra: String::new(),
         }
     }
@@ -576,6 +579,7 @@ key = "certs/gatehouse.key"
 
 [static]
 max_cached_file_bytes = 65536
+{static_extra}
 
 [admin]
 listen = "127.0.0.1:{admin_port}"
@@ -630,6 +634,7 @@ cache_control = "no-cache"
         access_log = options.access_log,
         logging_extra = options.logging_extra,
         backend_extra = options.backend_extra,
+        static_extra = options.static_extra,
         tls = tls_port.is_some(),
         tls_port = tls_port.unwrap_or(1),
         statics = statics.display(),

@@ -139,6 +139,7 @@ mod tests {
             cache_bytes: 1 << 20,
             max_cached_file_bytes: 1 << 16,
             min_compress_bytes: 256,
+            check_interval: std::time::Duration::ZERO,
         }
     }
 

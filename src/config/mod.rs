@@ -377,6 +377,13 @@ impl Config {
 
         let st = &raw.statics;
         positive(st.cache_bytes, "static.cache_bytes", &at)?;
+        within(
+            st.check_interval_ms,
+            0..=3_600_000,
+            "static.check_interval_ms",
+            " ms",
+            &at,
+        )?;
         positive(
             st.max_cached_file_bytes,
             "static.max_cached_file_bytes",
@@ -386,6 +393,7 @@ impl Config {
             cache_bytes: st.cache_bytes,
             max_cached_file_bytes: st.max_cached_file_bytes,
             min_compress_bytes: st.min_compress_bytes,
+            check_interval: Duration::from_millis(st.check_interval_ms),
         };
 
         let admin_listen = match env(ENV_ADMIN_LISTEN) {
@@ -924,6 +932,7 @@ struct RawStatic {
     cache_bytes: u64,
     max_cached_file_bytes: u64,
     min_compress_bytes: u64,
+    check_interval_ms: u64,
 }
 
 impl Default for RawStatic {
@@ -932,6 +941,7 @@ impl Default for RawStatic {
             cache_bytes: 64 << 20,
             max_cached_file_bytes: 1 << 20,
             min_compress_bytes: 256,
+            check_interval_ms: 1000,
         }
     }
 }

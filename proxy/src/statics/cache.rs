@@ -1,8 +1,9 @@
 //! Files, read once per version and held in a bounded in-memory cache.
 //!
-//! A request costs one `stat` of the file: when size, modification time and inode still match
-//! the cached entry, the bytes (and any compressed variant) come from memory; when not, the
-//! file is read again, so an edit on disk is served on the next request. Compressed variants
+//! A cached file is compared with the disk (one `stat`) at most once per check interval: when
+//! size, modification time and inode still match, the bytes (and any compressed variant) come
+//! from memory; when not, the file is read again, so an edit on disk is served within the
+//! interval. (A `stat` per request cost 15% of the static throughput.) Compressed variants
 //! are made at most once per version: taken from a fresh `.gz`/`.br` file beside the original
 //! when there is one, otherwise compressed on first use.
 
@@ -10,8 +11,11 @@ use std::{
     fs, io,
     os::unix::fs::MetadataExt,
     path::PathBuf,
-    sync::{Arc, OnceLock},
-    time::SystemTime,
+    sync::{
+        Arc, LazyLock, OnceLock,
+        atomic::{AtomicU64, Ordering},
+    },
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -36,6 +40,8 @@ pub struct Asset {
     pub held: bool,
     gzip: OnceLock<Option<Bytes>>,
     brotli: OnceLock<Option<Bytes>>,
+    /// When the file was last found unchanged on disk, by [`now_ms`].
+    checked: AtomicU64,
 }
 
 impl Asset {
@@ -70,6 +76,7 @@ impl Asset {
             held: false,
             gzip: OnceLock::new(),
             brotli: OnceLock::new(),
+            checked: AtomicU64::new(now_ms()),
             path,
         })
     }
@@ -173,11 +180,23 @@ struct Inner {
     cache: Cache<String, Arc<Asset>, ByBytes>,
     capacity: u64,
     max_cached_file: u64,
+    check_interval_ms: u64,
+}
+
+/// Milliseconds on a monotonic clock, from the first call.
+fn now_ms() -> u64 {
+    static START: LazyLock<Instant> = LazyLock::new(Instant::now);
+    u64::try_from(START.elapsed().as_millis()).unwrap_or(u64::MAX)
 }
 
 impl Files {
     /// `root` must be canonical: it is what resolved paths are checked against.
-    pub fn new(root: PathBuf, capacity: u64, max_cached_file: u64) -> Result<Files, String> {
+    pub fn new(
+        root: PathBuf,
+        capacity: u64,
+        max_cached_file: u64,
+        check_interval: Duration,
+    ) -> Result<Files, String> {
         // One shard: the cache refuses entries heavier than a shard, and a site's largest
         // files must fit whole.
         let options = quick_cache::OptionsBuilder::new()
@@ -192,14 +211,22 @@ impl Files {
             cache,
             capacity,
             max_cached_file,
+            check_interval_ms: u64::try_from(check_interval.as_millis()).unwrap_or(u64::MAX),
         })))
     }
 
-    /// A cached file that has not changed on disk: one `stat`.
+    /// A cached file that has not changed on disk, as of the last check interval.
     pub fn cached(&self, relative: &str) -> Option<Arc<Asset>> {
         let asset = self.0.cache.get(relative)?;
+        let now = now_ms();
+        if now.saturating_sub(asset.checked.load(Ordering::Relaxed)) < self.0.check_interval_ms {
+            return Some(asset);
+        }
         match fs::metadata(&asset.path) {
-            Ok(meta) if asset.is_current(&meta) => Some(asset),
+            Ok(meta) if asset.is_current(&meta) => {
+                asset.checked.store(now, Ordering::Relaxed);
+                Some(asset)
+            }
             _ => {
                 self.0.cache.remove(relative);
                 None

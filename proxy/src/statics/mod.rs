@@ -51,6 +51,9 @@ pub struct StaticSettings {
     pub max_cached_file_bytes: u64,
     /// Smaller files are not worth compressing.
     pub min_compress_bytes: u64,
+    /// How long a cached file is served before it is compared with the disk again; zero:
+    /// at every request.
+    pub check_interval: std::time::Duration,
 }
 
 /// One static route.
@@ -73,7 +76,12 @@ impl Site {
             .map_err(|e| format!("static directory {}: {e}", dir.display()))?;
         let share = settings.cache_bytes / sites.max(1) as u64;
         Ok(Site {
-            files: Files::new(root, share, settings.max_cached_file_bytes)?,
+            files: Files::new(
+                root,
+                share,
+                settings.max_cached_file_bytes,
+                settings.check_interval,
+            )?,
             cache_control,
             min_compress_bytes: settings.min_compress_bytes,
         })
@@ -104,11 +112,18 @@ impl Site {
         let found = match cached {
             Some(asset) => Found::File(asset),
             None => {
-                // A miss reads the file: off the async threads.
-                let (files, wanted) = (self.files.clone(), relative.clone());
-                tokio::task::spawn_blocking(move || files.load(&wanted))
-                    .await
-                    .unwrap_or(Found::Missing)
+                let _turn = BLOCKING_WORK.acquire().await;
+                // Another request may have loaded it while this one waited.
+                match self.files.cached(&relative) {
+                    Some(asset) => Found::File(asset),
+                    None => {
+                        // A miss reads the file: off the async threads.
+                        let (files, wanted) = (self.files.clone(), relative.clone());
+                        tokio::task::spawn_blocking(move || files.load(&wanted))
+                            .await
+                            .unwrap_or(Found::Missing)
+                    }
+                }
             }
         };
         let asset = match found {
@@ -226,8 +241,17 @@ impl Site {
     }
 }
 
+/// File reads and compressions run on the blocking pool, at most this many at once. Unbounded,
+/// a burst of clients asking for a cold file would start a thread each (64 clients: 64
+/// threads and 50 MB more memory), all but one waiting for the same result.
+static BLOCKING_WORK: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+
 /// The compressed variant, made off the async threads the first time.
 async fn variant(asset: &Arc<Asset>, encoding: Encoding) -> Option<Bytes> {
+    if asset.variant_ready(encoding) {
+        return asset.variant(encoding);
+    }
+    let _turn = BLOCKING_WORK.acquire().await;
     if asset.variant_ready(encoding) {
         return asset.variant(encoding);
     }
