@@ -37,10 +37,11 @@ use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use arc_swap::ArcSwap;
 use pingora::{
-    listeners::Listeners,
+    listeners::{ListenerConfig, Listeners},
     server::{RunArgs, Server, configuration::ServerConf},
     services::listening::Service,
 };
+use pingora_core::protocols::l4::stream::L4BufferSettings;
 
 pub use access::{AccessSettings, AccessSpec};
 pub use access_log::{Format as LogFormat, LogTarget};
@@ -180,7 +181,7 @@ pub fn run(
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
     listeners.set_connection_filter(capacity.clone());
     let mut certificate = None;
-    listeners.add_tcp(&settings.listen);
+    listeners.add_listener(ListenerConfig::tcp(&settings.listen).l4_buffer(CLIENT_BUFFERS));
     let mut public_ports = vec![port_of(&settings.listen)];
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
@@ -191,7 +192,11 @@ pub fn run(
             None => (live::unregistered_counter()?, live::unregistered_counter()?),
         };
         listeners.set_pre_tls_callback(Arc::new(tls::CountBegun(begun)));
-        listeners.add_tls_with_settings(&tls.listen, None, tls::settings(slot, completed)?);
+        listeners.add_listener(
+            ListenerConfig::tcp(&tls.listen)
+                .tls(tls::settings(slot, completed)?)
+                .l4_buffer(CLIENT_BUFFERS),
+        );
         public_ports.push(port_of(&tls.listen));
     }
     let proxy = Service::with_listeners(
@@ -250,6 +255,18 @@ pub fn run(
         Stopped::Graceful
     })
 }
+
+/// Buffers between each client socket and the HTTP code. Pingora's defaults (64 KiB read,
+/// 1460 bytes write) copy every request through a read buffer first, and send a response's
+/// header and body in separate packets once the body is over 1460 bytes. Without the read
+/// buffer, requests are read straight into the parser's own; with a 32 KiB write buffer, a
+/// response of up to 32 KiB (an API answer, a compressed page) leaves in one `send`. Measured
+/// with oha -c 64: 10-20% more requests a second for static pages and `/api/ping`, 10-20% less
+/// proxy CPU per request, for up to 32 KiB more memory per busy connection.
+const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
+    read: Some(0),
+    write: Some(32 << 10),
+};
 
 /// The file in the runtime directory where the proxy writes its pid once it holds the
 /// listening sockets (the supervisor waits for it during an upgrade).
