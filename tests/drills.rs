@@ -373,6 +373,17 @@ fn slow_headers_get_408_at_the_deadline_slow_bodies_at_theirs_and_others_are_ser
         "408 after {after:?}"
     );
 
+    // On a new connection the deadline runs from its opening, not from its first byte.
+    let started = Instant::now();
+    let mut late = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+    late.set_read_timeout(Some(Duration::from_secs(8))).unwrap();
+    thread::sleep(Duration::from_millis(600));
+    late.write_all(b"GET /api/ping HTTP/1.1\r\n").expect("send");
+    let (response, began, _) = answer(late);
+    assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    let after = began.map(|t| t - started).unwrap_or_default();
+    assert!(after < Duration::from_millis(1500), "408 after {after:?}");
+
     // A connection that sends nothing is closed at the deadline, without an answer.
     let idle = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
     idle.set_read_timeout(Some(Duration::from_secs(8))).unwrap();

@@ -83,15 +83,15 @@ impl Edge {
         let mut settings: Option<HttpPersistentSettings> = None;
         loop {
             let limits = self.live.load().limits;
+            let started = Instant::now();
             // A new connection owes its first header from the start; a kept-alive one may
             // idle, and owes the header from its first byte.
-            let idle = if kept_alive {
-                KEEPALIVE_IDLE
+            let due = if kept_alive {
+                Due::AfterFirstByte
             } else {
-                limits.header_timeout
+                Due::By(started + limits.header_timeout)
             };
-            let started = Instant::now();
-            let header = match read_header(&mut stream, &limits, idle, shutdown).await {
+            let header = match read_header(&mut stream, &limits, due, shutdown).await {
                 Ok(header) => header,
                 Err(Ended::Quietly) => return,
                 Err(Ended::Refused(refusal, header)) => {
@@ -204,15 +204,25 @@ enum Ended {
     Refused(Refusal, BytesMut),
 }
 
-/// Reads one request header: waits up to `idle` for its first byte, then until the
-/// header deadline for the rest.
+/// When a request header must be complete.
+enum Due {
+    By(Instant),
+    /// `header_timeout` after its first byte, which may take up to [`KEEPALIVE_IDLE`].
+    AfterFirstByte,
+}
+
+/// Reads one request header, by its deadline.
 async fn read_header(
     stream: &mut Stream,
     limits: &RequestLimits,
-    idle: Duration,
+    due: Due,
     shutdown: &ShutdownWatch,
 ) -> Result<BytesMut, Ended> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
+    let idle = match due {
+        Due::By(deadline) => deadline.saturating_duration_since(Instant::now()),
+        Due::AfterFirstByte => KEEPALIVE_IDLE,
+    };
     let mut stopping = shutdown.clone();
     let first = tokio::select! {
         biased;
@@ -222,7 +232,10 @@ async fn read_header(
     if !matches!(first, Ok(Ok(n)) if n > 0) {
         return Err(Ended::Quietly);
     }
-    let deadline = Instant::now() + limits.header_timeout;
+    let deadline = match due {
+        Due::By(deadline) => deadline,
+        Due::AfterFirstByte => Instant::now() + limits.header_timeout,
+    };
     loop {
         match framing::look_h1(&buf, limits) {
             Look::Complete => return Ok(buf),
