@@ -494,3 +494,43 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
         "service did not resume"
     );
 }
+
+#[test]
+fn at_the_connection_limit_idle_kept_alive_connections_make_room() {
+    let group = plain_group(1, "max_connections = 10");
+    // Ten clients, each done with a request and keeping its connection for the next.
+    let idle: Vec<TcpStream> = (0..10)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+            s.set_read_timeout(Some(Duration::from_secs(5))).unwrap();
+            s.write_all(b"GET /api/ping HTTP/1.1\r\nHost: x\r\n\r\n")
+                .expect("send");
+            let mut buffer = [0u8; 4096];
+            let n = s.read(&mut buffer).expect("an answer");
+            assert!(buffer[..n].starts_with(b"HTTP/1.1 200 "));
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    // An eleventh is served at once, not after the 60 s keep-alive timeout.
+    let started = Instant::now();
+    let (response, _) = exchange(
+        group.port,
+        b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n",
+    );
+    assert!(response.starts_with("HTTP/1.1 200 "), "{response}");
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "served after {:?}",
+        started.elapsed()
+    );
+    // The idle ones were closed to make room.
+    let closed = idle
+        .into_iter()
+        .filter(|s| {
+            let mut s = s;
+            matches!(s.read(&mut [0u8; 64]), Ok(0) | Err(_))
+        })
+        .count();
+    assert!(closed >= 1, "no idle connection was closed");
+}

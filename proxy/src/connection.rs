@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use async_trait::async_trait;
 use bytes::BytesMut;
 use pingora_core::{
-    apps::{HttpPersistentSettings, HttpServerApp, ServerApp},
+    apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ServerApp},
     listeners::ConnectionFilter,
     protocols::{ALPN, Stream, http::ServerSession},
     server::ShutdownWatch,
@@ -34,7 +34,7 @@ use pingora_core::{
 use pingora_proxy::HttpProxy;
 use tokio::{
     io::{AsyncReadExt, AsyncWriteExt},
-    sync::Notify,
+    sync::{Notify, watch},
 };
 
 use crate::{
@@ -70,6 +70,12 @@ impl Edge {
         live: Arc<ArcSwap<Live>>,
         capacity: Arc<Capacity>,
     ) -> Self {
+        let mut proxy = proxy;
+        // An HTTP/2 connection with no stream open holds a connection slot like an idle
+        // kept-alive one, and goes after as long.
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+        proxy.server_options = Some(options);
         Self {
             proxy: Arc::new(proxy),
             live,
@@ -80,7 +86,10 @@ impl Edge {
     /// HTTP/1: read each request header here, then let Pingora serve the request.
     async fn serve_http1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
         let mut kept_alive = false;
+        // Pipelining stays off (Pingora's default): with it, the next request could arrive
+        // inside these settings, where this loop cannot see it.
         let mut settings: Option<HttpPersistentSettings> = None;
+        let mut crowded = self.capacity.crowded.subscribe();
         loop {
             let limits = self.live.load().limits;
             let started = Instant::now();
@@ -91,7 +100,8 @@ impl Edge {
             } else {
                 Due::By(started + limits.header_timeout)
             };
-            let header = match read_header(&mut stream, &limits, due, shutdown).await {
+            let header = match read_header(&mut stream, &limits, due, shutdown, &mut crowded).await
+            {
                 Ok(header) => header,
                 Err(Ended::Quietly) => return,
                 Err(Ended::Refused(refusal, header)) => {
@@ -211,23 +221,28 @@ enum Due {
     AfterFirstByte,
 }
 
-/// Reads one request header, by its deadline.
+/// Reads one request header, by its deadline. A kept-alive connection still waiting for one
+/// closes when the connection cap is reached, to make room (as nginx does).
 async fn read_header(
     stream: &mut Stream,
     limits: &RequestLimits,
     due: Due,
     shutdown: &ShutdownWatch,
+    crowded: &mut watch::Receiver<u64>,
 ) -> Result<BytesMut, Ended> {
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     let idle = match due {
         Due::By(deadline) => deadline.saturating_duration_since(Instant::now()),
         Due::AfterFirstByte => KEEPALIVE_IDLE,
     };
+    let idling = matches!(due, Due::AfterFirstByte);
+    crowded.mark_unchanged();
     let mut stopping = shutdown.clone();
     let first = tokio::select! {
         biased;
         read = pingora_timeout::timeout(idle, stream.read_buf(&mut buf)) => read,
         _ = stopping.wait_for(|&down| down) => return Err(Ended::Quietly),
+        _ = crowded.changed(), if idling => return Err(Ended::Quietly),
     };
     if !matches!(first, Ok(Ok(n)) if n > 0) {
         return Err(Ended::Quietly);
@@ -305,6 +320,8 @@ fn request_line(header: &[u8]) -> (Option<http::Method>, String) {
 pub struct Capacity {
     open: AtomicUsize,
     freed: Notify,
+    /// Bumped when the cap is reached: idle kept-alive connections then close.
+    crowded: watch::Sender<u64>,
     live: Arc<ArcSwap<Live>>,
 }
 
@@ -313,6 +330,7 @@ impl Capacity {
         Self {
             open: AtomicUsize::new(0),
             freed: Notify::new(),
+            crowded: watch::Sender::new(0),
             live,
         }
     }
@@ -363,6 +381,7 @@ impl ConnectionFilter for Capacity {
             }
             if !counted {
                 counted = true;
+                self.crowded.send_modify(|times| *times += 1);
                 if let Some(observe) = &self.live.load().observe {
                     observe.metrics.connection_waits.inc();
                 }

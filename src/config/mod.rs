@@ -210,10 +210,11 @@ impl Config {
                 " bytes",
                 &at,
             )?;
-            // Pingora itself reads at most 1 MiB of header and 256 fields.
+            // Pingora refuses more than 1 MiB read with a header (body bytes included) and
+            // more than 256 fields; a quarter of that leaves room for the body's first bytes.
             within(
                 p.max_header_bytes,
-                1024..=1 << 20,
+                1024..=256 << 10,
                 "proxy.max_header_bytes",
                 " bytes",
                 &at,

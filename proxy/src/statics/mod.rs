@@ -112,7 +112,7 @@ impl Site {
         let found = match cached {
             Some(asset) => Found::File(asset),
             None => {
-                let _turn = BLOCKING_WORK.acquire().await;
+                let _turn = FILE_READS.acquire().await;
                 // Another request may have loaded it while this one waited.
                 match self.files.cached(&relative) {
                     Some(asset) => Found::File(asset),
@@ -241,17 +241,19 @@ impl Site {
     }
 }
 
-/// File reads and compressions run on the blocking pool, at most this many at once. Unbounded,
-/// a burst of clients asking for a cold file would start a thread each (64 clients: 64
-/// threads and 50 MB more memory), all but one waiting for the same result.
-static BLOCKING_WORK: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
+/// File reads and compressions run on the blocking pool, at most this many of each at once.
+/// Unbounded, a burst of clients asking for a cold file would start a thread each (64
+/// clients: 64 threads and 50 MB more memory), all but one waiting for the same result.
+/// Separate, so a slow brotli compression never holds up a file read or a 404.
+static FILE_READS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(4);
+static COMPRESSIONS: tokio::sync::Semaphore = tokio::sync::Semaphore::const_new(2);
 
 /// The compressed variant, made off the async threads the first time.
 async fn variant(asset: &Arc<Asset>, encoding: Encoding) -> Option<Bytes> {
     if asset.variant_ready(encoding) {
         return asset.variant(encoding);
     }
-    let _turn = BLOCKING_WORK.acquire().await;
+    let _turn = COMPRESSIONS.acquire().await;
     if asset.variant_ready(encoding) {
         return asset.variant(encoding);
     }
