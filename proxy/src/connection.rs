@@ -66,13 +66,12 @@ pub struct Edge {
 
 impl Edge {
     pub fn new(
-        proxy: HttpProxy<Gateway>,
+        mut proxy: HttpProxy<Gateway>,
         live: Arc<ArcSwap<Live>>,
         capacity: Arc<Capacity>,
     ) -> Self {
-        let mut proxy = proxy;
-        // An HTTP/2 connection with no stream open holds a connection slot like an idle
-        // kept-alive one, and goes after as long.
+        // An HTTP/2 connection with no stream open holds a slot like an idle kept-alive
+        // one, and is closed after as long.
         let mut options = HttpServerOptions::default();
         options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
         proxy.server_options = Some(options);
