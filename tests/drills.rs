@@ -360,7 +360,11 @@ fn slow_headers_get_408_at_the_deadline_slow_bodies_at_theirs_and_others_are_ser
     );
     let (response, began, closed) = answer(slow);
     let after = began.map(|t| t - started).unwrap_or_default();
-    assert!(response.starts_with("HTTP/1.1 408 "), "{response}");
+    assert!(
+        response.starts_with("HTTP/1.1 408 "),
+        "{response:?} (closed: {closed}, after {:?})",
+        started.elapsed()
+    );
     assert!(
         response.contains(r#""error":"request_timeout""#),
         "{response}"

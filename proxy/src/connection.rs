@@ -145,13 +145,11 @@ impl Edge {
             Ok(Ok(())) => response.len(),
             _ => 0,
         };
-        if bytes > 0 {
-            let _ = tokio::time::timeout(LINGER, async {
-                let mut sink = [0u8; 4096];
-                while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
-            })
-            .await;
-        }
+        let _ = tokio::time::timeout(LINGER, async {
+            let mut sink = [0u8; 4096];
+            while matches!(stream.read(&mut sink).await, Ok(n) if n > 0) {}
+        })
+        .await;
 
         let (method, path) = request_line(header);
         let elapsed = started.elapsed();
@@ -240,7 +238,7 @@ async fn read_header(
     let first = tokio::select! {
         biased;
         read = pingora_timeout::timeout(idle, stream.read_buf(&mut buf)) => read,
-        _ = stopping.wait_for(|&down| down) => return Err(Ended::Quietly),
+        () = stopping_down(&mut stopping) => return Err(Ended::Quietly),
         _ = crowded.changed(), if idling => return Err(Ended::Quietly),
     };
     if !matches!(first, Ok(Ok(n)) if n > 0) {
@@ -250,6 +248,9 @@ async fn read_header(
         Due::By(deadline) => deadline,
         Due::AfterFirstByte => Instant::now() + limits.header_timeout,
     };
+    // One timer for the whole header, however many reads it takes.
+    let expiry = tokio::time::sleep_until(deadline.into());
+    let mut expiry = std::pin::pin!(expiry);
     loop {
         match framing::look_h1(&buf, limits) {
             Look::Complete => return Ok(buf),
@@ -259,12 +260,21 @@ async fn read_header(
             }
             Look::Partial => {}
         }
-        let left = deadline.saturating_duration_since(Instant::now());
-        match pingora_timeout::timeout(left, stream.read_buf(&mut buf)).await {
-            Err(_) => return Err(Ended::Refused(framing::HEADER_TIMEOUT, buf)),
-            Ok(Ok(n)) if n > 0 => {}
-            Ok(_) => return Err(Ended::Quietly),
+        let read = tokio::select! {
+            biased;
+            read = stream.read_buf(&mut buf) => read,
+            () = &mut expiry => return Err(Ended::Refused(framing::HEADER_TIMEOUT, buf)),
+        };
+        if !matches!(read, Ok(n) if n > 0) {
+            return Err(Ended::Quietly);
         }
+    }
+}
+
+/// Resolves when the proxy starts stopping (never, should the signal's sender be gone).
+async fn stopping_down(stopping: &mut ShutdownWatch) {
+    if stopping.wait_for(|&down| down).await.is_err() {
+        std::future::pending::<()>().await;
     }
 }
 
