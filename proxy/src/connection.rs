@@ -5,7 +5,8 @@
 //!   than each costing a task and buffers here, and are taken in turn as others close.
 //! - **A deadline for the whole request header** (`proxy.header_timeout_ms`). Pingora's read
 //!   timeout restarts with every byte, so a client trickling a byte a minute would hold its
-//!   connection for ever; here it gets `408` when the deadline passes.
+//!   connection for ever; here it gets `408` when the deadline passes. The body's reads get
+//!   their own timeout (`proxy.body_timeout_ms`), set on each session here.
 //! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same
 //!   JSON errors as every other refusal.
 //!
@@ -115,6 +116,8 @@ impl Edge {
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
+            // The header is in; the body may still trickle in, a read at a time.
+            session.set_read_timeout(Some(limits.body_timeout));
             session.set_pipelined_prefix(header);
             let Some(next) = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await
             else {
@@ -248,9 +251,9 @@ async fn read_header(
         Due::By(deadline) => deadline,
         Due::AfterFirstByte => Instant::now() + limits.header_timeout,
     };
-    // One timer for the whole header, however many reads it takes.
-    let expiry = tokio::time::sleep_until(deadline.into());
-    let mut expiry = std::pin::pin!(expiry);
+    // One timer for the whole header, however many reads it takes; made only when the first
+    // read did not bring it all, which the usual request does.
+    let mut expiry = None;
     loop {
         match framing::look_h1(&buf, limits) {
             Look::Complete => return Ok(buf),
@@ -260,10 +263,12 @@ async fn read_header(
             }
             Look::Partial => {}
         }
+        let expiry =
+            expiry.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
         let read = tokio::select! {
             biased;
             read = stream.read_buf(&mut buf) => read,
-            () = &mut expiry => return Err(Ended::Refused(framing::HEADER_TIMEOUT, buf)),
+            () = expiry.as_mut() => return Err(Ended::Refused(framing::HEADER_TIMEOUT, buf)),
         };
         if !matches!(read, Ok(n) if n > 0) {
             return Err(Ended::Quietly);

@@ -254,11 +254,8 @@ impl ProxyHttp for Gateway {
         let live = Arc::clone(&ctx.live);
         let stamp = self.stamp(ctx);
 
-        // HTTP/1 headers were checked as they arrived (`connection`); the body may still
-        // trickle in, a read at a time.
-        session
-            .as_downstream_mut()
-            .set_read_timeout(Some(live.limits.body_timeout));
+        // HTTP/1 headers were checked, and the body's read timeout set, as they arrived
+        // (`connection`).
         if session.is_http2()
             && let Some(refusal) = framing::check_h2(session, &live.limits)
         {
