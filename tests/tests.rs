@@ -7,6 +7,7 @@ mod access;
 mod accounts;
 mod api;
 mod config;
+mod connection_limits;
 mod drills;
 mod jwt;
 mod observability;

@@ -3,21 +3,31 @@
 //! - **A cap on open connections** (`proxy.max_connections`). At the cap the listeners stop
 //!   accepting, as nginx and HAProxy do: new connections wait in the kernel's backlog rather
 //!   than each costing a task and buffers here, and are taken in turn as others close.
+//! - **A cap per client** (`proxy.max_connections_per_client`, IPv6 by /64; nginx
+//!   `limit_conn`): a client holding that many gets its new connections closed at once, so one
+//!   address cannot fill the global cap while everyone else waits.
+//! - **The TLS handshake** ([`crate::tls::Handshake`]), counted against both caps from accept
+//!   and bounded by `proxy.tls_handshake_timeout_ms`.
 //! - **A deadline for the whole request header** (`proxy.header_timeout_ms`). Pingora's read
 //!   timeout restarts with every byte, so a client trickling a byte a minute would hold its
 //!   connection for ever; here it gets `408` when the deadline passes. The body's reads get
-//!   their own timeout (`proxy.body_timeout_ms`), set on each session here.
+//!   their own timeout (`proxy.body_timeout_ms`), set on each session here. An HTTP/2 client
+//!   owes its preface and `SETTINGS` by the same deadline ([`crate::h2_opening`]).
+//! - **A send deadline** (`proxy.send_timeout_ms`) on every write to the client, set on each
+//!   session: a client that stops reading loses its response and its connection.
 //! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same
 //!   JSON errors as every other refusal.
 //!
 //! The header read here is handed to Pingora as the session's first bytes, so nothing is
-//! read twice. HTTP/2 connections go straight to Pingora, whose codec frames requests itself.
+//! read twice. HTTP/2 connections go to Pingora once their opening is in, whose codec frames
+//! requests itself.
 
 use std::{
+    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        Arc,
+        Arc, Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -40,12 +50,14 @@ use tokio::{
 
 use crate::{
     RequestLimits,
+    access::rate_limit,
     access_log::Record,
     framing::{self, Look, Refusal},
     gateway::Gateway,
+    h2_opening,
     live::Live,
-    metrics::NO_ROUTE,
-    request_id,
+    metrics::{Cut, NO_ROUTE},
+    request_id, tls,
 };
 
 /// How long a kept-alive connection may sit idle between requests (Pingora's default).
@@ -58,28 +70,67 @@ const FIRST_READ: usize = 4096;
 /// closing with unread bytes would reset the connection and could lose the response.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The proxy's application: every connection on the public listeners starts here.
+/// The proxy's application: every connection on a public listener starts here.
 pub struct Edge {
     proxy: Arc<HttpProxy<Gateway>>,
     live: Arc<ArcSwap<Live>>,
     capacity: Arc<Capacity>,
+    /// `Some` on the HTTPS listener.
+    tls: Option<tls::Handshake>,
+}
+
+/// Pingora's HTTP code with the options every connection shares. `h2_max_streams`: streams
+/// one HTTP/2 connection may have open at once (nginx: `http2_max_concurrent_streams`).
+pub fn http_app(mut proxy: HttpProxy<Gateway>, h2_max_streams: u32) -> Arc<HttpProxy<Gateway>> {
+    // An HTTP/2 connection with no stream open holds a slot like an idle kept-alive one, and
+    // is closed after as long.
+    let mut options = HttpServerOptions::default();
+    options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+    proxy.server_options = Some(options);
+    let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
+    h2.max_concurrent_streams(h2_max_streams);
+    proxy.h2_options = Some(h2);
+    Arc::new(proxy)
 }
 
 impl Edge {
     pub fn new(
-        mut proxy: HttpProxy<Gateway>,
+        proxy: Arc<HttpProxy<Gateway>>,
         live: Arc<ArcSwap<Live>>,
         capacity: Arc<Capacity>,
+        tls: Option<tls::Handshake>,
     ) -> Self {
-        // An HTTP/2 connection with no stream open holds a slot like an idle kept-alive
-        // one, and is closed after as long.
-        let mut options = HttpServerOptions::default();
-        options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
-        proxy.server_options = Some(options);
         Self {
-            proxy: Arc::new(proxy),
+            proxy,
             live,
             capacity,
+            tls,
+        }
+    }
+
+    fn cut(&self, cut: Cut) {
+        if let Some(observe) = &self.live.load().observe {
+            observe.metrics.cut(cut);
+        }
+    }
+
+    /// HTTP/2: Pingora serves the connection once the client's opening is in, which must be
+    /// by the header deadline; a connection still without one then is closed.
+    async fn serve_h2(&self, stream: Stream, deadline: Instant, shutdown: &ShutdownWatch) {
+        let (stream, opened) = h2_opening::Watched::new(stream);
+        let serve = ServerApp::process_new(&self.proxy, Box::new(stream), shutdown);
+        let late = async {
+            if tokio::time::timeout_at(deadline.into(), opened)
+                .await
+                .is_ok()
+            {
+                std::future::pending::<()>().await;
+            }
+        };
+        tokio::select! {
+            biased;
+            _ = serve => {}
+            () = late => self.cut(Cut::H2OpeningTimeout),
         }
     }
 
@@ -118,6 +169,7 @@ impl Edge {
             }
             // The header is in; the body may still trickle in, a read at a time.
             session.set_read_timeout(Some(limits.body_timeout));
+            session.set_write_timeout(Some(limits.send_timeout));
             session.set_pipelined_prefix(header);
             let Some(next) = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await
             else {
@@ -193,9 +245,26 @@ impl ServerApp for Edge {
         stream: Stream,
         shutdown: &ShutdownWatch,
     ) -> Option<Stream> {
-        let _open = self.capacity.enter();
+        let accepted = Instant::now();
+        let client = stream
+            .get_socket_digest()
+            .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip));
+        let Some(_open) = self.capacity.enter(client) else {
+            self.cut(Cut::PerClientLimit);
+            return None;
+        };
+        let limits = self.live.load().limits;
+        let stream = match &self.tls {
+            Some(tls) => {
+                tls.accept(stream, accepted + limits.tls_handshake_timeout)
+                    .await?
+            }
+            None => stream,
+        };
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            return ServerApp::process_new(&self.proxy, stream, shutdown).await;
+            let deadline = accepted + limits.header_timeout;
+            self.serve_h2(stream, deadline, shutdown).await;
+            return None;
         }
         self.serve_http1(stream, shutdown).await;
         None
@@ -254,8 +323,15 @@ async fn read_header(
     // One timer for the whole header, however many reads it takes; made only when the first
     // read did not bring it all, which the usual request does.
     let mut expiry = None;
+    // Bytes before this were read and did not end the header.
+    let mut looked = 0;
     loop {
-        match framing::look_h1(&buf, limits) {
+        let look = if framing::may_end(&buf, looked) {
+            framing::look_h1(&buf, limits)
+        } else {
+            Look::Partial
+        };
+        match look {
             Look::Complete => return Ok(buf),
             Look::Refuse(refusal) => return Err(Ended::Refused(refusal, buf)),
             Look::Partial if buf.len() > limits.max_header_bytes => {
@@ -263,6 +339,7 @@ async fn read_header(
             }
             Look::Partial => {}
         }
+        looked = buf.len();
         let expiry =
             expiry.get_or_insert_with(|| Box::pin(tokio::time::sleep_until(deadline.into())));
         let read = tokio::select! {
@@ -330,9 +407,13 @@ fn request_line(header: &[u8]) -> (Option<http::Method>, String) {
     (method, path)
 }
 
-/// The count of open client connections, and the wait at the listeners when it is full.
+/// The count of open client connections, in all and per client, and the wait at the
+/// listeners when it is full.
 pub struct Capacity {
     open: AtomicUsize,
+    /// Open connections by client (its rate-limit key: IPv4 address, IPv6 /64). Touched once
+    /// when a connection opens and once when it closes, never per request.
+    by_client: Mutex<HashMap<IpAddr, usize>>,
     freed: Notify,
     /// Bumped when the cap is reached: idle kept-alive connections then close.
     crowded: watch::Sender<u64>,
@@ -343,6 +424,7 @@ impl Capacity {
     pub fn new(live: Arc<ArcSwap<Live>>) -> Self {
         Self {
             open: AtomicUsize::new(0),
+            by_client: Mutex::new(HashMap::new()),
             freed: Notify::new(),
             crowded: watch::Sender::new(0),
             live,
@@ -353,9 +435,25 @@ impl Capacity {
         self.live.load().limits.max_connections
     }
 
-    fn enter(self: &Arc<Self>) -> Open {
+    /// Counts a connection from `client` as open, unless that client already has its
+    /// share. The check and the count are one step under the lock, so a burst of
+    /// connections from one client cannot slip past the cap together.
+    fn enter(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Open> {
+        let client = client.map(rate_limit::key);
+        if let Some(client) = client {
+            let cap = self.live.load().limits.max_connections_per_client;
+            let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
+            let count = by_client.entry(client).or_insert(0);
+            if *count >= cap {
+                return None;
+            }
+            *count += 1;
+        }
         self.open.fetch_add(1, Ordering::AcqRel);
-        Open(self.clone())
+        Some(Open {
+            capacity: self.clone(),
+            client,
+        })
     }
 }
 
@@ -368,13 +466,29 @@ impl fmt::Debug for Capacity {
 }
 
 /// One open connection, counted until dropped.
-struct Open(Arc<Capacity>);
+struct Open {
+    capacity: Arc<Capacity>,
+    client: Option<IpAddr>,
+}
 
 impl Drop for Open {
     fn drop(&mut self) {
-        let before = self.0.open.fetch_sub(1, Ordering::AcqRel);
-        if before >= self.0.max() {
-            self.0.freed.notify_waiters();
+        if let Some(client) = self.client {
+            let mut by_client = self
+                .capacity
+                .by_client
+                .lock()
+                .unwrap_or_else(|e| e.into_inner());
+            if let Some(count) = by_client.get_mut(&client) {
+                *count -= 1;
+                if *count == 0 {
+                    by_client.remove(&client);
+                }
+            }
+        }
+        let before = self.capacity.open.fetch_sub(1, Ordering::AcqRel);
+        if before >= self.capacity.max() {
+            self.capacity.freed.notify_waiters();
         }
     }
 }

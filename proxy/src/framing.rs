@@ -150,15 +150,33 @@ fn check_fields(
     Look::Complete
 }
 
-/// The checks on an HTTP/2 request, whose codec has already refused malformed framing.
+/// The checks on an HTTP/2 request, whose codec has already refused malformed framing. The
+/// pseudo-headers count towards the size as the request line does in HTTP/1, so a huge
+/// `:path` is refused like a huge request line.
 pub fn check_h2(session: &Session, limits: &RequestLimits) -> Option<Refusal> {
-    let headers = &session.req_header().headers;
+    let request = session.req_header();
+    let headers = &request.headers;
     if headers.len() > limits.max_headers {
         return Some(TOO_MANY_HEADERS);
     }
+    let uri = &request.uri;
+    let pseudo = [
+        (":method", request.method.as_str().len()),
+        (
+            ":path",
+            uri.path_and_query().map_or(0, |p| p.as_str().len()),
+        ),
+        (
+            ":authority",
+            uri.authority().map_or(0, |a| a.as_str().len()),
+        ),
+        (":scheme", uri.scheme_str().map_or(0, str::len)),
+    ];
     let size: usize = headers
         .iter()
-        .map(|(name, value)| name.as_str().len() + value.len() + 4)
+        .map(|(name, value)| (name.as_str().len(), value.len()))
+        .chain(pseudo.iter().map(|&(name, value)| (name.len(), value)))
+        .map(|(name, value)| name + value + 4)
         .sum();
     if size > limits.max_header_bytes {
         return Some(HEADERS_TOO_LARGE);
@@ -205,6 +223,14 @@ const fn refusal(status: u16, code: &'static str, message: &'static str) -> Refu
     }
 }
 
+/// Whether the empty line that ends a header (`\n\r\n`, or a bare `\n\n` that
+/// [`look_h1`] refuses) may be among the bytes from `from` on. A trickled header is parsed only
+/// when it may be whole, so reading it costs time linear in its length, not quadratic.
+pub fn may_end(buf: &[u8], from: usize) -> bool {
+    let tail = &buf[from.saturating_sub(2).min(buf.len())..];
+    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
 fn has_bare_lf(raw: &[u8]) -> bool {
     raw.iter()
         .enumerate()
@@ -222,7 +248,23 @@ mod tests {
         header_timeout: std::time::Duration::from_secs(1),
         body_timeout: std::time::Duration::from_secs(1),
         max_connections: 10,
+        max_connections_per_client: 10,
+        send_timeout: std::time::Duration::from_secs(1),
+        tls_handshake_timeout: std::time::Duration::from_secs(1),
     };
+
+    #[test]
+    fn a_header_may_end_only_where_an_empty_line_could_be() {
+        let raw = b"GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert!(may_end(raw, 0));
+        // Byte by byte, the end shows only with the last byte, which looks back at two more.
+        for len in 1..raw.len() {
+            assert!(!may_end(&raw[..len], len - 1), "{len}");
+        }
+        assert!(may_end(raw, raw.len() - 1));
+        assert!(may_end(b"GET / HTTP/1.1\nHost: x\n\n", 20));
+        assert!(!may_end(b"", 0));
+    }
 
     fn look(raw: &str) -> Look {
         look_h1(raw.as_bytes(), &LIMITS)

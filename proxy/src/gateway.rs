@@ -28,6 +28,7 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
+use tokio::sync::OwnedSemaphorePermit;
 
 use arc_swap::ArcSwap;
 
@@ -38,12 +39,12 @@ use crate::{
     framing,
     https_redirect::HttpsRedirect,
     live::Live,
-    metrics::Refusal,
+    metrics::{Cut, Refusal},
     request_id,
     respond::{self, Stamp},
     routes::Served,
     statics::{encoding::compressible, path},
-    upstream::Pool,
+    upstream::{NoBackend, Pool},
 };
 
 /// What HTTPS changes in how requests are answered.
@@ -192,6 +193,8 @@ pub struct RequestCtx {
     upstream_time: Option<Duration>,
     /// Request body bytes received so far.
     body_bytes: u64,
+    /// The chosen backend's slot (`upstream`), held until the request is over.
+    slot: Option<OwnedSemaphorePermit>,
 }
 
 #[async_trait]
@@ -212,6 +215,7 @@ impl ProxyHttp for Gateway {
             upstream: None,
             upstream_time: None,
             body_bytes: 0,
+            slot: None,
         }
     }
 
@@ -238,6 +242,12 @@ impl ProxyHttp for Gateway {
             ctx.client = client_ip::client_ip(peer, headers, &live.trusted_proxies);
         }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        // HTTP/1 sessions got theirs as they were made (`connection`); an HTTP/2 stream's
+        // covers its waits for flow-control credit too, so a client that opens a zero window
+        // and never reads loses the stream.
+        if session.is_http2() {
+            session.set_write_timeout(Some(live.limits.send_timeout));
+        }
         if crate::drain::leaving() {
             session.set_keepalive(None);
         }
@@ -385,11 +395,19 @@ impl ProxyHttp for Gateway {
         let live = Arc::clone(&ctx.live);
         match ctx.route.and_then(|i| live.routes.get(i)) {
             Some((_, Served::Backends, _)) => {
-                let (peer, id) = self.pool.select(&ctx.failed).ok_or_else(|| {
+                // A retry gives back the failed backend's slot before it asks for another.
+                ctx.slot = None;
+                let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
+                    if why == NoBackend::Full
+                        && let Some(observe) = &live.observe
+                    {
+                        observe.metrics.upstream_queue_timeouts.inc();
+                    }
                     Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
                 })?;
-                ctx.upstream = id.map(|id| (id, Instant::now()));
-                Ok(peer)
+                ctx.upstream = chosen.id.map(|id| (id, Instant::now()));
+                ctx.slot = Some(chosen.slot);
+                Ok(chosen.peer)
             }
             _ => Error::e_explain(
                 ErrorType::InternalError,
@@ -526,10 +544,17 @@ impl ProxyHttp for Gateway {
         // The connection is closed after this response: say so, or a keep-alive client would
         // send its next request into the closing connection.
         session.set_keepalive(None);
+        // A 503 is the pool being down or full for now: say when to come back.
+        let retry: &[(&'static str, &str)] = if status == 503 {
+            &[("retry-after", "1")]
+        } else {
+            &[]
+        };
         if status != 0
             && not_started
             && let Err(write_error) =
-                respond::json_error(session, &self.stamp(ctx), status, code, message).await
+                respond::json_error_with(session, &self.stamp(ctx), status, code, message, retry)
+                    .await
         {
             tracing::debug!(error = %write_error, request_id = %ctx.request_id, "could not send the error response");
         }
@@ -539,16 +564,30 @@ impl ProxyHttp for Gateway {
         }
     }
 
-    /// Pingora's own log lines about a request (a failed proxy attempt) carry its id.
+    /// Pingora's own log lines about a request (a failed proxy attempt) carry its id, and
+    /// never its query, which may carry a token (Pingora's own summary has it).
     fn request_summary(&self, session: &Session, ctx: &RequestCtx) -> String {
+        let request = session.req_header();
         format!(
-            "{}, request_id: {}",
-            session.as_ref().request_summary(),
+            "{} {}, request_id: {}",
+            request.method,
+            request.uri.path(),
             ctx.request_id
         )
     }
 
-    async fn logging(&self, session: &mut Session, _e: Option<&Error>, ctx: &mut RequestCtx) {
+    /// A client's own failures (gone, too slow to send or to read) are in the access log and
+    /// the metrics; a line each in the error log would let any client flood it.
+    fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
+        *error.esource() == ErrorSource::Downstream || sent_too_slowly(error)
+    }
+
+    async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
+        if e.is_some_and(sent_too_slowly)
+            && let Some(observe) = &ctx.live.observe
+        {
+            observe.metrics.cut(Cut::SendTimeout);
+        }
         self.observe(session, ctx);
     }
 }
@@ -626,6 +665,12 @@ fn set_compression(session: &mut Session, level: u32) {
     }
 }
 
+/// Whether the client stopped reading past the send deadline. Writes the proxy makes itself
+/// (static files, refusals) fail with no source set, so anything not the backend's counts.
+fn sent_too_slowly(e: &Error) -> bool {
+    e.etype() == &ErrorType::WriteTimedout && *e.esource() != ErrorSource::Upstream
+}
+
 /// Maps a failure to the status, code and message the client sees. Status 0: the client is
 /// gone, nothing to send.
 fn classify(e: &Error) -> (u16, &'static str, &'static str) {
@@ -645,7 +690,9 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
             (504, "gateway_timeout", "the backend did not answer in time")
         }
         (ErrorSource::Upstream, _) => (502, "bad_gateway", "the backend failed to answer"),
+        // Gone, or stopped reading (the send deadline): nothing more can be sent to it.
         (ErrorSource::Downstream, ReadError | WriteError | ConnectionClosed) => (0, "", ""),
+        (source, WriteTimedout) if *source != ErrorSource::Upstream => (0, "", ""),
         (ErrorSource::Downstream, ReadTimedout) => (
             408,
             "request_timeout",

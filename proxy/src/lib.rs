@@ -7,9 +7,10 @@
 //! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
-//! - [`connection`]: each client connection first: the cap on open connections, the
-//!   deadline for a request header, and the [`framing`] checks (ambiguous or oversized
-//!   requests are refused before anything else).
+//! - [`connection`]: each client connection first: the caps on open connections (in all and
+//!   per client), the TLS handshake, the deadlines for a request header (HTTP/2's opening in
+//!   [`h2_opening`]) and for each write to the client, and the [`framing`] checks (ambiguous
+//!   or oversized requests are refused before anything else).
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
@@ -23,6 +24,7 @@ pub mod connection;
 pub mod drain;
 pub mod framing;
 pub mod gateway;
+pub mod h2_opening;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
@@ -63,6 +65,8 @@ pub struct Settings {
     /// `host:port` of the HTTP listener.
     pub listen: String,
     pub limits: RequestLimits,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_streams: u32,
     pub threads: usize,
     pub routes: Vec<Route>,
     pub statics: StaticSettings,
@@ -96,6 +100,15 @@ pub struct RequestLimits {
     pub body_timeout: Duration,
     /// Client connections open at once; past this the listeners stop accepting.
     pub max_connections: usize,
+    /// Connections one client (IPv4 address, IPv6 /64) may hold open at once; past this its
+    /// new connections are closed at once (nginx: `limit_conn`).
+    pub max_connections_per_client: usize,
+    /// The longest a response may make no progress: a write to the client (HTTP/1) or a
+    /// stream waiting for flow-control credit (HTTP/2) that stalls this long is aborted
+    /// (nginx: `send_timeout`).
+    pub send_timeout: Duration,
+    /// A TLS handshake must be complete this long after the connection was accepted.
+    pub tls_handshake_timeout: Duration,
 }
 
 /// How the proxy stopped, for the exit code.
@@ -165,7 +178,7 @@ pub fn run(
 
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
-    let pool = upstream::Pool::new(lb.clone());
+    let pool = upstream::Pool::new(lb.clone(), settings.pool.queue_timeout);
     let metrics = match &settings.admin_listen {
         Some(_) => Some(Arc::new(metrics::Metrics::new()?)),
         None => None,
@@ -177,37 +190,38 @@ pub fn run(
     )?));
     let gateway = gateway::Gateway::new(live.clone(), pool);
 
-    let mut listeners = Listeners::new();
+    // Both public listeners share the proxy and the connection caps. The HTTPS one is plain
+    // TCP to Pingora: its handshakes are made by `connection`, under the caps.
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
-    listeners.set_connection_filter(capacity.clone());
+    let app = connection::http_app(
+        pingora_proxy::http_proxy(&server.configuration, gateway),
+        settings.h2_max_streams,
+    );
+    let listeners = |listen: &str| {
+        let mut listeners = Listeners::new();
+        listeners.set_connection_filter(capacity.clone());
+        listeners.add_listener(ListenerConfig::tcp(listen).l4_buffer(CLIENT_BUFFERS));
+        listeners
+    };
+    let mut public = vec![Service::with_listeners(
+        "gatehouse proxy".into(),
+        listeners(&settings.listen),
+        connection::Edge::new(app.clone(), live.clone(), capacity.clone(), None),
+    )];
     let mut certificate = None;
-    listeners.add_listener(ListenerConfig::tcp(&settings.listen).l4_buffer(CLIENT_BUFFERS));
     let mut public_ports = vec![port_of(&settings.listen)];
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
         let slot = Arc::new(ArcSwap::new(tls::load_certified_key(&tls.cert, &tls.key)?));
         certificate = Some(slot.clone());
-        let (begun, completed) = match &metrics {
-            Some(m) => (m.tls_connections.clone(), m.tls_handshakes.clone()),
-            None => (live::unregistered_counter()?, live::unregistered_counter()?),
-        };
-        listeners.set_pre_tls_callback(Arc::new(tls::CountBegun(begun)));
-        listeners.add_listener(
-            ListenerConfig::tcp(&tls.listen)
-                .tls(tls::settings(slot, completed)?)
-                .l4_buffer(CLIENT_BUFFERS),
-        );
+        let handshake = tls::Handshake::new(slot, metrics.clone())?;
+        public.push(Service::with_listeners(
+            "gatehouse proxy (HTTPS)".into(),
+            listeners(&tls.listen),
+            connection::Edge::new(app, live.clone(), capacity.clone(), Some(handshake)),
+        ));
         public_ports.push(port_of(&tls.listen));
     }
-    let proxy = Service::with_listeners(
-        "gatehouse proxy".into(),
-        listeners,
-        connection::Edge::new(
-            pingora_proxy::http_proxy(&server.configuration, gateway),
-            live.clone(),
-            capacity,
-        ),
-    );
 
     if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
         let admin = admin::Admin {
@@ -234,7 +248,9 @@ pub fn run(
         "reload and log reopening",
         signals,
     ));
-    server.add_service(proxy);
+    for service in public {
+        server.add_service(service);
+    }
     server.add_service(health);
     // Last, after everything that can fail: in an upgrade this takes the listening sockets
     // from the old proxy, which stops serving them soon after. Then say so to the

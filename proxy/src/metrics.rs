@@ -35,8 +35,45 @@ pub enum Refusal {
     AuthFailed,
 }
 
+/// Why the edge cut a client connection or stream short.
+#[derive(Debug, Clone, Copy)]
+pub enum Cut {
+    /// The client already held `proxy.max_connections_per_client` connections.
+    PerClientLimit,
+    TlsHandshakeTimeout,
+    TlsHandshakeError,
+    /// An HTTP/2 client sent no whole preface and `SETTINGS` by the header deadline.
+    H2OpeningTimeout,
+    /// A response made no progress for `proxy.send_timeout_ms`.
+    SendTimeout,
+}
+
+impl Cut {
+    const ALL: [Cut; 5] = [
+        Cut::PerClientLimit,
+        Cut::TlsHandshakeTimeout,
+        Cut::TlsHandshakeError,
+        Cut::H2OpeningTimeout,
+        Cut::SendTimeout,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Cut::PerClientLimit => "per_client_limit",
+            Cut::TlsHandshakeTimeout => "tls_handshake_timeout",
+            Cut::TlsHandshakeError => "tls_handshake_error",
+            Cut::H2OpeningTimeout => "h2_opening_timeout",
+            Cut::SendTimeout => "send_timeout",
+        }
+    }
+}
+
 pub struct Metrics {
     pub registry: Registry,
+    /// By [`Cut`], in the order of [`Cut::ALL`].
+    cuts: [IntCounter; 5],
+    /// Requests that waited for a backend connection slot until the queue deadline (503).
+    pub upstream_queue_timeouts: IntCounter,
     upstream_errors: IntCounterVec,
     pub backend_up: IntGaugeVec,
     /// Clients each rate limit policy tracks, set when scraped.
@@ -157,7 +194,20 @@ impl Metrics {
             "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
             &["result"],
         )?;
-        let collectors: [Box<dyn Collector>; 15] = [
+        let cuts_vec = counter(
+            "gatehouse_connection_cuts_total",
+            "Client connections or streams the edge cut short, by reason: per_client_limit (refused at accept), tls_handshake_timeout, tls_handshake_error, h2_opening_timeout, send_timeout (a response made no progress).",
+            &["reason"],
+        )?;
+        let cuts = Cut::ALL.map(|cut| cuts_vec.with_label_values(&[cut.label()]));
+        let upstream_queue_timeouts = IntCounter::new(
+            "gatehouse_upstream_queue_timeouts_total",
+            "Requests answered 503 because every backend had proxy.upstream_max_connections requests in flight until proxy.upstream_queue_timeout_ms passed.",
+        )
+        .map_err(err)?;
+        let collectors: [Box<dyn Collector>; 17] = [
+            Box::new(cuts_vec),
+            Box::new(upstream_queue_timeouts.clone()),
             Box::new(connection_waits.clone()),
             Box::new(rate_limit_keys.clone()),
             Box::new(reloads.clone()),
@@ -179,6 +229,8 @@ impl Metrics {
         }
         Ok(Self {
             registry,
+            cuts,
+            upstream_queue_timeouts,
             upstream_errors,
             backend_up,
             rate_limit_keys,
@@ -193,6 +245,10 @@ impl Metrics {
             refusals,
             statics,
         })
+    }
+
+    pub fn cut(&self, cut: Cut) {
+        self.cuts[cut as usize].inc();
     }
 
     /// The series of one route, labelled `route`.

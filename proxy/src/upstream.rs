@@ -1,10 +1,17 @@
 //! The backend pool: processes on Unix sockets behind a round-robin load balancer, with
-//! active health checks on `/healthz` and passive failover on connect errors.
+//! active health checks on `/healthz`, passive failover on connect errors, and a cap on the
+//! requests in flight to each backend (nginx `max_conns`, HAProxy `maxconn` per server).
+//!
+//! The cap keeps a flood of slow or stalled clients from holding every backend connection
+//! (and a backend's file descriptors) at once: past it a request waits for a slot on a
+//! backend, at most `queue_timeout`, and then gets `503` with `Retry-After`.
 //!
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
 use std::{collections::BTreeSet, sync::Arc, time::Duration};
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use pingora::{
     http::RequestHeader,
@@ -31,6 +38,30 @@ pub struct PoolSettings {
     /// How long a backend may take to answer `/healthz` (which asks Redis, so it must outlast
     /// the Redis deadline: a slow Redis is not a dead backend).
     pub health_check_timeout: Duration,
+    /// Requests in flight to one backend at once.
+    pub max_connections_per_backend: usize,
+    /// How long a request may wait for a slot when every backend is at its cap.
+    pub queue_timeout: Duration,
+}
+
+/// A backend's free slots for requests in flight; kept in its `ext`.
+#[derive(Clone)]
+struct Slots(Arc<Semaphore>);
+
+/// A backend chosen for a request, and its slot, held until the request is over.
+pub struct Chosen {
+    pub peer: Box<HttpPeer>,
+    pub id: Option<Arc<str>>,
+    pub slot: OwnedSemaphorePermit,
+}
+
+/// Why no backend was chosen.
+#[derive(Debug, PartialEq, Eq)]
+pub enum NoBackend {
+    /// Every backend failed this request already.
+    Untried,
+    /// Every backend stayed at its cap until the queue deadline.
+    Full,
 }
 
 /// Builds the pool and the background service that keeps its health up to date.
@@ -55,6 +86,9 @@ pub fn build(
         };
         entry.ext.insert(peer);
         entry.ext.insert(BackendId(Arc::from(backend.id.as_str())));
+        entry.ext.insert(Slots(Arc::new(Semaphore::new(
+            settings.max_connections_per_backend,
+        ))));
         backends.insert(entry);
     }
     let backends = Backends::new(discovery::Static::new(backends));
@@ -77,23 +111,52 @@ pub fn build(
 
 pub struct Pool {
     lb: Arc<LoadBalancer<RoundRobin>>,
+    queue_timeout: Duration,
 }
 
 impl Pool {
-    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>) -> Self {
-        Self { lb }
+    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>, queue_timeout: Duration) -> Self {
+        Self { lb, queue_timeout }
     }
 
-    /// The next healthy backend that has not already failed this request. When health checks
-    /// have every one marked down, an untried backend is still worth one connect attempt.
-    pub fn select(&self, failed: &[SocketAddr]) -> Option<(Box<HttpPeer>, Option<Arc<str>>)> {
+    /// The next healthy backend with a free slot that has not already failed this request.
+    /// When every one is full, the request queues at the next healthy one, until the queue
+    /// deadline. When health checks have every one marked down, an untried backend is still
+    /// worth one connect attempt.
+    pub async fn select(&self, failed: &[SocketAddr]) -> Result<Chosen, NoBackend> {
         let untried = |b: &Backend| !failed.contains(&b.addr);
+        let free = |b: &Backend| slots(b).is_some_and(|s| s.available_permits() > 0);
+        if let Some(backend) = self
+            .lb
+            .select_with(b"", 256, |b, healthy| healthy && untried(b) && free(b))
+            && let Some(slot) = slots(&backend).and_then(|s| s.clone().try_acquire_owned().ok())
+        {
+            return chosen(&backend, slot);
+        }
         let backend = self
             .lb
             .select_with(b"", 256, |b, healthy| healthy && untried(b))
-            .or_else(|| self.lb.select_with(b"", 256, |b, _| untried(b)))?;
-        let id = backend.ext.get::<BackendId>().map(|id| id.0.clone());
-        let peer = backend.ext.get::<HttpPeer>().cloned().map(Box::new)?;
-        Some((peer, id))
+            .or_else(|| self.lb.select_with(b"", 256, |b, _| untried(b)))
+            .ok_or(NoBackend::Untried)?;
+        let slots = slots(&backend).ok_or(NoBackend::Untried)?.clone();
+        match tokio::time::timeout(self.queue_timeout, slots.acquire_owned()).await {
+            Ok(Ok(slot)) => chosen(&backend, slot),
+            _ => Err(NoBackend::Full),
+        }
     }
+}
+
+fn slots(backend: &Backend) -> Option<&Arc<Semaphore>> {
+    backend.ext.get::<Slots>().map(|s| &s.0)
+}
+
+fn chosen(backend: &Backend, slot: OwnedSemaphorePermit) -> Result<Chosen, NoBackend> {
+    let id = backend.ext.get::<BackendId>().map(|id| id.0.clone());
+    let peer = backend
+        .ext
+        .get::<HttpPeer>()
+        .cloned()
+        .map(Box::new)
+        .ok_or(NoBackend::Untried)?;
+    Ok(Chosen { peer, id, slot })
 }

@@ -97,6 +97,10 @@ pub struct Tls {
 pub struct Proxy {
     pub listen: SocketAddr,
     pub limits: gatehouse_proxy::RequestLimits,
+    pub h2_max_streams: u32,
+    /// Requests in flight to one backend at once.
+    pub upstream_max_connections: usize,
+    pub upstream_queue_timeout: Duration,
     pub threads: usize,
     pub shutdown_grace: Duration,
     pub connect_timeout: Duration,
@@ -241,6 +245,42 @@ impl Config {
                 "",
                 &at,
             )?;
+            within(
+                p.max_connections_per_client,
+                1..=1_000_000,
+                "proxy.max_connections_per_client",
+                "",
+                &at,
+            )?;
+            within(
+                p.send_timeout_ms,
+                100..=600_000,
+                "proxy.send_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(
+                p.tls_handshake_timeout_ms,
+                100..=600_000,
+                "proxy.tls_handshake_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(p.h2_max_streams, 1..=1000, "proxy.h2_max_streams", "", &at)?;
+            within(
+                p.upstream_max_connections,
+                1..=1_000_000,
+                "proxy.upstream_max_connections",
+                "",
+                &at,
+            )?;
+            within(
+                p.upstream_queue_timeout_ms,
+                0..=600_000,
+                "proxy.upstream_queue_timeout_ms",
+                " ms",
+                &at,
+            )?;
             Proxy {
                 listen,
                 limits: gatehouse_proxy::RequestLimits {
@@ -250,7 +290,13 @@ impl Config {
                     header_timeout: Duration::from_millis(p.header_timeout_ms),
                     body_timeout: Duration::from_millis(p.body_timeout_ms),
                     max_connections: p.max_connections,
+                    max_connections_per_client: p.max_connections_per_client,
+                    send_timeout: Duration::from_millis(p.send_timeout_ms),
+                    tls_handshake_timeout: Duration::from_millis(p.tls_handshake_timeout_ms),
                 },
+                h2_max_streams: p.h2_max_streams,
+                upstream_max_connections: p.upstream_max_connections,
+                upstream_queue_timeout: Duration::from_millis(p.upstream_queue_timeout_ms),
                 threads,
                 shutdown_grace: Duration::from_secs(p.shutdown_grace_seconds),
                 connect_timeout: Duration::from_millis(p.upstream_connect_timeout_ms),
@@ -611,6 +657,7 @@ impl Config {
         gatehouse_proxy::Settings {
             listen: self.proxy.listen.to_string(),
             limits: self.proxy.limits,
+            h2_max_streams: self.proxy.h2_max_streams,
             threads: self.proxy.threads,
             routes: self.routes.clone(),
             pool: gatehouse_proxy::PoolSettings {
@@ -625,6 +672,8 @@ impl Config {
                 read_timeout: self.proxy.read_timeout,
                 health_check_interval: self.proxy.health_check_interval,
                 health_check_timeout: self.redis.timeout + Duration::from_secs(1),
+                max_connections_per_backend: self.proxy.upstream_max_connections,
+                queue_timeout: self.proxy.upstream_queue_timeout,
             },
             statics: self.statics.clone(),
             tls: self.tls.as_ref().map(|t| gatehouse_proxy::TlsListener {
@@ -967,6 +1016,12 @@ struct RawProxy {
     header_timeout_ms: u64,
     body_timeout_ms: u64,
     max_connections: usize,
+    max_connections_per_client: usize,
+    send_timeout_ms: u64,
+    tls_handshake_timeout_ms: u64,
+    h2_max_streams: u32,
+    upstream_max_connections: usize,
+    upstream_queue_timeout_ms: u64,
 }
 
 impl Default for RawProxy {
@@ -989,6 +1044,12 @@ impl Default for RawProxy {
             header_timeout_ms: 10_000,
             body_timeout_ms: 30_000,
             max_connections: 4096,
+            max_connections_per_client: 256,
+            send_timeout_ms: 30_000,
+            tls_handshake_timeout_ms: 10_000,
+            h2_max_streams: 100,
+            upstream_max_connections: 512,
+            upstream_queue_timeout_ms: 2000,
         }
     }
 }

@@ -1,0 +1,371 @@
+//! What one client can hold, and for how long: readers that never read (HTTP/1 and HTTP/2),
+//! silent TLS connections, HTTP/2 connections without a preface, one address opening
+//! connection after connection, and slow requests holding every backend slot. Each attack
+//! is cut off or refused, and an ordinary client is served meanwhile.
+
+use std::{
+    io::{Read, Write},
+    net::TcpStream,
+    sync::{
+        Arc,
+        atomic::{AtomicBool, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::{
+    drills::{exchange, plain_group, steady_pings},
+    util::{Group, Options, wait_until},
+};
+
+const PING: &[u8] = b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
+
+fn tls_group(proxy_extra: &str) -> Group {
+    Group::start(Options {
+        backends: 1,
+        proxy_extra: proxy_extra.into(),
+        ..Options::default()
+    })
+}
+
+fn cuts(group: &Group, reason: &str) -> f64 {
+    group
+        .metric(&format!(
+            "gatehouse_connection_cuts_total{{reason=\"{reason}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+/// Reads what is left until the proxy closes the connection (or 10 s pass); the bytes read,
+/// and whether it was closed.
+fn drain(stream: &mut TcpStream) -> (usize, bool) {
+    stream
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut total = 0;
+    let mut buffer = vec![0u8; 1 << 16];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) => return (total, true),
+            Ok(n) => total += n,
+            Err(e) if e.kind() == std::io::ErrorKind::ConnectionReset => return (total, true),
+            Err(_) => return (total, false),
+        }
+    }
+}
+
+#[test]
+fn readers_that_never_read_lose_their_response_and_slot_at_the_send_deadline() {
+    let group = plain_group(1, "max_connections = 10\nsend_timeout_ms = 1000");
+    // Far more than the socket buffers hold, so the proxy's writes stall.
+    let big = std::fs::File::create(group.dir.path().join("files/big.bin")).unwrap();
+    big.set_len(64 << 20).unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let pings = steady_pings(group.port, stop.clone());
+    let mut stalled: Vec<TcpStream> = (0..6)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", group.port)).unwrap();
+            s.write_all(b"GET /files/big.bin HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            s
+        })
+        .collect();
+    // Held while they stall, released once the deadline passes.
+    assert!(
+        wait_until(Duration::from_secs(3), || group
+            .metric("gatehouse_open_connections")
+            .is_some_and(|n| n >= 6.0)),
+        "the stalled readers never held their connections"
+    );
+    assert!(
+        wait_until(Duration::from_secs(8), || group
+            .metric("gatehouse_open_connections")
+            .is_some_and(|n| n <= 1.0)),
+        "stalled readers still hold {:?} connections",
+        group.metric("gatehouse_open_connections")
+    );
+    stop.store(true, Ordering::Relaxed);
+    let (served, failed) = pings.join().unwrap();
+    assert!(
+        failed.is_empty() && served > 10,
+        "{served} served, {failed:?}"
+    );
+    for stream in &mut stalled {
+        let (bytes, closed) = drain(stream);
+        assert!(
+            closed && bytes < 64 << 20,
+            "{bytes} bytes, closed: {closed}"
+        );
+    }
+    assert!(cuts(&group, "send_timeout") >= 6.0);
+    // Counted, not logged one line each.
+    assert!(!group.log().contains("WriteTimedout"), "{}", group.log());
+}
+
+/// An HTTPS client that speaks HTTP/2 only and opens every stream with a zero window: it
+/// receives response headers, never a byte of a body.
+fn zero_window_client(group: &Group) -> reqwest::blocking::Client {
+    let pem = std::fs::read(group.dir.path().join("certs/gatehouse.crt")).unwrap();
+    reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .add_root_certificate(reqwest::Certificate::from_pem(&pem).unwrap())
+        .http2_prior_knowledge()
+        .http2_initial_stream_window_size(0)
+        .timeout(Duration::from_secs(15))
+        .build()
+        .unwrap()
+}
+
+fn open_files(pid: u32) -> usize {
+    std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
+}
+
+#[test]
+fn http2_streams_stalled_by_a_zero_window_are_aborted_and_free_the_backend() {
+    let group = tls_group("send_timeout_ms = 1000");
+    let backend = group.child_pid("--id b1 ").expect("b1");
+    let baseline = open_files(backend);
+    let client = zero_window_client(&group);
+    let started = Instant::now();
+    let streams: Vec<_> = (0..20)
+        .map(|_| {
+            let (client, url) = (client.clone(), group.url("/api/ping"));
+            thread::spawn(move || {
+                let response = client.get(url).send().map_err(|e| e.to_string())?;
+                response.bytes().map(|b| b.len()).map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    // Others are served meanwhile.
+    let ordinary = group.get("/api/ping").unwrap();
+    assert_eq!(ordinary.status(), 200);
+    let outcomes: Vec<_> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    assert!(
+        outcomes.iter().all(Result::is_err),
+        "a stalled stream got its body: {outcomes:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(6),
+        "aborted only after {:?}",
+        started.elapsed()
+    );
+    assert!(cuts(&group, "send_timeout") >= 20.0);
+    // The backend connections the streams used are not pinned.
+    assert!(
+        wait_until(Duration::from_secs(5), || open_files(backend)
+            <= baseline + 4),
+        "the backend holds {} files, {baseline} before",
+        open_files(backend)
+    );
+}
+
+/// A TLS client that trusts the group's certificate and offers `alpn`.
+fn tls_client(
+    group: &Group,
+    alpn: &[u8],
+) -> rustls::StreamOwned<rustls::ClientConnection, TcpStream> {
+    use rustls::pki_types::{CertificateDer, ServerName, pem::PemObject};
+    let mut roots = rustls::RootCertStore::empty();
+    let cert = CertificateDer::from_pem_file(group.dir.path().join("certs/gatehouse.crt")).unwrap();
+    roots.add(cert).unwrap();
+    let mut config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    config.alpn_protocols = vec![alpn.to_vec()];
+    let name = ServerName::try_from("localhost").unwrap();
+    let connection = rustls::ClientConnection::new(Arc::new(config), name).unwrap();
+    let socket = TcpStream::connect(("127.0.0.1", group.tls_port.unwrap())).unwrap();
+    let mut stream = rustls::StreamOwned::new(connection, socket);
+    while stream.conn.is_handshaking() {
+        stream.conn.complete_io(&mut stream.sock).unwrap();
+    }
+    stream
+}
+
+/// Frames from the server until one of `kind` (with `flags`) arrives; its payload.
+fn frame_of(stream: &mut impl Read, kind: u8, flags: u8) -> Vec<u8> {
+    loop {
+        let mut head = [0u8; 9];
+        stream.read_exact(&mut head).unwrap();
+        let length = usize::from(head[0]) << 16 | usize::from(head[1]) << 8 | usize::from(head[2]);
+        let mut payload = vec![0u8; length];
+        stream.read_exact(&mut payload).unwrap();
+        if head[3] == kind && head[4] & flags == flags {
+            return payload;
+        }
+    }
+}
+
+const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
+const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
+
+#[test]
+fn http2_without_a_preface_is_closed_at_the_header_deadline_and_a_good_opening_is_not() {
+    let group = tls_group("header_timeout_ms = 1000\nh2_max_streams = 7");
+    // TLS done, ALPN h2, and then nothing.
+    let mut silent = tls_client(&group, b"h2");
+    let started = Instant::now();
+    silent
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let mut buffer = [0u8; 256];
+    let ended = loop {
+        match silent.read(&mut buffer) {
+            Ok(0) | Err(_) => break started.elapsed(),
+            // The server's SETTINGS.
+            Ok(_) => {}
+        }
+    };
+    assert!(
+        ended >= Duration::from_millis(500) && ended < Duration::from_secs(3),
+        "closed after {ended:?}"
+    );
+    assert!(cuts(&group, "h2_opening_timeout") >= 1.0);
+
+    // A client that opens properly outlives the deadline, and is told the stream limit.
+    let mut good = tls_client(&group, b"h2");
+    good.write_all(PREFACE).unwrap();
+    good.write_all(&EMPTY_SETTINGS).unwrap();
+    good.flush().unwrap();
+    let settings = frame_of(&mut good, 4, 0);
+    let max_streams = settings
+        .chunks(6)
+        .find(|s| s[..2] == [0, 3])
+        .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
+    assert_eq!(max_streams, Some(7));
+    thread::sleep(Duration::from_millis(1500));
+    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
+    good.write_all(&ping).unwrap();
+    good.flush().unwrap();
+    assert_eq!(frame_of(&mut good, 6, 1), [1, 2, 3, 4, 5, 6, 7, 8]);
+}
+
+#[test]
+fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline() {
+    let group = tls_group("max_connections = 6\ntls_handshake_timeout_ms = 1000");
+    let mut silent: Vec<TcpStream> = (0..6)
+        .map(|_| TcpStream::connect(("127.0.0.1", group.tls_port.unwrap())).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    // The cap is full of handshakes that never start: an ordinary client waits for the
+    // deadline to free a slot, and is then served.
+    let started = Instant::now();
+    let fresh = group.http_client(false);
+    let response = fresh.get(group.url("/api/ping")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    let waited = started.elapsed();
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(4),
+        "served after {waited:?}"
+    );
+    for stream in &mut silent {
+        let (bytes, closed) = drain(stream);
+        assert!(closed && bytes == 0, "{bytes} bytes, closed: {closed}");
+    }
+    assert!(cuts(&group, "tls_handshake_timeout") >= 6.0);
+    // A broken handshake is counted too, and neither kind is logged line by line.
+    let (response, closed) = exchange(group.tls_port.unwrap(), PING);
+    assert!(!response.starts_with("HTTP") && closed, "{response}");
+    assert!(wait_until(Duration::from_secs(3), || cuts(
+        &group,
+        "tls_handshake_error"
+    ) >= 1.0));
+    let log = group.log();
+    assert!(!log.to_lowercase().contains("handshake"), "{log}");
+}
+
+#[test]
+fn one_address_is_refused_past_its_share_while_another_is_served() {
+    let group = plain_group(
+        1,
+        "max_connections_per_client = 4\nheader_timeout_ms = 5000",
+    );
+    let held: Vec<TcpStream> = (0..4)
+        .map(|_| TcpStream::connect(("127.0.0.1", group.port)).unwrap())
+        .collect();
+    thread::sleep(Duration::from_millis(300));
+    let started = Instant::now();
+    let (response, closed) = exchange(group.port, PING);
+    assert!(response.is_empty() && closed, "{response}");
+    assert!(started.elapsed() < Duration::from_secs(2));
+    assert!(cuts(&group, "per_client_limit") >= 1.0);
+    // Another client is served meanwhile.
+    let other = group.client_from("127.0.0.2");
+    let response = other.get(group.url("/api/ping")).send().unwrap();
+    assert_eq!(response.status(), 200);
+    // The address gets its share back as its connections close.
+    drop(held);
+    assert!(
+        wait_until(Duration::from_secs(3), || exchange(group.port, PING)
+            .0
+            .starts_with("HTTP/1.1 200 ")),
+        "the address stayed refused"
+    );
+}
+
+#[test]
+fn slow_requests_holding_every_backend_slot_queue_others_then_get_503() {
+    let group = plain_group(
+        1,
+        "upstream_max_connections = 2\nupstream_queue_timeout_ms = 500",
+    );
+    std::fs::write(group.dir.path().join("files/page.txt"), "static").unwrap();
+    // Two logins whose bodies never finish: each holds a backend slot.
+    let slow: Vec<TcpStream> = (0..2)
+        .map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", group.port)).unwrap();
+            s.write_all(b"POST /auth/login HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: 60\r\n\r\n{\"username\":")
+                .unwrap();
+            s
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(500));
+    let started = Instant::now();
+    let (response, _) = exchange(group.port, PING);
+    let waited = started.elapsed();
+    assert!(response.starts_with("HTTP/1.1 503 "), "{response}");
+    assert!(
+        response.to_lowercase().contains("retry-after: 1\r\n"),
+        "{response}"
+    );
+    assert!(response.contains(r#""error":"unavailable""#), "{response}");
+    assert!(
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(3),
+        "answered after {waited:?}"
+    );
+    assert_eq!(
+        group.metric("gatehouse_upstream_queue_timeouts_total"),
+        Some(1.0)
+    );
+    // Static files need no backend slot.
+    assert_eq!(group.get("/files/page.txt").unwrap().status(), 200);
+    drop(slow);
+    assert!(
+        wait_until(Duration::from_secs(5), || group
+            .get("/api/ping")
+            .is_ok_and(|r| r.status() == 200)),
+        "the slots were not given back"
+    );
+}
+
+#[test]
+fn an_http2_path_counts_towards_the_header_limit() {
+    let group = tls_group("max_header_bytes = 2048");
+    let long = "a".repeat(3000);
+    let client = group.http_client(false);
+    let response = client
+        .get(group.url(&format!("/api/ping?q={long}")))
+        .send()
+        .unwrap();
+    assert_eq!(response.version(), reqwest::Version::HTTP_2);
+    assert_eq!(response.status(), 431);
+    let response = client.get(group.url("/api/ping?q=short")).send().unwrap();
+    assert_eq!(response.status(), 200);
+}
