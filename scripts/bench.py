@@ -13,6 +13,7 @@ to the output directory.
     scripts/bench.py --quick    # a short smoke run, as CI does
     scripts/bench.py --out DIR  # where the table and the raw JSON go
     scripts/bench.py --observability  # gatehouse with metrics and access logs on vs off
+    scripts/bench.py --baseline OTHER --rounds 6  # this build vs another gatehouse binary
 
 Needs oha (cargo install oha --locked), nginx, and what gatehouse itself needs.
 Everything runs on loopback and stops by itself.
@@ -289,65 +290,115 @@ def start_group(binary, work, name, backends, admin, access_log):
     return group, http, https, proxy
 
 
-def observability(opts, binary):
-    """Two groups side by side, one with metrics (admin listener) and JSON access logs to a
-    file, one with both off; the same oha runs alternate between them."""
-    duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, 3)
+def side_by_side(opts, sides, scenarios, title, file_name):
+    """Groups started side by side, one per entry of `sides` (name -> (binary, admin port or
+    None, access log or "")), all with the same config otherwise; the same oha runs alternate
+    between them, round after round. Writes and prints a table of medians, the first side
+    against the second."""
+    duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, opts.rounds)
     opts.out.mkdir(parents=True, exist_ok=True)
     raw = opts.out / "raw"
     raw.mkdir(exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
     processes = []
+    first_binary = next(iter(sides.values()))[0]
     try:
         copy_static(work)
         (work / "gatehouse.toml").write_text(gatehouse_config(work, 1, 2, 1))
-        subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
+        subprocess.run([first_binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         groups = {}
-        for name, admin, access_log in (
-            ("on", free_port(), str(work / "on" / "logs" / "access.log")),
-            ("off", None, ""),
-        ):
+        for name, (binary, admin, access_log) in sides.items():
             group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log)
             processes.append(group)
-            groups[name] = (http, proxy)
-        token = login_token(groups["on"][0])
+            groups[name] = (http, https, proxy)
+        token = login_token(next(iter(groups.values()))[0])
         base = ["-z", duration, "-c", str(connections)]
-        scenarios = [
-            ("static page, gzip, HTTP", ["-H", "Accept-Encoding: gzip"], "/"),
-            ("GET /api/ping", [], "/api/ping"),
-            ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "/api/count"),
-        ]
         results = {}
         for round_no in range(rounds):
-            for index, (label, args, path) in enumerate(scenarios):
-                for name, (http, pids) in groups.items():
-                    run_id = f"obs-r{round_no}-s{index}-{name}"
-                    url = f"http://127.0.0.1:{http}{path}"
+            for index, (label, args, scheme, path) in enumerate(scenarios(token)):
+                for name, (http, https, pids) in groups.items():
+                    run_id = f"{file_name}-r{round_no}-s{index}-{name}"
+                    port = http if scheme == "http" else https
+                    url = f"{scheme}://127.0.0.1:{port}{path}"
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
-        logged = sum(1 for _ in open(work / "on" / "logs" / "access.log"))
+        logged = {name: sum(1 for _ in open(log)) for name, (_, _, log) in sides.items() if log}
     finally:
         stop_all(processes, work)
 
     def med(label, name, key):
         return median_of(results, label, name, key)
 
+    a, b = list(sides)
     lines = [
-        f"`scripts/bench.py --observability{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} "
-        f"per run, {rounds} round(s) alternating, medians; {os.cpu_count()} cores; 'on' = metrics kept and "
-        f"scraped-ready, JSON access log to a file ({logged:,} lines written); 'off' = neither.",
+        title(opts, connections, duration, rounds, logged),
         "",
-        "| scenario | rps on | rps off | on/off | p99 ms on | p99 ms off | proxy CPU us/req on | off |",
-        "|---|---|---|---|---|---|---|---|",
+        f"| scenario | rps {a} | rps {b} | {a}/{b} | p99 ms {a} | p99 ms {b} | proxy CPU us/req {a} | {b} | CPU {a}/{b} |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in scenarios:
-        on, off = (med(label, n, "rps") for n in ("on", "off"))
+    for label, *_ in scenarios(token):
+        ra, rb = (med(label, n, "rps") for n in (a, b))
+        ca, cb = (med(label, n, "cpu_us") for n in (a, b))
         lines.append(
-            f"| {label} | {on:,.0f} | {off:,.0f} | {on / off:.2f}x | {med(label, 'on', 'p99'):.2f} | "
-            f"{med(label, 'off', 'p99'):.2f} | {med(label, 'on', 'cpu_us'):.1f} | {med(label, 'off', 'cpu_us'):.1f} |"
+            f"| {label} | {ra:,.0f} | {rb:,.0f} | {ra / rb:.3f}x | {med(label, a, 'p99'):.2f} | "
+            f"{med(label, b, 'p99'):.2f} | {ca:.1f} | {cb:.1f} | {ca / cb:.3f}x |"
         )
     table = "\n".join(lines) + "\n"
-    (opts.out / "observability.md").write_text(table)
+    (opts.out / f"{file_name}.md").write_text(table)
     print(table)
+
+
+def observability(opts, binary):
+    """One binary twice: metrics (admin listener) and JSON access logs to a file on one side,
+    both off on the other."""
+    log_dir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-logs-"))
+    sides = {
+        "on": (binary, free_port(), str(log_dir / "access.log")),
+        "off": (binary, None, ""),
+    }
+
+    def scenarios(token):
+        return [
+            ("static page, gzip, HTTP", ["-H", "Accept-Encoding: gzip"], "http", "/"),
+            ("GET /api/ping", [], "http", "/api/ping"),
+            ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
+        ]
+
+    def title(opts, connections, duration, rounds, logged):
+        return (
+            f"`scripts/bench.py --observability{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} "
+            f"per run, {rounds} round(s) alternating, medians; {os.cpu_count()} cores; 'on' = metrics kept and "
+            f"scraped-ready, JSON access log to a file ({logged.get('on', 0):,} lines written); 'off' = neither."
+        )
+
+    try:
+        side_by_side(opts, sides, scenarios, title, "observability")
+    finally:
+        shutil.rmtree(log_dir, ignore_errors=True)
+
+
+def baseline(opts, binary):
+    """This build against another gatehouse binary (`--baseline`), same config, metrics on and
+    access logs off on both: what a change costs, measured in one run."""
+    sides = {"new": (binary, free_port(), ""), "base": (opts.baseline, free_port(), "")}
+
+    def scenarios(token):
+        gzip = ["-H", "Accept-Encoding: gzip"]
+        return [
+            ("static page, identity, HTTP", [], "http", "/"),
+            ("static page, gzip, HTTP", gzip, "http", "/"),
+            ("static page, identity, HTTPS", [], "https", "/"),
+            ("GET /api/ping", [], "http", "/api/ping"),
+            ("GET /api/ping, HTTPS", [], "https", "/api/ping"),
+            ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
+        ]
+
+    def title(opts, connections, duration, rounds, logged):
+        return (
+            f"`scripts/bench.py --baseline {opts.baseline}{' --quick' if opts.quick else ''}`: oha -c {connections}, "
+            f"{duration} per run, {rounds} round(s) alternating new/base, medians; {os.cpu_count()} cores."
+        )
+
+    side_by_side(opts, sides, scenarios, title, "baseline")
 
 
 def main():
@@ -357,6 +408,10 @@ def main():
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
     parser.add_argument("--observability", action="store_true",
                         help="compare gatehouse with metrics and access logs on and off")
+    parser.add_argument("--baseline", type=Path,
+                        help="compare this build with another gatehouse binary, alternating")
+    parser.add_argument("--rounds", type=int, default=3,
+                        help="alternating rounds for --observability and --baseline")
     opts = parser.parse_args()
 
     for tool in ("oha", "nginx"):
@@ -367,6 +422,9 @@ def main():
     binary = REPO / "target" / "release" / "gatehouse"
     if opts.observability:
         observability(opts, binary)
+        return
+    if opts.baseline:
+        baseline(opts, binary)
         return
 
     duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, 2)
