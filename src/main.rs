@@ -191,6 +191,13 @@ pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backen
 fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
     let users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
+    // The secrets are read here and by the backends, never by the proxy.
+    let env = config::process_env;
+    config
+        .backend
+        .jwt_secret(&env)
+        .and_then(|_| config.backend.admin_password(&env))
+        .map_err(|e| Failure::Config(e.to_string()))?;
     if let Some(tls) = &config.tls
         && !certificate_missing(tls)
     {

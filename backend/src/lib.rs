@@ -69,6 +69,8 @@ pub struct Settings {
     pub store: Store,
     pub guard: GuardSettings,
     pub max_body_bytes: usize,
+    /// Live tokens a user may hold; a login past it revokes the oldest.
+    pub max_tokens_per_user: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -81,6 +83,7 @@ impl App {
             store,
             guard,
             max_body_bytes,
+            max_tokens_per_user,
             metrics,
         } = settings;
         let id_header = HeaderValue::from_str(&id)
@@ -90,7 +93,12 @@ impl App {
             id,
             id_header,
             tokens,
-            accounts: Accounts::new(store.clone(), users.seed)?,
+            accounts: Accounts::new(
+                store.clone(),
+                users.seed,
+                max_tokens_per_user,
+                metrics.clone(),
+            )?,
             guard: Guard::new(store.clone(), guard),
             store,
             max_body_bytes,
@@ -100,10 +108,10 @@ impl App {
         })
     }
 
-    /// Copies the users file into Redis if it has no users yet, retrying while Redis is down.
-    /// Requests that need the users do the same, so none waits for this loop.
+    /// Reads Redis's generation, seeding the users first if Redis has none, retrying while
+    /// Redis is down. Requests that find it missing do the same, so none waits for this loop.
     pub async fn seed_users(self: Arc<Self>) {
-        while self.accounts.ensure_seeded().await.is_err() {
+        while self.accounts.generation().await.is_err() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }
