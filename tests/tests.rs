@@ -8,6 +8,7 @@ mod accounts;
 mod api;
 mod config;
 mod drills;
+mod fail_closed;
 mod jwt;
 mod observability;
 mod operations;
