@@ -189,15 +189,17 @@ pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backen
 }
 
 fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
-    let users = gatehouse_backend::Users::load(&config.backend.users_file)
+    let mut users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
     // The secrets are read here and by the backends, never by the proxy.
     let env = config::process_env;
-    config
-        .backend
-        .jwt_secret(&env)
-        .and_then(|_| config.backend.admin_password(&env))
-        .map_err(|e| Failure::Config(e.to_string()))?;
+    let config_error = |e: config::ConfigError| Failure::Config(e.to_string());
+    config.backend.jwt_secret(&env).map_err(config_error)?;
+    if let Some(password) = config.backend.admin_password(&env).map_err(config_error)? {
+        users
+            .set_admin_password(&password)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+    }
     if let Some(tls) = &config.tls
         && !certificate_missing(tls)
     {
