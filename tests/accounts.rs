@@ -137,7 +137,11 @@ fn logout_is_refused_by_every_backend_and_every_replica() {
 
     let token = one.token();
     let other = one.token();
-    assert_eq!(claims_of(&token)["gen"], generation, "tokens carry the generation");
+    assert_eq!(
+        claims_of(&token)["gen"],
+        generation,
+        "tokens carry the generation"
+    );
     // A token from one replica works on the other.
     expect(
         two.call(Method::GET, "/auth/verify", &token, None),
@@ -200,7 +204,10 @@ fn logout_is_refused_by_every_backend_and_every_replica() {
         .command(&["TTL", "gatehouse:sessions:admin"])
         .parse()
         .unwrap();
-    assert!((3600 + 5 + 30 - 5..=3600 + 5 + 30).contains(&ttl), "ttl {ttl}");
+    assert!(
+        (3600 + 5 + 30 - 5..=3600 + 5 + 30).contains(&ttl),
+        "ttl {ttl}"
+    );
 }
 
 #[test]

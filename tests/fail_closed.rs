@@ -133,7 +133,11 @@ fn redis_data_loss_refuses_earlier_tokens_and_heals_without_a_restart() {
     refused_as_lost(&group, &logged_out, "the logged-out token, after the heal");
 
     // Loud: an error line and a metric.
-    assert!(group.log().contains("Redis lost its data"), "{}", group.log());
+    assert!(
+        group.log().contains("Redis lost its data"),
+        "{}",
+        group.log()
+    );
     let metrics = group.admin("/metrics").1;
     assert!(metric_sum(&metrics, "gatehouse_backend_redis_data_losses_total", &[]) >= 1.0);
     assert_eq!(
@@ -216,7 +220,11 @@ fn a_user_past_the_token_cap_loses_its_oldest_and_a_change_revokes_them_all() {
         assert_eq!(answer(&group, "/api/me", token).0, 401);
     }
     assert_eq!(redis.command(&["EXISTS", "gatehouse:sessions:vic"]), "0");
-    assert_eq!(answer(&group, "/api/me", &admin).0, 200, "the admin's token");
+    assert_eq!(
+        answer(&group, "/api/me", &admin).0,
+        200,
+        "the admin's token"
+    );
     let fresh = group.token_for("vic", "vic-password");
     assert_eq!(answer(&group, "/api/me", &fresh).0, 200);
 }
@@ -274,13 +282,26 @@ fn the_proxy_holds_no_jwt_secret_and_the_admin_password_comes_from_its_secret() 
         String::from_utf8_lossy(&fs::read(format!("/proc/{pid}/environ")).unwrap()).into_owned()
     };
     let (proxy_env, backend_env) = (environ(proxy), environ(backend));
-    assert!(backend_env.contains(SECRET), "the backend has it: the check can see");
-    for leak in [SECRET, "GATEHOUSE_JWT_SECRET", "GATEHOUSE_ADMIN_PASSWORD_FILE"] {
-        assert!(!proxy_env.contains(leak), "the proxy's environment has {leak}");
+    assert!(
+        backend_env.contains(SECRET),
+        "the backend has it: the check can see"
+    );
+    for leak in [
+        SECRET,
+        "GATEHOUSE_JWT_SECRET",
+        "GATEHOUSE_ADMIN_PASSWORD_FILE",
+    ] {
+        assert!(
+            !proxy_env.contains(leak),
+            "the proxy's environment has {leak}"
+        );
     }
     // Nor its memory: the backend's has the secret (the scan finds it), the proxy's not.
     assert!(in_memory(backend, SECRET.as_bytes()), "the scan works");
-    assert!(!in_memory(proxy, SECRET.as_bytes()), "the proxy's memory has it");
+    assert!(
+        !in_memory(proxy, SECRET.as_bytes()),
+        "the proxy's memory has it"
+    );
 
     // The first admin's password is the secret's, not the users file's well-known one.
     assert_eq!(group.login(USER, PASSWORD).status(), 401);

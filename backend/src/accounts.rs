@@ -135,7 +135,7 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     T::deserialize(value).map(Some)
 }
 
-/// A token that passed every check: signature and claims, the denylist, and its user, who
+/// A token that passed every check: signature and claims, generation, live, and its user, who
 /// exists and is active. `role` is the user's role now, which is what permissions follow.
 pub struct Session {
     pub claims: Claims,
@@ -357,7 +357,11 @@ impl Accounts {
         let mut conn = self.store.connection();
         let (sessions_key, user_key) = (sessions_key(&claims.sub), user_key(&claims.sub));
         let jti = claims.jti.clone();
-        type Read = (Option<String>, Option<String>, (Option<String>, Option<String>));
+        type Read = (
+            Option<String>,
+            Option<String>,
+            (Option<String>, Option<String>),
+        );
         let (generation, live, (role, active)): Read = self
             .store
             .bounded(async move {
@@ -530,7 +534,10 @@ impl Accounts {
 /// and delete scripts share (see `OTHER_ADMIN`).
 fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
     let mut invocation = script.key(user_key(name));
-    invocation.key(USERS).key(sessions_key(name)).arg(USER_PREFIX);
+    invocation
+        .key(USERS)
+        .key(sessions_key(name))
+        .arg(USER_PREFIX);
     invocation
 }
 

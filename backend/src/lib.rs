@@ -3,7 +3,7 @@
 //! - [`routes`]: the route table (each endpoint with who may call it) and the dispatch.
 //! - [`login`]: logging in and out, `/auth/verify`, `/api/me`.
 //! - [`user_admin`]: the admin-only user endpoints.
-//! - [`accounts`]: users, roles, token sessions and the denylist, in Redis.
+//! - [`accounts`]: users, roles, live tokens and the generation marker, in Redis.
 //! - [`guard`]: the login brute-force guard, in Redis.
 //! - [`token`]: issuing and checking HS256 JWTs.
 //! - [`users`]: the users file that seeds Redis, and argon2id hashing.

@@ -148,7 +148,10 @@ impl Secret {
         let mut bytes = match self {
             Secret::Env(name) => env(name).unwrap_or_default().into_bytes(),
             Secret::File { path, .. } => std::fs::read(path).map_err(|e| {
-                self.error(format!("cannot read the secret file {}: {e}", path.display()))
+                self.error(format!(
+                    "cannot read the secret file {}: {e}",
+                    path.display()
+                ))
             })?,
         };
         while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
@@ -1366,16 +1369,22 @@ mod tests {
         assert_eq!(config.backend.max_tokens_per_user, 3);
         let err = config.backend.jwt_secret(&|_| None).unwrap_err();
         assert_eq!(err.key.as_deref(), Some("backend.jwt_secret_file"), "{err}");
-        assert!(err.line.is_some() && err.message.contains("no/such/jwt"), "{err}");
+        assert!(
+            err.line.is_some() && err.message.contains("no/such/jwt"),
+            "{err}"
+        );
         let err = config.backend.admin_password(&|_| None).unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("backend.admin_password_file"), "{err}");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backend.admin_password_file"),
+            "{err}"
+        );
 
         let dir = tempfile::tempdir().unwrap();
         let password = dir.path().join("admin_password");
         std::fs::write(&password, "short\n").unwrap();
-        let env = |name: &str| {
-            (name == ENV_ADMIN_PASSWORD_FILE).then(|| password.display().to_string())
-        };
+        let env =
+            |name: &str| (name == ENV_ADMIN_PASSWORD_FILE).then(|| password.display().to_string());
         let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
         let err = config.backend.admin_password(&env).unwrap_err();
         assert!(err.to_string().contains(ENV_ADMIN_PASSWORD_FILE), "{err}");
@@ -1388,6 +1397,10 @@ mod tests {
 
         let text = format!("{ROUTES}\n[backend]\nmax_tokens_per_user = 0\n");
         let err = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap_err();
-        assert_eq!(err.key.as_deref(), Some("backend.max_tokens_per_user"), "{err}");
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backend.max_tokens_per_user"),
+            "{err}"
+        );
     }
 }
