@@ -198,6 +198,9 @@ mod tests {
         metrics.login(Login::Refused);
         metrics.login(Login::Throttled);
         metrics.redis(false);
+        metrics.generation_started();
+        metrics.redis_data_lost();
+        metrics.tokens_over_cap(2);
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(text.contains(
             r#"gatehouse_backend_http_requests_total{endpoint="count",status="5xx",backend="b7"} 1"#
@@ -215,5 +218,13 @@ mod tests {
         }
         assert!(text.contains(r#"gatehouse_backend_redis_errors_total{backend="b7"} 1"#));
         assert!(text.contains(r#"gatehouse_backend_redis_up{backend="b7"} 0"#));
+        for (series, value) in [
+            ("gatehouse_backend_redis_generations_total", 1),
+            ("gatehouse_backend_redis_data_losses_total", 1),
+            ("gatehouse_backend_tokens_over_cap_total", 2),
+        ] {
+            let line = format!(r#"{series}{{backend="b7"}} {value}"#);
+            assert!(text.contains(&line), "{line}");
+        }
     }
 }
