@@ -303,6 +303,30 @@ fn the_proxy_holds_no_jwt_secret_and_the_admin_password_comes_from_its_secret() 
         "the proxy's memory has it"
     );
 
+    // A proxy started by an upgrade (SIGUSR2) gets the same environment.
+    signal(group.pid(), libc::SIGUSR2);
+    assert!(
+        wait_until(Duration::from_secs(40), || {
+            !crate::util::alive(proxy)
+                && group.log().contains("upgrade done")
+                && group.child_pid(" proxy --config").is_some()
+        }),
+        "the upgrade did not complete:\n{}",
+        group.log()
+    );
+    let upgraded = group.child_pid(" proxy --config").expect("the new proxy");
+    let upgraded_env = environ(upgraded);
+    for leak in [
+        SECRET,
+        "GATEHOUSE_JWT_SECRET",
+        "GATEHOUSE_ADMIN_PASSWORD_FILE",
+    ] {
+        assert!(
+            !upgraded_env.contains(leak),
+            "the new proxy's environment has {leak}"
+        );
+    }
+
     // The first admin's password is the secret's, not the users file's well-known one.
     assert_eq!(group.login(USER, PASSWORD).status(), 401);
     let token = group.token_for(USER, "a random admin password");
