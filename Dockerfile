@@ -37,6 +37,9 @@ RUN groupadd --gid 10001 gatehouse \
 WORKDIR /app
 COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
 # Owned by root and read-only to gatehouse: it cannot change its own sites or config.
+# conf/users (the development admin / password) is left out by .dockerignore: the image's
+# users file is conf/container/users, with no user, and the first admin's password comes from
+# the `admin_password` secret.
 COPY static/ /app/static/
 COPY conf/ /app/conf/
 # What gatehouse writes, each a volume owned by its user:

@@ -3,6 +3,7 @@
 # (ignored by git and by docker build):
 #
 #   secrets/jwt_secret              random; signs the backends' JWTs, one for every replica
+#   secrets/admin_password          random; the password of gatehouse's first user, `admin`
 #   secrets/htpasswd                basic-auth users of /close/: a copy of conf/htpasswd, whose
 #                                   development user (admin / homework) you replace
 #   secrets/grafana_admin_password  random; the password of Grafana's `admin` user
@@ -29,6 +30,11 @@ if [ ! -e secrets/jwt_secret ]; then
     random 48 >secrets/jwt_secret
     echo "made secrets/jwt_secret (random)"
 fi
+if [ ! -e secrets/admin_password ]; then
+    # 18 bytes: 24 characters. Printed once, here; read it again from the file.
+    random 18 >secrets/admin_password
+    echo "made secrets/admin_password (random): log in to the API as admin with it"
+fi
 if [ ! -e secrets/htpasswd ]; then
     cp conf/htpasswd secrets/htpasswd
     echo "made secrets/htpasswd: the development user admin / homework."
@@ -38,4 +44,5 @@ if [ ! -e secrets/grafana_admin_password ]; then
     random 18 >secrets/grafana_admin_password
     echo "made secrets/grafana_admin_password (random; Grafana's user is admin)"
 fi
-chmod 644 secrets/jwt_secret secrets/htpasswd secrets/grafana_admin_password
+chmod 644 secrets/jwt_secret secrets/admin_password secrets/htpasswd \
+    secrets/grafana_admin_password

@@ -191,6 +191,13 @@ pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backen
 fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
     let users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
+    // The secrets are read here and by the backends, never by the proxy.
+    let env = config::process_env;
+    config
+        .backend
+        .jwt_secret(&env)
+        .and_then(|_| config.backend.admin_password(&env))
+        .map_err(|e| Failure::Config(e.to_string()))?;
     if let Some(tls) = &config.tls
         && !certificate_missing(tls)
     {
@@ -258,10 +265,20 @@ fn check(arg: &ConfigArg) -> Result<i32, Failure> {
         config.file.display(),
         config.routes.len(),
         config.backend.count,
-        users.len(),
+        seeded_users(&config, &users),
         config.redis.url.as_deref().unwrap_or("managed"),
     );
     Ok(0)
+}
+
+/// The users Redis is seeded with: the file's, and `admin` when the admin password adds it.
+fn seeded_users(config: &Config, users: &gatehouse_backend::Users) -> usize {
+    let adds_admin = config.backend.admin_password.is_some()
+        && !users
+            .seed
+            .iter()
+            .any(|u| u.name == gatehouse_backend::users::ADMIN);
+    users.len() + usize::from(adds_admin)
 }
 
 fn hash_password() -> Result<i32, Failure> {

@@ -23,9 +23,23 @@ pub fn run(
     admin_socket: Option<&Path>,
     id: String,
 ) -> Result<i32, Failure> {
-    let users =
+    let mut users =
         Users::load(&config.backend.users_file).map_err(|e| Failure::Config(e.to_string()))?;
-    let secret = config.backend.jwt_secret.as_deref().ok_or_else(|| {
+    let env = crate::config::process_env;
+    if let Some(password) = config
+        .backend
+        .admin_password(&env)
+        .map_err(|e| Failure::Config(e.to_string()))?
+    {
+        users
+            .set_admin_password(&password)
+            .map_err(|e| Failure::Runtime(e.to_string()))?;
+    }
+    let secret = config
+        .backend
+        .jwt_secret(&env)
+        .map_err(|e| Failure::Config(e.to_string()))?;
+    let secret = secret.as_deref().ok_or_else(|| {
         Failure::Config(format!(
             "no JWT secret: set {} or {}, or backend.jwt_secret_file in {}",
             crate::config::ENV_JWT_SECRET,
@@ -67,6 +81,7 @@ pub fn run(
                 store,
                 guard: config.backend.login_guard,
                 max_body_bytes: config.backend.max_body_bytes,
+                max_tokens_per_user: config.backend.max_tokens_per_user,
                 metrics: metrics.clone(),
             })
             .map_err(Failure::Config)?,

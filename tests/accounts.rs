@@ -37,12 +37,12 @@ fn claims_of(token: &str) -> Value {
     serde_json::from_slice(&B64.decode(payload).expect("base64url")).expect("JSON claims")
 }
 
-/// A token signed with the test secret but never issued by a login, so no logout or user
-/// change revoked it: only the per-request user check can refuse it.
-fn unrecorded_token(user: &str, role: &str) -> String {
+/// A token signed with the test secret, in Redis's generation, but never issued by a login:
+/// it is in no user's live tokens, so it is refused as if revoked.
+fn unrecorded_token(user: &str, role: &str, generation: &str) -> String {
     let claims = json!({
         "sub": user, "role": role, "iat": now(), "nbf": now(), "exp": now() + 600,
-        "jti": format!("unrecorded-{user}")
+        "jti": format!("unrecorded-{user}"), "gen": generation
     });
     jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),
@@ -132,10 +132,16 @@ fn logout_is_refused_by_every_backend_and_every_replica() {
         redis.command(&["HGET", "gatehouse:user:admin", "role"]),
         "admin"
     );
-    assert_ne!(redis.command(&["GET", "gatehouse:users:seeded"]), "(nil)");
+    let generation = redis.command(&["GET", "gatehouse:generation"]);
+    assert_ne!(generation, "(nil)");
 
     let token = one.token();
     let other = one.token();
+    assert_eq!(
+        claims_of(&token)["gen"],
+        generation,
+        "tokens carry the generation"
+    );
     // A token from one replica works on the other.
     expect(
         two.call(Method::GET, "/auth/verify", &token, None),
@@ -181,29 +187,26 @@ fn logout_is_refused_by_every_backend_and_every_replica() {
         "another token",
     );
 
-    // The denylist entry outlives the token: its `exp`, plus the 5 s of leeway `exp` is
-    // checked with, plus 30 s for clocks that differ between backends. The token left the
-    // user's live sessions.
-    let claims = claims_of(&token);
-    let jti = claims["jti"].as_str().unwrap();
-    let ttl: u64 = redis
-        .command(&["TTL", &format!("gatehouse:revoked:{jti}")])
-        .parse()
-        .unwrap();
-    // Whole seconds: Redis rounds TTL to the nearest one, and our clock was read after it.
-    let expected = claims["exp"].as_u64().unwrap() + 5 + 30 - now();
-    assert!(
-        (expected.saturating_sub(3)..=expected + 1).contains(&ttl),
-        "ttl {ttl}, expected {expected}"
-    );
+    // Logging out took the token off its user's live tokens (scored by when each was issued,
+    // in milliseconds), which expire with the newest of them, plus leeway.
+    let jti = claims_of(&token)["jti"].as_str().unwrap().to_string();
     assert_eq!(
-        redis.command(&["ZSCORE", "gatehouse:sessions:admin", jti]),
+        redis.command(&["ZSCORE", "gatehouse:sessions:admin", &jti]),
         "(nil)"
     );
     let other_jti = claims_of(&other)["jti"].as_str().unwrap().to_string();
-    assert_eq!(
-        redis.command(&["ZSCORE", "gatehouse:sessions:admin", &other_jti]),
-        claims_of(&other)["exp"].to_string()
+    let issued_ms: u64 = redis
+        .command(&["ZSCORE", "gatehouse:sessions:admin", &other_jti])
+        .parse()
+        .unwrap();
+    assert!(issued_ms / 1000 >= claims_of(&other)["iat"].as_u64().unwrap());
+    let ttl: u64 = redis
+        .command(&["TTL", "gatehouse:sessions:admin"])
+        .parse()
+        .unwrap();
+    assert!(
+        (3600 + 5 + 30 - 5..=3600 + 5 + 30).contains(&ttl),
+        "ttl {ttl}"
     );
 }
 
@@ -224,7 +227,7 @@ fn roles_decide_who_manages_users() {
     let keys: Vec<&String> = claims.as_object().unwrap().keys().collect();
     assert_eq!(
         keys,
-        ["exp", "iat", "jti", "nbf", "role", "sub"],
+        ["exp", "gen", "iat", "jti", "nbf", "role", "sub"],
         "{claims}"
     );
     assert_eq!(
@@ -529,26 +532,33 @@ fn a_disabled_user_is_refused_at_once() {
     let admin = group.token();
     create_user(&group, &admin, "dora", "dora-password", "viewer");
     let issued = group.token_for("dora", "dora-password");
-    let unrecorded = unrecorded_token("dora", "viewer");
-    for token in [&issued, &unrecorded] {
-        expect(
-            group.call(Method::GET, "/api/me", token, None),
-            200,
-            "before",
-        );
-    }
+    expect(
+        group.call(Method::GET, "/api/me", &issued, None),
+        200,
+        "before",
+    );
+    // Signed with the secret and in the current generation, but issued by no login: refused.
+    let generation = claims_of(&issued)["gen"].as_str().unwrap().to_string();
+    let unrecorded = unrecorded_token("dora", "viewer", &generation);
+    let body = expect(
+        group.call(Method::GET, "/api/me", &unrecorded, None),
+        401,
+        "unrecorded",
+    );
+    assert!(
+        body["message"].as_str().unwrap().contains("revoked"),
+        "{body}"
+    );
 
     assert_eq!(
         set_active(&group, &admin, "dora", false),
         json!({"username": "dora", "role": "viewer", "active": false})
     );
-    // Its issued tokens were revoked; a token no login recorded is refused by the per-request
-    // check of the user's state. On every endpoint and backend.
+    // Its tokens were revoked, on every endpoint and backend.
     for path in ["/api/me", "/auth/verify", "/api/count", "/api/me"] {
-        expect(group.call(Method::GET, path, &issued, None), 401, path);
-        let body = expect(group.call(Method::GET, path, &unrecorded, None), 401, path);
+        let body = expect(group.call(Method::GET, path, &issued, None), 401, path);
         assert!(
-            body["message"].as_str().unwrap().contains("disabled"),
+            body["message"].as_str().unwrap().contains("revoked"),
             "{body}"
         );
     }
@@ -579,27 +589,40 @@ fn the_count_counts_only_tokens_every_protected_route_lets_through() {
     // a pipeline: a token they refuse gets the very same answer from the count, uncounted.
     let (_data, redis, group) = group_with_own_redis(2);
     let admin = group.token();
-    for name in ["cole", "dora", "rex"] {
-        create_user(&group, &admin, name, &format!("{name}-password"), "viewer");
+    let mut tokens = std::collections::HashMap::new();
+    for name in ["cole", "dora", "nemo", "rex"] {
+        let password = format!("{name}-password");
+        create_user(&group, &admin, name, &password, "viewer");
+        tokens.insert(name, group.token_for(name, &password));
     }
-    let logged_out = group.token_for("cole", "cole-password");
+    let logged_out = tokens["cole"].clone();
     expect(
         group.call(Method::POST, "/auth/logout", &logged_out, None),
         204,
         "logout",
     );
-    set_active(&group, &admin, "dora", false);
+    // Changes no backend makes (the API revokes a user's tokens with any change): the
+    // per-request check of the user's state still refuses them.
+    redis.command(&["HSET", "gatehouse:user:dora", "active", "0"]);
+    redis.command(&["DEL", "gatehouse:user:nemo"]);
     // A role no backend writes: a damaged record is our fault (500), and still no visit.
     redis.command(&["HSET", "gatehouse:user:rex", "role", "root"]);
+    let generation = redis.command(&["GET", "gatehouse:generation"]);
     let refused = [
         (logged_out, 401, "revoked"),
-        (unrecorded_token("dora", "viewer"), 401, "disabled"),
+        (tokens["dora"].clone(), 401, "disabled"),
+        (tokens["nemo"].clone(), 401, "no longer exists"),
+        (tokens["rex"].clone(), 500, "damaged"),
         (
-            unrecorded_token("nobody", "viewer"),
+            unrecorded_token("admin", "admin", &generation),
             401,
-            "no longer exists",
+            "revoked",
         ),
-        (unrecorded_token("rex", "viewer"), 500, "damaged"),
+        (
+            unrecorded_token("admin", "admin", "another generation"),
+            401,
+            "lost its data",
+        ),
     ];
 
     let visits = |token: &str| expect(group.count(token), 200, "count")["visits"].clone();

@@ -70,7 +70,8 @@ fn backends_start_while_redis_is_down() {
         .unwrap()
         .as_secs();
     let claims = serde_json::json!({
-        "sub": "admin", "role": "admin", "iat": now, "nbf": now, "exp": now + 60, "jti": "j"
+        "sub": "admin", "role": "admin", "iat": now, "nbf": now, "exp": now + 60, "jti": "j",
+        "gen": "g"
     });
     let token = jsonwebtoken::encode(
         &jsonwebtoken::Header::default(),

@@ -9,6 +9,7 @@ mod api;
 mod config;
 mod connection_limits;
 mod drills;
+mod fail_closed;
 mod jwt;
 mod observability;
 mod operations;

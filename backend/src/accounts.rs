@@ -4,10 +4,21 @@
 //! Keys:
 //! - `gatehouse:user:NAME`: a hash of `hash` (argon2id), `role`, `active` (`1`/`0`), `created`;
 //! - `gatehouse:users`: the set of names (for the list and the last-admin check);
-//! - `gatehouse:users:seeded`: set once the users file has been copied in;
-//! - `gatehouse:sessions:NAME`: the user's live tokens (`jti` scored by `exp`), so that changing
-//!   or deleting a user can revoke them all;
-//! - `gatehouse:revoked:JTI`: the denylist, each entry expiring when its token would.
+//! - `gatehouse:generation`: a random id made when the users are seeded, carried by every
+//!   token as its `gen` claim;
+//! - `gatehouse:sessions:NAME`: the user's live tokens (`jti` scored by the millisecond it
+//!   was issued), at most `max_tokens_per_user` of them.
+//!
+//! Tokens fail closed. A token is accepted only while its `jti` is in its user's live tokens
+//! (an allowlist, not a denylist) and its `gen` is Redis's generation. Whatever Redis loses (a
+//! `FLUSHALL`, a lost volume, an evicted key) can only refuse tokens, never bring a revoked one
+//! back: a denylist that is lost would. The generation says why a token was refused, and its
+//! absence is how a backend learns that Redis lost its data: it seeds the users again at once
+//! (see [`Accounts::generation`]).
+//!
+//! Revoking is bounded work: logout removes one entry; a change to a user deletes its live
+//! tokens, at most `max_tokens_per_user` of them, so no script runs long enough to hold Redis
+//! past a deadline. Past the cap, a new login revokes the user's oldest token.
 //!
 //! `/api/count` also counts here ([`Accounts::session_counting_visit`]): its token check and
 //! its `INCR` share one script, so the busiest protected route costs one round trip.
@@ -16,24 +27,29 @@
 //! never leaves half of it written. The scripts name other users' keys from a prefix, which is
 //! fine for one Redis (or a primary with replicas), not for Redis Cluster.
 
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 
 use redis::{Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
 
 use crate::{
     error::ApiError,
+    metrics::Metrics,
     store::{Store, VISITS_KEY},
-    token::{Claims, LEEWAY_SECONDS, now},
+    token::{Claims, LEEWAY_SECONDS, now, now_ms},
     users::{SeedUser, hash_password, valid_name, verify_password},
 };
 
 const USER_PREFIX: &str = "gatehouse:user:";
 const USERS: &str = "gatehouse:users";
-const SEEDED: &str = "gatehouse:users:seeded";
+const GENERATION: &str = "gatehouse:generation";
 const SESSIONS_PREFIX: &str = "gatehouse:sessions:";
-const REVOKED_PREFIX: &str = "gatehouse:revoked:";
+
+/// The default of `backend.max_tokens_per_user`.
+pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 100;
+/// The most `backend.max_tokens_per_user` may be: a change to a user deletes this many
+/// entries at worst, well under a millisecond of Redis's time.
+pub const MAX_TOKENS_PER_USER: usize = 10_000;
 
 pub const MIN_PASSWORD_CHARS: usize = 8;
 pub const MAX_PASSWORD_CHARS: usize = 256;
@@ -119,7 +135,7 @@ fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
     T::deserialize(value).map(Some)
 }
 
-/// A token that passed every check: signature and claims, the denylist, and its user, who
+/// A token that passed every check: signature and claims, generation, live, and its user, who
 /// exists and is active. `role` is the user's role now, which is what permissions follow.
 pub struct Session {
     pub claims: Claims,
@@ -136,7 +152,6 @@ pub struct Verified {
 pub struct Accounts {
     store: Arc<Store>,
     seed: Vec<SeedUser>,
-    seeded: AtomicBool,
     /// Checked against when the user is unknown or disabled, so that costs the same time as a
     /// wrong password and does not reveal which names exist.
     decoy: String,
@@ -144,6 +159,11 @@ pub struct Accounts {
     /// Turns at argon2id (about 19 MiB and tens of milliseconds each): a flood of logins
     /// queues here, bounded, instead of piling up on the blocking threads.
     hashing: Arc<tokio::sync::Semaphore>,
+    /// The generation this backend last saw in Redis: another one (or none) means Redis lost
+    /// its data since.
+    generation: Mutex<Option<String>>,
+    max_tokens_per_user: usize,
+    metrics: Arc<Metrics>,
 }
 
 /// Password hashes computed at once by one backend.
@@ -153,27 +173,33 @@ const HASHING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 
 impl Accounts {
     /// Hashes the decoy password: call it before serving, not on a request.
-    pub fn new(store: Arc<Store>, seed: Vec<SeedUser>) -> Result<Self, String> {
+    pub fn new(
+        store: Arc<Store>,
+        seed: Vec<SeedUser>,
+        max_tokens_per_user: usize,
+        metrics: Arc<Metrics>,
+    ) -> Result<Self, String> {
         let decoy = hash_password("decoy password, never matches").map_err(|e| e.0)?;
         Ok(Self {
             store,
             seed,
-            seeded: AtomicBool::new(false),
             decoy,
             scripts: Scripts::new(),
             hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
+            generation: Mutex::new(None),
+            max_tokens_per_user: max_tokens_per_user.clamp(1, MAX_TOKENS_PER_USER),
+            metrics,
         })
     }
 
-    /// Copies the users file into Redis if Redis has no users yet. Every backend of every
-    /// replica tries at start-up; the script makes the first one win and the rest no-ops.
-    pub async fn ensure_seeded(&self) -> Result<(), ApiError> {
-        if self.seeded.load(Ordering::Relaxed) {
-            return Ok(());
-        }
-        let now = now();
-        let mut invocation = self.scripts.seed.key(USERS);
-        invocation.key(SEEDED).arg(now);
+    /// Redis's generation, made first if Redis has none: a first start, or Redis lost its
+    /// data. Then the users file (and the admin password) is copied in if Redis has no users.
+    /// One script, so of the backends and replicas that find it missing at once, the first
+    /// makes it and the others read it; nobody seeds twice.
+    pub async fn generation(&self) -> Result<String, ApiError> {
+        let fresh = uuid::Uuid::new_v4().to_string();
+        let mut invocation = self.scripts.seed.key(GENERATION);
+        invocation.key(USERS).arg(&fresh).arg(now());
         for user in &self.seed {
             invocation
                 .key(user_key(&user.name))
@@ -181,15 +207,58 @@ impl Accounts {
                 .arg(&user.hash)
                 .arg(user.role.as_str());
         }
-        let copied: usize = self.store.script(invocation).await?;
-        if copied > 0 {
-            tracing::info!(
-                users = copied,
-                "seeded the users in Redis from the users file"
-            );
+        let (generation, seeded, had): (String, u64, u64) = self.store.script(invocation).await?;
+        if generation == fresh {
+            self.metrics.generation_started();
+            if had == 0 {
+                tracing::warn!(
+                    users = seeded,
+                    generation,
+                    "seeded the users in Redis from the users file: Redis had no users (a first \
+                     start, or Redis lost its data); every token issued before is refused"
+                );
+            } else {
+                tracing::warn!(
+                    generation,
+                    "Redis had users but no generation marker (it lost part of its data, or \
+                     was written by an older version): every token issued before is refused"
+                );
+            }
         }
-        self.seeded.store(true, Ordering::Relaxed);
-        Ok(())
+        self.saw(Some(&generation));
+        Ok(generation)
+    }
+
+    /// Notes the generation a Redis call just read. A change from the last one seen is a
+    /// loss of Redis's data, said once per loss by each backend that notices.
+    fn saw(&self, generation: Option<&str>) {
+        let mut last = self
+            .generation
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        if last.as_deref() == generation {
+            return;
+        }
+        if let Some(previous) = last.as_deref() {
+            tracing::error!(
+                previous,
+                now = generation.unwrap_or("none"),
+                "Redis lost its data (its generation marker is gone or replaced): every token \
+                 issued before is refused, and the users are seeded again from the users file"
+            );
+            self.metrics.redis_data_lost();
+        }
+        *last = generation.map(str::to_owned);
+    }
+
+    /// After a token check found no generation in Redis: seeds again now, so the next login
+    /// works, rather than waiting for a restart.
+    async fn heal(&self, generation: &Option<String>) {
+        if generation.is_none()
+            && let Err(error) = self.generation().await
+        {
+            tracing::warn!(error = %error.message, "cannot seed Redis again yet");
+        }
     }
 
     /// Checks `password` against the user's hash, off the I/O threads. `None` for a wrong
@@ -199,19 +268,16 @@ impl Accounts {
         name: &str,
         password: String,
     ) -> Result<Option<Verified>, ApiError> {
-        self.ensure_seeded().await?;
         let record = if valid_name(name) {
-            let mut conn = self.store.connection();
-            let key = user_key(name);
-            self.store
-                .bounded(async move {
-                    redis::cmd("HMGET")
-                        .arg(key)
-                        .arg(&["hash", "role", "active"])
-                        .query_async::<(Option<String>, Option<String>, Option<String>)>(&mut conn)
-                        .await
-                })
-                .await?
+            let (record, generation) = self.read_user(name).await?;
+            self.saw(generation.as_deref());
+            if generation.is_none() {
+                // Redis lost its data (or this is its first start): seed it, then look again.
+                self.generation().await?;
+                self.read_user(name).await?.0
+            } else {
+                record
+            }
         } else {
             (None, None, None)
         };
@@ -229,32 +295,79 @@ impl Accounts {
         Ok(user.filter(|_| matches))
     }
 
-    /// Records a new token of `user`, unless the user changed since its password was checked
-    /// (then `false`: a token must not outlive a change made during its login).
-    pub async fn open_session(&self, user: &Verified, claims: &Claims) -> Result<bool, ApiError> {
-        let mut invocation = self.scripts.open_session.key(user_key(&claims.sub));
-        invocation
-            .key(sessions_key(&claims.sub))
-            .arg(&user.hash)
-            .arg(user.role.as_str())
-            .arg(&claims.jti)
-            .arg(claims.exp)
-            .arg(now())
-            .arg(KEEP_AFTER_EXP);
-        let opened: bool = self.store.script(invocation).await?;
-        Ok(opened)
-    }
-
-    /// The per-request check of a token whose signature and claims are valid: one round trip
-    /// for the denylist and the user's state.
-    pub async fn session(&self, claims: Claims) -> Result<Session, ApiError> {
+    /// The user's hash, role and state, and Redis's generation, in one round trip.
+    async fn read_user(&self, name: &str) -> Result<(UserRecord, Option<String>), ApiError> {
         let mut conn = self.store.connection();
-        let (revoked_key, user_key) = (revoked_key(&claims.jti), user_key(&claims.sub));
-        let (revoked, (role, active)): (bool, (Option<String>, Option<String>)) = self
+        let key = user_key(name);
+        let read = self
             .store
             .bounded(async move {
                 redis::pipe()
-                    .exists(revoked_key)
+                    .cmd("HMGET")
+                    .arg(key)
+                    .arg(&["hash", "role", "active"])
+                    .get(GENERATION)
+                    .query_async::<(UserRecord, Option<String>)>(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(read)
+    }
+
+    /// Records a new token of `user` and stamps it with Redis's generation, unless the user
+    /// changed since its password was checked (then `false`: a token must not outlive a
+    /// change made during its login). Past the cap, the user's oldest tokens are revoked.
+    pub async fn open_session(
+        &self,
+        user: &Verified,
+        claims: &mut Claims,
+    ) -> Result<bool, ApiError> {
+        let lifetime_ms = (claims.exp.saturating_sub(claims.iat) + KEEP_AFTER_EXP) * 1000;
+        let mut invocation = self.scripts.open_session.key(user_key(&claims.sub));
+        invocation
+            .key(sessions_key(&claims.sub))
+            .key(GENERATION)
+            .arg(&user.hash)
+            .arg(user.role.as_str())
+            .arg(&claims.jti)
+            .arg(now_ms())
+            .arg(lifetime_ms)
+            .arg(self.max_tokens_per_user);
+        let (generation, dropped): (String, u64) = self.store.script(invocation).await?;
+        if generation.is_empty() {
+            return Ok(false);
+        }
+        if dropped > 0 {
+            self.metrics.tokens_over_cap(dropped);
+            tracing::info!(
+                user = %claims.sub,
+                revoked = dropped,
+                cap = self.max_tokens_per_user,
+                "the user has too many live tokens: revoked the oldest"
+            );
+        }
+        self.saw(Some(&generation));
+        claims.generation = generation;
+        Ok(true)
+    }
+
+    /// The per-request check of a token whose signature and claims are valid: one round trip
+    /// for the generation, the user's live tokens and the user's state.
+    pub async fn session(&self, claims: Claims) -> Result<Session, ApiError> {
+        let mut conn = self.store.connection();
+        let (sessions_key, user_key) = (sessions_key(&claims.sub), user_key(&claims.sub));
+        let jti = claims.jti.clone();
+        type Read = (
+            Option<String>,
+            Option<String>,
+            (Option<String>, Option<String>),
+        );
+        let (generation, live, (role, active)): Read = self
+            .store
+            .bounded(async move {
+                redis::pipe()
+                    .get(GENERATION)
+                    .zscore(sessions_key, jti)
                     .cmd("HMGET")
                     .arg(user_key)
                     .arg(&["role", "active"])
@@ -262,41 +375,51 @@ impl Accounts {
                     .await
             })
             .await?;
-        admit(claims, revoked, role, active)
+        self.saw(generation.as_deref());
+        self.heal(&generation).await;
+        admit(claims, generation, live.is_some(), role, active)
     }
 
     /// [`Accounts::session`], and a visit counted if the token passes, in one round trip
     /// instead of two. The script reads what `session` reads and hands it to the same
     /// `admit`, so the two cannot answer a token differently.
     pub async fn session_counting_visit(&self, claims: Claims) -> Result<(Session, i64), ApiError> {
-        let mut invocation = self.scripts.count_visit.key(revoked_key(&claims.jti));
-        invocation.key(user_key(&claims.sub)).key(VISITS_KEY);
+        let mut invocation = self.scripts.count_visit.key(sessions_key(&claims.sub));
+        invocation
+            .key(user_key(&claims.sub))
+            .key(VISITS_KEY)
+            .key(GENERATION)
+            .arg(&claims.jti)
+            .arg(&claims.generation);
         for role in Role::ALL {
             invocation.arg(role.as_str());
         }
-        let (revoked, role, active, visits): (bool, Option<String>, Option<String>, Option<i64>) =
-            self.store.script(invocation).await?;
-        let session = admit(claims, revoked, role, active)?;
+        type Read = (
+            Option<String>,
+            bool,
+            Option<String>,
+            Option<String>,
+            Option<i64>,
+        );
+        let (generation, live, role, active, visits): Read = self.store.script(invocation).await?;
+        self.saw(generation.as_deref());
+        self.heal(&generation).await;
+        let session = admit(claims, generation, live, role, active)?;
         // The script counts exactly when `admit` passes; a pass without a count is a bug.
         let visits = visits.ok_or_else(|| ApiError::internal("the visit was not counted"))?;
         Ok((session, visits))
     }
 
-    /// Puts the token on the denylist until it would have expired (plus the leeway its `exp`
-    /// is checked with), and drops it from the user's live tokens, in one transaction.
+    /// Logout: the token leaves its user's live tokens, so every backend of every replica
+    /// refuses it from now on.
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ApiError> {
-        let ttl = (claims.exp + KEEP_AFTER_EXP).saturating_sub(now()).max(1);
         let mut conn = self.store.connection();
-        let (revoked_key, sessions_key) = (revoked_key(&claims.jti), sessions_key(&claims.sub));
-        let jti = claims.jti.clone();
+        let (sessions_key, jti) = (sessions_key(&claims.sub), claims.jti.clone());
         self.store
             .bounded(async move {
-                redis::pipe()
-                    .atomic()
-                    .set_ex(revoked_key, 1, ttl)
-                    .ignore()
-                    .zrem(sessions_key, jti)
-                    .ignore()
+                redis::cmd("ZREM")
+                    .arg(sessions_key)
+                    .arg(jti)
                     .query_async::<()>(&mut conn)
                     .await
             })
@@ -408,28 +531,35 @@ impl Accounts {
 }
 
 /// An invocation of a script that changes user `name` and revokes its tokens: what the update
-/// and delete scripts share (see `OTHER_ADMIN` and `REVOKE_SESSIONS`).
+/// and delete scripts share (see `OTHER_ADMIN`).
 fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
     let mut invocation = script.key(user_key(name));
     invocation
         .key(USERS)
         .key(sessions_key(name))
-        .arg(USER_PREFIX)
-        .arg(REVOKED_PREFIX)
-        .arg(now())
-        .arg(KEEP_AFTER_EXP);
+        .arg(USER_PREFIX);
     invocation
 }
 
-/// The verdict on a token from its state in Redis, the same for every protected route. A
-/// revoked token is called revoked even when its user is gone as well.
+/// The hash, role and state of a user, each `None` when the user does not exist.
+type UserRecord = (Option<String>, Option<String>, Option<String>);
+
+/// The verdict on a token from its state in Redis, the same for every protected route: first
+/// whether Redis still has the data it was issued against, then whether it is live (a revoked
+/// token is called revoked even when its user is gone as well), then its user.
 fn admit(
     claims: Claims,
-    revoked: bool,
+    generation: Option<String>,
+    live: bool,
     role: Option<String>,
     active: Option<String>,
 ) -> Result<Session, ApiError> {
-    if revoked {
+    if generation.as_deref() != Some(claims.generation.as_str()) {
+        return Err(ApiError::invalid_token(
+            "the token was issued before Redis lost its data; log in again",
+        ));
+    }
+    if !live {
         return Err(ApiError::invalid_token("the token has been revoked"));
     }
     let (Some(role), Some(active)) = (role, active) else {
@@ -445,9 +575,9 @@ fn admit(
     Ok(Session { claims, role })
 }
 
-/// How long past a token's `exp` its denylist entry and session record are kept: the leeway
-/// `exp` is checked with, plus a margin for backends (or replicas) whose clocks differ from
-/// the one that wrote them. Dropping an entry early would bring a revoked token back.
+/// How long past a token's `exp` its entry in the live tokens is kept: the leeway `exp` is
+/// checked with, plus a margin for backends (or replicas) whose clocks differ from the one
+/// that wrote it. Dropping it early only refuses the token a little early.
 const KEEP_AFTER_EXP: u64 = LEEWAY_SECONDS + 30;
 
 fn user_key(name: &str) -> String {
@@ -456,10 +586,6 @@ fn user_key(name: &str) -> String {
 
 fn sessions_key(name: &str) -> String {
     format!("{SESSIONS_PREFIX}{name}")
-}
-
-fn revoked_key(jti: &str) -> String {
-    format!("{REVOKED_PREFIX}{jti}")
 }
 
 fn flag(on: bool) -> &'static str {
@@ -536,41 +662,60 @@ impl Scripts {
             open_session: Script::new(OPEN_SESSION),
             list: Script::new(LIST),
             create: Script::new(CREATE),
-            update: Script::new(&format!("{OTHER_ADMIN}{REVOKE_SESSIONS}{UPDATE}")),
-            delete: Script::new(&format!("{OTHER_ADMIN}{REVOKE_SESSIONS}{DELETE}")),
+            update: Script::new(&format!("{OTHER_ADMIN}{UPDATE}")),
+            delete: Script::new(&format!("{OTHER_ADMIN}{DELETE}")),
             count_visit: Script::new(COUNT_VISIT),
         }
     }
 }
 
-/// KEYS: users set, seeded marker, then one user key per user.
-/// ARGV: now, then name, hash, role per user.
+/// KEYS: generation, users set, then one user key per user.
+/// ARGV: a fresh generation, now, then name, hash, role per user.
+/// Returns the generation, how many users were copied in, and how many Redis had.
 const SEED: &str = r"
-if #KEYS == 2 or redis.call('EXISTS', KEYS[2]) == 1 or redis.call('SCARD', KEYS[1]) > 0 then
-  return 0
+local generation = redis.call('GET', KEYS[1])
+local had = redis.call('SCARD', KEYS[2])
+if generation then
+  return {generation, 0, had}
 end
-for i = 3, #KEYS do
-  local a = 2 + (i - 3) * 3
-  redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
-    'created', ARGV[1])
-  redis.call('SADD', KEYS[1], ARGV[a])
+local copied = 0
+if had == 0 then
+  for i = 3, #KEYS do
+    local a = 3 + (i - 3) * 3
+    redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
+      'created', ARGV[2])
+    redis.call('SADD', KEYS[2], ARGV[a])
+  end
+  copied = #KEYS - 2
 end
-redis.call('SET', KEYS[2], ARGV[1])
-return #KEYS - 2
+redis.call('SET', KEYS[1], ARGV[1])
+return {ARGV[1], copied, had}
 ";
 
-/// KEYS: user, sessions. ARGV: verified hash, role, jti, exp, now, leeway.
+/// KEYS: user, sessions, generation. ARGV: verified hash, role, jti, now (ms), lifetime (ms:
+/// the token's time to live plus `KEEP_AFTER_EXP`), cap.
+/// Drops expired entries, records the token scored by when it was issued, and past the cap
+/// drops the oldest. Returns the generation ('' when refused) and how many were dropped.
 const OPEN_SESSION: &str = r"
 local user = redis.call('HMGET', KEYS[1], 'hash', 'role', 'active')
 if user[1] ~= ARGV[1] or user[2] ~= ARGV[2] or user[3] ~= '1' then
-  return 0
+  return {'', 0}
 end
-local now, leeway = tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', now - leeway - 1)
-redis.call('ZADD', KEYS[2], ARGV[4], ARGV[3])
-local last = redis.call('ZRANGE', KEYS[2], -1, -1, 'WITHSCORES')
-redis.call('EXPIRE', KEYS[2], tonumber(last[2]) - now + leeway)
-return 1
+local generation = redis.call('GET', KEYS[3])
+if not generation then
+  return {'', 0}
+end
+local now, lifetime, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - lifetime))
+redis.call('ZADD', KEYS[2], now, ARGV[3])
+local over = redis.call('ZCARD', KEYS[2]) - cap
+if over > 0 then
+  redis.call('ZPOPMIN', KEYS[2], over)
+else
+  over = 0
+end
+redis.call('PEXPIRE', KEYS[2], lifetime)
+return {generation, over}
 ";
 
 /// KEYS: users set. ARGV: user key prefix. Returns name, role, active for each user.
@@ -615,45 +760,32 @@ local function other_admin(users, self_key, prefix)
 end
 ";
 
-/// Puts every live token of a user on the denylist, each until its own `exp` + leeway.
-const REVOKE_SESSIONS: &str = r"
-local function revoke_sessions(sessions, prefix, now, leeway)
-  local live = redis.call('ZRANGEBYSCORE', sessions, now - leeway, '+inf', 'WITHSCORES')
-  for i = 1, #live, 2 do
-    local ttl = tonumber(live[i + 1]) - now + leeway
-    if ttl > 0 then
-      redis.call('SET', prefix .. live[i], '1', 'EX', ttl)
-    end
-  end
-  redis.call('DEL', sessions)
-end
-";
-
-/// KEYS: user, users set, sessions.
-/// ARGV: user prefix, revoked prefix, now, leeway, role, hash, active ('' = unchanged).
+/// KEYS: user, users set, sessions. ARGV: user prefix, role, hash, active ('' = unchanged).
+/// Any change deletes the user's live tokens: at most the cap of them, so bounded work, and
+/// `UNLINK` frees a large set off Redis's main thread.
 const UPDATE: &str = r"
 local current = redis.call('HMGET', KEYS[1], 'role', 'active')
 if not current[1] then
   return {'missing'}
 end
-local role = ARGV[5] ~= '' and ARGV[5] or current[1]
-local active = ARGV[7] ~= '' and ARGV[7] or current[2]
+local role = ARGV[2] ~= '' and ARGV[2] or current[1]
+local active = ARGV[4] ~= '' and ARGV[4] or current[2]
 local was_admin = current[1] == 'admin' and current[2] == '1'
 if was_admin and not (role == 'admin' and active == '1')
     and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
   return {'last_admin'}
 end
-if role ~= current[1] or active ~= current[2] or ARGV[6] ~= '' then
+if role ~= current[1] or active ~= current[2] or ARGV[3] ~= '' then
   redis.call('HSET', KEYS[1], 'role', role, 'active', active)
-  if ARGV[6] ~= '' then
-    redis.call('HSET', KEYS[1], 'hash', ARGV[6])
+  if ARGV[3] ~= '' then
+    redis.call('HSET', KEYS[1], 'hash', ARGV[3])
   end
-  revoke_sessions(KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+  redis.call('UNLINK', KEYS[3])
 end
 return {'ok', role, active}
 ";
 
-/// KEYS: user, users set, sessions. ARGV: user prefix, revoked prefix, now, leeway, name.
+/// KEYS: user, users set, sessions. ARGV: user prefix, name.
 const DELETE: &str = r"
 local current = redis.call('HMGET', KEYS[1], 'role', 'active')
 if not current[1] then
@@ -663,28 +795,31 @@ if current[1] == 'admin' and current[2] == '1'
     and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
   return 'last_admin'
 end
-revoke_sessions(KEYS[3], ARGV[2], tonumber(ARGV[3]), tonumber(ARGV[4]))
+redis.call('UNLINK', KEYS[3])
 redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[5])
+redis.call('SREM', KEYS[2], ARGV[2])
 return 'deleted'
 ";
 
-/// KEYS: the token's denylist entry, its user, the visit count. ARGV: every role there is.
-/// Returns what [`Accounts::session`] reads (revoked, role, active) and the count after this
-/// visit, counted only when [`admit`] will let the token through (not revoked, user active,
-/// role known): a refused token must not count. Otherwise the count is `nil`.
+/// KEYS: the user's live tokens, the user, the visit count, the generation. ARGV: the
+/// token's jti and generation, then every role there is.
+/// Returns what [`Accounts::session`] reads (generation, live, role, active) and the count
+/// after this visit, counted only when [`admit`] will let the token through (generation
+/// current, token live, user active, role known): a refused token must not count. Otherwise
+/// the count is `nil`.
 const COUNT_VISIT: &str = r"
-local revoked = redis.call('EXISTS', KEYS[1])
+local generation = redis.call('GET', KEYS[4])
+local live = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
 local user = redis.call('HMGET', KEYS[2], 'role', 'active')
 local known_role = false
-for _, role in ipairs(ARGV) do
-  known_role = known_role or user[1] == role
+for i = 3, #ARGV do
+  known_role = known_role or user[1] == ARGV[i]
 end
 local visits = false
-if revoked == 0 and user[2] == '1' and known_role then
+if generation == ARGV[2] and live == 1 and user[2] == '1' and known_role then
   visits = redis.call('INCR', KEYS[3])
 end
-return {revoked, user[1], user[2], visits}
+return {generation, live, user[1], user[2], visits}
 ";
 
 #[cfg(test)]
@@ -710,11 +845,13 @@ mod tests {
             nbf: 1,
             exp: 2,
             jti: "j".into(),
+            generation: "g1".into(),
         };
-        let refused = |revoked, role: Option<&str>, active: Option<&str>| {
+        let refused = |generation: Option<&str>, live, role: Option<&str>, active: Option<&str>| {
             let verdict = admit(
                 claims(),
-                revoked,
+                generation.map(Into::into),
+                live,
                 role.map(Into::into),
                 active.map(Into::into),
             );
@@ -722,23 +859,35 @@ mod tests {
             (error.status.as_u16(), error.message)
         };
         let says = |status, message: &str| (status, message.to_string());
+        let lost = says(
+            401,
+            "the token was issued before Redis lost its data; log in again",
+        );
+        assert_eq!(refused(None, true, Some("viewer"), Some("1")), lost);
+        assert_eq!(refused(Some("g2"), true, Some("viewer"), Some("1")), lost);
         assert_eq!(
-            refused(true, None, None),
+            refused(Some("g1"), false, None, None),
             says(401, "the token has been revoked")
         );
         assert_eq!(
-            refused(false, Some("viewer"), None),
+            refused(Some("g1"), true, Some("viewer"), None),
             says(401, "the token's user no longer exists")
         );
         assert_eq!(
-            refused(false, Some("root"), Some("0")),
+            refused(Some("g1"), true, Some("root"), Some("0")),
             says(401, "the token's user is disabled")
         );
         assert_eq!(
-            refused(false, Some("root"), Some("1")),
+            refused(Some("g1"), true, Some("root"), Some("1")),
             says(500, "the user's record is damaged")
         );
-        let session = admit(claims(), false, Some("admin".into()), Some("1".into()));
+        let session = admit(
+            claims(),
+            Some("g1".into()),
+            true,
+            Some("admin".into()),
+            Some("1".into()),
+        );
         assert_eq!(session.map(|s| s.role).ok(), Some(Role::Admin));
     }
 

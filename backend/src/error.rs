@@ -77,7 +77,7 @@ impl ApiError {
     }
 
     /// Redis is unreachable: say so and when to come back, never guess an answer. Every
-    /// endpoint that checks a token needs Redis (the denylist, the user's state), so they all
+    /// endpoint that checks a token needs Redis (live tokens, the user's state), so they all
     /// fail closed with this.
     pub fn store_unavailable() -> Self {
         Self::new(

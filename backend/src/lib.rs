@@ -3,7 +3,7 @@
 //! - [`routes`]: the route table (each endpoint with who may call it) and the dispatch.
 //! - [`login`]: logging in and out, `/auth/verify`, `/api/me`.
 //! - [`user_admin`]: the admin-only user endpoints.
-//! - [`accounts`]: users, roles, token sessions and the denylist, in Redis.
+//! - [`accounts`]: users, roles, live tokens and the generation marker, in Redis.
 //! - [`guard`]: the login brute-force guard, in Redis.
 //! - [`token`]: issuing and checking HS256 JWTs.
 //! - [`users`]: the users file that seeds Redis, and argon2id hashing.
@@ -69,6 +69,8 @@ pub struct Settings {
     pub store: Store,
     pub guard: GuardSettings,
     pub max_body_bytes: usize,
+    /// Live tokens a user may hold; a login past it revokes the oldest.
+    pub max_tokens_per_user: usize,
     pub metrics: Arc<Metrics>,
 }
 
@@ -81,6 +83,7 @@ impl App {
             store,
             guard,
             max_body_bytes,
+            max_tokens_per_user,
             metrics,
         } = settings;
         let id_header = HeaderValue::from_str(&id)
@@ -90,7 +93,12 @@ impl App {
             id,
             id_header,
             tokens,
-            accounts: Accounts::new(store.clone(), users.seed)?,
+            accounts: Accounts::new(
+                store.clone(),
+                users.seed,
+                max_tokens_per_user,
+                metrics.clone(),
+            )?,
             guard: Guard::new(store.clone(), guard),
             store,
             max_body_bytes,
@@ -100,10 +108,10 @@ impl App {
         })
     }
 
-    /// Copies the users file into Redis if it has no users yet, retrying while Redis is down.
-    /// Requests that need the users do the same, so none waits for this loop.
+    /// Reads Redis's generation, seeding the users first if Redis has none, retrying while
+    /// Redis is down. Requests that find it missing do the same, so none waits for this loop.
     pub async fn seed_users(self: Arc<Self>) {
-        while self.accounts.ensure_seeded().await.is_err() {
+        while self.accounts.generation().await.is_err() {
             tokio::time::sleep(Duration::from_secs(1)).await;
         }
     }

@@ -84,9 +84,9 @@ pub(crate) async fn login(
             return Err(refused());
         };
         app.guard.reset(&username, client).await?;
-        let claims = app.tokens.claims(&username, user.role);
+        let mut claims = app.tokens.claims(&username, user.role);
         // The user may have been changed or disabled while its password was being checked.
-        if !app.accounts.open_session(&user, &claims).await? {
+        if !app.accounts.open_session(&user, &mut claims).await? {
             return Err(refused());
         }
         let token = app.tokens.sign(&claims).map_err(|e| {

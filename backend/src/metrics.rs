@@ -49,6 +49,9 @@ pub struct Metrics {
     redis_errors: IntCounter,
     redis_up: IntGauge,
     logins: [IntCounter; LOGINS.len()],
+    generations: IntCounter,
+    data_losses: IntCounter,
+    tokens_over_cap: IntCounter,
 }
 
 impl Metrics {
@@ -92,12 +95,32 @@ impl Metrics {
             "1 when this backend's last Redis call succeeded.",
         )
         .map_err(err)?;
+        let generations = IntCounter::new(
+            "gatehouse_backend_redis_generations_total",
+            "Generation markers this backend made in Redis, seeding the users if Redis had none: \
+             a first start, or Redis lost its data.",
+        )
+        .map_err(err)?;
+        let data_losses = IntCounter::new(
+            "gatehouse_backend_redis_data_losses_total",
+            "Times this backend found Redis's generation marker gone or replaced: Redis lost \
+             its data, and every earlier token is refused.",
+        )
+        .map_err(err)?;
+        let tokens_over_cap = IntCounter::new(
+            "gatehouse_backend_tokens_over_cap_total",
+            "Tokens revoked because their user logged in past backend.max_tokens_per_user.",
+        )
+        .map_err(err)?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(logins.clone()),
             Box::new(redis_errors.clone()),
             Box::new(redis_up.clone()),
+            Box::new(generations.clone()),
+            Box::new(data_losses.clone()),
+            Box::new(tokens_over_cap.clone()),
         ] {
             registry.register(collector).map_err(err)?;
         }
@@ -111,6 +134,9 @@ impl Metrics {
             redis_errors,
             redis_up,
             logins: LOGINS.map(|o| logins.with_label_values(&[o])),
+            generations,
+            data_losses,
+            tokens_over_cap,
         })
     }
 
@@ -129,6 +155,18 @@ impl Metrics {
             self.redis_errors.inc();
         }
         self.redis_up.set(i64::from(ok));
+    }
+
+    pub fn generation_started(&self) {
+        self.generations.inc();
+    }
+
+    pub fn redis_data_lost(&self) {
+        self.data_losses.inc();
+    }
+
+    pub fn tokens_over_cap(&self, revoked: u64) {
+        self.tokens_over_cap.inc_by(revoked);
     }
 
     /// The Prometheus text exposition of every series.
@@ -160,6 +198,9 @@ mod tests {
         metrics.login(Login::Refused);
         metrics.login(Login::Throttled);
         metrics.redis(false);
+        metrics.generation_started();
+        metrics.redis_data_lost();
+        metrics.tokens_over_cap(2);
         let text = String::from_utf8(metrics.render()).unwrap();
         assert!(text.contains(
             r#"gatehouse_backend_http_requests_total{endpoint="count",status="5xx",backend="b7"} 1"#
@@ -177,5 +218,13 @@ mod tests {
         }
         assert!(text.contains(r#"gatehouse_backend_redis_errors_total{backend="b7"} 1"#));
         assert!(text.contains(r#"gatehouse_backend_redis_up{backend="b7"} 0"#));
+        for (series, value) in [
+            ("gatehouse_backend_redis_generations_total", 1),
+            ("gatehouse_backend_redis_data_losses_total", 1),
+            ("gatehouse_backend_tokens_over_cap_total", 2),
+        ] {
+            let line = format!(r#"{series}{{backend="b7"}} {value}"#);
+            assert!(text.contains(&line), "{line}");
+        }
     }
 }

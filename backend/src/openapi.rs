@@ -340,7 +340,7 @@ mod tests {
         };
         assert_eq!(
             required("Claims"),
-            ["exp", "iat", "jti", "nbf", "role", "sub"]
+            ["exp", "gen", "iat", "jti", "nbf", "role", "sub"]
                 .map(String::from)
                 .into()
         );

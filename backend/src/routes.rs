@@ -232,8 +232,8 @@ fn signed_in(session: &Option<Session>) -> Result<&Session, ApiError> {
 }
 
 /// The bearer token's checks, cheapest first: the header, the signature and claims (no I/O),
-/// then the denylist and the user's state in Redis (one round trip; `503` when Redis is down,
-/// since a revoked token cannot be told from a good one then).
+/// then the generation, the user's live tokens and the user's state in Redis (one round trip;
+/// `503` when Redis is down, since a revoked token cannot be told from a good one then).
 ///
 /// `/api/count` is the busiest protected route, so its visit is counted in that same round
 /// trip (only if the token passes) and the count comes back with the session.
@@ -247,7 +247,6 @@ async fn authenticate<B>(
         .tokens
         .verify(token)
         .map_err(|e| ApiError::invalid_token(format!("the bearer token is not valid: {e}")))?;
-    app.accounts.ensure_seeded().await?;
     if op == Op::Count {
         let (session, visits) = app.accounts.session_counting_visit(claims).await?;
         return Ok((session, Some(visits)));

@@ -1,4 +1,5 @@
-//! JSON Web Tokens: HS256 only, with `sub`, `role`, `iat`, `nbf`, `exp` and `jti`, all required.
+//! JSON Web Tokens: HS256 only, with `sub`, `role`, `iat`, `nbf`, `exp`, `jti` and `gen`, all
+//! required.
 //!
 //! Algorithm confusion is closed by construction: the validation accepts exactly one
 //! algorithm, and `alg: none` is not an algorithm the crate can even parse. The signature is
@@ -26,7 +27,8 @@ pub const LEEWAY_SECONDS: u64 = 5;
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 #[schema(example = json!({
     "sub": "admin", "role": "admin", "iat": 1_790_000_000, "nbf": 1_790_000_000,
-    "exp": 1_790_003_600, "jti": "9b0f3c56-6f0c-4a4b-9a8e-0c4c1b1f5a10"
+    "exp": 1_790_003_600, "jti": "9b0f3c56-6f0c-4a4b-9a8e-0c4c1b1f5a10",
+    "gen": "5d1e2f7a-3b4c-4d5e-8f90-a1b2c3d4e5f6"
 }))]
 pub struct Claims {
     /// The user name.
@@ -39,8 +41,12 @@ pub struct Claims {
     pub nbf: u64,
     /// Expires at (Unix seconds).
     pub exp: u64,
-    /// The token's id: what logout puts on the denylist.
+    /// The token's id: what logout takes off its user's live tokens.
     pub jti: String,
+    /// The generation of Redis's data it was issued in: after Redis loses its data, every
+    /// earlier token is refused.
+    #[serde(rename = "gen")]
+    pub generation: String,
 }
 
 pub struct Tokens {
@@ -75,7 +81,7 @@ impl Tokens {
     }
 
     /// The claims of a new token for `subject`, not yet signed: the login records its `jti`
-    /// in Redis before handing it out.
+    /// in Redis, and stamps it with Redis's generation, before handing it out.
     pub fn claims(&self, subject: &str, role: Role) -> Claims {
         let now = now();
         Claims {
@@ -85,6 +91,7 @@ impl Tokens {
             nbf: now,
             exp: now + self.ttl_seconds,
             jti: uuid::Uuid::new_v4().to_string(),
+            generation: String::new(),
         }
     }
 
@@ -101,6 +108,13 @@ pub fn now() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map(|d| d.as_secs())
+        .unwrap_or(0)
+}
+
+pub fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
         .unwrap_or(0)
 }
 
@@ -129,7 +143,7 @@ mod tests {
         // signature, proving that no claim was read first.
         let other = EncodingKey::from_secret(b"another secret that is long enough!!");
         let claims = serde_json::json!({
-            "sub": "admin", "role": "root", "iat": 1, "nbf": 1, "exp": 2, "jti": "j"
+            "sub": "admin", "role": "root", "iat": 1, "nbf": 1, "exp": 2, "jti": "j", "gen": "g"
         });
         let forged = jsonwebtoken::encode(&Header::new(Algorithm::HS256), &claims, &other);
         let error = Tokens::new(SECRET, 60)

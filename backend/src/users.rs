@@ -26,6 +26,9 @@ pub struct Users {
     pub seed: Vec<SeedUser>,
 }
 
+/// The user `backend.admin_password_file` gives a password to.
+pub const ADMIN: &str = "admin";
+
 #[derive(Debug)]
 pub struct UsersError(pub String);
 
@@ -99,6 +102,19 @@ impl Users {
         Ok(Self { seed })
     }
 
+    /// Makes `admin` an admin with `password`, replacing the file's entry if it has one: a
+    /// deployment's first admin gets a password of its own instead of a well-known one.
+    pub fn set_admin_password(&mut self, password: &str) -> Result<(), UsersError> {
+        let admin = SeedUser {
+            name: ADMIN.to_string(),
+            hash: hash_password(password)?,
+            role: Role::Admin,
+        };
+        self.seed.retain(|u| u.name != ADMIN);
+        self.seed.push(admin);
+        Ok(())
+    }
+
     pub fn len(&self) -> usize {
         self.seed.len()
     }
@@ -153,6 +169,22 @@ mod tests {
         assert!(verify_password(&users.seed[0].hash, "s3cret"));
         assert!(!verify_password(&users.seed[0].hash, "wrong"));
         assert!(!verify_password("not a hash", "s3cret"));
+    }
+
+    #[test]
+    fn the_admin_password_replaces_the_files_admin() {
+        let hash = hash_password("s3cret").unwrap();
+        let text = format!("admin:{hash}:viewer\nvera:{hash}:admin\n");
+        let mut users = Users::parse(&text, "users").unwrap();
+        users.set_admin_password("from the secret").unwrap();
+        assert_eq!(users.len(), 2);
+        let admin = users.seed.iter().find(|u| u.name == ADMIN).unwrap();
+        assert_eq!(admin.role, Role::Admin);
+        assert!(verify_password(&admin.hash, "from the secret"));
+        assert!(!verify_password(&admin.hash, "s3cret"));
+        let mut none = Users::parse("# nobody\n", "users").unwrap();
+        none.set_admin_password("from the secret").unwrap();
+        assert_eq!(none.seed[0].name, ADMIN);
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
 pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
 pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
 pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
+pub const ENV_ADMIN_PASSWORD_FILE: &str = "GATEHOUSE_ADMIN_PASSWORD_FILE";
+/// What the proxy's environment never holds: it signs and checks no token.
+pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMIN_PASSWORD_FILE];
 pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
 pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
 
@@ -114,10 +117,116 @@ pub struct Backend {
     pub users_file: PathBuf,
     pub token_ttl_seconds: u64,
     pub max_body_bytes: usize,
-    /// `None`: `gatehouse run` makes one for the group and warns.
-    pub jwt_secret: Option<Vec<u8>>,
+    /// Where the JWT secret comes from; `None`: `gatehouse run` makes one for the group and
+    /// warns. Read with [`Backend::jwt_secret`].
+    pub jwt_secret: Option<Secret>,
+    /// The password of the first `admin` user, replacing the users file's; read with
+    /// [`Backend::admin_password`].
+    pub admin_password: Option<Secret>,
+    /// Live tokens a user may hold; a login past it revokes the oldest.
+    pub max_tokens_per_user: usize,
     /// The login brute-force guard.
     pub login_guard: gatehouse_backend::GuardSettings,
+}
+
+/// Where a secret is read from. Loading the config only names it: the processes that need it
+/// (the backends, and `gatehouse check` and `run` to validate it) read it, and the proxy,
+/// which signs and checks no token, never does.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Secret {
+    /// The value of this environment variable.
+    Env(&'static str),
+    /// A file, and who named it, for errors: a key of the config file (with its line) or an
+    /// environment variable.
+    File {
+        path: PathBuf,
+        origin: String,
+        line: Option<usize>,
+        key: Option<String>,
+    },
+}
+
+impl Secret {
+    /// The secret's bytes, without the newline a file written with `echo` ends in.
+    fn read(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, ConfigError> {
+        let mut bytes = match self {
+            Secret::Env(name) => env(name).unwrap_or_default().into_bytes(),
+            Secret::File { path, .. } => std::fs::read(path).map_err(|e| {
+                self.error(format!(
+                    "cannot read the secret file {}: {e}",
+                    path.display()
+                ))
+            })?,
+        };
+        while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
+            bytes.pop();
+        }
+        Ok(bytes)
+    }
+
+    /// An error about the secret, naming where it came from.
+    fn error(&self, message: String) -> ConfigError {
+        match self {
+            Secret::Env(name) => ConfigError {
+                origin: format!("environment variable {name}"),
+                line: None,
+                key: None,
+                message,
+            },
+            Secret::File {
+                origin, line, key, ..
+            } => ConfigError {
+                origin: origin.clone(),
+                line: *line,
+                key: key.clone(),
+                message,
+            },
+        }
+    }
+}
+
+impl Backend {
+    /// Reads and checks the JWT secret (`None`: none configured). Only backends, `check` and
+    /// the supervisor call this; never the proxy.
+    pub fn jwt_secret(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<Vec<u8>>, ConfigError> {
+        let Some(secret) = &self.jwt_secret else {
+            return Ok(None);
+        };
+        let bytes = secret.read(env)?;
+        gatehouse_backend::Tokens::new(&bytes, 1).map_err(|m| secret.error(m))?;
+        Ok(Some(bytes))
+    }
+
+    /// Reads and checks the first admin's password (`None`: the users file's stands).
+    pub fn admin_password(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Option<String>, ConfigError> {
+        let Some(secret) = &self.admin_password else {
+            return Ok(None);
+        };
+        let password = String::from_utf8(secret.read(env)?)
+            .map_err(|_| secret.error("the admin password is not UTF-8".into()))?;
+        let (min, max) = (
+            gatehouse_backend::accounts::MIN_PASSWORD_CHARS,
+            gatehouse_backend::accounts::MAX_PASSWORD_CHARS,
+        );
+        let chars = password.chars().count();
+        if !(min..=max).contains(&chars) {
+            return Err(secret.error(format!(
+                "the admin password has {chars} characters: it needs {min} to {max}"
+            )));
+        }
+        Ok(Some(password))
+    }
+}
+
+/// The real environment, for [`Backend::jwt_secret`] and [`Backend::admin_password`].
+pub fn process_env(name: &str) -> Option<String> {
+    std::env::var(name).ok()
 }
 
 #[derive(Debug, Clone, PartialEq)]
@@ -320,20 +429,42 @@ impl Config {
                     format!("{} bytes: choose 64 to 1048576", b.max_body_bytes),
                 ));
             }
-            let jwt_secret = match (env(ENV_JWT_SECRET), env(ENV_JWT_SECRET_FILE)) {
-                (Some(value), _) => Some(check_secret(value.into_bytes(), |m| {
-                    from_env(ENV_JWT_SECRET, m)
-                })?),
-                (None, Some(path)) => Some(read_secret(Path::new(&path), |m| {
-                    from_env(ENV_JWT_SECRET_FILE, m)
-                })?),
-                (None, None) => match &b.jwt_secret_file {
-                    Some(path) => Some(read_secret(&base.join(path), |m| {
-                        at("backend.jwt_secret_file", m)
-                    })?),
-                    None => None,
-                },
+            // Named here, read only by those that need it (see `Secret`).
+            let from_file = |path: &Path, key: &str| Secret::File {
+                path: base.join(path),
+                origin: origin.clone(),
+                line: doc.line_of_key(key),
+                key: Some(key.to_string()),
             };
+            let from_env_file = |name: &'static str, path: String| Secret::File {
+                path: PathBuf::from(path),
+                origin: format!("environment variable {name}"),
+                line: None,
+                key: None,
+            };
+            let jwt_secret = match (env(ENV_JWT_SECRET), env(ENV_JWT_SECRET_FILE)) {
+                (Some(_), _) => Some(Secret::Env(ENV_JWT_SECRET)),
+                (None, Some(path)) => Some(from_env_file(ENV_JWT_SECRET_FILE, path)),
+                (None, None) => b
+                    .jwt_secret_file
+                    .as_deref()
+                    .map(|path| from_file(path, "backend.jwt_secret_file")),
+            };
+            let admin_password = match env(ENV_ADMIN_PASSWORD_FILE).filter(|p| !p.is_empty()) {
+                Some(path) => Some(from_env_file(ENV_ADMIN_PASSWORD_FILE, path)),
+                None => b
+                    .admin_password_file
+                    .as_deref()
+                    .filter(|p| !p.as_os_str().is_empty())
+                    .map(|path| from_file(path, "backend.admin_password_file")),
+            };
+            within(
+                b.max_tokens_per_user,
+                1..=gatehouse_backend::accounts::MAX_TOKENS_PER_USER,
+                "backend.max_tokens_per_user",
+                "",
+                &at,
+            )?;
             positive(
                 b.login_max_failures_per_user,
                 "backend.login_max_failures_per_user",
@@ -359,6 +490,8 @@ impl Config {
                 token_ttl_seconds: b.token_ttl_seconds,
                 max_body_bytes: b.max_body_bytes,
                 jwt_secret,
+                admin_password,
+                max_tokens_per_user: b.max_tokens_per_user,
                 login_guard: gatehouse_backend::GuardSettings {
                     max_failures_per_user: b.login_max_failures_per_user,
                     max_failures_per_ip: b.login_max_failures_per_ip,
@@ -756,28 +889,6 @@ fn within<N: PartialOrd + fmt::Display>(
     }
 }
 
-fn read_secret(path: &Path, err: impl Fn(String) -> ConfigError) -> Result<Vec<u8>, ConfigError> {
-    let mut bytes = std::fs::read(path).map_err(|e| {
-        err(format!(
-            "cannot read JWT secret file {}: {e}",
-            path.display()
-        ))
-    })?;
-    // Files written with `echo` end in a newline that is not part of the secret.
-    while bytes.last().is_some_and(|b| b.is_ascii_whitespace()) {
-        bytes.pop();
-    }
-    check_secret(bytes, err)
-}
-
-fn check_secret(
-    bytes: Vec<u8>,
-    err: impl Fn(String) -> ConfigError,
-) -> Result<Vec<u8>, ConfigError> {
-    gatehouse_backend::Tokens::new(&bytes, 1).map_err(err)?;
-    Ok(bytes)
-}
-
 /// A route's access rules: its rate limit (its own, the default, or `"none"`), its allow and
 /// deny lists, and its htpasswd users.
 fn route_access(
@@ -1081,6 +1192,8 @@ struct RawBackend {
     token_ttl_seconds: u64,
     max_body_bytes: usize,
     jwt_secret_file: Option<PathBuf>,
+    admin_password_file: Option<PathBuf>,
+    max_tokens_per_user: usize,
     login_max_failures_per_user: u32,
     login_max_failures_per_ip: u32,
     login_failure_window_seconds: u64,
@@ -1094,6 +1207,8 @@ impl Default for RawBackend {
             token_ttl_seconds: 3600,
             max_body_bytes: 16 * 1024,
             jwt_secret_file: None,
+            admin_password_file: None,
+            max_tokens_per_user: gatehouse_backend::accounts::DEFAULT_MAX_TOKENS_PER_USER,
             login_max_failures_per_user: 5,
             login_max_failures_per_ip: 20,
             login_failure_window_seconds: 300,
@@ -1293,10 +1408,60 @@ mod tests {
             ENV_JWT_SECRET => Some("too short".to_string()),
             _ => None,
         };
-        let err = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap_err();
+        // Loading names the secret without reading it (the proxy loads the config too);
+        // reading it is where a short one is refused.
+        let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+        let err = config.backend.jwt_secret(&env).unwrap_err();
         assert!(err.to_string().contains(ENV_JWT_SECRET), "{err}");
         let env = |name: &str| (name == ENV_LISTEN).then(|| "127.0.0.1:9999".to_string());
         let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
         assert_eq!(config.proxy.listen.port(), 9999);
+    }
+
+    #[test]
+    fn loading_never_reads_a_secret() {
+        // Files that do not exist: loading the config (all the proxy does) succeeds, so it
+        // cannot have read them; reading them names the file, line and key.
+        let text = format!(
+            "{ROUTES}\n[backend]\njwt_secret_file = \"no/such/jwt\"\n\
+             admin_password_file = \"no/such/password\"\nmax_tokens_per_user = 3\n"
+        );
+        let config = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap();
+        assert_eq!(config.backend.max_tokens_per_user, 3);
+        let err = config.backend.jwt_secret(&|_| None).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some("backend.jwt_secret_file"), "{err}");
+        assert!(
+            err.line.is_some() && err.message.contains("no/such/jwt"),
+            "{err}"
+        );
+        let err = config.backend.admin_password(&|_| None).unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backend.admin_password_file"),
+            "{err}"
+        );
+
+        let dir = tempfile::tempdir().unwrap();
+        let password = dir.path().join("admin_password");
+        std::fs::write(&password, "short\n").unwrap();
+        let env =
+            |name: &str| (name == ENV_ADMIN_PASSWORD_FILE).then(|| password.display().to_string());
+        let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+        let err = config.backend.admin_password(&env).unwrap_err();
+        assert!(err.to_string().contains(ENV_ADMIN_PASSWORD_FILE), "{err}");
+        assert!(err.message.contains("5 characters"), "{err}");
+        std::fs::write(&password, "long enough\n").unwrap();
+        assert_eq!(
+            config.backend.admin_password(&env).unwrap().as_deref(),
+            Some("long enough")
+        );
+
+        let text = format!("{ROUTES}\n[backend]\nmax_tokens_per_user = 0\n");
+        let err = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backend.max_tokens_per_user"),
+            "{err}"
+        );
     }
 }

@@ -70,6 +70,8 @@ pub struct Spec {
     pub program: PathBuf,
     pub args: Vec<OsString>,
     pub env: Vec<(String, OsString)>,
+    /// Variables of the supervisor's own environment the child must not inherit.
+    pub env_remove: Vec<&'static str>,
     pub probe: Probe,
     /// How long a graceful stop may take before the child is killed.
     pub stop_timeout: Duration,
@@ -110,6 +112,9 @@ impl Spec {
             .args(&self.args)
             .args(extra)
             .envs(self.env.iter().map(|(k, v)| (k, v)));
+        for name in &self.env_remove {
+            command.env_remove(name);
+        }
         // Own process group: a Ctrl-C in the terminal reaches only the supervisor, which
         // then stops the children in order.
         command.process_group(0);

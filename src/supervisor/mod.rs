@@ -230,15 +230,22 @@ async fn run_group(config: Config) -> Result<i32, String> {
 struct BackendInputs {
     backend: config::Backend,
     users: Option<Vec<u8>>,
+    /// The secrets' contents, not only where they are: a new secret file restarts them too.
+    secrets: (Option<Vec<u8>>, Option<String>),
     redis: config::Redis,
     health_check_interval: Duration,
 }
 
 impl BackendInputs {
     fn of(config: &Config) -> Self {
+        let env = config::process_env;
         Self {
             backend: config.backend.clone(),
             users: std::fs::read(&config.backend.users_file).ok(),
+            secrets: (
+                config.backend.jwt_secret(&env).ok().flatten(),
+                config.backend.admin_password(&env).ok().flatten(),
+            ),
             redis: config.redis.clone(),
             health_check_interval: config.proxy.health_check_interval,
         }
@@ -378,13 +385,15 @@ async fn start_members(
         std::env::current_exe().map_err(|e| format!("cannot find our own executable: {e}"))?;
     let config_file = std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone());
     let mut shared_env: Vec<(String, OsString)> = Vec::new();
+    // Only the backends sign and check tokens: the secret goes to them alone.
+    let mut backend_env: Vec<(String, OsString)> = Vec::new();
     if config.backend.jwt_secret.is_none() {
         tracing::warn!(
             "no JWT secret configured ({} or backend.jwt_secret_file); using a random one for this run: \
              tokens will not survive a restart",
             config::ENV_JWT_SECRET
         );
-        shared_env.push((config::ENV_JWT_SECRET.into(), random_secret().into()));
+        backend_env.push((config::ENV_JWT_SECRET.into(), random_secret().into()));
     }
     if config.redis.url.is_none() {
         let socket = config.managed_redis_socket();
@@ -410,7 +419,8 @@ async fn start_members(
                 "--admin-socket".into(),
                 config.backend_admin_socket(i).into(),
             ],
-            env: shared_env.clone(),
+            env: [shared_env.clone(), backend_env.clone()].concat(),
+            env_remove: Vec::new(),
             probe: Probe::Unix(socket),
             // Out of the proxy's rotation first, then drained: see `gatehouse backend`.
             stop_timeout: crate::serve_backend::lame_duck(config)
@@ -425,6 +435,8 @@ async fn start_members(
         program: exe,
         args: vec!["proxy".into(), "--config".into(), config_file.into()],
         env: shared_env,
+        // Never the JWT secret, nor where it is: a proxy that is broken into cannot mint tokens.
+        env_remove: config::SECRET_ENV.to_vec(),
         probe: Probe::Tcp(config.proxy.listen),
         stop_timeout: config.proxy.shutdown_grace + Duration::from_secs(5),
         restart_signal: libc::SIGTERM,
@@ -497,6 +509,7 @@ fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
             arg("warning"),
         ],
         env: Vec::new(),
+        env_remove: config::SECRET_ENV.to_vec(),
         probe: Probe::Unix(socket.to_path_buf()),
         stop_timeout: Duration::from_secs(10),
         restart_signal: libc::SIGTERM,
