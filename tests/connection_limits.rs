@@ -103,6 +103,68 @@ fn readers_that_never_read_lose_their_response_and_slot_at_the_send_deadline() {
     assert!(!group.log().contains("WriteTimedout"), "{}", group.log());
 }
 
+/// A connection to loopback `port` whose receive buffer is as small as the kernel allows, so
+/// that what the client does not read fills the proxy's side quickly.
+fn connect_with_small_window(port: u16) -> TcpStream {
+    use std::os::fd::FromRawFd;
+    // SAFETY: a socket made, configured and connected here, then owned by the TcpStream.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0);
+        assert!(fd >= 0);
+        let size: libc::c_int = 4096;
+        let set = libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_RCVBUF,
+            (&raw const size).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        );
+        assert_eq!(set, 0);
+        let addr = libc::sockaddr_in {
+            sin_family: libc::AF_INET as libc::sa_family_t,
+            sin_port: port.to_be(),
+            sin_addr: libc::in_addr {
+                s_addr: u32::from_be_bytes([127, 0, 0, 1]).to_be(),
+            },
+            sin_zero: [0; 8],
+        };
+        let connected = libc::connect(
+            fd,
+            (&raw const addr).cast(),
+            std::mem::size_of::<libc::sockaddr_in>() as libc::socklen_t,
+        );
+        assert_eq!(connected, 0);
+        TcpStream::from_raw_fd(fd)
+    }
+}
+
+#[test]
+fn a_client_that_keeps_asking_and_never_reads_is_cut_even_with_small_responses() {
+    // Each response fits the proxy's write buffer and leaves in one final flush, which
+    // Pingora's own write timeout does not cover: the deadline has to hold there too. One
+    // request at a time, never read, until the kernel's buffers are full and a flush stalls.
+    let group = plain_group(1, "send_timeout_ms = 1000");
+    std::fs::write(
+        group.dir.path().join("files/small.bin"),
+        vec![7u8; 30 << 10],
+    )
+    .unwrap();
+    let mut stream = connect_with_small_window(group.port);
+    let request = b"GET /files/small.bin HTTP/1.1\r\nHost: x\r\n\r\n";
+    let started = Instant::now();
+    let mut asked = 0;
+    while stream.write_all(request).is_ok() && started.elapsed() < Duration::from_secs(30) {
+        asked += 1;
+        thread::sleep(Duration::from_millis(50));
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(30),
+        "still open after {asked} requests"
+    );
+    assert!(cuts(&group, "send_timeout") >= 1.0);
+    assert_eq!(group.get("/api/ping").unwrap().status(), 200);
+}
+
 /// An HTTPS client that speaks HTTP/2 only and opens every stream with a zero window: it
 /// receives response headers, never a byte of a body.
 fn zero_window_client(group: &Group) -> reqwest::blocking::Client {
@@ -205,51 +267,90 @@ fn frame_of(stream: &mut impl Read, kind: u8, flags: u8) -> Vec<u8> {
 const PREFACE: &[u8] = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n";
 const EMPTY_SETTINGS: [u8; 9] = [0, 0, 0, 4, 0, 0, 0, 0, 0];
 
+/// Reads until the proxy closes the connection (or 5 s pass); how long that took.
+fn closed_after(stream: &mut impl Read, started: Instant) -> Duration {
+    let mut buffer = [0u8; 256];
+    loop {
+        match stream.read(&mut buffer) {
+            Ok(0) | Err(_) => return started.elapsed(),
+            // The server's own SETTINGS, and its acknowledgements.
+            Ok(_) => {}
+        }
+    }
+}
+
 #[test]
-fn http2_without_a_preface_is_closed_at_the_header_deadline_and_a_good_opening_is_not() {
+fn http2_without_a_request_by_the_header_deadline_is_closed_and_a_working_client_is_not() {
     let group = tls_group("header_timeout_ms = 1000\nh2_max_streams = 7");
     // TLS done, ALPN h2, and then nothing.
     let mut silent = tls_client(&group, b"h2");
-    let started = Instant::now();
     silent
         .sock
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
-    let mut buffer = [0u8; 256];
-    let ended = loop {
-        match silent.read(&mut buffer) {
-            Ok(0) | Err(_) => break started.elapsed(),
-            // The server's SETTINGS.
-            Ok(_) => {}
-        }
-    };
+    let waited = closed_after(&mut silent, Instant::now());
     assert!(
-        ended >= Duration::from_millis(500) && ended < Duration::from_secs(3),
-        "closed after {ended:?}"
+        waited >= Duration::from_millis(500) && waited < Duration::from_secs(4),
+        "closed after {waited:?}"
     );
-    assert!(cuts(&group, "h2_opening_timeout") >= 1.0);
-
-    // A client that opens properly outlives the deadline, and is told the stream limit.
-    let mut good = tls_client(&group, b"h2");
-    good.write_all(PREFACE).unwrap();
-    good.write_all(&EMPTY_SETTINGS).unwrap();
-    good.flush().unwrap();
-    let settings = frame_of(&mut good, 4, 0);
+    // The preface and SETTINGS, but no request: closed too, having been told the stream limit.
+    let mut idle = tls_client(&group, b"h2");
+    idle.sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    idle.write_all(PREFACE).unwrap();
+    idle.write_all(&EMPTY_SETTINGS).unwrap();
+    idle.flush().unwrap();
+    let settings = frame_of(&mut idle, 4, 0);
     let max_streams = settings
         .chunks(6)
         .find(|s| s[..2] == [0, 3])
         .map(|s| u32::from_be_bytes([s[2], s[3], s[4], s[5]]));
     assert_eq!(max_streams, Some(7));
+    let waited = closed_after(&mut idle, started);
+    assert!(waited < Duration::from_secs(4), "closed after {waited:?}");
+    // Not HTTP/2 at all after ALPN h2: cut at once, counted, and not logged.
+    let mut wrong = tls_client(&group, b"h2");
+    wrong
+        .sock
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .unwrap();
+    let started = Instant::now();
+    wrong.write_all(PING).unwrap();
+    wrong.flush().unwrap();
+    let waited = closed_after(&mut wrong, started);
+    assert!(
+        waited < Duration::from_millis(900),
+        "closed after {waited:?}"
+    );
+    assert_eq!(cuts(&group, "h2_opening"), 3.0);
+    assert!(
+        !group.log().to_lowercase().contains("handshake"),
+        "{}",
+        group.log()
+    );
+
+    // A client that sent a request keeps its connection past the deadline.
+    let client = group.http_client(false);
+    let first = client.get(group.url("/api/ping")).send().unwrap();
+    assert_eq!(first.version(), reqwest::Version::HTTP_2);
+    assert_eq!(first.status(), 200);
     thread::sleep(Duration::from_millis(1500));
-    let ping = [0, 0, 8, 6, 0, 0, 0, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8];
-    good.write_all(&ping).unwrap();
-    good.flush().unwrap();
-    assert_eq!(frame_of(&mut good, 6, 1), [1, 2, 3, 4, 5, 6, 7, 8]);
+    assert_eq!(
+        client.get(group.url("/api/ping")).send().unwrap().status(),
+        200
+    );
+    assert_eq!(
+        cuts(&group, "h2_opening"),
+        3.0,
+        "the working client was cut"
+    );
 }
 
 #[test]
 fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline() {
-    let group = tls_group("max_connections = 6\ntls_handshake_timeout_ms = 1000");
+    let group = tls_group("max_connections = 6\ntls_handshake_timeout_ms = 2000");
     let mut silent: Vec<TcpStream> = (0..6)
         .map(|_| TcpStream::connect(("127.0.0.1", group.tls_port.unwrap())).unwrap())
         .collect();
@@ -262,7 +363,7 @@ fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline()
     assert_eq!(response.status(), 200);
     let waited = started.elapsed();
     assert!(
-        waited >= Duration::from_millis(400) && waited < Duration::from_secs(4),
+        waited >= Duration::from_millis(400) && waited < Duration::from_secs(5),
         "served after {waited:?}"
     );
     for stream in &mut silent {
@@ -271,12 +372,15 @@ fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline()
     }
     assert!(cuts(&group, "tls_handshake_timeout") >= 6.0);
     // A broken handshake is counted too, and neither kind is logged line by line.
+    // Plain HTTP sent to the port is no handshake at all, and not counted as a failed one.
     let (response, closed) = exchange(group.tls_port.unwrap(), PING);
     assert!(!response.starts_with("HTTP") && closed, "{response}");
+    let (_, closed) = exchange(group.tls_port.unwrap(), b"\x16\x03\x01\x00\x05hello");
+    assert!(closed);
     assert!(wait_until(Duration::from_secs(3), || cuts(
         &group,
         "tls_handshake_error"
-    ) >= 1.0));
+    ) == 1.0));
     let log = group.log();
     assert!(!log.to_lowercase().contains("handshake"), "{log}");
 }
@@ -326,7 +430,7 @@ fn slow_requests_holding_every_backend_slot_queue_others_then_get_503() {
             s
         })
         .collect();
-    thread::sleep(Duration::from_millis(500));
+    thread::sleep(Duration::from_millis(1000));
     let started = Instant::now();
     let (response, _) = exchange(group.port, PING);
     let waited = started.elapsed();

@@ -6,15 +6,17 @@
 //! - **A cap per client** (`proxy.max_connections_per_client`, IPv6 by /64; nginx
 //!   `limit_conn`): a client holding that many gets its new connections closed at once, so one
 //!   address cannot fill the global cap while everyone else waits.
-//! - **The TLS handshake** ([`crate::tls::Handshake`]), counted against both caps from accept
-//!   and bounded by `proxy.tls_handshake_timeout_ms`.
-//! - **A deadline for the whole request header** (`proxy.header_timeout_ms`). Pingora's read
-//!   timeout restarts with every byte, so a client trickling a byte a minute would hold its
-//!   connection for ever; here it gets `408` when the deadline passes. The body's reads get
-//!   their own timeout (`proxy.body_timeout_ms`), set on each session here. An HTTP/2 client
-//!   owes its preface and `SETTINGS` by the same deadline ([`crate::h2_opening`]).
-//! - **A send deadline** (`proxy.send_timeout_ms`) on every write to the client, set on each
-//!   session: a client that stops reading loses its response and its connection.
+//! - **The TLS handshake** ([`crate::tls::Handshake`]) on the HTTPS port, counted against both
+//!   caps from accept and bounded by `proxy.tls_handshake_timeout_ms`.
+//! - **A deadline for the whole request header** (`proxy.header_timeout_ms`, from accept, or
+//!   from the end of the TLS handshake). Pingora's read timeout restarts with every byte, so a
+//!   client trickling a byte a minute would hold its connection for ever; here it gets `408`
+//!   when the deadline passes. The body's reads get their own timeout
+//!   (`proxy.body_timeout_ms`), set on each session here. An HTTP/2 client owes its first
+//!   request (a `HEADERS` frame) by the same deadline.
+//! - **A send deadline** (`proxy.send_timeout_ms`) on every write to the client
+//!   ([`crate::client_stream`]): a client that stops reading loses its response and its
+//!   connection.
 //! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same
 //!   JSON errors as every other refusal.
 //!
@@ -39,7 +41,7 @@ use bytes::BytesMut;
 use pingora_core::{
     apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ServerApp},
     listeners::ConnectionFilter,
-    protocols::{ALPN, Stream, http::ServerSession},
+    protocols::{ALPN, Ssl, Stream, http::ServerSession},
     server::ShutdownWatch,
 };
 use pingora_proxy::HttpProxy;
@@ -52,9 +54,9 @@ use crate::{
     RequestLimits,
     access::rate_limit,
     access_log::Record,
+    client_stream::{ClientStream, Opened},
     framing::{self, Look, Refusal},
     gateway::Gateway,
-    h2_opening,
     live::Live,
     metrics::{Cut, NO_ROUTE},
     request_id, tls,
@@ -70,38 +72,43 @@ const FIRST_READ: usize = 4096;
 /// closing with unread bytes would reset the connection and could lose the response.
 const LINGER: Duration = Duration::from_secs(2);
 
-/// The proxy's application: every connection on a public listener starts here.
+/// What an HTTP/2 stream may keep queued for a client that reads slowly (h2's default is 400
+/// KiB): with 100 streams a connection, that is what one stalled client could pin until the
+/// send deadline.
+const H2_SEND_BUFFER: usize = 64 << 10;
+
+/// The proxy's application: every connection on the public listeners starts here.
 pub struct Edge {
     proxy: Arc<HttpProxy<Gateway>>,
     live: Arc<ArcSwap<Live>>,
     capacity: Arc<Capacity>,
-    /// `Some` on the HTTPS listener.
-    tls: Option<tls::Handshake>,
-}
-
-/// Pingora's HTTP code with the options every connection shares. `h2_max_streams`: streams
-/// one HTTP/2 connection may have open at once (nginx: `http2_max_concurrent_streams`).
-pub fn http_app(mut proxy: HttpProxy<Gateway>, h2_max_streams: u32) -> Arc<HttpProxy<Gateway>> {
-    // An HTTP/2 connection with no stream open holds a slot like an idle kept-alive one, and
-    // is closed after as long.
-    let mut options = HttpServerOptions::default();
-    options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
-    proxy.server_options = Some(options);
-    let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
-    h2.max_concurrent_streams(h2_max_streams);
-    proxy.h2_options = Some(h2);
-    Arc::new(proxy)
+    /// The HTTPS port and its handshake; connections to any other port are plain HTTP. (One
+    /// Pingora service for both listeners, since each service gets its own runtime and
+    /// threads.)
+    tls: Option<(u16, tls::Handshake)>,
 }
 
 impl Edge {
+    /// `h2_max_streams`: streams one HTTP/2 connection may have open at once (nginx:
+    /// `http2_max_concurrent_streams`).
     pub fn new(
-        proxy: Arc<HttpProxy<Gateway>>,
+        mut proxy: HttpProxy<Gateway>,
+        h2_max_streams: u32,
         live: Arc<ArcSwap<Live>>,
         capacity: Arc<Capacity>,
-        tls: Option<tls::Handshake>,
+        tls: Option<(u16, tls::Handshake)>,
     ) -> Self {
+        // An HTTP/2 connection with no stream open holds a slot like an idle kept-alive
+        // one, and is closed after as long.
+        let mut options = HttpServerOptions::default();
+        options.h2_idle_timeout = Some(KEEPALIVE_IDLE);
+        proxy.server_options = Some(options);
+        let mut h2 = pingora_core::protocols::http::v2::server::default_h2_options();
+        h2.max_concurrent_streams(h2_max_streams);
+        h2.max_send_buffer_size(H2_SEND_BUFFER);
+        proxy.h2_options = Some(h2);
         Self {
-            proxy,
+            proxy: Arc::new(proxy),
             live,
             capacity,
             tls,
@@ -114,15 +121,18 @@ impl Edge {
         }
     }
 
-    /// HTTP/2: Pingora serves the connection once the client's opening is in, which must be
-    /// by the header deadline; a connection still without one then is closed.
-    async fn serve_h2(&self, stream: Stream, deadline: Instant, shutdown: &ShutdownWatch) {
-        let (stream, opened) = h2_opening::Watched::new(stream);
+    /// HTTP/2: Pingora serves the connection, which must bring its first request by the
+    /// header deadline; one that has not by then, or opens wrongly, is closed.
+    async fn serve_h2(
+        &self,
+        mut stream: ClientStream,
+        deadline: Instant,
+        shutdown: &ShutdownWatch,
+    ) {
+        let opened = stream.watch_h2();
         let serve = ServerApp::process_new(&self.proxy, Box::new(stream), shutdown);
-        let late = async {
-            if tokio::time::timeout_at(deadline.into(), opened)
-                .await
-                .is_ok()
+        let cut = async {
+            if let Ok(Ok(Opened::Request)) = tokio::time::timeout_at(deadline.into(), opened).await
             {
                 std::future::pending::<()>().await;
             }
@@ -130,7 +140,7 @@ impl Edge {
         tokio::select! {
             biased;
             _ = serve => {}
-            () = late => self.cut(Cut::H2OpeningTimeout),
+            () = cut => self.cut(Cut::H2Opening),
         }
     }
 
@@ -169,7 +179,6 @@ impl Edge {
             }
             // The header is in; the body may still trickle in, a read at a time.
             session.set_read_timeout(Some(limits.body_timeout));
-            session.set_write_timeout(Some(limits.send_timeout));
             session.set_pipelined_prefix(header);
             let Some(next) = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await
             else {
@@ -253,26 +262,37 @@ impl ServerApp for Edge {
             self.cut(Cut::PerClientLimit);
             return None;
         };
-        let limits = self.live.load().limits;
+        let live = self.live.load_full();
+        let limits = live.limits;
         let stream = match &self.tls {
-            Some(tls) => {
+            Some((port, tls)) if local_port(&stream) == Some(*port) => {
                 tls.accept(stream, accepted + limits.tls_handshake_timeout)
                     .await?
             }
-            None => stream,
+            _ => stream,
         };
+        let metrics = live.observe.as_ref().map(|o| o.metrics.clone());
+        let stream = ClientStream::new(stream, limits.send_timeout, metrics);
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
-            let deadline = accepted + limits.header_timeout;
+            let deadline = Instant::now() + limits.header_timeout;
             self.serve_h2(stream, deadline, shutdown).await;
             return None;
         }
-        self.serve_http1(stream, shutdown).await;
+        self.serve_http1(Box::new(stream), shutdown).await;
         None
     }
 
     async fn cleanup(&self) {
         ServerApp::cleanup(self.proxy.as_ref()).await;
     }
+}
+
+fn local_port(stream: &Stream) -> Option<u16> {
+    stream
+        .get_socket_digest()?
+        .local_addr()?
+        .as_inet()
+        .map(SocketAddr::port)
 }
 
 /// Why a connection ends before its request reaches Pingora.
@@ -437,17 +457,22 @@ impl Capacity {
 
     /// Counts a connection from `client` as open, unless that client already has its
     /// share. The check and the count are one step under the lock, so a burst of
-    /// connections from one client cannot slip past the cap together.
+    /// connections from one client cannot slip past the cap together. Trusted proxies (a
+    /// load balancer carrying many clients) have no share to exceed.
     fn enter(self: &Arc<Self>, client: Option<IpAddr>) -> Option<Open> {
-        let client = client.map(rate_limit::key);
+        let live = self.live.load();
+        let client = client
+            .map(|ip| ip.to_canonical())
+            .filter(|&ip| !live.trusted_proxies.contains(ip))
+            .map(rate_limit::key);
         if let Some(client) = client {
-            let cap = self.live.load().limits.max_connections_per_client;
+            let cap = live.limits.max_connections_per_client;
             let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
-            let count = by_client.entry(client).or_insert(0);
-            if *count >= cap {
+            let count = by_client.get(&client).copied().unwrap_or(0);
+            if count >= cap {
                 return None;
             }
-            *count += 1;
+            by_client.insert(client, count + 1);
         }
         self.open.fetch_add(1, Ordering::AcqRel);
         Some(Open {

@@ -37,6 +37,9 @@ pub enum Look {
 const MOST_FIELDS: usize = 256;
 
 pub fn look_h1(buf: &[u8], limits: &RequestLimits) -> Look {
+    if leading_blank(buf) > MOST_LEADING_BLANK {
+        return bad("too many empty lines before the request line");
+    }
     let mut fields = [const { MaybeUninit::<httparse::Header>::uninit() }; MOST_FIELDS];
     let mut request = httparse::Request::new(&mut []);
     let parsed = httparse::ParserConfig::default().parse_request_with_uninit_headers(
@@ -227,8 +230,27 @@ const fn refusal(status: u16, code: &'static str, message: &'static str) -> Refu
 /// [`look_h1`] refuses) may be among the bytes from `from` on. A trickled header is parsed only
 /// when it may be whole, so reading it costs time linear in its length, not quadratic.
 pub fn may_end(buf: &[u8], from: usize) -> bool {
-    let tail = &buf[from.saturating_sub(2).min(buf.len())..];
+    // Empty lines before the request line are skipped by the parser, not ends: past a few,
+    // [`look_h1`] refuses them (so this says "look"); before, the search starts after them.
+    let blank = leading_blank(buf);
+    if blank > MOST_LEADING_BLANK {
+        return true;
+    }
+    let tail = &buf[from.saturating_sub(2).max(blank).min(buf.len())..];
     tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+}
+
+/// CR and LF bytes a request may start with (RFC 9112, 2.2: a server should ignore at least
+/// one empty line before the request line); more is refused, or a client could send empty
+/// lines for ever, each read parsed again.
+const MOST_LEADING_BLANK: usize = 4;
+
+/// The CR and LF bytes `buf` starts with, counted up to one past the most allowed.
+fn leading_blank(buf: &[u8]) -> usize {
+    buf.iter()
+        .take(MOST_LEADING_BLANK + 1)
+        .take_while(|&&b| b == b'\r' || b == b'\n')
+        .count()
 }
 
 fn has_bare_lf(raw: &[u8]) -> bool {
@@ -264,6 +286,19 @@ mod tests {
         assert!(may_end(raw, raw.len() - 1));
         assert!(may_end(b"GET / HTTP/1.1\nHost: x\n\n", 20));
         assert!(!may_end(b"", 0));
+        // A blank line or two before the request is skipped, not an end; many are refused.
+        assert!(!may_end(b"\r\n\r\n", 0));
+        assert!(!may_end(b"\r\nGET / HTTP/1.1\r\n", 0));
+        assert!(may_end(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", 0));
+        assert!(may_end(b"\r\n\r\n\r\n", 0));
+        assert_eq!(
+            refused("\r\n\r\n\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            400
+        );
+        assert_eq!(
+            look("\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"),
+            Look::Complete
+        );
     }
 
     fn look(raw: &str) -> Look {

@@ -193,7 +193,7 @@ pub struct RequestCtx {
     upstream_time: Option<Duration>,
     /// Request body bytes received so far.
     body_bytes: u64,
-    /// The chosen backend's slot (`upstream`), held until the request is over.
+    /// The chosen backend's slot (`upstream`), held until its response has been read.
     slot: Option<OwnedSemaphorePermit>,
 }
 
@@ -576,10 +576,28 @@ impl ProxyHttp for Gateway {
         )
     }
 
-    /// A client's own failures (gone, too slow to send or to read) are in the access log and
-    /// the metrics; a line each in the error log would let any client flood it.
+    /// A client's own failures (gone, too slow to send or to read) and a full pool's 503s are
+    /// in the access log and the metrics; a line each in the error log would let any client
+    /// flood it, and most when the edge is busiest.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
-        *error.esource() == ErrorSource::Downstream || sent_too_slowly(error)
+        *error.esource() == ErrorSource::Downstream
+            || sent_too_slowly(error)
+            || error.etype() == &ErrorType::HTTPStatus(503)
+    }
+
+    /// The backend's part is over once its response has been read whole: its slot goes back
+    /// then, not when a slow client has finished reading.
+    fn upstream_response_body_filter(
+        &self,
+        _session: &mut Session,
+        _body: &mut Option<bytes::Bytes>,
+        end_of_stream: bool,
+        ctx: &mut RequestCtx,
+    ) -> Result<Option<Duration>> {
+        if end_of_stream {
+            ctx.slot = None;
+        }
+        Ok(None)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {

@@ -8,9 +8,10 @@
 //! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
 //! - [`connection`]: each client connection first: the caps on open connections (in all and
-//!   per client), the TLS handshake, the deadlines for a request header (HTTP/2's opening in
-//!   [`h2_opening`]) and for each write to the client, and the [`framing`] checks (ambiguous
-//!   or oversized requests are refused before anything else).
+//!   per client), the TLS handshake, the deadline for a request header, and the [`framing`]
+//!   checks (ambiguous or oversized requests are refused before anything else);
+//!   [`client_stream`] holds every write to the deadline for sending and watches an HTTP/2
+//!   client's opening.
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
@@ -20,11 +21,11 @@
 pub mod access;
 pub mod access_log;
 pub mod admin;
+pub mod client_stream;
 pub mod connection;
 pub mod drain;
 pub mod framing;
 pub mod gateway;
-pub mod h2_opening;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
@@ -190,38 +191,36 @@ pub fn run(
     )?));
     let gateway = gateway::Gateway::new(live.clone(), pool);
 
-    // Both public listeners share the proxy and the connection caps. The HTTPS one is plain
-    // TCP to Pingora: its handshakes are made by `connection`, under the caps.
+    let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
-    let app = connection::http_app(
-        pingora_proxy::http_proxy(&server.configuration, gateway),
-        settings.h2_max_streams,
-    );
-    let listeners = |listen: &str| {
-        let mut listeners = Listeners::new();
-        listeners.set_connection_filter(capacity.clone());
-        listeners.add_listener(ListenerConfig::tcp(listen).l4_buffer(CLIENT_BUFFERS));
-        listeners
-    };
-    let mut public = vec![Service::with_listeners(
-        "gatehouse proxy".into(),
-        listeners(&settings.listen),
-        connection::Edge::new(app.clone(), live.clone(), capacity.clone(), None),
-    )];
+    listeners.set_connection_filter(capacity.clone());
     let mut certificate = None;
+    listeners.add_listener(ListenerConfig::tcp(&settings.listen).l4_buffer(CLIENT_BUFFERS));
     let mut public_ports = vec![port_of(&settings.listen)];
+    let mut handshake = None;
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
         let slot = Arc::new(ArcSwap::new(tls::load_certified_key(&tls.cert, &tls.key)?));
         certificate = Some(slot.clone());
-        let handshake = tls::Handshake::new(slot, metrics.clone())?;
-        public.push(Service::with_listeners(
-            "gatehouse proxy (HTTPS)".into(),
-            listeners(&tls.listen),
-            connection::Edge::new(app, live.clone(), capacity.clone(), Some(handshake)),
+        // Plain TCP to Pingora: the handshake is made by `connection`, under the caps.
+        listeners.add_listener(ListenerConfig::tcp(&tls.listen).l4_buffer(CLIENT_BUFFERS));
+        handshake = Some((
+            port_of(&tls.listen),
+            tls::Handshake::new(slot, metrics.clone())?,
         ));
         public_ports.push(port_of(&tls.listen));
     }
+    let proxy = Service::with_listeners(
+        "gatehouse proxy".into(),
+        listeners,
+        connection::Edge::new(
+            pingora_proxy::http_proxy(&server.configuration, gateway),
+            settings.h2_max_streams,
+            live.clone(),
+            capacity,
+            handshake,
+        ),
+    );
 
     if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
         let admin = admin::Admin {
@@ -248,9 +247,7 @@ pub fn run(
         "reload and log reopening",
         signals,
     ));
-    for service in public {
-        server.add_service(service);
-    }
+    server.add_service(proxy);
     server.add_service(health);
     // Last, after everything that can fail: in an upgrade this takes the listening sockets
     // from the old proxy, which stops serving them soon after. Then say so to the

@@ -166,6 +166,9 @@ pub struct Fixed {
     backends: Vec<PathBuf>,
     runtime_dir: PathBuf,
     health_check_interval: std::time::Duration,
+    h2_max_streams: u32,
+    upstream_max_connections: usize,
+    upstream_queue_timeout: std::time::Duration,
 }
 
 impl Fixed {
@@ -183,6 +186,9 @@ impl Fixed {
                 .collect(),
             runtime_dir: settings.runtime_dir.clone(),
             health_check_interval: settings.pool.health_check_interval,
+            h2_max_streams: settings.h2_max_streams,
+            upstream_max_connections: settings.pool.max_connections_per_backend,
+            upstream_queue_timeout: settings.pool.queue_timeout,
         }
     }
 }
@@ -232,7 +238,7 @@ impl Signals {
         let fixed = Fixed::of(settings);
         if fixed != self.fixed {
             tracing::warn!(
-                "listen addresses, threads, backends, health checks and the runtime directory change only at a restart or upgrade; \
+                "listen addresses, threads, backends, health checks, h2_max_streams, the upstream caps and the runtime directory change only at a restart or upgrade; \
                  the rest of the configuration is reloaded"
             );
         }

@@ -42,8 +42,9 @@ pub enum Cut {
     PerClientLimit,
     TlsHandshakeTimeout,
     TlsHandshakeError,
-    /// An HTTP/2 client sent no whole preface and `SETTINGS` by the header deadline.
-    H2OpeningTimeout,
+    /// An HTTP/2 connection that sent no request by the header deadline, a wrong preface, or
+    /// closed before its first request.
+    H2Opening,
     /// A response made no progress for `proxy.send_timeout_ms`.
     SendTimeout,
 }
@@ -53,7 +54,7 @@ impl Cut {
         Cut::PerClientLimit,
         Cut::TlsHandshakeTimeout,
         Cut::TlsHandshakeError,
-        Cut::H2OpeningTimeout,
+        Cut::H2Opening,
         Cut::SendTimeout,
     ];
 
@@ -62,7 +63,7 @@ impl Cut {
             Cut::PerClientLimit => "per_client_limit",
             Cut::TlsHandshakeTimeout => "tls_handshake_timeout",
             Cut::TlsHandshakeError => "tls_handshake_error",
-            Cut::H2OpeningTimeout => "h2_opening_timeout",
+            Cut::H2Opening => "h2_opening",
             Cut::SendTimeout => "send_timeout",
         }
     }
@@ -196,7 +197,7 @@ impl Metrics {
         )?;
         let cuts_vec = counter(
             "gatehouse_connection_cuts_total",
-            "Client connections or streams the edge cut short, by reason: per_client_limit (refused at accept), tls_handshake_timeout, tls_handshake_error, h2_opening_timeout, send_timeout (a response made no progress).",
+            "Client connections or streams the edge cut short, by reason: per_client_limit (refused at accept), tls_handshake_timeout, tls_handshake_error, h2_opening (no request by the header deadline, a wrong preface, or gone first), send_timeout (a response made no progress).",
             &["reason"],
         )?;
         let cuts = Cut::ALL.map(|cut| cuts_vec.with_label_values(&[cut.label()]));

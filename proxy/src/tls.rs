@@ -92,14 +92,14 @@ impl Handshake {
         // The listener is plain TCP, so the stream is the socket itself.
         let mut socket = stream.into_any().downcast::<L4Stream>().ok()?;
         let metrics = self.metrics.as_deref();
+        let mut begun = false;
         let handshake = async {
             let mut first = [0u8; 1];
-            // Counted as begun only when it opens with a handshake record, so port scans and
-            // plain-HTTP mistakes do not read as failed handshakes.
-            if matches!(socket.try_peek(&mut first).await, Ok(true))
-                && first[0] == HANDSHAKE_RECORD
-                && let Some(m) = metrics
-            {
+            // Begun only when it opens with a handshake record, so port scans and plain-HTTP
+            // mistakes do not read as failed handshakes.
+            begun = matches!(socket.try_peek(&mut first).await, Ok(true))
+                && first[0] == HANDSHAKE_RECORD;
+            if begun && let Some(m) = metrics {
                 m.tls_connections.inc();
             }
             self.acceptor.tls_handshake(*socket).await
@@ -112,7 +112,8 @@ impl Handshake {
                 }
                 return Some(Box::new(tls));
             }
-            Ok(Err(_)) => Cut::TlsHandshakeError,
+            Ok(Err(_)) if begun => Cut::TlsHandshakeError,
+            Ok(Err(_)) => return None,
             Err(_) => Cut::TlsHandshakeTimeout,
         };
         if let Some(m) = metrics {
