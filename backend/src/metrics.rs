@@ -42,6 +42,23 @@ pub enum Login {
 
 const LOGINS: [&str; 4] = ["success", "refused", "throttled", "error"];
 
+/// The login guard's limits, as the `limit` label names them (in [`crate::guard::Limit`]'s
+/// order).
+const GUARD_LIMITS: [&str; 3] = ["user_per_ip", "ip", "user_all_ips"];
+
+/// A backend connection limit that acted, as the `limit` label names it.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnectionLimit {
+    /// A request's header did not arrive within the header deadline: the connection is cut.
+    HeaderTimeout,
+    /// No request for the idle deadline: the connection is closed.
+    IdleTimeout,
+    /// Every connection slot was taken: a new connection waited in the listen queue.
+    MaxConnections,
+}
+
+const CONNECTION_LIMITS: [&str; 3] = ["header_timeout", "idle_timeout", "max_connections"];
+
 pub struct Metrics {
     registry: Registry,
     requests: [[IntCounter; 5]; ENDPOINTS.len()],
@@ -49,6 +66,9 @@ pub struct Metrics {
     redis_errors: IntCounter,
     redis_up: IntGauge,
     logins: [IntCounter; LOGINS.len()],
+    login_throttled: [IntCounter; GUARD_LIMITS.len()],
+    connection_limits: [IntCounter; CONNECTION_LIMITS.len()],
+    connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -82,6 +102,29 @@ impl Metrics {
             &["outcome"],
         )
         .map_err(err)?;
+        let login_throttled = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_login_throttled_total",
+                "Logins refused by the brute-force guard, by the limit that was reached: \
+                 user_per_ip, ip or user_all_ips.",
+            ),
+            &["limit"],
+        )
+        .map_err(err)?;
+        let connection_limits = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_connection_limits_total",
+                "Times a connection limit acted: header_timeout and idle_timeout (connection \
+                 closed), max_connections (a new connection waited for a slot).",
+            ),
+            &["limit"],
+        )
+        .map_err(err)?;
+        let connections_open = IntGauge::new(
+            "gatehouse_backend_connections_open",
+            "Connections this backend holds open.",
+        )
+        .map_err(err)?;
         let redis_errors = IntCounter::new(
             "gatehouse_backend_redis_errors_total",
             "Redis calls that failed or missed their deadline.",
@@ -96,6 +139,9 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(logins.clone()),
+            Box::new(login_throttled.clone()),
+            Box::new(connection_limits.clone()),
+            Box::new(connections_open.clone()),
             Box::new(redis_errors.clone()),
             Box::new(redis_up.clone()),
         ] {
@@ -111,6 +157,9 @@ impl Metrics {
             redis_errors,
             redis_up,
             logins: LOGINS.map(|o| logins.with_label_values(&[o])),
+            login_throttled: GUARD_LIMITS.map(|l| login_throttled.with_label_values(&[l])),
+            connection_limits: CONNECTION_LIMITS.map(|l| connection_limits.with_label_values(&[l])),
+            connections_open,
         })
     }
 
@@ -122,6 +171,19 @@ impl Metrics {
 
     pub fn login(&self, outcome: Login) {
         self.logins[outcome as usize].inc();
+    }
+
+    pub fn login_throttled(&self, limit: crate::guard::Limit) {
+        self.login_throttled[limit as usize].inc();
+    }
+
+    pub fn connection_limit(&self, limit: ConnectionLimit) {
+        self.connection_limits[limit as usize].inc();
+    }
+
+    /// `delta`: +1 when a connection is accepted, -1 when it ends.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.add(delta);
     }
 
     pub fn redis(&self, ok: bool) {
