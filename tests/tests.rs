@@ -6,6 +6,7 @@ mod util;
 mod access;
 mod accounts;
 mod api;
+mod backend_limits;
 mod config;
 mod drills;
 mod jwt;
