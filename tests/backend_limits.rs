@@ -14,9 +14,7 @@ use std::{
 use reqwest::blocking::{Client, Response};
 use serde_json::json;
 
-use crate::util::{
-    Group, Options, PASSWORD, Redis, USER, metric_sum, unix_get, wait_until,
-};
+use crate::util::{Group, Options, PASSWORD, Redis, USER, metric_sum, unix_get, wait_until};
 
 fn login(group: &Group, client: &Client, user: &str, password: &str) -> Response {
     client
@@ -321,7 +319,8 @@ fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
     );
     assert_eq!(unix_get(&socket, "/api/ping").unwrap().0, 200);
     assert!(
-        wait_until(Duration::from_secs(5), || open_files(backend) <= baseline + 1),
+        wait_until(Duration::from_secs(5), || open_files(backend)
+            <= baseline + 1),
         "{} descriptors open, {baseline} before",
         open_files(backend)
     );
