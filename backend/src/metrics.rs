@@ -240,4 +240,26 @@ mod tests {
         assert!(text.contains(r#"gatehouse_backend_redis_errors_total{backend="b7"} 1"#));
         assert!(text.contains(r#"gatehouse_backend_redis_up{backend="b7"} 0"#));
     }
+
+    #[test]
+    fn guard_and_connection_limits_are_counted_by_limit() {
+        let metrics = Metrics::new("b2").unwrap();
+        metrics.login_throttled(crate::guard::Limit::UserAllIps);
+        metrics.connection_limit(ConnectionLimit::HeaderTimeout);
+        metrics.connection_limit(ConnectionLimit::MaxConnections);
+        metrics.connections_open(1);
+        metrics.connections_open(1);
+        metrics.connections_open(-1);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for series in [
+            r#"gatehouse_backend_login_throttled_total{limit="user_all_ips",backend="b2"} 1"#,
+            r#"gatehouse_backend_login_throttled_total{limit="user_per_ip",backend="b2"} 0"#,
+            r#"gatehouse_backend_connection_limits_total{limit="header_timeout",backend="b2"} 1"#,
+            r#"gatehouse_backend_connection_limits_total{limit="idle_timeout",backend="b2"} 0"#,
+            r#"gatehouse_backend_connection_limits_total{limit="max_connections",backend="b2"} 1"#,
+            r#"gatehouse_backend_connections_open{backend="b2"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
+        }
+    }
 }
