@@ -11,8 +11,10 @@
 //! header deadline, and a request the proxy sends on one at that moment would fail.
 //!
 //! [`Tracker`] sees both sides: [`Watched`] wraps the socket and notes when bytes of a new
-//! request arrive, and the service notes when a request starts and ends. One timer per
-//! connection ([`Tracker::expired`]) sleeps until the deadline of the current phase.
+//! request arrive, and the service notes when a request starts and ends, with a few relaxed
+//! atomics and no wake-up. One timer per connection ([`Tracker::expired`]) looks at the phase
+//! at least four times per deadline, so a connection is closed at most a quarter of the
+//! shorter deadline late, and a request costs no timer.
 
 use std::{
     io,
@@ -107,6 +109,9 @@ impl Tracker {
     pub async fn expired(&self) -> ConnectionLimit {
         let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX / 2);
         let (header, idle) = (ms(self.limits.header_timeout), ms(self.limits.idle_timeout));
+        // The phase changes without waking this timer (a wake-up per request would cost more
+        // than the request's own bookkeeping), so it never sleeps longer than this.
+        let tick = (header.min(idle) / 4).max(1);
         loop {
             let now = self.now();
             let (deadline, limit) = if self.in_flight.load(Ordering::Relaxed) > 0 {
@@ -122,8 +127,10 @@ impl Tracker {
             };
             match limit {
                 Some(limit) if now >= deadline => return limit,
-                // The phase may change while this sleeps; the loop looks again on waking.
-                _ => tokio::time::sleep(Duration::from_millis(deadline.saturating_sub(now))).await,
+                _ => {
+                    let wait = deadline.saturating_sub(now).min(tick);
+                    tokio::time::sleep(Duration::from_millis(wait)).await;
+                }
             }
         }
     }
@@ -217,18 +224,20 @@ mod tests {
         // A request in flight has no deadline here, however long it takes.
         tokio::time::advance(Duration::from_secs(30)).await;
         tracker.request_ended();
-        let ended = Instant::now();
         let watchdog = {
             let tracker = tracker.clone();
             tokio::spawn(async move { tracker.expired().await })
         };
         tokio::time::advance(Duration::from_secs(9)).await;
         assert!(!watchdog.is_finished());
+        let arrived = Instant::now();
         // The next request's first bytes: its header is due within the header deadline.
         tracker.bytes_arrived();
         let limit = watchdog.await.unwrap();
         assert!(matches!(limit, ConnectionLimit::HeaderTimeout));
-        assert_eq!(ended.elapsed(), Duration::from_secs(11));
+        // Within a quarter of the header deadline (0.5 s) of it.
+        let late = arrived.elapsed() - Duration::from_secs(2);
+        assert!(late <= Duration::from_millis(500), "{late:?}");
 
         tracker.request_started();
         tracker.request_ended();
@@ -237,6 +246,32 @@ mod tests {
             tracker.expired().await,
             ConnectionLimit::IdleTimeout
         ));
-        assert_eq!(ended.elapsed(), Duration::from_secs(10));
+        let late = ended.elapsed() - Duration::from_secs(10);
+        assert!(late <= Duration::from_millis(500), "{late:?}");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_phase_change_is_seen_without_waiting_for_the_old_deadline() {
+        // A long header deadline, a short idle one: the timer, already asleep on the first
+        // header's deadline, must still close the connection soon after its request ends.
+        let tracker = Tracker::new(ConnectionLimits {
+            header_timeout: Duration::from_secs(20),
+            idle_timeout: Duration::from_secs(2),
+            max_connections: 1,
+        });
+        let watchdog = {
+            let tracker = tracker.clone();
+            tokio::spawn(async move { tracker.expired().await })
+        };
+        tokio::task::yield_now().await;
+        tracker.request_started();
+        tracker.request_ended();
+        let ended = Instant::now();
+        assert!(matches!(
+            watchdog.await.unwrap(),
+            ConnectionLimit::IdleTimeout
+        ));
+        let late = ended.elapsed() - Duration::from_secs(2);
+        assert!(late <= Duration::from_millis(500), "{late:?}");
     }
 }
