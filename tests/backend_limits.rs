@@ -335,3 +335,67 @@ fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
         open_files(backend)
     );
 }
+
+/// A login sent straight to a backend's socket, as the proxy would send it for `client`.
+fn socket_login(socket: &std::path::Path, client: &str, user: &str, password: &str) -> u16 {
+    let body = json!({"username": user, "password": password}).to_string();
+    let Ok(mut stream) = UnixStream::connect(socket) else {
+        return 0;
+    };
+    let request = format!(
+        "POST /auth/login HTTP/1.1\r\nHost: backend\r\nX-Real-IP: {client}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut response = String::new();
+    if stream.write_all(request.as_bytes()).is_err()
+        || stream.read_to_string(&mut response).is_err()
+    {
+        return 0;
+    }
+    response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+#[test]
+fn attempts_that_reach_no_verdict_are_not_failures() {
+    let dir = tempfile::tempdir().unwrap();
+    let redis = Redis::start(dir.path());
+    let group = Group::start(Options {
+        backends: 1,
+        tls: false,
+        redis_url: Some(redis.url()),
+        backend_extra: "login_max_failures_per_user_per_ip = 1000\n\
+                        login_max_failures_per_ip = 1000\n\
+                        login_max_failures_per_user_all_ips = 1000\n"
+            .into(),
+        ..Options::default()
+    });
+    let socket = socket(&group);
+    // More guesses at once than the backend's two hashing slots get through in the 2 s a
+    // login may wait: the late ones get 503 unchecked.
+    let codes: Vec<u16> = thread::scope(|scope| {
+        let guesses: Vec<_> = (0..400)
+            .map(|i| {
+                let socket = &socket;
+                scope.spawn(move || socket_login(socket, "198.51.100.7", USER, &format!("g{i}")))
+            })
+            .collect();
+        guesses.into_iter().map(|g| g.join().unwrap()).collect()
+    });
+    let wrong = codes.iter().filter(|&&c| c == 401).count();
+    let busy = codes.iter().filter(|&&c| c == 503).count();
+    eprintln!("{wrong} wrong, {busy} busy");
+    assert_eq!(wrong + busy, codes.len(), "{codes:?}");
+    assert!(busy > 0, "every guess was checked; nothing was busy");
+    // Only the guesses that were checked count.
+    assert_eq!(
+        redis.command(&["GET", "gatehouse:guard:pair:admin|198.51.100.7"]),
+        wrong.to_string()
+    );
+}

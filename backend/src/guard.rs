@@ -107,13 +107,29 @@ impl Guard {
     /// A success takes back this attempt's charge, and remembers the address as known for
     /// the user.
     pub async fn success(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        self.take_back(user, client, self.settings.known_address_seconds)
+            .await
+    }
+
+    /// Takes back the charge of an attempt that reached no verdict (the password check was
+    /// busy, or Redis failed): its client learned nothing, so it is no failure.
+    pub async fn refund(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        self.take_back(user, client, 0).await
+    }
+
+    async fn take_back(
+        &self,
+        user: &str,
+        client: Option<IpAddr>,
+        known_seconds: u64,
+    ) -> Result<(), ApiError> {
         let keys = Keys::new(user, client);
         let mut invocation = self.success.key(&keys.pair);
         invocation
             .key(&keys.client)
             .key(&keys.user)
             .key(&keys.known)
-            .arg(self.settings.known_address_seconds);
+            .arg(known_seconds);
         let () = self.store.script(invocation).await?;
         Ok(())
     }

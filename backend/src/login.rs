@@ -81,7 +81,16 @@ pub(crate) async fn login(
                 "wrong user name or password",
             )
         };
-        let Some(user) = app.accounts.check_password(&username, password).await? else {
+        let checked = match app.accounts.check_password(&username, password).await {
+            Ok(checked) => checked,
+            Err(error) => {
+                // No verdict reached the client, so the attempt is not a failure. (If Redis is
+                // what failed, this fails too, and the charge lapses with its window.)
+                let _ = app.guard.refund(&username, client).await;
+                return Err(error);
+            }
+        };
+        let Some(user) = checked else {
             return Err(refused());
         };
         app.guard.success(&username, client).await?;
