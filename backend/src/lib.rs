@@ -15,8 +15,8 @@
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
 //! start it the same way; it holds at most `max_connections` connections at once, and
-//! closes each past its header or idle deadline. [`serve_admin`] answers `GET /metrics` on its own socket, which
-//! no route of the proxy can reach.
+//! closes each past its header or idle deadline. [`serve_admin`] answers `GET /metrics` on
+//! its own socket, which no route of the proxy can reach.
 
 pub mod accounts;
 pub mod connection;
