@@ -9,6 +9,7 @@
 
 mod certs;
 mod config;
+mod file_limit;
 mod serve_backend;
 mod supervisor;
 

@@ -54,6 +54,19 @@ pub fn run(
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
 
+    let limits = config.backend.connections;
+    // Each connection takes a descriptor; the rest (Redis, the sockets, the logs) are few.
+    if let Some(open_files) = crate::file_limit::raise_to_hard() {
+        let needed = (limits.max_connections as u64).saturating_add(64);
+        if open_files < needed {
+            tracing::warn!(
+                backend = %id,
+                open_files,
+                max_connections = limits.max_connections,
+                "the open-file limit is low for backend.max_connections; raise it (ulimit -n) or lower max_connections"
+            );
+        }
+    }
     // An argon2id check takes about 19 MiB. glibc serves the first from mmap and returns it,
     // then raises its mmap threshold and keeps the next ones in the heap for good; a fixed
     // threshold hands every one back to the kernel when the check is done.
@@ -123,7 +136,7 @@ pub fn run(
                 }
             }
         };
-        gatehouse_backend::serve(listener, app.clone(), shutdown, DRAIN).await;
+        gatehouse_backend::serve(listener, app.clone(), limits, shutdown, DRAIN).await;
         let _ = std::fs::remove_file(socket);
         admin_socket.map(std::fs::remove_file);
         Ok(0)

@@ -649,7 +649,7 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
     let group = Group::start(Options {
         backends: 3,
         backend_extra: format!(
-            "login_max_failures_per_user = 3\nlogin_max_failures_per_ip = 6\n\
+            "login_max_failures_per_user_per_ip = 3\nlogin_max_failures_per_ip = 6\n\
              login_failure_window_seconds = {window}\n"
         ),
         ..Options::default()
@@ -665,8 +665,8 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
     };
     let local = group.client_from("127.0.0.1");
 
-    // Three failures for gus, spread over the backends, then even the right password is
-    // refused unheard, with the seconds left in the window.
+    // Three failures for gus from one address, spread over the backends, then even the
+    // right password is refused unheard there, with the seconds left in the window.
     let mut backends = HashSet::new();
     for _ in 0..3 {
         let response = login_from(&local, "gus", "wrong");
@@ -683,10 +683,11 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
     assert!((1..=window).contains(&retry), "Retry-After {retry}");
     let body = expect(response, 429, "throttled");
     assert_eq!(body["error"], "too_many_attempts");
-    // The count is per user name: another address gets the same answer...
+    // The count is per user name and address: gus still logs in from another address
+    // (tests/backend_limits.rs covers the ceiling over every address)...
     expect(
         login_from(&group.client_from("127.0.0.2"), "gus", "gus-password"),
-        429,
+        200,
         "gus from another address",
     );
     // ...and other users are not affected.
@@ -697,9 +698,9 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
         "gatehouse_backend_logins_total",
         &[r#"outcome="throttled""#],
     );
-    assert_eq!(throttled, 2.0);
+    assert_eq!(throttled, 1.0);
 
-    // Once the window is over gus may log in, and a success clears the count.
+    // Once the window is over gus may log in from the first address again.
     let started = Instant::now();
     assert!(
         wait_until(Duration::from_secs(window + 3), || {
@@ -708,16 +709,6 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
         "gus still refused after the window"
     );
     assert!(started.elapsed() >= Duration::from_secs(retry.saturating_sub(1)));
-    for round in 0..2 {
-        for _ in 0..2 {
-            expect(login_from(&local, "gus", "wrong"), 401, "wrong password");
-        }
-        expect(
-            login_from(&local, "gus", "gus-password"),
-            200,
-            &format!("round {round}"),
-        );
-    }
 
     // Per address: six failures over six names from one address block that address, for any
     // name, while another address still logs in. Signing in to its own account halfway

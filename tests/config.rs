@@ -109,10 +109,22 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "must be above 0",
         ),
         (
-            "login_max_failures_per_user = 5",
-            "login_max_failures_per_user = 0",
-            "backend.login_max_failures_per_user",
+            "login_max_failures_per_user_per_ip = 5",
+            "login_max_failures_per_user_per_ip = 0",
+            "backend.login_max_failures_per_user_per_ip",
             "must be greater than 0",
+        ),
+        (
+            "login_max_failures_per_user_per_ip = 5",
+            "login_max_failures_per_user = 5",
+            "backend.login_max_failures_per_user",
+            "renamed",
+        ),
+        (
+            "idle_timeout_seconds = 75",
+            "idle_timeout_seconds = 0",
+            "backend.idle_timeout_seconds",
+            "choose 1 to 3600",
         ),
         (
             "login_failure_window_seconds = 300",

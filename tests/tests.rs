@@ -6,6 +6,7 @@ mod util;
 mod access;
 mod accounts;
 mod api;
+mod backend_limits;
 mod config;
 mod connection_limits;
 mod drills;

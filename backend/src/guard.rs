@@ -1,14 +1,21 @@
 //! The login brute-force guard, in Redis so that it holds across every backend process and
-//! every replica: one failure counter per user name and one per client address (IPv6 by /64,
-//! like the proxy's guard), each living for one window from its first failure.
+//! every replica. Three counters, each living for one window from its first failure:
 //!
-//! An attempt is charged before the password is hashed, so parallel guesses cannot slip past
-//! the count, and a refused attempt costs no hash. Past either limit the answer is `429` with
-//! `Retry-After` (the seconds left in the window). A successful login clears the name's
-//! counter and takes back only its own charge from the address's: otherwise a client could
-//! spray guesses at many names and wipe its address's count by signing in to its own account.
-//! The per-name limit bounds guesses at any one account however many addresses they come
-//! from; the per-address limit bounds one client spraying many names.
+//! - per user name and client address (IPv6 by /64): the tight limit. Guessing at a name from
+//!   one address locks that name out *for that address only*; the user logs in from any
+//!   other address as usual.
+//! - per client address, over every name: bounds one client spraying guesses at many names.
+//! - per user name, over every address: a much higher ceiling that bounds a guesser with many
+//!   addresses. It would be a lockout weapon of its own, so it does not apply to an address
+//!   the user has logged in from lately (a "known" address, remembered for a while after each
+//!   success): the user's own devices keep working while a botnet is held at the ceiling.
+//!
+//! An attempt is charged to all three before the password is hashed, in one Lua script (one
+//! round trip, atomic in Redis), so parallel guesses cannot slip past a count, and a refused
+//! attempt costs no hash. Past a limit the answer is `429` with `Retry-After` (the seconds left
+//! in that counter's window). A success takes back only its own charge: clearing a count would
+//! let anyone who shares an address with the user (or who owns an account of their own) wipe
+//! the guesses counted against it.
 
 use std::{
     net::{IpAddr, Ipv6Addr},
@@ -18,49 +25,77 @@ use std::{
 use http::{HeaderValue, StatusCode, header};
 use redis::Script;
 
-use crate::{error::ApiError, store::Store, users::valid_name};
+use crate::{error::ApiError, metrics::Metrics, store::Store, users::valid_name};
 
 const PREFIX: &str = "gatehouse:guard:";
 
 /// The limits, from `[backend]` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct GuardSettings {
-    pub max_failures_per_user: u32,
+    /// Failures for one user name from one client address.
+    pub max_failures_per_user_per_ip: u32,
+    /// Failures from one client address, whatever the names.
     pub max_failures_per_ip: u32,
+    /// Failures for one user name from every address that is not known for it.
+    pub max_failures_per_user_all_ips: u32,
     pub window_seconds: u64,
+    /// How long an address stays known for a user after a successful login from it; 0: never
+    /// (the per-name ceiling then applies to every address).
+    pub known_address_seconds: u64,
+}
+
+/// Which limit refused an attempt, as the `limit` label of
+/// `gatehouse_backend_login_throttled_total` names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Limit {
+    UserPerIp,
+    Ip,
+    UserAllIps,
 }
 
 pub struct Guard {
     store: Arc<Store>,
     settings: GuardSettings,
+    metrics: Arc<Metrics>,
     charge: Script,
     success: Script,
 }
 
 impl Guard {
-    pub fn new(store: Arc<Store>, settings: GuardSettings) -> Self {
+    pub fn new(store: Arc<Store>, settings: GuardSettings, metrics: Arc<Metrics>) -> Self {
         Self {
             store,
             settings,
+            metrics,
             charge: Script::new(CHARGE),
             success: Script::new(SUCCESS),
         }
     }
 
-    /// Counts one attempt by `client` at `user`, or refuses it with `429` when either counter
-    /// is already at its limit.
+    /// Counts one attempt by `client` at `user`, or refuses it with `429` when a counter that
+    /// applies is already at its limit.
     pub async fn charge(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
         let s = self.settings;
-        let mut invocation = self.charge.key(user_key(user));
+        let keys = Keys::new(user, client);
+        let mut invocation = self.charge.key(&keys.pair);
         invocation
-            .key(client_key(client))
+            .key(&keys.client)
+            .key(&keys.user)
+            .key(&keys.known)
             .arg(s.window_seconds)
-            .arg(s.max_failures_per_user)
-            .arg(s.max_failures_per_ip);
-        let wait: u64 = self.store.script(invocation).await?;
+            .arg(s.max_failures_per_user_per_ip)
+            .arg(s.max_failures_per_ip)
+            .arg(s.max_failures_per_user_all_ips);
+        let (wait, which): (u64, u8) = self.store.script(invocation).await?;
         if wait == 0 {
             return Ok(());
         }
+        let limit = match which {
+            1 => Limit::UserPerIp,
+            2 => Limit::Ip,
+            _ => Limit::UserAllIps,
+        };
+        self.metrics.login_throttled(limit);
         Err(ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
@@ -69,64 +104,118 @@ impl Guard {
         .with_header_value(header::RETRY_AFTER, HeaderValue::from(wait)))
     }
 
-    /// A success clears the name's counter and undoes this attempt's charge on the address.
-    pub async fn reset(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
-        let mut invocation = self.success.key(user_key(user));
-        invocation.key(client_key(client));
+    /// A success takes back this attempt's charge, and remembers the address as known for
+    /// the user.
+    pub async fn success(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        self.take_back(user, client, self.settings.known_address_seconds)
+            .await
+    }
+
+    /// Takes back the charge of an attempt that reached no verdict (the password check was
+    /// busy, or Redis failed): its client learned nothing, so it is no failure.
+    pub async fn refund(&self, user: &str, client: Option<IpAddr>) -> Result<(), ApiError> {
+        self.take_back(user, client, 0).await
+    }
+
+    async fn take_back(
+        &self,
+        user: &str,
+        client: Option<IpAddr>,
+        known_seconds: u64,
+    ) -> Result<(), ApiError> {
+        let keys = Keys::new(user, client);
+        let mut invocation = self.success.key(&keys.pair);
+        invocation
+            .key(&keys.client)
+            .key(&keys.user)
+            .key(&keys.known)
+            .arg(known_seconds);
         let () = self.store.script(invocation).await?;
         Ok(())
     }
 }
 
-/// Names no user can have share one counter: they cannot be guessed right anyway, and
-/// arbitrary client bytes never become a key.
-fn user_key(user: &str) -> String {
-    if valid_name(user) {
-        format!("{PREFIX}user:{user}")
-    } else {
-        format!("{PREFIX}user:?")
+/// The Redis keys one attempt touches.
+struct Keys {
+    pair: String,
+    client: String,
+    user: String,
+    known: String,
+}
+
+impl Keys {
+    fn new(user: &str, client: Option<IpAddr>) -> Self {
+        let user = user_part(user);
+        let client = client_part(client);
+        Self {
+            pair: format!("{PREFIX}pair:{user}|{client}"),
+            client: format!("{PREFIX}ip:{client}"),
+            known: format!("{PREFIX}known:{user}|{client}"),
+            user: format!("{PREFIX}user:{user}"),
+        }
     }
+}
+
+/// Names no user can have share one counter: they cannot be guessed right anyway, and
+/// arbitrary client bytes never become a key. A valid name has no `|`.
+fn user_part(user: &str) -> &str {
+    if valid_name(user) { user } else { "?" }
 }
 
 /// The client as the proxy saw it (`X-Real-IP`); a request straight to the socket has none.
-fn client_key(client: Option<IpAddr>) -> String {
+fn client_part(client: Option<IpAddr>) -> String {
     match client.map(|ip| ip.to_canonical()) {
-        Some(IpAddr::V4(ip)) => format!("{PREFIX}ip:{ip}"),
+        Some(IpAddr::V4(ip)) => ip.to_string(),
         Some(IpAddr::V6(ip)) => {
             // One host usually holds a whole /64: count it as one client.
             let bits = u128::from(ip) & !((1u128 << 64) - 1);
-            format!("{PREFIX}ip:{}/64", Ipv6Addr::from(bits))
+            format!("{}/64", Ipv6Addr::from(bits))
         }
-        None => format!("{PREFIX}ip:local"),
+        None => "local".into(),
     }
 }
 
-/// KEYS: user counter, client counter. ARGV: window, max per user, max per client.
-/// Returns 0 when the attempt may go ahead (and is counted), otherwise the seconds to wait.
+/// KEYS: the name-and-address counter, the address counter, the name counter, the name's
+/// known-address marker. ARGV: window, then the limits of the three counters in that order.
+/// Returns {0, 0} when the attempt may go ahead (and is counted in all three), otherwise
+/// {seconds to wait, 1-based index of the counter at its limit}: of several, the one that
+/// lasts longest. The name's ceiling is not checked for a known address, but the attempt is
+/// still counted in it.
 const CHARGE: &str = r"
-local wait = 0
-for i, key in ipairs(KEYS) do
-  local failures = tonumber(redis.call('GET', key) or '0')
-  if failures >= tonumber(ARGV[i + 1]) then
-    wait = math.max(wait, redis.call('TTL', key), 1)
+local known = redis.call('EXISTS', KEYS[4]) == 1
+local wait, which = 0, 0
+for i = 1, 3 do
+  if not (i == 3 and known) then
+    local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
+    if failures >= tonumber(ARGV[i + 1]) then
+      local ttl = math.max(redis.call('TTL', KEYS[i]), 1)
+      if ttl > wait then
+        wait, which = ttl, i
+      end
+    end
   end
 end
 if wait > 0 then
-  return wait
+  return {wait, which}
 end
-for _, key in ipairs(KEYS) do
-  if redis.call('INCR', key) == 1 then
-    redis.call('EXPIRE', key, ARGV[1])
+for i = 1, 3 do
+  if redis.call('INCR', KEYS[i]) == 1 then
+    redis.call('EXPIRE', KEYS[i], ARGV[1])
   end
 end
-return 0
+return {0, 0}
 ";
 
-/// KEYS: the name's counter, the address's counter.
+/// KEYS: as for CHARGE. ARGV: how long the address stays known (0: not remembered).
+/// A counter that has expired since the charge is left alone rather than recreated.
 const SUCCESS: &str = r"
-redis.call('DEL', KEYS[1])
-if redis.call('EXISTS', KEYS[2]) == 1 and redis.call('DECR', KEYS[2]) <= 0 then
-  redis.call('DEL', KEYS[2])
+for i = 1, 3 do
+  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('DECR', KEYS[i]) <= 0 then
+    redis.call('DEL', KEYS[i])
+  end
+end
+if tonumber(ARGV[1]) > 0 then
+  redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
 end
 ";
 
@@ -136,17 +225,29 @@ mod tests {
 
     #[test]
     fn clients_are_keyed_by_address_and_ipv6_by_64() {
-        let key = |s: &str| client_key(Some(s.parse().unwrap()));
-        assert_eq!(key("192.0.2.7"), "gatehouse:guard:ip:192.0.2.7");
-        assert_eq!(key("::ffff:192.0.2.7"), "gatehouse:guard:ip:192.0.2.7");
-        assert_eq!(key("2001:db8:1:2:aaaa::1"), key("2001:db8:1:2:bbbb::9"));
+        let key = |s: &str| Keys::new("alice", Some(s.parse().unwrap()));
+        assert_eq!(key("192.0.2.7").client, "gatehouse:guard:ip:192.0.2.7");
         assert_eq!(
-            key("2001:db8:1:2::5"),
+            key("::ffff:192.0.2.7").client,
+            "gatehouse:guard:ip:192.0.2.7"
+        );
+        assert_eq!(
+            key("2001:db8:1:2:aaaa::1").pair,
+            key("2001:db8:1:2:bbbb::9").pair
+        );
+        assert_eq!(
+            key("2001:db8:1:2::5").client,
             "gatehouse:guard:ip:2001:db8:1:2::/64"
         );
-        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
-        assert_eq!(client_key(None), "gatehouse:guard:ip:local");
-        assert_eq!(user_key("alice"), "gatehouse:guard:user:alice");
-        assert_eq!(user_key("a b\r\n"), "gatehouse:guard:user:?");
+        assert_ne!(key("2001:db8:1:2::1").client, key("2001:db8:1:3::1").client);
+        let keys = key("192.0.2.7");
+        assert_eq!(keys.pair, "gatehouse:guard:pair:alice|192.0.2.7");
+        assert_eq!(keys.known, "gatehouse:guard:known:alice|192.0.2.7");
+        assert_eq!(keys.user, "gatehouse:guard:user:alice");
+        assert_eq!(Keys::new("alice", None).client, "gatehouse:guard:ip:local");
+        assert_eq!(
+            Keys::new("a b|\r\n", None).pair,
+            "gatehouse:guard:pair:?|local"
+        );
     }
 }

@@ -10,13 +10,16 @@
 //! - [`openapi`]: the OpenAPI document, generated from the types and the route table.
 //! - [`store`]: the Redis connection, shared by every backend process and replica.
 //! - [`metrics`]: the backend's Prometheus series, served on a separate admin socket.
+//! - [`connection`]: header and idle deadlines on the backend's own connections.
 //! - [`error`], [`http_util`]: the JSON error type and body helpers.
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
-//! start it the same way. [`serve_admin`] answers `GET /metrics` on its own socket, which
-//! no route of the proxy can reach.
+//! start it the same way; it holds at most `max_connections` connections at once, and
+//! closes each past its header or idle deadline. [`serve_admin`] answers `GET /metrics` on
+//! its own socket, which no route of the proxy can reach.
 
 pub mod accounts;
+pub mod connection;
 pub mod error;
 pub mod guard;
 pub mod http_util;
@@ -34,9 +37,16 @@ use std::{io, path::Path, sync::Arc, time::Duration};
 use http::HeaderValue;
 use hyper::{server::conn::http1, service::service_fn};
 use hyper_util::{rt::TokioIo, server::graceful::GracefulShutdown};
-use tokio::net::{UnixListener, UnixStream};
+use tokio::{
+    net::{UnixListener, UnixStream},
+    sync::Semaphore,
+};
+
+use connection::{Tracker, Watched};
+use metrics::ConnectionLimit;
 
 pub use accounts::Accounts;
+pub use connection::ConnectionLimits;
 pub use guard::{Guard, GuardSettings};
 pub use metrics::Metrics;
 pub use store::Store;
@@ -99,7 +109,7 @@ impl App {
                 max_tokens_per_user,
                 metrics.clone(),
             )?,
-            guard: Guard::new(store.clone(), guard),
+            guard: Guard::new(store.clone(), guard, metrics.clone()),
             store,
             max_body_bytes,
             metrics,
@@ -139,9 +149,14 @@ pub async fn bind(path: &Path) -> io::Result<UnixListener> {
 
 /// Serves until `shutdown` resolves, then stops accepting and lets open requests finish
 /// for up to `drain`.
+///
+/// Past `limits.max_connections` a new connection is not accepted until one ends: it waits
+/// in the listen queue (like HAProxy's `maxconn`), so a flood of connections cannot take
+/// the descriptors every backend process needs for Redis and its other clients.
 pub async fn serve(
     listener: UnixListener,
     app: Arc<App>,
+    limits: ConnectionLimits,
     shutdown: impl Future<Output = ()>,
     drain: Duration,
 ) {
@@ -149,9 +164,25 @@ pub async fn serve(
     // HTTP/1.1 only: the proxy is the one client, and it speaks HTTP/1.1 over the socket.
     let mut server = http1::Builder::new();
     server.keep_alive(true);
+    let slots = Arc::new(Semaphore::new(limits.max_connections));
     let graceful = GracefulShutdown::new();
     let mut shutdown = std::pin::pin!(shutdown);
     loop {
+        let slot = match slots.clone().try_acquire_owned() {
+            Ok(slot) => slot,
+            Err(_) => {
+                app.metrics
+                    .connection_limit(ConnectionLimit::MaxConnections);
+                tokio::select! {
+                    slot = slots.clone().acquire_owned() => match slot {
+                        Ok(slot) => slot,
+                        // Never closed; if it were, nothing could be served.
+                        Err(_) => break,
+                    },
+                    () = &mut shutdown => break,
+                }
+            }
+        };
         let stream = tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((stream, _)) => stream,
@@ -164,17 +195,34 @@ pub async fn serve(
             },
             () = &mut shutdown => break,
         };
-        let app = app.clone();
-        let service = service_fn(move |request| {
-            let app = app.clone();
-            async move { Ok::<_, std::convert::Infallible>(routes::handle(app, request).await) }
-        });
-        let connection = server.serve_connection(TokioIo::new(stream), service);
-        let connection = graceful.watch(connection);
+        let tracker = Tracker::new(limits);
+        let service = {
+            let (app, tracker) = (app.clone(), tracker.clone());
+            service_fn(move |request| {
+                let (app, tracker) = (app.clone(), tracker.clone());
+                tracker.request_started();
+                async move {
+                    let response = routes::handle(app, request).await;
+                    tracker.request_ended();
+                    Ok::<_, std::convert::Infallible>(response)
+                }
+            })
+        };
+        let io = TokioIo::new(Watched::new(stream, tracker.clone()));
+        let connection = graceful.watch(server.serve_connection(io, service));
+        let metrics = app.metrics.clone();
+        metrics.connections_open(1);
         tokio::spawn(async move {
-            if let Err(error) = connection.await {
-                tracing::debug!(%error, "connection ended with an error");
+            tokio::select! {
+                ended = connection => if let Err(error) = ended {
+                    tracing::debug!(%error, "connection ended with an error");
+                },
+                // Dropping the connection closes it: past either deadline no request is
+                // being handled, so none is cut short.
+                limit = tracker.expired() => metrics.connection_limit(limit),
             }
+            metrics.connections_open(-1);
+            drop(slot);
         });
     }
     drop(listener);

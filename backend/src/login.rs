@@ -38,8 +38,9 @@ pub struct TokenResponse {
 
 /// Exchanges a user name and password for a token.
 ///
-/// Repeated failures for one user name or from one client are refused with `429` for a
-/// while (`Retry-After`); a successful login clears them.
+/// Repeated failures for one user name from one client, from one client for any names, or
+/// for one user name from many clients are refused with `429` for a while (`Retry-After`);
+/// failures from other clients do not lock a user out of an address it has logged in from.
 #[utoipa::path(
     post,
     path = "/auth/login",
@@ -50,7 +51,7 @@ pub struct TokenResponse {
         (status = 200, description = "Logged in.", body = TokenResponse),
         (status = 401, description = "Wrong user name or password, or the user is disabled.",
             body = crate::error::ErrorBody),
-        (status = 429, description = "Too many failed logins for this user or client.",
+        (status = 429, description = "Too many failed logins for this user or from this client.",
             body = crate::error::ErrorBody,
             headers(("Retry-After" = u64, description = "Seconds to wait."))),
     )
@@ -80,10 +81,19 @@ pub(crate) async fn login(
                 "wrong user name or password",
             )
         };
-        let Some(user) = app.accounts.check_password(&username, password).await? else {
+        let checked = match app.accounts.check_password(&username, password).await {
+            Ok(checked) => checked,
+            Err(error) => {
+                // No verdict reached the client, so the attempt is not a failure. (If Redis is
+                // what failed, this fails too, and the charge lapses with its window.)
+                let _ = app.guard.refund(&username, client).await;
+                return Err(error);
+            }
+        };
+        let Some(user) = checked else {
             return Err(refused());
         };
-        app.guard.reset(&username, client).await?;
+        app.guard.success(&username, client).await?;
         let mut claims = app.tokens.claims(&username, user.role);
         // The user may have been changed or disabled while its password was being checked.
         if !app.accounts.open_session(&user, &mut claims).await? {

@@ -42,6 +42,23 @@ pub enum Login {
 
 const LOGINS: [&str; 4] = ["success", "refused", "throttled", "error"];
 
+/// The login guard's limits, as the `limit` label names them (in [`crate::guard::Limit`]'s
+/// order).
+const GUARD_LIMITS: [&str; 3] = ["user_per_ip", "ip", "user_all_ips"];
+
+/// A backend connection limit that acted, as the `limit` label names it.
+#[derive(Debug, Clone, Copy)]
+pub enum ConnectionLimit {
+    /// A request's header did not arrive within the header deadline: the connection is cut.
+    HeaderTimeout,
+    /// No request for the idle deadline: the connection is closed.
+    IdleTimeout,
+    /// Every connection slot was taken: a new connection waited in the listen queue.
+    MaxConnections,
+}
+
+const CONNECTION_LIMITS: [&str; 3] = ["header_timeout", "idle_timeout", "max_connections"];
+
 pub struct Metrics {
     registry: Registry,
     requests: [[IntCounter; 5]; ENDPOINTS.len()],
@@ -52,6 +69,9 @@ pub struct Metrics {
     generations: IntCounter,
     data_losses: IntCounter,
     tokens_over_cap: IntCounter,
+    login_throttled: [IntCounter; GUARD_LIMITS.len()],
+    connection_limits: [IntCounter; CONNECTION_LIMITS.len()],
+    connections_open: IntGauge,
 }
 
 impl Metrics {
@@ -85,6 +105,29 @@ impl Metrics {
             &["outcome"],
         )
         .map_err(err)?;
+        let login_throttled = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_login_throttled_total",
+                "Logins refused by the brute-force guard, by the limit that was reached: \
+                 user_per_ip, ip or user_all_ips.",
+            ),
+            &["limit"],
+        )
+        .map_err(err)?;
+        let connection_limits = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_connection_limits_total",
+                "Times a connection limit acted: header_timeout and idle_timeout (connection \
+                 closed), max_connections (a new connection waited for a slot).",
+            ),
+            &["limit"],
+        )
+        .map_err(err)?;
+        let connections_open = IntGauge::new(
+            "gatehouse_backend_connections_open",
+            "Connections this backend holds open.",
+        )
+        .map_err(err)?;
         let redis_errors = IntCounter::new(
             "gatehouse_backend_redis_errors_total",
             "Redis calls that failed or missed their deadline.",
@@ -116,6 +159,9 @@ impl Metrics {
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
             Box::new(logins.clone()),
+            Box::new(login_throttled.clone()),
+            Box::new(connection_limits.clone()),
+            Box::new(connections_open.clone()),
             Box::new(redis_errors.clone()),
             Box::new(redis_up.clone()),
             Box::new(generations.clone()),
@@ -137,6 +183,9 @@ impl Metrics {
             generations,
             data_losses,
             tokens_over_cap,
+            login_throttled: GUARD_LIMITS.map(|l| login_throttled.with_label_values(&[l])),
+            connection_limits: CONNECTION_LIMITS.map(|l| connection_limits.with_label_values(&[l])),
+            connections_open,
         })
     }
 
@@ -148,6 +197,19 @@ impl Metrics {
 
     pub fn login(&self, outcome: Login) {
         self.logins[outcome as usize].inc();
+    }
+
+    pub fn login_throttled(&self, limit: crate::guard::Limit) {
+        self.login_throttled[limit as usize].inc();
+    }
+
+    pub fn connection_limit(&self, limit: ConnectionLimit) {
+        self.connection_limits[limit as usize].inc();
+    }
+
+    /// `delta`: +1 when a connection is accepted, -1 when it ends.
+    pub fn connections_open(&self, delta: i64) {
+        self.connections_open.add(delta);
     }
 
     pub fn redis(&self, ok: bool) {
@@ -225,6 +287,28 @@ mod tests {
         ] {
             let line = format!(r#"{series}{{backend="b7"}} {value}"#);
             assert!(text.contains(&line), "{line}");
+        }
+    }
+
+    #[test]
+    fn guard_and_connection_limits_are_counted_by_limit() {
+        let metrics = Metrics::new("b2").unwrap();
+        metrics.login_throttled(crate::guard::Limit::UserAllIps);
+        metrics.connection_limit(ConnectionLimit::HeaderTimeout);
+        metrics.connection_limit(ConnectionLimit::MaxConnections);
+        metrics.connections_open(1);
+        metrics.connections_open(1);
+        metrics.connections_open(-1);
+        let text = String::from_utf8(metrics.render()).unwrap();
+        for series in [
+            r#"gatehouse_backend_login_throttled_total{limit="user_all_ips",backend="b2"} 1"#,
+            r#"gatehouse_backend_login_throttled_total{limit="user_per_ip",backend="b2"} 0"#,
+            r#"gatehouse_backend_connection_limits_total{limit="header_timeout",backend="b2"} 1"#,
+            r#"gatehouse_backend_connection_limits_total{limit="idle_timeout",backend="b2"} 0"#,
+            r#"gatehouse_backend_connection_limits_total{limit="max_connections",backend="b2"} 1"#,
+            r#"gatehouse_backend_connections_open{backend="b2"} 1"#,
+        ] {
+            assert!(text.contains(series), "{series} in\n{text}");
         }
     }
 }

@@ -127,6 +127,8 @@ pub struct Backend {
     pub max_tokens_per_user: usize,
     /// The login brute-force guard.
     pub login_guard: gatehouse_backend::GuardSettings,
+    /// Deadlines and the cap on each backend's own connections.
+    pub connections: gatehouse_backend::ConnectionLimits,
 }
 
 /// Where a secret is read from. Loading the config only names it: the processes that need it
@@ -465,14 +467,64 @@ impl Config {
                 "",
                 &at,
             )?;
+            if b.login_max_failures_per_user.is_some() {
+                // Its old meaning (one count per name, from every address) was a lockout
+                // weapon; a file that still sets it must say which of the new limits it means.
+                return Err(at(
+                    "backend.login_max_failures_per_user",
+                    "renamed: failures for one user name are now counted per client address \
+                     (backend.login_max_failures_per_user_per_ip, default 5), with a higher \
+                     ceiling over every address (backend.login_max_failures_per_user_all_ips, \
+                     default 100)"
+                        .into(),
+                ));
+            }
             positive(
-                b.login_max_failures_per_user,
-                "backend.login_max_failures_per_user",
+                b.login_max_failures_per_user_per_ip,
+                "backend.login_max_failures_per_user_per_ip",
                 &at,
             )?;
             positive(
                 b.login_max_failures_per_ip,
                 "backend.login_max_failures_per_ip",
+                &at,
+            )?;
+            if b.login_max_failures_per_user_all_ips < b.login_max_failures_per_user_per_ip {
+                return Err(at(
+                    "backend.login_max_failures_per_user_all_ips",
+                    format!(
+                        "{} is below backend.login_max_failures_per_user_per_ip ({}): the \
+                         ceiling over every address must be at least the per-address limit",
+                        b.login_max_failures_per_user_all_ips, b.login_max_failures_per_user_per_ip
+                    ),
+                ));
+            }
+            within(
+                b.login_known_address_seconds,
+                0..=31_536_000,
+                "backend.login_known_address_seconds",
+                " seconds",
+                &at,
+            )?;
+            within(
+                b.header_timeout_ms,
+                100..=600_000,
+                "backend.header_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(
+                b.idle_timeout_seconds,
+                1..=3600,
+                "backend.idle_timeout_seconds",
+                " seconds",
+                &at,
+            )?;
+            within(
+                b.max_connections,
+                1..=1_000_000,
+                "backend.max_connections",
+                "",
                 &at,
             )?;
             if !(1..=86_400).contains(&b.login_failure_window_seconds) {
@@ -493,9 +545,16 @@ impl Config {
                 admin_password,
                 max_tokens_per_user: b.max_tokens_per_user,
                 login_guard: gatehouse_backend::GuardSettings {
-                    max_failures_per_user: b.login_max_failures_per_user,
+                    max_failures_per_user_per_ip: b.login_max_failures_per_user_per_ip,
                     max_failures_per_ip: b.login_max_failures_per_ip,
+                    max_failures_per_user_all_ips: b.login_max_failures_per_user_all_ips,
                     window_seconds: b.login_failure_window_seconds,
+                    known_address_seconds: b.login_known_address_seconds,
+                },
+                connections: gatehouse_backend::ConnectionLimits {
+                    header_timeout: Duration::from_millis(b.header_timeout_ms),
+                    idle_timeout: Duration::from_secs(b.idle_timeout_seconds),
+                    max_connections: b.max_connections,
                 },
             }
         };
@@ -1194,9 +1253,16 @@ struct RawBackend {
     jwt_secret_file: Option<PathBuf>,
     admin_password_file: Option<PathBuf>,
     max_tokens_per_user: usize,
-    login_max_failures_per_user: u32,
+    /// Renamed; kept only to say so (see the check).
+    login_max_failures_per_user: Option<serde::de::IgnoredAny>,
+    login_max_failures_per_user_per_ip: u32,
     login_max_failures_per_ip: u32,
+    login_max_failures_per_user_all_ips: u32,
     login_failure_window_seconds: u64,
+    login_known_address_seconds: u64,
+    header_timeout_ms: u64,
+    idle_timeout_seconds: u64,
+    max_connections: usize,
 }
 
 impl Default for RawBackend {
@@ -1209,9 +1275,23 @@ impl Default for RawBackend {
             jwt_secret_file: None,
             admin_password_file: None,
             max_tokens_per_user: gatehouse_backend::accounts::DEFAULT_MAX_TOKENS_PER_USER,
-            login_max_failures_per_user: 5,
+            login_max_failures_per_user: None,
+            login_max_failures_per_user_per_ip: 5,
             login_max_failures_per_ip: 20,
+            // NIST SP 800-63B: no more than 100 consecutive failures on one account.
+            login_max_failures_per_user_all_ips: 100,
             login_failure_window_seconds: 300,
+            login_known_address_seconds: 30 * 86_400,
+            // nginx's client_header_timeout is 60 s; a backend's only client is the proxy,
+            // which sends a whole header at once, so 10 s is generous (the proxy's own
+            // header_timeout_ms).
+            header_timeout_ms: 10_000,
+            // nginx's keepalive_timeout (75 s): longer than the proxy keeps an idle backend
+            // connection (60 s), so the proxy is the one that closes it, never a request.
+            idle_timeout_seconds: 75,
+            // Like HAProxy's per-server maxconn; far below the usual 1024 soft limit once it
+            // is raised to the hard one.
+            max_connections: 1024,
         }
     }
 }
@@ -1381,9 +1461,12 @@ mod tests {
     #[test]
     fn login_guard_keys_are_checked() {
         let config = parse(ROUTES).unwrap();
-        assert_eq!(config.backend.login_guard.max_failures_per_user, 5);
-        assert_eq!(config.backend.login_guard.max_failures_per_ip, 20);
-        assert_eq!(config.backend.login_guard.window_seconds, 300);
+        let guard = config.backend.login_guard;
+        assert_eq!(guard.max_failures_per_user_per_ip, 5);
+        assert_eq!(guard.max_failures_per_ip, 20);
+        assert_eq!(guard.max_failures_per_user_all_ips, 100);
+        assert_eq!(guard.window_seconds, 300);
+        assert_eq!(guard.known_address_seconds, 30 * 86_400);
         let err = parse(&format!(
             "[backend]\nlogin_max_failures_per_ip = 0\n{ROUTES}"
         ))
@@ -1399,6 +1482,55 @@ mod tests {
         .unwrap_err();
         assert_eq!(err.line, Some(3), "{err}");
         assert!(err.to_string().contains("choose 1 to 86400"), "{err}");
+        // The old per-name key meant one count from every address: a file that sets it is
+        // told the new names rather than keeping a lockout weapon under a new meaning.
+        let err = parse(&format!(
+            "[backend]\ncount = 2\nlogin_max_failures_per_user = 5\n{ROUTES}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(3), Some("backend.login_max_failures_per_user")),
+            "{err}"
+        );
+        assert!(
+            err.message.contains("renamed")
+                && err
+                    .message
+                    .contains("backend.login_max_failures_per_user_per_ip"),
+            "{err}"
+        );
+        let err = parse(&format!(
+            "[backend]\nlogin_max_failures_per_user_per_ip = 10\n\
+             login_max_failures_per_user_all_ips = 9\n{ROUTES}"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some("backend.login_max_failures_per_user_all_ips"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn backend_connection_keys_are_checked() {
+        let limits = parse(ROUTES).unwrap().backend.connections;
+        assert_eq!(limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(limits.idle_timeout, Duration::from_secs(75));
+        assert_eq!(limits.max_connections, 1024);
+        for (line, key) in [
+            ("header_timeout_ms = 50", "backend.header_timeout_ms"),
+            ("idle_timeout_seconds = 0", "backend.idle_timeout_seconds"),
+            ("max_connections = 0", "backend.max_connections"),
+        ] {
+            let err = parse(&format!("[backend]\ncount = 2\n{line}\n{ROUTES}")).unwrap_err();
+            assert_eq!(
+                (err.line, err.key.as_deref()),
+                (Some(3), Some(key)),
+                "{err}"
+            );
+            assert!(err.message.contains("choose"), "{err}");
+        }
     }
 
     #[test]
