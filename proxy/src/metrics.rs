@@ -41,6 +41,8 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     /// Clients each rate limit policy tracks, set when scraped.
     pub rate_limit_keys: IntGaugeVec,
+    /// Rate-limit evictions and the basic-auth guard's actions.
+    pub access: crate::access::AccessCounters,
     pub open_connections: IntGauge,
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
@@ -177,11 +179,14 @@ impl Metrics {
         for collector in collectors {
             registry.register(collector).map_err(err)?;
         }
+        let access = crate::access::AccessCounters::new()?;
+        access.register(&registry)?;
         Ok(Self {
             registry,
             upstream_errors,
             backend_up,
             rate_limit_keys,
+            access,
             open_connections,
             tls_connections,
             tls_handshakes,
