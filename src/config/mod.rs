@@ -1239,6 +1239,38 @@ mod tests {
     }
 
     #[test]
+    fn access_keys_are_checked() {
+        let config = parse(ROUTES).unwrap();
+        let guard = config.access.auth_guard;
+        assert_eq!((guard.max_failures, guard.max_failures_per_user), (10, 100));
+        assert_eq!(guard.max_keys, 100_000);
+        assert_eq!(
+            config.access.client_ip_header,
+            gatehouse_proxy::access::client_ip::ClientIpHeader::XForwardedFor
+        );
+        let config = parse(&format!(
+            "[proxy]\nclient_ip_header = \"X-Real-IP\"\n{ROUTES}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.access.client_ip_header,
+            gatehouse_proxy::access::client_ip::ClientIpHeader::XRealIp
+        );
+        for (text, key) in [
+            ("client_ip_header = \"forwarded\"", "proxy.client_ip_header"),
+            (
+                "auth_max_failures = 20\nauth_max_failures_per_user = 19",
+                "proxy.auth_max_failures_per_user",
+            ),
+            ("auth_guard_max_keys = 10", "proxy.auth_guard_max_keys"),
+        ] {
+            let err = parse(&format!("[proxy]\n{text}\n{ROUTES}")).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{err}");
+            assert_eq!(err.line, Some(text.lines().count() + 1), "{err}");
+        }
+    }
+
+    #[test]
     fn login_guard_keys_are_checked() {
         let config = parse(ROUTES).unwrap();
         assert_eq!(config.backend.login_guard.max_failures_per_user, 5);
