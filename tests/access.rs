@@ -492,6 +492,8 @@ fn guesses_from_one_address_do_not_lock_the_user_out_elsewhere() {
             .unwrap_or(0.0)
             >= 1.0
     );
+    // Five addresses, one user name, two addresses known for it.
+    assert!(group.metric("gatehouse_auth_guard_keys").unwrap_or(0.0) >= 8.0);
 }
 
 #[test]

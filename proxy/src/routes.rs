@@ -80,7 +80,12 @@ impl RouteTable {
             }
         }
         let auth_guard = previous.map_or_else(
-            || Arc::new(AuthGuard::new(counters.auth_guard.clone())),
+            || {
+                Arc::new(AuthGuard::new(
+                    counters.auth_guard.clone(),
+                    counters.auth_guard_keys.clone(),
+                ))
+            },
             |p| p.auth_guard.clone(),
         );
         let logs = routes.iter().map(|r| r.access_log.clone()).collect();

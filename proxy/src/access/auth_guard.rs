@@ -25,7 +25,7 @@ use std::{
 };
 
 use dashmap::{DashMap, mapref::entry::Entry};
-use prometheus::IntCounterVec;
+use prometheus::{IntCounterVec, IntGauge};
 
 /// How long an address that signed in as a user stays exempt from that user's ceiling.
 pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
@@ -35,6 +35,9 @@ const KNOWN_REFRESH: Duration = Duration::from_secs(3600);
 
 /// New entries between two checks of the table's size.
 const SIZE_CHECK_EVERY: usize = 256;
+
+/// New entries between two sweeps of expired ones.
+const EXPIRE_EVERY: usize = 4096;
 
 /// The guard's limits, as configured; they may change at a reload, the counts stay.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -93,16 +96,19 @@ pub struct AuthGuard {
     sweeping: Mutex<()>,
     /// By event: `address` and `user` refusals, `evicted` entries.
     events: IntCounterVec,
+    /// Entries held, kept as they come and go.
+    keys: IntGauge,
 }
 
 impl AuthGuard {
-    pub fn new(events: IntCounterVec) -> Self {
+    pub fn new(events: IntCounterVec, keys: IntGauge) -> Self {
         Self {
             slots: DashMap::new(),
             names: std::hash::RandomState::new(),
             inserted: AtomicUsize::new(0),
             sweeping: Mutex::new(()),
             events,
+            keys,
         }
     }
 
@@ -179,14 +185,21 @@ impl AuthGuard {
         if let Some((name, since)) = charge.user {
             self.give_back(Key::User(name), since);
         }
-        let name = self.name(user);
-        self.slots.insert(
-            Key::Known(name, address),
-            Slot {
-                count: 0,
-                since: Instant::now(),
-            },
-        );
+        self.remember(self.name(user), address, Instant::now());
+    }
+
+    fn remember(&self, name: u64, address: IpAddr, now: Instant) {
+        let known = Slot {
+            count: 0,
+            since: now,
+        };
+        if self
+            .slots
+            .insert(Key::Known(name, address), known)
+            .is_none()
+        {
+            self.keys.inc();
+        }
     }
 
     /// A right password answered without a hash (from the verification cache): the address
@@ -267,9 +280,12 @@ impl AuthGuard {
         match outcome {
             Some(since) => Ok(since),
             None => {
-                if self.inserted.fetch_add(1, Ordering::Relaxed) % SIZE_CHECK_EVERY
-                    == SIZE_CHECK_EVERY - 1
-                    && self.slots.len() > spec.max_keys
+                self.keys.inc();
+                let inserted = self.inserted.fetch_add(1, Ordering::Relaxed) + 1;
+                // Expired entries are dropped now and then even below the limit, so the table
+                // (and its gauge) shows the live ones.
+                if inserted % EXPIRE_EVERY == 0
+                    || (inserted % SIZE_CHECK_EVERY == 0 && self.slots.len() > spec.max_keys)
                 {
                     self.keep_bounded(spec, now);
                 }
@@ -330,6 +346,7 @@ impl AuthGuard {
         if before > self.slots.len() {
             self.slots.shrink_to_fit();
         }
+        self.keys.set(self.slots.len() as i64);
     }
 }
 
@@ -361,7 +378,7 @@ mod tests {
 
     #[test]
     fn parallel_charges_never_pass_the_limit() {
-        let guard = std::sync::Arc::new(AuthGuard::new(events()));
+        let guard = std::sync::Arc::new(AuthGuard::new(events(), IntGauge::new("k", "k").unwrap()));
         let spec = spec(10, 1000, 1000);
         let admitted: usize = (0..8)
             .map(|_| {
@@ -381,7 +398,7 @@ mod tests {
 
     #[test]
     fn a_success_takes_back_only_its_own_charge() {
-        let guard = AuthGuard::new(events());
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
         let spec = spec(3, 100, 1000);
         let client = ip("192.0.2.1");
         for _ in 0..2 {
@@ -405,7 +422,7 @@ mod tests {
 
     #[test]
     fn a_users_ceiling_spares_addresses_it_signed_in_from() {
-        let guard = AuthGuard::new(events());
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
         let spec = spec(2, 4, 1000);
         let home = ip("192.0.2.1");
         let right = guard.charge(&spec, home, Some("u")).unwrap();
@@ -439,7 +456,7 @@ mod tests {
 
     #[test]
     fn a_flood_of_entries_stays_bounded_and_keeps_a_full_count() {
-        let guard = AuthGuard::new(events());
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
         let spec = spec(3, 1000, 2000);
         let attacker = ip("192.0.2.1");
         for _ in 0..3 {

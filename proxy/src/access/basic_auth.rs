@@ -327,7 +327,8 @@ mod tests {
         };
         let events =
             prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["event"]).unwrap();
-        BasicAuth::new(users, "r", spec, Arc::new(AuthGuard::new(events)))
+        let keys = prometheus::IntGauge::new("k", "k").unwrap();
+        BasicAuth::new(users, "r", spec, Arc::new(AuthGuard::new(events, keys)))
     }
 
     #[tokio::test]

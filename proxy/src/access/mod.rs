@@ -19,7 +19,7 @@ use auth_guard::{AuthGuard, GuardSpec};
 use basic_auth::{BasicAuth, Htpasswd};
 use client_ip::ClientIpHeader;
 use ip_list::IpList;
-use prometheus::{IntCounterVec, Opts, Registry};
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rate_limit::{RateLimit, RateSpec, Verdict};
 
 /// A route's access rules, as configured (validated, not yet running).
@@ -56,6 +56,8 @@ pub struct AccessCounters {
     pub rate_limit_evicted: IntCounterVec,
     /// The basic-auth guard's refusals (`address`, `user`) and evicted entries (`evicted`).
     pub auth_guard: IntCounterVec,
+    /// Entries the basic-auth guard holds.
+    pub auth_guard_keys: IntGauge,
 }
 
 impl AccessCounters {
@@ -74,13 +76,23 @@ impl AccessCounters {
                 "Basic-auth guard actions: attempts refused (429) for the address or the user name, and entries evicted to stay within proxy.auth_guard_max_keys.",
                 "event",
             )?,
+            auth_guard_keys: IntGauge::new(
+                "gatehouse_auth_guard_keys",
+                "Entries the basic-auth guard holds: client addresses, user names and addresses users signed in from.",
+            )
+            .map_err(|e| e.to_string())?,
         })
     }
 
     pub fn register(&self, registry: &Registry) -> Result<(), String> {
-        for counter in [&self.rate_limit_evicted, &self.auth_guard] {
+        let collectors: [Box<dyn prometheus::core::Collector>; 3] = [
+            Box::new(self.rate_limit_evicted.clone()),
+            Box::new(self.auth_guard.clone()),
+            Box::new(self.auth_guard_keys.clone()),
+        ];
+        for collector in collectors {
             registry
-                .register(Box::new(counter.clone()))
+                .register(collector)
                 .map_err(|e| format!("metrics: {e}"))?;
         }
         Ok(())
