@@ -284,8 +284,9 @@ impl AuthGuard {
                 let inserted = self.inserted.fetch_add(1, Ordering::Relaxed) + 1;
                 // Expired entries are dropped now and then even below the limit, so the table
                 // (and its gauge) shows the live ones.
-                if inserted % EXPIRE_EVERY == 0
-                    || (inserted % SIZE_CHECK_EVERY == 0 && self.slots.len() > spec.max_keys)
+                if inserted.is_multiple_of(EXPIRE_EVERY)
+                    || (inserted.is_multiple_of(SIZE_CHECK_EVERY)
+                        && self.slots.len() > spec.max_keys)
                 {
                     self.keep_bounded(spec, now);
                 }
