@@ -6,7 +6,7 @@ use std::{fs, process::Command, thread, time::Duration};
 use base64::{Engine, engine::general_purpose::STANDARD};
 use serde_json::Value;
 
-use crate::util::{Group, Options};
+use crate::util::{self, Group, Options};
 
 /// A group whose `/files/` directory is served again under guarded prefixes.
 fn group(proxy_extra: &str, extra: &str) -> Group {
@@ -104,7 +104,8 @@ deny = ["127.0.1.7"]
             "XFF {chain}"
         );
     }
-    assert_eq!(status(&proxy, &url, &[("x-real-ip", "10.9.9.9")]), 200);
+    // Only the configured header (here the default, X-Forwarded-For) names the client.
+    assert_eq!(status(&proxy, &url, &[("x-real-ip", "10.9.9.9")]), 403);
     assert_eq!(
         status(&proxy, &url, &[]),
         403,
@@ -167,7 +168,10 @@ htpasswd = "{0}"
 "#,
         dir.path().join("htpasswd").display()
     );
-    let group = group("auth_max_failures = 1000", &extra);
+    let group = group(
+        "auth_max_failures = 1000\nauth_max_failures_per_user = 1000",
+        &extra,
+    );
     fs::write(group.dir.path().join("files/s.txt"), "secret").unwrap();
     let url = group.url("/secret/s.txt");
     let client = &group.client;
@@ -242,22 +246,30 @@ htpasswd = "{0}"
     );
 }
 
-#[test]
-fn repeated_failures_are_refused_and_a_success_resets_the_count() {
+/// A group serving `/secret/` behind basic auth with the users of [`htpasswd_file`].
+fn guarded_group(guard: &str) -> (tempfile::TempDir, Vec<(String, String)>, Group) {
     let dir = tempfile::tempdir().unwrap();
     let users = htpasswd_file(&dir.path().join("htpasswd"));
-    let (user, password) = users.iter().find(|(u, _)| u == "sha1").unwrap();
     let extra = format!(
         "\n[[routes]]\nprefix = \"/secret/\"\nstatic_dir = \"files\"\nhtpasswd = \"{}\"\n",
         dir.path().join("htpasswd").display()
     );
-    let group = group(
-        "auth_max_failures = 3\nauth_failure_window_seconds = 2",
-        &extra,
-    );
+    let group = group(guard, &extra);
+    fs::write(group.dir.path().join("files/s.txt"), "secret").unwrap();
+    (dir, users, group)
+}
+
+fn password_of<'a>(users: &'a [(String, String)], user: &str) -> &'a str {
+    &users.iter().find(|(u, _)| u == user).unwrap().1
+}
+
+#[test]
+fn repeated_failures_are_refused_and_a_success_takes_back_only_its_own_charge() {
+    let (_dir, users, group) =
+        guarded_group("auth_max_failures = 3\nauth_failure_window_seconds = 2");
     let url = group.url("/secret/");
-    let right = basic(user, password);
-    let wrong = basic(user, "guess");
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let wrong = basic("sha1", "guess");
 
     // Many parallel requests with the right password are never mistaken for an attack.
     let parallel: Vec<_> = (0..16)
@@ -270,15 +282,13 @@ fn repeated_failures_are_refused_and_a_success_resets_the_count() {
         assert_ne!(request.join().unwrap(), 429);
     }
 
-    // A success in between resets the count.
+    // A success in between takes back its own attempt, not the failures before it.
     let client = group.client_from("127.0.0.5");
     for _ in 0..2 {
         assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
     }
     assert_ne!(status(&client, &url, &[("authorization", &right)]), 429);
-    for _ in 0..3 {
-        assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
-    }
+    assert_eq!(status(&client, &url, &[("authorization", &wrong)]), 401);
     let blocked = client
         .get(&url)
         .header("authorization", &wrong)
@@ -287,15 +297,20 @@ fn repeated_failures_are_refused_and_a_success_resets_the_count() {
     assert_eq!(
         blocked.status(),
         429,
-        "after three failures in a row, the next attempt is refused"
+        "three failures, a success in between: the next attempt is refused"
     );
+    assert_eq!(
+        blocked.json::<Value>().unwrap()["error"],
+        "too_many_failures"
+    );
+    let blocked = client.get(&url).send().unwrap();
     let retry_after: u64 = blocked.headers()["retry-after"]
         .to_str()
         .unwrap()
         .parse()
         .unwrap();
     assert!((1..=2).contains(&retry_after), "{retry_after}");
-    // Even the right password waits: no hash is computed while blocked.
+    // Even the right password (verified and cached) waits: it must not answer guesses.
     assert_eq!(status(&client, &url, &[("authorization", &right)]), 429);
     // Other clients are not affected.
     assert_ne!(
@@ -312,6 +327,173 @@ fn repeated_failures_are_refused_and_a_success_resets_the_count() {
         429,
         "after Retry-After"
     );
+    assert!(
+        group
+            .metric(r#"gatehouse_auth_guard_total{event="address"}"#)
+            .unwrap_or(0.0)
+            >= 2.0
+    );
+}
+
+#[test]
+fn forty_parallel_guesses_get_no_more_than_the_limit_checked() {
+    let (_dir, users, group) = guarded_group("auth_max_failures = 10");
+    let url = group.url("/secret/s.txt");
+    let right = basic("bcrypt", password_of(&users, "bcrypt"));
+    let start = std::sync::Arc::new(std::sync::Barrier::new(41));
+    let guesses: Vec<_> = (0..40)
+        .map(|i| {
+            let (client, url, start) =
+                (group.client_from("127.0.0.20"), url.clone(), start.clone());
+            thread::spawn(move || {
+                let guess = basic("bcrypt", &format!("guess-{i}"));
+                start.wait();
+                status(&client, &url, &[("authorization", &guess)])
+            })
+        })
+        .collect();
+    // An ordinary user signs in from elsewhere while the guesses are checked.
+    let user = group.client_from("127.0.0.21");
+    start.wait();
+    assert_eq!(status(&user, &url, &[("authorization", &right)]), 200);
+    let statuses: Vec<u16> = guesses.into_iter().map(|g| g.join().unwrap()).collect();
+    let unauthorized = statuses.iter().filter(|s| **s == 401).count();
+    let refused = statuses.iter().filter(|s| **s == 429).count();
+    // Every attempt is charged before its hash is checked: exactly the limit gets checked.
+    assert_eq!(unauthorized, 10, "{statuses:?}");
+    assert_eq!(refused, 30, "{statuses:?}");
+    assert_eq!(status(&user, &url, &[("authorization", &right)]), 200);
+}
+
+#[test]
+fn wrong_wrong_right_loops_end_in_429() {
+    let (_dir, users, group) = guarded_group("auth_max_failures = 10");
+    let url = group.url("/secret/s.txt");
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let attacker = group.client_from("127.0.0.22");
+    let mut wrong_guesses = 0;
+    let mut refused = false;
+    'rounds: for round in 0..20 {
+        for i in 0..9 {
+            let guess = basic("sha1", &format!("guess-{round}-{i}"));
+            match status(&attacker, &url, &[("authorization", &guess)]) {
+                401 => wrong_guesses += 1,
+                429 => {
+                    refused = true;
+                    break 'rounds;
+                }
+                other => panic!("{other}"),
+            }
+        }
+        // The right password (verified once, then from the cache) does not wipe the count.
+        if status(&attacker, &url, &[("authorization", &right)]) == 429 {
+            refused = true;
+            break;
+        }
+    }
+    assert!(refused, "{wrong_guesses} wrong guesses and never refused");
+    assert_eq!(wrong_guesses, 10);
+    assert_eq!(
+        status(
+            &group.client_from("127.0.0.23"),
+            &url,
+            &[("authorization", &right)]
+        ),
+        200,
+        "an ordinary client is served"
+    );
+}
+
+#[test]
+fn a_reload_keeps_the_guard_counts() {
+    let (_dir, users, group) = guarded_group("auth_max_failures = 3");
+    let url = group.url("/secret/s.txt");
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let attacker = group.client_from("127.0.0.24");
+    for i in 0..3 {
+        let guess = basic("sha1", &format!("guess-{i}"));
+        assert_eq!(status(&attacker, &url, &[("authorization", &guess)]), 401);
+    }
+    assert_eq!(status(&attacker, &url, &[]), 429);
+    util::signal(group.pid(), libc::SIGHUP);
+    assert!(
+        util::wait_until(Duration::from_secs(10), || {
+            group.metric(r#"gatehouse_proxy_reloads_total{result="ok"}"#) == Some(1.0)
+        }),
+        "no reload:\n{}",
+        group.log()
+    );
+    for i in 3..6 {
+        let guess = basic("sha1", &format!("guess-{i}"));
+        assert_eq!(
+            status(&attacker, &url, &[("authorization", &guess)]),
+            429,
+            "the count survived the reload"
+        );
+    }
+    assert_eq!(
+        status(
+            &group.client_from("127.0.0.25"),
+            &url,
+            &[("authorization", &right)]
+        ),
+        200
+    );
+}
+
+#[test]
+fn guesses_from_one_address_do_not_lock_the_user_out_elsewhere() {
+    let (_dir, users, group) =
+        guarded_group("auth_max_failures = 3\nauth_max_failures_per_user = 9");
+    let url = group.url("/secret/s.txt");
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let ok = |source: &str| {
+        status(
+            &group.client_from(source),
+            &url,
+            &[("authorization", &right)],
+        )
+    };
+    // The user signs in from home.
+    assert_eq!(ok("127.0.0.40"), 200);
+    let guess = |source: &str, n: usize| {
+        let client = group.client_from(source);
+        (0..n)
+            .map(|i| {
+                let guess = basic("sha1", &format!("guess-{source}-{i}"));
+                status(&client, &url, &[("authorization", &guess)])
+            })
+            .collect::<Vec<u16>>()
+    };
+    // One attacker address: refused after its own three failures...
+    assert_eq!(guess("127.0.0.41", 4), [401, 401, 401, 429]);
+    // ...while the user signs in from anywhere, a new address included.
+    assert_eq!(ok("127.0.0.42"), 200);
+    assert_eq!(ok("127.0.0.40"), 200);
+    // Three attacker addresses reach the name's ceiling (nine): new addresses are held back
+    // for that name for the window; addresses the user signed in from are not, nor are other
+    // users.
+    assert_eq!(guess("127.0.0.43", 3), [401, 401, 401]);
+    assert_eq!(guess("127.0.0.44", 3), [401, 401, 401]);
+    assert_eq!(ok("127.0.0.45"), 429);
+    assert_eq!(ok("127.0.0.40"), 200);
+    assert_eq!(ok("127.0.0.42"), 200);
+    assert_eq!(
+        status(
+            &group.client_from("127.0.0.45"),
+            &url,
+            &[("authorization", &basic("apr1", password_of(&users, "apr1")))]
+        ),
+        200
+    );
+    assert!(
+        group
+            .metric(r#"gatehouse_auth_guard_total{event="user"}"#)
+            .unwrap_or(0.0)
+            >= 1.0
+    );
+    // Five addresses, one user name, two addresses known for it.
+    assert!(group.metric("gatehouse_auth_guard_keys").unwrap_or(0.0) >= 8.0);
 }
 
 #[test]
@@ -323,10 +505,19 @@ fn rate_limits_burst_then_429_then_recover_and_stay_bounded() {
 per_second = 2
 burst = 3
 
+[rate_limits.slow]
+per_second = 0.01
+burst = 3
+
 [[routes]]
 prefix = "/limited/"
 static_dir = "files"
 rate_limit = "tight"
+
+[[routes]]
+prefix = "/slow/"
+static_dir = "files"
+rate_limit = "slow"
 "#,
     );
     fs::write(group.dir.path().join("files/x.txt"), "x").unwrap();
@@ -361,18 +552,101 @@ rate_limit = "tight"
         "recovered after Retry-After"
     );
 
-    // A flood of distinct client addresses (through the trusted proxy) stays bounded.
+    // Hops the trusted proxy wrote that are no address are each a client of their own: one
+    // of them spending its burst leaves the others (and the proxy's own address) alone.
     let proxy = group.client_from("127.0.0.3");
-    for i in 0..5000u32 {
-        let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
-        let _ = status(&proxy, &url, &[("x-forwarded-for", &ip)]);
+    let slow = group.url("/slow/x.txt");
+    let via = |chain: &str| status(&proxy, &slow, &[("x-forwarded-for", chain)]);
+    for _ in 0..3 {
+        assert_eq!(via("unknown, 127.0.0.3"), 200);
     }
-    let tracked = group
-        .metric(r#"gatehouse_rate_limit_keys{policy="tight"}"#)
-        .expect("the policy's key count");
+    assert_eq!(via("unknown, 127.0.0.3"), 429);
+    assert_eq!(via("garbage"), 200);
+    assert_eq!(via("198.51.100.200:4711"), 200);
+    assert_eq!(status(&proxy, &slow, &[]), 200);
+
+    // A flood of distinct client addresses (through the trusted proxy) stays bounded, and
+    // gives no client a fresh burst: one that spent its burst on the slow policy (which takes
+    // 100 s to give one request back) is still refused after the flood.
+    let heavy = group.client_from("127.0.0.9");
+    for _ in 0..3 {
+        assert_eq!(status(&heavy, &slow, &[]), 200);
+    }
+    assert_eq!(status(&heavy, &slow, &[]), 429);
+    for i in 0..3000u32 {
+        let ip = format!("10.{}.{}.{}", (i >> 16) & 255, (i >> 8) & 255, i & 255);
+        for url in [&url, &slow] {
+            let _ = status(&proxy, url, &[("x-forwarded-for", &ip)]);
+        }
+    }
+    assert_eq!(
+        status(&heavy, &slow, &[]),
+        429,
+        "no fresh burst after the flood"
+    );
+    assert_eq!(
+        status(&group.client_from("127.0.0.10"), &slow, &[]),
+        200,
+        "an ordinary client is served"
+    );
+    for policy in ["tight", "slow"] {
+        let tracked = group
+            .metric(&format!(
+                r#"gatehouse_rate_limit_keys{{policy="{policy}"}}"#
+            ))
+            .expect("the policy's key count");
+        assert!(
+            (1.0..=(200.0 + 256.0)).contains(&tracked),
+            "3000 clients, {tracked} tracked by {policy}"
+        );
+    }
     assert!(
-        (1.0..=(200.0 + 1024.0)).contains(&tracked),
-        "5000 clients, {tracked} tracked"
+        group
+            .metric(r#"gatehouse_rate_limit_evicted_total{policy="slow"}"#)
+            .unwrap_or(0.0)
+            > 0.0,
+        "the slow policy's busy clients had to be evicted"
+    );
+}
+
+#[test]
+fn x_real_ip_names_the_client_when_configured() {
+    let group = group(
+        "trusted_proxies = [\"127.0.0.3\"]\nclient_ip_header = \"x-real-ip\"",
+        r#"
+[rate_limits.tight]
+per_second = 0.1
+burst = 2
+
+[[routes]]
+prefix = "/limited/"
+static_dir = "files"
+rate_limit = "tight"
+"#,
+    );
+    fs::write(group.dir.path().join("files/x.txt"), "x").unwrap();
+    let url = group.url("/limited/x.txt");
+    let proxy = group.client_from("127.0.0.3");
+    let via = |headers: &[(&str, &str)]| status(&proxy, &url, headers);
+    for _ in 0..2 {
+        assert_eq!(via(&[("x-real-ip", "198.51.100.1")]), 200);
+    }
+    assert_eq!(via(&[("x-real-ip", "198.51.100.1")]), 429);
+    // X-Forwarded-For is not read at all now.
+    assert_eq!(
+        via(&[
+            ("x-real-ip", "198.51.100.1"),
+            ("x-forwarded-for", "198.51.100.9")
+        ]),
+        429
+    );
+    assert_eq!(via(&[("x-real-ip", "198.51.100.2")]), 200);
+    // From anyone else, X-Real-IP is ignored.
+    let other = group.client_from("127.0.0.11");
+    assert_eq!(
+        status(&other, &url, &[("x-real-ip", "198.51.100.1")]),
+        200,
+        "an ordinary client is served"
     );
 }
 

@@ -239,7 +239,8 @@ impl ProxyHttp for Gateway {
             .and_then(|v| request_id::accept(v.as_bytes()))
             .map_or_else(request_id::generate, str::to_owned);
         if let Some(peer) = peer {
-            ctx.client = client_ip::client_ip(peer, headers, &live.trusted_proxies);
+            ctx.client =
+                client_ip::client_ip(peer, headers, &live.trusted_proxies, live.client_ip_header);
         }
         ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
         // HTTP/1 sessions got theirs as they were made (`connection`); an HTTP/2 stream's

@@ -19,7 +19,7 @@ use prometheus::IntCounter;
 
 use crate::{
     Settings,
-    access::ip_list::IpList,
+    access::{AccessCounters, client_ip::ClientIpHeader, ip_list::IpList},
     access_log::{self, AccessLog, LogTarget},
     gateway::TlsBehaviour,
     metrics::{self, Metrics, RouteSeries},
@@ -51,6 +51,8 @@ pub struct Live {
     pub tls: TlsBehaviour,
     /// Peers whose `X-Forwarded-For` / `X-Real-IP` / `X-Request-ID` are believed.
     pub trusted_proxies: IpList,
+    /// The header such a peer names the client in.
+    pub client_ip_header: ClientIpHeader,
     /// Backend responses at least this large are compressed for clients that accept it.
     pub compress_min_bytes: u64,
     pub limits: crate::RequestLimits,
@@ -60,17 +62,23 @@ pub struct Live {
 
 impl Live {
     /// Builds everything from `settings`. Rate limit policies whose definition did not change
-    /// keep their buckets, and an unchanged set of access logs keeps its writer.
+    /// keep their buckets, the basic-auth guard always keeps its counts, and an unchanged set
+    /// of access logs keeps its writer.
     pub fn build(
         settings: &Settings,
         previous: Option<&Live>,
         metrics: Option<&Arc<Metrics>>,
     ) -> Result<Live, String> {
+        let counters = match metrics {
+            Some(metrics) => metrics.access.clone(),
+            None => AccessCounters::new()?,
+        };
         let routes = Arc::new(RouteTable::new(
             settings.routes.clone(),
             &settings.statics,
             &settings.access,
             previous.map(|p| p.routes.as_ref()),
+            &counters,
         )?);
         let observe = metrics.map(|metrics| Observe {
             metrics: metrics.clone(),
@@ -91,6 +99,7 @@ impl Live {
             routes,
             tls: settings.tls_behaviour.clone(),
             trusted_proxies: settings.access.trusted_proxies.clone(),
+            client_ip_header: settings.access.client_ip_header,
             compress_min_bytes: settings.statics.min_compress_bytes,
             limits: settings.limits,
             observe,

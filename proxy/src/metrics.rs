@@ -79,6 +79,8 @@ pub struct Metrics {
     pub backend_up: IntGaugeVec,
     /// Clients each rate limit policy tracks, set when scraped.
     pub rate_limit_keys: IntGaugeVec,
+    /// Rate-limit evictions and the basic-auth guard's actions.
+    pub access: crate::access::AccessCounters,
     pub open_connections: IntGauge,
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
@@ -228,6 +230,8 @@ impl Metrics {
         for collector in collectors {
             registry.register(collector).map_err(err)?;
         }
+        let access = crate::access::AccessCounters::new()?;
+        access.register(&registry)?;
         Ok(Self {
             registry,
             cuts,
@@ -235,6 +239,7 @@ impl Metrics {
             upstream_errors,
             backend_up,
             rate_limit_keys,
+            access,
             open_connections,
             tls_connections,
             tls_handshakes,

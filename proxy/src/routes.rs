@@ -6,7 +6,10 @@ use std::path::PathBuf;
 use std::{collections::HashMap, sync::Arc};
 
 use crate::{
-    access::{Access, AccessSettings, AccessSpec, rate_limit::RateLimit},
+    access::{
+        Access, AccessCounters, AccessSettings, AccessSpec, auth_guard::AuthGuard,
+        rate_limit::RateLimit,
+    },
     access_log::LogTarget,
     statics::{Site, StaticSettings},
 };
@@ -44,16 +47,20 @@ pub struct RouteTable {
     logs: Vec<Option<LogTarget>>,
     /// Every rate limit policy in use, by name.
     limits: HashMap<String, Arc<RateLimit>>,
+    /// The basic-auth guard's counts: made once, then handed from table to table.
+    auth_guard: Arc<AuthGuard>,
 }
 
 impl RouteTable {
     /// `previous`: the table this one replaces on a reload; its rate limit policies that are
-    /// defined the same way carry their buckets over, so a reload is no way around a limit.
+    /// defined the same way carry their buckets over, and the basic-auth guard its counts, so
+    /// a reload is no way around a limit.
     pub fn new(
         mut routes: Vec<Route>,
         statics: &StaticSettings,
         access: &AccessSettings,
         previous: Option<&RouteTable>,
+        counters: &AccessCounters,
     ) -> Result<Self, String> {
         // Longest prefix first, so `/api/admin/` wins over `/api/`.
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
@@ -72,6 +79,15 @@ impl RouteTable {
                 }
             }
         }
+        let auth_guard = previous.map_or_else(
+            || {
+                Arc::new(AuthGuard::new(
+                    counters.auth_guard.clone(),
+                    counters.auth_guard_keys.clone(),
+                ))
+            },
+            |p| p.auth_guard.clone(),
+        );
         let logs = routes.iter().map(|r| r.access_log.clone()).collect();
         let routes = routes
             .into_iter()
@@ -82,7 +98,8 @@ impl RouteTable {
                         Served::Static(Site::new(&dir, cache_control, statics, sites)?)
                     }
                 };
-                let rules = Access::build(route.access, access, &mut limits)?;
+                let rules =
+                    Access::build(route.access, access, &mut limits, &auth_guard, counters)?;
                 Ok((route.prefix, served, rules))
             })
             .collect::<Result<_, String>>()?;
@@ -90,6 +107,7 @@ impl RouteTable {
             routes,
             logs,
             limits,
+            auth_guard,
         })
     }
 
@@ -144,12 +162,15 @@ mod tests {
     }
 
     fn access() -> AccessSettings {
-        let auth_guard = crate::access::basic_auth::GuardSpec {
+        let auth_guard = crate::access::auth_guard::GuardSpec {
             max_failures: 5,
+            max_failures_per_user: 50,
             window: std::time::Duration::from_secs(60),
+            max_keys: 1000,
         };
         AccessSettings {
             trusted_proxies: Default::default(),
+            client_ip_header: Default::default(),
             rate_limit_max_keys: 100,
             auth_guard,
         }
@@ -188,6 +209,7 @@ mod tests {
             &settings(),
             &access(),
             None,
+            &AccessCounters::new().unwrap(),
         )
         .unwrap();
         let prefix = |path| {
@@ -205,6 +227,7 @@ mod tests {
             &settings(),
             &access(),
             None,
+            &AccessCounters::new().unwrap(),
         )
         .unwrap();
         assert!(only_api.lookup("/apix").is_none());

@@ -781,19 +781,49 @@ impl Config {
         let p = &raw.proxy;
         let trusted_proxies = gatehouse_proxy::access::ip_list::IpList::parse(&p.trusted_proxies)
             .map_err(|(j, m)| at(&format!("proxy.trusted_proxies[{j}]"), m))?;
+        let client_ip_header =
+            gatehouse_proxy::access::client_ip::ClientIpHeader::parse(&p.client_ip_header)
+                .ok_or_else(|| {
+                    at(
+                        "proxy.client_ip_header",
+                        format!(
+                            "{:?}: choose \"x-forwarded-for\" or \"x-real-ip\"",
+                            p.client_ip_header
+                        ),
+                    )
+                })?;
         positive(p.rate_limit_max_keys, "proxy.rate_limit_max_keys", &at)?;
         positive(p.auth_max_failures, "proxy.auth_max_failures", &at)?;
+        if p.auth_max_failures_per_user < p.auth_max_failures {
+            return Err(at(
+                "proxy.auth_max_failures_per_user",
+                format!(
+                    "{} is below proxy.auth_max_failures ({}): one address could then hold a user back everywhere",
+                    p.auth_max_failures_per_user, p.auth_max_failures
+                ),
+            ));
+        }
         positive(
             p.auth_failure_window_seconds,
             "proxy.auth_failure_window_seconds",
             &at,
         )?;
+        within(
+            p.auth_guard_max_keys,
+            1000..=10_000_000,
+            "proxy.auth_guard_max_keys",
+            "",
+            &at,
+        )?;
         let access = gatehouse_proxy::AccessSettings {
             trusted_proxies,
+            client_ip_header,
             rate_limit_max_keys: p.rate_limit_max_keys,
-            auth_guard: gatehouse_proxy::access::basic_auth::GuardSpec {
+            auth_guard: gatehouse_proxy::access::auth_guard::GuardSpec {
                 max_failures: p.auth_max_failures,
+                max_failures_per_user: p.auth_max_failures_per_user,
                 window: Duration::from_secs(p.auth_failure_window_seconds),
+                max_keys: p.auth_guard_max_keys,
             },
         };
 
@@ -1176,10 +1206,13 @@ struct RawProxy {
     upstream_read_timeout_seconds: u64,
     health_check_interval_ms: u64,
     trusted_proxies: Vec<String>,
+    client_ip_header: String,
     default_rate_limit: String,
     rate_limit_max_keys: usize,
     auth_max_failures: u32,
+    auth_max_failures_per_user: u32,
     auth_failure_window_seconds: u64,
+    auth_guard_max_keys: usize,
     max_body_bytes: u64,
     max_header_bytes: usize,
     max_headers: usize,
@@ -1204,10 +1237,13 @@ impl Default for RawProxy {
             upstream_read_timeout_seconds: 30,
             health_check_interval_ms: 1000,
             trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".into(),
             default_rate_limit: "default".into(),
             rate_limit_max_keys: 100_000,
             auth_max_failures: 10,
+            auth_max_failures_per_user: 100,
             auth_failure_window_seconds: 60,
+            auth_guard_max_keys: 100_000,
             max_body_bytes: 1 << 20,
             max_header_bytes: 32 << 10,
             max_headers: 100,
@@ -1456,6 +1492,38 @@ mod tests {
             (Some(8), Some("routes[1].upstream")),
             "{err}"
         );
+    }
+
+    #[test]
+    fn access_keys_are_checked() {
+        let config = parse(ROUTES).unwrap();
+        let guard = config.access.auth_guard;
+        assert_eq!((guard.max_failures, guard.max_failures_per_user), (10, 100));
+        assert_eq!(guard.max_keys, 100_000);
+        assert_eq!(
+            config.access.client_ip_header,
+            gatehouse_proxy::access::client_ip::ClientIpHeader::XForwardedFor
+        );
+        let config = parse(&format!(
+            "[proxy]\nclient_ip_header = \"X-Real-IP\"\n{ROUTES}"
+        ))
+        .unwrap();
+        assert_eq!(
+            config.access.client_ip_header,
+            gatehouse_proxy::access::client_ip::ClientIpHeader::XRealIp
+        );
+        for (text, key) in [
+            ("client_ip_header = \"forwarded\"", "proxy.client_ip_header"),
+            (
+                "auth_max_failures = 20\nauth_max_failures_per_user = 19",
+                "proxy.auth_max_failures_per_user",
+            ),
+            ("auth_guard_max_keys = 10", "proxy.auth_guard_max_keys"),
+        ] {
+            let err = parse(&format!("[proxy]\n{text}\n{ROUTES}")).unwrap_err();
+            assert_eq!(err.key.as_deref(), Some(key), "{err}");
+            assert_eq!(err.line, Some(text.lines().count() + 1), "{err}");
+        }
     }
 
     #[test]

@@ -6,9 +6,10 @@
 //! - A good verification is cached (bounded, expiring after [`CACHE_TTL`]), keyed by a SHA-256
 //!   of realm, user and password, so bcrypt's cost is paid once per credential, not per
 //!   request, and no password is kept in memory. A reload builds a new cache.
-//! - Repeated failures from one client are refused with 429 before any hash is computed.
-//!   Parallel requests with the same credentials share one verification; verifications run at
-//!   most one per core at a time.
+//! - Every attempt whose hash must be checked is charged to the brute-force guard
+//!   ([`super::auth_guard`]) first; past its limits, attempts are refused with 429 before any
+//!   hash is computed. Parallel requests with the same credentials share one verification (and
+//!   one charge); verifications run at most one per core at a time.
 
 use std::{
     collections::HashMap,
@@ -19,12 +20,13 @@ use std::{
 
 use base64::{Engine, engine::general_purpose::STANDARD};
 use quick_cache::sync::Cache;
+
+use super::auth_guard::{AuthGuard, GuardSpec};
 use sha1::Digest;
 use subtle::ConstantTimeEq;
 
 pub const CACHE_TTL: Duration = Duration::from_secs(300);
 const CACHE_ENTRIES: usize = 4096;
-const GUARD_ENTRIES: usize = 65_536;
 
 #[derive(Debug, Clone)]
 enum Hash {
@@ -140,27 +142,20 @@ pub enum Outcome {
     },
 }
 
-/// How many failures a client may have in a window before it is refused outright.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct GuardSpec {
-    pub max_failures: u32,
-    pub window: Duration,
-}
-
 pub struct BasicAuth {
     users: Arc<Htpasswd>,
     realm: String,
     challenge: String,
     verified: Cache<[u8; 32], (String, Instant)>,
-    /// Failed attempts per client (IPv6 by /64, as for rate limits).
-    failures: Cache<IpAddr, (u32, Instant)>,
+    /// Shared by every route and kept across reloads.
+    guard: Arc<AuthGuard>,
+    spec: GuardSpec,
     /// Verifications running at once.
     verifying: tokio::sync::Semaphore,
-    guard: GuardSpec,
 }
 
 impl BasicAuth {
-    pub fn new(users: Arc<Htpasswd>, realm: &str, guard: GuardSpec) -> Self {
+    pub fn new(users: Arc<Htpasswd>, realm: &str, spec: GuardSpec, guard: Arc<AuthGuard>) -> Self {
         Self {
             users,
             realm: realm.to_string(),
@@ -169,11 +164,11 @@ impl BasicAuth {
                 realm.replace(['"', '\\'], "")
             ),
             verified: Cache::new(CACHE_ENTRIES),
-            failures: Cache::new(GUARD_ENTRIES),
+            guard,
+            spec,
             verifying: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
             ),
-            guard,
         }
     }
 
@@ -183,35 +178,51 @@ impl BasicAuth {
     }
 
     pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Outcome {
-        let client = super::rate_limit::key(client);
-        if let Some(retry_after) = self.blocked(client) {
-            return Outcome::Blocked { retry_after };
-        }
+        let blocked = |refusal: super::auth_guard::Refusal| Outcome::Blocked {
+            retry_after: refusal.retry_after(),
+        };
         let Some(header) = authorization else {
-            return Outcome::Challenge;
+            return self
+                .guard
+                .refusal(&self.spec, client, None)
+                .map_or(Outcome::Challenge, blocked);
         };
         let Some((user, password)) = decode(header) else {
-            self.fail(client);
-            return Outcome::Challenge;
+            // Malformed credentials count as a failure of the address.
+            return match self.guard.charge(&self.spec, client, None) {
+                Ok(_) => Outcome::Challenge,
+                Err(refusal) => blocked(refusal),
+            };
         };
         let key = self.cache_key(&user, &password);
         loop {
             // Single flight: requests carrying the same credentials in parallel (a browser's
             // connections, a load test) wait for one verification instead of each running it.
-            let guard = match self.verified.get_value_or_guard_async(&key).await {
+            let slot = match self.verified.get_value_or_guard_async(&key).await {
                 Ok((cached_user, expires)) if Instant::now() < expires => {
-                    // A good sign-in clears the failure count, from the cache as well.
-                    self.failures.remove(&client);
-                    return Outcome::Allowed { user: cached_user };
+                    // No hash to pay for, but while the guard refuses this client, a cached
+                    // password must not answer guesses either.
+                    return match self.guard.refusal(&self.spec, client, Some(&user)) {
+                        Some(refusal) => blocked(refusal),
+                        None => {
+                            self.guard.signed_in(client, &cached_user);
+                            Outcome::Allowed { user: cached_user }
+                        }
+                    };
                 }
                 Ok(_) => {
                     self.verified.remove(&key);
                     continue;
                 }
-                Err(guard) => guard,
+                Err(slot) => slot,
+            };
+            // Charged before the hash is checked, so parallel guesses cannot outrun the count.
+            let charge = match self.guard.charge(&self.spec, client, Some(&user)) {
+                Ok(charge) => charge,
+                Err(refusal) => return blocked(refusal),
             };
             // Different credentials verify in parallel only up to the number of cores, so a
-            // flood of guesses costs bounded CPU while the guard counts their failures.
+            // flood of guesses costs bounded CPU.
             let valid = match self.verifying.acquire().await {
                 Ok(_permit) => {
                     let (users, name, password) =
@@ -223,12 +234,10 @@ impl BasicAuth {
                 Err(_) => false,
             };
             if !valid {
-                drop(guard);
-                self.fail(client);
                 return Outcome::Challenge;
             }
-            let _ = guard.insert((user.clone(), Instant::now() + CACHE_TTL));
-            self.failures.remove(&client);
+            let _ = slot.insert((user.clone(), Instant::now() + CACHE_TTL));
+            self.guard.succeeded(charge, &user);
             return Outcome::Allowed { user };
         }
     }
@@ -245,25 +254,6 @@ impl BasicAuth {
             hasher.update(part);
         }
         hasher.finalize().into()
-    }
-
-    fn blocked(&self, client: IpAddr) -> Option<u64> {
-        let (count, since) = self.failures.get(&client)?;
-        let elapsed = since.elapsed();
-        // Rounded up: a client that waits exactly this long must not be refused again.
-        (count >= self.guard.max_failures && elapsed < self.guard.window).then(|| {
-            let left = self.guard.window - elapsed;
-            left.as_secs() + u64::from(left.subsec_nanos() > 0)
-        })
-    }
-
-    /// Records a failed attempt.
-    fn fail(&self, client: IpAddr) {
-        let (count, since) = match self.failures.get(&client) {
-            Some((count, since)) if since.elapsed() < self.guard.window => (count + 1, since),
-            _ => (1, Instant::now()),
-        };
-        self.failures.insert(client, (count, since));
     }
 }
 
@@ -327,14 +317,23 @@ mod tests {
         }
     }
 
+    fn auth(max_failures: u32) -> BasicAuth {
+        let users = Arc::new(Htpasswd::parse("u:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
+        let spec = GuardSpec {
+            max_failures,
+            max_failures_per_user: 100,
+            window: Duration::from_secs(60),
+            max_keys: 1000,
+        };
+        let events =
+            prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["event"]).unwrap();
+        let keys = prometheus::IntGauge::new("k", "k").unwrap();
+        BasicAuth::new(users, "r", spec, Arc::new(AuthGuard::new(events, keys)))
+    }
+
     #[tokio::test]
     async fn parallel_right_credentials_are_never_counted_as_failures() {
-        let users = Arc::new(Htpasswd::parse("u:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
-        let guard = GuardSpec {
-            max_failures: 2,
-            window: Duration::from_secs(60),
-        };
-        let auth = Arc::new(BasicAuth::new(users, "r", guard));
+        let auth = Arc::new(auth(2));
         let mut tasks = tokio::task::JoinSet::new();
         for _ in 0..16 {
             let auth = auth.clone();
@@ -357,36 +356,31 @@ mod tests {
     }
 
     #[tokio::test]
-    async fn guard_blocks_after_repeated_failures_and_success_resets() {
-        let users = Arc::new(Htpasswd::parse("u:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
-        let auth = BasicAuth::new(
-            users,
-            "r",
-            GuardSpec {
-                max_failures: 3,
-                window: Duration::from_secs(60),
-            },
-        );
+    async fn guard_blocks_after_repeated_failures_and_a_success_takes_back_only_itself() {
+        let auth = auth(3);
         let ip: IpAddr = "192.0.2.1".parse().unwrap();
         let wrong = format!("Basic {}", STANDARD.encode("u:nope"));
         let right = format!("Basic {}", STANDARD.encode("u:test"));
         assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
         assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
-        assert!(
-            matches!(check(&auth, ip, &right).await, Outcome::Allowed { .. }),
-            "a success resets the count"
-        );
-        for _ in 0..3 {
-            assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
-        }
-        // Three failures recorded: refused, the right password included, before any hash.
+        assert!(matches!(
+            check(&auth, ip, &right).await,
+            Outcome::Allowed { .. }
+        ));
+        // The two failures still count: one more, then refused.
+        assert!(matches!(check(&auth, ip, &wrong).await, Outcome::Challenge));
         assert!(matches!(
             check(&auth, ip, &wrong).await,
             Outcome::Blocked { .. }
         ));
+        // Refused, the right password included, though it is cached: no hash, no answer.
         assert!(
             matches!(check(&auth, ip, &right).await, Outcome::Blocked { retry_after } if retry_after <= 60)
         );
+        assert!(matches!(
+            auth.check(ip, None).await,
+            Outcome::Blocked { .. }
+        ));
         let other: IpAddr = "192.0.2.2".parse().unwrap();
         assert!(matches!(
             auth.check(other, Some(right.as_bytes())).await,

@@ -1,16 +1,53 @@
 //! Who the client is: the socket's peer, unless that peer is a trusted proxy, in which case
-//! `X-Forwarded-For` (or `X-Real-IP`) names it. The chain is read from the right, skipping
-//! trusted hops; the first untrusted address is the client. A client can write anything into
-//! these headers, so from an untrusted peer they are ignored, and an allowlist or a rate limit
-//! can never be dodged by forging them.
+//! the header the proxy writes names it (`proxy.client_ip_header`, like nginx's
+//! `real_ip_header`): `X-Forwarded-For` (the default) or `X-Real-IP`. Only that header is
+//! read. A client can write anything into these headers, so from an untrusted peer they are
+//! ignored, and an allowlist or a rate limit can never be dodged by forging them.
+//!
+//! `X-Forwarded-For` is read from the right, skipping trusted hops; the first untrusted address
+//! is the client (nginx's `real_ip_recursive on`). A hop may carry a port (`192.0.2.7:5123`,
+//! `[2001:db8::7]:5123`, as some load balancers write it). A hop that is no address at all
+//! (`unknown`, garbage) stops the walk and is itself the client: it gets an address of its own
+//! in the discard-only prefix `100::/64` (RFC 6666), derived from its text, so such clients
+//! neither share one identity (one of them would exhaust everyone's rate limit) nor borrow a
+//! trusted proxy's.
 
-use std::net::IpAddr;
+use std::net::{IpAddr, Ipv6Addr, SocketAddr};
+
+use sha2::Digest;
 
 use super::ip_list::IpList;
+
+/// Which header names the client when the peer is a trusted proxy.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub enum ClientIpHeader {
+    #[default]
+    XForwardedFor,
+    XRealIp,
+}
+
+impl ClientIpHeader {
+    /// The config value: the header's name, in lower case.
+    pub fn parse(value: &str) -> Option<Self> {
+        match value.to_ascii_lowercase().as_str() {
+            "x-forwarded-for" => Some(Self::XForwardedFor),
+            "x-real-ip" => Some(Self::XRealIp),
+            _ => None,
+        }
+    }
+}
+
+/// The discard-only prefix `100::/64` holding the addresses of unreadable hops.
+const UNREADABLE_PREFIX: u128 = 0x0100 << 112;
 
 /// IPv4-mapped IPv6 addresses (`::ffff:10.0.0.5`) count as the IPv4 address.
 pub fn canonical(ip: IpAddr) -> IpAddr {
     ip.to_canonical()
+}
+
+/// Whether an address stands for an unreadable forwarding hop (see the module's doc).
+pub fn is_unreadable_hop(ip: Ipv6Addr) -> bool {
+    u128::from(ip) >> 64 == UNREADABLE_PREFIX >> 64
 }
 
 /// Every `X-Forwarded-For` line joined into one chain: a proxy may add its own line after the
@@ -22,37 +59,74 @@ pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
     Some(parts.join(","))
 }
 
-pub fn client_ip(peer: IpAddr, headers: &http::HeaderMap, trusted: &IpList) -> IpAddr {
+pub fn client_ip(
+    peer: IpAddr,
+    headers: &http::HeaderMap,
+    trusted: &IpList,
+    header: ClientIpHeader,
+) -> IpAddr {
     let peer = canonical(peer);
     if trusted.is_empty() || !trusted.contains(peer) {
         return peer;
     }
-    if let Some(chain) = forwarded_chain(headers) {
-        let mut leftmost = peer;
-        for hop in chain.rsplit(',') {
-            // An unparsable hop ends the walk: what lies beyond it cannot be believed.
-            let Ok(ip) = hop.trim().parse::<IpAddr>().map(canonical) else {
-                return leftmost;
+    match header {
+        ClientIpHeader::XForwardedFor => {
+            let Some(chain) = forwarded_chain(headers) else {
+                return peer;
             };
-            if !trusted.contains(ip) {
-                return ip;
+            let mut nearest_untrusted = peer;
+            for hop in chain.rsplit(',') {
+                let ip = hop_address(hop);
+                if !trusted.contains(ip) {
+                    return ip;
+                }
+                nearest_untrusted = ip;
             }
-            leftmost = ip;
+            // Every hop is a trusted proxy: the farthest one is where the request began.
+            nearest_untrusted
         }
-        return leftmost;
+        // The line nearest to us, in case the client sent one of its own too.
+        ClientIpHeader::XRealIp => headers
+            .get_all("x-real-ip")
+            .iter()
+            .next_back()
+            .map_or(peer, |value| {
+                hop_address(value.to_str().unwrap_or("unreadable"))
+            }),
     }
-    headers
-        .get_all("x-real-ip")
-        .iter()
-        .next_back()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse::<IpAddr>().ok())
-        .map_or(peer, canonical)
+}
+
+/// One hop's address: an IP address, with or without a port, or else the hop's own
+/// address in `100::/64` (never a trusted one, so the walk stops there).
+fn hop_address(hop: &str) -> IpAddr {
+    let hop = hop.trim();
+    if let Ok(ip) = hop.parse::<IpAddr>() {
+        return canonical(ip);
+    }
+    if let Ok(socket) = hop.parse::<SocketAddr>() {
+        return canonical(socket.ip());
+    }
+    if let Some(ip) = hop
+        .strip_prefix('[')
+        .and_then(|h| h.strip_suffix(']'))
+        .and_then(|h| h.parse::<Ipv6Addr>().ok())
+    {
+        return canonical(IpAddr::V6(ip));
+    }
+    let digest = sha2::Sha256::digest(hop.as_bytes());
+    let mut low = [0u8; 8];
+    low.copy_from_slice(&digest[..8]);
+    IpAddr::V6(Ipv6Addr::from(
+        UNREADABLE_PREFIX | u128::from(u64::from_be_bytes(low)),
+    ))
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    const XFF: ClientIpHeader = ClientIpHeader::XForwardedFor;
+    const REAL: ClientIpHeader = ClientIpHeader::XRealIp;
 
     fn ip(s: &str) -> IpAddr {
         s.parse().unwrap()
@@ -66,18 +140,24 @@ mod tests {
         map
     }
 
+    fn unreadable(ip: IpAddr) -> bool {
+        matches!(ip, IpAddr::V6(v6) if is_unreadable_hop(v6))
+    }
+
     #[test]
     fn untrusted_peers_cannot_forge() {
         let trusted = IpList::parse(&["10.0.0.0/8"]).unwrap();
         let forged = headers(&[("x-forwarded-for", "127.0.0.1"), ("x-real-ip", "127.0.0.1")]);
-        assert_eq!(
-            client_ip(ip("203.0.113.9"), &forged, &trusted),
-            ip("203.0.113.9")
-        );
-        assert_eq!(
-            client_ip(ip("203.0.113.9"), &forged, &IpList::default()),
-            ip("203.0.113.9")
-        );
+        for header in [XFF, REAL] {
+            assert_eq!(
+                client_ip(ip("203.0.113.9"), &forged, &trusted, header),
+                ip("203.0.113.9")
+            );
+            assert_eq!(
+                client_ip(ip("203.0.113.9"), &forged, &IpList::default(), header),
+                ip("203.0.113.9")
+            );
+        }
     }
 
     #[test]
@@ -89,30 +169,111 @@ mod tests {
             client_ip(
                 ip("10.0.0.2"),
                 &xff("1.1.1.1, 198.51.100.7, 10.0.0.3"),
-                &trusted
+                &trusted,
+                XFF
             ),
             ip("198.51.100.7")
         );
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &xff("10.0.0.9"), &trusted),
+            client_ip(ip("10.0.0.2"), &xff("10.0.0.9"), &trusted, XFF),
             ip("10.0.0.9")
         );
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &xff("garbage, 10.0.0.3"), &trusted),
-            ip("10.0.0.3")
-        );
-        assert_eq!(
             client_ip(
-                ip("10.0.0.2"),
-                &headers(&[("x-real-ip", "198.51.100.8")]),
-                &trusted
+                ip("::ffff:10.0.0.2"),
+                &xff("::ffff:198.51.100.7"),
+                &trusted,
+                XFF
             ),
-            ip("198.51.100.8")
-        );
-        assert_eq!(
-            client_ip(ip("::ffff:10.0.0.2"), &xff("::ffff:198.51.100.7"), &trusted),
             ip("198.51.100.7")
         );
+    }
+
+    #[test]
+    fn hops_with_ports_are_read_as_their_address() {
+        let trusted = IpList::parse(&["10.0.0.0/8"]).unwrap();
+        for (chain, client) in [
+            ("198.51.100.7:51234", "198.51.100.7"),
+            ("[2001:db8::7]:443, 10.0.0.3:80", "2001:db8::7"),
+            ("[2001:db8::8]", "2001:db8::8"),
+        ] {
+            let map = http::HeaderMap::from_iter([(
+                http::header::HeaderName::from_static("x-forwarded-for"),
+                http::HeaderValue::from_str(chain).unwrap(),
+            )]);
+            assert_eq!(
+                client_ip(ip("10.0.0.2"), &map, &trusted, XFF),
+                ip(client),
+                "{chain}"
+            );
+        }
+    }
+
+    #[test]
+    fn an_unparsable_hop_is_the_client_with_an_identity_of_its_own() {
+        let trusted = IpList::parse(&["10.0.0.0/8"]).unwrap();
+        let xff = |v: &'static str| headers(&[("x-forwarded-for", v)]);
+        let peer = ip("10.0.0.2");
+        let garbage = client_ip(peer, &xff("198.51.100.7, garbage, 10.0.0.3"), &trusted, XFF);
+        // The walk stops at the hop: what lies beyond it cannot be believed...
+        assert!(unreadable(garbage), "{garbage}");
+        assert_ne!(garbage, ip("198.51.100.7"));
+        // ...and it is neither the trusted proxy nor shared with other unreadable hops.
+        assert_ne!(garbage, peer);
+        assert_ne!(garbage, ip("10.0.0.3"));
+        let unknown = client_ip(peer, &xff("unknown"), &trusted, XFF);
+        assert!(unreadable(unknown));
+        assert_ne!(garbage, unknown);
+        assert_eq!(
+            client_ip(peer, &xff("garbage"), &trusted, XFF),
+            garbage,
+            "the same hop is the same client"
+        );
+        // Each keeps its own rate-limit bucket (not grouped by /64 like other IPv6 clients).
+        assert_ne!(
+            super::super::rate_limit::key(garbage),
+            super::super::rate_limit::key(unknown)
+        );
+        assert!(!trusted.contains(garbage));
+        // So does an unreadable X-Real-IP.
+        assert!(unreadable(client_ip(
+            peer,
+            &headers(&[("x-real-ip", "not-an-ip")]),
+            &trusted,
+            REAL
+        )));
+    }
+
+    #[test]
+    fn only_the_configured_header_names_the_client() {
+        let trusted = IpList::parse(&["10.0.0.0/8"]).unwrap();
+        let peer = ip("10.0.0.2");
+        let both = headers(&[
+            ("x-forwarded-for", "198.51.100.7"),
+            ("x-real-ip", "198.51.100.8"),
+        ]);
+        assert_eq!(client_ip(peer, &both, &trusted, XFF), ip("198.51.100.7"));
+        assert_eq!(client_ip(peer, &both, &trusted, REAL), ip("198.51.100.8"));
+        // The configured header missing: the peer itself is the client.
+        let real_only = headers(&[("x-real-ip", "198.51.100.8")]);
+        assert_eq!(client_ip(peer, &real_only, &trusted, XFF), peer);
+        let xff_only = headers(&[("x-forwarded-for", "198.51.100.7")]);
+        assert_eq!(client_ip(peer, &xff_only, &trusted, REAL), peer);
+        // X-Real-IP is one address, the proxy's word, whatever it names.
+        assert_eq!(
+            client_ip(
+                peer,
+                &headers(&[("x-real-ip", " 10.0.0.9 ")]),
+                &trusted,
+                REAL
+            ),
+            ip("10.0.0.9")
+        );
+        assert_eq!(
+            ClientIpHeader::parse("X-Real-IP"),
+            Some(ClientIpHeader::XRealIp)
+        );
+        assert_eq!(ClientIpHeader::parse("forwarded"), None);
     }
 
     #[test]
@@ -124,12 +285,12 @@ mod tests {
             ("x-forwarded-for", "198.51.100.7"),
         ]);
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &two_lines, &trusted),
+            client_ip(ip("10.0.0.2"), &two_lines, &trusted, XFF),
             ip("198.51.100.7")
         );
         let real_ip = headers(&[("x-real-ip", "127.0.0.1"), ("x-real-ip", "198.51.100.8")]);
         assert_eq!(
-            client_ip(ip("10.0.0.2"), &real_ip, &trusted),
+            client_ip(ip("10.0.0.2"), &real_ip, &trusted, REAL),
             ip("198.51.100.8")
         );
     }

@@ -1,11 +1,13 @@
 //! Edge access control, checked on each route in a fixed order, cheapest first:
 //! rate limit, then allow/deny lists, then basic auth.
 //!
-//! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For`).
+//! - [`client_ip`]: who the client is (trusted proxies, `X-Forwarded-For` or `X-Real-IP`).
 //! - [`ip_list`]: CIDR lists.
 //! - [`rate_limit`]: per-client token buckets.
-//! - [`basic_auth`]: htpasswd users, the verification cache, the brute-force guard.
+//! - [`basic_auth`]: htpasswd users and the verification cache.
+//! - [`auth_guard`]: the brute-force guard in front of basic auth's hashes.
 
+pub mod auth_guard;
 pub mod basic_auth;
 pub mod client_ip;
 pub mod ip_list;
@@ -13,8 +15,11 @@ pub mod rate_limit;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use basic_auth::{BasicAuth, GuardSpec, Htpasswd};
+use auth_guard::{AuthGuard, GuardSpec};
+use basic_auth::{BasicAuth, Htpasswd};
+use client_ip::ClientIpHeader;
 use ip_list::IpList;
+use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rate_limit::{RateLimit, RateSpec, Verdict};
 
 /// A route's access rules, as configured (validated, not yet running).
@@ -38,8 +43,60 @@ pub struct AuthSpec {
 #[derive(Debug, Clone)]
 pub struct AccessSettings {
     pub trusted_proxies: IpList,
+    /// The header a trusted proxy names the client in.
+    pub client_ip_header: ClientIpHeader,
     pub rate_limit_max_keys: usize,
     pub auth_guard: GuardSpec,
+}
+
+/// Counters the access rules move when they act (unregistered when metrics are off).
+#[derive(Clone)]
+pub struct AccessCounters {
+    /// Clients a rate limit policy forgot before their bucket was full, by policy.
+    pub rate_limit_evicted: IntCounterVec,
+    /// The basic-auth guard's refusals (`address`, `user`) and evicted entries (`evicted`).
+    pub auth_guard: IntCounterVec,
+    /// Entries the basic-auth guard holds.
+    pub auth_guard_keys: IntGauge,
+}
+
+impl AccessCounters {
+    pub fn new() -> Result<Self, String> {
+        let counter = |name: &str, help: &str, label: &str| {
+            IntCounterVec::new(Opts::new(name, help), &[label]).map_err(|e| e.to_string())
+        };
+        Ok(Self {
+            rate_limit_evicted: counter(
+                "gatehouse_rate_limit_evicted_total",
+                "Clients a rate limit policy forgot, to stay within proxy.rate_limit_max_keys, before their bucket had refilled.",
+                "policy",
+            )?,
+            auth_guard: counter(
+                "gatehouse_auth_guard_total",
+                "Basic-auth guard actions: attempts refused (429) for the address or the user name, and entries evicted to stay within proxy.auth_guard_max_keys.",
+                "event",
+            )?,
+            auth_guard_keys: IntGauge::new(
+                "gatehouse_auth_guard_keys",
+                "Entries the basic-auth guard holds: client addresses, user names and addresses users signed in from.",
+            )
+            .map_err(|e| e.to_string())?,
+        })
+    }
+
+    pub fn register(&self, registry: &Registry) -> Result<(), String> {
+        let collectors: [Box<dyn prometheus::core::Collector>; 3] = [
+            Box::new(self.rate_limit_evicted.clone()),
+            Box::new(self.auth_guard.clone()),
+            Box::new(self.auth_guard_keys.clone()),
+        ];
+        for collector in collectors {
+            registry
+                .register(collector)
+                .map_err(|e| format!("metrics: {e}"))?;
+        }
+        Ok(())
+    }
 }
 
 /// A route's access rules, running.
@@ -61,19 +118,26 @@ pub enum Decision {
 }
 
 impl Access {
-    /// Routes naming the same policy share its buckets (like an nginx `limit_req_zone`).
+    /// Routes naming the same policy share its buckets (like an nginx `limit_req_zone`); every
+    /// route's basic auth shares the one `guard`.
     pub fn build(
         spec: AccessSpec,
         settings: &AccessSettings,
         limits: &mut HashMap<String, Arc<RateLimit>>,
+        guard: &Arc<AuthGuard>,
+        counters: &AccessCounters,
     ) -> Result<Self, String> {
         let rate_limit = match spec.rate_limit {
             None => None,
             Some(rate) => Some(match limits.get(&rate.name) {
                 Some(existing) => existing.clone(),
                 None => {
-                    let limit =
-                        Arc::new(RateLimit::new(rate.clone(), settings.rate_limit_max_keys)?);
+                    let evicted = counters.rate_limit_evicted.with_label_values(&[&rate.name]);
+                    let limit = Arc::new(RateLimit::new(
+                        rate.clone(),
+                        settings.rate_limit_max_keys,
+                        evicted,
+                    )?);
                     limits.insert(rate.name, limit.clone());
                     limit
                 }
@@ -86,7 +150,7 @@ impl Access {
             deny: spec.deny,
             auth: spec
                 .auth
-                .map(|a| BasicAuth::new(a.users, &a.realm, settings.auth_guard)),
+                .map(|a| BasicAuth::new(a.users, &a.realm, settings.auth_guard, guard.clone())),
             pass_authorization,
         })
     }
