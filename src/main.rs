@@ -9,7 +9,6 @@
 
 mod certs;
 mod config;
-mod file_limit;
 mod serve_backend;
 mod supervisor;
 

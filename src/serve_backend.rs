@@ -56,7 +56,7 @@ pub fn run(
 
     let limits = config.backend.connections;
     // Each connection takes a descriptor; the rest (Redis, the sockets, the logs) are few.
-    if let Some(open_files) = crate::file_limit::raise_to_hard() {
+    if let Some(open_files) = gatehouse_proxy::file_limit::raise_to_hard() {
         let needed = (limits.max_connections as u64).saturating_add(64);
         if open_files < needed {
             tracing::warn!(

@@ -16,6 +16,7 @@
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
 //! - [`tls`]: the certificate pair and the handshake counters.
+//! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
 //! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
 
 pub mod access;
@@ -24,6 +25,7 @@ pub mod admin;
 pub mod client_stream;
 pub mod connection;
 pub mod drain;
+pub mod file_limit;
 pub mod framing;
 pub mod gateway;
 pub mod https_redirect;
@@ -291,30 +293,12 @@ pub const RELOAD_FILE: &str = "proxy.reload";
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";
 
-/// Each client connection takes a file descriptor and may take another to a backend; many
-/// systems start processes with a soft limit of 1024, far below `max_connections`. The soft
-/// limit goes up to the hard one (as Go and nginx's `worker_rlimit_nofile` do), and a limit
-/// still too low is reported, since past it connections fail instead of waiting their turn.
+/// Each client connection takes a file descriptor and may take another to a backend: the soft
+/// limit goes up to the hard one ([`file_limit`]), and a limit still too low is reported, since
+/// past it connections fail instead of waiting their turn.
 fn raise_file_limit(max_connections: usize) {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
-    };
-    // SAFETY: getrlimit and setrlimit only read and write the struct passed.
-    let soft = unsafe {
-        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) != 0 {
-            return;
-        }
-        if limit.rlim_cur < limit.rlim_max {
-            let raised = libc::rlimit {
-                rlim_cur: limit.rlim_max,
-                rlim_max: limit.rlim_max,
-            };
-            if libc::setrlimit(libc::RLIMIT_NOFILE, &raised) == 0 {
-                limit = raised;
-            }
-        }
-        limit.rlim_cur
+    let Some(soft) = file_limit::raise_to_hard() else {
+        return;
     };
     // Room for a backend connection each, and the proxy's own files.
     let needed = (max_connections as u64).saturating_mul(2) + 64;
