@@ -185,7 +185,7 @@ fn open_files(pid: u32) -> usize {
 
 #[test]
 fn http2_streams_stalled_by_a_zero_window_are_aborted_and_free_the_backend() {
-    let group = tls_group("send_timeout_ms = 1000");
+    let group = tls_group("send_timeout_ms = 1000\nupstream_max_requests_per_client = 5");
     let backend = group.child_pid("--id b1 ").expect("b1");
     let baseline = open_files(backend);
     let client = zero_window_client(&group);
@@ -195,17 +195,35 @@ fn http2_streams_stalled_by_a_zero_window_are_aborted_and_free_the_backend() {
             let (client, url) = (client.clone(), group.url("/api/ping"));
             thread::spawn(move || {
                 let response = client.get(url).send().map_err(|e| e.to_string())?;
-                response.bytes().map(|b| b.len()).map_err(|e| e.to_string())
+                let status = response.status().as_u16();
+                Ok::<_, String>((status, response.bytes().is_ok()))
             })
         })
         .collect();
     thread::sleep(Duration::from_millis(300));
-    // Others are served meanwhile.
-    let ordinary = group.get("/api/ping").unwrap();
+    // Another client is served meanwhile, at once: the stalled streams hold only their
+    // client's share of the backend slots.
+    let other = group.client_from("127.0.0.2");
+    let asked = Instant::now();
+    let ordinary = other.get(group.url("/api/ping")).send().unwrap();
     assert_eq!(ordinary.status(), 200);
-    let outcomes: Vec<_> = streams.into_iter().map(|s| s.join().unwrap()).collect();
     assert!(
-        outcomes.iter().all(Result::is_err),
+        asked.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        asked.elapsed()
+    );
+    let outcomes: Vec<_> = streams.into_iter().map(|s| s.join().unwrap()).collect();
+    // Five reached the backend and stalled; the rest were refused at once with 429 (whose
+    // body the zero window holds back too). No body got through.
+    let statuses = |code| {
+        outcomes
+            .iter()
+            .filter(|o| matches!(o, Ok((s, _)) if *s == code))
+            .count()
+    };
+    assert_eq!((statuses(200), statuses(429)), (5, 15), "{outcomes:?}");
+    assert!(
+        outcomes.iter().all(|o| matches!(o, Ok((_, false)))),
         "a stalled stream got its body: {outcomes:?}"
     );
     assert!(
@@ -213,7 +231,11 @@ fn http2_streams_stalled_by_a_zero_window_are_aborted_and_free_the_backend() {
         "aborted only after {:?}",
         started.elapsed()
     );
-    assert!(cuts(&group, "send_timeout") >= 20.0);
+    assert!(cuts(&group, "send_timeout") >= 5.0);
+    assert_eq!(
+        group.metric("gatehouse_upstream_client_limits_total"),
+        Some(15.0)
+    );
     // The backend connections the streams used are not pinned.
     assert!(
         wait_until(Duration::from_secs(5), || open_files(backend)

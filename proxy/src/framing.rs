@@ -273,6 +273,7 @@ mod tests {
         max_connections_per_client: 10,
         send_timeout: std::time::Duration::from_secs(1),
         tls_handshake_timeout: std::time::Duration::from_secs(1),
+        max_upstream_requests_per_client: 10,
     };
 
     #[test]

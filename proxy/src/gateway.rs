@@ -44,7 +44,7 @@ use crate::{
     respond::{self, Stamp},
     routes::Served,
     statics::{encoding::compressible, path},
-    upstream::{NoBackend, Pool},
+    upstream::{ClientShares, NoBackend, Pool, Share},
 };
 
 /// What HTTPS changes in how requests are answered.
@@ -67,6 +67,7 @@ pub struct Gateway {
     /// Everything a reload can change; each request keeps the version it started with.
     live: Arc<ArcSwap<Live>>,
     pool: Pool,
+    shares: Arc<ClientShares>,
     unrouted_name: Arc<str>,
 }
 
@@ -75,6 +76,7 @@ impl Gateway {
         Self {
             live,
             pool,
+            shares: Arc::default(),
             unrouted_name: Arc::from(crate::metrics::NO_ROUTE),
         }
     }
@@ -193,8 +195,11 @@ pub struct RequestCtx {
     upstream_time: Option<Duration>,
     /// Request body bytes received so far.
     body_bytes: u64,
-    /// The chosen backend's slot (`upstream`), held until its response has been read.
+    /// The chosen backend's slot (`upstream`), held until the request is over: Pingora
+    /// keeps the backend connection until the client has the whole response.
     slot: Option<OwnedSemaphorePermit>,
+    /// The client's share of requests in flight to the backends.
+    share: Option<Share>,
 }
 
 #[async_trait]
@@ -216,6 +221,7 @@ impl ProxyHttp for Gateway {
             upstream_time: None,
             body_bytes: 0,
             slot: None,
+            share: None,
         }
     }
 
@@ -363,6 +369,25 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Served::Backends => {
+                let cap = live.limits.max_upstream_requests_per_client;
+                let Some(share) = self.shares.enter(ctx.client, cap) else {
+                    if let Some(observe) = &live.observe {
+                        observe.metrics.upstream_client_limits.inc();
+                    }
+                    let message = "too many of your requests are in flight; try again in 1 s";
+                    let headers = [("retry-after", "1")];
+                    respond::json_error_with(
+                        session,
+                        &self.stamp(ctx),
+                        429,
+                        "too_many_in_flight",
+                        message,
+                        &headers,
+                    )
+                    .await?;
+                    return Ok(true);
+                };
+                ctx.share = Some(share);
                 // `response_filter` turns it off again for small or binary responses.
                 set_compression(session, COMPRESSION_LEVEL);
                 Ok(false)
@@ -582,23 +607,8 @@ impl ProxyHttp for Gateway {
     /// flood it, and most when the edge is busiest.
     fn suppress_error_log(&self, _session: &Session, _ctx: &RequestCtx, error: &Error) -> bool {
         *error.esource() == ErrorSource::Downstream
-            || sent_too_slowly(error)
+            || client_failed(error)
             || error.etype() == &ErrorType::HTTPStatus(503)
-    }
-
-    /// The backend's part is over once its response has been read whole: its slot goes back
-    /// then, not when a slow client has finished reading.
-    fn upstream_response_body_filter(
-        &self,
-        _session: &mut Session,
-        _body: &mut Option<bytes::Bytes>,
-        end_of_stream: bool,
-        ctx: &mut RequestCtx,
-    ) -> Result<Option<Duration>> {
-        if end_of_stream {
-            ctx.slot = None;
-        }
-        Ok(None)
     }
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
@@ -688,6 +698,18 @@ fn set_compression(session: &mut Session, level: u32) {
 /// (static files, refusals) fail with no source set, so anything not the backend's counts.
 fn sent_too_slowly(e: &Error) -> bool {
     e.etype() == &ErrorType::WriteTimedout && *e.esource() != ErrorSource::Upstream
+}
+
+/// Whether the client's side of the connection failed (gone, too slow to send or to read).
+/// Writes and reads the proxy makes itself (static files) fail with no source set, so
+/// anything not the backend's counts.
+fn client_failed(e: &Error) -> bool {
+    use ErrorType::*;
+    *e.esource() != ErrorSource::Upstream
+        && matches!(
+            e.etype(),
+            ReadError | WriteError | ReadTimedout | WriteTimedout | ConnectionClosed
+        )
 }
 
 /// Maps a failure to the status, code and message the client sees. Status 0: the client is

@@ -112,6 +112,8 @@ pub struct RequestLimits {
     pub send_timeout: Duration,
     /// A TLS handshake must be complete this long after the connection was accepted.
     pub tls_handshake_timeout: Duration,
+    /// Requests one client may have in flight to the backends at once.
+    pub max_upstream_requests_per_client: usize,
 }
 
 /// How the proxy stopped, for the exit code.

@@ -75,6 +75,8 @@ pub struct Metrics {
     cuts: [IntCounter; 5],
     /// Requests that waited for a backend connection slot until the queue deadline (503).
     pub upstream_queue_timeouts: IntCounter,
+    /// Requests refused because their client had its share of backend requests in flight.
+    pub upstream_client_limits: IntCounter,
     upstream_errors: IntCounterVec,
     pub backend_up: IntGaugeVec,
     /// Clients each rate limit policy tracks, set when scraped.
@@ -208,9 +210,15 @@ impl Metrics {
             "Requests answered 503 because every backend had proxy.upstream_max_connections requests in flight until proxy.upstream_queue_timeout_ms passed.",
         )
         .map_err(err)?;
-        let collectors: [Box<dyn Collector>; 17] = [
+        let upstream_client_limits = IntCounter::new(
+            "gatehouse_upstream_client_limits_total",
+            "Requests answered 429 because their client already had proxy.upstream_max_requests_per_client requests in flight to the backends.",
+        )
+        .map_err(err)?;
+        let collectors: [Box<dyn Collector>; 18] = [
             Box::new(cuts_vec),
             Box::new(upstream_queue_timeouts.clone()),
+            Box::new(upstream_client_limits.clone()),
             Box::new(connection_waits.clone()),
             Box::new(rate_limit_keys.clone()),
             Box::new(reloads.clone()),
@@ -236,6 +244,7 @@ impl Metrics {
             registry,
             cuts,
             upstream_queue_timeouts,
+            upstream_client_limits,
             upstream_errors,
             backend_up,
             rate_limit_keys,

@@ -386,6 +386,13 @@ impl Config {
                 &at,
             )?;
             within(
+                p.upstream_max_requests_per_client,
+                1..=1_000_000,
+                "proxy.upstream_max_requests_per_client",
+                "",
+                &at,
+            )?;
+            within(
                 p.upstream_queue_timeout_ms,
                 0..=600_000,
                 "proxy.upstream_queue_timeout_ms",
@@ -404,6 +411,7 @@ impl Config {
                     max_connections_per_client: p.max_connections_per_client,
                     send_timeout: Duration::from_millis(p.send_timeout_ms),
                     tls_handshake_timeout: Duration::from_millis(p.tls_handshake_timeout_ms),
+                    max_upstream_requests_per_client: p.upstream_max_requests_per_client,
                 },
                 h2_max_streams: p.h2_max_streams,
                 upstream_max_connections: p.upstream_max_connections,
@@ -1224,6 +1232,7 @@ struct RawProxy {
     tls_handshake_timeout_ms: u64,
     h2_max_streams: u32,
     upstream_max_connections: usize,
+    upstream_max_requests_per_client: usize,
     upstream_queue_timeout_ms: u64,
 }
 
@@ -1255,6 +1264,7 @@ impl Default for RawProxy {
             tls_handshake_timeout_ms: 10_000,
             h2_max_streams: 100,
             upstream_max_connections: 512,
+            upstream_max_requests_per_client: 128,
             upstream_queue_timeout_ms: 2000,
         }
     }
