@@ -159,6 +159,8 @@ pub struct AuthGuard {
     events: IntCounterVec,
     /// Entries held (counts and signed-in addresses), kept as they come and go.
     keys: IntGauge,
+    /// Basic auth's verification caches, kept here as the guard is kept across reloads.
+    pub(super) verified: super::basic_auth::VerifiedCaches,
 }
 
 impl AuthGuard {
@@ -171,6 +173,7 @@ impl AuthGuard {
             sweeping: Mutex::new(()),
             events,
             keys,
+            verified: Default::default(),
         }
     }
 

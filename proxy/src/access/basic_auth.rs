@@ -6,7 +6,7 @@
 //! - A good verification is cached (bounded, expiring after [`CACHE_TTL`]), keyed by a SHA-256
 //!   of the route's scope (realm and htpasswd file), user and password, so bcrypt's cost is
 //!   paid once per credential, not per request, and no password is kept in memory. A reload
-//!   builds a new cache.
+//!   keeps the cache of a scope it keeps (same realm, same file), so it costs no re-hashing.
 //! - Every attempt whose hash must be checked is charged to the brute-force guard
 //!   ([`super::auth_guard`]) first, its user name counted within the route's scope; past its
 //!   limits, attempts are refused with 429 before any hash is computed. Parallel requests with
@@ -16,7 +16,7 @@
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -138,6 +138,32 @@ impl Htpasswd {
     }
 }
 
+/// Verified credentials, by the SHA-256 of scope, user and password: the user and when the
+/// entry expires.
+pub type Verified = Cache<[u8; 32], (String, Instant)>;
+
+/// The verification caches in use, by scope, so that a reload's new routes pick up the old
+/// ones' (held weakly: a cache goes when the last route using it does).
+#[derive(Default)]
+pub struct VerifiedCaches(Mutex<HashMap<[u8; 32], Weak<Verified>>>);
+
+impl VerifiedCaches {
+    fn for_scope(&self, scope: [u8; 32]) -> Arc<Verified> {
+        let mut caches = match self.0.lock() {
+            Ok(caches) => caches,
+            // Nothing half written matters here: at worst a cache is built anew.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        caches.retain(|_, cache| cache.strong_count() > 0);
+        if let Some(cache) = caches.get(&scope).and_then(Weak::upgrade) {
+            return cache;
+        }
+        let cache = Arc::new(Cache::new(CACHE_ENTRIES));
+        caches.insert(scope, Arc::downgrade(&cache));
+        cache
+    }
+}
+
 /// What a request's credentials earned it.
 pub enum Outcome {
     Allowed {
@@ -156,7 +182,7 @@ pub struct BasicAuth {
     /// The realm and the htpasswd file: where a user name means the same user.
     scope: [u8; 32],
     challenge: String,
-    verified: Cache<[u8; 32], (String, Instant)>,
+    verified: Arc<Verified>,
     /// Shared by every route and kept across reloads.
     guard: Arc<AuthGuard>,
     spec: GuardSpec,
@@ -166,20 +192,21 @@ pub struct BasicAuth {
 
 impl BasicAuth {
     pub fn new(users: Arc<Htpasswd>, realm: &str, spec: GuardSpec, guard: Arc<AuthGuard>) -> Self {
+        let scope: [u8; 32] = {
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(realm.as_bytes());
+            hasher.update(b"\0");
+            hasher.update(users.digest);
+            hasher.finalize().into()
+        };
         Self {
-            scope: {
-                let mut hasher = sha2::Sha256::new();
-                hasher.update(realm.as_bytes());
-                hasher.update(b"\0");
-                hasher.update(users.digest);
-                hasher.finalize().into()
-            },
+            scope,
             challenge: format!(
                 "Basic realm=\"{}\", charset=\"UTF-8\"",
                 realm.replace(['"', '\\'], "")
             ),
             users,
-            verified: Cache::new(CACHE_ENTRIES),
+            verified: guard.verified.for_scope(scope),
             guard,
             spec,
             verifying: tokio::sync::Semaphore::new(
@@ -411,5 +438,17 @@ mod tests {
             auth.check(other, Some(right.as_bytes())).await,
             Outcome::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_cache_of_an_unchanged_scope() {
+        let old = auth(3);
+        let same = BasicAuth::new(old.users.clone(), "r", old.spec, old.guard.clone());
+        assert!(Arc::ptr_eq(&old.verified, &same.verified));
+        let realm = BasicAuth::new(old.users.clone(), "other", old.spec, old.guard.clone());
+        assert!(!Arc::ptr_eq(&old.verified, &realm.verified));
+        let users = Arc::new(Htpasswd::parse("v:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
+        let file = BasicAuth::new(users, "r", old.spec, old.guard.clone());
+        assert!(!Arc::ptr_eq(&old.verified, &file.verified));
     }
 }
