@@ -412,7 +412,9 @@ impl AuthGuard {
             let rank = |slot: &Slot| (slot.count, slot.since);
             let mut ranks: Vec<(u32, Instant)> =
                 self.slots.iter().map(|e| rank(e.value())).collect();
-            let (_, threshold, _) = ranks.select_nth_unstable(tracked - keep - 1);
+            // Only sweeps remove entries, so at least `tracked` were read; more may have come.
+            let cut = ranks.len() - keep - 1;
+            let (_, threshold, _) = ranks.select_nth_unstable(cut);
             let threshold = *threshold;
             self.slots.retain(|_, slot| rank(slot) > threshold);
             evicted += tracked.saturating_sub(self.slots.len());
@@ -433,7 +435,9 @@ impl AuthGuard {
                 |places: &KnownAddresses| places.iter().flatten().map(|(_, since)| *since).max();
             let mut ranks: Vec<Option<Instant>> =
                 self.known.iter().map(|e| latest(e.value())).collect();
-            let (_, threshold, _) = ranks.select_nth_unstable(users - keep - 1);
+            // Only sweeps remove entries, so at least `users` were read; more may have come.
+            let cut = ranks.len() - keep - 1;
+            let (_, threshold, _) = ranks.select_nth_unstable(cut);
             let threshold = *threshold;
             self.known.retain(|_, places| latest(places) > threshold);
             evicted += users.saturating_sub(self.known.len());
