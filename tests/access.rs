@@ -266,7 +266,7 @@ fn password_of<'a>(users: &'a [(String, String)], user: &str) -> &'a str {
 #[test]
 fn repeated_failures_are_refused_and_a_success_takes_back_only_its_own_charge() {
     let (_dir, users, group) =
-        guarded_group("auth_max_failures = 3\nauth_failure_window_seconds = 2");
+        guarded_group("auth_max_failures = 3\nauth_failure_window_seconds = 5");
     let url = group.url("/secret/");
     let right = basic("sha1", password_of(&users, "sha1"));
     let wrong = basic("sha1", "guess");
@@ -309,7 +309,7 @@ fn repeated_failures_are_refused_and_a_success_takes_back_only_its_own_charge() 
         .unwrap()
         .parse()
         .unwrap();
-    assert!((1..=2).contains(&retry_after), "{retry_after}");
+    assert!((1..=5).contains(&retry_after), "{retry_after}");
     // Even the right password (verified and cached) waits: it must not answer guesses.
     assert_eq!(status(&client, &url, &[("authorization", &right)]), 429);
     // Other clients are not affected.
@@ -687,4 +687,135 @@ htpasswd = "{}"
     let insider = group.client_from("127.0.0.1");
     assert_eq!(status(&insider, &url, &[]), 401);
     assert_ne!(status(&insider, &url, &[("authorization", &good)]), 401);
+}
+
+#[test]
+fn a_non_ascii_byte_in_forwarded_for_spoils_only_its_own_hop() {
+    let group = group(
+        r#"trusted_proxies = ["127.0.0.3"]"#,
+        r#"
+[[routes]]
+prefix = "/guarded/"
+static_dir = "files"
+allow = ["198.51.100.7/32"]
+"#,
+    );
+    fs::write(group.dir.path().join("files/page.txt"), "members only").unwrap();
+    let url = group.url("/guarded/page.txt");
+    let proxy = group.client_from("127.0.0.3");
+    let via = |chain: &[u8]| {
+        proxy
+            .get(&url)
+            .header(
+                "x-forwarded-for",
+                reqwest::header::HeaderValue::from_bytes(chain).unwrap(),
+            )
+            .send()
+            .unwrap()
+            .status()
+            .as_u16()
+    };
+    // The client wrote a Latin-1 byte; the proxy in front appended the address it saw.
+    assert_eq!(via(b"caf\xe9, 198.51.100.7"), 200);
+    assert_eq!(
+        via(b"caf\xe9, 198.51.100.8"),
+        403,
+        "another client is not let in"
+    );
+    assert_eq!(
+        via(b"198.51.100.7, caf\xe9"),
+        403,
+        "the bad hop reached is the client"
+    );
+}
+
+#[test]
+fn one_user_name_on_two_routes_is_counted_per_route() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = htpasswd_file(&dir.path().join("htpasswd"));
+    // The same users, in another realm and file.
+    fs::copy(dir.path().join("htpasswd"), dir.path().join("other")).unwrap();
+    let route = |prefix: &str, realm: &str, file: &str| {
+        format!(
+            "\n[[routes]]\nprefix = \"{prefix}\"\nstatic_dir = \"files\"\nrealm = \"{realm}\"\nhtpasswd = \"{}\"\n",
+            dir.path().join(file).display()
+        )
+    };
+    let group = group(
+        "auth_max_failures = 3\nauth_max_failures_per_user = 6",
+        &(route("/secret/", "secret", "htpasswd") + &route("/other/", "other", "other")),
+    );
+    fs::write(group.dir.path().join("files/s.txt"), "secret").unwrap();
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let secret = group.url("/secret/s.txt");
+    let other = group.url("/other/s.txt");
+    // Two addresses use up the name's ceiling on /secret/ only.
+    for source in ["127.0.0.61", "127.0.0.62"] {
+        let client = group.client_from(source);
+        for i in 0..3 {
+            let guess = basic("sha1", &format!("guess-{i}"));
+            assert_eq!(status(&client, &secret, &[("authorization", &guess)]), 401);
+        }
+    }
+    let newcomer = group.client_from("127.0.0.63");
+    assert_eq!(
+        status(&newcomer, &secret, &[("authorization", &right)]),
+        429
+    );
+    assert_eq!(
+        status(&newcomer, &other, &[("authorization", &right)]),
+        200,
+        "the same name on another route is another user"
+    );
+    // Signing in on /other/ does not make the address known on /secret/.
+    assert_eq!(
+        status(&newcomer, &secret, &[("authorization", &right)]),
+        429
+    );
+}
+
+#[test]
+fn a_flood_of_sign_ins_from_new_addresses_does_not_wipe_the_guard() {
+    let (_dir, users, group) = guarded_group(
+        "trusted_proxies = [\"127.0.0.70\"]\nauth_max_failures = 3\nauth_guard_max_keys = 1000",
+    );
+    let url = group.url("/secret/s.txt");
+    let right = basic("sha1", password_of(&users, "sha1"));
+    let attacker = group.client_from("127.0.0.71");
+    for i in 0..3 {
+        let guess = basic("apr1", &format!("guess-{i}"));
+        assert_eq!(status(&attacker, &url, &[("authorization", &guess)]), 401);
+    }
+    assert_eq!(status(&attacker, &url, &[("authorization", &right)]), 429);
+    // One valid password, from ever new /64s behind the trusted proxy...
+    let proxy = group.client_from("127.0.0.70");
+    for i in 0..1500 {
+        let from = format!("2001:db8:{:x}:{:x}::1", i / 65536 + 1, i % 65536);
+        let headers = [
+            ("authorization", right.as_str()),
+            ("x-forwarded-for", &from),
+        ];
+        assert_eq!(status(&proxy, &url, &headers), 200, "{from}");
+    }
+    // ...then enough new failing addresses to make the table sweep.
+    for i in 0..600 {
+        let from = format!("2001:db8:ffff:{i:x}::1");
+        let headers = [("authorization", "Basic !!!"), ("x-forwarded-for", &from)];
+        assert_eq!(status(&proxy, &url, &headers), 401, "{from}");
+    }
+    assert_eq!(
+        status(&attacker, &url, &[("authorization", &right)]),
+        429,
+        "the attacker's full count survived"
+    );
+    assert_eq!(
+        status(
+            &group.client_from("127.0.0.72"),
+            &url,
+            &[("authorization", &right)]
+        ),
+        200,
+        "an ordinary client is served"
+    );
+    assert!(group.metric("gatehouse_auth_guard_keys").unwrap_or(0.0) <= 1100.0);
 }

@@ -166,6 +166,9 @@ fn user_part(user: &str) -> &str {
 fn client_part(client: Option<IpAddr>) -> String {
     match client.map(|ip| ip.to_canonical()) {
         Some(IpAddr::V4(ip)) => ip.to_string(),
+        // The proxy's stand-in for an unreadable forwarding hop (`100::/64`, discard-only,
+        // RFC 6666): each address is a client of its own, not one shared /64.
+        Some(IpAddr::V6(ip)) if u128::from(ip) >> 64 == 0x0100 << 48 => ip.to_string(),
         Some(IpAddr::V6(ip)) => {
             // One host usually holds a whole /64: count it as one client.
             let bits = u128::from(ip) & !((1u128 << 64) - 1);
@@ -240,6 +243,12 @@ mod tests {
             "gatehouse:guard:ip:2001:db8:1:2::/64"
         );
         assert_ne!(key("2001:db8:1:2::1").client, key("2001:db8:1:3::1").client);
+        // The proxy's stand-ins for unreadable forwarding hops are clients of their own.
+        assert_ne!(key("100::1:2:3:4").client, key("100::5:6:7:8").client);
+        assert_eq!(
+            key("100::1:2:3:4").client,
+            "gatehouse:guard:ip:100::1:2:3:4"
+        );
         let keys = key("192.0.2.7");
         assert_eq!(keys.pair, "gatehouse:guard:pair:alice|192.0.2.7");
         assert_eq!(keys.known, "gatehouse:guard:known:alice|192.0.2.7");

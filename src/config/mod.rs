@@ -811,9 +811,12 @@ impl Config {
                 ),
             ));
         }
-        positive(
+        // A day at most: longer holds a mistyped password against a user for too long.
+        within(
             p.auth_failure_window_seconds,
+            1..=86_400,
             "proxy.auth_failure_window_seconds",
+            " s",
             &at,
         )?;
         within(
@@ -1529,6 +1532,14 @@ mod tests {
                 "proxy.auth_max_failures_per_user",
             ),
             ("auth_guard_max_keys = 10", "proxy.auth_guard_max_keys"),
+            (
+                "auth_failure_window_seconds = 0",
+                "proxy.auth_failure_window_seconds",
+            ),
+            (
+                "auth_failure_window_seconds = 18446744073709551615",
+                "proxy.auth_failure_window_seconds",
+            ),
         ] {
             let err = parse(&format!("[proxy]\n{text}\n{ROUTES}")).unwrap_err();
             assert_eq!(err.key.as_deref(), Some(key), "{err}");

@@ -4,21 +4,29 @@
 //! - An attempt is charged before its hash is checked, under the lock of its table entry held
 //!   for the increment only, so parallel guesses cannot slip past the limit: at most
 //!   `max_failures` attempts per window are ever checked, however many arrive at once. A
-//!   success takes back its own charge, nothing more.
-//! - Counted per client address (IPv6 by /64, as for rate limits), across all user names, and
-//!   per user name across all addresses, with a higher ceiling
-//!   (`auth_max_failures_per_user`). The name's ceiling does not apply to an address that has
-//!   signed in as that user within [`KNOWN_FOR`]: guesses from elsewhere can hold back new
-//!   addresses for a window, never a user's own.
-//! - The table is one per process, shared by every route and kept across reloads. Its size is
-//!   bounded (`auth_guard_max_keys`): expired entries go first, then those with the fewest
-//!   failures, so a flood of new entries evicts its own kind and never wipes a full count.
+//!   success takes back its own charge, nothing more; so does an attempt abandoned (the client
+//!   went away) while it waited for its turn to be hashed, since it cost and learned nothing.
+//! - Counted per client address (IPv6 by /64, as for rate limits), across all user names and
+//!   routes, and per user name across all addresses, with a higher ceiling
+//!   (`auth_max_failures_per_user`). A user name is counted per *scope*: the realm and the
+//!   htpasswd file it is checked against, so `admin` on one route is not `admin` on another.
+//!   The name's ceiling does not apply to an address that has signed in as that user (in that
+//!   scope) within [`KNOWN_FOR`]: guesses from elsewhere can hold back new addresses for a
+//!   window, never a user's own.
+//! - Failure counts and signed-in addresses live in two tables, each bounded by
+//!   `auth_guard_max_keys`. A user keeps at most [`KNOWN_PER_USER`] addresses (the least
+//!   recently signed-in one makes way), so one valid password used from ever new addresses
+//!   churns its own few slots and never grows the tables nor touches a failure count.
+//! - The tables are one per process, shared by every route and kept across reloads. Past
+//!   their size, expired entries go first; then counts with the fewest failures (the soonest
+//!   ending first), and users whose latest sign-in is oldest, down to 90%: a flood of new
+//!   entries evicts its own kind and never wipes a full count.
 
 use std::{
     hash::BuildHasher,
     net::IpAddr,
     sync::{
-        Mutex,
+        Mutex, MutexGuard, TryLockError,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -30,10 +38,13 @@ use prometheus::{IntCounterVec, IntGauge};
 /// How long an address that signed in as a user stays exempt from that user's ceiling.
 pub const KNOWN_FOR: Duration = Duration::from_secs(24 * 3600);
 
+/// Addresses remembered per user: a few homes (office, phone, laptop), not a history.
+pub const KNOWN_PER_USER: usize = 4;
+
 /// How often a signed-in address's entry is renewed.
 const KNOWN_REFRESH: Duration = Duration::from_secs(3600);
 
-/// New entries between two checks of the table's size.
+/// New entries between two checks of the tables' size.
 const SIZE_CHECK_EVERY: usize = 256;
 
 /// New entries between two sweeps of expired ones.
@@ -47,31 +58,77 @@ pub struct GuardSpec {
     /// Failures per user name (all addresses) in a window.
     pub max_failures_per_user: u32,
     pub window: Duration,
-    /// Entries the table holds at most.
+    /// Entries each table holds at most.
     pub max_keys: usize,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 enum Key {
     Address(IpAddr),
-    /// A keyed hash of the name: no client-chosen string is kept.
+    /// A keyed hash of the scope and the name: no client-chosen string is kept.
     User(u64),
-    /// An address that signed in as the user.
-    Known(u64, IpAddr),
 }
 
 #[derive(Debug, Clone, Copy)]
 struct Slot {
     count: u32,
-    /// When the window began; for [`Key::Known`], when the sign-in was.
+    /// When the window began.
     since: Instant,
 }
 
-/// An attempt's charge, to be taken back if its password turns out right.
-pub struct Charge {
+/// The addresses a user signed in from, and when; empty places are `None`.
+type KnownAddresses = [Option<(IpAddr, Instant)>; KNOWN_PER_USER];
+
+/// An attempt's charge. Taken back if its password turns out right, or if the attempt is
+/// dropped before its hash is checked ([`Charge::hashing`]) or its verdict is given.
+pub struct Charge<'a> {
+    guard: &'a AuthGuard,
     address: (IpAddr, Instant),
+    /// The name's key, when the header named a user.
+    name: Option<u64>,
     /// `None` when the header named no user, or the address is known for the user.
-    user: Option<(u64, Instant)>,
+    user: Option<Instant>,
+    settled: bool,
+}
+
+impl Charge<'_> {
+    /// The hash is being checked: from now on the charge stands even if the attempt is
+    /// dropped, since its cost is paid (else hanging up would buy unlimited hashes).
+    pub fn hashing(&mut self) {
+        self.settled = true;
+    }
+
+    /// A wrong password: the charge stands.
+    pub fn failed(mut self) {
+        self.settled = true;
+    }
+
+    /// A right password: the charge is taken back, and the address is remembered as one
+    /// the user signs in from.
+    pub fn succeeded(mut self, spec: &GuardSpec) {
+        self.settled = true;
+        self.give_back();
+        if let Some(name) = self.name {
+            self.guard
+                .remember(spec, name, self.address.0, Instant::now());
+        }
+    }
+
+    fn give_back(&self) {
+        let (address, since) = self.address;
+        self.guard.give_back(Key::Address(address), since);
+        if let (Some(name), Some(since)) = (self.name, self.user) {
+            self.guard.give_back(Key::User(name), since);
+        }
+    }
+}
+
+impl Drop for Charge<'_> {
+    fn drop(&mut self) {
+        if !self.settled {
+            self.give_back();
+        }
+    }
 }
 
 /// Why an attempt is refused, and for how long (whole seconds, rounded up).
@@ -90,29 +147,37 @@ impl Refusal {
 }
 
 pub struct AuthGuard {
+    /// Failure counts, by address and by (scope, user name).
     slots: DashMap<Key, Slot>,
+    /// Addresses each (scope, user name) signed in from.
+    known: DashMap<u64, KnownAddresses>,
     names: std::hash::RandomState,
+    /// New entries in either table, for the size checks.
     inserted: AtomicUsize,
     sweeping: Mutex<()>,
     /// By event: `address` and `user` refusals, `evicted` entries.
     events: IntCounterVec,
-    /// Entries held, kept as they come and go.
+    /// Entries held (counts and signed-in addresses), kept as they come and go.
     keys: IntGauge,
+    /// Basic auth's verification caches, kept here as the guard is kept across reloads.
+    pub(super) verified: super::basic_auth::VerifiedCaches,
 }
 
 impl AuthGuard {
     pub fn new(events: IntCounterVec, keys: IntGauge) -> Self {
         Self {
             slots: DashMap::new(),
+            known: DashMap::new(),
             names: std::hash::RandomState::new(),
             inserted: AtomicUsize::new(0),
             sweeping: Mutex::new(()),
             events,
             keys,
+            verified: Default::default(),
         }
     }
 
-    /// Entries tracked.
+    /// Failure counts tracked.
     pub fn len(&self) -> usize {
         self.slots.len()
     }
@@ -121,15 +186,27 @@ impl AuthGuard {
         self.slots.is_empty()
     }
 
+    /// Users with remembered addresses.
+    pub fn known_users(&self) -> usize {
+        self.known.len()
+    }
+
     /// Whether an attempt would be refused now, without charging one: for requests whose
-    /// credentials need no hash (none at all, or already verified).
-    pub fn refusal(&self, spec: &GuardSpec, client: IpAddr, user: Option<&str>) -> Option<Refusal> {
+    /// credentials need no hash (none at all, or already verified). `scope` names the realm
+    /// and user list the name belongs to.
+    pub fn refusal(
+        &self,
+        spec: &GuardSpec,
+        scope: &[u8],
+        client: IpAddr,
+        user: Option<&str>,
+    ) -> Option<Refusal> {
         let now = Instant::now();
         let address = super::rate_limit::key(client);
         if let Some(left) = self.full(&Key::Address(address), spec.max_failures, spec.window, now) {
             return Some(self.refused(Refusal::Address { retry_after: left }));
         }
-        let name = self.name(user?);
+        let name = self.name(scope, user?);
         if self.known(name, address, now) {
             return None;
         }
@@ -146,88 +223,49 @@ impl AuthGuard {
     pub fn charge(
         &self,
         spec: &GuardSpec,
+        scope: &[u8],
         client: IpAddr,
         user: Option<&str>,
-    ) -> Result<Charge, Refusal> {
+    ) -> Result<Charge<'_>, Refusal> {
         let now = Instant::now();
         let address = super::rate_limit::key(client);
         let charged_address = self
             .take(spec, Key::Address(address), spec.max_failures, now)
             .map_err(|left| self.refused(Refusal::Address { retry_after: left }))?;
         let mut charge = Charge {
+            guard: self,
             address: (address, charged_address),
+            name: None,
             user: None,
+            settled: false,
         };
-        let Some(name) = user.map(|u| self.name(u)) else {
+        let Some(name) = user.map(|u| self.name(scope, u)) else {
             return Ok(charge);
         };
+        charge.name = Some(name);
         if self.known(name, address, now) {
             return Ok(charge);
         }
         match self.take(spec, Key::User(name), spec.max_failures_per_user, now) {
             Ok(since) => {
-                charge.user = Some((name, since));
+                charge.user = Some(since);
                 Ok(charge)
             }
-            Err(left) => {
-                // Refused before any check: the address's charge goes back.
-                self.give_back(Key::Address(address), charged_address);
-                Err(self.refused(Refusal::User { retry_after: left }))
-            }
-        }
-    }
-
-    /// A right password: its own charge is taken back, and the address is remembered as one
-    /// the user signs in from.
-    pub fn succeeded(&self, charge: Charge, user: &str) {
-        let (address, since) = charge.address;
-        self.give_back(Key::Address(address), since);
-        if let Some((name, since)) = charge.user {
-            self.give_back(Key::User(name), since);
-        }
-        self.remember(self.name(user), address, Instant::now());
-    }
-
-    fn remember(&self, name: u64, address: IpAddr, now: Instant) {
-        let known = Slot {
-            count: 0,
-            since: now,
-        };
-        if self
-            .slots
-            .insert(Key::Known(name, address), known)
-            .is_none()
-        {
-            self.keys.inc();
+            // Refused before any check: dropping the charge gives the address's back.
+            Err(left) => Err(self.refused(Refusal::User { retry_after: left })),
         }
     }
 
     /// A right password answered without a hash (from the verification cache): the address
     /// is remembered as one the user signs in from, written only when new or an hour old, so
     /// that signed-in traffic reads the table and rarely writes it.
-    pub fn signed_in(&self, client: IpAddr, user: &str) {
-        let (name, address, now) = (
-            self.name(user),
-            super::rate_limit::key(client),
-            Instant::now(),
-        );
-        let fresh = self
-            .slots
-            .get(&Key::Known(name, address))
-            .is_some_and(|slot| now.saturating_duration_since(slot.since) < KNOWN_REFRESH);
-        if !fresh {
-            self.slots.insert(
-                Key::Known(name, address),
-                Slot {
-                    count: 0,
-                    since: now,
-                },
-            );
-        }
+    pub fn signed_in(&self, spec: &GuardSpec, scope: &[u8], client: IpAddr, user: &str) {
+        let (name, address) = (self.name(scope, user), super::rate_limit::key(client));
+        self.remember(spec, name, address, Instant::now());
     }
 
-    fn name(&self, user: &str) -> u64 {
-        self.names.hash_one(user)
+    fn name(&self, scope: &[u8], user: &str) -> u64 {
+        self.names.hash_one((scope, user))
     }
 
     fn refused(&self, refusal: Refusal) -> Refusal {
@@ -240,9 +278,60 @@ impl AuthGuard {
     }
 
     fn known(&self, name: u64, address: IpAddr, now: Instant) -> bool {
-        self.slots
-            .get(&Key::Known(name, address))
-            .is_some_and(|slot| now.saturating_duration_since(slot.since) < KNOWN_FOR)
+        self.known.get(&name).is_some_and(|places| {
+            places.iter().flatten().any(|(ip, since)| {
+                *ip == address && now.saturating_duration_since(*since) < KNOWN_FOR
+            })
+        })
+    }
+
+    /// Records a sign-in: renews the address's place, or takes an empty, expired or the
+    /// least recently signed-in one.
+    fn remember(&self, spec: &GuardSpec, name: u64, address: IpAddr, now: Instant) {
+        let fresh = self.known.get(&name).is_some_and(|places| {
+            places.iter().flatten().any(|(ip, since)| {
+                *ip == address && now.saturating_duration_since(*since) < KNOWN_REFRESH
+            })
+        });
+        if fresh {
+            return;
+        }
+        let new_user = match self.known.entry(name) {
+            Entry::Vacant(vacant) => {
+                let mut places = KnownAddresses::default();
+                places[0] = Some((address, now));
+                vacant.insert(places);
+                self.keys.inc();
+                true
+            }
+            Entry::Occupied(mut occupied) => {
+                let places = occupied.get_mut();
+                let index = places
+                    .iter()
+                    .position(|p| p.is_some_and(|(ip, _)| ip == address))
+                    .or_else(|| places.iter().position(Option::is_none))
+                    .unwrap_or_else(|| {
+                        // Full: the least recently signed-in address makes way.
+                        let mut oldest = 0;
+                        for (i, place) in places.iter().enumerate() {
+                            if let (Some((_, a)), Some((_, b))) = (place, places[oldest])
+                                && *a < b
+                            {
+                                oldest = i;
+                            }
+                        }
+                        oldest
+                    });
+                if places[index].is_none() {
+                    self.keys.inc();
+                }
+                places[index] = Some((address, now));
+                false
+            }
+        };
+        if new_user {
+            self.inserted_one(spec, now);
+        }
     }
 
     /// Seconds left in the window if `key` has used up `limit`.
@@ -258,10 +347,9 @@ impl AuthGuard {
             count: 1,
             since: now,
         };
-        let outcome = match self.slots.entry(key) {
+        match self.slots.entry(key) {
             Entry::Vacant(vacant) => {
                 vacant.insert(fresh);
-                None
             }
             Entry::Occupied(mut occupied) => {
                 let slot = occupied.get_mut();
@@ -274,24 +362,25 @@ impl AuthGuard {
                     return Err(whole_seconds(spec.window - elapsed));
                 }
                 slot.count += 1;
-                Some(slot.since)
+                return Ok(slot.since);
             }
-        };
-        match outcome {
-            Some(since) => Ok(since),
-            None => {
-                self.keys.inc();
-                let inserted = self.inserted.fetch_add(1, Ordering::Relaxed) + 1;
-                // Expired entries are dropped now and then even below the limit, so the table
-                // (and its gauge) shows the live ones.
-                if inserted.is_multiple_of(EXPIRE_EVERY)
-                    || (inserted.is_multiple_of(SIZE_CHECK_EVERY)
-                        && self.slots.len() > spec.max_keys)
-                {
-                    self.keep_bounded(spec, now);
-                }
-                Ok(now)
-            }
+        }
+        // Only a new entry gets here, its shard's lock released.
+        self.keys.inc();
+        self.inserted_one(spec, now);
+        Ok(now)
+    }
+
+    /// Every new entry, of either table, passes here: now and then the tables are swept.
+    fn inserted_one(&self, spec: &GuardSpec, now: Instant) {
+        let inserted = self.inserted.fetch_add(1, Ordering::Relaxed) + 1;
+        // Expired entries are dropped now and then even below the limit, so the tables (and
+        // the gauge) show the live ones.
+        if inserted.is_multiple_of(EXPIRE_EVERY)
+            || (inserted.is_multiple_of(SIZE_CHECK_EVERY)
+                && (self.slots.len() > spec.max_keys || self.known.len() > spec.max_keys))
+        {
+            self.keep_bounded(spec, now);
         }
     }
 
@@ -304,37 +393,57 @@ impl AuthGuard {
         }
     }
 
-    /// Drops expired entries, then those with the fewest failures (the soonest ending first):
-    /// forgetting them gives back the least. Addresses known for a user go last.
+    /// Drops expired entries; then, from a table still above 90% of its size, the counts
+    /// with the fewest failures (the soonest ending first), or the users whose latest
+    /// sign-in is oldest: forgetting them gives back the least.
     fn keep_bounded(&self, spec: &GuardSpec, now: Instant) {
-        let Ok(_sweeping) = self.sweeping.try_lock() else {
+        let Some(_sweeping) = sweep_lock(&self.sweeping) else {
             return;
         };
-        let ends = |key: &Key, slot: &Slot| {
-            slot.since
-                + match key {
-                    Key::Known(..) => KNOWN_FOR,
-                    Key::Address(_) | Key::User(_) => spec.window,
-                }
-        };
-        let rank = |key: &Key, slot: &Slot| match key {
-            Key::Known(..) => (u32::MAX, ends(key, slot)),
-            Key::Address(_) | Key::User(_) => (slot.count, ends(key, slot)),
-        };
-        let before = self.slots.len();
-        self.slots.retain(|key, slot| ends(key, slot) > now);
+        // 90%, so that a flood sweeps once per tenth of the table, not per entry.
+        let keep = spec.max_keys - spec.max_keys / 10;
+        let mut evicted = 0;
+
+        // Comparing ages, never adding to an instant: no window can overflow.
+        self.slots
+            .retain(|_, slot| now.saturating_duration_since(slot.since) < spec.window);
         let tracked = self.slots.len();
-        if tracked > spec.max_keys {
-            let keep = spec.max_keys - spec.max_keys / 10;
-            let mut ranks: Vec<(u32, Instant)> = self
-                .slots
-                .iter()
-                .map(|e| rank(e.key(), e.value()))
-                .collect();
-            let (_, threshold, _) = ranks.select_nth_unstable(tracked - keep - 1);
+        if tracked > keep {
+            let rank = |slot: &Slot| (slot.count, slot.since);
+            let mut ranks: Vec<(u32, Instant)> =
+                self.slots.iter().map(|e| rank(e.value())).collect();
+            // Only sweeps remove entries, so at least `tracked` were read; more may have come.
+            let cut = ranks.len() - keep - 1;
+            let (_, threshold, _) = ranks.select_nth_unstable(cut);
             let threshold = *threshold;
-            self.slots.retain(|key, slot| rank(key, slot) > threshold);
-            let evicted = tracked.saturating_sub(self.slots.len());
+            self.slots.retain(|_, slot| rank(slot) > threshold);
+            evicted += tracked.saturating_sub(self.slots.len());
+        }
+
+        self.known.retain(|_, places| {
+            for place in places.iter_mut() {
+                if place.is_some_and(|(_, since)| now.saturating_duration_since(since) >= KNOWN_FOR)
+                {
+                    *place = None;
+                }
+            }
+            places.iter().any(Option::is_some)
+        });
+        let users = self.known.len();
+        if users > keep {
+            let latest =
+                |places: &KnownAddresses| places.iter().flatten().map(|(_, since)| *since).max();
+            let mut ranks: Vec<Option<Instant>> =
+                self.known.iter().map(|e| latest(e.value())).collect();
+            // Only sweeps remove entries, so at least `users` were read; more may have come.
+            let cut = ranks.len() - keep - 1;
+            let (_, threshold, _) = ranks.select_nth_unstable(cut);
+            let threshold = *threshold;
+            self.known.retain(|_, places| latest(places) > threshold);
+            evicted += users.saturating_sub(self.known.len());
+        }
+
+        if evicted > 0 {
             self.events
                 .with_label_values(&["evicted"])
                 .inc_by(evicted as u64);
@@ -344,16 +453,37 @@ impl AuthGuard {
                 "basic-auth guard full; the entries with the fewest failures were forgotten"
             );
         }
-        if before > self.slots.len() {
+        // Rehashing costs a pass over the table under its locks: only worth it when most of
+        // the room is empty.
+        if self.slots.len() < self.slots.capacity() / 4 {
             self.slots.shrink_to_fit();
         }
-        self.keys.set(self.slots.len() as i64);
+        if self.known.len() < self.known.capacity() / 4 {
+            self.known.shrink_to_fit();
+        }
+        let addresses: usize = self
+            .known
+            .iter()
+            .map(|e| e.value().iter().flatten().count())
+            .sum();
+        self.keys.set((self.slots.len() + addresses) as i64);
+    }
+}
+
+/// One sweep at a time; the others go on serving. A sweep that panicked left nothing half
+/// done that matters (entries are only ever removed), so a poisoned lock is taken as usual.
+pub(super) fn sweep_lock(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+    match lock.try_lock() {
+        Ok(held) => Some(held),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
     }
 }
 
 /// Rounded up: a client that waits exactly this long must not be refused again.
 fn whole_seconds(left: Duration) -> u64 {
-    left.as_secs() + u64::from(left.subsec_nanos() > 0)
+    left.as_secs()
+        .saturating_add(u64::from(left.subsec_nanos() > 0))
 }
 
 #[cfg(test)]
@@ -377,6 +507,12 @@ mod tests {
         s.parse().unwrap()
     }
 
+    const S: &[u8] = b"realm";
+
+    fn failed(charge: Result<Charge<'_>, Refusal>) -> Result<(), Refusal> {
+        charge.map(Charge::failed)
+    }
+
     #[test]
     fn parallel_charges_never_pass_the_limit() {
         let guard = std::sync::Arc::new(AuthGuard::new(events(), IntGauge::new("k", "k").unwrap()));
@@ -386,7 +522,9 @@ mod tests {
                 let guard = guard.clone();
                 std::thread::spawn(move || {
                     (0..50)
-                        .filter(|_| guard.charge(&spec, ip("192.0.2.1"), Some("u")).is_ok())
+                        .filter(|_| {
+                            failed(guard.charge(&spec, S, ip("192.0.2.1"), Some("u"))).is_ok()
+                        })
                         .count()
                 })
             })
@@ -403,22 +541,26 @@ mod tests {
         let spec = spec(3, 100, 1000);
         let client = ip("192.0.2.1");
         for _ in 0..2 {
-            guard.charge(&spec, client, Some("u")).unwrap();
+            guard.charge(&spec, S, client, Some("u")).unwrap().failed();
         }
-        let right = guard.charge(&spec, client, Some("u")).unwrap();
+        let right = guard.charge(&spec, S, client, Some("u")).unwrap();
         assert!(
-            guard.charge(&spec, client, Some("u")).is_err(),
+            guard.charge(&spec, S, client, Some("u")).is_err(),
             "3 in flight"
         );
-        guard.succeeded(right, "u");
+        right.succeeded(&spec);
         // Two failures remain: one more attempt, then refused.
-        guard.charge(&spec, client, Some("u")).unwrap();
+        guard.charge(&spec, S, client, Some("u")).unwrap().failed();
         assert!(matches!(
-            guard.charge(&spec, client, Some("u")),
+            guard.charge(&spec, S, client, Some("u")),
             Err(Refusal::Address { .. })
         ));
-        assert!(guard.refusal(&spec, client, None).is_some());
-        assert!(guard.refusal(&spec, ip("192.0.2.2"), Some("u")).is_none());
+        assert!(guard.refusal(&spec, S, client, None).is_some());
+        assert!(
+            guard
+                .refusal(&spec, S, ip("192.0.2.2"), Some("u"))
+                .is_none()
+        );
     }
 
     #[test]
@@ -426,33 +568,36 @@ mod tests {
         let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
         let spec = spec(2, 4, 1000);
         let home = ip("192.0.2.1");
-        let right = guard.charge(&spec, home, Some("u")).unwrap();
-        guard.succeeded(right, "u");
+        let right = guard.charge(&spec, S, home, Some("u")).unwrap();
+        right.succeeded(&spec);
         for attacker in ["198.51.100.1", "198.51.100.2"] {
             for _ in 0..2 {
-                guard.charge(&spec, ip(attacker), Some("u")).unwrap();
+                guard
+                    .charge(&spec, S, ip(attacker), Some("u"))
+                    .unwrap()
+                    .failed();
             }
             assert!(matches!(
-                guard.charge(&spec, ip(attacker), Some("u")),
+                guard.charge(&spec, S, ip(attacker), Some("u")),
                 Err(Refusal::Address { .. })
             ));
         }
         // Four failures on "u": new addresses are held back, for "u" only; home is not.
         let newcomer = ip("203.0.113.1");
         assert!(matches!(
-            guard.charge(&spec, newcomer, Some("u")),
+            guard.charge(&spec, S, newcomer, Some("u")),
             Err(Refusal::User { .. })
         ));
         assert!(matches!(
-            guard.refusal(&spec, newcomer, Some("u")),
+            guard.refusal(&spec, S, newcomer, Some("u")),
             Some(Refusal::User { .. })
         ));
-        assert!(guard.charge(&spec, newcomer, Some("other")).is_ok());
-        assert!(guard.charge(&spec, home, Some("u")).is_ok());
-        assert!(guard.refusal(&spec, home, Some("u")).is_none());
+        assert!(failed(guard.charge(&spec, S, newcomer, Some("other"))).is_ok());
+        assert!(failed(guard.charge(&spec, S, home, Some("u"))).is_ok());
+        assert!(guard.refusal(&spec, S, home, Some("u")).is_none());
         // The refused attempt charged nothing to the newcomer's address: one more is left.
-        assert!(guard.charge(&spec, newcomer, Some("other")).is_ok());
-        assert!(guard.charge(&spec, newcomer, Some("other")).is_err());
+        assert!(failed(guard.charge(&spec, S, newcomer, Some("other"))).is_ok());
+        assert!(guard.charge(&spec, S, newcomer, Some("other")).is_err());
     }
 
     #[test]
@@ -461,14 +606,18 @@ mod tests {
         let spec = spec(3, 1000, 2000);
         let attacker = ip("192.0.2.1");
         for _ in 0..3 {
-            guard.charge(&spec, attacker, Some("admin")).unwrap();
+            guard
+                .charge(&spec, S, attacker, Some("admin"))
+                .unwrap()
+                .failed();
         }
         for i in 0..20_000u32 {
-            let _ = guard.charge(
+            let _ = failed(guard.charge(
                 &spec,
+                S,
                 IpAddr::V4(std::net::Ipv4Addr::from(0x0a00_0000 + i)),
                 Some(&format!("user{i}")),
-            );
+            ));
         }
         assert!(
             guard.len() <= 2000 + SIZE_CHECK_EVERY * 2,
@@ -477,8 +626,150 @@ mod tests {
         );
         assert!(guard.events.with_label_values(&["evicted"]).get() > 0);
         assert!(
-            guard.charge(&spec, attacker, Some("admin")).is_err(),
+            guard.charge(&spec, S, attacker, Some("admin")).is_err(),
             "no fresh allowance after the flood"
         );
+    }
+
+    fn v6(i: u32) -> IpAddr {
+        // A new /64 each time.
+        IpAddr::V6(std::net::Ipv6Addr::from(
+            (0x2001_0db8_u128 << 96) | (u128::from(i) << 64),
+        ))
+    }
+
+    #[test]
+    fn a_flood_of_sign_ins_never_wipes_a_count() {
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
+        let spec = spec(3, 5, 1000);
+        let attacker = ip("192.0.2.1");
+        for _ in 0..3 {
+            guard
+                .charge(&spec, S, attacker, Some("admin"))
+                .unwrap()
+                .failed();
+        }
+        for i in 0..2 {
+            for _ in 0..3 {
+                let _ =
+                    failed(guard.charge(&spec, S, ip(&format!("198.51.100.{i}")), Some("root")));
+            }
+        }
+        // Many valid users signing in.
+        for i in 0..20_000 {
+            guard.signed_in(&spec, S, ip("203.0.113.1"), &format!("user{i}"));
+        }
+        // One valid (cached) password, used from ever new /64s
+        for i in 0..20_000 {
+            guard.signed_in(&spec, S, v6(i), "u");
+        }
+        assert!(
+            guard.known_users() <= 1000 + SIZE_CHECK_EVERY,
+            "{}",
+            guard.known_users()
+        );
+        assert!(guard.len() <= 1000, "{}", guard.len());
+        assert!(guard.known(guard.name(S, "u"), v6(19_999), Instant::now()));
+        assert!(
+            !guard.known(guard.name(S, "u"), v6(0), Instant::now()),
+            "a few per user"
+        );
+        assert!(
+            matches!(
+                guard.charge(&spec, S, attacker, Some("x")),
+                Err(Refusal::Address { .. })
+            ),
+            "the address's full count survived"
+        );
+        assert!(
+            matches!(
+                guard.charge(&spec, S, ip("192.0.2.77"), Some("root")),
+                Err(Refusal::User { .. })
+            ),
+            "the name's full count survived"
+        );
+    }
+
+    #[test]
+    fn one_name_in_two_scopes_is_two_users() {
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
+        let spec = spec(2, 4, 1000);
+        for i in 0..2 {
+            for _ in 0..2 {
+                guard
+                    .charge(
+                        &spec,
+                        b"weak",
+                        ip(&format!("198.51.100.{i}")),
+                        Some("admin"),
+                    )
+                    .unwrap()
+                    .failed();
+            }
+        }
+        let newcomer = ip("203.0.113.1");
+        assert!(matches!(
+            guard.charge(&spec, b"weak", newcomer, Some("admin")),
+            Err(Refusal::User { .. })
+        ));
+        assert!(failed(guard.charge(&spec, b"strong", newcomer, Some("admin"))).is_ok());
+        // Signing in on one route does not make the address known on the other.
+        let home = ip("192.0.2.1");
+        guard.signed_in(&spec, b"weak", home, "admin");
+        assert!(guard.refusal(&spec, b"weak", home, Some("admin")).is_none());
+        for i in 0..4 {
+            let _ = failed(guard.charge(
+                &spec,
+                b"strong",
+                ip(&format!("198.51.100.{}", 10 + i)),
+                Some("admin"),
+            ));
+        }
+        assert!(matches!(
+            guard.refusal(&spec, b"strong", home, Some("admin")),
+            Some(Refusal::User { .. })
+        ));
+    }
+
+    #[test]
+    fn an_abandoned_attempt_gives_its_charge_back() {
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
+        let spec = spec(2, 100, 1000);
+        let client = ip("192.0.2.1");
+        for _ in 0..10 {
+            drop(guard.charge(&spec, S, client, Some("u")).unwrap());
+        }
+        let mut hashed = guard.charge(&spec, S, client, Some("u")).unwrap();
+        hashed.hashing();
+        drop(hashed);
+        guard.charge(&spec, S, client, Some("u")).unwrap().failed();
+        assert!(guard.charge(&spec, S, client, Some("u")).is_err());
+    }
+
+    #[test]
+    fn the_longest_window_does_not_overflow() {
+        let guard = AuthGuard::new(events(), IntGauge::new("k", "k").unwrap());
+        let mut spec = spec(1, 1, 100);
+        spec.window = Duration::MAX;
+        for i in 0..5_000u32 {
+            let _ = failed(guard.charge(&spec, S, IpAddr::V4(std::net::Ipv4Addr::from(i)), None));
+        }
+        assert!(guard.len() <= 100 + SIZE_CHECK_EVERY, "{}", guard.len());
+        assert!(
+            guard
+                .charge(&spec, S, IpAddr::V4(std::net::Ipv4Addr::from(4_999)), None)
+                .is_err()
+        );
+    }
+
+    #[test]
+    fn the_gauge_counts_sign_ins() {
+        let keys = IntGauge::new("k", "k").unwrap();
+        let guard = AuthGuard::new(events(), keys.clone());
+        let spec = spec(3, 5, 1000);
+        guard.signed_in(&spec, S, ip("192.0.2.1"), "u");
+        guard.signed_in(&spec, S, ip("192.0.2.1"), "u");
+        guard.signed_in(&spec, S, ip("192.0.2.2"), "u");
+        assert_eq!(keys.get(), 2);
     }
 }

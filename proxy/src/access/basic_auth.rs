@@ -4,17 +4,19 @@
 //! - Hash formats: bcrypt (`$2y$`, `$2b$`, `$2a$`), Apache MD5 (`$apr1$`), SHA-256/512 crypt
 //!   (`$5$`, `$6$`) through `crypt3_rs`, and `{SHA}`. Checks are constant-time.
 //! - A good verification is cached (bounded, expiring after [`CACHE_TTL`]), keyed by a SHA-256
-//!   of realm, user and password, so bcrypt's cost is paid once per credential, not per
-//!   request, and no password is kept in memory. A reload builds a new cache.
+//!   of the route's scope (realm and htpasswd file), user and password, so bcrypt's cost is
+//!   paid once per credential, not per request, and no password is kept in memory. A reload
+//!   keeps the cache of a scope it keeps (same realm, same file), so it costs no re-hashing.
 //! - Every attempt whose hash must be checked is charged to the brute-force guard
-//!   ([`super::auth_guard`]) first; past its limits, attempts are refused with 429 before any
-//!   hash is computed. Parallel requests with the same credentials share one verification (and
-//!   one charge); verifications run at most one per core at a time.
+//!   ([`super::auth_guard`]) first, its user name counted within the route's scope; past its
+//!   limits, attempts are refused with 429 before any hash is computed. Parallel requests with
+//!   the same credentials share one verification (and one charge); a route runs at most one
+//!   verification per core at a time.
 
 use std::{
     collections::HashMap,
     net::IpAddr,
-    sync::Arc,
+    sync::{Arc, Mutex, Weak},
     time::{Duration, Instant},
 };
 
@@ -68,6 +70,8 @@ impl Hash {
 #[derive(Debug, Clone)]
 pub struct Htpasswd {
     users: HashMap<String, Hash>,
+    /// SHA-256 of the file's text: two routes share user names only when they share it.
+    digest: [u8; 32],
     /// The file's slowest hash, checked for unknown names so that their timing matches the
     /// worst case and reveals nothing about which names exist.
     decoy: Option<Hash>,
@@ -104,7 +108,12 @@ impl Htpasswd {
             Hash::Sha1(_) => 1,
         };
         let decoy = users.values().max_by_key(|h| cost(h)).cloned();
-        Ok(Self { users, decoy })
+        let digest = sha2::Sha256::digest(text.as_bytes()).into();
+        Ok(Self {
+            users,
+            digest,
+            decoy,
+        })
     }
 
     pub fn len(&self) -> usize {
@@ -129,6 +138,32 @@ impl Htpasswd {
     }
 }
 
+/// Verified credentials, by the SHA-256 of scope, user and password: the user and when the
+/// entry expires.
+pub type Verified = Cache<[u8; 32], (String, Instant)>;
+
+/// The verification caches in use, by scope, so that a reload's new routes pick up the old
+/// ones' (held weakly: a cache goes when the last route using it does).
+#[derive(Default)]
+pub struct VerifiedCaches(Mutex<HashMap<[u8; 32], Weak<Verified>>>);
+
+impl VerifiedCaches {
+    fn for_scope(&self, scope: [u8; 32]) -> Arc<Verified> {
+        let mut caches = match self.0.lock() {
+            Ok(caches) => caches,
+            // Nothing half written matters here: at worst a cache is built anew.
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        caches.retain(|_, cache| cache.strong_count() > 0);
+        if let Some(cache) = caches.get(&scope).and_then(Weak::upgrade) {
+            return cache;
+        }
+        let cache = Arc::new(Cache::new(CACHE_ENTRIES));
+        caches.insert(scope, Arc::downgrade(&cache));
+        cache
+    }
+}
+
 /// What a request's credentials earned it.
 pub enum Outcome {
     Allowed {
@@ -144,9 +179,10 @@ pub enum Outcome {
 
 pub struct BasicAuth {
     users: Arc<Htpasswd>,
-    realm: String,
+    /// The realm and the htpasswd file: where a user name means the same user.
+    scope: [u8; 32],
     challenge: String,
-    verified: Cache<[u8; 32], (String, Instant)>,
+    verified: Arc<Verified>,
     /// Shared by every route and kept across reloads.
     guard: Arc<AuthGuard>,
     spec: GuardSpec,
@@ -156,14 +192,21 @@ pub struct BasicAuth {
 
 impl BasicAuth {
     pub fn new(users: Arc<Htpasswd>, realm: &str, spec: GuardSpec, guard: Arc<AuthGuard>) -> Self {
+        let scope: [u8; 32] = {
+            let mut hasher = sha2::Sha256::new();
+            hasher.update(realm.as_bytes());
+            hasher.update(b"\0");
+            hasher.update(users.digest);
+            hasher.finalize().into()
+        };
         Self {
-            users,
-            realm: realm.to_string(),
+            scope,
             challenge: format!(
                 "Basic realm=\"{}\", charset=\"UTF-8\"",
                 realm.replace(['"', '\\'], "")
             ),
-            verified: Cache::new(CACHE_ENTRIES),
+            users,
+            verified: guard.verified.for_scope(scope),
             guard,
             spec,
             verifying: tokio::sync::Semaphore::new(
@@ -184,13 +227,16 @@ impl BasicAuth {
         let Some(header) = authorization else {
             return self
                 .guard
-                .refusal(&self.spec, client, None)
+                .refusal(&self.spec, &self.scope, client, None)
                 .map_or(Outcome::Challenge, blocked);
         };
         let Some((user, password)) = decode(header) else {
             // Malformed credentials count as a failure of the address.
-            return match self.guard.charge(&self.spec, client, None) {
-                Ok(_) => Outcome::Challenge,
+            return match self.guard.charge(&self.spec, &self.scope, client, None) {
+                Ok(charge) => {
+                    charge.failed();
+                    Outcome::Challenge
+                }
                 Err(refusal) => blocked(refusal),
             };
         };
@@ -202,10 +248,14 @@ impl BasicAuth {
                 Ok((cached_user, expires)) if Instant::now() < expires => {
                     // No hash to pay for, but while the guard refuses this client, a cached
                     // password must not answer guesses either.
-                    return match self.guard.refusal(&self.spec, client, Some(&user)) {
+                    return match self
+                        .guard
+                        .refusal(&self.spec, &self.scope, client, Some(&user))
+                    {
                         Some(refusal) => blocked(refusal),
                         None => {
-                            self.guard.signed_in(client, &cached_user);
+                            self.guard
+                                .signed_in(&self.spec, &self.scope, client, &cached_user);
                             Outcome::Allowed { user: cached_user }
                         }
                     };
@@ -217,7 +267,11 @@ impl BasicAuth {
                 Err(slot) => slot,
             };
             // Charged before the hash is checked, so parallel guesses cannot outrun the count.
-            let charge = match self.guard.charge(&self.spec, client, Some(&user)) {
+            // Should this request be dropped while it waits its turn, the charge goes back.
+            let mut charge = match self
+                .guard
+                .charge(&self.spec, &self.scope, client, Some(&user))
+            {
                 Ok(charge) => charge,
                 Err(refusal) => return blocked(refusal),
             };
@@ -225,6 +279,9 @@ impl BasicAuth {
             // flood of guesses costs bounded CPU.
             let valid = match self.verifying.acquire().await {
                 Ok(_permit) => {
+                    // From here the hash is paid for whether the client waits or not: a
+                    // client that hangs up now does not get its attempt back.
+                    charge.hashing();
                     let (users, name, password) =
                         (self.users.clone(), user.clone(), password.clone());
                     tokio::task::spawn_blocking(move || users.verify(&name, &password))
@@ -234,23 +291,18 @@ impl BasicAuth {
                 Err(_) => false,
             };
             if !valid {
+                charge.failed();
                 return Outcome::Challenge;
             }
             let _ = slot.insert((user.clone(), Instant::now() + CACHE_TTL));
-            self.guard.succeeded(charge, &user);
+            charge.succeeded(&self.spec);
             return Outcome::Allowed { user };
         }
     }
 
     fn cache_key(&self, user: &str, password: &[u8]) -> [u8; 32] {
         let mut hasher = sha2::Sha256::new();
-        for part in [
-            self.realm.as_bytes(),
-            b"\0",
-            user.as_bytes(),
-            b"\0",
-            password,
-        ] {
+        for part in [&self.scope[..], b"\0", user.as_bytes(), b"\0", password] {
             hasher.update(part);
         }
         hasher.finalize().into()
@@ -386,5 +438,17 @@ mod tests {
             auth.check(other, Some(right.as_bytes())).await,
             Outcome::Allowed { .. }
         ));
+    }
+
+    #[test]
+    fn a_reload_keeps_the_cache_of_an_unchanged_scope() {
+        let old = auth(3);
+        let same = BasicAuth::new(old.users.clone(), "r", old.spec, old.guard.clone());
+        assert!(Arc::ptr_eq(&old.verified, &same.verified));
+        let realm = BasicAuth::new(old.users.clone(), "other", old.spec, old.guard.clone());
+        assert!(!Arc::ptr_eq(&old.verified, &realm.verified));
+        let users = Arc::new(Htpasswd::parse("v:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
+        let file = BasicAuth::new(users, "r", old.spec, old.guard.clone());
+        assert!(!Arc::ptr_eq(&old.verified, &file.verified));
     }
 }

@@ -5,12 +5,19 @@
 //! ignored, and an allowlist or a rate limit can never be dodged by forging them.
 //!
 //! `X-Forwarded-For` is read from the right, skipping trusted hops; the first untrusted address
-//! is the client (nginx's `real_ip_recursive on`). A hop may carry a port (`192.0.2.7:5123`,
+//! is the client (nginx's `real_ip_recursive on`). Each hop is read from the header's bytes on
+//! its own, so a stray non-ASCII byte in the client's part spoils that hop only, not the
+//! address the proxy appended after it. A hop may carry a port (`192.0.2.7:5123`,
 //! `[2001:db8::7]:5123`, as some load balancers write it). A hop that is no address at all
 //! (`unknown`, garbage) stops the walk and is itself the client: it gets an address of its own
 //! in the discard-only prefix `100::/64` (RFC 6666), derived from its text, so such clients
 //! neither share one identity (one of them would exhaust everyone's rate limit) nor borrow a
-//! trusted proxy's.
+//! trusted proxy's. Such an address is never taken for a trusted proxy, whatever
+//! `trusted_proxies` says (even `::/0`).
+//!
+//! `X-Real-IP` is one address: the peer of the proxy nearest to us, as that proxy wrote it.
+//! No chain is walked, so this mode is safe only when every trusted proxy overwrites the
+//! header rather than passing on the client's.
 
 use std::net::{IpAddr, Ipv6Addr, SocketAddr};
 
@@ -59,6 +66,11 @@ pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
     Some(parts.join(","))
 }
 
+/// Whether a trusted peer was seen naming the client in `X-Real-IP` only, while the config
+/// reads `X-Forwarded-For`: worth one warning, as versions before `proxy.client_ip_header`
+/// fell back to it.
+static REAL_IP_IGNORED: std::sync::Once = std::sync::Once::new();
+
 pub fn client_ip(
     peer: IpAddr,
     headers: &http::HeaderMap,
@@ -71,13 +83,26 @@ pub fn client_ip(
     }
     match header {
         ClientIpHeader::XForwardedFor => {
-            let Some(chain) = forwarded_chain(headers) else {
+            let mut lines = headers.get_all("x-forwarded-for").iter().rev().peekable();
+            if lines.peek().is_none() {
+                if headers.contains_key("x-real-ip") {
+                    REAL_IP_IGNORED.call_once(|| {
+                        tracing::warn!(
+                            %peer,
+                            "a trusted proxy sent X-Real-IP without X-Forwarded-For; only \
+                             X-Forwarded-For is read: set proxy.client_ip_header = \"x-real-ip\" \
+                             if that proxy names clients in X-Real-IP"
+                        );
+                    });
+                }
                 return peer;
-            };
+            }
             let mut nearest_untrusted = peer;
-            for hop in chain.rsplit(',') {
+            // The last line is the one nearest to us (a proxy may add a line of its own
+            // instead of extending the client's), and within a line the last hop.
+            for hop in lines.flat_map(|line| line.as_bytes().rsplit(|b| *b == b',')) {
                 let ip = hop_address(hop);
-                if !trusted.contains(ip) {
+                if is_synthetic(ip) || !trusted.contains(ip) {
                     return ip;
                 }
                 nearest_untrusted = ip;
@@ -90,30 +115,40 @@ pub fn client_ip(
             .get_all("x-real-ip")
             .iter()
             .next_back()
-            .map_or(peer, |value| {
-                hop_address(value.to_str().unwrap_or("unreadable"))
-            }),
+            .map_or(peer, |value| hop_address(value.as_bytes())),
     }
 }
 
+fn is_synthetic(ip: IpAddr) -> bool {
+    matches!(ip, IpAddr::V6(v6) if is_unreadable_hop(v6))
+}
+
 /// One hop's address: an IP address, with or without a port, or else the hop's own
-/// address in `100::/64` (never a trusted one, so the walk stops there).
-fn hop_address(hop: &str) -> IpAddr {
-    let hop = hop.trim();
+/// address in `100::/64` (never taken for a trusted one, so the walk stops there).
+fn hop_address(hop: &[u8]) -> IpAddr {
+    let hop = hop.trim_ascii();
+    let Ok(text) = std::str::from_utf8(hop) else {
+        return synthetic(hop);
+    };
+    readable_hop(text).unwrap_or_else(|| synthetic(hop))
+}
+
+fn readable_hop(hop: &str) -> Option<IpAddr> {
     if let Ok(ip) = hop.parse::<IpAddr>() {
-        return canonical(ip);
+        return Some(canonical(ip));
     }
     if let Ok(socket) = hop.parse::<SocketAddr>() {
-        return canonical(socket.ip());
+        return Some(canonical(socket.ip()));
     }
-    if let Some(ip) = hop
-        .strip_prefix('[')
+    hop.strip_prefix('[')
         .and_then(|h| h.strip_suffix(']'))
         .and_then(|h| h.parse::<Ipv6Addr>().ok())
-    {
-        return canonical(IpAddr::V6(ip));
-    }
-    let digest = sha2::Sha256::digest(hop.as_bytes());
+        .map(|ip| canonical(IpAddr::V6(ip)))
+}
+
+/// The address in `100::/64` standing for an unreadable hop, derived from its bytes.
+fn synthetic(hop: &[u8]) -> IpAddr {
+    let digest = sha2::Sha256::digest(hop);
     let mut low = [0u8; 8];
     low.copy_from_slice(&digest[..8]);
     IpAddr::V6(Ipv6Addr::from(
@@ -293,5 +328,50 @@ mod tests {
             client_ip(ip("10.0.0.2"), &real_ip, &trusted, REAL),
             ip("198.51.100.8")
         );
+    }
+
+    #[test]
+    fn a_non_ascii_byte_spoils_only_its_own_hop() {
+        let trusted = IpList::parse(&["10.0.0.0/8"]).unwrap();
+        let peer = ip("10.0.0.2");
+        let raw = |bytes: &[u8]| {
+            let mut map = http::HeaderMap::new();
+            map.append(
+                "x-forwarded-for",
+                http::HeaderValue::from_bytes(bytes).unwrap(),
+            );
+            map
+        };
+        // The client wrote a Latin-1 byte; nginx appended the address it saw.
+        let appended = raw(b"caf\xe9, 198.51.100.7");
+        assert_eq!(
+            client_ip(peer, &appended, &trusted, XFF),
+            ip("198.51.100.7")
+        );
+        let appended = raw(b"\xff\xfe,198.51.100.8, 10.0.0.3");
+        assert_eq!(
+            client_ip(peer, &appended, &trusted, XFF),
+            ip("198.51.100.8")
+        );
+        // As its own line too, with the proxy's line after it.
+        let mut lines = raw(b"\xe9");
+        lines.append(
+            "x-forwarded-for",
+            http::HeaderValue::from_static("198.51.100.9"),
+        );
+        assert_eq!(client_ip(peer, &lines, &trusted, XFF), ip("198.51.100.9"));
+        // The bad hop itself, reached, is a client of its own, per byte string.
+        let first = client_ip(peer, &raw(b"caf\xe9"), &trusted, XFF);
+        let second = client_ip(peer, &raw(b"caf\xe8"), &trusted, XFF);
+        assert!(unreadable(first) && unreadable(second));
+        assert_ne!(first, second);
+    }
+
+    #[test]
+    fn a_synthetic_address_is_never_a_trusted_proxy() {
+        let everyone = IpList::parse(&["0.0.0.0/0", "::/0"]).unwrap();
+        let xff = headers(&[("x-forwarded-for", "198.51.100.7, garbage, 10.0.0.3")]);
+        let client = client_ip(ip("10.0.0.2"), &xff, &everyone, XFF);
+        assert!(unreadable(client), "{client}");
     }
 }
