@@ -38,6 +38,10 @@ use crate::metrics::ConnectionLimit;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
+    /// A request body must arrive whole within this of the handler starting to read it
+    /// (see [`crate::http_util::read_json`]), or it is answered `408` and the connection
+    /// closed.
+    pub body_timeout: Duration,
     pub idle_timeout: Duration,
     /// Connections one backend holds at once; more wait in the listen queue.
     pub max_connections: usize,
@@ -47,6 +51,7 @@ impl Default for ConnectionLimits {
     fn default() -> Self {
         Self {
             header_timeout: Duration::from_secs(10),
+            body_timeout: Duration::from_secs(10),
             idle_timeout: Duration::from_secs(75),
             max_connections: 1024,
         }
@@ -201,6 +206,7 @@ mod tests {
     fn limits() -> ConnectionLimits {
         ConnectionLimits {
             header_timeout: Duration::from_secs(2),
+            body_timeout: Duration::from_secs(2),
             idle_timeout: Duration::from_secs(10),
             max_connections: 1,
         }
@@ -256,6 +262,7 @@ mod tests {
         // header's deadline, must still close the connection soon after its request ends.
         let tracker = Tracker::new(ConnectionLimits {
             header_timeout: Duration::from_secs(20),
+            body_timeout: Duration::from_secs(20),
             idle_timeout: Duration::from_secs(2),
             max_connections: 1,
         });

@@ -62,6 +62,8 @@ pub struct App {
     pub accounts: Accounts,
     pub guard: Guard,
     pub max_body_bytes: usize,
+    /// How long a handler waits for a request body, whole.
+    pub body_timeout: Duration,
     pub metrics: Arc<Metrics>,
     /// The OpenAPI document, serialized once.
     pub openapi: bytes::Bytes,
@@ -79,6 +81,7 @@ pub struct Settings {
     pub store: Store,
     pub guard: GuardSettings,
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     /// Live tokens a user may hold; a login past it revokes the oldest.
     pub max_tokens_per_user: usize,
     pub metrics: Arc<Metrics>,
@@ -93,6 +96,7 @@ impl App {
             store,
             guard,
             max_body_bytes,
+            body_timeout,
             max_tokens_per_user,
             metrics,
         } = settings;
@@ -112,6 +116,7 @@ impl App {
             guard: Guard::new(store.clone(), guard, metrics.clone()),
             store,
             max_body_bytes,
+            body_timeout,
             metrics,
             openapi: openapi::document_json()?,
             draining: std::sync::atomic::AtomicBool::new(false),

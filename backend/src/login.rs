@@ -64,7 +64,7 @@ pub(crate) async fn login(
 ) -> Result<Response<Body>, ApiError> {
     let client = client_address(&request);
     let result = async {
-        let LoginRequest { username, password } = read_json(request, app.max_body_bytes).await?;
+        let LoginRequest { username, password } = read_json(app, request).await?;
         app.guard.charge(&username, client).await?;
         let refused = || {
             // Only a name a user could have: client bytes (or a password typed into the name

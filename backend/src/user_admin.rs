@@ -50,7 +50,7 @@ pub(crate) async fn create(
     admin: &Session,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let new: NewUser = read_json(request, app.max_body_bytes).await?;
+    let new: NewUser = read_json(app, request).await?;
     let user = app.accounts.create(new).await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, role = user.role.as_str(),
         "user created");
@@ -79,7 +79,7 @@ pub(crate) async fn update(
     name: &str,
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
-    let change: UserChange = read_json(request, app.max_body_bytes).await?;
+    let change: UserChange = read_json(app, request).await?;
     let fields: Vec<&str> = [
         change.role.map(|_| "role"),
         change.password.as_ref().map(|_| "password"),
