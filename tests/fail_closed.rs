@@ -233,6 +233,8 @@ fn a_user_past_the_token_cap_loses_its_oldest_and_a_change_revokes_them_all() {
 fn in_memory(pid: u32, needle: &[u8]) -> bool {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let mut mem = fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    // A scan that could read nothing would find nothing, and pass for the wrong reason.
+    let mut read = 0;
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
@@ -255,10 +257,12 @@ fn in_memory(pid: u32, needle: &[u8]) -> bool {
         if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
             continue;
         }
+        read += 1;
         if region.windows(needle.len()).any(|w| w == needle) {
             return true;
         }
     }
+    assert!(read > 0, "no writable memory region of {pid} could be read");
     false
 }
 
