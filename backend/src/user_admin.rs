@@ -51,7 +51,7 @@ pub(crate) async fn create(
     request: Request<Incoming>,
 ) -> Result<Response<Body>, ApiError> {
     let new: NewUser = read_json(app, request).await?;
-    let user = app.accounts.create(new).await?;
+    let user = app.accounts.create(new, &admin.claims.generation).await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, role = user.role.as_str(),
         "user created");
     Ok(json_response(StatusCode::CREATED, &user))
@@ -88,7 +88,10 @@ pub(crate) async fn update(
     .into_iter()
     .flatten()
     .collect();
-    let user = app.accounts.update(name, change).await?;
+    let user = app
+        .accounts
+        .update(name, change, &admin.claims.generation)
+        .await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, changed = ?fields,
         "user changed");
     Ok(json_response(StatusCode::OK, &user))
@@ -114,7 +117,7 @@ pub(crate) async fn delete(
     admin: &Session,
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
-    app.accounts.delete(name).await?;
+    app.accounts.delete(name, &admin.claims.generation).await?;
     tracing::info!(admin = %admin.claims.sub, user = name, "user deleted");
     Ok(no_content())
 }

@@ -251,6 +251,18 @@ pub struct Redis {
 }
 
 impl Config {
+    /// An error about `key` found after loading (in a file the config names, say), naming
+    /// the config file and the key's line in it as a loading error would.
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        ConfigError {
+            origin: self.file.display().to_string(),
+            line: Document::parse(&text).line_of_key(key),
+            key: Some(key.to_string()),
+            message,
+        }
+    }
+
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
             origin: file.display().to_string(),
