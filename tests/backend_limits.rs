@@ -248,6 +248,19 @@ struct OwnBackend {
 
 impl OwnBackend {
     fn start(limits: gatehouse_backend::ConnectionLimits) -> OwnBackend {
+        OwnBackend::with_redis(
+            limits,
+            "redis://127.0.0.1:1".into(),
+            Duration::from_millis(100),
+        )
+    }
+
+    /// With `redis` as its Redis, each call to it waiting at most `deadline`.
+    fn with_redis(
+        limits: gatehouse_backend::ConnectionLimits,
+        redis: String,
+        deadline: Duration,
+    ) -> OwnBackend {
         use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
         let dir = tempfile::tempdir().unwrap();
         let socket = dir.path().join("backend.sock");
@@ -262,12 +275,7 @@ impl OwnBackend {
                     .build()
                     .unwrap();
                 runtime.block_on(async move {
-                    let store = Store::new(
-                        "redis://127.0.0.1:1",
-                        Duration::from_millis(100),
-                        Some(metrics.clone()),
-                    )
-                    .unwrap();
+                    let store = Store::new(&redis, deadline, Some(metrics.clone())).unwrap();
                     let app = App::new(Settings {
                         id: "own".into(),
                         users: Users::parse("", "users").unwrap(),
@@ -331,6 +339,54 @@ impl Drop for OwnBackend {
             let _ = thread.join();
         }
     }
+}
+
+#[test]
+fn a_header_begun_while_a_request_is_handled_is_due_from_the_requests_end() {
+    // A Redis that accepts connections and never answers: a login waits its deadline for it.
+    let silent_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis = format!("redis://{}", silent_redis.local_addr().unwrap());
+    let backend = OwnBackend::with_redis(
+        gatehouse_backend::ConnectionLimits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+        redis,
+        Duration::from_millis(800),
+    );
+    let mut stream = UnixStream::connect(&backend.socket).unwrap();
+    let body = r#"{"username":"admin","password":"password"}"#;
+    write!(
+        stream,
+        "POST /auth/login HTTP/1.1\r\nHost: backend\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // While the login waits for Redis, the start of a next request, never finished.
+    thread::sleep(Duration::from_millis(200));
+    stream
+        .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n")
+        .unwrap();
+    let response = read_response(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let answered = Instant::now();
+    // Cut at the header deadline from the login's end, not kept for the idle one.
+    closed_within(&mut stream, Duration::from_secs(5)).expect("the half header is cut");
+    let cut = answered.elapsed();
+    assert!(
+        cut > Duration::from_millis(700) && cut < Duration::from_millis(2500),
+        "{cut:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || backend
+            .limit_count("header_timeout")
+            >= 1.0),
+        "not counted"
+    );
+    // Meanwhile, and after, the backend serves.
+    assert_eq!(unix_get(&backend.socket, "/api/ping").unwrap().0, 200);
 }
 
 /// Reads one whole response (with a `Content-Length`) from `stream`.

@@ -3,10 +3,9 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::{App, error::ApiError, metrics::ConnectionLimit};
+use crate::{App, connection::RequestBody, error::ApiError, metrics::ConnectionLimit};
 
 pub type Body = Full<Bytes>;
 
@@ -43,7 +42,7 @@ fn with_json_body(status: StatusCode, body: Bytes) -> Response<Body> {
 /// would otherwise hold a backend connection for as long as the client likes).
 pub async fn read_json<T: DeserializeOwned>(
     app: &App,
-    request: http::Request<Incoming>,
+    request: http::Request<RequestBody>,
 ) -> Result<T, ApiError> {
     let max_bytes = app.max_body_bytes;
     let content_type = request

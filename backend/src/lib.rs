@@ -203,9 +203,9 @@ pub async fn serve(
         let tracker = Tracker::new(limits);
         let service = {
             let (app, tracker) = (app.clone(), tracker.clone());
-            service_fn(move |request| {
+            service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let (app, tracker) = (app.clone(), tracker.clone());
-                tracker.request_started();
+                let request = connection::RequestBody::watch(request, &tracker);
                 async move {
                     let response = routes::handle(app, request).await;
                     tracker.request_ended();

@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
+use crate::connection::RequestBody;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -58,7 +58,7 @@ pub struct TokenResponse {
 )]
 pub(crate) async fn login(
     app: &App,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     request_id: &str,
     user_header: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {

@@ -1,8 +1,8 @@
 //! User management, for admins only (the route table sees to that): list, create, change and
 //! delete users. Each change is logged with the admin who made it, never with a password.
 
+use crate::connection::RequestBody;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::{
@@ -48,7 +48,7 @@ pub(crate) async fn list(app: &App) -> Result<Response<Body>, ApiError> {
 pub(crate) async fn create(
     app: &App,
     admin: &Session,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let new: NewUser = read_json(app, request).await?;
     let user = app.accounts.create(new, &admin.claims.generation).await?;
@@ -77,7 +77,7 @@ pub(crate) async fn update(
     app: &App,
     admin: &Session,
     name: &str,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
     let change: UserChange = read_json(app, request).await?;
     let fields: Vec<&str> = [
