@@ -10,7 +10,9 @@
 //! - [`openapi`]: the OpenAPI document, generated from the types and the route table.
 //! - [`store`]: the Redis connection, shared by every backend process and replica.
 //! - [`metrics`]: the backend's Prometheus series, served on a separate admin socket.
-//! - [`connection`]: header and idle deadlines on the backend's own connections.
+//! - [`connection`]: header and idle deadlines on the backend's own connections, and the
+//!   request body that tells them when it has been read (its own deadline is in
+//!   [`http_util::read_json`]).
 //! - [`error`], [`http_util`]: the JSON error type and body helpers.
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
