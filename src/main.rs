@@ -191,6 +191,23 @@ pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backen
 fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
     let users = gatehouse_backend::Users::load(&config.backend.users_file)
         .map_err(|e| Failure::Config(e.to_string()))?;
+    // Redis is seeded from these whenever it has no users: with nobody to seed, nobody could
+    // ever log in.
+    if users.is_empty() && config.backend.admin_password.is_none() {
+        return Err(Failure::Config(
+            config
+                .error_at(
+                    "backend.users_file",
+                    format!(
+                        "{} has no users and no admin password is set (backend.admin_password_file \
+                         or {}): nobody could log in; add a user, or set the admin password",
+                        config.backend.users_file.display(),
+                        config::ENV_ADMIN_PASSWORD_FILE
+                    ),
+                )
+                .to_string(),
+        ));
+    }
     // The secrets are read here and by the backends, never by the proxy.
     let env = config::process_env;
     config

@@ -94,6 +94,7 @@ pub fn run(
                 store,
                 guard: config.backend.login_guard,
                 max_body_bytes: config.backend.max_body_bytes,
+                body_timeout: limits.body_timeout,
                 max_tokens_per_user: config.backend.max_tokens_per_user,
                 metrics: metrics.clone(),
             })

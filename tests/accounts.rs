@@ -204,8 +204,10 @@ fn logout_is_refused_by_every_backend_and_every_replica() {
         .command(&["TTL", "gatehouse:sessions:admin"])
         .parse()
         .unwrap();
+    // The token's lifetime plus leeway and margin, less the time the test has taken so far
+    // (a loaded machine may take a while).
     assert!(
-        (3600 + 5 + 30 - 5..=3600 + 5 + 30).contains(&ttl),
+        (3600 + 5 + 30 - 60..=3600 + 5 + 30).contains(&ttl),
         "ttl {ttl}"
     );
 }

@@ -191,7 +191,7 @@ fn closed_within(stream: &mut UnixStream, limit: Duration) -> Option<Duration> {
 
 #[test]
 fn a_slow_header_is_cut_at_the_deadline_while_others_are_served() {
-    let group = limited_group("header_timeout_ms = 1000\nidle_timeout_seconds = 30\n");
+    let group = limited_group("header_timeout_ms = 1000\n");
     let socket = socket(&group);
     // A header trickled one byte every 100 ms never ends; nor does a silent connection's.
     let connected = Instant::now();
@@ -235,14 +235,162 @@ fn a_slow_header_is_cut_at_the_deadline_while_others_are_served() {
     assert!(cut >= 2.0, "{cut}");
 }
 
+/// A backend served in this process with limits no config would pass (a 1 s idle deadline,
+/// below the proxy's pool idle time), for deadlines too long to wait for through the group.
+/// Its Redis is unreachable: `/api/ping` needs none.
+struct OwnBackend {
+    _dir: tempfile::TempDir,
+    socket: PathBuf,
+    metrics: std::sync::Arc<gatehouse_backend::Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<thread::JoinHandle<()>>,
+}
+
+impl OwnBackend {
+    fn start(limits: gatehouse_backend::ConnectionLimits) -> OwnBackend {
+        OwnBackend::with_redis(
+            limits,
+            "redis://127.0.0.1:1".into(),
+            Duration::from_millis(100),
+        )
+    }
+
+    /// With `redis` as its Redis, each call to it waiting at most `deadline`.
+    fn with_redis(
+        limits: gatehouse_backend::ConnectionLimits,
+        redis: String,
+        deadline: Duration,
+    ) -> OwnBackend {
+        use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
+        let dir = tempfile::tempdir().unwrap();
+        let socket = dir.path().join("backend.sock");
+        let metrics = std::sync::Arc::new(Metrics::new("own").unwrap());
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        let thread = {
+            let (socket, metrics) = (socket.clone(), metrics.clone());
+            thread::spawn(move || {
+                let runtime = tokio::runtime::Builder::new_current_thread()
+                    .enable_all()
+                    .build()
+                    .unwrap();
+                runtime.block_on(async move {
+                    let store = Store::new(&redis, deadline, Some(metrics.clone())).unwrap();
+                    let app = App::new(Settings {
+                        id: "own".into(),
+                        users: Users::parse("", "users").unwrap(),
+                        tokens: Tokens::new(crate::util::SECRET.as_bytes(), 60).unwrap(),
+                        store,
+                        guard: gatehouse_backend::GuardSettings {
+                            max_failures_per_user_per_ip: 5,
+                            max_failures_per_ip: 20,
+                            max_failures_per_user_all_ips: 100,
+                            window_seconds: 60,
+                            known_address_seconds: 60,
+                        },
+                        max_body_bytes: 4096,
+                        body_timeout: limits.body_timeout,
+                        max_tokens_per_user: 10,
+                        metrics,
+                    })
+                    .unwrap();
+                    let listener = gatehouse_backend::bind(&socket).await.unwrap();
+                    ready_tx.send(()).unwrap();
+                    let shutdown = async {
+                        let _ = stopped.await;
+                    };
+                    gatehouse_backend::serve(
+                        listener,
+                        std::sync::Arc::new(app),
+                        limits,
+                        shutdown,
+                        Duration::from_millis(100),
+                    )
+                    .await;
+                });
+            })
+        };
+        ready.recv_timeout(Duration::from_secs(10)).unwrap();
+        OwnBackend {
+            _dir: dir,
+            socket,
+            metrics,
+            stop: Some(stop),
+            thread: Some(thread),
+        }
+    }
+
+    fn limit_count(&self, limit: &str) -> f64 {
+        let text = String::from_utf8(self.metrics.render()).unwrap();
+        metric_sum(
+            &text,
+            "gatehouse_backend_connection_limits_total",
+            &[&format!(r#"limit="{limit}""#)],
+        )
+    }
+}
+
+impl Drop for OwnBackend {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}
+
 #[test]
-fn idle_connections_are_closed_after_the_idle_deadline() {
-    let group = limited_group("header_timeout_ms = 5000\nidle_timeout_seconds = 1\n");
-    let mut stream = UnixStream::connect(socket(&group)).unwrap();
+fn a_header_begun_while_a_request_is_handled_is_due_from_the_requests_end() {
+    // A Redis that accepts connections and never answers: a login waits its deadline for it.
+    let silent_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let redis = format!("redis://{}", silent_redis.local_addr().unwrap());
+    let backend = OwnBackend::with_redis(
+        gatehouse_backend::ConnectionLimits {
+            header_timeout: Duration::from_secs(1),
+            idle_timeout: Duration::from_secs(60),
+            ..Default::default()
+        },
+        redis,
+        Duration::from_millis(800),
+    );
+    let mut stream = UnixStream::connect(&backend.socket).unwrap();
+    let body = r#"{"username":"admin","password":"password"}"#;
+    write!(
+        stream,
+        "POST /auth/login HTTP/1.1\r\nHost: backend\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n{body}",
+        body.len()
+    )
+    .unwrap();
+    // While the login waits for Redis, the start of a next request, never finished.
+    thread::sleep(Duration::from_millis(200));
     stream
-        .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n\r\n")
+        .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n")
         .unwrap();
-    // The response, then nothing more: the connection stays kept alive until the deadline.
+    let response = read_response(&mut stream);
+    assert!(response.starts_with("HTTP/1.1 503"), "{response}");
+    let answered = Instant::now();
+    // Cut at the header deadline from the login's end, not kept for the idle one.
+    closed_within(&mut stream, Duration::from_secs(5)).expect("the half header is cut");
+    let cut = answered.elapsed();
+    assert!(
+        cut > Duration::from_millis(700) && cut < Duration::from_millis(2500),
+        "{cut:?}"
+    );
+    assert!(
+        wait_until(Duration::from_secs(2), || backend
+            .limit_count("header_timeout")
+            >= 1.0),
+        "not counted"
+    );
+    // Meanwhile, and after, the backend serves.
+    assert_eq!(unix_get(&backend.socket, "/api/ping").unwrap().0, 200);
+}
+
+/// Reads one whole response (with a `Content-Length`) from `stream`.
+fn read_response(stream: &mut UnixStream) -> String {
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .unwrap();
@@ -265,40 +413,64 @@ fn idle_connections_are_closed_after_the_idle_deadline() {
         assert!(n > 0, "closed before the response");
         response.extend_from_slice(&buf[..n]);
     }
-    assert!(response.starts_with(b"HTTP/1.1 200"));
+    String::from_utf8_lossy(&response).into_owned()
+}
+
+#[test]
+fn idle_connections_are_closed_after_the_idle_deadline() {
+    let backend = OwnBackend::start(gatehouse_backend::ConnectionLimits {
+        header_timeout: Duration::from_secs(5),
+        idle_timeout: Duration::from_secs(1),
+        ..Default::default()
+    });
+    let mut stream = UnixStream::connect(&backend.socket).unwrap();
+    stream
+        .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n\r\n")
+        .unwrap();
+    // The response, then nothing more: the connection stays kept alive until the deadline.
+    assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
     let closed = closed_within(&mut stream, Duration::from_secs(5)).expect("idle close");
     assert!(
         closed > Duration::from_millis(700) && closed < Duration::from_millis(2500),
         "{closed:?}"
     );
-    // The proxy's own pooled connections are closed the same way, and it notices: a login
-    // (a POST, which the proxy never retries) after each idle close still succeeds.
-    for _ in 0..3 {
-        assert_eq!(group.get("/api/ping").unwrap().status(), 200);
-        thread::sleep(Duration::from_millis(1300));
-        assert_eq!(group.login(USER, PASSWORD).status(), 200);
-    }
-    let idle = backend_metric(
-        &group,
-        "gatehouse_backend_connection_limits_total",
-        r#"limit="idle_timeout""#,
+    assert!(
+        wait_until(Duration::from_secs(2), || backend
+            .limit_count("idle_timeout")
+            >= 1.0),
+        "not counted"
     );
-    assert!(idle >= 1.0, "{idle}");
+    // A connection is served again and again, each request before the deadline.
+    let mut stream = UnixStream::connect(&backend.socket).unwrap();
+    for _ in 0..3 {
+        stream
+            .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n\r\n")
+            .unwrap();
+        assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
+        thread::sleep(Duration::from_millis(500));
+    }
+    assert_eq!(backend.limit_count("idle_timeout"), 1.0);
 }
 
 #[test]
 fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
-    let cap = 8;
-    let group = limited_group(&format!(
-        "max_connections = {cap}\nheader_timeout_ms = 1000\nidle_timeout_seconds = 30\n"
-    ));
+    // The least a backend may take with one request in flight from the proxy: 1 + the
+    // proxy's idle pool (128) + 8 for health checks.
+    let cap = 137;
+    let group = Group::start(Options {
+        backends: 1,
+        tls: false,
+        proxy_extra: "upstream_max_connections = 1".into(),
+        backend_extra: format!("max_connections = {cap}\nheader_timeout_ms = 1000\n"),
+        ..Options::default()
+    });
     let socket = socket(&group);
     let backend = group.child_pid("--id b1 ").expect("b1");
     assert_eq!(group.get("/api/ping").unwrap().status(), 200);
     let baseline = open_files(backend);
 
-    // Silent connections, five times the cap: the backend holds at most the cap of them.
-    let flood: Vec<UnixStream> = (0..cap * 5)
+    // Silent connections, twice the cap: the backend holds at most the cap of them.
+    let flood: Vec<UnixStream> = (0..cap * 2)
         .map(|_| UnixStream::connect(&socket).unwrap())
         .collect();
     let mut most = 0;
@@ -399,4 +571,86 @@ fn attempts_that_reach_no_verdict_are_not_failures() {
         redis.command(&["GET", "gatehouse:guard:pair:admin|198.51.100.7"]),
         wrong.to_string()
     );
+}
+
+/// Sends a login's header and then its body a byte every `every`, on `stream`, until the body
+/// is done or the peer stops reading. The declared body never completes in time.
+fn trickle_login<S: Write + Send + 'static>(
+    mut stream: S,
+    every: Duration,
+) -> thread::JoinHandle<()> {
+    let body = br#"{"username":"admin","password":"password"}"#;
+    let head = format!(
+        "POST /auth/login HTTP/1.1\r\nHost: localhost\r\nContent-Type: application/json\r\n\
+         Content-Length: {}\r\n\r\n",
+        body.len()
+    );
+    stream.write_all(head.as_bytes()).unwrap();
+    thread::spawn(move || {
+        for byte in body {
+            if stream.write_all(&[*byte]).is_err() {
+                return;
+            }
+            thread::sleep(every);
+        }
+    })
+}
+
+#[test]
+fn a_body_that_trickles_in_gets_408_at_the_deadline_while_others_log_in() {
+    let group = Group::start(Options {
+        backends: 1,
+        tls: false,
+        backend_extra: "body_timeout_ms = 1500\n".into(),
+        ..Options::default()
+    });
+    // Through the proxy: it passes the body on as it comes, each byte well within its own
+    // per-read body deadline.
+    let started = Instant::now();
+    let mut client = std::net::TcpStream::connect(("127.0.0.1", group.port)).unwrap();
+    let trickle = trickle_login(client.try_clone().unwrap(), Duration::from_millis(200));
+    // Meanwhile others log in.
+    for _ in 0..3 {
+        assert_eq!(group.login(USER, PASSWORD).status(), 200);
+    }
+    client
+        .set_read_timeout(Some(Duration::from_secs(10)))
+        .unwrap();
+    let mut response = String::new();
+    let _ = client.read_to_string(&mut response);
+    let answered = started.elapsed();
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response.contains(r#""error":"request_timeout""#),
+        "{response}"
+    );
+    assert!(response.contains(r#""request_id""#), "{response}");
+    assert!(
+        answered > Duration::from_millis(1400) && answered < Duration::from_secs(5),
+        "{answered:?}"
+    );
+    trickle.join().unwrap();
+
+    // Straight to the backend: the same, and the backend closes the connection after it.
+    let mut direct = UnixStream::connect(socket(&group)).unwrap();
+    let started = Instant::now();
+    let trickle = trickle_login(direct.try_clone().unwrap(), Duration::from_millis(200));
+    let response = read_response(&mut direct);
+    assert!(response.starts_with("HTTP/1.1 408"), "{response}");
+    assert!(
+        response.to_ascii_lowercase().contains("connection: close"),
+        "{response}"
+    );
+    closed_within(&mut direct, Duration::from_secs(2)).expect("closed after the 408");
+    let answered = started.elapsed();
+    assert!(answered < Duration::from_secs(5), "{answered:?}");
+    trickle.join().unwrap();
+
+    assert_eq!(group.login(USER, PASSWORD).status(), 200);
+    let timeouts = backend_metric(
+        &group,
+        "gatehouse_backend_connection_limits_total",
+        r#"limit="body_timeout""#,
+    );
+    assert!(timeouts >= 2.0, "{timeouts}");
 }

@@ -207,3 +207,29 @@ fn short_secret_and_bad_users_line_are_refused() {
         "{out}"
     );
 }
+
+#[test]
+fn a_seed_with_nobody_in_it_is_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let path = variant(dir.path(), "count = 3", "count = 3");
+    fs::write(dir.path().join("conf/users"), "# nobody yet\n").unwrap();
+    let line = line_of(&path, "users_file =");
+    let (code, out) = run(&["check"], &path, &[]);
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains(&format!("gatehouse.toml:{line}: backend.users_file: "))
+            && out.contains("no users")
+            && out.contains("backend.admin_password_file"),
+        "{out}"
+    );
+    // The admin password alone seeds the first admin.
+    let password = dir.path().join("admin_password");
+    fs::write(&password, "a long enough password\n").unwrap();
+    let password = password.display().to_string();
+    let (code, out) = run(
+        &["check"],
+        &path,
+        &[("GATEHOUSE_ADMIN_PASSWORD_FILE", password.as_str())],
+    );
+    assert_eq!(code, 0, "{out}");
+}

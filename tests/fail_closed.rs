@@ -233,6 +233,8 @@ fn a_user_past_the_token_cap_loses_its_oldest_and_a_change_revokes_them_all() {
 fn in_memory(pid: u32, needle: &[u8]) -> bool {
     let maps = fs::read_to_string(format!("/proc/{pid}/maps")).expect("maps");
     let mut mem = fs::File::open(format!("/proc/{pid}/mem")).expect("open /proc/PID/mem");
+    // A scan that could read nothing would find nothing, and pass for the wrong reason.
+    let mut read = 0;
     for line in maps.lines() {
         let mut fields = line.split_whitespace();
         let (Some(range), Some(perms)) = (fields.next(), fields.next()) else {
@@ -255,10 +257,12 @@ fn in_memory(pid: u32, needle: &[u8]) -> bool {
         if mem.seek(SeekFrom::Start(start)).is_err() || mem.read_exact(&mut region).is_err() {
             continue;
         }
+        read += 1;
         if region.windows(needle.len()).any(|w| w == needle) {
             return true;
         }
     }
+    assert!(read > 0, "no writable memory region of {pid} could be read");
     false
 }
 
@@ -331,4 +335,172 @@ fn the_proxy_holds_no_jwt_secret_and_the_admin_password_comes_from_its_secret() 
     assert_eq!(group.login(USER, PASSWORD).status(), 401);
     let token = group.token_for(USER, "a random admin password");
     assert_eq!(answer(&group, "/api/me", &token).0, 200);
+}
+
+#[test]
+fn a_redis_with_a_generation_but_no_users_is_seeded() {
+    // What a configuration with nobody in it left behind (or a loss of the users alone): a
+    // generation marker, no users. The users are seeded all the same, under a new generation.
+    let data = tempfile::tempdir().unwrap();
+    let redis = Redis::start(data.path());
+    assert_eq!(redis.command(&["SET", "gatehouse:generation", "old"]), "OK");
+    let group = Group::start(Options {
+        backends: 2,
+        redis_url: Some(redis.url()),
+        ..Options::default()
+    });
+    let token = group.token();
+    assert_eq!(answer(&group, "/api/me", &token).0, 200);
+    assert_eq!(redis.command(&["SCARD", "gatehouse:users"]), "1");
+    let generation = redis.command(&["GET", "gatehouse:generation"]);
+    assert_ne!(generation, "old");
+    assert_eq!(claims_of(&token)["gen"], generation.as_str());
+    assert_eq!(seedings(&group), 1, "{}", group.log());
+
+    // The users set alone is lost: the next login seeds it again.
+    assert_eq!(redis.command(&["DEL", "gatehouse:users"]), "1");
+    let again = group.token();
+    assert_eq!(redis.command(&["SCARD", "gatehouse:users"]), "1");
+    assert_eq!(answer(&group, "/api/me", &again).0, 200);
+    refused_as_lost(
+        &group,
+        &token,
+        "a token of before the users were seeded again",
+    );
+}
+
+/// A request straight to backend `b1`'s socket; the status.
+fn socket_request(group: &Group, request: &str) -> u16 {
+    use std::{io::Write, os::unix::net::UnixStream};
+    let Ok(mut stream) = UnixStream::connect(group.dir.path().join("run/backend-1.sock")) else {
+        return 0;
+    };
+    stream
+        .set_read_timeout(Some(Duration::from_secs(30)))
+        .unwrap();
+    let mut response = String::new();
+    if stream.write_all(request.as_bytes()).is_err()
+        || stream.read_to_string(&mut response).is_err()
+    {
+        return 0;
+    }
+    response
+        .get(9..12)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0)
+}
+
+fn post(path: &str, headers: &str, body: &str) -> String {
+    format!(
+        "POST {path} HTTP/1.1\r\nHost: backend\r\n{headers}Content-Type: application/json\r\n\
+         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    )
+}
+
+#[test]
+fn a_user_created_with_a_token_of_before_a_loss_does_not_stop_the_seeding() {
+    let data = tempfile::tempdir().unwrap();
+    let redis = Redis::start(data.path());
+    let group = Group::start(Options {
+        backends: 1,
+        tls: false,
+        redis_url: Some(redis.url()),
+        backend_extra: "login_max_failures_per_ip = 1000\n\
+                        login_max_failures_per_user_all_ips = 1000\n"
+            .into(),
+        ..Options::default()
+    });
+    let admin = group.token();
+    // Logins that keep the backend's two password-hashing slots busy, so the creation waits
+    // for its turn after its token was checked, and Redis loses its data meanwhile.
+    let create = post(
+        "/api/users",
+        &format!("Authorization: Bearer {admin}\r\n"),
+        r#"{"username":"late","password":"late-password","role":"admin"}"#,
+    );
+    let created = thread::scope(|scope| {
+        let busy: Vec<_> = (0..16)
+            .map(|i| {
+                let group = &group;
+                scope.spawn(move || {
+                    let body = format!(r#"{{"username":"nobody{i}","password":"x"}}"#);
+                    socket_request(
+                        group,
+                        &post("/auth/login", "X-Real-IP: 198.51.100.9\r\n", &body),
+                    )
+                })
+            })
+            .collect();
+        thread::sleep(Duration::from_millis(30));
+        let creating = scope.spawn(|| socket_request(&group, &create));
+        thread::sleep(Duration::from_millis(100));
+        assert_eq!(redis.command(&["FLUSHALL"]), "OK");
+        for login in busy {
+            login.join().unwrap();
+        }
+        creating.join().unwrap()
+    });
+    // Refused as the token check would refuse it now; the file's users are seeded, and the
+    // user the admin asked for was not made.
+    assert_eq!(created, 401, "{}", group.log());
+    let fresh = group.token();
+    assert_eq!(answer(&group, "/api/me", &fresh).0, 200);
+    assert_eq!(
+        redis.command(&["SISMEMBER", "gatehouse:users", "late"]),
+        "0"
+    );
+    assert_eq!(redis.command(&["SCARD", "gatehouse:users"]), "1");
+}
+
+#[test]
+fn while_redis_refuses_writes_a_backend_tries_to_seed_once_a_second_and_says_so_once() {
+    let (_data, redis, group) = group_with_own_redis(1);
+    let token = group.token();
+    assert_eq!(redis.command(&["FLUSHALL"]), "OK");
+    // No replica, so no write is accepted: the seed script fails.
+    assert_eq!(
+        redis.command(&["CONFIG", "SET", "min-replicas-to-write", "1"]),
+        "OK"
+    );
+    let scripts = || {
+        let stats = redis.command(&["INFO", "commandstats"]);
+        stats
+            .lines()
+            .filter(|l| l.starts_with("cmdstat_evalsha:") || l.starts_with("cmdstat_eval:"))
+            .flat_map(|l| l.split([',', ':']))
+            .filter_map(|f| {
+                let (name, value) = f.split_once('=')?;
+                // A script that fails is in `calls` and `failed_calls`; one refused
+                // before it runs only in `rejected_calls`.
+                ["calls", "rejected_calls"]
+                    .contains(&name)
+                    .then(|| value.parse::<u64>().ok())
+                    .flatten()
+            })
+            .sum::<u64>()
+    };
+    let before = scripts();
+    let started = std::time::Instant::now();
+    let mut requests = 0;
+    while started.elapsed() < Duration::from_millis(2500) {
+        assert_eq!(answer(&group, "/api/me", &token).0, 401);
+        requests += 1;
+    }
+    let tries = scripts() - before;
+    assert!(requests >= 10, "{requests} requests");
+    assert!(tries <= 4, "{tries} seed scripts for {requests} requests");
+    assert_eq!(
+        group.log().matches("cannot seed Redis again yet").count(),
+        1,
+        "{}",
+        group.log()
+    );
+    // Writes come back: the next try seeds, and logging in works.
+    assert_eq!(
+        redis.command(&["CONFIG", "SET", "min-replicas-to-write", "0"]),
+        "OK"
+    );
+    let fresh = group.token();
+    assert_eq!(answer(&group, "/api/me", &fresh).0, 200);
 }

@@ -27,7 +27,10 @@
 //! never leaves half of it written. The scripts name other users' keys from a prefix, which is
 //! fine for one Redis (or a primary with replicas), not for Redis Cluster.
 
-use std::sync::{Arc, Mutex};
+use std::sync::{
+    Arc, Mutex,
+    atomic::{AtomicBool, AtomicU64, Ordering},
+};
 
 use redis::{Script, ScriptInvocation};
 use serde::{Deserialize, Serialize};
@@ -162,9 +165,19 @@ pub struct Accounts {
     /// The generation this backend last saw in Redis: another one (or none) means Redis lost
     /// its data since.
     generation: Mutex<Option<String>>,
+    /// When a request last tried to seed Redis again (see [`Accounts::heal`]): milliseconds
+    /// since `started`, plus one; 0: never.
+    healed_at: AtomicU64,
+    /// The last try failed: the next failure is not logged again.
+    heal_failing: AtomicBool,
+    started: std::time::Instant,
     max_tokens_per_user: usize,
     metrics: Arc<Metrics>,
 }
+
+/// How often one backend tries to seed Redis again while its requests find no generation:
+/// while Redis refuses writes, every request would otherwise run the seed script.
+const HEAL_EVERY_MS: u64 = 1000;
 
 /// Password hashes computed at once by one backend.
 const HASHING_AT_ONCE: usize = 2;
@@ -187,15 +200,20 @@ impl Accounts {
             scripts: Scripts::new(),
             hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
             generation: Mutex::new(None),
+            healed_at: AtomicU64::new(0),
+            heal_failing: AtomicBool::new(false),
+            started: std::time::Instant::now(),
             max_tokens_per_user: max_tokens_per_user.clamp(1, MAX_TOKENS_PER_USER),
             metrics,
         })
     }
 
     /// Redis's generation, made first if Redis has none: a first start, or Redis lost its
-    /// data. Then the users file (and the admin password) is copied in if Redis has no users.
-    /// One script, so of the backends and replicas that find it missing at once, the first
-    /// makes it and the others read it; nobody seeds twice.
+    /// data. Whenever Redis has no users, the users file (and the admin password) is copied
+    /// in under a fresh generation, whatever generation Redis had: it may have lost only its
+    /// users, or have been seeded by a configuration with nobody in it. One script, so of the
+    /// backends and replicas that find it missing at once, the first seeds and the others
+    /// read it; nobody seeds twice.
     pub async fn generation(&self) -> Result<String, ApiError> {
         let fresh = uuid::Uuid::new_v4().to_string();
         let mut invocation = self.scripts.seed.key(GENERATION);
@@ -210,7 +228,13 @@ impl Accounts {
         let (generation, seeded, had): (String, u64, u64) = self.store.script(invocation).await?;
         if generation == fresh {
             self.metrics.generation_started();
-            if had == 0 {
+            if seeded == 0 && had == 0 {
+                tracing::warn!(
+                    generation,
+                    "Redis has no users, and there are none to seed (the users file is empty \
+                     and no admin password is set): nobody can log in"
+                );
+            } else if had == 0 {
                 tracing::warn!(
                     users = seeded,
                     generation,
@@ -252,12 +276,42 @@ impl Accounts {
     }
 
     /// After a token check found no generation in Redis: seeds again now, so the next login
-    /// works, rather than waiting for a restart.
+    /// works, rather than waiting for a restart. At most once a second per backend, and
+    /// said once per run of failures: while Redis refuses writes (read-only, out of memory),
+    /// every request would otherwise run the seed script and log a line.
     async fn heal(&self, generation: &Option<String>) {
-        if generation.is_none()
-            && let Err(error) = self.generation().await
+        if generation.is_some() {
+            return;
+        }
+        let now = u64::try_from(self.started.elapsed().as_millis())
+            .unwrap_or(u64::MAX / 2)
+            .saturating_add(1);
+        let last = self.healed_at.load(Ordering::Relaxed);
+        if last != 0 && now < last.saturating_add(HEAL_EVERY_MS) {
+            return;
+        }
+        // One request of those that arrive at once tries; the others go on.
+        if self
+            .healed_at
+            .compare_exchange(last, now, Ordering::Relaxed, Ordering::Relaxed)
+            .is_err()
         {
-            tracing::warn!(error = %error.message, "cannot seed Redis again yet");
+            return;
+        }
+        match self.generation().await {
+            Ok(_) => {
+                if self.heal_failing.swap(false, Ordering::Relaxed) {
+                    tracing::info!("seeded Redis again");
+                }
+            }
+            Err(error) => {
+                if !self.heal_failing.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(
+                        error = %error.message,
+                        "cannot seed Redis again yet; trying again at most once a second"
+                    );
+                }
+            }
         }
     }
 
@@ -269,9 +323,9 @@ impl Accounts {
         password: String,
     ) -> Result<Option<Verified>, ApiError> {
         let record = if valid_name(name) {
-            let (record, generation) = self.read_user(name).await?;
+            let (record, generation, users) = self.read_user(name).await?;
             self.saw(generation.as_deref());
-            if generation.is_none() {
+            if generation.is_none() || users == 0 {
                 // Redis lost its data (or this is its first start): seed it, then look again.
                 self.generation().await?;
                 self.read_user(name).await?.0
@@ -295,8 +349,9 @@ impl Accounts {
         Ok(user.filter(|_| matches))
     }
 
-    /// The user's hash, role and state, and Redis's generation, in one round trip.
-    async fn read_user(&self, name: &str) -> Result<(UserRecord, Option<String>), ApiError> {
+    /// The user's hash, role and state, Redis's generation and how many users it has, in one
+    /// round trip.
+    async fn read_user(&self, name: &str) -> Result<(UserRecord, Option<String>, u64), ApiError> {
         let mut conn = self.store.connection();
         let key = user_key(name);
         let read = self
@@ -307,7 +362,8 @@ impl Accounts {
                     .arg(key)
                     .arg(&["hash", "role", "active"])
                     .get(GENERATION)
-                    .query_async::<(UserRecord, Option<String>)>(&mut conn)
+                    .scard(USERS)
+                    .query_async::<(UserRecord, Option<String>, u64)>(&mut conn)
                     .await
             })
             .await?;
@@ -352,7 +408,8 @@ impl Accounts {
     }
 
     /// The per-request check of a token whose signature and claims are valid: one round trip
-    /// for the generation, the user's live tokens and the user's state.
+    /// for the generation, the user's live tokens and the user's state, read at one instant
+    /// (`MULTI`), so a change to the user or a loss of Redis's data cannot land between them.
     pub async fn session(&self, claims: Claims) -> Result<Session, ApiError> {
         let mut conn = self.store.connection();
         let (sessions_key, user_key) = (sessions_key(&claims.sub), user_key(&claims.sub));
@@ -366,6 +423,7 @@ impl Accounts {
             .store
             .bounded(async move {
                 redis::pipe()
+                    .atomic()
                     .get(GENERATION)
                     .zscore(sessions_key, jti)
                     .cmd("HMGET")
@@ -447,7 +505,8 @@ impl Accounts {
             .collect()
     }
 
-    pub async fn create(&self, new: NewUser) -> Result<User, ApiError> {
+    /// Creates `new`, on behalf of a session of `generation`.
+    pub async fn create(&self, new: NewUser, generation: &str) -> Result<User, ApiError> {
         if !valid_name(&new.username) {
             return Err(ApiError::bad_request(
                 "username: must be 1-64 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit",
@@ -458,13 +517,18 @@ impl Accounts {
         let mut invocation = self.scripts.create.key(user_key(&new.username));
         invocation
             .key(USERS)
+            .key(GENERATION)
             .arg(&new.username)
             .arg(hash)
             .arg(new.role.as_str())
             .arg(flag(new.active))
-            .arg(now());
-        let created: bool = self.store.script(invocation).await?;
-        if !created {
+            .arg(now())
+            .arg(generation);
+        let created: i64 = self.store.script(invocation).await?;
+        if created < 0 {
+            return Err(self.stale().await);
+        }
+        if created == 0 {
             return Err(ApiError::conflict(format!(
                 "username: a user named {:?} exists already",
                 new.username
@@ -477,8 +541,14 @@ impl Accounts {
         })
     }
 
-    /// Applies `change`; if anything changed, the user's tokens are revoked.
-    pub async fn update(&self, name: &str, change: UserChange) -> Result<User, ApiError> {
+    /// Applies `change`, on behalf of a session of `generation`; if anything changed, the
+    /// user's tokens are revoked.
+    pub async fn update(
+        &self,
+        name: &str,
+        change: UserChange,
+        generation: &str,
+    ) -> Result<User, ApiError> {
         if change.role.is_none() && change.password.is_none() && change.active.is_none() {
             return Err(ApiError::bad_request(
                 "body: give at least one of role, password, active",
@@ -498,7 +568,8 @@ impl Accounts {
         invocation
             .arg(change.role.map_or("", Role::as_str))
             .arg(hash.unwrap_or_default())
-            .arg(change.active.map_or("", flag));
+            .arg(change.active.map_or("", flag))
+            .arg(generation);
         let outcome: Vec<String> = self.store.script(invocation).await?;
         match outcome.as_slice() {
             [status, role, active] if status == "ok" => Ok(User {
@@ -509,34 +580,49 @@ impl Accounts {
             }),
             [status] if status == "missing" => Err(no_such_user(name)),
             [status] if status == "last_admin" => Err(last_admin(name)),
+            [status] if status == "stale" => Err(self.stale().await),
             _ => Err(ApiError::internal("unexpected answer from Redis")),
         }
     }
 
-    /// Deletes the user and revokes its tokens.
-    pub async fn delete(&self, name: &str) -> Result<(), ApiError> {
+    /// Deletes the user and revokes its tokens, on behalf of a session of `generation`.
+    pub async fn delete(&self, name: &str, generation: &str) -> Result<(), ApiError> {
         if !valid_name(name) {
             return Err(no_such_user(name));
         }
         let mut invocation = changing(&self.scripts.delete, name);
-        invocation.arg(name);
+        invocation.arg(name).arg(generation);
         let outcome: String = self.store.script(invocation).await?;
         match outcome.as_str() {
             "deleted" => Ok(()),
             "missing" => Err(no_such_user(name)),
             "last_admin" => Err(last_admin(name)),
+            "stale" => Err(self.stale().await),
             _ => Err(ApiError::internal("unexpected answer from Redis")),
         }
     }
+
+    /// A change refused because Redis lost its data after the admin's token was checked:
+    /// seeds again if it must (the change must not be what stops the seeding), and refuses
+    /// the token as the token check would now.
+    async fn stale(&self) -> ApiError {
+        self.heal(&None).await;
+        lost_data()
+    }
+}
+
+fn lost_data() -> ApiError {
+    ApiError::invalid_token("the token was issued before Redis lost its data; log in again")
 }
 
 /// An invocation of a script that changes user `name` and revokes its tokens: what the update
-/// and delete scripts share (see `OTHER_ADMIN`).
+/// and delete scripts share (see `CHANGING`).
 fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
     let mut invocation = script.key(user_key(name));
     invocation
         .key(USERS)
         .key(sessions_key(name))
+        .key(GENERATION)
         .arg(USER_PREFIX);
     invocation
 }
@@ -555,9 +641,7 @@ fn admit(
     active: Option<String>,
 ) -> Result<Session, ApiError> {
     if generation.as_deref() != Some(claims.generation.as_str()) {
-        return Err(ApiError::invalid_token(
-            "the token was issued before Redis lost its data; log in again",
-        ));
+        return Err(lost_data());
     }
     if !live {
         return Err(ApiError::invalid_token("the token has been revoked"));
@@ -662,8 +746,8 @@ impl Scripts {
             open_session: Script::new(OPEN_SESSION),
             list: Script::new(LIST),
             create: Script::new(CREATE),
-            update: Script::new(&format!("{OTHER_ADMIN}{UPDATE}")),
-            delete: Script::new(&format!("{OTHER_ADMIN}{DELETE}")),
+            update: Script::new(&format!("{CHANGING}{UPDATE}")),
+            delete: Script::new(&format!("{CHANGING}{DELETE}")),
             count_visit: Script::new(COUNT_VISIT),
         }
     }
@@ -672,24 +756,27 @@ impl Scripts {
 /// KEYS: generation, users set, then one user key per user.
 /// ARGV: a fresh generation, now, then name, hash, role per user.
 /// Returns the generation, how many users were copied in, and how many Redis had.
+/// Seeds whenever Redis has no users and there are users to seed, under the fresh generation
+/// (whatever was there: no token of before may outlive its user's record); otherwise only
+/// makes the generation if there is none.
 const SEED: &str = r"
 local generation = redis.call('GET', KEYS[1])
 local had = redis.call('SCARD', KEYS[2])
-if generation then
-  return {generation, 0, had}
-end
-local copied = 0
-if had == 0 then
-  for i = 3, #KEYS do
-    local a = 3 + (i - 3) * 3
-    redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
-      'created', ARGV[2])
-    redis.call('SADD', KEYS[2], ARGV[a])
+if had > 0 or #KEYS == 2 then
+  if generation then
+    return {generation, 0, had}
   end
-  copied = #KEYS - 2
+  redis.call('SET', KEYS[1], ARGV[1])
+  return {ARGV[1], 0, had}
+end
+for i = 3, #KEYS do
+  local a = 3 + (i - 3) * 3
+  redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
+    'created', ARGV[2])
+  redis.call('SADD', KEYS[2], ARGV[a])
 end
 redis.call('SET', KEYS[1], ARGV[1])
-return {ARGV[1], copied, had}
+return {ARGV[1], #KEYS - 2, had}
 ";
 
 /// KEYS: user, sessions, generation. ARGV: verified hash, role, jti, now (ms), lifetime (ms:
@@ -732,8 +819,13 @@ end
 return out
 ";
 
-/// KEYS: user, users set. ARGV: name, hash, role, active, now.
+/// KEYS: user, users set, generation. ARGV: name, hash, role, active, now, the admin's
+/// token's generation. Returns 1 (created), 0 (exists) or -1 (Redis lost its data since the
+/// token was issued: a user created now would keep the users file from being seeded).
 const CREATE: &str = r"
+if redis.call('GET', KEYS[3]) ~= ARGV[6] then
+  return -1
+end
 if redis.call('EXISTS', KEYS[1]) == 1 then
   return 0
 end
@@ -743,9 +835,16 @@ redis.call('SADD', KEYS[2], ARGV[1])
 return 1
 ";
 
-/// Whether an active admin other than `self_key`'s user exists: a change may never leave
-/// nobody able to manage users.
-const OTHER_ADMIN: &str = r"
+/// What the update and delete scripts share. KEYS: user, users set, sessions, generation.
+/// ARGV: first the user prefix, last the admin's token's generation.
+///
+/// `stale`: Redis lost its data since the admin's token was issued, so the change is refused
+/// as the token would be. `other_admin`: whether an active admin other than `self_key`'s user
+/// exists: a change may never leave nobody able to manage users.
+const CHANGING: &str = r"
+local function stale()
+  return redis.call('GET', KEYS[4]) ~= ARGV[#ARGV]
+end
 local function other_admin(users, self_key, prefix)
   for _, name in ipairs(redis.call('SMEMBERS', users)) do
     local key = prefix .. name
@@ -760,10 +859,14 @@ local function other_admin(users, self_key, prefix)
 end
 ";
 
-/// KEYS: user, users set, sessions. ARGV: user prefix, role, hash, active ('' = unchanged).
+/// KEYS: user, users set, sessions, generation. ARGV: user prefix, role, hash, active ('' =
+/// unchanged), generation of the admin's token.
 /// Any change deletes the user's live tokens: at most the cap of them, so bounded work, and
 /// `UNLINK` frees a large set off Redis's main thread.
 const UPDATE: &str = r"
+if stale() then
+  return {'stale'}
+end
 local current = redis.call('HMGET', KEYS[1], 'role', 'active')
 if not current[1] then
   return {'missing'}
@@ -785,8 +888,12 @@ end
 return {'ok', role, active}
 ";
 
-/// KEYS: user, users set, sessions. ARGV: user prefix, name.
+/// KEYS: user, users set, sessions, generation. ARGV: user prefix, name, generation of the
+/// admin's token.
 const DELETE: &str = r"
+if stale() then
+  return 'stale'
+end
 local current = redis.call('HMGET', KEYS[1], 'role', 'active')
 if not current[1] then
   return 'missing'

@@ -3,10 +3,9 @@
 use bytes::Bytes;
 use http::{Response, StatusCode, header};
 use http_body_util::{BodyExt, Full, Limited};
-use hyper::body::Incoming;
 use serde::{Serialize, de::DeserializeOwned};
 
-use crate::error::ApiError;
+use crate::{App, connection::RequestBody, error::ApiError, metrics::ConnectionLimit};
 
 pub type Body = Full<Bytes>;
 
@@ -36,11 +35,16 @@ fn with_json_body(status: StatusCode, body: Bytes) -> Response<Body> {
     response
 }
 
-/// Reads a JSON body of at most `max_bytes`, insisting on `Content-Type: application/json`.
+/// Reads a JSON body of at most `app.max_body_bytes`, insisting on `Content-Type:
+/// application/json`, within `app.body_timeout` (like nginx's `client_body_timeout`, but for
+/// the whole body: the proxy streams a body as it comes, and its own deadline and its read
+/// deadline on the backend each restart with every chunk, so a body sent a byte at a time
+/// would otherwise hold a backend connection for as long as the client likes).
 pub async fn read_json<T: DeserializeOwned>(
-    request: http::Request<Incoming>,
-    max_bytes: usize,
+    app: &App,
+    request: http::Request<RequestBody>,
 ) -> Result<T, ApiError> {
+    let max_bytes = app.max_body_bytes;
     let content_type = request
         .headers()
         .get(header::CONTENT_TYPE)
@@ -69,9 +73,12 @@ pub async fn read_json<T: DeserializeOwned>(
     if declared.is_some_and(|len| len > max_bytes as u64) {
         return Err(too_large());
     }
-    let bytes = Limited::new(request.into_body(), max_bytes)
-        .collect()
-        .await
+    let reading = Limited::new(request.into_body(), max_bytes).collect();
+    let Ok(read) = tokio::time::timeout(app.body_timeout, reading).await else {
+        app.metrics.connection_limit(ConnectionLimit::BodyTimeout);
+        return Err(body_timeout(app.body_timeout));
+    };
+    let bytes = read
         .map_err(|e| {
             if e.is::<http_body_util::LengthLimitError>() {
                 too_large()
@@ -93,4 +100,18 @@ pub async fn read_json<T: DeserializeOwned>(
     json.end()
         .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))?;
     Ok(value)
+}
+
+/// `408`, and the connection closed after it: the rest of the body may still be coming, and
+/// nothing after it on this connection could be read as a request.
+fn body_timeout(limit: std::time::Duration) -> ApiError {
+    ApiError::new(
+        StatusCode::REQUEST_TIMEOUT,
+        "request_timeout",
+        format!(
+            "the request body did not arrive within {} ms",
+            limit.as_millis()
+        ),
+    )
+    .with_header(header::CONNECTION, "close")
 }

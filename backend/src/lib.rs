@@ -10,7 +10,9 @@
 //! - [`openapi`]: the OpenAPI document, generated from the types and the route table.
 //! - [`store`]: the Redis connection, shared by every backend process and replica.
 //! - [`metrics`]: the backend's Prometheus series, served on a separate admin socket.
-//! - [`connection`]: header and idle deadlines on the backend's own connections.
+//! - [`connection`]: header and idle deadlines on the backend's own connections, and the
+//!   request body that tells them when it has been read (its own deadline is in
+//!   [`http_util::read_json`]).
 //! - [`error`], [`http_util`]: the JSON error type and body helpers.
 //!
 //! [`serve`] takes a bound listener and a shutdown future, so tests and the process group
@@ -62,6 +64,8 @@ pub struct App {
     pub accounts: Accounts,
     pub guard: Guard,
     pub max_body_bytes: usize,
+    /// How long a handler waits for a request body, whole.
+    pub body_timeout: Duration,
     pub metrics: Arc<Metrics>,
     /// The OpenAPI document, serialized once.
     pub openapi: bytes::Bytes,
@@ -79,6 +83,7 @@ pub struct Settings {
     pub store: Store,
     pub guard: GuardSettings,
     pub max_body_bytes: usize,
+    pub body_timeout: Duration,
     /// Live tokens a user may hold; a login past it revokes the oldest.
     pub max_tokens_per_user: usize,
     pub metrics: Arc<Metrics>,
@@ -93,6 +98,7 @@ impl App {
             store,
             guard,
             max_body_bytes,
+            body_timeout,
             max_tokens_per_user,
             metrics,
         } = settings;
@@ -112,6 +118,7 @@ impl App {
             guard: Guard::new(store.clone(), guard, metrics.clone()),
             store,
             max_body_bytes,
+            body_timeout,
             metrics,
             openapi: openapi::document_json()?,
             draining: std::sync::atomic::AtomicBool::new(false),
@@ -198,9 +205,9 @@ pub async fn serve(
         let tracker = Tracker::new(limits);
         let service = {
             let (app, tracker) = (app.clone(), tracker.clone());
-            service_fn(move |request| {
+            service_fn(move |request: http::Request<hyper::body::Incoming>| {
                 let (app, tracker) = (app.clone(), tracker.clone());
-                tracker.request_started();
+                let request = connection::RequestBody::watch(request, &tracker);
                 async move {
                     let response = routes::handle(app, request).await;
                     tracker.request_ended();

@@ -3,8 +3,8 @@
 
 use std::net::IpAddr;
 
+use crate::connection::RequestBody;
 use http::{HeaderValue, Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 
 use crate::{
@@ -58,13 +58,13 @@ pub struct TokenResponse {
 )]
 pub(crate) async fn login(
     app: &App,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     request_id: &str,
     user_header: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {
     let client = client_address(&request);
     let result = async {
-        let LoginRequest { username, password } = read_json(request, app.max_body_bytes).await?;
+        let LoginRequest { username, password } = read_json(app, request).await?;
         app.guard.charge(&username, client).await?;
         let refused = || {
             // Only a name a user could have: client bytes (or a password typed into the name

@@ -55,9 +55,17 @@ pub enum ConnectionLimit {
     IdleTimeout,
     /// Every connection slot was taken: a new connection waited in the listen queue.
     MaxConnections,
+    /// A request body did not arrive whole within the body deadline: `408`, and the
+    /// connection is closed.
+    BodyTimeout,
 }
 
-const CONNECTION_LIMITS: [&str; 3] = ["header_timeout", "idle_timeout", "max_connections"];
+const CONNECTION_LIMITS: [&str; 4] = [
+    "header_timeout",
+    "idle_timeout",
+    "max_connections",
+    "body_timeout",
+];
 
 pub struct Metrics {
     registry: Registry,
@@ -118,7 +126,8 @@ impl Metrics {
             Opts::new(
                 "gatehouse_backend_connection_limits_total",
                 "Times a connection limit acted: header_timeout and idle_timeout (connection \
-                 closed), max_connections (a new connection waited for a slot).",
+                 closed), body_timeout (408, connection closed), max_connections (a new \
+                 connection waited for a slot).",
             ),
             &["limit"],
         )
@@ -296,6 +305,7 @@ mod tests {
         metrics.login_throttled(crate::guard::Limit::UserAllIps);
         metrics.connection_limit(ConnectionLimit::HeaderTimeout);
         metrics.connection_limit(ConnectionLimit::MaxConnections);
+        metrics.connection_limit(ConnectionLimit::BodyTimeout);
         metrics.connections_open(1);
         metrics.connections_open(1);
         metrics.connections_open(-1);
@@ -306,6 +316,7 @@ mod tests {
             r#"gatehouse_backend_connection_limits_total{limit="header_timeout",backend="b2"} 1"#,
             r#"gatehouse_backend_connection_limits_total{limit="idle_timeout",backend="b2"} 0"#,
             r#"gatehouse_backend_connection_limits_total{limit="max_connections",backend="b2"} 1"#,
+            r#"gatehouse_backend_connection_limits_total{limit="body_timeout",backend="b2"} 1"#,
             r#"gatehouse_backend_connections_open{backend="b2"} 1"#,
         ] {
             assert!(text.contains(series), "{series} in\n{text}");

@@ -132,7 +132,12 @@ impl Modify for FromRouteTable {
             // Any route may carry a proxy rate limit (the shipped config gives one to all).
             let mut shared: Vec<&str> = vec!["TooManyRequests"];
             if operation.request_body.is_some() {
-                shared.extend(["BadRequest", "PayloadTooLarge", "UnsupportedMediaType"]);
+                shared.extend([
+                    "BadRequest",
+                    "RequestTimeout",
+                    "PayloadTooLarge",
+                    "UnsupportedMediaType",
+                ]);
             }
             if route.access != Access::Public {
                 operation.security =
@@ -180,6 +185,13 @@ const SHARED: &[Shared] = &[
         Some(("WWW-Authenticate", "`Bearer`")),
     ),
     ("Forbidden", 403, "The token's user is not an admin.", None),
+    (
+        "RequestTimeout",
+        408,
+        "The body did not arrive whole within the backend's `body_timeout_ms`; the \
+         connection is closed.",
+        None,
+    ),
     (
         "PayloadTooLarge",
         413,

@@ -8,8 +8,8 @@
 
 use std::{sync::Arc, time::Instant};
 
+use crate::connection::RequestBody;
 use http::{HeaderValue, Method, Request, Response, StatusCode, header};
-use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::{
@@ -118,7 +118,7 @@ pub const ROUTES: &[Route] = &[
     route(Method::GET, "/healthz", Access::Public, Op::Health),
 ];
 
-pub async fn handle(app: Arc<App>, request: Request<Incoming>) -> Response<Body> {
+pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Body> {
     let started = Instant::now();
     // The proxy always sends an id; a backend reached directly makes one. Kept as the header
     // value, so the success path copies no string.
@@ -192,7 +192,7 @@ async fn call(
     app: &App,
     route: &Route,
     name: Option<String>,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
     request_id: &str,
     user: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {

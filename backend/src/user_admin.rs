@@ -1,8 +1,8 @@
 //! User management, for admins only (the route table sees to that): list, create, change and
 //! delete users. Each change is logged with the admin who made it, never with a password.
 
+use crate::connection::RequestBody;
 use http::{Request, Response, StatusCode};
-use hyper::body::Incoming;
 use serde::Serialize;
 
 use crate::{
@@ -48,10 +48,10 @@ pub(crate) async fn list(app: &App) -> Result<Response<Body>, ApiError> {
 pub(crate) async fn create(
     app: &App,
     admin: &Session,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let new: NewUser = read_json(request, app.max_body_bytes).await?;
-    let user = app.accounts.create(new).await?;
+    let new: NewUser = read_json(app, request).await?;
+    let user = app.accounts.create(new, &admin.claims.generation).await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, role = user.role.as_str(),
         "user created");
     Ok(json_response(StatusCode::CREATED, &user))
@@ -77,9 +77,9 @@ pub(crate) async fn update(
     app: &App,
     admin: &Session,
     name: &str,
-    request: Request<Incoming>,
+    request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let change: UserChange = read_json(request, app.max_body_bytes).await?;
+    let change: UserChange = read_json(app, request).await?;
     let fields: Vec<&str> = [
         change.role.map(|_| "role"),
         change.password.as_ref().map(|_| "password"),
@@ -88,7 +88,10 @@ pub(crate) async fn update(
     .into_iter()
     .flatten()
     .collect();
-    let user = app.accounts.update(name, change).await?;
+    let user = app
+        .accounts
+        .update(name, change, &admin.claims.generation)
+        .await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, changed = ?fields,
         "user changed");
     Ok(json_response(StatusCode::OK, &user))
@@ -114,7 +117,7 @@ pub(crate) async fn delete(
     admin: &Session,
     name: &str,
 ) -> Result<Response<Body>, ApiError> {
-    app.accounts.delete(name).await?;
+    app.accounts.delete(name, &admin.claims.generation).await?;
     tracing::info!(admin = %admin.claims.sub, user = name, "user deleted");
     Ok(no_content())
 }

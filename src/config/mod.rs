@@ -31,6 +31,17 @@ pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMI
 pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
 pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
 
+/// How long the proxy keeps an idle pooled backend connection (set in the proxy's upstream
+/// pool), and the least `backend.idle_timeout_seconds` may be: that plus a margin for timers
+/// and a loaded machine.
+const PROXY_POOL_IDLE_SECONDS: u64 = 60;
+const MIN_BACKEND_IDLE_SECONDS: u64 = PROXY_POOL_IDLE_SECONDS + 5;
+/// Idle connections the proxy may keep pooled to one backend (Pingora's
+/// `upstream_keepalive_pool_size`, whose default the proxy keeps), on top of the requests in
+/// flight; and a few more for the health checks.
+const PROXY_POOL_IDLE_CONNECTIONS: usize = 128;
+const HEALTH_CHECK_CONNECTIONS: usize = 8;
+
 /// Unix socket paths are limited to 108 bytes including the terminator (`sun_path`).
 const MAX_SOCKET_PATH: usize = 107;
 
@@ -240,6 +251,18 @@ pub struct Redis {
 }
 
 impl Config {
+    /// An error about `key` found after loading (in a file the config names, say), naming
+    /// the config file and the key's line in it as a loading error would.
+    pub fn error_at(&self, key: &str, message: String) -> ConfigError {
+        let text = std::fs::read_to_string(&self.file).unwrap_or_default();
+        ConfigError {
+            origin: self.file.display().to_string(),
+            line: Document::parse(&text).line_of_key(key),
+            key: Some(key.to_string()),
+            message,
+        }
+    }
+
     pub fn load(file: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(file).map_err(|e| ConfigError {
             origin: file.display().to_string(),
@@ -522,12 +545,33 @@ impl Config {
                 &at,
             )?;
             within(
+                b.body_timeout_ms,
+                100..=600_000,
+                "backend.body_timeout_ms",
+                " ms",
+                &at,
+            )?;
+            within(
                 b.idle_timeout_seconds,
                 1..=3600,
                 "backend.idle_timeout_seconds",
                 " seconds",
                 &at,
             )?;
+            // The proxy must be the one to close an idle pooled connection: if the backend
+            // closes it first, a request the proxy sends on it at that moment fails.
+            if b.idle_timeout_seconds <= MIN_BACKEND_IDLE_SECONDS {
+                return Err(at(
+                    "backend.idle_timeout_seconds",
+                    format!(
+                        "{} seconds: must be above {MIN_BACKEND_IDLE_SECONDS}, so that the \
+                         proxy, which keeps an idle backend connection for \
+                         {PROXY_POOL_IDLE_SECONDS} s, always closes it first (a request sent on \
+                         a connection the backend is closing would fail)",
+                        b.idle_timeout_seconds
+                    ),
+                ));
+            }
             within(
                 b.max_connections,
                 1..=1_000_000,
@@ -535,6 +579,21 @@ impl Config {
                 "",
                 &at,
             )?;
+            let needed = proxy
+                .upstream_max_connections
+                .saturating_add(PROXY_POOL_IDLE_CONNECTIONS + HEALTH_CHECK_CONNECTIONS);
+            if b.max_connections < needed {
+                return Err(at(
+                    "backend.max_connections",
+                    format!(
+                        "{}: must be at least {needed}, proxy.upstream_max_connections ({}) + \
+                         {PROXY_POOL_IDLE_CONNECTIONS} idle connections the proxy may keep \
+                         pooled + {HEALTH_CHECK_CONNECTIONS} for health checks; below that, \
+                         requests the proxy lets through wait in the backend's listen queue",
+                        b.max_connections, proxy.upstream_max_connections
+                    ),
+                ));
+            }
             if !(1..=86_400).contains(&b.login_failure_window_seconds) {
                 return Err(at(
                     "backend.login_failure_window_seconds",
@@ -561,6 +620,7 @@ impl Config {
                 },
                 connections: gatehouse_backend::ConnectionLimits {
                     header_timeout: Duration::from_millis(b.header_timeout_ms),
+                    body_timeout: Duration::from_millis(b.body_timeout_ms),
                     idle_timeout: Duration::from_secs(b.idle_timeout_seconds),
                     max_connections: b.max_connections,
                 },
@@ -1310,6 +1370,7 @@ struct RawBackend {
     login_failure_window_seconds: u64,
     login_known_address_seconds: u64,
     header_timeout_ms: u64,
+    body_timeout_ms: u64,
     idle_timeout_seconds: u64,
     max_connections: usize,
 }
@@ -1335,6 +1396,9 @@ impl Default for RawBackend {
             // which sends a whole header at once, so 10 s is generous (the proxy's own
             // header_timeout_ms).
             header_timeout_ms: 10_000,
+            // nginx's client_body_timeout is 60 s between reads; this is for the whole body,
+            // a few KiB of JSON the proxy passes on as it comes.
+            body_timeout_ms: 10_000,
             // nginx's keepalive_timeout (75 s): longer than the proxy keeps an idle backend
             // connection (60 s), so the proxy is the one that closes it, never a request.
             idle_timeout_seconds: 75,
@@ -1609,6 +1673,7 @@ mod tests {
         assert_eq!(limits.max_connections, 1024);
         for (line, key) in [
             ("header_timeout_ms = 50", "backend.header_timeout_ms"),
+            ("body_timeout_ms = 50", "backend.body_timeout_ms"),
             ("idle_timeout_seconds = 0", "backend.idle_timeout_seconds"),
             ("max_connections = 0", "backend.max_connections"),
         ] {
@@ -1620,6 +1685,34 @@ mod tests {
             );
             assert!(err.message.contains("choose"), "{err}");
         }
+        assert_eq!(limits.body_timeout, Duration::from_secs(10));
+    }
+
+    #[test]
+    fn backend_connections_outlast_and_outnumber_the_proxys() {
+        // At or below the proxy's pool idle time (and its margin), a pooled connection could
+        // be closed by the backend as the proxy sends a request on it.
+        let err = parse(&format!("[backend]\nidle_timeout_seconds = 65\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(2), Some("backend.idle_timeout_seconds"))
+        );
+        assert!(err.message.contains("60 s"), "{err}");
+        assert!(parse(&format!("[backend]\nidle_timeout_seconds = 66\n{ROUTES}")).is_ok());
+        // The proxy's requests in flight (512 by default), its idle pool and health checks.
+        let err = parse(&format!("[backend]\nmax_connections = 600\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(2), Some("backend.max_connections"))
+        );
+        assert!(
+            err.message.contains("at least 648")
+                && err.message.contains("proxy.upstream_max_connections (512)"),
+            "{err}"
+        );
+        let small = "[proxy]\nupstream_max_connections = 4\n[backend]\n";
+        assert!(parse(&format!("{small}max_connections = 140\n{ROUTES}")).is_ok());
+        assert!(parse(&format!("{small}max_connections = 139\n{ROUTES}")).is_err());
     }
 
     #[test]
