@@ -30,6 +30,10 @@ use pingora::{
 
 use crate::{access::rate_limit, admin::BackendSocket};
 
+/// How long an idle backend connection stays in the pool. A backend must keep its idle
+/// connections open longer, or a request sent on one as it closes would fail.
+pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
 /// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
 #[derive(Debug, Clone)]
 pub struct BackendId(pub Arc<str>);
@@ -82,7 +86,7 @@ pub fn build(
             .map_err(|e| format!("backend socket {}: {e}", path.display()))?;
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
-        peer.options.idle_timeout = Some(Duration::from_secs(60));
+        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
         let mut entry = Backend {
             addr: peer._address.clone(),
             weight: 1,

@@ -31,10 +31,9 @@ pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMI
 pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
 pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
 
-/// How long the proxy keeps an idle pooled backend connection (set in the proxy's upstream
-/// pool), and the least `backend.idle_timeout_seconds` may be: that plus a margin for timers
-/// and a loaded machine.
-const PROXY_POOL_IDLE_SECONDS: u64 = 60;
+/// How long the proxy keeps an idle pooled backend connection, and the least
+/// `backend.idle_timeout_seconds` may be: that plus a margin for timers and a loaded machine.
+const PROXY_POOL_IDLE_SECONDS: u64 = gatehouse_proxy::upstream::POOL_IDLE_TIMEOUT.as_secs();
 const MIN_BACKEND_IDLE_SECONDS: u64 = PROXY_POOL_IDLE_SECONDS + 5;
 /// Idle connections the proxy may keep pooled to one backend (Pingora's
 /// `upstream_keepalive_pool_size`, whose default the proxy keeps), on top of the requests in
