@@ -357,11 +357,21 @@ fn a_redis_with_a_generation_but_no_users_is_seeded() {
     assert_eq!(claims_of(&token)["gen"], generation.as_str());
     assert_eq!(seedings(&group), 1, "{}", group.log());
 
-    // The users set alone is lost: the next login seeds it again.
+    // The users set alone is lost (an eviction): the next login seeds it again, and a record
+    // that outlived it keeps its password rather than the file's.
+    let changed = group.call(
+        Method::PUT,
+        "/api/users/admin",
+        &token,
+        Some(json!({"password": "changed-by-the-api"})),
+    );
+    assert_eq!(changed.status(), 200);
+    let token = group.token_for("admin", "changed-by-the-api");
     assert_eq!(redis.command(&["DEL", "gatehouse:users"]), "1");
-    let again = group.token();
+    let again = group.token_for("admin", "changed-by-the-api");
     assert_eq!(redis.command(&["SCARD", "gatehouse:users"]), "1");
     assert_eq!(answer(&group, "/api/me", &again).0, 200);
+    assert_eq!(group.login("admin", "password").status(), 401);
     refused_as_lost(
         &group,
         &token,

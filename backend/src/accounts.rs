@@ -771,8 +771,11 @@ if had > 0 or #KEYS == 2 then
 end
 for i = 3, #KEYS do
   local a = 3 + (i - 3) * 3
-  redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
-    'created', ARGV[2])
+  -- A record that outlived the set of names (an eviction) keeps its password and state.
+  if redis.call('EXISTS', KEYS[i]) == 0 then
+    redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
+      'created', ARGV[2])
+  end
   redis.call('SADD', KEYS[2], ARGV[a])
 end
 redis.call('SET', KEYS[1], ARGV[1])

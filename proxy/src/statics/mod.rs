@@ -321,10 +321,14 @@ async fn send(
             offset,
             mut len,
         } => {
+            // File errors, not `ReadError`: that is a client's failure, kept out of the error
+            // log, and a failing disk must show there.
             let read_error = |e: std::io::Error| {
-                Error::because(ErrorType::ReadError, "reading a static file", e)
+                Error::because(ErrorType::FileReadError, "reading a static file", e)
             };
-            let mut file = tokio::fs::File::open(&path).await.map_err(read_error)?;
+            let mut file = tokio::fs::File::open(&path).await.map_err(|e| {
+                Error::because(ErrorType::FileOpenError, "opening a static file", e)
+            })?;
             file.seek(std::io::SeekFrom::Start(offset))
                 .await
                 .map_err(read_error)?;
@@ -334,7 +338,7 @@ async fn send(
                 if n == 0 {
                     // The file shrank under us; the client sees a short body and retries.
                     return Error::e_explain(
-                        ErrorType::ReadError,
+                        ErrorType::FileReadError,
                         "static file shorter than announced",
                     );
                 }
