@@ -512,27 +512,13 @@ fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
 /// A login sent straight to a backend's socket, as the proxy would send it for `client`.
 fn socket_login(socket: &std::path::Path, client: &str, user: &str, password: &str) -> u16 {
     let body = json!({"username": user, "password": password}).to_string();
-    let Ok(mut stream) = UnixStream::connect(socket) else {
-        return 0;
-    };
     let request = format!(
         "POST /auth/login HTTP/1.1\r\nHost: backend\r\nX-Real-IP: {client}\r\n\
          Content-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut response = String::new();
-    if stream.write_all(request.as_bytes()).is_err()
-        || stream.read_to_string(&mut response).is_err()
-    {
-        return 0;
-    }
-    response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    crate::util::unix_request(socket, &request, Duration::from_secs(30))
+        .map_or(0, |(status, _)| status)
 }
 
 #[test]

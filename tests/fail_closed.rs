@@ -381,23 +381,9 @@ fn a_redis_with_a_generation_but_no_users_is_seeded() {
 
 /// A request straight to backend `b1`'s socket; the status.
 fn socket_request(group: &Group, request: &str) -> u16 {
-    use std::{io::Write, os::unix::net::UnixStream};
-    let Ok(mut stream) = UnixStream::connect(group.dir.path().join("run/backend-1.sock")) else {
-        return 0;
-    };
-    stream
-        .set_read_timeout(Some(Duration::from_secs(30)))
-        .unwrap();
-    let mut response = String::new();
-    if stream.write_all(request.as_bytes()).is_err()
-        || stream.read_to_string(&mut response).is_err()
-    {
-        return 0;
-    }
-    response
-        .get(9..12)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0)
+    let socket = group.dir.path().join("run/backend-1.sock");
+    crate::util::unix_request(&socket, request, Duration::from_secs(30))
+        .map_or(0, |(status, _)| status)
 }
 
 fn post(path: &str, headers: &str, body: &str) -> String {

@@ -649,12 +649,19 @@ cache_control = "no-cache"
 
 /// One HTTP/1.1 GET straight to a backend's Unix socket; returns status and body.
 pub fn unix_get(socket: &Path, path: &str) -> std::io::Result<(u16, String)> {
+    let request = format!("GET {path} HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n");
+    unix_request(socket, &request, Duration::from_secs(5))
+}
+
+/// Sends raw `request` to a backend's socket and reads until it closes: the status and body.
+pub fn unix_request(
+    socket: &Path,
+    request: &str,
+    timeout: Duration,
+) -> std::io::Result<(u16, String)> {
     let mut stream = std::os::unix::net::UnixStream::connect(socket)?;
-    stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: backend\r\nConnection: close\r\n\r\n"
-    )?;
+    stream.set_read_timeout(Some(timeout))?;
+    stream.write_all(request.as_bytes())?;
     let mut response = String::new();
     stream.read_to_string(&mut response)?;
     let status = response
