@@ -25,11 +25,10 @@
 //! requests itself.
 
 use std::{
-    collections::HashMap,
     fmt,
     net::{IpAddr, Ipv4Addr, SocketAddr},
     sync::{
-        Arc, Mutex,
+        Arc,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant, SystemTime},
@@ -52,8 +51,8 @@ use tokio::{
 
 use crate::{
     RequestLimits,
-    access::rate_limit,
     access_log::Record,
+    client_shares::{ClientShares, Share},
     client_stream::{ClientStream, Opened},
     framing::{self, Look, Refusal},
     gateway::Gateway,
@@ -431,9 +430,9 @@ fn request_line(header: &[u8]) -> (Option<http::Method>, String) {
 /// listeners when it is full.
 pub struct Capacity {
     open: AtomicUsize,
-    /// Open connections by client (its rate-limit key: IPv4 address, IPv6 /64). Touched once
-    /// when a connection opens and once when it closes, never per request.
-    by_client: Mutex<HashMap<IpAddr, usize>>,
+    /// Open connections by client. Touched once when a connection opens and once when it
+    /// closes, never per request.
+    by_client: Arc<ClientShares>,
     freed: Notify,
     /// Bumped when the cap is reached: idle kept-alive connections then close.
     crowded: watch::Sender<u64>,
@@ -444,7 +443,7 @@ impl Capacity {
     pub fn new(live: Arc<ArcSwap<Live>>) -> Self {
         Self {
             open: AtomicUsize::new(0),
-            by_client: Mutex::new(HashMap::new()),
+            by_client: Arc::default(),
             freed: Notify::new(),
             crowded: watch::Sender::new(0),
             live,
@@ -463,21 +462,18 @@ impl Capacity {
         let live = self.live.load();
         let client = client
             .map(|ip| ip.to_canonical())
-            .filter(|&ip| !live.trusted_proxies.contains(ip))
-            .map(rate_limit::key);
-        if let Some(client) = client {
-            let cap = live.limits.max_connections_per_client;
-            let mut by_client = self.by_client.lock().unwrap_or_else(|e| e.into_inner());
-            let count = by_client.get(&client).copied().unwrap_or(0);
-            if count >= cap {
-                return None;
-            }
-            by_client.insert(client, count + 1);
-        }
+            .filter(|&ip| !live.trusted_proxies.contains(ip));
+        let share = match client {
+            Some(ip) => Some(
+                self.by_client
+                    .enter(ip, live.limits.max_connections_per_client)?,
+            ),
+            None => None,
+        };
         self.open.fetch_add(1, Ordering::AcqRel);
         Some(Open {
             capacity: self.clone(),
-            client,
+            _share: share,
         })
     }
 }
@@ -490,27 +486,14 @@ impl fmt::Debug for Capacity {
     }
 }
 
-/// One open connection, counted until dropped.
+/// One open connection, counted until dropped (its client's share with it).
 struct Open {
     capacity: Arc<Capacity>,
-    client: Option<IpAddr>,
+    _share: Option<Share>,
 }
 
 impl Drop for Open {
     fn drop(&mut self) {
-        if let Some(client) = self.client {
-            let mut by_client = self
-                .capacity
-                .by_client
-                .lock()
-                .unwrap_or_else(|e| e.into_inner());
-            if let Some(count) = by_client.get_mut(&client) {
-                *count -= 1;
-                if *count == 0 {
-                    by_client.remove(&client);
-                }
-            }
-        }
         let before = self.capacity.open.fetch_sub(1, Ordering::AcqRel);
         if before >= self.capacity.max() {
             self.capacity.freed.notify_waiters();

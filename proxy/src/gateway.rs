@@ -35,6 +35,7 @@ use arc_swap::ArcSwap;
 use crate::{
     access::{Decision, client_ip},
     access_log::Record,
+    client_shares::{ClientShares, Share},
     drain::InFlight,
     framing,
     https_redirect::HttpsRedirect,
@@ -44,7 +45,7 @@ use crate::{
     respond::{self, Stamp},
     routes::Served,
     statics::{encoding::compressible, path},
-    upstream::{ClientShares, NoBackend, Pool, Share},
+    upstream::{NoBackend, Pool},
 };
 
 /// What HTTPS changes in how requests are answered.

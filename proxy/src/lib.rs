@@ -11,7 +11,7 @@
 //!   per client), the TLS handshake, the deadline for a request header, and the [`framing`]
 //!   checks (ambiguous or oversized requests are refused before anything else);
 //!   [`client_stream`] holds every write to the deadline for sending and watches an HTTP/2
-//!   client's opening.
+//!   client's opening; [`client_shares`] counts what each client holds.
 //! - [`request_id`], [`respond`]: request ids and the JSON error responses.
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
@@ -22,6 +22,7 @@
 pub mod access;
 pub mod access_log;
 pub mod admin;
+pub mod client_shares;
 pub mod client_stream;
 pub mod connection;
 pub mod drain;

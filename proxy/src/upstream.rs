@@ -6,14 +6,12 @@
 //! (and a backend's file descriptors) at once: past it a request waits for a slot on a
 //! backend, at most `queue_timeout`, and then gets `503` with `Retry-After`. A slot is held
 //! until the request is over, because Pingora keeps the backend connection until the client
-//! has its response. [`ClientShares`] keeps any one client from taking every slot.
+//! has its response. [`crate::client_shares`] keeps any one client from taking every slot.
 //!
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
-use std::{collections::BTreeSet, net::IpAddr, sync::Arc, time::Duration};
-
-use dashmap::{DashMap, mapref::entry::Entry};
+use std::{collections::BTreeSet, sync::Arc, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -28,7 +26,7 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 
-use crate::{access::rate_limit, admin::BackendSocket};
+use crate::admin::BackendSocket;
 
 /// How long an idle backend connection stays in the pool. A backend must keep its idle
 /// connections open longer, or a request sent on one as it closes would fail.
@@ -167,72 +165,4 @@ fn chosen(backend: &Backend, slot: OwnedSemaphorePermit) -> Result<Chosen, NoBac
         .map(Box::new)
         .ok_or(NoBackend::Untried)?;
     Ok(Chosen { peer, id, slot })
-}
-
-/// Requests in flight to the backends, by client (its rate-limit key: IPv4 address, IPv6 /64),
-/// as nginx's `limit_conn` counts HTTP/2 streams: past `proxy.upstream_max_requests_per_client`
-/// a client's next request is refused at once, so a client that stalls its streams cannot
-/// take every backend slot from everyone else.
-#[derive(Default)]
-pub struct ClientShares(DashMap<IpAddr, usize>);
-
-/// One request's share, given back when dropped.
-pub struct Share {
-    shares: Arc<ClientShares>,
-    client: IpAddr,
-}
-
-impl ClientShares {
-    /// Counts a request of `client`, unless it already has `cap` in flight. Checked and
-    /// counted under one shard lock, so parallel requests cannot slip past together.
-    pub fn enter(self: &Arc<Self>, client: IpAddr, cap: usize) -> Option<Share> {
-        let client = rate_limit::key(client.to_canonical());
-        let mut count = self.0.entry(client).or_insert(0);
-        if *count >= cap {
-            return None;
-        }
-        *count += 1;
-        drop(count);
-        Some(Share {
-            shares: self.clone(),
-            client,
-        })
-    }
-}
-
-impl Drop for Share {
-    fn drop(&mut self) {
-        if let Entry::Occupied(mut count) = self.shares.0.entry(self.client) {
-            if *count.get() <= 1 {
-                count.remove();
-            } else {
-                *count.get_mut() -= 1;
-            }
-        }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_client_gets_its_share_and_gets_it_back() {
-        let shares = Arc::new(ClientShares::default());
-        let a: IpAddr = "192.0.2.1".parse().unwrap();
-        let b: IpAddr = "192.0.2.2".parse().unwrap();
-        let held: Vec<Share> = (0..3).filter_map(|_| shares.enter(a, 3)).collect();
-        assert_eq!(held.len(), 3);
-        assert!(shares.enter(a, 3).is_none());
-        // An IPv4-mapped IPv6 address is the same client.
-        assert!(
-            shares
-                .enter("::ffff:192.0.2.1".parse().unwrap(), 3)
-                .is_none()
-        );
-        assert!(shares.enter(b, 3).is_some());
-        drop(held);
-        assert!(shares.enter(a, 3).is_some());
-        assert!(shares.0.is_empty(), "counts left behind");
-    }
 }
