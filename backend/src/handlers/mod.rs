@@ -26,7 +26,7 @@ use crate::{app::App, connection::RequestBody, error::ApiError, metrics::Connect
 /// the whole body: the proxy streams a body as it comes, and its own deadline and its read
 /// deadline on the backend each restart with every chunk, so a body sent a byte at a time
 /// would otherwise hold a backend connection for as long as the client likes).
-pub(crate) async fn read_json<T: DeserializeOwned>(
+pub async fn read_json<T: DeserializeOwned>(
     app: &App,
     request: http::Request<RequestBody>,
 ) -> Result<T, ApiError> {
