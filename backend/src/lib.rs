@@ -28,7 +28,8 @@
 //!
 //! # Errors
 //!
-//! Each error type says who it is for, so none is a bare `String`:
+//! Each error type says who it is for (the client, or the caller that starts the backend), so
+//! none is a bare `String`:
 //!
 //! - A request fails with [`ApiError`] (status, stable code, message): handlers and the
 //!   [`accounts`] and [`guard`] calls they make return it, and [`dispatch`] alone turns it
@@ -42,6 +43,8 @@
 //!   backend id that is no header value, the metrics registry), and reading the users file
 //!   with [`UsersError`] (file and line): both are returned, never logged here, to the
 //!   caller, which names the setting and stops before serving.
+//! - argon2id failing to hash is a [`error::HashError`]: at start-up it becomes one of those
+//!   two; on a request it is logged and answered `500`.
 //!
 //! What is logged: our own faults at `error` with their detail while the client gets a plain
 //! `500` (a damaged user record, a failed hash or signature); state changes a person should
