@@ -250,7 +250,7 @@ fn hash_password() -> Result<i32, Failure> {
     if password.is_empty() {
         return Err(Failure::Runtime("empty password on stdin".into()));
     }
-    let hash = gatehouse_backend::users::hash_password(password)
+    let hash = gatehouse_backend::password::hash_password(password)
         .map_err(|e| Failure::Runtime(e.to_string()))?;
     println!("{hash}");
     Ok(0)

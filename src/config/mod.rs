@@ -208,7 +208,7 @@ impl Backend {
             return Ok(None);
         };
         let bytes = secret.read(env)?;
-        gatehouse_backend::Tokens::new(&bytes, 1).map_err(|m| secret.error(m))?;
+        gatehouse_backend::Tokens::new(&bytes, 1).map_err(|e| secret.error(e.to_string()))?;
         Ok(Some(bytes))
     }
 
@@ -223,8 +223,8 @@ impl Backend {
         let password = String::from_utf8(secret.read(env)?)
             .map_err(|_| secret.error("the admin password is not UTF-8".into()))?;
         let (min, max) = (
-            gatehouse_backend::accounts::MIN_PASSWORD_CHARS,
-            gatehouse_backend::accounts::MAX_PASSWORD_CHARS,
+            gatehouse_backend::password::MIN_PASSWORD_CHARS,
+            gatehouse_backend::password::MAX_PASSWORD_CHARS,
         );
         let chars = password.chars().count();
         if !(min..=max).contains(&chars) {

@@ -147,7 +147,8 @@ async fn run_group(config: Config) -> Result<i32, String> {
         .url
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
-    let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
+    let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)
+        .map_err(|e| e.to_string())?;
     let metrics_file = config.runtime_dir.join(gatehouse_proxy::SUPERVISOR_METRICS);
     let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
 
