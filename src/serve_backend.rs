@@ -13,7 +13,7 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 /// How long a backend keeps serving after SIGUSR2 while failing its health check: long enough
 /// for the proxy's checks to see it gone (two checks and a margin).
 pub fn lame_duck(config: &Config) -> Duration {
-    config.proxy.health_check_interval * 2 + Duration::from_millis(300)
+    config.proxy.pool.health_check_interval * 2 + Duration::from_millis(300)
 }
 
 /// Serves `socket`, and the backend's metrics on `admin_socket` when given.

@@ -126,8 +126,8 @@ async fn run_group(config: Config) -> Result<i32, String> {
     ) else {
         return Err("cannot install signal handlers".into());
     };
-    create_dir(&config.runtime_dir)?;
-    let _lock = lock_runtime_dir(&config.runtime_dir)?;
+    create_dir(&config.runtime_dir())?;
+    let _lock = lock_runtime_dir(&config.runtime_dir())?;
     // Everything that can be checked is checked before the first child starts.
     for i in 0..config.backend.count {
         refuse_live_socket(&config.backend_socket(i)).await?;
@@ -136,9 +136,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
     if config.redis.url.is_none() {
         refuse_live_socket(&config.managed_redis_socket()).await?;
     }
-    gatehouse_proxy::check_listen(&config.proxy.listen.to_string())?;
-    if let Some(admin) = config.admin_listen {
-        gatehouse_proxy::check_listen(&admin.to_string())?;
+    gatehouse_proxy::check_listen(config.proxy.listen)?;
+    if let Some(admin) = config.proxy.admin_listen {
+        gatehouse_proxy::check_listen(admin)?;
     }
 
     let metrics = GroupMetrics::new()?;
@@ -148,7 +148,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
     let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
-    let metrics_file = config.runtime_dir.join(gatehouse_proxy::SUPERVISOR_METRICS);
+    let metrics_file = config
+        .runtime_dir()
+        .join(gatehouse_proxy::SUPERVISOR_METRICS);
     let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
 
     let mut members = Members::default();
@@ -171,7 +173,7 @@ async fn run_group(config: Config) -> Result<i32, String> {
         Ok(None) => {
             tracing::info!(
                 http = %config.proxy.listen,
-                https = config.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "off".into()),
+                https = config.proxy.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "off".into()),
                 backends = config.backend.count,
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
@@ -247,7 +249,7 @@ impl BackendInputs {
                 config.backend.admin_password(&env).ok().flatten(),
             ),
             redis: config.redis.clone(),
-            health_check_interval: config.proxy.health_check_interval,
+            health_check_interval: config.proxy.pool.health_check_interval,
         }
     }
 }
@@ -277,7 +279,7 @@ async fn reload(
         ),
         (
             "paths",
-            running.runtime_dir != fresh.runtime_dir || running.data_dir != fresh.data_dir,
+            running.runtime_dir() != fresh.runtime_dir() || running.data_dir != fresh.data_dir,
         ),
         ("redis.url", running.redis.url != fresh.redis.url),
         (
@@ -297,7 +299,7 @@ async fn reload(
         );
         return false;
     }
-    let report = running.runtime_dir.join(gatehouse_proxy::RELOAD_FILE);
+    let report = running.runtime_dir().join(gatehouse_proxy::RELOAD_FILE);
     let _ = std::fs::remove_file(&report);
     tracing::info!("reloading: the proxy re-reads the configuration");
     if let Some(proxy) = &members.proxy {
@@ -345,7 +347,7 @@ async fn rolling_restart(backends: &[Running], config: &Config) -> Result<(), St
             .replace(Replacement::Restart)
             .await
             .map_err(|e| format!("{}: {e}", backend.name))?;
-        tokio::time::sleep(config.proxy.health_check_interval * 2).await;
+        tokio::time::sleep(config.proxy.pool.health_check_interval * 2).await;
     }
     Ok(())
 }
@@ -360,8 +362,8 @@ async fn upgrade(config: &Config, members: &Members) {
     }
     tracing::info!("upgrade: starting a new proxy to take the sockets over");
     let hand_over = Replacement::HandOver {
-        socket: config.runtime_dir.join("proxy-upgrade.sock"),
-        ready: config.runtime_dir.join(gatehouse_proxy::READY_FILE),
+        socket: config.runtime_dir().join("proxy-upgrade.sock"),
+        ready: config.runtime_dir().join(gatehouse_proxy::READY_FILE),
     };
     if let Some(proxy) = &members.proxy
         && let Err(error) = proxy.replace(hand_over).await
