@@ -514,7 +514,7 @@ fn the_last_lines_are_written_before_the_proxy_exits() {
 #[test]
 fn sigusr1_without_access_logs_changes_nothing() {
     let group = Group::start(Options {
-        access_log: String::new(),
+        access_log: "off".into(),
         ..Options::default()
     });
     let proxy = group.child_pid(" proxy ").expect("the proxy");

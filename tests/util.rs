@@ -209,7 +209,7 @@ pub struct Options {
     /// Keys set over the base config, as TOML with dotted keys from the top
     /// (`limits.send_timeout = "1s"`); each replaces what the base sets.
     pub keys: String,
-    /// `[logging] access_log`: `logs/access.log` unless a test says otherwise.
+    /// `[logging] access_log`: `logs/access.log` unless a test says otherwise (`"off"`).
     pub access_log: String,
     /// Keys set in the `[logging]` table.
     pub logging_extra: String,

@@ -143,7 +143,7 @@ pub fn run(
     listeners.set_connection_filter(capacity.clone());
     let mut certificate = None;
     listeners
-        .add_listener(ListenerConfig::tcp(&settings.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
+        .add_listener(ListenerConfig::tcp(settings.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
     let mut public_ports = vec![settings.listen.port()];
     let mut handshake = None;
     if let Some(tls) = &settings.tls {
@@ -152,7 +152,7 @@ pub fn run(
         certificate = Some(slot.clone());
         // Plain TCP to Pingora: the handshake is made by `connection`, under the caps.
         listeners
-            .add_listener(ListenerConfig::tcp(&tls.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
+            .add_listener(ListenerConfig::tcp(tls.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
         handshake = Some((
             tls.listen.port(),
             tls::Handshake::new(slot, metrics.clone())?,

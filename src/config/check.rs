@@ -37,7 +37,8 @@ pub fn check(config: Config) -> Result<(Config, Users), ConfigError> {
     if let Some(tls) = &config.proxy.tls
         && !certificate_missing(tls)
     {
-        crate::certs::validate(&tls.cert, &tls.key).map_err(|e| config.error_at("tls.cert", e))?;
+        crate::certs::validate(&tls.cert, &tls.key)
+            .map_err(|e| config.error_at("tls.cert", e.to_string()))?;
     }
     Ok((config, users))
 }
