@@ -291,3 +291,32 @@ fn a_seed_with_nobody_in_it_is_refused() {
     );
     assert_eq!(code, 0, "{out}");
 }
+
+/// A config that names no paths keeps everything beside itself: `certs/` and `var/run`
+/// under its own directory, wherever gatehouse is started from.
+#[test]
+fn default_paths_are_beside_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users");
+    let path = dir.path().join("site/gatehouse.toml");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(
+        &path,
+        format!(
+            "[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let (code, out) = run(&["cert"], &path, &[]);
+    assert_eq!(code, 0, "{out}");
+    let certs = dir.path().join("site/certs");
+    assert!(
+        certs.join("gatehouse.crt").is_file() && certs.join("gatehouse.key").is_file(),
+        "{out}"
+    );
+    let (code, out) = run(&["reload"], &path, &[]);
+    assert_eq!(code, 1, "{out}");
+    let lock = dir.path().join("site/var/run/gatehouse.lock");
+    assert!(out.contains(&lock.display().to_string()), "{out}");
+}
