@@ -1,17 +1,17 @@
 //! Configuration in layers, each in its own file:
 //!
-//! 1. [`raw`]: the file as written, with the defaults (serde types, nothing checked but
-//!    types). A key of the earlier shape is refused by [`moved`] with its new name.
-//! 2. [`env`]: the environment's overlay, recording which keys it set, so that a bad value
+//! 1. `raw.rs`: the file as written, with the defaults (serde types, nothing checked but
+//!    types). A key of the earlier shape is refused by `moved.rs` with its new name.
+//! 2. `env.rs`: the environment's overlay, recording which keys it set, so that a bad value
 //!    is reported as its variable's.
-//! 3. One validation per section ([`proxy`], [`upstream`], [`access`], [`tls`],
-//!    [`statics`], [`backend`], [`redis`], [`logging`], [`routes`]), each producing its part
+//! 3. One validation per section (`proxy.rs`, `upstream.rs`, `access.rs`, `tls.rs`,
+//!    `statics.rs`, `backend.rs`, `redis.rs`, `logging.rs`, `routes.rs`), each producing its part
 //!    of the one model, [`Config`], whose proxy part is the proxy crate's own
 //!    [`gatehouse_proxy::Settings`]. Then the checks across sections.
-//! 4. [`check`]: what the file names (the users file, the secrets, the certificate pair).
+//! 4. `check.rs`: what the file names (the users file, the secrets, the certificate pair).
 //!
 //! Every error names the file, the line and the key ([`ConfigError`], located by
-//! [`locate`]). Relative paths are relative to the file's own directory, so the group runs
+//! `locate.rs`). Relative paths are relative to the file's own directory, so the group runs
 //! the same from any working directory. Nothing after this module parses a setting again.
 
 mod access;
@@ -23,7 +23,7 @@ mod locate;
 mod logging;
 mod moved;
 mod proxy;
-pub mod raw;
+mod raw;
 mod redis;
 mod routes;
 mod statics;
