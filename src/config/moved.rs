@@ -194,6 +194,10 @@ fn convert(value: &Value, unit: Unit) -> String {
     let duration = match (unit, value.as_integer().and_then(|n| u64::try_from(n).ok())) {
         (Millis, Some(n)) => Duration::from_millis(n),
         (Seconds, Some(n)) => Duration::from_secs(n),
+        // The old spellings of "no rate limit".
+        (Same, _) if matches!(value.as_str(), Some("" | "none")) => {
+            return format!("\"{}\"", super::raw::OFF);
+        }
         _ => return value.to_string(),
     };
     format!("\"{}\"", humantime::format_duration(duration))
@@ -214,6 +218,11 @@ mod tests {
         let file: Table = "[proxy]\nsend_timeout_ms = 1500\n".parse().unwrap();
         let (_, message) = find(&file).unwrap();
         assert_eq!(message, "moved: use limits.send_timeout = \"1s 500ms\"");
+        let file: Table = "[proxy]\ndefault_rate_limit = \"none\"\n".parse().unwrap();
+        assert_eq!(
+            find(&file).unwrap().1,
+            "moved: use access.default_rate_limit = \"off\""
+        );
         let file: Table = "[backend]\nidle_timeout_seconds = 75\n".parse().unwrap();
         assert_eq!(
             find(&file).unwrap().1,
