@@ -37,14 +37,14 @@ use crate::{
     access_log::Record,
     client_shares::{ClientShares, Share},
     drain::InFlight,
+    encoding::compressible,
     framing,
     https_redirect::HttpsRedirect,
     live::Live,
-    metrics::{Cut, Refusal},
-    request_id,
+    metrics::{AccessRefusal, Cut},
+    path, request_id,
     respond::{self, Stamp},
     routes::Served,
-    statics::{encoding::compressible, path},
     upstream::{NoBackend, Pool},
 };
 
@@ -108,10 +108,10 @@ impl Gateway {
         let stamp = self.stamp(ctx);
         let refusal = match decision {
             Decision::Pass { .. } => None,
-            Decision::RateLimited { .. } => Some(Refusal::RateLimited),
-            Decision::Forbidden => Some(Refusal::Denied),
+            Decision::RateLimited { .. } => Some(AccessRefusal::RateLimited),
+            Decision::Forbidden => Some(AccessRefusal::Denied),
             Decision::Unauthorized { .. } | Decision::TooManyFailures { .. } => {
-                Some(Refusal::AuthFailed)
+                Some(AccessRefusal::AuthFailed)
             }
         };
         if let (Some(series), Some(refusal)) = (ctx.live.series(ctx.route), refusal) {
@@ -275,16 +275,9 @@ impl ProxyHttp for Gateway {
         // HTTP/1 headers were checked, and the body's read timeout set, as they arrived
         // (`connection`).
         if session.is_http2()
-            && let Some(refusal) = framing::check_h2(session, &live.limits)
+            && let Some(reply) = framing::check_h2(session, &live.limits)
         {
-            respond::json_error(
-                session,
-                &stamp,
-                refusal.status,
-                refusal.code,
-                refusal.message,
-            )
-            .await?;
+            respond::json_error(session, &stamp, reply.status, reply.code, reply.message).await?;
             return Ok(true);
         }
         let raw_path = session.req_header().uri.path();

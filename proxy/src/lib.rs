@@ -1,18 +1,22 @@
 //! The gatehouse edge proxy, on Pingora.
 //!
 //! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
+//! - [`path`]: the request path, decoded once and guarded against traversal before routing.
 //! - [`routes`]: the route table, path prefix to target.
 //! - [`access`]: rate limits, allow/deny lists and basic auth, per route.
 //! - [`statics`]: static sites: files, compression once per version, conditional requests.
+//! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
-//! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
+//! - [`upstream`]: the backend pool on Unix sockets (each a [`BackendSocket`]), health checks
+//!   and failover.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
 //! - [`connection`]: each client connection first: the caps on open connections (in all and
 //!   per client), the TLS handshake, the deadline for a request header, and the [`framing`]
 //!   checks (ambiguous or oversized requests are refused before anything else);
 //!   [`client_stream`] holds every write to the deadline for sending and watches an HTTP/2
 //!   client's opening; [`client_shares`] counts what each client holds.
-//! - [`request_id`], [`respond`]: request ids and the JSON error responses.
+//! - [`request_id`], [`respond`]: request ids and the responses the proxy writes itself (an
+//!   [`respond::ErrorReply`] is a JSON error).
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
 //! - [`access_log`]: per-route access logs, written off the request path.
 //! - [`tls`]: the certificate pair and the handshake counters.
@@ -26,12 +30,14 @@ pub mod client_shares;
 pub mod client_stream;
 pub mod connection;
 pub mod drain;
+pub mod encoding;
 pub mod file_limit;
 pub mod framing;
 pub mod gateway;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
+pub mod path;
 pub mod request_id;
 pub mod respond;
 pub mod routes;
@@ -51,12 +57,11 @@ use pingora_core::protocols::l4::stream::L4BufferSettings;
 
 pub use access::{AccessSettings, AccessSpec};
 pub use access_log::{Format as LogFormat, LogTarget};
-pub use admin::BackendSocket;
 pub use gateway::TlsBehaviour;
 pub use https_redirect::HttpsRedirect;
 pub use routes::{Route, Target};
 pub use statics::StaticSettings;
-pub use upstream::PoolSettings;
+pub use upstream::{BackendSocket, PoolSettings};
 
 /// The HTTPS listener.
 pub struct TlsListener {

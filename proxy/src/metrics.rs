@@ -11,7 +11,7 @@ use prometheus::{
     Registry, core::Collector,
 };
 
-use crate::statics::encoding::Encoding;
+use crate::encoding::Encoding;
 
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
@@ -27,9 +27,9 @@ const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 ];
 
-/// Why the access rules refused a request.
+/// Which of a route's access rules refused a request, as its counters tell them apart.
 #[derive(Debug, Clone, Copy)]
-pub enum Refusal {
+pub enum AccessRefusal {
     RateLimited,
     Denied,
     AuthFailed,
@@ -315,7 +315,7 @@ impl RouteSeries {
         self.latency.observe(seconds);
     }
 
-    pub fn refused(&self, why: Refusal) {
+    pub fn refused(&self, why: AccessRefusal) {
         self.refusals[why as usize].inc();
     }
 
@@ -362,7 +362,7 @@ mod tests {
         let api = metrics.route("/api/");
         api.request(&http::Method::POST, 201, 0.01);
         api.request(&http::Method::from_bytes(b"PURGE").unwrap(), 404, 0.01);
-        api.refused(Refusal::Denied);
+        api.refused(AccessRefusal::Denied);
         api.static_response(Encoding::Gzip, false);
         metrics.upstream_error("b2", "connect");
         let mut text = Vec::new();

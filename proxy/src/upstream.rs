@@ -11,7 +11,7 @@
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
@@ -26,8 +26,6 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 
-use crate::admin::BackendSocket;
-
 /// How long an idle backend connection stays in the pool. A backend must keep its idle
 /// connections open longer, or a request sent on one as it closes would fail.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
@@ -35,6 +33,17 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
 #[derive(Debug, Clone)]
 pub struct BackendId(pub Arc<str>);
+
+/// A backend process: its name, the socket it serves requests on, and the one the admin
+/// listener scrapes.
+#[derive(Debug, Clone)]
+pub struct BackendSocket {
+    pub id: String,
+    /// Where it serves requests (and `/healthz`).
+    pub socket: PathBuf,
+    /// Where it serves `/metrics`; `None` when it runs without one.
+    pub admin_socket: Option<PathBuf>,
+}
 
 pub struct PoolSettings {
     pub backends: Vec<BackendSocket>,

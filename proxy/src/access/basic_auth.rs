@@ -221,13 +221,13 @@ impl BasicAuth {
     }
 
     pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Outcome {
-        let blocked = |refusal: super::auth_guard::Refusal| Outcome::Blocked {
-            retry_after: refusal.retry_after(),
+        let blocked = |lockout: super::auth_guard::Lockout| Outcome::Blocked {
+            retry_after: lockout.retry_after(),
         };
         let Some(header) = authorization else {
             return self
                 .guard
-                .refusal(&self.spec, &self.scope, client, None)
+                .lockout(&self.spec, &self.scope, client, None)
                 .map_or(Outcome::Challenge, blocked);
         };
         let Some((user, password)) = decode(header) else {
@@ -237,7 +237,7 @@ impl BasicAuth {
                     charge.failed();
                     Outcome::Challenge
                 }
-                Err(refusal) => blocked(refusal),
+                Err(lockout) => blocked(lockout),
             };
         };
         let key = self.cache_key(&user, &password);
@@ -250,9 +250,9 @@ impl BasicAuth {
                     // password must not answer guesses either.
                     return match self
                         .guard
-                        .refusal(&self.spec, &self.scope, client, Some(&user))
+                        .lockout(&self.spec, &self.scope, client, Some(&user))
                     {
-                        Some(refusal) => blocked(refusal),
+                        Some(lockout) => blocked(lockout),
                         None => {
                             self.guard
                                 .signed_in(&self.spec, &self.scope, client, &cached_user);
@@ -273,7 +273,7 @@ impl BasicAuth {
                 .charge(&self.spec, &self.scope, client, Some(&user))
             {
                 Ok(charge) => charge,
-                Err(refusal) => return blocked(refusal),
+                Err(lockout) => return blocked(lockout),
             };
             // Different credentials verify in parallel only up to the number of cores, so a
             // flood of guesses costs bounded CPU.

@@ -21,7 +21,7 @@ use std::{
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
 
-use super::encoding::{Encoding, compressible};
+use crate::encoding::{Encoding, compressible};
 
 pub struct Asset {
     /// Where the file really is, inside the root.
