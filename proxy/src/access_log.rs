@@ -71,6 +71,8 @@ pub struct AccessLog {
     targets: Vec<LogTarget>,
     format: Format,
     sender: SyncSender<Record>,
+    /// The channel's other end, until [`AccessLog::start`] hands it to the writer.
+    receiver: Mutex<Option<Receiver<Record>>>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     /// Turns of the writer's loop, each one a full drain and flush.
@@ -95,45 +97,59 @@ pub fn flush_before_exit() {
 }
 
 impl AccessLog {
-    /// Opens every target (an error names the file) and starts the writer thread.
-    pub fn start(
-        targets: Vec<LogTarget>,
-        format: Format,
-        dropped: IntCounter,
-    ) -> Result<Arc<Self>, String> {
-        let sinks = targets
+    /// A log of `targets`, not writing yet: [`AccessLog::start`] opens the files, once
+    /// everything else a reload builds has been built.
+    pub fn new(targets: Vec<LogTarget>, format: Format, dropped: IntCounter) -> Arc<Self> {
+        let (sender, receiver) = sync_channel(QUEUE);
+        Arc::new(Self {
+            targets,
+            format,
+            sender,
+            receiver: Mutex::new(Some(receiver)),
+            reopen: Arc::new(AtomicBool::new(false)),
+            dropped,
+            turns: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Opens every target (an error names the file) and starts the writer thread; a log
+    /// already started is left as it is.
+    pub fn start(self: &Arc<Self>) -> Result<(), String> {
+        let mut receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
+        if receiver.is_none() {
+            return Ok(());
+        }
+        let sinks = self
+            .targets
             .iter()
             .cloned()
             .map(Sink::open)
             .collect::<Result<Vec<_>, _>>()?;
-        let (sender, receiver) = sync_channel(QUEUE);
-        let reopen = Arc::new(AtomicBool::new(false));
-        let turns = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             sinks,
-            format,
-            reopen: reopen.clone(),
-            turns: turns.clone(),
+            format: self.format,
+            reopen: self.reopen.clone(),
+            turns: self.turns.clone(),
             failing: false,
-            lost: dropped.clone(),
+            lost: self.dropped.clone(),
             stamps: Stamps::default(),
+        };
+        let Some(lines) = receiver.take() else {
+            return Ok(());
         };
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer.run(receiver))
+            .spawn(move || writer.run(lines))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
-        let log = Arc::new(Self {
-            targets,
-            format,
-            sender,
-            reopen,
-            dropped,
-            turns,
-        });
         if let Ok(mut running) = RUNNING.lock() {
-            *running = Some(log.clone());
+            *running = Some(self.clone());
         }
-        Ok(log)
+        Ok(())
+    }
+
+    /// Where `target` is in the list this log was started with: what a [`Record`] names.
+    pub fn target_index(&self, target: &LogTarget) -> Option<usize> {
+        self.targets.iter().position(|t| t == target)
     }
 
     /// Whether this log writes exactly these files in this format (a reload keeps it then).

@@ -31,7 +31,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -51,13 +51,13 @@ use tokio::{
 
 use crate::{
     RequestLimits,
-    access_log::Record,
     client_shares::{ClientShares, Share},
     client_stream::{ClientStream, Opened},
     framing::{self, Look},
     gateway::Gateway,
     live::Live,
-    metrics::{Cut, NO_ROUTE},
+    metrics::Cut,
+    observe::Finished,
     request_id,
     respond::ErrorReply,
     tls,
@@ -117,8 +117,8 @@ impl Edge {
     }
 
     fn cut(&self, cut: Cut) {
-        if let Some(observe) = &self.live.load().observe {
-            observe.metrics.cut(cut);
+        if let Some(metrics) = &self.live.load().metrics {
+            metrics.cut(cut);
         }
     }
 
@@ -213,33 +213,23 @@ impl Edge {
         .await;
 
         let (method, path) = request_line(header);
-        let elapsed = started.elapsed();
-        if let Some(series) = live.series(None) {
-            series.request_of(method.as_ref(), reply.status, elapsed.as_secs_f64());
-        }
-        let Some(logs) = &live.logs else { return };
-        let Some(target) = logs.unrouted else { return };
         let client = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip))
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        logs.log.log(Record {
-            target,
-            time: SystemTime::now() - elapsed,
+        live.unrouted.finished(Finished {
+            elapsed: started.elapsed(),
             request_id,
             client,
-            method: method.unwrap_or(http::Method::CONNECT),
-            path,
+            method: method.as_ref(),
+            path: &path,
             http2: false,
-            route: Arc::from(NO_ROUTE),
             status: reply.status,
             bytes,
-            duration: elapsed,
             upstream: None,
             upstream_duration: None,
             user: None,
-            user_agent: None,
-            referer: None,
+            headers: None,
         });
     }
 }
@@ -268,7 +258,7 @@ impl ServerApp for Edge {
             }
             _ => stream,
         };
-        let metrics = live.observe.as_ref().map(|o| o.metrics.clone());
+        let metrics = live.metrics.clone();
         let stream = ClientStream::new(stream, limits.send_timeout, metrics);
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let deadline = Instant::now() + limits.header_timeout;
@@ -516,8 +506,8 @@ impl ConnectionFilter for Capacity {
             if !counted {
                 counted = true;
                 self.crowded.send_modify(|times| *times += 1);
-                if let Some(observe) = &self.live.load().observe {
-                    observe.metrics.connection_waits.inc();
+                if let Some(metrics) = &self.live.load().metrics {
+                    metrics.connection_waits.inc();
                 }
             }
             // Looked at again every second anyway: a reload may raise the limit.

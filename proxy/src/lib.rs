@@ -2,7 +2,8 @@
 //!
 //! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
 //! - [`path`]: the request path, decoded once and guarded against traversal before routing.
-//! - [`routes`]: the route table, path prefix to target.
+//! - [`routes`]: the route table: path prefix to a [`routes::LiveRoute`], which holds what
+//!   serves the route, its access rules, its metric series and its access log.
 //! - [`access`]: rate limits, allow/deny lists and basic auth, per route.
 //! - [`statics`]: static sites: files, compression once per version, conditional requests.
 //! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
@@ -18,6 +19,7 @@
 //! - [`request_id`], [`respond`]: request ids and the responses the proxy writes itself (an
 //!   [`respond::ErrorReply`] is a JSON error).
 //! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
+//! - [`observe`]: a request's end, counted in its route's series and written to its log.
 //! - [`access_log`]: per-route access logs, written off the request path.
 //! - [`tls`]: the certificate pair and the handshake counters.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
@@ -37,6 +39,7 @@ pub mod gateway;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
+pub mod observe;
 pub mod path;
 pub mod request_id;
 pub mod respond;
