@@ -79,23 +79,6 @@ pub struct AccessLog {
     turns: Arc<AtomicU64>,
 }
 
-/// The process's access log (the latest, after a reload), for [`flush_before_exit`].
-static RUNNING: Mutex<Option<Arc<AccessLog>>> = Mutex::new(None);
-
-/// Waits (at most a second) until every line logged so far is written: the process is about
-/// to exit, and the writer thread would die with the last lines still queued.
-pub fn flush_before_exit() {
-    let Some(log) = RUNNING.lock().ok().and_then(|l| l.clone()) else {
-        return;
-    };
-    let start = log.turns.load(Ordering::Acquire);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    // Two turns: the one in progress may have started before the last lines came in.
-    while log.turns.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 impl AccessLog {
     /// A log of `targets`, not writing yet: [`AccessLog::start`] opens the files, once
     /// everything else a reload builds has been built.
@@ -114,7 +97,7 @@ impl AccessLog {
 
     /// Opens every target (an error names the file) and starts the writer thread; a log
     /// already started is left as it is.
-    pub fn start(self: &Arc<Self>) -> Result<(), String> {
+    pub fn start(&self) -> Result<(), String> {
         let mut receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
         if receiver.is_none() {
             return Ok(());
@@ -141,10 +124,18 @@ impl AccessLog {
             .name("access-log".into())
             .spawn(move || writer.run(lines))
             .map_err(|e| format!("cannot start the access log writer: {e}"))?;
-        if let Ok(mut running) = RUNNING.lock() {
-            *running = Some(self.clone());
-        }
         Ok(())
+    }
+
+    /// Waits (at most a second) until every line logged so far is written: the process is
+    /// about to exit, and the writer thread would die with the last lines still queued.
+    pub fn flush_before_exit(&self) {
+        let start = self.turns.load(Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        // Two turns: the one in progress may have started before the last lines came in.
+        while self.turns.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
     }
 
     /// Where `target` is in the list this log was started with: what a [`Record`] names.

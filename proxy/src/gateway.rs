@@ -35,7 +35,7 @@ use arc_swap::ArcSwap;
 use crate::{
     access::{Decision, client_ip},
     client_shares::{ClientShares, Share},
-    drain::InFlight,
+    drain::{Drain, InFlight},
     encoding::compressible,
     framing,
     https_redirect::HttpsRedirect,
@@ -69,14 +69,16 @@ pub struct Gateway {
     live: Arc<ArcSwap<Live>>,
     pool: Pool,
     shares: Arc<ClientShares>,
+    drain: Drain,
 }
 
 impl Gateway {
-    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool) -> Self {
+    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool, drain: Drain) -> Self {
         Self {
             live,
             pool,
             shares: Arc::default(),
+            drain,
         }
     }
 
@@ -208,7 +210,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            _in_flight: InFlight::enter(),
+            _in_flight: self.drain.enter(),
             live: self.live.load_full(),
             started: Instant::now(),
             request_id: String::new(),
@@ -255,7 +257,7 @@ impl ProxyHttp for Gateway {
         if session.is_http2() {
             session.set_write_timeout(Some(live.limits.send_timeout));
         }
-        if crate::drain::leaving() {
+        if self.drain.leaving() {
             session.set_keepalive(None);
         }
         // Pingora's compression module reads `Accept-Encoding` between this phase and

@@ -142,7 +142,7 @@ pub fn check_listen(listen: &str) -> Result<(), String> {
 }
 
 /// Runs the proxy until a signal stops it. Returns after a fast (SIGINT) shutdown or a full
-/// grace period; a drained SIGTERM exits the process directly (see [`drain`]).
+/// grace period; a drained SIGTERM or SIGQUIT exits the process directly (see [`drain`]).
 ///
 /// `load` reads the configuration again on SIGHUP. `upgrade`: take the listening sockets
 /// over from the running proxy (which hands them over on SIGQUIT) instead of binding them.
@@ -202,7 +202,8 @@ pub fn run(
         None,
         metrics.as_ref(),
     )?));
-    let gateway = gateway::Gateway::new(live.clone(), pool);
+    let drain = drain::Drain::new();
+    let gateway = gateway::Gateway::new(live.clone(), pool, drain.clone());
 
     let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
@@ -248,10 +249,18 @@ pub fn run(
         service.add_tcp(listen);
         server.add_service(service);
     }
+    let flushing = live.clone();
+    server.add_service(pingora::services::background::background_service(
+        "exit when drained",
+        drain::ExitWhenDrained {
+            drain: drain.clone(),
+            before_exit: Box::new(move || flushing.load().flush_access_log()),
+        },
+    ));
     // Always, so neither SIGHUP nor SIGUSR1 (logrotate) ever kills the proxy.
     let signals = live::Signals {
         fixed: live::Fixed::of(&settings),
-        live,
+        live: live.clone(),
         load,
         certificate,
         metrics,
@@ -272,10 +281,10 @@ pub fn run(
     }
     tracing::info!(listen = %settings.listen, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "proxy listening");
     server.run(RunArgs {
-        shutdown_signal: Box::new(drain::Signals),
+        shutdown_signal: Box::new(drain::Signals(drain.clone())),
     });
-    access_log::flush_before_exit();
-    Ok(if drain::stopped_fast() {
+    live.load().flush_access_log();
+    Ok(if drain.stopped_fast() {
         Stopped::Fast
     } else {
         Stopped::Graceful

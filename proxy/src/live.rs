@@ -90,6 +90,15 @@ impl Live {
     }
 }
 
+impl Live {
+    /// Waits until the access log has written every line so far: the process is about to exit.
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush_before_exit();
+        }
+    }
+}
+
 /// The writer of the access logs the routes name, each file once: the previous one when the
 /// files and format are the same, or a new one, not yet started.
 fn access_log(
