@@ -60,7 +60,9 @@ fn write(path: &Path, contents: &[u8], mode: u32) -> Result<(), String> {
 
 /// Reads both files and checks that the key belongs to the certificate.
 pub fn validate(cert_path: &Path, key_path: &Path) -> Result<(), String> {
-    gatehouse_proxy::tls::load_certified_key(cert_path, key_path).map(drop)
+    gatehouse_proxy::tls::load_certified_key(cert_path, key_path)
+        .map(drop)
+        .map_err(|e| e.to_string())
 }
 
 #[cfg(test)]

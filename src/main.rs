@@ -142,7 +142,7 @@ fn main() -> ExitCode {
                     gatehouse_proxy::Stopped::Graceful => 0,
                     gatehouse_proxy::Stopped::Fast => 130,
                 })
-                .map_err(Failure::Runtime)
+                .map_err(|e| Failure::Runtime(e.to_string()))
         }),
         Command::Backend {
             config,

@@ -26,6 +26,8 @@ use std::{
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use crate::error::BuildError;
+
 /// Where a log goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LogTarget {
@@ -97,7 +99,7 @@ impl AccessLog {
 
     /// Opens every target (an error names the file) and starts the writer thread; a log
     /// already started is left as it is.
-    pub fn start(&self) -> Result<(), String> {
+    pub fn start(&self) -> Result<(), BuildError> {
         let mut receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
         if receiver.is_none() {
             return Ok(());
@@ -123,7 +125,7 @@ impl AccessLog {
         std::thread::Builder::new()
             .name("access-log".into())
             .spawn(move || writer.run(lines))
-            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
+            .map_err(BuildError::AccessLogWriter)?;
         Ok(())
     }
 
@@ -167,7 +169,7 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(target: LogTarget) -> Result<Sink, String> {
+    fn open(target: LogTarget) -> Result<Sink, BuildError> {
         Ok(match target {
             LogTarget::Stdout => Sink::Stdout(BufWriter::new(io::stdout())),
             LogTarget::File(path) => Sink::File {
@@ -185,16 +187,21 @@ impl Sink {
     }
 }
 
-fn open(path: &PathBuf) -> Result<File, String> {
+fn open(path: &PathBuf) -> Result<File, BuildError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("access log directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| BuildError::AccessLogDirectory {
+            dir: dir.to_owned(),
+            source,
+        })?;
     }
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| format!("access log {}: {e}", path.display()))
+        .map_err(|source| BuildError::AccessLog {
+            path: path.clone(),
+            source,
+        })
 }
 
 struct Writer {

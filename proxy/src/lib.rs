@@ -1,29 +1,54 @@
 //! The gatehouse edge proxy, on Pingora.
 //!
-//! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
-//! - [`path`]: the request path, decoded once and guarded against traversal before routing.
-//! - [`routes`]: the route table: path prefix to a [`routes::LiveRoute`], which holds what
-//!   serves the route, its access rules, its metric series and its access log.
-//! - [`access`]: rate limits, allow/deny lists and basic auth, per route.
-//! - [`statics`]: static sites: files, compression once per version, conditional requests.
-//! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
-//! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
-//! - [`upstream`]: the backend pool on Unix sockets (each a [`BackendSocket`]), health checks
-//!   and failover.
-//! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
+//! A request meets these in order:
+//!
 //! - [`connection`]: each client connection first: the caps on open connections (in all and
-//!   per client), the TLS handshake, the deadline for a request header, and the [`framing`]
-//!   checks (ambiguous or oversized requests are refused before anything else);
-//!   [`client_stream`] holds every write to the deadline for sending and watches an HTTP/2
-//!   client's opening; [`client_shares`] counts what each client holds.
-//! - [`request_id`], [`respond`]: request ids and the responses the proxy writes itself (an
-//!   [`respond::ErrorReply`] is a JSON error).
-//! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
-//! - [`observe`]: a request's end, counted in its route's series and written to its log.
-//! - [`access_log`]: per-route access logs, written off the request path.
-//! - [`tls`]: the certificate pair and the handshake counters.
+//!   per client, counted by [`client_shares`]), the TLS handshake ([`tls`]), the deadline for a
+//!   request header, and the [`framing`] checks (ambiguous or oversized requests are refused
+//!   before anything else); [`client_stream`] holds every write to the deadline for sending
+//!   and watches an HTTP/2 client's opening.
+//! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run: the [`request_id`],
+//!   the redirect to HTTPS ([`https_redirect`]), the [`path`] guard, the lookup in [`routes`]
+//!   (a [`routes::LiveRoute`] holds what serves the route, its access rules, its metric
+//!   series and its access log), the route's [`access`] rules (rate limits, allow/deny lists,
+//!   basic auth), then a static site ([`statics`]) or the backend pool on Unix sockets
+//!   ([`upstream`], health checks and failover).
+//! - [`respond`]: the responses the proxy writes itself; an [`respond::ErrorReply`] is a JSON
+//!   error.
+//! - [`observe`]: the request's end, counted in its route's [`metrics`] series and handed to
+//!   its [`access_log`], which is written off the request path.
+//!
+//! Around them:
+//!
+//! - [`live`]: what a reload (SIGHUP) can change, built whole and swapped atomically.
+//! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
+//! - [`admin`]: the admin listener: the metrics of the whole group, `/healthz`, `/readyz`.
+//! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
-//! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
+//! - [`error`]: why the run-time state could not be built.
+//!
+//! # Errors
+//!
+//! - **A request's failure** is Pingora's [`pingora::Error`], which every phase returns: its
+//!   type and source say what failed. [`gateway`]'s `fail_to_proxy` turns it into the status
+//!   and JSON error the client gets, and `suppress_error_log` keeps the client's own failures
+//!   (gone, too slow to send or to read) and a full pool's 503s out of the error log, since any
+//!   client could flood it with them: they are in the metrics and the access log. A backend's
+//!   failure is counted by backend and kind, and logged by Pingora once per request, with the
+//!   request id and without the query.
+//! - **A refusal is an answer, not an error**: a request the edge turns away (its framing, the
+//!   path guard, no route, the access rules, a cap) is answered from its phase with a JSON
+//!   `{"error","message","request_id"}` ([`respond`]), counted, and logged in the access log
+//!   only.
+//! - **Building** the run-time state, at start-up or on a reload, fails with a
+//!   [`BuildError`] whose message names the file, socket or setting at fault. At start-up it
+//!   stops the proxy; on a reload it goes to the error log and the reload report, and the
+//!   running configuration keeps serving. The parsers of single config values
+//!   (`IpList::parse`, `Htpasswd::parse`) return a message and the entry or line it is about,
+//!   for the root crate to name the file, line and key.
+//! - **Background work** (the access-log writer, scrapes of the backends, signal handlers) logs
+//!   and counts its failures and carries on; it never stops the proxy or fails a request.
+//!   Nothing unwraps a value from outside.
 
 pub mod access;
 pub mod access_log;
@@ -33,6 +58,7 @@ pub mod client_stream;
 pub mod connection;
 pub mod drain;
 pub mod encoding;
+pub mod error;
 pub mod file_limit;
 pub mod framing;
 pub mod gateway;
@@ -60,6 +86,7 @@ use pingora_core::protocols::l4::stream::L4BufferSettings;
 
 pub use access::{AccessSettings, AccessSpec};
 pub use access_log::{Format as LogFormat, LogTarget};
+pub use error::BuildError;
 pub use gateway::TlsBehaviour;
 pub use https_redirect::HttpsRedirect;
 pub use routes::{Route, Target};
@@ -135,10 +162,13 @@ pub enum Stopped {
 
 /// Fails when `listen` cannot be bound. Pingora binds inside a task and panics there, leaving
 /// a process that runs without listening; checking first turns that into a clear error.
-pub fn check_listen(listen: &str) -> Result<(), String> {
+pub fn check_listen(listen: &str) -> Result<(), BuildError> {
     std::net::TcpListener::bind(listen)
         .map(drop)
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))
+        .map_err(|source| BuildError::Listen {
+            listen: listen.to_owned(),
+            source,
+        })
 }
 
 /// Runs the proxy until a signal stops it. Returns after a fast (SIGINT) shutdown or a full
@@ -150,7 +180,7 @@ pub fn run(
     settings: Settings,
     load: Option<live::LoadSettings>,
     upgrade: bool,
-) -> Result<Stopped, String> {
+) -> Result<Stopped, BuildError> {
     // Until the reload service listens for them, SIGHUP and SIGUSR1 would end the process (a
     // reload or logrotate right after start); ignored now, handled once the service runs.
     // SAFETY: setting the disposition of two signals to "ignore", before any thread starts.
@@ -338,8 +368,8 @@ fn port_of(listen: &str) -> u16 {
         .unwrap_or(0)
 }
 
-fn path_string(path: PathBuf) -> Result<String, String> {
+fn path_string(path: PathBuf) -> Result<String, BuildError> {
     path.into_os_string()
         .into_string()
-        .map_err(|p| format!("{} is not UTF-8", PathBuf::from(p).display()))
+        .map_err(|p| BuildError::NotUtf8(PathBuf::from(p)))
 }

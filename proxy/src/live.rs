@@ -21,6 +21,7 @@ use crate::{
     Settings,
     access::{AccessCounters, client_ip::ClientIpHeader, ip_list::IpList},
     access_log::{AccessLog, LogTarget},
+    error::BuildError,
     gateway::TlsBehaviour,
     metrics::{self, Metrics},
     observe::Observer,
@@ -55,7 +56,7 @@ impl Live {
         settings: &Settings,
         previous: Option<&Live>,
         metrics: Option<&Arc<Metrics>>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, BuildError> {
         let counters = match metrics {
             Some(metrics) => metrics.access.clone(),
             None => AccessCounters::new()?,
@@ -105,7 +106,7 @@ fn access_log(
     settings: &Settings,
     metrics: Option<&Arc<Metrics>>,
     previous: Option<&Live>,
-) -> Result<Option<Arc<AccessLog>>, String> {
+) -> Result<Option<Arc<AccessLog>>, BuildError> {
     let mut targets: Vec<LogTarget> = Vec::new();
     let named = settings.routes.iter().map(|r| r.access_log.as_ref());
     for target in std::iter::once(settings.default_access_log.as_ref())
@@ -133,11 +134,12 @@ fn access_log(
 }
 
 /// A counter nobody scrapes, for when metrics are off.
-pub fn unregistered_counter() -> Result<IntCounter, String> {
-    IntCounter::new("unused", "unused").map_err(|e| e.to_string())
+pub fn unregistered_counter() -> Result<IntCounter, BuildError> {
+    Ok(IntCounter::new("unused", "unused")?)
 }
 
-/// Reads the configuration again and returns the proxy's settings, or why it cannot.
+/// Reads the configuration again and returns the proxy's settings, or why it cannot (the
+/// config check's message, naming file, line and key).
 pub type LoadSettings = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 
 /// What is bound at start-up: a change here waits for a restart or an upgrade.
@@ -193,7 +195,9 @@ impl Signals {
             tracing::warn!("SIGHUP: this proxy was started without a config file to reload");
             return;
         };
-        let outcome = load().and_then(|settings| self.apply(&settings));
+        let outcome = load()
+            .map_err(BuildError::Config)
+            .and_then(|settings| self.apply(&settings));
         if let Some(metrics) = &self.metrics {
             metrics.reload(outcome.is_ok());
         }
@@ -218,7 +222,7 @@ impl Signals {
         }
     }
 
-    fn apply(&self, settings: &Settings) -> Result<(), String> {
+    fn apply(&self, settings: &Settings) -> Result<(), BuildError> {
         let fixed = Fixed::of(settings);
         if fixed != self.fixed {
             tracing::warn!(

@@ -11,7 +11,7 @@ use prometheus::{
     Registry, core::Collector,
 };
 
-use crate::encoding::Encoding;
+use crate::{encoding::Encoding, error::BuildError};
 
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
@@ -106,11 +106,10 @@ pub struct RouteSeries {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, BuildError> {
         let registry = Registry::new();
-        let err = |e: prometheus::Error| format!("metrics: {e}");
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels).map_err(err)
+            IntCounterVec::new(Opts::new(name, help), labels)
         };
         let requests = counter(
             "gatehouse_http_requests_total",
@@ -124,8 +123,7 @@ impl Metrics {
             )
             .buckets(BUCKETS.to_vec()),
             &["route"],
-        )
-        .map_err(err)?;
+        )?;
         let refusals = [
             counter(
                 "gatehouse_rate_limited_total",
@@ -159,41 +157,34 @@ impl Metrics {
                 "1 while the backend passes its health checks.",
             ),
             &["backend"],
-        )
-        .map_err(err)?;
+        )?;
         let rate_limit_keys = IntGaugeVec::new(
             Opts::new(
                 "gatehouse_rate_limit_keys",
                 "Clients a rate limit policy is tracking.",
             ),
             &["policy"],
-        )
-        .map_err(err)?;
+        )?;
         let open_connections = IntGauge::new(
             "gatehouse_open_connections",
             "Client connections open on the public listeners.",
-        )
-        .map_err(err)?;
+        )?;
         let tls_connections = IntCounter::new(
             "gatehouse_tls_connections_total",
             "Connections accepted on the HTTPS listener (handshakes begun).",
-        )
-        .map_err(err)?;
+        )?;
         let tls_handshakes = IntCounter::new(
             "gatehouse_tls_handshakes_total",
             "TLS handshakes completed. Begun minus completed is the failures (and the few in progress).",
-        )
-        .map_err(err)?;
+        )?;
         let access_log_dropped = IntCounter::new(
             "gatehouse_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind.",
-        )
-        .map_err(err)?;
+        )?;
         let connection_waits = IntCounter::new(
             "gatehouse_connection_limit_waits_total",
             "Times the listeners stopped accepting because proxy.max_connections client connections were open; new ones waited in the kernel's backlog.",
-        )
-        .map_err(err)?;
+        )?;
         let reloads = counter(
             "gatehouse_proxy_reloads_total",
             "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
@@ -208,13 +199,11 @@ impl Metrics {
         let upstream_queue_timeouts = IntCounter::new(
             "gatehouse_upstream_queue_timeouts_total",
             "Requests answered 503 because every backend had proxy.upstream_max_connections requests in flight until proxy.upstream_queue_timeout_ms passed.",
-        )
-        .map_err(err)?;
+        )?;
         let upstream_client_limits = IntCounter::new(
             "gatehouse_upstream_client_limits_total",
             "Requests answered 429 because their client already had proxy.upstream_max_requests_per_client requests in flight to the backends.",
-        )
-        .map_err(err)?;
+        )?;
         let collectors: [Box<dyn Collector>; 18] = [
             Box::new(cuts_vec),
             Box::new(upstream_queue_timeouts.clone()),
@@ -236,7 +225,7 @@ impl Metrics {
             Box::new(access_log_dropped.clone()),
         ];
         for collector in collectors {
-            registry.register(collector).map_err(err)?;
+            registry.register(collector)?;
         }
         let access = crate::access::AccessCounters::new()?;
         access.register(&registry)?;

@@ -12,6 +12,7 @@ use crate::{
         rate_limit::RateLimit,
     },
     access_log::LogTarget,
+    error::BuildError,
     observe::Observer,
     statics::{Site, StaticSettings},
 };
@@ -76,7 +77,7 @@ impl RouteTable {
         previous: Option<&RouteTable>,
         counters: &AccessCounters,
         observer: MakeObserver<'_>,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         let sites = routes
             .iter()
@@ -121,7 +122,7 @@ impl RouteTable {
                     observer,
                 }))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, BuildError>>()?;
         Ok(Self {
             routes,
             limits,

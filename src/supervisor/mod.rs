@@ -136,9 +136,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
     if config.redis.url.is_none() {
         refuse_live_socket(&config.managed_redis_socket()).await?;
     }
-    gatehouse_proxy::check_listen(&config.proxy.listen.to_string())?;
+    gatehouse_proxy::check_listen(&config.proxy.listen.to_string()).map_err(|e| e.to_string())?;
     if let Some(admin) = config.admin_listen {
-        gatehouse_proxy::check_listen(&admin.to_string())?;
+        gatehouse_proxy::check_listen(&admin.to_string()).map_err(|e| e.to_string())?;
     }
 
     let metrics = GroupMetrics::new()?;

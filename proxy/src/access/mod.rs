@@ -22,6 +22,8 @@ use ip_list::IpList;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rate_limit::{RateLimit, RateSpec, Verdict};
 
+use crate::error::BuildError;
+
 /// A route's access rules, as configured (validated, not yet running).
 #[derive(Debug, Clone, Default)]
 pub struct AccessSpec {
@@ -61,9 +63,9 @@ pub struct AccessCounters {
 }
 
 impl AccessCounters {
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, BuildError> {
         let counter = |name: &str, help: &str, label: &str| {
-            IntCounterVec::new(Opts::new(name, help), &[label]).map_err(|e| e.to_string())
+            IntCounterVec::new(Opts::new(name, help), &[label])
         };
         Ok(Self {
             rate_limit_evicted: counter(
@@ -79,21 +81,18 @@ impl AccessCounters {
             auth_guard_keys: IntGauge::new(
                 "gatehouse_auth_guard_keys",
                 "Entries the basic-auth guard holds: client addresses, user names and addresses users signed in from.",
-            )
-            .map_err(|e| e.to_string())?,
+            )?,
         })
     }
 
-    pub fn register(&self, registry: &Registry) -> Result<(), String> {
+    pub fn register(&self, registry: &Registry) -> Result<(), BuildError> {
         let collectors: [Box<dyn prometheus::core::Collector>; 3] = [
             Box::new(self.rate_limit_evicted.clone()),
             Box::new(self.auth_guard.clone()),
             Box::new(self.auth_guard_keys.clone()),
         ];
         for collector in collectors {
-            registry
-                .register(collector)
-                .map_err(|e| format!("metrics: {e}"))?;
+            registry.register(collector)?;
         }
         Ok(())
     }
@@ -126,7 +125,7 @@ impl Access {
         limits: &mut HashMap<String, Arc<RateLimit>>,
         guard: &Arc<AuthGuard>,
         counters: &AccessCounters,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         let rate_limit = match spec.rate_limit {
             None => None,
             Some(rate) => Some(match limits.get(&rate.name) {

@@ -32,6 +32,8 @@ use governor::{
 };
 use prometheus::IntCounter;
 
+use crate::error::BuildError;
+
 /// New clients between two checks of the table's size: bounds the overshoot past `max_keys`
 /// without counting every request.
 const SIZE_CHECK_EVERY: usize = 256;
@@ -70,15 +72,16 @@ pub enum Verdict {
 }
 
 impl RateLimit {
-    pub fn new(spec: RateSpec, max_keys: usize, evicted: IntCounter) -> Result<Self, String> {
-        let burst = NonZeroU32::new(spec.burst).ok_or("burst must be at least 1")?;
+    pub fn new(spec: RateSpec, max_keys: usize, evicted: IntCounter) -> Result<Self, BuildError> {
+        let burst =
+            NonZeroU32::new(spec.burst).ok_or(BuildError::RateLimit("burst must be at least 1"))?;
         if !(spec.per_second > 0.0 && spec.per_second.is_finite()) {
-            return Err("per_second must be greater than 0".into());
+            return Err(BuildError::RateLimit("per_second must be greater than 0"));
         }
         let period = Duration::try_from_secs_f64(1.0 / spec.per_second)
-            .map_err(|_| "per_second is too small")?;
+            .map_err(|_| BuildError::RateLimit("per_second is too small"))?;
         let quota = Quota::with_period(period)
-            .ok_or("per_second is too large")?
+            .ok_or(BuildError::RateLimit("per_second is too large"))?
             .allow_burst(burst);
         let buckets = Buckets::new(max_keys);
         let clock = DefaultClock::default();

@@ -19,6 +19,7 @@ use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::{
     encoding::{self, Encoding},
+    error::BuildError,
     metrics::RouteSeries,
     respond::{self, Stamp},
 };
@@ -69,10 +70,13 @@ impl Site {
         cache_control: Option<String>,
         settings: &StaticSettings,
         sites: usize,
-    ) -> Result<Site, String> {
+    ) -> Result<Site, BuildError> {
         let root: PathBuf = dir
             .canonicalize()
-            .map_err(|e| format!("static directory {}: {e}", dir.display()))?;
+            .map_err(|source| BuildError::StaticDirectory {
+                dir: dir.to_owned(),
+                source,
+            })?;
         let share = settings.cache_bytes / sites.max(1) as u64;
         Ok(Site {
             files: Files::new(
