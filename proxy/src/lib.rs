@@ -89,6 +89,7 @@ pub use access_log::{Format as LogFormat, LogTarget};
 pub use error::BuildError;
 pub use gateway::TlsBehaviour;
 pub use https_redirect::HttpsRedirect;
+pub use live::RELOAD_FILE;
 pub use routes::{Route, Target};
 pub use statics::StaticSettings;
 pub use upstream::{BackendSocket, PoolSettings};
@@ -336,9 +337,6 @@ const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
 /// The file in the runtime directory where the proxy writes its pid once it holds the
 /// listening sockets (the supervisor waits for it during an upgrade).
 pub const READY_FILE: &str = "proxy.ready";
-
-/// The file in the runtime directory where the proxy writes the outcome of its last reload.
-pub const RELOAD_FILE: &str = "proxy.reload";
 
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";

@@ -138,6 +138,9 @@ pub fn unregistered_counter() -> Result<IntCounter, BuildError> {
     Ok(IntCounter::new("unused", "unused")?)
 }
 
+/// The file in the runtime directory where the proxy writes the outcome of its last reload.
+pub const RELOAD_FILE: &str = "proxy.reload";
+
 /// Reads the configuration again and returns the proxy's settings, or why it cannot (the
 /// config check's message, naming file, line and key).
 pub type LoadSettings = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
@@ -206,7 +209,7 @@ impl Signals {
             Ok(()) => "ok".to_string(),
             Err(error) => format!("failed: {error}"),
         };
-        let file = self.fixed.runtime_dir.join(crate::RELOAD_FILE);
+        let file = self.fixed.runtime_dir.join(RELOAD_FILE);
         let staging = file.with_extension("tmp");
         if let Err(error) =
             std::fs::write(&staging, report).and_then(|()| std::fs::rename(&staging, &file))

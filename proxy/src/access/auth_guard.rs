@@ -26,7 +26,7 @@ use std::{
     hash::BuildHasher,
     net::IpAddr,
     sync::{
-        Mutex, MutexGuard, TryLockError,
+        Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -203,7 +203,7 @@ impl AuthGuard {
         user: Option<&str>,
     ) -> Option<Lockout> {
         let now = Instant::now();
-        let address = super::rate_limit::key(client);
+        let address = super::client_ip::key(client);
         if let Some(left) = self.full(&Key::Address(address), spec.max_failures, spec.window, now) {
             return Some(self.refused(Lockout::Address { retry_after: left }));
         }
@@ -229,7 +229,7 @@ impl AuthGuard {
         user: Option<&str>,
     ) -> Result<Charge<'_>, Lockout> {
         let now = Instant::now();
-        let address = super::rate_limit::key(client);
+        let address = super::client_ip::key(client);
         let charged_address = self
             .take(spec, Key::Address(address), spec.max_failures, now)
             .map_err(|left| self.refused(Lockout::Address { retry_after: left }))?;
@@ -261,7 +261,7 @@ impl AuthGuard {
     /// is remembered as one the user signs in from, written only when new or an hour old, so
     /// that signed-in traffic reads the table and rarely writes it.
     pub fn signed_in(&self, spec: &GuardSpec, scope: &[u8], client: IpAddr, user: &str) {
-        let (name, address) = (self.name(scope, user), super::rate_limit::key(client));
+        let (name, address) = (self.name(scope, user), super::client_ip::key(client));
         self.remember(spec, name, address, Instant::now());
     }
 
@@ -398,7 +398,7 @@ impl AuthGuard {
     /// with the fewest failures (the soonest ending first), or the users whose latest
     /// sign-in is oldest: forgetting them gives back the least.
     fn keep_bounded(&self, spec: &GuardSpec, now: Instant) {
-        let Some(_sweeping) = sweep_lock(&self.sweeping) else {
+        let Some(_sweeping) = super::rate_limit::sweep_lock(&self.sweeping) else {
             return;
         };
         // 90%, so that a flood sweeps once per tenth of the table, not per entry.
@@ -468,16 +468,6 @@ impl AuthGuard {
             .map(|e| e.value().iter().flatten().count())
             .sum();
         self.keys.set((self.slots.len() + addresses) as i64);
-    }
-}
-
-/// One sweep at a time; the others go on serving. A sweep that panicked left nothing half
-/// done that matters (entries are only ever removed), so a poisoned lock is taken as usual.
-pub(super) fn sweep_lock(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
-    match lock.try_lock() {
-        Ok(held) => Some(held),
-        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => None,
     }
 }
 

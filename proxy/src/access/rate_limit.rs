@@ -12,11 +12,11 @@
 //! `limit_req_zone` instead evicts least recently used entries when its zone is full.)
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     num::NonZeroU32,
     num::NonZeroU64,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, TryLockError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -105,7 +105,7 @@ impl RateLimit {
     }
 
     pub fn check(&self, ip: IpAddr) -> Verdict {
-        let verdict = match self.limiter.check_key(&key(ip)) {
+        let verdict = match self.limiter.check_key(&super::client_ip::key(ip)) {
             Ok(()) => Verdict::Allowed,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -131,7 +131,7 @@ impl RateLimit {
     }
 
     fn keep_bounded(&self) {
-        let Some(_sweeping) = super::auth_guard::sweep_lock(&self.sweeping) else {
+        let Some(_sweeping) = sweep_lock(&self.sweeping) else {
             return;
         };
         let map = &self.buckets.0.map;
@@ -258,13 +258,14 @@ impl ShrinkableKeyedStateStore<IpAddr> for Buckets {
     }
 }
 
-/// The bucket a client counts against: its IPv4 address, or its IPv6 /64. A client named by
-/// an unreadable forwarding hop (see [`super::client_ip`]) keeps its whole address.
-pub fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) if super::client_ip::is_unreadable_hop(v6) => ip,
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+/// One sweep at a time; the others go on serving. A sweep that panicked left nothing half
+/// done that matters (entries are only ever removed), so a poisoned lock is taken as usual.
+/// (The basic-auth guard sweeps its tables the same way.)
+pub(super) fn sweep_lock(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+    match lock.try_lock() {
+        Ok(held) => Some(held),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
     }
 }
 
