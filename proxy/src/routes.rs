@@ -8,7 +8,7 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     access::{
-        Access, AccessCounters, AccessSettings, AccessSpec, auth_guard::AuthGuard,
+        Access, AccessCounters, AccessSettings, AccessSpec, auth_guard::AuthGuard, basic_auth,
         rate_limit::RateLimit,
     },
     access_log::LogTarget,
@@ -59,8 +59,9 @@ pub struct RouteTable {
     routes: Vec<Arc<LiveRoute>>,
     /// Every rate limit policy in use, by name.
     limits: HashMap<String, Arc<RateLimit>>,
-    /// The basic-auth guard's counts: made once, then handed from table to table.
-    auth_guard: Arc<AuthGuard>,
+    /// The basic-auth guard's counts and verification caches: made once, then handed from
+    /// table to table.
+    basic_auth: Arc<basic_auth::Shared>,
 }
 
 /// Makes a route's [`Observer`] from its prefix and access log.
@@ -94,14 +95,14 @@ impl RouteTable {
                 }
             }
         }
-        let auth_guard = previous.map_or_else(
+        let basic_auth = previous.map_or_else(
             || {
-                Arc::new(AuthGuard::new(
+                Arc::new(basic_auth::Shared::new(AuthGuard::new(
                     counters.auth_guard.clone(),
                     counters.auth_guard_keys.clone(),
-                ))
+                )))
             },
-            |p| p.auth_guard.clone(),
+            |p| p.basic_auth.clone(),
         );
         let routes = routes
             .into_iter()
@@ -114,7 +115,7 @@ impl RouteTable {
                 };
                 let observer = observer(&route.prefix, route.access_log.as_ref());
                 let rules =
-                    Access::build(route.access, access, &mut limits, &auth_guard, counters)?;
+                    Access::build(route.access, access, &mut limits, &basic_auth, counters)?;
                 Ok(Arc::new(LiveRoute {
                     prefix: Arc::from(route.prefix),
                     served,
@@ -126,7 +127,7 @@ impl RouteTable {
         Ok(Self {
             routes,
             limits,
-            auth_guard,
+            basic_auth,
         })
     }
 

@@ -160,8 +160,6 @@ pub struct AuthGuard {
     events: IntCounterVec,
     /// Entries held (counts and signed-in addresses), kept as they come and go.
     keys: IntGauge,
-    /// Basic auth's verification caches, kept here as the guard is kept across reloads.
-    pub(super) verified: super::basic_auth::VerifiedCaches,
 }
 
 impl AuthGuard {
@@ -174,7 +172,6 @@ impl AuthGuard {
             sweeping: Mutex::new(()),
             events,
             keys,
-            verified: Default::default(),
         }
     }
 

@@ -15,7 +15,7 @@ pub mod rate_limit;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use auth_guard::{AuthGuard, GuardSpec};
+use auth_guard::GuardSpec;
 use basic_auth::{BasicAuth, Htpasswd};
 use client_ip::ClientIpHeader;
 use ip_list::IpList;
@@ -118,12 +118,12 @@ pub enum Decision {
 
 impl Access {
     /// Routes naming the same policy share its buckets (like an nginx `limit_req_zone`); every
-    /// route's basic auth shares the one `guard`.
+    /// route's basic auth shares the one guard and its verification caches (`basic_auth`).
     pub fn build(
         spec: AccessSpec,
         settings: &AccessSettings,
         limits: &mut HashMap<String, Arc<RateLimit>>,
-        guard: &Arc<AuthGuard>,
+        basic_auth: &Arc<basic_auth::Shared>,
         counters: &AccessCounters,
     ) -> Result<Self, BuildError> {
         let rate_limit = match spec.rate_limit {
@@ -147,9 +147,9 @@ impl Access {
             rate_limit,
             allow: spec.allow,
             deny: spec.deny,
-            auth: spec
-                .auth
-                .map(|a| BasicAuth::new(a.users, &a.realm, settings.auth_guard, guard.clone())),
+            auth: spec.auth.map(|a| {
+                BasicAuth::new(a.users, &a.realm, settings.auth_guard, basic_auth.clone())
+            }),
             pass_authorization,
         })
     }
