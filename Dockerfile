@@ -6,7 +6,7 @@
 #   docker build -t gatehouse .
 #
 # The image is meant to run under compose.yaml, which gives it its secrets, Redis, a volume for
-# certificates and a tmpfs for sockets (README: Deploy with Docker). It needs no network at run
+# certificates and a tmpfs for sockets (docs/docker.md). It needs no network at run
 # time beyond Redis, and writes only to the two volumes declared below.
 
 # Builder and runtime must be the same Debian release: the binary links against its glibc.

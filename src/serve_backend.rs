@@ -47,7 +47,8 @@ pub fn run(
             config.file.display()
         ))
     })?;
-    let tokens = Tokens::new(secret, config.backend.token_ttl_seconds).map_err(Failure::Config)?;
+    let tokens = Tokens::new(secret, config.backend.token_ttl_seconds)
+        .map_err(|e| Failure::Config(e.to_string()))?;
     let redis_url = config
         .redis
         .url
@@ -83,9 +84,9 @@ pub fn run(
         .build()
         .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
     runtime.block_on(async {
-        let metrics = Arc::new(Metrics::new(&id).map_err(Failure::Runtime)?);
+        let metrics = Arc::new(Metrics::new(&id).map_err(|e| Failure::Runtime(e.to_string()))?);
         let store = Store::new(&redis_url, config.redis.timeout, Some(metrics.clone()))
-            .map_err(Failure::Config)?;
+            .map_err(|e| Failure::Config(e.to_string()))?;
         let app = Arc::new(
             App::new(Settings {
                 id: id.clone(),
@@ -98,7 +99,7 @@ pub fn run(
                 max_tokens_per_user: config.backend.max_tokens_per_user,
                 metrics: metrics.clone(),
             })
-            .map_err(Failure::Config)?,
+            .map_err(|e| Failure::Config(e.to_string()))?,
         );
         // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
         let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (

@@ -700,3 +700,23 @@ pub fn unbrotli(bytes: &[u8]) -> Vec<u8> {
     brotli::BrotliDecompress(&mut &bytes[..], &mut plain).expect("brotli body");
     plain
 }
+
+/// Asserts the status, and that an error has the one error shape; returns the body (`Null` for
+/// an empty one).
+pub fn expect(response: reqwest::blocking::Response, status: u16, what: &str) -> Value {
+    let code = response.status().as_u16();
+    let request_id = response.headers().get("x-request-id").cloned();
+    let text = response.text().unwrap();
+    assert_eq!(code, status, "{what}: {text}");
+    if text.is_empty() {
+        return Value::Null;
+    }
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {text}"));
+    if status >= 400 {
+        assert!(body["error"].is_string(), "{what}: {body}");
+        assert!(body["message"].is_string(), "{what}: {body}");
+        let request_id = request_id.expect("x-request-id");
+        assert_eq!(body["request_id"], request_id.to_str().unwrap(), "{what}");
+    }
+    body
+}

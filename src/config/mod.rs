@@ -208,7 +208,7 @@ impl Backend {
             return Ok(None);
         };
         let bytes = secret.read(env)?;
-        gatehouse_backend::Tokens::new(&bytes, 1).map_err(|m| secret.error(m))?;
+        gatehouse_backend::Tokens::new(&bytes, 1).map_err(|e| secret.error(e.to_string()))?;
         Ok(Some(bytes))
     }
 
@@ -223,8 +223,8 @@ impl Backend {
         let password = String::from_utf8(secret.read(env)?)
             .map_err(|_| secret.error("the admin password is not UTF-8".into()))?;
         let (min, max) = (
-            gatehouse_backend::accounts::MIN_PASSWORD_CHARS,
-            gatehouse_backend::accounts::MAX_PASSWORD_CHARS,
+            gatehouse_backend::password::MIN_PASSWORD_CHARS,
+            gatehouse_backend::password::MAX_PASSWORD_CHARS,
         );
         let chars = password.chars().count();
         if !(min..=max).contains(&chars) {
@@ -990,6 +990,48 @@ impl Config {
             default_access_log: self.logging.access_log.clone(),
         }
     }
+}
+
+impl Tls {
+    /// Both files absent: `run` makes a development certificate, `check` says it will.
+    pub fn certificate_missing(&self) -> bool {
+        !self.cert.exists() && !self.key.exists()
+    }
+}
+
+/// Loads the config and checks what it names, without starting anything: what `gatehouse
+/// check` runs, and `run`, `reload` and the supervisor's reload and upgrade before they act.
+pub fn load_checked(file: &Path) -> Result<(Config, gatehouse_backend::Users), ConfigError> {
+    check(Config::load(file)?)
+}
+
+/// The checks beyond the file itself: the users file (someone must be able to log in), the
+/// secrets, and a configured certificate pair.
+pub fn check(config: Config) -> Result<(Config, gatehouse_backend::Users), ConfigError> {
+    let users = gatehouse_backend::Users::load(&config.backend.users_file)
+        .map_err(|e| config.error_at("backend.users_file", e.to_string()))?;
+    // Redis is seeded from these whenever it has no users: with nobody to seed, nobody could
+    // ever log in.
+    if users.is_empty() && config.backend.admin_password.is_none() {
+        return Err(config.error_at(
+            "backend.users_file",
+            format!(
+                "{} has no users and no admin password is set (backend.admin_password_file \
+                 or {ENV_ADMIN_PASSWORD_FILE}): nobody could log in; add a user, or set the \
+                 admin password",
+                config.backend.users_file.display(),
+            ),
+        ));
+    }
+    // The secrets are read here and by the backends, never by the proxy.
+    config.backend.jwt_secret(&process_env)?;
+    config.backend.admin_password(&process_env)?;
+    if let Some(tls) = &config.tls
+        && !tls.certificate_missing()
+    {
+        crate::certs::validate(&tls.cert, &tls.key).map_err(|e| config.error_at("tls.cert", e))?;
+    }
+    Ok((config, users))
 }
 
 /// A listen address from its environment override, or else from the file.

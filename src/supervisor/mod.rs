@@ -147,7 +147,8 @@ async fn run_group(config: Config) -> Result<i32, String> {
         .url
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
-    let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
+    let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)
+        .map_err(|e| e.to_string())?;
     let metrics_file = config.runtime_dir.join(gatehouse_proxy::SUPERVISOR_METRICS);
     let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
 
@@ -261,7 +262,7 @@ async fn reload(
     members: &Members,
     applied: &std::cell::RefCell<BackendInputs>,
 ) -> bool {
-    let fresh = match crate::validate_file(&running.file) {
+    let fresh = match config::load_checked(&running.file) {
         Ok((fresh, _)) => fresh,
         Err(error) => {
             tracing::error!(%error, "reload refused; the running configuration is unchanged");
@@ -354,7 +355,7 @@ async fn rolling_restart(backends: &[Running], config: &Config) -> Result<(), St
 /// proxy takes the listening sockets over from the old one, which finishes its requests and
 /// exits; then the backends restart one at a time on the new binary.
 async fn upgrade(config: &Config, members: &Members) {
-    if let Err(error) = crate::validate_file(&config.file) {
+    if let Err(error) = config::load_checked(&config.file) {
         tracing::error!(%error, "upgrade refused: the config does not pass the check; nothing changed");
         return;
     }
