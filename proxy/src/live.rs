@@ -61,8 +61,8 @@ impl Live {
             Some(metrics) => metrics.access.clone(),
             None => AccessCounters::new()?,
         };
+        // Started only once the routes are built: a reload that fails opens no file.
         let access_log = access_log(settings, metrics, previous)?;
-        // Built before anything is opened or started: a reload that fails leaves no trace.
         let observer = |name: &str, target: Option<&LogTarget>| {
             Observer::new(name, metrics.map(Arc::as_ref), access_log.as_ref(), target)
         };
@@ -89,9 +89,7 @@ impl Live {
             access_log,
         })
     }
-}
 
-impl Live {
     /// Waits until the access log has written every line so far: the process is about to exit.
     pub fn flush_access_log(&self) {
         if let Some(log) = &self.access_log {
