@@ -230,7 +230,13 @@ pub fn may_end(buf: &[u8], from: usize) -> bool {
         return true;
     }
     let tail = &buf[from.saturating_sub(2).max(blank).min(buf.len())..];
-    tail.windows(2).any(|w| w == b"\n\n") || tail.windows(3).any(|w| w == b"\n\r\n")
+    // Jumping from LF to LF (memchr) rather than sliding a window over every byte: this runs
+    // on every request, and the header (a bearer token, cookies) is mostly not LF.
+    memchr::memchr_iter(b'\n', tail).any(|i| match tail.get(i + 1) {
+        Some(b'\n') => true,
+        Some(b'\r') => tail.get(i + 2) == Some(&b'\n'),
+        _ => false,
+    })
 }
 
 /// CR and LF bytes a request may start with (RFC 9112, 2.2: a server should ignore at least
@@ -247,9 +253,7 @@ fn leading_blank(buf: &[u8]) -> usize {
 }
 
 fn has_bare_lf(raw: &[u8]) -> bool {
-    raw.iter()
-        .enumerate()
-        .any(|(i, &b)| b == b'\n' && (i == 0 || raw[i - 1] != b'\r'))
+    memchr::memchr_iter(b'\n', raw).any(|i| i == 0 || raw[i - 1] != b'\r')
 }
 
 #[cfg(test)]
@@ -268,6 +272,31 @@ mod tests {
         tls_handshake_timeout: std::time::Duration::from_secs(1),
         max_upstream_requests_per_client: 10,
     };
+
+    #[test]
+    fn the_lf_search_finds_what_a_byte_by_byte_scan_finds() {
+        // Every string of up to 7 bytes over the alphabet that matters, from every start.
+        let alphabet = [b'\r', b'\n', b'a'];
+        for len in 0..=7u32 {
+            for n in 0..3usize.pow(len) {
+                let buf: Vec<u8> = (0..len).map(|k| alphabet[n / 3usize.pow(k) % 3]).collect();
+                for from in 0..=buf.len() {
+                    let blank = leading_blank(&buf);
+                    let plain = blank > MOST_LEADING_BLANK || {
+                        let tail = &buf[from.saturating_sub(2).max(blank).min(buf.len())..];
+                        tail.windows(2).any(|w| w == b"\n\n")
+                            || tail.windows(3).any(|w| w == b"\n\r\n")
+                    };
+                    assert_eq!(may_end(&buf, from), plain, "{buf:?} from {from}");
+                }
+                let bare = buf
+                    .iter()
+                    .enumerate()
+                    .any(|(i, &b)| b == b'\n' && (i == 0 || buf[i - 1] != b'\r'));
+                assert_eq!(has_bare_lf(&buf), bare, "{buf:?}");
+            }
+        }
+    }
 
     #[test]
     fn a_header_may_end_only_where_an_empty_line_could_be() {
