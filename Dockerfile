@@ -64,7 +64,7 @@ EXPOSE 8080 8443
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["gatehouse", "healthcheck"]
 # SIGTERM (the default, said here because the group depends on it): the proxy drains, then
-# the backends; allow it proxy.shutdown_grace_seconds and more (compose: stop_grace_period).
+# the backends; allow it proxy.shutdown_grace and more (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["gatehouse"]
 CMD ["run"]

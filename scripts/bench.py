@@ -145,12 +145,12 @@ def wait_for(url, log, timeout=60):
     sys.exit(f"bench: {url} did not come up\n{tail}")
 
 
-def gatehouse_config(work, http, https, backends, admin=None, access_log="", proxy_extra=""):
+def gatehouse_config(work, http, https, backends, admin=None, access_log="off", proxy_extra=""):
     """`admin`: the admin listener's port (None: off, and no metrics kept); `access_log`: a
-    file for every route's access log ("" for none, like the nginx side); `proxy_extra`: more
-    lines for [proxy]."""
+    file for every route's access log ("off" for none, like the nginx side); `proxy_extra`:
+    more lines for [proxy]."""
     static = work / "static"
-    admin_listen = f"127.0.0.1:{admin}" if admin else ""
+    admin_listen = f"127.0.0.1:{admin}" if admin else "off"
     return f"""
 [admin]
 listen = "{admin_listen}"
@@ -160,9 +160,11 @@ access_log = "{access_log}"
 
 [proxy]
 listen = "127.0.0.1:{http}"
-# Benchmarks measure work, not throttling.
-default_rate_limit = "none"
 {proxy_extra}
+
+[access]
+# Benchmarks measure work, not throttling.
+default_rate_limit = "off"
 
 [tls]
 listen = "127.0.0.1:{https}"
@@ -434,7 +436,7 @@ def start_group(binary, work, name, backends, admin, access_log, threads=None):
     home.mkdir()
     http, https = free_port(), free_port()
     config = home / "gatehouse.toml"
-    text = gatehouse_config(work, http, https, backends, admin, access_log, threads_line(threads))
+    text = gatehouse_config(work, http, https, backends, admin, access_log or "off", threads_line(threads))
     config.write_text(text.replace(f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
     env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
     log = open(home / "gatehouse.log", "w")

@@ -55,11 +55,15 @@ def side_config(work, name, threads, redis_socket):
     """A config of its own per side (its ports and threads), with the runtime directory, and so
     the backend sockets, shared. Returns (file, http port, https port)."""
     http, https = bench.free_port(), bench.free_port()
-    extra = "# Health checks tick with time, not requests: out of the count.\nhealth_check_interval_ms = 3600000"
-    if threads is not None:
-        extra += f"\nthreads = {threads}"
-    text = bench.gatehouse_config(work, http, https, BACKENDS, proxy_extra=extra)
-    text += f'\n[redis]\nurl = "unix://{redis_socket}"\n'
+    text = bench.gatehouse_config(work, http, https, BACKENDS, proxy_extra=bench.threads_line(threads))
+    text += f"""
+[redis]
+url = "unix://{redis_socket}"
+
+[upstream]
+# Health checks tick with time, not with requests: out of the count.
+health_check_interval = "1h"
+"""
     config = work / f"{name}.toml"
     config.write_text(text)
     return config, http, https

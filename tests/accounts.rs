@@ -636,7 +636,7 @@ fn the_login_guard_counts_per_user_and_per_address_across_backends() {
         backends: 3,
         backend_extra: format!(
             "login_max_failures_per_user_per_ip = 3\nlogin_max_failures_per_ip = 6\n\
-             login_failure_window_seconds = {window}\n"
+             login_failure_window = \"{window}s\"\n"
         ),
         ..Options::default()
     });

@@ -45,7 +45,7 @@ fn guarded_group(extra: &str) -> (tempfile::TempDir, Redis, Group) {
     let group = Group::start(Options {
         backends: 2,
         redis_url: Some(redis.url()),
-        backend_extra: format!("login_failure_window_seconds = 60\n{extra}"),
+        backend_extra: format!("login_failure_window = \"60s\"\n{extra}"),
         ..Options::default()
     });
     (dir, redis, group)
@@ -196,7 +196,7 @@ fn closed_within(stream: &mut UnixStream, limit: Duration) -> Option<Duration> {
 
 #[test]
 fn a_slow_header_is_cut_at_the_deadline_while_others_are_served() {
-    let group = limited_group("header_timeout_ms = 1000\n");
+    let group = limited_group("header_timeout = \"1s\"\n");
     let socket = socket(&group);
     // A header trickled one byte every 100 ms never ends; nor does a silent connection's.
     let connected = Instant::now();
@@ -380,8 +380,8 @@ fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
     let group = Group::start(Options {
         backends: 1,
         tls: false,
-        proxy_extra: "upstream_max_connections = 1".into(),
-        backend_extra: format!("max_connections = {cap}\nheader_timeout_ms = 1000\n"),
+        keys: "upstream.max_connections = 1".into(),
+        backend_extra: format!("max_connections = {cap}\nheader_timeout = \"1s\"\n"),
         ..Options::default()
     });
     let socket = socket(&group);
@@ -507,7 +507,7 @@ fn a_body_that_trickles_in_gets_408_at_the_deadline_while_others_log_in() {
     let group = Group::start(Options {
         backends: 1,
         tls: false,
-        backend_extra: "body_timeout_ms = 1500\n".into(),
+        backend_extra: "body_timeout = \"1500ms\"\n".into(),
         ..Options::default()
     });
     // Through the proxy: it passes the body on as it comes, each byte well within its own
