@@ -8,8 +8,10 @@ under `valgrind --tool=callgrind`, and for each scenario sends `oha -n SMALL` an
 each. Instructions per request = (Ir(BIG) - Ir(SMALL)) / (BIG - SMALL): what a run costs
 whatever its size (connections and TLS handshakes, the warm-up of a path) cancels out. Ir counts
 every thread of the proxy, in its own code and the libraries it calls, not the kernel's work
-(bench.py's sys CPU and syscall counts are for that). The health checks, which tick with time
-rather than with requests, are slowed to once an hour here so they do not count.
+(bench.py's sys CPU and syscall counts are for that). What ticks with time rather than with
+requests would count in proportion to how slowly the machine ran: the health checks are slowed
+to once an hour here, and what the proxy spends per second idle (Pingora's timer thread wakes
+every 10 ms) is measured first and taken off each run in proportion to its length.
 
     scripts/callgrind.py                    # every scenario, this build
     scripts/callgrind.py --quick            # tiny counts, /api/ping only: a smoke run
@@ -97,12 +99,22 @@ class Counted:
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True)
 
     def count(self, run):
-        """Instructions spent in `run()`."""
+        """(Instructions, seconds) of `run()`. Zeroing and dumping take a moment each, the same
+        for every run, so the differences of two runs' figures are exact."""
         self.control("-z")
+        started = time.monotonic()
         run()
+        seconds = time.monotonic() - started
         self.control("-d")
         self.dumps += 1
-        return callgrind_total(self.out_dir / f"{self.name}.callgrind.{self.proc.pid}.{self.dumps}")
+        return callgrind_total(self.out_dir / f"{self.name}.callgrind.{self.proc.pid}.{self.dumps}"), seconds
+
+    def idle_rate(self):
+        """Instructions per second spent with no request at all: Pingora's timer thread, which
+        wakes every 10 ms whatever the load."""
+        short, short_seconds = self.count(lambda: time.sleep(1))
+        long, long_seconds = self.count(lambda: time.sleep(4))
+        return (long - short) / (long_seconds - short_seconds)
 
     def stop(self):
         # SIGINT: the fast shutdown, without the grace period's idle ticks.
@@ -121,27 +133,35 @@ def drive(requests, connections, args, url, label, out_file):
 
 
 def measure_side(opts, name, binary, config, http, https, scenarios, token):
-    """({scenario: (Ir per request, Ir of the small run, Ir of the big run)}, token) for one
-    proxy; logs in (through it) unless given a token."""
+    """({scenario: Ir per request}, idle Ir per second, token) for one proxy; logs in (through
+    it) unless given a token.
+
+    A run under callgrind takes many times longer than without, and what the proxy spends
+    per second of wall time (its idle rate) would count in proportion to how slowly the machine
+    ran that run; so each run's idle share (idle rate x its seconds) is taken off."""
     proxy = Counted(binary, config, http, opts.out, name)
     found = {}
     try:
         token = token or bench.login_token(http)
+        idle = proxy.idle_rate()
         for key in scenarios:
             label, args, scheme, path = SCENARIOS[key]
             args = [a.replace("{token}", token) for a in args]
             url = f"{scheme}://127.0.0.1:{http if scheme == 'http' else https}{path}"
             raw = opts.out / "raw"
             drive(opts.warmup, opts.connections, args, url, label, raw / f"{name}-{key}-warmup.json")
-            started = time.time()
-            small = proxy.count(lambda: drive(opts.small, opts.connections, args, url, label, raw / f"{name}-{key}-small.json"))
-            big = proxy.count(lambda: drive(opts.big, opts.connections, args, url, label, raw / f"{name}-{key}-big.json"))
-            found[key] = ((big - small) / (opts.big - opts.small), small, big)
-            print(f"callgrind: {name} {label}: {found[key][0]:,.0f} Ir/request "
-                  f"({time.time() - started:.0f} s)", file=sys.stderr)
+            small, small_seconds = proxy.count(
+                lambda: drive(opts.small, opts.connections, args, url, label, raw / f"{name}-{key}-small.json"))
+            big, big_seconds = proxy.count(
+                lambda: drive(opts.big, opts.connections, args, url, label, raw / f"{name}-{key}-big.json"))
+            busy = (big - idle * big_seconds) - (small - idle * small_seconds)
+            found[key] = busy / (opts.big - opts.small)
+            print(f"callgrind: {name} {label}: {found[key]:,.0f} Ir/request (uncorrected "
+                  f"{(big - small) / (opts.big - opts.small):,.0f}; runs of {small_seconds:.0f} s and "
+                  f"{big_seconds:.0f} s; idle {idle:,.0f} Ir/s)", file=sys.stderr)
     finally:
         proxy.stop()
-    return found, token
+    return found, idle, token
 
 
 def main():
@@ -183,7 +203,7 @@ def main():
 
     work = Path(tempfile.mkdtemp(prefix="gatehouse-callgrind-"))
     processes = []
-    results = {}
+    results, idles = {}, {}
     try:
         bench.copy_static(work)
         (work / "run").mkdir()
@@ -207,7 +227,8 @@ def main():
         token = None
         for name, (side_binary, _) in sides.items():
             config, http, https = configs[name]
-            results[name], token = measure_side(opts, name, side_binary, config, http, https, scenarios, token)
+            results[name], idles[name], token = measure_side(
+                opts, name, side_binary, config, http, https, scenarios, token)
     finally:
         for proc in processes:
             proc.send_signal(signal.SIGTERM)
@@ -224,16 +245,17 @@ def main():
     lines = [
         f"`scripts/callgrind.py{''.join(f' {arg}' for arg in sys.argv[1:])}`: proxy instructions (Ir) per "
         f"request = (Ir of {opts.big:,} requests - Ir of {opts.small:,}) / {opts.big - opts.small:,}, "
-        f"oha -c {opts.connections}; {described}.",
+        f"oha -c {opts.connections}, each run's idle share taken off (idle Ir/s: "
+        + ", ".join(f"{n} {idles[n]:,.0f}" for n in names) + f"); {described}.",
         "",
         "| scenario | " + " | ".join(f"Ir/req {n}" for n in names)
         + (f" | {names[0]}/{names[1]} |" if len(names) == 2 else " |"),
         "|---" * (len(names) + 1 + (len(names) == 2)) + "|",
     ]
     for key in scenarios:
-        row = [SCENARIOS[key][0]] + [f"{results[n][key][0]:,.0f}" for n in names]
+        row = [SCENARIOS[key][0]] + [f"{results[n][key]:,.0f}" for n in names]
         if len(names) == 2:
-            row.append(f"{results[names[0]][key][0] / results[names[1]][key][0]:.4f}x")
+            row.append(f"{results[names[0]][key] / results[names[1]][key]:.4f}x")
         lines.append("| " + " | ".join(row) + " |")
     table = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(table)
