@@ -341,6 +341,7 @@ def syscall_pass(opts, targets, scenarios, connections, out_dir, prefix=""):
             port = http if scheme == "http" else https
             url = f"{scheme}://127.0.0.1:{port}{path}"
             out_file = out_dir / f"{prefix}strace-s{index}-{name}.txt"
+            settle(http)
             found[(label, name)] = strace_counts(
                 pids, ["-n", str(opts.syscalls), "-c", str(connections), *args], url, label, out_file)
     return found
@@ -386,6 +387,13 @@ def load_words(opts, connections, duration):
 
 def rps_cell(opts, rps):
     return f"{rps:,.0f}" + ("*" if opts.rate and rps < 0.95 * opts.rate else "")
+
+
+def settle(http_port):
+    """Waits until the server answers a static page again. A run ends with requests still in
+    flight; when they are slow (nginx's basic auth hashes the password each time, 0.1 s of CPU
+    or more), they would eat into the next run."""
+    wait_for(f"http://127.0.0.1:{http_port}/", Path(os.devnull), timeout=120)
 
 
 def copy_static(work):
@@ -476,6 +484,7 @@ def side_by_side(opts, sides, scenarios, title, file_name):
                     run_id = f"{file_name}-r{round_no}-s{index}-{name}"
                     port = http if scheme == "http" else https
                     url = f"{scheme}://127.0.0.1:{port}{path}"
+                    settle(http)
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
         calls = syscall_pass(opts, groups, scenarios(token), connections, raw, f"{file_name}-")
         logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, _) in sides.items() if log}
@@ -677,6 +686,7 @@ def main():
                     port = http if scheme == "http" else https
                     url = f"{scheme}://127.0.0.1:{port}{path}"
                     run_id = f"r{round_no}-s{index}-{name}"
+                    settle(http)
                     results.setdefault((label, name), []).append(
                         measure(label, base + args, url, pids, raw, run_id, groups[name])
                     )
