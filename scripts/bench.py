@@ -328,9 +328,11 @@ def strace_counts(pids, args, url, label, out_file):
     return calls
 
 
-def syscall_pass(opts, targets, scenarios, connections, out_dir, prefix=""):
+def syscall_pass(opts, targets, scenarios, connections, out_dir, results, prefix=""):
     """One strace run per scenario and side (`targets`: name -> (http port, https port, edge
-    pids)); returns {(label, name): {syscall: calls per request}}."""
+    pids)); returns {(label, name): {syscall: calls per request}}. Each run sends `--syscalls`
+    requests, or what the side served in 2 s of the timed runs when that is fewer (nginx's
+    /close/ hashes a password per request: 5,000 would take minutes), at least 200."""
     if not opts.syscalls:
         return {}
     if not shutil.which("strace"):
@@ -342,8 +344,9 @@ def syscall_pass(opts, targets, scenarios, connections, out_dir, prefix=""):
             url = f"{scheme}://127.0.0.1:{port}{path}"
             out_file = out_dir / f"{prefix}strace-s{index}-{name}.txt"
             settle(http)
+            requests = max(200, min(opts.syscalls, int(2 * median_of(results, label, name, "rps"))))
             found[(label, name)] = strace_counts(
-                pids, ["-n", str(opts.syscalls), "-c", str(connections), *args], url, label, out_file)
+                pids, ["-n", str(requests), "-c", str(connections), *args], url, label, out_file)
     return found
 
 
@@ -486,7 +489,7 @@ def side_by_side(opts, sides, scenarios, title, file_name):
                     url = f"{scheme}://127.0.0.1:{port}{path}"
                     settle(http)
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
-        calls = syscall_pass(opts, groups, scenarios(token), connections, raw, f"{file_name}-")
+        calls = syscall_pass(opts, groups, scenarios(token), connections, raw, results, f"{file_name}-")
         logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, _) in sides.items() if log}
     finally:
         stop_all(processes, work)
@@ -690,7 +693,7 @@ def main():
                     results.setdefault((label, name), []).append(
                         measure(label, base + args, url, pids, raw, run_id, groups[name])
                     )
-        calls = syscall_pass(opts, servers, scenarios, connections, raw)
+        calls = syscall_pass(opts, servers, scenarios, connections, raw, results)
         ceiling = measure(
             "ceiling", base + ["--unix-socket", str(backend_socket)], "http://localhost/api/ping",
             [p for p in members if "backend-1.sock" in cmdline(p)], raw, "ceiling",

@@ -4,14 +4,15 @@
 Timed benchmarks (scripts/bench.py) move by 10-20% with whatever else the machine runs; an
 instruction count does not. This starts Redis and the backends natively, then the proxy alone
 under `valgrind --tool=callgrind`, and for each scenario sends `oha -n SMALL` and then
-`oha -n BIG` requests (after a warm-up), with callgrind's counters zeroed before and dumped after
-each. Instructions per request = (Ir(BIG) - Ir(SMALL)) / (BIG - SMALL): what a run costs
-whatever its size (connections and TLS handshakes, the warm-up of a path) cancels out. Ir counts
-every thread of the proxy, in its own code and the libraries it calls, not the kernel's work
-(bench.py's sys CPU and syscall counts are for that). What ticks with time rather than with
-requests would count in proportion to how slowly the machine ran: the health checks are slowed
-to once an hour here, and what the proxy spends per second idle (Pingora's timer thread wakes
-every 10 ms) is measured first and taken off each run in proportion to its length.
+`oha -n BIG` requests (after a warm-up) at a fixed rate (see `drive`), with callgrind's
+counters zeroed before and dumped after each. Instructions per request =
+(Ir(BIG) - Ir(SMALL)) / (BIG - SMALL): what a run costs whatever its size (connections and TLS
+handshakes, the warm-up of a path) cancels out. Ir counts every thread of the proxy, in its own
+code and the libraries it calls, not the kernel's work (bench.py's sys CPU and syscall counts
+are for that). What ticks with time rather than with requests would count in proportion to how
+slowly the machine ran: the health checks and the static files' comparison with the disk are
+slowed to once an hour here, and what the proxy spends per second idle (Pingora's timer thread
+wakes every 10 ms) is measured first and taken off each run in proportion to its length.
 
     scripts/callgrind.py                    # every scenario, this build
     scripts/callgrind.py --quick            # tiny counts, /api/ping only: a smoke run
@@ -19,7 +20,7 @@ every 10 ms) is measured first and taken off each run in proportion to its lengt
     scripts/callgrind.py --baseline OTHER   # this build against another gatehouse binary
     scripts/callgrind.py --baseline target/release/gatehouse  # the same binary twice: the noise
     scripts/callgrind.py --threads 1 --baseline-threads 0     # proxy.threads 1 against default
-    scripts/callgrind.py --scenarios ping,static --small 2000 --big 12000 -c 2
+    scripts/callgrind.py --scenarios ping,static --small 500 --big 3000 -c 2 --rate 100
 
 Differences above 1% between two builds are real (two runs of one build agree within a fraction
 of that); decide a change by these counts first and by bench.py's timed ratios second.
@@ -65,6 +66,10 @@ url = "unix://{redis_socket}"
 [upstream]
 # Health checks tick with time, not with requests: out of the count.
 health_check_interval = "1h"
+
+[static]
+# So does comparing a held file with the disk (a stat on a blocking thread, once a second).
+check_interval = "1h"
 """
     config = work / f"{name}.toml"
     config.write_text(text)
@@ -125,8 +130,13 @@ class Counted:
             self.proc.kill()
 
 
-def drive(requests, connections, args, url, label, out_file):
-    data, _ = bench.oha(["-n", str(requests), "-c", str(connections), *args], url, out_file)
+def drive(opts, requests, args, url, label, out_file):
+    """`requests` at `--rate` per second: Pingora files each timeout in a 10 ms slot of its timer
+    wheel, and requests that share a slot share its cost, so the instructions per request
+    depend on the rate. A rate well under what the proxy manages under callgrind (a few
+    hundred a second) keeps it the same for every run, however fast the machine."""
+    rate = ["-q", str(opts.rate)] if opts.rate else []
+    data, _ = bench.oha(["-n", str(requests), "-c", str(opts.connections), *rate, *args], url, out_file)
     served = bench.served_ok(data, label, url)
     if served != requests:
         sys.exit(f"callgrind: {label}: {served} responses to {requests} requests")
@@ -149,11 +159,11 @@ def measure_side(opts, name, binary, config, http, https, scenarios, token):
             args = [a.replace("{token}", token) for a in args]
             url = f"{scheme}://127.0.0.1:{http if scheme == 'http' else https}{path}"
             raw = opts.out / "raw"
-            drive(opts.warmup, opts.connections, args, url, label, raw / f"{name}-{key}-warmup.json")
+            drive(opts, opts.warmup, args, url, label, raw / f"{name}-{key}-warmup.json")
             small, small_seconds = proxy.count(
-                lambda: drive(opts.small, opts.connections, args, url, label, raw / f"{name}-{key}-small.json"))
+                lambda: drive(opts, opts.small, args, url, label, raw / f"{name}-{key}-small.json"))
             big, big_seconds = proxy.count(
-                lambda: drive(opts.big, opts.connections, args, url, label, raw / f"{name}-{key}-big.json"))
+                lambda: drive(opts, opts.big, args, url, label, raw / f"{name}-{key}-big.json"))
             busy = (big - idle * big_seconds) - (small - idle * small_seconds)
             found[key] = busy / (opts.big - opts.small)
             print(f"callgrind: {name} {label}: {found[key]:,.0f} Ir/request (uncorrected "
@@ -178,9 +188,11 @@ def main():
                         help="proxy.threads of the baseline's proxy (alone: this build against itself)")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of: {', '.join(SCENARIOS)}")
-    parser.add_argument("--small", type=int, default=2000, help="requests of the small run")
-    parser.add_argument("--big", type=int, default=12000, help="requests of the big run")
-    parser.add_argument("--warmup", type=int, default=200, help="requests before counting, per scenario")
+    parser.add_argument("--small", type=int, default=500, help="requests of the small run")
+    parser.add_argument("--big", type=int, default=3000, help="requests of the big run")
+    parser.add_argument("--warmup", type=int, default=100, help="requests before counting, per scenario")
+    parser.add_argument("--rate", type=int, default=100,
+                        help="requests per second offered (oha -q; 0: as fast as the proxy answers)")
     parser.add_argument("-c", "--connections", type=int, default=2, help="oha's concurrent connections")
     opts = parser.parse_args()
     if opts.quick:
@@ -245,7 +257,7 @@ def main():
     lines = [
         f"`scripts/callgrind.py{''.join(f' {arg}' for arg in sys.argv[1:])}`: proxy instructions (Ir) per "
         f"request = (Ir of {opts.big:,} requests - Ir of {opts.small:,}) / {opts.big - opts.small:,}, "
-        f"oha -c {opts.connections}, each run's idle share taken off (idle Ir/s: "
+        f"oha -c {opts.connections} -q {opts.rate}, each run's idle share taken off (idle Ir/s: "
         + ", ".join(f"{n} {idles[n]:,.0f}" for n in names) + f"); {described}.",
         "",
         "| scenario | " + " | ".join(f"Ir/req {n}" for n in names)
