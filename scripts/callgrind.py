@@ -22,8 +22,11 @@ wakes every 10 ms) is measured first and taken off each run in proportion to its
     scripts/callgrind.py --threads 1 --baseline-threads 0     # proxy.threads 1 against default
     scripts/callgrind.py --scenarios ping,static --small 500 --big 3000 -c 2 --rate 100
 
-Differences above 1% between two builds are real (two runs of one build agree within a fraction
-of that); decide a change by these counts first and by bench.py's timed ratios second.
+Two processes of one build agree within about 2% (0.2-2.0% by path in one pair; where the
+spread between processes comes from is not yet known): run the build against itself
+(`--baseline` of the same binary) to see the noise of the paths a change touches, and trust
+differences above it. Decide a change by these counts first and by bench.py's timed ratios
+second.
 Raw callgrind dumps (for callgrind_annotate) go to the output directory.
 
 Needs valgrind, oha (cargo install oha --locked) and what gatehouse itself needs.
