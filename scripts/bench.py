@@ -330,7 +330,7 @@ def strace_counts(pids, args, url, label, out_file):
 
 def syscall_pass(opts, targets, scenarios, connections, out_dir, results, prefix=""):
     """One strace run per scenario and side (`targets`: name -> (http port, https port, edge
-    pids)); returns {(label, name): {syscall: calls per request}}. Each run sends `--syscalls`
+    pids); `scenarios`: one list for all, or name -> list); returns {(label, name): {syscall: calls per request}}. Each run sends `--syscalls`
     requests, or what the side served in 2 s of the timed runs when that is fewer (nginx's
     /close/ hashes a password per request: 5,000 would take minutes), at least 200."""
     if not opts.syscalls:
@@ -338,8 +338,9 @@ def syscall_pass(opts, targets, scenarios, connections, out_dir, results, prefix
     if not shutil.which("strace"):
         sys.exit("bench: strace not found (apt-get install strace), or pass --syscalls 0")
     found = {}
-    for index, (label, args, scheme, path) in enumerate(scenarios):
+    for index in range(len(next(iter(scenarios.values())) if isinstance(scenarios, dict) else scenarios)):
         for name, (http, https, pids) in targets.items():
+            label, args, scheme, path = (scenarios[name] if isinstance(scenarios, dict) else scenarios)[index]
             port = http if scheme == "http" else https
             url = f"{scheme}://127.0.0.1:{port}{path}"
             out_file = out_dir / f"{prefix}strace-s{index}-{name}.txt"
@@ -478,18 +479,21 @@ def side_by_side(opts, sides, scenarios, title, file_name):
             group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log, threads)
             processes.append(group)
             groups[name] = (http, https, proxy)
-        token = login_token(next(iter(groups.values()))[0])
+        # A token each: a group's sessions live in its own Redis.
+        token = {name: login_token(http) for name, (http, _, _) in groups.items()}
         base = load_args(opts, duration, connections)
         results = {}
         for round_no in range(rounds):
-            for index, (label, args, scheme, path) in enumerate(scenarios(token)):
+            for index in range(len(scenarios(""))):
                 for name, (http, https, pids) in groups.items():
+                    label, args, scheme, path = scenarios(token[name])[index]
                     run_id = f"{file_name}-r{round_no}-s{index}-{name}"
                     port = http if scheme == "http" else https
                     url = f"{scheme}://127.0.0.1:{port}{path}"
                     settle(http)
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
-        calls = syscall_pass(opts, groups, scenarios(token), connections, raw, results, f"{file_name}-")
+        calls = syscall_pass(opts, groups, {name: scenarios(token[name]) for name in groups}, connections, raw,
+                             results, f"{file_name}-")
         logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, _) in sides.items() if log}
     finally:
         stop_all(processes, work)
@@ -505,7 +509,7 @@ def side_by_side(opts, sides, scenarios, title, file_name):
         f"| user us/req {a} | {b} | sys us/req {a} | {b} | ctx sw/req {a} | {b} |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in scenarios(token):
+    for label, *_ in scenarios(""):
         ra, rb = (med(label, n, "rps") for n in (a, b))
         ca, cb = (med(label, n, "cpu_us") for n in (a, b))
         lines.append(
@@ -515,7 +519,7 @@ def side_by_side(opts, sides, scenarios, title, file_name):
             f"{med(label, a, 'sys_us'):.1f} | {med(label, b, 'sys_us'):.1f} | "
             f"{switches_cell(results, label, a)} | {switches_cell(results, label, b)} |"
         )
-    lines += syscall_table(calls, (a, b), scenarios(token))
+    lines += syscall_table(calls, (a, b), scenarios(""))
     table = "\n".join(lines) + "\n"
     (opts.out / f"{file_name}.md").write_text(table)
     print(table)
