@@ -66,7 +66,14 @@ impl From<gatehouse_backend::StartError> for Error {
     }
 }
 
-/// The proxy crate's errors, which are text.
+/// The proxy crate's errors: reported as they are, at exit 1.
+impl From<gatehouse_proxy::BuildError> for Error {
+    fn from(error: gatehouse_proxy::BuildError) -> Self {
+        Error::Runtime(error.to_string())
+    }
+}
+
+/// Text errors (the proxy's settings loader).
 impl From<String> for Error {
     fn from(message: String) -> Self {
         Error::Runtime(message)

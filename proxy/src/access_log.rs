@@ -26,6 +26,8 @@ use std::{
 use prometheus::IntCounter;
 use serde::Serialize;
 
+use crate::error::BuildError;
+
 /// Where a log goes.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LogTarget {
@@ -71,69 +73,76 @@ pub struct AccessLog {
     targets: Vec<LogTarget>,
     format: Format,
     sender: SyncSender<Record>,
+    /// The channel's other end, until [`AccessLog::start`] hands it to the writer.
+    receiver: Mutex<Option<Receiver<Record>>>,
     reopen: Arc<AtomicBool>,
     dropped: IntCounter,
     /// Turns of the writer's loop, each one a full drain and flush.
     turns: Arc<AtomicU64>,
 }
 
-/// The process's access log (the latest, after a reload), for [`flush_before_exit`].
-static RUNNING: Mutex<Option<Arc<AccessLog>>> = Mutex::new(None);
-
-/// Waits (at most a second) until every line logged so far is written: the process is about
-/// to exit, and the writer thread would die with the last lines still queued.
-pub fn flush_before_exit() {
-    let Some(log) = RUNNING.lock().ok().and_then(|l| l.clone()) else {
-        return;
-    };
-    let start = log.turns.load(Ordering::Acquire);
-    let deadline = Instant::now() + Duration::from_secs(1);
-    // Two turns: the one in progress may have started before the last lines came in.
-    while log.turns.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(5));
-    }
-}
-
 impl AccessLog {
-    /// Opens every target (an error names the file) and starts the writer thread.
-    pub fn start(
-        targets: Vec<LogTarget>,
-        format: Format,
-        dropped: IntCounter,
-    ) -> Result<Arc<Self>, String> {
-        let sinks = targets
+    /// A log of `targets`, not writing yet: [`AccessLog::start`] opens the files, once
+    /// everything else a reload builds has been built.
+    pub fn new(targets: Vec<LogTarget>, format: Format, dropped: IntCounter) -> Arc<Self> {
+        let (sender, receiver) = sync_channel(QUEUE);
+        Arc::new(Self {
+            targets,
+            format,
+            sender,
+            receiver: Mutex::new(Some(receiver)),
+            reopen: Arc::new(AtomicBool::new(false)),
+            dropped,
+            turns: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    /// Opens every target (an error names the file) and starts the writer thread; a log
+    /// already started is left as it is.
+    pub fn start(&self) -> Result<(), BuildError> {
+        let mut receiver = self.receiver.lock().unwrap_or_else(|e| e.into_inner());
+        if receiver.is_none() {
+            return Ok(());
+        }
+        let sinks = self
+            .targets
             .iter()
             .cloned()
             .map(Sink::open)
             .collect::<Result<Vec<_>, _>>()?;
-        let (sender, receiver) = sync_channel(QUEUE);
-        let reopen = Arc::new(AtomicBool::new(false));
-        let turns = Arc::new(AtomicU64::new(0));
         let writer = Writer {
             sinks,
-            format,
-            reopen: reopen.clone(),
-            turns: turns.clone(),
+            format: self.format,
+            reopen: self.reopen.clone(),
+            turns: self.turns.clone(),
             failing: false,
-            lost: dropped.clone(),
+            lost: self.dropped.clone(),
             stamps: Stamps::default(),
+        };
+        let Some(lines) = receiver.take() else {
+            return Ok(());
         };
         std::thread::Builder::new()
             .name("access-log".into())
-            .spawn(move || writer.run(receiver))
-            .map_err(|e| format!("cannot start the access log writer: {e}"))?;
-        let log = Arc::new(Self {
-            targets,
-            format,
-            sender,
-            reopen,
-            dropped,
-            turns,
-        });
-        if let Ok(mut running) = RUNNING.lock() {
-            *running = Some(log.clone());
+            .spawn(move || writer.run(lines))
+            .map_err(BuildError::AccessLogWriter)?;
+        Ok(())
+    }
+
+    /// Waits (at most a second) until every line logged so far is written: the process is
+    /// about to exit, and the writer thread would die with the last lines still queued.
+    pub fn flush_before_exit(&self) {
+        let start = self.turns.load(Ordering::Acquire);
+        let deadline = Instant::now() + Duration::from_secs(1);
+        // Two turns: the one in progress may have started before the last lines came in.
+        while self.turns.load(Ordering::Acquire) < start + 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
-        Ok(log)
+    }
+
+    /// Where `target` is in the list this log was started with: what a [`Record`] names.
+    pub fn target_index(&self, target: &LogTarget) -> Option<usize> {
+        self.targets.iter().position(|t| t == target)
     }
 
     /// Whether this log writes exactly these files in this format (a reload keeps it then).
@@ -160,7 +169,7 @@ enum Sink {
 }
 
 impl Sink {
-    fn open(target: LogTarget) -> Result<Sink, String> {
+    fn open(target: LogTarget) -> Result<Sink, BuildError> {
         Ok(match target {
             LogTarget::Stdout => Sink::Stdout(BufWriter::new(io::stdout())),
             LogTarget::File(path) => Sink::File {
@@ -178,16 +187,21 @@ impl Sink {
     }
 }
 
-fn open(path: &PathBuf) -> Result<File, String> {
+fn open(path: &PathBuf) -> Result<File, BuildError> {
     if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)
-            .map_err(|e| format!("access log directory {}: {e}", dir.display()))?;
+        std::fs::create_dir_all(dir).map_err(|source| BuildError::AccessLogDirectory {
+            dir: dir.to_owned(),
+            source,
+        })?;
     }
     OpenOptions::new()
         .create(true)
         .append(true)
         .open(path)
-        .map_err(|e| format!("access log {}: {e}", path.display()))
+        .map_err(|source| BuildError::AccessLog {
+            path: path.clone(),
+            source,
+        })
 }
 
 struct Writer {

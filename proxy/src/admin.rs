@@ -23,17 +23,11 @@ use tokio::{
 
 use arc_swap::ArcSwap;
 
-use crate::{live::Live, metrics::Metrics, upstream::BackendId};
-
-/// A backend as the admin listener reaches it.
-#[derive(Debug, Clone)]
-pub struct BackendSocket {
-    pub id: String,
-    /// Where it serves requests (and `/healthz`).
-    pub socket: PathBuf,
-    /// Where it serves `/metrics`; `None` when it runs without one.
-    pub admin_socket: Option<PathBuf>,
-}
+use crate::{
+    live::Live,
+    metrics::Metrics,
+    upstream::{BackendId, BackendSocket},
+};
 
 /// How long a backend may take to answer the admin listener.
 const BACKEND_DEADLINE: Duration = Duration::from_secs(2);

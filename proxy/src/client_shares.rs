@@ -7,7 +7,7 @@ use std::{net::IpAddr, sync::Arc};
 
 use dashmap::{DashMap, mapref::entry::Entry};
 
-use crate::access::rate_limit;
+use crate::access::client_ip;
 
 /// What each client holds, by its rate-limit key (IPv4 address, IPv6 /64).
 #[derive(Default)]
@@ -23,7 +23,7 @@ impl ClientShares {
     /// Counts one more for `client`, unless it already holds `cap`. Checked and counted under
     /// one shard lock, so a burst from one client cannot slip past the cap together.
     pub fn enter(self: &Arc<Self>, client: IpAddr, cap: usize) -> Option<Share> {
-        let client = rate_limit::key(client.to_canonical());
+        let client = client_ip::key(client.to_canonical());
         let mut count = self.0.entry(client).or_insert(0);
         if *count >= cap {
             return None;

@@ -31,7 +31,7 @@ use std::{
         Arc,
         atomic::{AtomicUsize, Ordering},
     },
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use arc_swap::ArcSwap;
@@ -51,14 +51,16 @@ use tokio::{
 
 use crate::{
     RequestLimits,
-    access_log::Record,
     client_shares::{ClientShares, Share},
     client_stream::{ClientStream, Opened},
-    framing::{self, Look, Refusal},
+    framing::{self, Look},
     gateway::Gateway,
     live::Live,
-    metrics::{Cut, NO_ROUTE},
-    request_id, tls,
+    metrics::Cut,
+    observe::Finished,
+    request_id,
+    respond::ErrorReply,
+    tls,
 };
 
 /// How long a kept-alive connection may sit idle between requests (Pingora's default).
@@ -115,8 +117,8 @@ impl Edge {
     }
 
     fn cut(&self, cut: Cut) {
-        if let Some(observe) = &self.live.load().observe {
-            observe.metrics.cut(cut);
+        if let Some(metrics) = &self.live.load().metrics {
+            metrics.cut(cut);
         }
     }
 
@@ -164,8 +166,8 @@ impl Edge {
             {
                 Ok(header) => header,
                 Err(Ended::Quietly) => return,
-                Err(Ended::Refused(refusal, header)) => {
-                    return self.refuse(stream, refusal, &header, started).await;
+                Err(Ended::Refused(reply, header)) => {
+                    return self.refuse(stream, reply, &header, started).await;
                 }
             };
             let mut session = ServerSession::new_http1(stream);
@@ -189,15 +191,11 @@ impl Edge {
     }
 
     /// Answers a refused request with its JSON error and closes the connection.
-    async fn refuse(&self, mut stream: Stream, refusal: Refusal, header: &[u8], started: Instant) {
+    async fn refuse(&self, mut stream: Stream, reply: ErrorReply, header: &[u8], started: Instant) {
         let live = self.live.load_full();
         let request_id = request_id::generate();
         let tls = stream.get_ssl_digest().is_some();
-        let response = error_response(
-            refusal,
-            &request_id,
-            live.tls.hsts.as_deref().filter(|_| tls),
-        );
+        let response = error_response(reply, &request_id, live.tls.hsts.as_deref().filter(|_| tls));
         let sent = tokio::time::timeout(LINGER, async {
             stream.write_all(&response).await?;
             stream.flush().await?;
@@ -215,33 +213,23 @@ impl Edge {
         .await;
 
         let (method, path) = request_line(header);
-        let elapsed = started.elapsed();
-        if let Some(series) = live.series(None) {
-            series.request_of(method.as_ref(), refusal.status, elapsed.as_secs_f64());
-        }
-        let Some(logs) = &live.logs else { return };
-        let Some(target) = logs.unrouted else { return };
         let client = stream
             .get_socket_digest()
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip))
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        logs.log.log(Record {
-            target,
-            time: SystemTime::now() - elapsed,
+        live.unrouted.finished(Finished {
+            elapsed: started.elapsed(),
             request_id,
             client,
-            method: method.unwrap_or(http::Method::CONNECT),
-            path,
+            method: method.as_ref(),
+            path: &path,
             http2: false,
-            route: Arc::from(NO_ROUTE),
-            status: refusal.status,
+            status: reply.status,
             bytes,
-            duration: elapsed,
             upstream: None,
             upstream_duration: None,
             user: None,
-            user_agent: None,
-            referer: None,
+            headers: None,
         });
     }
 }
@@ -270,7 +258,7 @@ impl ServerApp for Edge {
             }
             _ => stream,
         };
-        let metrics = live.observe.as_ref().map(|o| o.metrics.clone());
+        let metrics = live.metrics.clone();
         let stream = ClientStream::new(stream, limits.send_timeout, metrics);
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let deadline = Instant::now() + limits.header_timeout;
@@ -299,7 +287,7 @@ enum Ended {
     /// Closed by the client, idle too long or the proxy is stopping: nothing to answer.
     Quietly,
     /// The header so far, refused.
-    Refused(Refusal, BytesMut),
+    Refused(ErrorReply, BytesMut),
 }
 
 /// When a request header must be complete.
@@ -352,7 +340,7 @@ async fn read_header(
         };
         match look {
             Look::Complete => return Ok(buf),
-            Look::Refuse(refusal) => return Err(Ended::Refused(refusal, buf)),
+            Look::Refuse(reply) => return Err(Ended::Refused(reply, buf)),
             Look::Partial if buf.len() > limits.max_header_bytes => {
                 return Err(Ended::Refused(framing::HEADERS_TOO_LARGE, buf));
             }
@@ -379,21 +367,21 @@ async fn stopping_down(stopping: &mut ShutdownWatch) {
     }
 }
 
-fn error_response(refusal: Refusal, request_id: &str, hsts: Option<&str>) -> Vec<u8> {
+fn error_response(reply: ErrorReply, request_id: &str, hsts: Option<&str>) -> Vec<u8> {
     let body = serde_json::json!({
-        "error": refusal.code,
-        "message": refusal.message,
+        "error": reply.code,
+        "message": reply.message,
         "request_id": request_id,
     })
     .to_string();
-    let reason = http::StatusCode::from_u16(refusal.status)
+    let reason = http::StatusCode::from_u16(reply.status)
         .ok()
         .and_then(|s| s.canonical_reason())
         .unwrap_or("");
     let mut head = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
          cache-control: no-store\r\nconnection: close\r\nx-request-id: {request_id}\r\n",
-        refusal.status,
+        reply.status,
         body.len(),
     );
     if let Some(hsts) = hsts {
@@ -518,8 +506,8 @@ impl ConnectionFilter for Capacity {
             if !counted {
                 counted = true;
                 self.crowded.send_modify(|times| *times += 1);
-                if let Some(observe) = &self.live.load().observe {
-                    observe.metrics.connection_waits.inc();
+                if let Some(metrics) = &self.live.load().metrics {
+                    metrics.connection_waits.inc();
                 }
             }
             // Looked at again every second anyway: a reload may raise the limit.

@@ -13,15 +13,7 @@ use std::mem::MaybeUninit;
 
 use pingora_proxy::Session;
 
-use crate::RequestLimits;
-
-/// A request refused before any route sees it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct Refusal {
-    pub status: u16,
-    pub code: &'static str,
-    pub message: &'static str,
-}
+use crate::{RequestLimits, respond::ErrorReply};
 
 /// What the bytes read so far of an HTTP/1 request header amount to.
 #[derive(Debug, PartialEq, Eq)]
@@ -30,7 +22,8 @@ pub enum Look {
     Partial,
     /// A complete header, fit to hand to Pingora.
     Complete,
-    Refuse(Refusal),
+    /// Refused before any route sees it.
+    Refuse(ErrorReply),
 }
 
 /// Pingora's own limit on header fields.
@@ -156,7 +149,7 @@ fn check_fields(
 /// The checks on an HTTP/2 request, whose codec has already refused malformed framing. The
 /// pseudo-headers count towards the size as the request line does in HTTP/1, so a huge
 /// `:path` is refused like a huge request line.
-pub fn check_h2(session: &Session, limits: &RequestLimits) -> Option<Refusal> {
+pub fn check_h2(session: &Session, limits: &RequestLimits) -> Option<ErrorReply> {
     let request = session.req_header();
     let headers = &request.headers;
     if headers.len() > limits.max_headers {
@@ -193,33 +186,33 @@ pub fn check_h2(session: &Session, limits: &RequestLimits) -> Option<Refusal> {
 }
 
 fn bad(message: &'static str) -> Look {
-    Look::Refuse(refusal(400, "bad_request", message))
+    Look::Refuse(reply(400, "bad_request", message))
 }
 
-pub const MALFORMED: Refusal = refusal(400, "bad_request", "the request header is malformed");
-pub const TOO_MANY_HEADERS: Refusal = refusal(
+pub const MALFORMED: ErrorReply = reply(400, "bad_request", "the request header is malformed");
+pub const TOO_MANY_HEADERS: ErrorReply = reply(
     431,
     "headers_too_large",
     "the request has too many header fields",
 );
-pub const HEADERS_TOO_LARGE: Refusal = refusal(
+pub const HEADERS_TOO_LARGE: ErrorReply = reply(
     431,
     "headers_too_large",
     "the request's header section is too large",
 );
-pub const TOO_LARGE_BODY: Refusal = refusal(
+pub const TOO_LARGE_BODY: ErrorReply = reply(
     413,
     "payload_too_large",
     "the request body is larger than this server accepts",
 );
-pub const HEADER_TIMEOUT: Refusal = refusal(
+pub const HEADER_TIMEOUT: ErrorReply = reply(
     408,
     "request_timeout",
     "the request header did not arrive in time",
 );
 
-const fn refusal(status: u16, code: &'static str, message: &'static str) -> Refusal {
-    Refusal {
+const fn reply(status: u16, code: &'static str, message: &'static str) -> ErrorReply {
+    ErrorReply {
         status,
         code,
         message,
@@ -308,7 +301,7 @@ mod tests {
 
     fn refused(raw: &str) -> u16 {
         match look(raw) {
-            Look::Refuse(refusal) => refusal.status,
+            Look::Refuse(reply) => reply.status,
             other => panic!("{raw:?} was not refused: {other:?}"),
         }
     }

@@ -16,7 +16,7 @@
 use std::{
     net::{IpAddr, Ipv4Addr},
     sync::Arc,
-    time::{Duration, Instant, SystemTime},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -34,16 +34,16 @@ use arc_swap::ArcSwap;
 
 use crate::{
     access::{Decision, client_ip},
-    access_log::Record,
     client_shares::{ClientShares, Share},
-    drain::InFlight,
+    drain::{Drain, InFlight},
+    encoding::compressible,
     framing,
     live::Live,
-    metrics::{Cut, Refusal},
-    request_id,
+    metrics::{AccessRefusal, Cut},
+    observe::Finished,
+    path, request_id,
     respond::{self, Stamp},
-    routes::Served,
-    statics::{encoding::compressible, path},
+    routes::{LiveRoute, Served},
     upstream::{NoBackend, Pool},
 };
 
@@ -59,16 +59,16 @@ pub struct Gateway {
     live: Arc<ArcSwap<Live>>,
     pool: Pool,
     shares: Arc<ClientShares>,
-    unrouted_name: Arc<str>,
+    drain: Drain,
 }
 
 impl Gateway {
-    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool) -> Self {
+    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool, drain: Drain) -> Self {
         Self {
             live,
             pool,
             shares: Arc::default(),
-            unrouted_name: Arc::from(crate::metrics::NO_ROUTE),
+            drain,
         }
     }
 
@@ -98,13 +98,14 @@ impl Gateway {
         let stamp = self.stamp(ctx);
         let refusal = match decision {
             Decision::Pass { .. } => None,
-            Decision::RateLimited { .. } => Some(Refusal::RateLimited),
-            Decision::Forbidden => Some(Refusal::Denied),
+            Decision::RateLimited { .. } => Some(AccessRefusal::RateLimited),
+            Decision::Forbidden => Some(AccessRefusal::Denied),
             Decision::Unauthorized { .. } | Decision::TooManyFailures { .. } => {
-                Some(Refusal::AuthFailed)
+                Some(AccessRefusal::AuthFailed)
             }
         };
-        if let (Some(series), Some(refusal)) = (ctx.live.series(ctx.route), refusal) {
+        let series = ctx.route.as_ref().and_then(|r| r.observer.series());
+        if let (Some(series), Some(refusal)) = (series, refusal) {
             series.refused(refusal);
         }
         match decision {
@@ -174,8 +175,8 @@ pub struct RequestCtx {
     tls: bool,
     /// The client, after trusted proxies are accounted for.
     client: IpAddr,
-    /// Index of the matched route in the table.
-    route: Option<usize>,
+    /// The matched route, from the same [`Live`].
+    route: Option<Arc<LiveRoute>>,
     /// The basic-auth user, once verified.
     user: Option<String>,
     /// Backends that failed this request; allocated only when one fails.
@@ -199,7 +200,7 @@ impl ProxyHttp for Gateway {
 
     fn new_ctx(&self) -> RequestCtx {
         RequestCtx {
-            _in_flight: InFlight::enter(),
+            _in_flight: self.drain.enter(),
             live: self.live.load_full(),
             started: Instant::now(),
             request_id: String::new(),
@@ -246,7 +247,7 @@ impl ProxyHttp for Gateway {
         if session.is_http2() {
             session.set_write_timeout(Some(live.limits.send_timeout));
         }
-        if crate::drain::leaving() {
+        if self.drain.leaving() {
             session.set_keepalive(None);
         }
         // Pingora's compression module reads `Accept-Encoding` between this phase and
@@ -265,16 +266,9 @@ impl ProxyHttp for Gateway {
         // HTTP/1 headers were checked, and the body's read timeout set, as they arrived
         // (`connection`).
         if session.is_http2()
-            && let Some(refusal) = framing::check_h2(session, &live.limits)
+            && let Some(reply) = framing::check_h2(session, &live.limits)
         {
-            respond::json_error(
-                session,
-                &stamp,
-                refusal.status,
-                refusal.code,
-                refusal.message,
-            )
-            .await?;
+            respond::json_error(session, &stamp, reply.status, reply.code, reply.message).await?;
             return Ok(true);
         }
         let raw_path = session.req_header().uri.path();
@@ -331,39 +325,35 @@ impl ProxyHttp for Gateway {
             respond::redirect(session, &stamp, 301, &location).await?;
             return Ok(true);
         }
-        let Some((index, (prefix, served, access))) = live
-            .routes
-            .lookup(&decoded)
-            .and_then(|i| Some((i, live.routes.get(i)?)))
-        else {
+        let Some(route) = live.routes.lookup(&decoded) else {
             let message = format!("no route for {decoded}");
             respond::json_error(session, &stamp, 404, "not_found", &message).await?;
             return Ok(true);
         };
-        ctx.route = Some(index);
+        ctx.route = Some(Arc::clone(route));
 
         let authorization = session
             .req_header()
             .headers
             .get("authorization")
             .map(|v| v.as_bytes());
-        match access.check(ctx.client, authorization).await {
+        match route.access.check(ctx.client, authorization).await {
             Decision::Pass { user } => ctx.user = user,
             refused => return self.refuse(session, ctx, refused).await,
         }
 
-        match served {
+        match &route.served {
             Served::Static(site) => {
-                let series = live.series(ctx.route);
-                site.serve(session, &self.stamp(ctx), prefix, &decoded, series)
+                let series = route.observer.series();
+                site.serve(session, &self.stamp(ctx), &route.prefix, &decoded, series)
                     .await?;
                 Ok(true)
             }
             Served::Backends => {
                 let cap = live.limits.max_upstream_requests_per_client;
                 let Some(share) = self.shares.enter(ctx.client, cap) else {
-                    if let Some(observe) = &live.observe {
-                        observe.metrics.upstream_client_limits.inc();
+                    if let Some(metrics) = &live.metrics {
+                        metrics.upstream_client_limits.inc();
                     }
                     let message = "too many of your requests are in flight; try again in 1 s";
                     let headers = [("retry-after", "1")];
@@ -409,28 +399,25 @@ impl ProxyHttp for Gateway {
         _session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let live = Arc::clone(&ctx.live);
-        match ctx.route.and_then(|i| live.routes.get(i)) {
-            Some((_, Served::Backends, _)) => {
-                // A retry gives back the failed backend's slot before it asks for another.
-                ctx.slot = None;
-                let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
-                    if why == NoBackend::Full
-                        && let Some(observe) = &live.observe
-                    {
-                        observe.metrics.upstream_queue_timeouts.inc();
-                    }
-                    Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
-                })?;
-                ctx.upstream = chosen.id.map(|id| (id, Instant::now()));
-                ctx.slot = Some(chosen.slot);
-                Ok(chosen.peer)
-            }
-            _ => Error::e_explain(
+        let Some(Served::Backends) = ctx.route.as_ref().map(|r| &r.served) else {
+            return Error::e_explain(
                 ErrorType::InternalError,
                 "no backend route chosen before upstream_peer",
-            ),
-        }
+            );
+        };
+        // A retry gives back the failed backend's slot before it asks for another.
+        ctx.slot = None;
+        let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
+            if why == NoBackend::Full
+                && let Some(metrics) = &ctx.live.metrics
+            {
+                metrics.upstream_queue_timeouts.inc();
+            }
+            Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
+        })?;
+        ctx.upstream = chosen.id.map(|id| (id, Instant::now()));
+        ctx.slot = Some(chosen.slot);
+        Ok(chosen.peer)
     }
 
     fn fail_to_connect(
@@ -510,8 +497,8 @@ impl ProxyHttp for Gateway {
         // Basic-auth credentials are the edge's business unless the route says otherwise.
         let keep = ctx
             .route
-            .and_then(|i| ctx.live.routes.get(i))
-            .is_none_or(|(_, _, a)| a.passes_authorization());
+            .as_ref()
+            .is_none_or(|r| r.access.passes_authorization());
         if !keep {
             upstream.remove_header("authorization");
         }
@@ -604,9 +591,9 @@ impl ProxyHttp for Gateway {
 
     async fn logging(&self, session: &mut Session, e: Option<&Error>, ctx: &mut RequestCtx) {
         if e.is_some_and(sent_too_slowly)
-            && let Some(observe) = &ctx.live.observe
+            && let Some(metrics) = &ctx.live.metrics
         {
-            observe.metrics.cut(Cut::SendTimeout);
+            metrics.cut(Cut::SendTimeout);
         }
         self.observe(session, ctx);
     }
@@ -614,64 +601,36 @@ impl ProxyHttp for Gateway {
 
 impl Gateway {
     fn upstream_error(&self, ctx: &RequestCtx, kind: &str) {
-        if let (Some(observe), Some((id, _))) = (&ctx.live.observe, &ctx.upstream) {
-            observe.metrics.upstream_error(id, kind);
+        if let (Some(metrics), Some((id, _))) = (&ctx.live.metrics, &ctx.upstream) {
+            metrics.upstream_error(id, kind);
         }
     }
 
     /// The request's metrics and access log line.
     fn observe(&self, session: &Session, ctx: &mut RequestCtx) {
-        let elapsed = ctx.started.elapsed();
         // No response at all: the client went away first (nginx's 499).
         let status = session
             .as_ref()
             .response_written()
             .map_or(499, |r| r.status.as_u16());
         let request = session.req_header();
-        if let Some(series) = ctx.live.series(ctx.route) {
-            series.request(&request.method, status, elapsed.as_secs_f64());
-        }
-        let live = Arc::clone(&ctx.live);
-        let Some(logs) = &live.logs else { return };
-        let target = match ctx.route {
-            Some(i) => logs.routes.get(i).copied().flatten(),
-            None => logs.unrouted,
+        let observer = match &ctx.route {
+            Some(route) => &route.observer,
+            None => &ctx.live.unrouted,
         };
-        let Some(target) = target else { return };
-        let header = |name: &str| {
-            request
-                .headers
-                .get(name)
-                .and_then(|v| v.to_str().ok())
-                .map(|v| v.get(..512).unwrap_or(v))
-        };
-        logs.log.log(Record {
-            target,
-            time: SystemTime::now() - elapsed,
+        observer.finished(Finished {
+            elapsed: ctx.started.elapsed(),
             request_id: std::mem::take(&mut ctx.request_id),
             client: ctx.client,
-            method: request.method.clone(),
-            path: request.uri.path().to_owned(),
+            method: Some(&request.method),
+            path: request.uri.path(),
             http2: session.is_http2(),
-            route: match ctx.route {
-                Some(i) => logs
-                    .names
-                    .get(i)
-                    .cloned()
-                    .unwrap_or_else(|| self.unrouted_name.clone()),
-                None => self.unrouted_name.clone(),
-            },
             status,
             bytes: session.as_ref().body_bytes_sent(),
-            duration: elapsed,
-            upstream: ctx.upstream.as_ref().map(|(id, _)| id.clone()),
+            upstream: ctx.upstream.as_ref().map(|(id, _)| id),
             upstream_duration: ctx.upstream_time,
             user: ctx.user.take(),
-            user_agent: header("user-agent").map(str::to_owned),
-            // Without its query or fragment, which may carry a token.
-            referer: header("referer")
-                .and_then(|r| r.split(['?', '#']).next())
-                .map(str::to_owned),
+            headers: Some(&request.headers),
         });
     }
 }

@@ -1,24 +1,55 @@
 //! The gatehouse edge proxy, on Pingora.
 //!
-//! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run.
-//! - [`routes`]: the route table, path prefix to target.
-//! - [`access`]: rate limits, allow/deny lists and basic auth, per route.
-//! - [`statics`]: static sites: files, compression once per version, conditional requests.
-//! - [`https_redirect`]: the HTTP listener's redirect to HTTPS.
-//! - [`upstream`]: the backend pool on Unix sockets, health checks and failover.
-//! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
+//! A request meets these in order:
+//!
 //! - [`connection`]: each client connection first: the caps on open connections (in all and
-//!   per client), the TLS handshake, the deadline for a request header, and the [`framing`]
-//!   checks (ambiguous or oversized requests are refused before anything else);
-//!   [`client_stream`] holds every write to the deadline for sending and watches an HTTP/2
-//!   client's opening; [`client_shares`] counts what each client holds.
-//! - [`request_id`], [`respond`]: request ids and the JSON error responses.
-//! - [`metrics`], [`admin`]: Prometheus series and the admin listener that serves them.
-//! - [`access_log`]: per-route access logs, written off the request path.
-//! - [`tls`]: the certificate pair and the handshake counters.
+//!   per client, counted by [`client_shares`]), the TLS handshake ([`tls`]), the deadline for a
+//!   request header, and the [`framing`] checks (ambiguous or oversized requests are refused
+//!   before anything else); [`client_stream`] holds every write to the deadline for sending
+//!   and watches an HTTP/2 client's opening.
+//! - [`gateway`]: the request phases (`ProxyHttp`), in the order they run: the [`request_id`],
+//!   the redirect to HTTPS ([`https_redirect`]), the [`path`] guard, the lookup in [`routes`]
+//!   (a [`routes::LiveRoute`] holds what serves the route, its access rules, its metric
+//!   series and its access log), the route's [`access`] rules (rate limits, allow/deny lists,
+//!   basic auth), then a static site ([`statics`]) or the backend pool on Unix sockets
+//!   ([`upstream`], health checks and failover).
+//! - [`respond`]: the responses the proxy writes itself; an [`respond::ErrorReply`] is a JSON
+//!   error.
+//! - [`observe`]: the request's end, counted in its route's [`metrics`] series and handed to
+//!   its [`access_log`], which is written off the request path.
+//!
+//! Around them:
+//!
+//! - [`live`]: what a reload (SIGHUP) can change, built whole and swapped atomically.
+//! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
+//! - [`admin`]: the admin listener: the metrics of the whole group, `/healthz`, `/readyz`.
+//! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
-//! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
 //! - [`settings`]: the proxy's whole input, built and validated by the config loader.
+//! - [`error`]: why the run-time state could not be built.
+//!
+//! # Errors
+//!
+//! - **A request's failure** is Pingora's [`pingora::Error`], which every phase returns: its
+//!   type and source say what failed. [`gateway`]'s `fail_to_proxy` turns it into the status
+//!   and JSON error the client gets, and `suppress_error_log` keeps the client's own failures
+//!   (gone, too slow to send or to read) and a full pool's 503s out of the error log, since any
+//!   client could flood it with them: they are in the metrics and the access log. A backend's
+//!   failure is counted by backend and kind, and logged by Pingora once per request, with the
+//!   request id and without the query.
+//! - **A refusal is an answer, not an error**: a request the edge turns away (its framing, the
+//!   path guard, no route, the access rules, a cap) is answered from its phase with a JSON
+//!   `{"error","message","request_id"}` ([`respond`]), counted, and logged in the access log
+//!   only.
+//! - **Building** the run-time state, at start-up or on a reload, fails with a
+//!   [`BuildError`] whose message names the file, socket or setting at fault. At start-up it
+//!   stops the proxy; on a reload it goes to the error log and the reload report, and the
+//!   running configuration keeps serving. The parsers of single config values
+//!   (`IpList::parse`, `Htpasswd::parse`) return a message and the entry or line it is about,
+//!   for the root crate to name the file, line and key.
+//! - **Background work** (the access-log writer, scrapes of the backends, signal handlers) logs
+//!   and counts its failures and carries on; it never stops the proxy or fails a request.
+//!   Nothing unwraps a value from outside.
 
 pub mod access;
 pub mod access_log;
@@ -27,12 +58,16 @@ pub mod client_shares;
 pub mod client_stream;
 pub mod connection;
 pub mod drain;
+pub mod encoding;
+pub mod error;
 pub mod file_limit;
 pub mod framing;
 pub mod gateway;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
+pub mod observe;
+pub mod path;
 pub mod request_id;
 pub mod respond;
 pub mod routes;
@@ -53,11 +88,13 @@ use pingora_core::protocols::l4::stream::L4BufferSettings;
 
 pub use access::{AccessSettings, AccessSpec};
 pub use access_log::{Format as LogFormat, LogTarget};
-pub use admin::BackendSocket;
+pub use error::BuildError;
 pub use https_redirect::HttpsRedirect;
+pub use live::RELOAD_FILE;
 pub use routes::{Route, Target};
 pub use settings::{PoolSettings, RequestLimits, Settings, TlsBehaviour, TlsListener};
 pub use statics::StaticSettings;
+pub use upstream::BackendSocket;
 
 /// How the proxy stopped, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -69,14 +106,17 @@ pub enum Stopped {
 
 /// Fails when `listen` cannot be bound. Pingora binds inside a task and panics there, leaving
 /// a process that runs without listening; checking first turns that into a clear error.
-pub fn check_listen(listen: SocketAddr) -> Result<(), String> {
+pub fn check_listen(listen: SocketAddr) -> Result<(), BuildError> {
     std::net::TcpListener::bind(listen)
         .map(drop)
-        .map_err(|e| format!("cannot listen on {listen}: {e}"))
+        .map_err(|source| BuildError::Listen {
+            listen: listen.to_string(),
+            source,
+        })
 }
 
 /// Runs the proxy until a signal stops it. Returns after a fast (SIGINT) shutdown or a full
-/// grace period; a drained SIGTERM exits the process directly (see [`drain`]).
+/// grace period; a drained SIGTERM or SIGQUIT exits the process directly (see [`drain`]).
 ///
 /// `load` reads the configuration again on SIGHUP. `upgrade`: take the listening sockets
 /// over from the running proxy (which hands them over on SIGQUIT) instead of binding them.
@@ -84,7 +124,7 @@ pub fn run(
     settings: Settings,
     load: Option<live::LoadSettings>,
     upgrade: bool,
-) -> Result<Stopped, String> {
+) -> Result<Stopped, BuildError> {
     // Until the reload service listens for them, SIGHUP and SIGUSR1 would end the process (a
     // reload or logrotate right after start); ignored now, handled once the service runs.
     // SAFETY: setting the disposition of two signals to "ignore", before any thread starts.
@@ -136,7 +176,8 @@ pub fn run(
         None,
         metrics.as_ref(),
     )?));
-    let gateway = gateway::Gateway::new(live.clone(), pool);
+    let drain = drain::Drain::new();
+    let gateway = gateway::Gateway::new(live.clone(), pool, drain.clone());
 
     let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
@@ -184,10 +225,18 @@ pub fn run(
         service.add_tcp(&listen.to_string());
         server.add_service(service);
     }
+    let flushing = live.clone();
+    server.add_service(pingora::services::background::background_service(
+        "exit when drained",
+        drain::ExitWhenDrained {
+            drain: drain.clone(),
+            before_exit: Box::new(move || flushing.load().flush_access_log()),
+        },
+    ));
     // Always, so neither SIGHUP nor SIGUSR1 (logrotate) ever kills the proxy.
     let signals = live::Signals {
         fixed: live::Fixed::of(&settings),
-        live,
+        live: live.clone(),
         load,
         certificate,
         metrics,
@@ -208,10 +257,10 @@ pub fn run(
     }
     tracing::info!(listen = %settings.listen, tls = ?settings.tls.as_ref().map(|t| t.listen), "proxy listening");
     server.run(RunArgs {
-        shutdown_signal: Box::new(drain::Signals),
+        shutdown_signal: Box::new(drain::Signals(drain.clone())),
     });
-    access_log::flush_before_exit();
-    Ok(if drain::stopped_fast() {
+    live.load().flush_access_log();
+    Ok(if drain.stopped_fast() {
         Stopped::Fast
     } else {
         Stopped::Graceful
@@ -234,9 +283,6 @@ const CLIENT_BUFFERS: L4BufferSettings = L4BufferSettings {
 /// listening sockets (the supervisor waits for it during an upgrade).
 pub const READY_FILE: &str = "proxy.ready";
 
-/// The file in the runtime directory where the proxy writes the outcome of its last reload.
-pub const RELOAD_FILE: &str = "proxy.reload";
-
 /// The file in the runtime directory where the supervisor keeps its series.
 pub const SUPERVISOR_METRICS: &str = "supervisor.prom";
 
@@ -258,8 +304,8 @@ fn raise_file_limit(max_connections: usize) {
     }
 }
 
-fn path_string(path: PathBuf) -> Result<String, String> {
+fn path_string(path: PathBuf) -> Result<String, BuildError> {
     path.into_os_string()
         .into_string()
-        .map_err(|p| format!("{} is not UTF-8", PathBuf::from(p).display()))
+        .map_err(|p| BuildError::NotUtf8(PathBuf::from(p)))
 }

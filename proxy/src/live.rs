@@ -1,8 +1,8 @@
 //! What a reload can change, and the reload itself.
 //!
-//! [`Live`] holds everything requests read from the configuration: the route table (with
-//! static roots, allow/deny lists, rate policies and htpasswd files), HTTPS behaviour,
-//! trusted proxies, and the metrics and access logs that follow the routes. It sits behind an
+//! [`Live`] holds everything requests read from the configuration: the route table (each
+//! route with its static root, allow/deny lists, rate policy, htpasswd file, metric series and
+//! access log), HTTPS behaviour and trusted proxies. It sits behind an
 //! `ArcSwap`: a reload builds a complete new one and swaps it in, so a request in flight keeps
 //! the version it started with and connections are never touched. A reload that fails at any
 //! step changes nothing.
@@ -10,7 +10,7 @@
 //! Listeners, worker threads and the backend sockets are bound at start-up; a changed value
 //! there is reported and takes effect at the next restart or upgrade.
 
-use std::{collections::HashMap, path::PathBuf, sync::Arc};
+use std::{path::PathBuf, sync::Arc};
 
 use arc_swap::ArcSwap;
 use async_trait::async_trait;
@@ -20,34 +20,20 @@ use prometheus::IntCounter;
 use crate::{
     Settings,
     access::{AccessCounters, client_ip::ClientIpHeader, ip_list::IpList},
-    access_log::{self, AccessLog, LogTarget},
-    metrics::{self, Metrics, RouteSeries},
+    access_log::{AccessLog, LogTarget},
+    error::BuildError,
+    metrics::{self, Metrics},
+    observe::Observer,
     routes::RouteTable,
     settings::TlsBehaviour,
     tls::CertificateSlot,
 };
 
-/// The request metrics, when the admin listener is on to serve them.
-pub struct Observe {
-    pub metrics: Arc<Metrics>,
-    /// By route index.
-    pub routes: Vec<RouteSeries>,
-    /// Requests no route took.
-    pub unrouted: RouteSeries,
-}
-
-/// Access logging, when configured.
-pub struct Logs {
-    pub log: Arc<AccessLog>,
-    /// By route index: the target (in the writer's list), or `None` for no log.
-    pub routes: Vec<Option<usize>>,
-    pub unrouted: Option<usize>,
-    /// Route prefixes, as the `route` field shows them.
-    pub names: Vec<Arc<str>>,
-}
-
 pub struct Live {
-    pub routes: Arc<RouteTable>,
+    /// Each route with its access rules, metric series and access log.
+    pub routes: RouteTable,
+    /// The series and log of requests no route took.
+    pub unrouted: Observer,
     pub tls: TlsBehaviour,
     /// Peers whose `X-Forwarded-For` / `X-Real-IP` / `X-Request-ID` are believed.
     pub trusted_proxies: IpList,
@@ -56,8 +42,10 @@ pub struct Live {
     /// Backend responses at least this large are compressed for clients that accept it.
     pub compress_min_bytes: u64,
     pub limits: crate::RequestLimits,
-    pub observe: Option<Observe>,
-    pub logs: Option<Logs>,
+    /// The request metrics, when the admin listener is on to serve them.
+    pub metrics: Option<Arc<Metrics>>,
+    /// The writer of every access log; `None` when nothing is logged.
+    pub access_log: Option<Arc<AccessLog>>,
 }
 
 impl Live {
@@ -68,101 +56,91 @@ impl Live {
         settings: &Settings,
         previous: Option<&Live>,
         metrics: Option<&Arc<Metrics>>,
-    ) -> Result<Live, String> {
+    ) -> Result<Live, BuildError> {
         let counters = match metrics {
             Some(metrics) => metrics.access.clone(),
             None => AccessCounters::new()?,
         };
-        let routes = Arc::new(RouteTable::new(
+        // Started only once the routes are built: a reload that fails opens no file.
+        let access_log = access_log(settings, metrics, previous)?;
+        let observer = |name: &str, target: Option<&LogTarget>| {
+            Observer::new(name, metrics.map(Arc::as_ref), access_log.as_ref(), target)
+        };
+        let routes = RouteTable::new(
             settings.routes.clone(),
             &settings.statics,
             &settings.access,
-            previous.map(|p| p.routes.as_ref()),
+            previous.map(|p| &p.routes),
             &counters,
-        )?);
-        let observe = metrics.map(|metrics| Observe {
-            metrics: metrics.clone(),
-            routes: routes
-                .iter()
-                .map(|(prefix, _)| metrics.route(prefix))
-                .collect(),
-            unrouted: metrics.route(metrics::NO_ROUTE),
-        });
-        let logs = access_logs(
-            &routes,
-            settings.default_access_log.clone(),
-            settings.access_log_format,
-            metrics,
-            previous.and_then(|p| p.logs.as_ref()),
+            &observer,
         )?;
+        if let Some(log) = &access_log {
+            log.start()?;
+        }
         Ok(Live {
             routes,
+            unrouted: observer(metrics::NO_ROUTE, settings.default_access_log.as_ref()),
             tls: settings.tls_behaviour.clone(),
             trusted_proxies: settings.access.trusted_proxies.clone(),
             client_ip_header: settings.access.client_ip_header,
             compress_min_bytes: settings.statics.min_compress_bytes,
             limits: settings.limits,
-            observe,
-            logs,
+            metrics: metrics.cloned(),
+            access_log,
         })
     }
 
-    pub fn series(&self, route: Option<usize>) -> Option<&RouteSeries> {
-        let observe = self.observe.as_ref()?;
-        Some(match route {
-            Some(i) => observe.routes.get(i)?,
-            None => &observe.unrouted,
-        })
+    /// Waits until the access log has written every line so far: the process is about to exit.
+    pub fn flush_access_log(&self) {
+        if let Some(log) = &self.access_log {
+            log.flush_before_exit();
+        }
     }
 }
 
-/// Opens the access logs the routes name, each file once, and starts their writer (or keeps
-/// the previous writer when the files and format are the same).
-fn access_logs(
-    routes: &RouteTable,
-    default: Option<LogTarget>,
-    format: access_log::Format,
+/// The writer of the access logs the routes name, each file once: the previous one when the
+/// files and format are the same, or a new one, not yet started.
+fn access_log(
+    settings: &Settings,
     metrics: Option<&Arc<Metrics>>,
-    previous: Option<&Logs>,
-) -> Result<Option<Logs>, String> {
+    previous: Option<&Live>,
+) -> Result<Option<Arc<AccessLog>>, BuildError> {
     let mut targets: Vec<LogTarget> = Vec::new();
-    let mut index: HashMap<LogTarget, usize> = HashMap::new();
-    let mut slot = |target: Option<&LogTarget>| {
-        let target = target?;
-        Some(*index.entry(target.clone()).or_insert_with(|| {
+    let named = settings.routes.iter().map(|r| r.access_log.as_ref());
+    for target in std::iter::once(settings.default_access_log.as_ref())
+        .chain(named)
+        .flatten()
+    {
+        if !targets.contains(target) {
             targets.push(target.clone());
-            targets.len() - 1
-        }))
-    };
-    let unrouted = slot(default.as_ref());
-    let by_route: Vec<Option<usize>> = routes.iter().map(|(_, log)| slot(log)).collect();
+        }
+    }
     if targets.is_empty() {
         return Ok(None);
     }
-    let log = match previous {
-        Some(p) if p.log.writes(&targets, format) => p.log.clone(),
-        _ => {
-            let dropped = match metrics {
-                Some(m) => m.access_log_dropped.clone(),
-                None => unregistered_counter()?,
-            };
-            AccessLog::start(targets, format, dropped)?
-        }
+    let format = settings.access_log_format;
+    if let Some(log) = previous.and_then(|p| p.access_log.as_ref())
+        && log.writes(&targets, format)
+    {
+        return Ok(Some(log.clone()));
+    }
+    let dropped = match metrics {
+        Some(m) => m.access_log_dropped.clone(),
+        None => unregistered_counter()?,
     };
-    Ok(Some(Logs {
-        log,
-        routes: by_route,
-        unrouted,
-        names: routes.iter().map(|(prefix, _)| Arc::from(prefix)).collect(),
-    }))
+    Ok(Some(AccessLog::new(targets, format, dropped)))
 }
 
 /// A counter nobody scrapes, for when metrics are off.
-pub fn unregistered_counter() -> Result<IntCounter, String> {
-    IntCounter::new("unused", "unused").map_err(|e| e.to_string())
+pub fn unregistered_counter() -> Result<IntCounter, BuildError> {
+    Ok(IntCounter::new("unused", "unused")?)
 }
 
-/// Reads the configuration again and returns the proxy's settings, or why it cannot.
+/// The file in the runtime directory where the proxy writes the outcome of its last reload.
+pub const RELOAD_FILE: &str = "proxy.reload";
+
+/// Reads the configuration again and returns the proxy's settings, or why it cannot (the
+/// config check's message, naming file, line and key).
 pub type LoadSettings = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 
 /// What is bound at start-up: a change here waits for a restart or an upgrade.
@@ -218,7 +196,9 @@ impl Signals {
             tracing::warn!("SIGHUP: this proxy was started without a config file to reload");
             return;
         };
-        let outcome = load().and_then(|settings| self.apply(&settings));
+        let outcome = load()
+            .map_err(BuildError::Config)
+            .and_then(|settings| self.apply(&settings));
         if let Some(metrics) = &self.metrics {
             metrics.reload(outcome.is_ok());
         }
@@ -227,7 +207,7 @@ impl Signals {
             Ok(()) => "ok".to_string(),
             Err(error) => format!("failed: {error}"),
         };
-        let file = self.fixed.runtime_dir.join(crate::RELOAD_FILE);
+        let file = self.fixed.runtime_dir.join(RELOAD_FILE);
         let staging = file.with_extension("tmp");
         if let Err(error) =
             std::fs::write(&staging, report).and_then(|()| std::fs::rename(&staging, &file))
@@ -243,7 +223,7 @@ impl Signals {
         }
     }
 
-    fn apply(&self, settings: &Settings) -> Result<(), String> {
+    fn apply(&self, settings: &Settings) -> Result<(), BuildError> {
         let fixed = Fixed::of(settings);
         if fixed != self.fixed {
             tracing::warn!(
@@ -288,8 +268,8 @@ impl BackgroundService for Signals {
             tokio::select! {
                 _ = hup.recv() => self.reload(),
                 _ = usr1.recv() => {
-                    if let Some(logs) = &self.live.load().logs {
-                        logs.log.reopen();
+                    if let Some(log) = &self.live.load().access_log {
+                        log.reopen();
                     }
                 }
                 _ = shutdown.changed() => return,

@@ -11,7 +11,7 @@ use prometheus::{
     Registry, core::Collector,
 };
 
-use crate::statics::encoding::Encoding;
+use crate::{encoding::Encoding, error::BuildError};
 
 const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
@@ -27,9 +27,9 @@ const BUCKETS: [f64; 14] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0, 5.0, 30.0,
 ];
 
-/// Why the access rules refused a request.
+/// Which of a route's access rules refused a request, as its counters tell them apart.
 #[derive(Debug, Clone, Copy)]
-pub enum Refusal {
+pub enum AccessRefusal {
     RateLimited,
     Denied,
     AuthFailed,
@@ -106,11 +106,10 @@ pub struct RouteSeries {
 }
 
 impl Metrics {
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, BuildError> {
         let registry = Registry::new();
-        let err = |e: prometheus::Error| format!("metrics: {e}");
         let counter = |name: &str, help: &str, labels: &[&str]| {
-            IntCounterVec::new(Opts::new(name, help), labels).map_err(err)
+            IntCounterVec::new(Opts::new(name, help), labels)
         };
         let requests = counter(
             "gatehouse_http_requests_total",
@@ -124,8 +123,7 @@ impl Metrics {
             )
             .buckets(BUCKETS.to_vec()),
             &["route"],
-        )
-        .map_err(err)?;
+        )?;
         let refusals = [
             counter(
                 "gatehouse_rate_limited_total",
@@ -159,41 +157,34 @@ impl Metrics {
                 "1 while the backend passes its health checks.",
             ),
             &["backend"],
-        )
-        .map_err(err)?;
+        )?;
         let rate_limit_keys = IntGaugeVec::new(
             Opts::new(
                 "gatehouse_rate_limit_keys",
                 "Clients a rate limit policy is tracking.",
             ),
             &["policy"],
-        )
-        .map_err(err)?;
+        )?;
         let open_connections = IntGauge::new(
             "gatehouse_open_connections",
             "Client connections open on the public listeners.",
-        )
-        .map_err(err)?;
+        )?;
         let tls_connections = IntCounter::new(
             "gatehouse_tls_connections_total",
             "Connections accepted on the HTTPS listener (handshakes begun).",
-        )
-        .map_err(err)?;
+        )?;
         let tls_handshakes = IntCounter::new(
             "gatehouse_tls_handshakes_total",
             "TLS handshakes completed. Begun minus completed is the failures (and the few in progress).",
-        )
-        .map_err(err)?;
+        )?;
         let access_log_dropped = IntCounter::new(
             "gatehouse_access_log_dropped_total",
             "Access log lines dropped because the writer fell behind.",
-        )
-        .map_err(err)?;
+        )?;
         let connection_waits = IntCounter::new(
             "gatehouse_connection_limit_waits_total",
             "Times the listeners stopped accepting because limits.max_connections client connections were open; new ones waited in the kernel's backlog.",
-        )
-        .map_err(err)?;
+        )?;
         let reloads = counter(
             "gatehouse_proxy_reloads_total",
             "The proxy's configuration reloads (SIGHUP) by result: ok, or failed (the old configuration kept serving).",
@@ -208,13 +199,11 @@ impl Metrics {
         let upstream_queue_timeouts = IntCounter::new(
             "gatehouse_upstream_queue_timeouts_total",
             "Requests answered 503 because every backend had upstream.max_connections requests in flight until upstream.queue_timeout passed.",
-        )
-        .map_err(err)?;
+        )?;
         let upstream_client_limits = IntCounter::new(
             "gatehouse_upstream_client_limits_total",
             "Requests answered 429 because their client already had limits.max_upstream_requests_per_client requests in flight to the backends.",
-        )
-        .map_err(err)?;
+        )?;
         let collectors: [Box<dyn Collector>; 18] = [
             Box::new(cuts_vec),
             Box::new(upstream_queue_timeouts.clone()),
@@ -236,7 +225,7 @@ impl Metrics {
             Box::new(access_log_dropped.clone()),
         ];
         for collector in collectors {
-            registry.register(collector).map_err(err)?;
+            registry.register(collector)?;
         }
         let access = crate::access::AccessCounters::new()?;
         access.register(&registry)?;
@@ -315,7 +304,7 @@ impl RouteSeries {
         self.latency.observe(seconds);
     }
 
-    pub fn refused(&self, why: Refusal) {
+    pub fn refused(&self, why: AccessRefusal) {
         self.refusals[why as usize].inc();
     }
 
@@ -362,7 +351,7 @@ mod tests {
         let api = metrics.route("/api/");
         api.request(&http::Method::POST, 201, 0.01);
         api.request(&http::Method::from_bytes(b"PURGE").unwrap(), 404, 0.01);
-        api.refused(Refusal::Denied);
+        api.refused(AccessRefusal::Denied);
         api.static_response(Encoding::Gzip, false);
         metrics.upstream_error("b2", "connect");
         let mut text = Vec::new();

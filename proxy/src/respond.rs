@@ -5,6 +5,15 @@ use bytes::Bytes;
 use pingora::{Result, http::ResponseHeader};
 use pingora_proxy::Session;
 
+/// A JSON error the proxy answers with: the status, and the `error` code and `message` of
+/// the body (`request_id` is the request's own).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ErrorReply {
+    pub status: u16,
+    pub code: &'static str,
+    pub message: &'static str,
+}
+
 /// The headers every response gets.
 pub struct Stamp<'a> {
     pub request_id: &'a str,

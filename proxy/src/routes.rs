@@ -1,5 +1,6 @@
-//! The route table: path prefixes mapped to what serves them. Built once from config; a
-//! lookup is a scan of a handful of prefixes, longest first.
+//! The route table: path prefixes mapped to what serves them. Built from config at start-up
+//! and on each reload; a lookup is a scan of a handful of prefixes, longest first, and gives
+//! the request everything its route decides.
 
 use std::path::PathBuf;
 
@@ -7,10 +8,12 @@ use std::{collections::HashMap, sync::Arc};
 
 use crate::{
     access::{
-        Access, AccessCounters, AccessSettings, AccessSpec, auth_guard::AuthGuard,
+        Access, AccessCounters, AccessSettings, AccessSpec, auth_guard::AuthGuard, basic_auth,
         rate_limit::RateLimit,
     },
     access_log::LogTarget,
+    error::BuildError,
+    observe::Observer,
     statics::{Site, StaticSettings},
 };
 
@@ -26,6 +29,7 @@ pub enum Target {
     },
 }
 
+/// A route as configured; at run time it is a [`LiveRoute`].
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
@@ -41,15 +45,27 @@ pub enum Served {
     Static(Site),
 }
 
+/// A route at run time: a request finds it once and keeps it to its end.
+pub struct LiveRoute {
+    pub prefix: Arc<str>,
+    pub served: Served,
+    pub access: Access,
+    /// Its metric series and access log.
+    pub observer: Observer,
+}
+
 pub struct RouteTable {
-    routes: Vec<(String, Served, Access)>,
-    /// Each route's access log, in the same order.
-    logs: Vec<Option<LogTarget>>,
+    /// Longest prefix first, so `/api/admin/` wins over `/api/`.
+    routes: Vec<Arc<LiveRoute>>,
     /// Every rate limit policy in use, by name.
     limits: HashMap<String, Arc<RateLimit>>,
-    /// The basic-auth guard's counts: made once, then handed from table to table.
-    auth_guard: Arc<AuthGuard>,
+    /// The basic-auth guard's counts and verification caches: made once, then handed from
+    /// table to table.
+    basic_auth: Arc<basic_auth::Shared>,
 }
+
+/// Makes a route's [`Observer`] from its prefix and access log.
+pub type MakeObserver<'a> = &'a dyn Fn(&str, Option<&LogTarget>) -> Observer;
 
 impl RouteTable {
     /// `previous`: the table this one replaces on a reload; its rate limit policies that are
@@ -61,8 +77,8 @@ impl RouteTable {
         access: &AccessSettings,
         previous: Option<&RouteTable>,
         counters: &AccessCounters,
-    ) -> Result<Self, String> {
-        // Longest prefix first, so `/api/admin/` wins over `/api/`.
+        observer: MakeObserver<'_>,
+    ) -> Result<Self, BuildError> {
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         let sites = routes
             .iter()
@@ -79,16 +95,15 @@ impl RouteTable {
                 }
             }
         }
-        let auth_guard = previous.map_or_else(
+        let basic_auth = previous.map_or_else(
             || {
-                Arc::new(AuthGuard::new(
+                Arc::new(basic_auth::Shared::new(AuthGuard::new(
                     counters.auth_guard.clone(),
                     counters.auth_guard_keys.clone(),
-                ))
+                )))
             },
-            |p| p.auth_guard.clone(),
+            |p| p.basic_auth.clone(),
         );
-        let logs = routes.iter().map(|r| r.access_log.clone()).collect();
         let routes = routes
             .into_iter()
             .map(|route| {
@@ -98,39 +113,29 @@ impl RouteTable {
                         Served::Static(Site::new(&dir, cache_control, statics, sites)?)
                     }
                 };
+                let observer = observer(&route.prefix, route.access_log.as_ref());
                 let rules =
-                    Access::build(route.access, access, &mut limits, &auth_guard, counters)?;
-                Ok((route.prefix, served, rules))
+                    Access::build(route.access, access, &mut limits, &basic_auth, counters)?;
+                Ok(Arc::new(LiveRoute {
+                    prefix: Arc::from(route.prefix),
+                    served,
+                    access: rules,
+                    observer,
+                }))
             })
-            .collect::<Result<_, String>>()?;
+            .collect::<Result<_, BuildError>>()?;
         Ok(Self {
             routes,
-            logs,
             limits,
-            auth_guard,
+            basic_auth,
         })
     }
 
-    pub fn lookup(&self, path: &str) -> Option<usize> {
+    /// The route whose prefix is the longest that `path` starts with.
+    pub fn lookup(&self, path: &str) -> Option<&Arc<LiveRoute>> {
         self.routes
             .iter()
-            .position(|(prefix, ..)| path.starts_with(prefix.as_str()))
-    }
-
-    pub fn get(&self, index: usize) -> Option<(&str, &Served, &Access)> {
-        self.routes
-            .get(index)
-            .map(|(prefix, served, access)| (prefix.as_str(), served, access))
-    }
-
-    /// Prefixes and access logs of the routes, in lookup order (the index [`lookup`] returns).
-    ///
-    /// [`lookup`]: RouteTable::lookup
-    pub fn iter(&self) -> impl Iterator<Item = (&str, Option<&LogTarget>)> {
-        self.routes
-            .iter()
-            .zip(&self.logs)
-            .map(|((prefix, ..), log)| (prefix.as_str(), log.as_ref()))
+            .find(|route| path.starts_with(&*route.prefix))
     }
 
     /// Clients tracked by each rate limit policy, for the metrics.
@@ -142,8 +147,9 @@ impl RouteTable {
 
     /// Whether `path` names a static route without its trailing slash (`/open` for `/open/`).
     pub fn is_static_without_slash(&self, path: &str) -> bool {
-        self.routes.iter().any(|(prefix, served, _)| {
-            matches!(served, Served::Static(_)) && prefix.strip_suffix('/') == Some(path)
+        self.routes.iter().any(|route| {
+            matches!(route.served, Served::Static(_))
+                && route.prefix.strip_suffix('/') == Some(path)
         })
     }
 }
@@ -174,6 +180,10 @@ mod tests {
             rate_limit_max_keys: 100,
             auth_guard,
         }
+    }
+
+    fn unobserved(name: &str, _: Option<&LogTarget>) -> Observer {
+        Observer::new(name, None, None, None)
     }
 
     fn route(prefix: &str, target: Target) -> Route {
@@ -210,14 +220,10 @@ mod tests {
             &access(),
             None,
             &AccessCounters::new().unwrap(),
+            &unobserved,
         )
         .unwrap();
-        let prefix = |path| {
-            table
-                .lookup(path)
-                .and_then(|i| table.get(i))
-                .map(|(p, ..)| p)
-        };
+        let prefix = |path| table.lookup(path).map(|route| &*route.prefix);
         assert_eq!(prefix("/api/ping"), Some("/api/"));
         assert_eq!(prefix("/x"), Some("/"));
         assert!(table.is_static_without_slash("/open"));
@@ -228,6 +234,7 @@ mod tests {
             &access(),
             None,
             &AccessCounters::new().unwrap(),
+            &unobserved,
         )
         .unwrap();
         assert!(only_api.lookup("/apix").is_none());

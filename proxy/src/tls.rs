@@ -15,39 +15,45 @@ use rustls::{
     sign::CertifiedKey,
 };
 
-use crate::metrics::{Cut, Metrics};
+use crate::{
+    error::BuildError,
+    metrics::{Cut, Metrics},
+};
 
 /// Reads a PEM certificate chain and private key and checks that they belong together.
-pub fn load_certified_key(cert_path: &Path, key_path: &Path) -> Result<Arc<CertifiedKey>, String> {
+pub fn load_certified_key(
+    cert_path: &Path,
+    key_path: &Path,
+) -> Result<Arc<CertifiedKey>, BuildError> {
     let certs: Vec<CertificateDer<'static>> = CertificateDer::pem_file_iter(cert_path)
         .and_then(|iter| iter.collect::<Result<_, _>>())
-        .map_err(|e| {
-            format!(
-                "{}: cannot read a PEM certificate: {e}",
-                cert_path.display()
-            )
+        .map_err(|source| BuildError::Certificate {
+            path: cert_path.to_owned(),
+            source,
         })?;
     if certs.is_empty() {
-        return Err(format!(
-            "{}: no certificate in the file",
-            cert_path.display()
-        ));
+        return Err(BuildError::NoCertificate(cert_path.to_owned()));
     }
-    let key = PrivateKeyDer::from_pem_file(key_path)
-        .map_err(|e| format!("{}: cannot read a PEM private key: {e}", key_path.display()))?;
+    let key = PrivateKeyDer::from_pem_file(key_path).map_err(|source| BuildError::PrivateKey {
+        path: key_path.to_owned(),
+        source,
+    })?;
     let provider = rustls::crypto::ring::default_provider();
     let signing_key = provider
         .key_provider
         .load_private_key(key)
-        .map_err(|e| format!("{}: unusable private key: {e}", key_path.display()))?;
+        .map_err(|source| BuildError::UnusableKey {
+            path: key_path.to_owned(),
+            source,
+        })?;
     let certified = CertifiedKey::new(certs, signing_key);
-    certified.keys_match().map_err(|e| {
-        format!(
-            "{} does not match the certificate {}: {e}",
-            key_path.display(),
-            cert_path.display()
-        )
-    })?;
+    certified
+        .keys_match()
+        .map_err(|source| BuildError::KeyMismatch {
+            key: key_path.to_owned(),
+            cert: cert_path.to_owned(),
+            source,
+        })?;
     Ok(Arc::new(certified))
 }
 
@@ -69,11 +75,11 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 impl Handshake {
     /// TLS 1.2 and 1.3 with rustls's AEAD suites in the server's order of preference (Mozilla
     /// "intermediate"), the pair in `slot`, and HTTP/2 and HTTP/1.1 by ALPN.
-    pub fn new(slot: CertificateSlot, metrics: Option<Arc<Metrics>>) -> Result<Self, String> {
+    pub fn new(slot: CertificateSlot, metrics: Option<Arc<Metrics>>) -> Result<Self, BuildError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(|e| format!("TLS settings: {e}"))?
+            .map_err(BuildError::TlsSettings)?
             .with_no_client_auth()
             .with_cert_resolver(Arc::new(CurrentCertificate(slot)));
         // The strongest suite both sides have, rather than the client's first choice.

@@ -11,10 +11,11 @@
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
-use std::{collections::BTreeSet, sync::Arc, time::Duration};
+use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
+use crate::error::BuildError;
 use pingora::{
     http::RequestHeader,
     lb::{
@@ -35,6 +36,17 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
 #[derive(Debug, Clone)]
 pub struct BackendId(pub Arc<str>);
+
+/// A backend process: its name, the socket it serves requests on, and the one the admin
+/// listener scrapes.
+#[derive(Debug, Clone)]
+pub struct BackendSocket {
+    pub id: String,
+    /// Where it serves requests (and `/healthz`).
+    pub socket: PathBuf,
+    /// Where it serves `/metrics`; `None` when it runs without one.
+    pub admin_socket: Option<PathBuf>,
+}
 
 /// A backend's free slots for requests in flight; kept in its `ext`.
 #[derive(Clone)]
@@ -59,15 +71,19 @@ pub enum NoBackend {
 /// Builds the pool and the background service that keeps its health up to date.
 pub fn build(
     settings: &PoolSettings,
-) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, String> {
+) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, BuildError> {
     let mut backends = BTreeSet::new();
     for backend in &settings.backends {
         let path = &backend.socket;
         let text = path
             .to_str()
-            .ok_or_else(|| format!("{} is not UTF-8", path.display()))?;
-        let mut peer = HttpPeer::new_uds(text, false, String::new())
-            .map_err(|e| format!("backend socket {}: {e}", path.display()))?;
+            .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
+        let mut peer = HttpPeer::new_uds(text, false, String::new()).map_err(|source| {
+            BuildError::BackendSocket {
+                path: path.clone(),
+                source,
+            }
+        })?;
         peer.options.connection_timeout = Some(settings.connect_timeout);
         peer.options.read_timeout = Some(settings.read_timeout);
         peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
@@ -87,12 +103,11 @@ pub fn build(
     let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
 
     let mut check = HttpHealthCheck::new("localhost", false);
-    check.req = RequestHeader::build("GET", b"/healthz", None)
-        .map_err(|e| format!("health check request: {e}"))?;
+    check.req = RequestHeader::build("GET", b"/healthz", None).map_err(BuildError::HealthCheck)?;
     check
         .req
         .insert_header("host", "localhost")
-        .map_err(|e| format!("health check request: {e}"))?;
+        .map_err(BuildError::HealthCheck)?;
     check.peer_template.options.connection_timeout = Some(settings.connect_timeout);
     check.peer_template.options.read_timeout = Some(settings.health_check_timeout);
     lb.set_health_check(Box::new(check));

@@ -26,7 +26,7 @@ use std::{
     hash::BuildHasher,
     net::IpAddr,
     sync::{
-        Mutex, MutexGuard, TryLockError,
+        Mutex,
         atomic::{AtomicUsize, Ordering},
     },
     time::{Duration, Instant},
@@ -131,17 +131,18 @@ impl Drop for Charge<'_> {
     }
 }
 
-/// Why an attempt is refused, and for how long (whole seconds, rounded up).
+/// An address or a user name locked out after too many failures, and for how long (whole
+/// seconds, rounded up).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Refusal {
+pub enum Lockout {
     Address { retry_after: u64 },
     User { retry_after: u64 },
 }
 
-impl Refusal {
+impl Lockout {
     pub fn retry_after(self) -> u64 {
         match self {
-            Refusal::Address { retry_after } | Refusal::User { retry_after } => retry_after,
+            Lockout::Address { retry_after } | Lockout::User { retry_after } => retry_after,
         }
     }
 }
@@ -159,8 +160,6 @@ pub struct AuthGuard {
     events: IntCounterVec,
     /// Entries held (counts and signed-in addresses), kept as they come and go.
     keys: IntGauge,
-    /// Basic auth's verification caches, kept here as the guard is kept across reloads.
-    pub(super) verified: super::basic_auth::VerifiedCaches,
 }
 
 impl AuthGuard {
@@ -173,7 +172,6 @@ impl AuthGuard {
             sweeping: Mutex::new(()),
             events,
             keys,
-            verified: Default::default(),
         }
     }
 
@@ -194,17 +192,17 @@ impl AuthGuard {
     /// Whether an attempt would be refused now, without charging one: for requests whose
     /// credentials need no hash (none at all, or already verified). `scope` names the realm
     /// and user list the name belongs to.
-    pub fn refusal(
+    pub fn lockout(
         &self,
         spec: &GuardSpec,
         scope: &[u8],
         client: IpAddr,
         user: Option<&str>,
-    ) -> Option<Refusal> {
+    ) -> Option<Lockout> {
         let now = Instant::now();
-        let address = super::rate_limit::key(client);
+        let address = super::client_ip::key(client);
         if let Some(left) = self.full(&Key::Address(address), spec.max_failures, spec.window, now) {
-            return Some(self.refused(Refusal::Address { retry_after: left }));
+            return Some(self.refused(Lockout::Address { retry_after: left }));
         }
         let name = self.name(scope, user?);
         if self.known(name, address, now) {
@@ -216,7 +214,7 @@ impl AuthGuard {
             spec.window,
             now,
         )
-        .map(|left| self.refused(Refusal::User { retry_after: left }))
+        .map(|left| self.refused(Lockout::User { retry_after: left }))
     }
 
     /// Charges an attempt before its password is checked, or refuses it.
@@ -226,12 +224,12 @@ impl AuthGuard {
         scope: &[u8],
         client: IpAddr,
         user: Option<&str>,
-    ) -> Result<Charge<'_>, Refusal> {
+    ) -> Result<Charge<'_>, Lockout> {
         let now = Instant::now();
-        let address = super::rate_limit::key(client);
+        let address = super::client_ip::key(client);
         let charged_address = self
             .take(spec, Key::Address(address), spec.max_failures, now)
-            .map_err(|left| self.refused(Refusal::Address { retry_after: left }))?;
+            .map_err(|left| self.refused(Lockout::Address { retry_after: left }))?;
         let mut charge = Charge {
             guard: self,
             address: (address, charged_address),
@@ -252,7 +250,7 @@ impl AuthGuard {
                 Ok(charge)
             }
             // Refused before any check: dropping the charge gives the address's back.
-            Err(left) => Err(self.refused(Refusal::User { retry_after: left })),
+            Err(left) => Err(self.refused(Lockout::User { retry_after: left })),
         }
     }
 
@@ -260,7 +258,7 @@ impl AuthGuard {
     /// is remembered as one the user signs in from, written only when new or an hour old, so
     /// that signed-in traffic reads the table and rarely writes it.
     pub fn signed_in(&self, spec: &GuardSpec, scope: &[u8], client: IpAddr, user: &str) {
-        let (name, address) = (self.name(scope, user), super::rate_limit::key(client));
+        let (name, address) = (self.name(scope, user), super::client_ip::key(client));
         self.remember(spec, name, address, Instant::now());
     }
 
@@ -268,13 +266,13 @@ impl AuthGuard {
         self.names.hash_one((scope, user))
     }
 
-    fn refused(&self, refusal: Refusal) -> Refusal {
-        let event = match refusal {
-            Refusal::Address { .. } => "address",
-            Refusal::User { .. } => "user",
+    fn refused(&self, lockout: Lockout) -> Lockout {
+        let event = match lockout {
+            Lockout::Address { .. } => "address",
+            Lockout::User { .. } => "user",
         };
         self.events.with_label_values(&[event]).inc();
-        refusal
+        lockout
     }
 
     fn known(&self, name: u64, address: IpAddr, now: Instant) -> bool {
@@ -397,7 +395,7 @@ impl AuthGuard {
     /// with the fewest failures (the soonest ending first), or the users whose latest
     /// sign-in is oldest: forgetting them gives back the least.
     fn keep_bounded(&self, spec: &GuardSpec, now: Instant) {
-        let Some(_sweeping) = sweep_lock(&self.sweeping) else {
+        let Some(_sweeping) = super::rate_limit::sweep_lock(&self.sweeping) else {
             return;
         };
         // 90%, so that a flood sweeps once per tenth of the table, not per entry.
@@ -470,16 +468,6 @@ impl AuthGuard {
     }
 }
 
-/// One sweep at a time; the others go on serving. A sweep that panicked left nothing half
-/// done that matters (entries are only ever removed), so a poisoned lock is taken as usual.
-pub(super) fn sweep_lock(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
-    match lock.try_lock() {
-        Ok(held) => Some(held),
-        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
-        Err(TryLockError::WouldBlock) => None,
-    }
-}
-
 /// Rounded up: a client that waits exactly this long must not be refused again.
 fn whole_seconds(left: Duration) -> u64 {
     left.as_secs()
@@ -509,7 +497,7 @@ mod tests {
 
     const S: &[u8] = b"realm";
 
-    fn failed(charge: Result<Charge<'_>, Refusal>) -> Result<(), Refusal> {
+    fn failed(charge: Result<Charge<'_>, Lockout>) -> Result<(), Lockout> {
         charge.map(Charge::failed)
     }
 
@@ -553,12 +541,12 @@ mod tests {
         guard.charge(&spec, S, client, Some("u")).unwrap().failed();
         assert!(matches!(
             guard.charge(&spec, S, client, Some("u")),
-            Err(Refusal::Address { .. })
+            Err(Lockout::Address { .. })
         ));
-        assert!(guard.refusal(&spec, S, client, None).is_some());
+        assert!(guard.lockout(&spec, S, client, None).is_some());
         assert!(
             guard
-                .refusal(&spec, S, ip("192.0.2.2"), Some("u"))
+                .lockout(&spec, S, ip("192.0.2.2"), Some("u"))
                 .is_none()
         );
     }
@@ -579,22 +567,22 @@ mod tests {
             }
             assert!(matches!(
                 guard.charge(&spec, S, ip(attacker), Some("u")),
-                Err(Refusal::Address { .. })
+                Err(Lockout::Address { .. })
             ));
         }
         // Four failures on "u": new addresses are held back, for "u" only; home is not.
         let newcomer = ip("203.0.113.1");
         assert!(matches!(
             guard.charge(&spec, S, newcomer, Some("u")),
-            Err(Refusal::User { .. })
+            Err(Lockout::User { .. })
         ));
         assert!(matches!(
-            guard.refusal(&spec, S, newcomer, Some("u")),
-            Some(Refusal::User { .. })
+            guard.lockout(&spec, S, newcomer, Some("u")),
+            Some(Lockout::User { .. })
         ));
         assert!(failed(guard.charge(&spec, S, newcomer, Some("other"))).is_ok());
         assert!(failed(guard.charge(&spec, S, home, Some("u"))).is_ok());
-        assert!(guard.refusal(&spec, S, home, Some("u")).is_none());
+        assert!(guard.lockout(&spec, S, home, Some("u")).is_none());
         // The refused attempt charged nothing to the newcomer's address: one more is left.
         assert!(failed(guard.charge(&spec, S, newcomer, Some("other"))).is_ok());
         assert!(guard.charge(&spec, S, newcomer, Some("other")).is_err());
@@ -677,14 +665,14 @@ mod tests {
         assert!(
             matches!(
                 guard.charge(&spec, S, attacker, Some("x")),
-                Err(Refusal::Address { .. })
+                Err(Lockout::Address { .. })
             ),
             "the address's full count survived"
         );
         assert!(
             matches!(
                 guard.charge(&spec, S, ip("192.0.2.77"), Some("root")),
-                Err(Refusal::User { .. })
+                Err(Lockout::User { .. })
             ),
             "the name's full count survived"
         );
@@ -710,13 +698,13 @@ mod tests {
         let newcomer = ip("203.0.113.1");
         assert!(matches!(
             guard.charge(&spec, b"weak", newcomer, Some("admin")),
-            Err(Refusal::User { .. })
+            Err(Lockout::User { .. })
         ));
         assert!(failed(guard.charge(&spec, b"strong", newcomer, Some("admin"))).is_ok());
         // Signing in on one route does not make the address known on the other.
         let home = ip("192.0.2.1");
         guard.signed_in(&spec, b"weak", home, "admin");
-        assert!(guard.refusal(&spec, b"weak", home, Some("admin")).is_none());
+        assert!(guard.lockout(&spec, b"weak", home, Some("admin")).is_none());
         for i in 0..4 {
             let _ = failed(guard.charge(
                 &spec,
@@ -726,8 +714,8 @@ mod tests {
             ));
         }
         assert!(matches!(
-            guard.refusal(&spec, b"strong", home, Some("admin")),
-            Some(Refusal::User { .. })
+            guard.lockout(&spec, b"strong", home, Some("admin")),
+            Some(Lockout::User { .. })
         ));
     }
 

@@ -142,10 +142,26 @@ impl Htpasswd {
 /// entry expires.
 pub type Verified = Cache<[u8; 32], (String, Instant)>;
 
+/// What every route's basic auth shares, kept from table to table across reloads: the
+/// brute-force guard's counts and the verification caches.
+pub struct Shared {
+    pub guard: AuthGuard,
+    verified: VerifiedCaches,
+}
+
+impl Shared {
+    pub fn new(guard: AuthGuard) -> Self {
+        Self {
+            guard,
+            verified: VerifiedCaches::default(),
+        }
+    }
+}
+
 /// The verification caches in use, by scope, so that a reload's new routes pick up the old
 /// ones' (held weakly: a cache goes when the last route using it does).
 #[derive(Default)]
-pub struct VerifiedCaches(Mutex<HashMap<[u8; 32], Weak<Verified>>>);
+struct VerifiedCaches(Mutex<HashMap<[u8; 32], Weak<Verified>>>);
 
 impl VerifiedCaches {
     fn for_scope(&self, scope: [u8; 32]) -> Arc<Verified> {
@@ -184,14 +200,14 @@ pub struct BasicAuth {
     challenge: String,
     verified: Arc<Verified>,
     /// Shared by every route and kept across reloads.
-    guard: Arc<AuthGuard>,
+    shared: Arc<Shared>,
     spec: GuardSpec,
     /// Verifications running at once.
     verifying: tokio::sync::Semaphore,
 }
 
 impl BasicAuth {
-    pub fn new(users: Arc<Htpasswd>, realm: &str, spec: GuardSpec, guard: Arc<AuthGuard>) -> Self {
+    pub fn new(users: Arc<Htpasswd>, realm: &str, spec: GuardSpec, shared: Arc<Shared>) -> Self {
         let scope: [u8; 32] = {
             let mut hasher = sha2::Sha256::new();
             hasher.update(realm.as_bytes());
@@ -206,8 +222,8 @@ impl BasicAuth {
                 realm.replace(['"', '\\'], "")
             ),
             users,
-            verified: guard.verified.for_scope(scope),
-            guard,
+            verified: shared.verified.for_scope(scope),
+            shared,
             spec,
             verifying: tokio::sync::Semaphore::new(
                 std::thread::available_parallelism().map_or(1, |n| n.get()),
@@ -221,23 +237,28 @@ impl BasicAuth {
     }
 
     pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Outcome {
-        let blocked = |refusal: super::auth_guard::Refusal| Outcome::Blocked {
-            retry_after: refusal.retry_after(),
+        let blocked = |lockout: super::auth_guard::Lockout| Outcome::Blocked {
+            retry_after: lockout.retry_after(),
         };
         let Some(header) = authorization else {
             return self
+                .shared
                 .guard
-                .refusal(&self.spec, &self.scope, client, None)
+                .lockout(&self.spec, &self.scope, client, None)
                 .map_or(Outcome::Challenge, blocked);
         };
         let Some((user, password)) = decode(header) else {
             // Malformed credentials count as a failure of the address.
-            return match self.guard.charge(&self.spec, &self.scope, client, None) {
+            return match self
+                .shared
+                .guard
+                .charge(&self.spec, &self.scope, client, None)
+            {
                 Ok(charge) => {
                     charge.failed();
                     Outcome::Challenge
                 }
-                Err(refusal) => blocked(refusal),
+                Err(lockout) => blocked(lockout),
             };
         };
         let key = self.cache_key(&user, &password);
@@ -248,14 +269,20 @@ impl BasicAuth {
                 Ok((cached_user, expires)) if Instant::now() < expires => {
                     // No hash to pay for, but while the guard refuses this client, a cached
                     // password must not answer guesses either.
-                    return match self
-                        .guard
-                        .refusal(&self.spec, &self.scope, client, Some(&user))
-                    {
-                        Some(refusal) => blocked(refusal),
+                    return match self.shared.guard.lockout(
+                        &self.spec,
+                        &self.scope,
+                        client,
+                        Some(&user),
+                    ) {
+                        Some(lockout) => blocked(lockout),
                         None => {
-                            self.guard
-                                .signed_in(&self.spec, &self.scope, client, &cached_user);
+                            self.shared.guard.signed_in(
+                                &self.spec,
+                                &self.scope,
+                                client,
+                                &cached_user,
+                            );
                             Outcome::Allowed { user: cached_user }
                         }
                     };
@@ -268,13 +295,15 @@ impl BasicAuth {
             };
             // Charged before the hash is checked, so parallel guesses cannot outrun the count.
             // Should this request be dropped while it waits its turn, the charge goes back.
-            let mut charge = match self
-                .guard
-                .charge(&self.spec, &self.scope, client, Some(&user))
-            {
-                Ok(charge) => charge,
-                Err(refusal) => return blocked(refusal),
-            };
+            let mut charge =
+                match self
+                    .shared
+                    .guard
+                    .charge(&self.spec, &self.scope, client, Some(&user))
+                {
+                    Ok(charge) => charge,
+                    Err(lockout) => return blocked(lockout),
+                };
             // Different credentials verify in parallel only up to the number of cores, so a
             // flood of guesses costs bounded CPU.
             let valid = match self.verifying.acquire().await {
@@ -380,7 +409,12 @@ mod tests {
         let events =
             prometheus::IntCounterVec::new(prometheus::Opts::new("t", "t"), &["event"]).unwrap();
         let keys = prometheus::IntGauge::new("k", "k").unwrap();
-        BasicAuth::new(users, "r", spec, Arc::new(AuthGuard::new(events, keys)))
+        BasicAuth::new(
+            users,
+            "r",
+            spec,
+            Arc::new(Shared::new(AuthGuard::new(events, keys))),
+        )
     }
 
     #[tokio::test]
@@ -443,12 +477,12 @@ mod tests {
     #[test]
     fn a_reload_keeps_the_cache_of_an_unchanged_scope() {
         let old = auth(3);
-        let same = BasicAuth::new(old.users.clone(), "r", old.spec, old.guard.clone());
+        let same = BasicAuth::new(old.users.clone(), "r", old.spec, old.shared.clone());
         assert!(Arc::ptr_eq(&old.verified, &same.verified));
-        let realm = BasicAuth::new(old.users.clone(), "other", old.spec, old.guard.clone());
+        let realm = BasicAuth::new(old.users.clone(), "other", old.spec, old.shared.clone());
         assert!(!Arc::ptr_eq(&old.verified, &realm.verified));
         let users = Arc::new(Htpasswd::parse("v:{SHA}qUqP5cyxm6YcTAhz05Hph5gvu9M=").unwrap());
-        let file = BasicAuth::new(users, "r", old.spec, old.guard.clone());
+        let file = BasicAuth::new(users, "r", old.spec, old.shared.clone());
         assert!(!Arc::ptr_eq(&old.verified, &file.verified));
     }
 }

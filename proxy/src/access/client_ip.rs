@@ -25,6 +25,17 @@ use sha2::Digest;
 
 use super::ip_list::IpList;
 
+/// What a client counts as for rate limits, the basic-auth guard and the connection caps: its
+/// IPv4 address, or its IPv6 /64 (one host usually holds a whole /64 and could otherwise
+/// rotate addresses). A client named by an unreadable forwarding hop keeps its whole address.
+pub fn key(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V4(_) => ip,
+        IpAddr::V6(v6) if is_unreadable_hop(v6) => ip,
+        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+    }
+}
+
 /// Which header names the client when the peer is a trusted proxy.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub enum ClientIpHeader {
@@ -265,10 +276,7 @@ mod tests {
             "the same hop is the same client"
         );
         // Each keeps its own rate-limit bucket (not grouped by /64 like other IPv6 clients).
-        assert_ne!(
-            super::super::rate_limit::key(garbage),
-            super::super::rate_limit::key(unknown)
-        );
+        assert_ne!(key(garbage), key(unknown));
         assert!(!trusted.contains(garbage));
         // So does an unreadable X-Real-IP.
         assert!(unreadable(client_ip(

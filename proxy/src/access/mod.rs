@@ -15,12 +15,14 @@ pub mod rate_limit;
 
 use std::{collections::HashMap, net::IpAddr, sync::Arc};
 
-use auth_guard::{AuthGuard, GuardSpec};
+use auth_guard::GuardSpec;
 use basic_auth::{BasicAuth, Htpasswd};
 use client_ip::ClientIpHeader;
 use ip_list::IpList;
 use prometheus::{IntCounterVec, IntGauge, Opts, Registry};
 use rate_limit::{RateLimit, RateSpec, Verdict};
+
+use crate::error::BuildError;
 
 /// A route's access rules, as configured (validated, not yet running).
 #[derive(Debug, Clone, Default)]
@@ -61,9 +63,9 @@ pub struct AccessCounters {
 }
 
 impl AccessCounters {
-    pub fn new() -> Result<Self, String> {
+    pub fn new() -> Result<Self, BuildError> {
         let counter = |name: &str, help: &str, label: &str| {
-            IntCounterVec::new(Opts::new(name, help), &[label]).map_err(|e| e.to_string())
+            IntCounterVec::new(Opts::new(name, help), &[label])
         };
         Ok(Self {
             rate_limit_evicted: counter(
@@ -79,21 +81,18 @@ impl AccessCounters {
             auth_guard_keys: IntGauge::new(
                 "gatehouse_auth_guard_keys",
                 "Entries the basic-auth guard holds: client addresses, user names and addresses users signed in from.",
-            )
-            .map_err(|e| e.to_string())?,
+            )?,
         })
     }
 
-    pub fn register(&self, registry: &Registry) -> Result<(), String> {
+    pub fn register(&self, registry: &Registry) -> Result<(), BuildError> {
         let collectors: [Box<dyn prometheus::core::Collector>; 3] = [
             Box::new(self.rate_limit_evicted.clone()),
             Box::new(self.auth_guard.clone()),
             Box::new(self.auth_guard_keys.clone()),
         ];
         for collector in collectors {
-            registry
-                .register(collector)
-                .map_err(|e| format!("metrics: {e}"))?;
+            registry.register(collector)?;
         }
         Ok(())
     }
@@ -119,14 +118,14 @@ pub enum Decision {
 
 impl Access {
     /// Routes naming the same policy share its buckets (like an nginx `limit_req_zone`); every
-    /// route's basic auth shares the one `guard`.
+    /// route's basic auth shares the one guard and its verification caches (`basic_auth`).
     pub fn build(
         spec: AccessSpec,
         settings: &AccessSettings,
         limits: &mut HashMap<String, Arc<RateLimit>>,
-        guard: &Arc<AuthGuard>,
+        basic_auth: &Arc<basic_auth::Shared>,
         counters: &AccessCounters,
-    ) -> Result<Self, String> {
+    ) -> Result<Self, BuildError> {
         let rate_limit = match spec.rate_limit {
             None => None,
             Some(rate) => Some(match limits.get(&rate.name) {
@@ -148,9 +147,9 @@ impl Access {
             rate_limit,
             allow: spec.allow,
             deny: spec.deny,
-            auth: spec
-                .auth
-                .map(|a| BasicAuth::new(a.users, &a.realm, settings.auth_guard, guard.clone())),
+            auth: spec.auth.map(|a| {
+                BasicAuth::new(a.users, &a.realm, settings.auth_guard, basic_auth.clone())
+            }),
             pass_authorization,
         })
     }

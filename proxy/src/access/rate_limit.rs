@@ -12,11 +12,11 @@
 //! `limit_req_zone` instead evicts least recently used entries when its zone is full.)
 
 use std::{
-    net::{IpAddr, Ipv6Addr},
+    net::IpAddr,
     num::NonZeroU32,
     num::NonZeroU64,
     sync::{
-        Arc, Mutex,
+        Arc, Mutex, MutexGuard, TryLockError,
         atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering},
     },
     time::Duration,
@@ -31,6 +31,8 @@ use governor::{
     state::{StateStore, keyed::ShrinkableKeyedStateStore},
 };
 use prometheus::IntCounter;
+
+use crate::error::BuildError;
 
 /// New clients between two checks of the table's size: bounds the overshoot past `max_keys`
 /// without counting every request.
@@ -70,15 +72,16 @@ pub enum Verdict {
 }
 
 impl RateLimit {
-    pub fn new(spec: RateSpec, max_keys: usize, evicted: IntCounter) -> Result<Self, String> {
-        let burst = NonZeroU32::new(spec.burst).ok_or("burst must be at least 1")?;
+    pub fn new(spec: RateSpec, max_keys: usize, evicted: IntCounter) -> Result<Self, BuildError> {
+        let burst =
+            NonZeroU32::new(spec.burst).ok_or(BuildError::RateLimit("burst must be at least 1"))?;
         if !(spec.per_second > 0.0 && spec.per_second.is_finite()) {
-            return Err("per_second must be greater than 0".into());
+            return Err(BuildError::RateLimit("per_second must be greater than 0"));
         }
         let period = Duration::try_from_secs_f64(1.0 / spec.per_second)
-            .map_err(|_| "per_second is too small")?;
+            .map_err(|_| BuildError::RateLimit("per_second is too small"))?;
         let quota = Quota::with_period(period)
-            .ok_or("per_second is too large")?
+            .ok_or(BuildError::RateLimit("per_second is too large"))?
             .allow_burst(burst);
         let buckets = Buckets::new(max_keys);
         let clock = DefaultClock::default();
@@ -102,7 +105,7 @@ impl RateLimit {
     }
 
     pub fn check(&self, ip: IpAddr) -> Verdict {
-        let verdict = match self.limiter.check_key(&key(ip)) {
+        let verdict = match self.limiter.check_key(&super::client_ip::key(ip)) {
             Ok(()) => Verdict::Allowed,
             Err(not_until) => {
                 let wait = not_until.wait_time_from(self.clock.now());
@@ -128,7 +131,7 @@ impl RateLimit {
     }
 
     fn keep_bounded(&self) {
-        let Some(_sweeping) = super::auth_guard::sweep_lock(&self.sweeping) else {
+        let Some(_sweeping) = sweep_lock(&self.sweeping) else {
             return;
         };
         let map = &self.buckets.0.map;
@@ -255,13 +258,14 @@ impl ShrinkableKeyedStateStore<IpAddr> for Buckets {
     }
 }
 
-/// The bucket a client counts against: its IPv4 address, or its IPv6 /64. A client named by
-/// an unreadable forwarding hop (see [`super::client_ip`]) keeps its whole address.
-pub fn key(ip: IpAddr) -> IpAddr {
-    match ip {
-        IpAddr::V4(_) => ip,
-        IpAddr::V6(v6) if super::client_ip::is_unreadable_hop(v6) => ip,
-        IpAddr::V6(v6) => IpAddr::V6(Ipv6Addr::from(u128::from(v6) & !u128::from(u64::MAX))),
+/// One sweep at a time; the others go on serving. A sweep that panicked left nothing half
+/// done that matters (entries are only ever removed), so a poisoned lock is taken as usual.
+/// (The basic-auth guard sweeps its tables the same way.)
+pub(super) fn sweep_lock(lock: &Mutex<()>) -> Option<MutexGuard<'_, ()>> {
+    match lock.try_lock() {
+        Ok(held) => Some(held),
+        Err(TryLockError::Poisoned(poisoned)) => Some(poisoned.into_inner()),
+        Err(TryLockError::WouldBlock) => None,
     }
 }
 

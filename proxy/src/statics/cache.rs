@@ -21,7 +21,10 @@ use std::{
 use bytes::Bytes;
 use quick_cache::{Weighter, sync::Cache};
 
-use super::encoding::{Encoding, compressible};
+use crate::{
+    encoding::{Encoding, compressible},
+    error::BuildError,
+};
 
 pub struct Asset {
     /// Where the file really is, inside the root.
@@ -196,7 +199,7 @@ impl Files {
         capacity: u64,
         max_cached_file: u64,
         check_interval: Duration,
-    ) -> Result<Files, String> {
+    ) -> Result<Files, BuildError> {
         // One shard: the cache refuses entries heavier than a shard, and a site's largest
         // files must fit whole.
         let options = quick_cache::OptionsBuilder::new()
@@ -204,7 +207,7 @@ impl Files {
             .weight_capacity(capacity)
             .shards(1)
             .build()
-            .map_err(|e| format!("static cache: {e:?}"))?;
+            .map_err(|e| BuildError::StaticCache(format!("{e:?}")))?;
         let cache = Cache::with_options(options, ByBytes, Default::default(), Default::default());
         Ok(Files(Arc::new(Inner {
             root,

@@ -1,14 +1,13 @@
 //! Static sites: files under a route's directory, served like a web server should.
 //!
-//! - [`path`]: decoding and the traversal guard (runs before routing).
 //! - [`cache`]: files held in memory per version, checked with one `stat` per request.
-//! - [`encoding`]: `Accept-Encoding` negotiation, gzip and brotli.
 //! - [`conditional`]: ETags, `If-None-Match`, `If-Modified-Since`, `Range`, `If-Range`.
+//!
+//! The request path was decoded and guarded before routing ([`crate::path`]); the variants
+//! are made with [`crate::encoding`]. Dotfiles are never served.
 
 pub mod cache;
 pub mod conditional;
-pub mod encoding;
-pub mod path;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -19,6 +18,8 @@ use pingora_proxy::Session;
 use tokio::io::{AsyncReadExt, AsyncSeekExt};
 
 use crate::{
+    encoding::{self, Encoding},
+    error::BuildError,
     metrics::RouteSeries,
     respond::{self, Stamp},
 };
@@ -40,7 +41,6 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'\\');
 use cache::{Asset, Files, Found};
 use conditional::Range;
-use encoding::Encoding;
 
 /// How static files are served, shared by every static route.
 #[derive(Debug, Clone)]
@@ -70,10 +70,13 @@ impl Site {
         cache_control: Option<String>,
         settings: &StaticSettings,
         sites: usize,
-    ) -> Result<Site, String> {
+    ) -> Result<Site, BuildError> {
         let root: PathBuf = dir
             .canonicalize()
-            .map_err(|e| format!("static directory {}: {e}", dir.display()))?;
+            .map_err(|source| BuildError::StaticDirectory {
+                dir: dir.to_owned(),
+                source,
+            })?;
         let share = settings.cache_bytes / sites.max(1) as u64;
         Ok(Site {
             files: Files::new(
@@ -87,7 +90,7 @@ impl Site {
         })
     }
 
-    /// Answers a request under `prefix`; `decoded` has passed [`path::check`].
+    /// Answers a request under `prefix`; `decoded` has passed [`crate::path::check`].
     pub async fn serve(
         &self,
         session: &mut Session,
@@ -104,7 +107,7 @@ impl Site {
                 .await?;
             return Ok(405);
         }
-        let Some(relative) = path::relative(decoded, prefix) else {
+        let Some(relative) = relative(decoded, prefix) else {
             return not_found(session, stamp).await;
         };
         let cached = self.files.cached(&relative);
@@ -275,6 +278,31 @@ async fn not_found(session: &mut Session, stamp: &Stamp<'_>) -> Result<u16> {
     Ok(404)
 }
 
+/// The file path below a route's directory for a decoded request path; `None` when a segment
+/// is a dotfile. Empty segments are dropped, so `//etc/passwd` stays below the root.
+pub fn relative(decoded: &str, prefix: &str) -> Option<String> {
+    let rest = decoded.strip_prefix(prefix)?;
+    let mut relative = String::with_capacity(rest.len() + 10);
+    // Empty segments (doubled slashes) are dropped: `/open//a` is `/open/a`, one cache entry.
+    for segment in rest.split('/').filter(|s| !s.is_empty()) {
+        if segment.starts_with('.') {
+            return None;
+        }
+        if !relative.is_empty() {
+            relative.push('/');
+        }
+        relative.push_str(segment);
+    }
+    // A path that names a directory (`/open/`, `/open/docs/`) means its index page.
+    if relative.is_empty() || rest.ends_with('/') {
+        if !relative.is_empty() {
+            relative.push('/');
+        }
+        relative.push_str("index.html");
+    }
+    Some(relative)
+}
+
 enum Body {
     Memory(Bytes),
     /// A file too large to cache: `len` bytes from `offset`, read as they are sent.
@@ -350,5 +378,34 @@ async fn send(
             }
             Ok(())
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn relative_paths_and_dotfiles() {
+        assert_eq!(relative("/open/", "/open/").unwrap(), "index.html");
+        assert_eq!(relative("/open/a/b.css", "/open/").unwrap(), "a/b.css");
+        assert_eq!(
+            relative("/open/docs/", "/open/").unwrap(),
+            "docs/index.html"
+        );
+        assert!(relative("/open/.env", "/open/").is_none());
+        assert!(relative("/open/a/.git/config", "/open/").is_none());
+        assert_eq!(
+            relative("/open/docs//a.css", "/open/").unwrap(),
+            "docs/a.css"
+        );
+        assert_eq!(
+            relative("/open//etc/passwd", "/open/").unwrap(),
+            "etc/passwd"
+        );
+        assert_eq!(
+            relative("/open/docs//", "/open/").unwrap(),
+            "docs/index.html"
+        );
     }
 }

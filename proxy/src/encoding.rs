@@ -1,4 +1,6 @@
-//! Content negotiation (`Accept-Encoding` with q-values) and the compressors.
+//! Content codings: `Accept-Encoding` negotiation (with q-values), the compressors, and which
+//! media types are worth compressing. Static files use them for their stored variants, the
+//! gateway for large backend responses, the metrics for their `encoding` label.
 
 use std::io::Write;
 
