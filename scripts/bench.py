@@ -4,19 +4,32 @@
 One run builds a release, starts `gatehouse run` and an nginx configured to do the same work
 (the same static files with gzip_static, the same backend processes over the same Unix sockets
 with keepalive, the same basic auth), then drives oha with identical settings against both,
-alternating, and prints a markdown table: rps, p50, p99, CPU microseconds per request of the
-edge process (the gatehouse proxy; the nginx workers), peak RSS of the edge, RSS of the edge
-plus the backends halfway through each run, and the gatehouse/nginx ratio. Raw oha JSON goes
-to the output directory.
+alternating, and prints a markdown table per scenario and side: rps, p50, p99; the edge
+processes' (the gatehouse proxy; the nginx workers) user and system CPU microseconds per request
+(utime and stime of /proc/PID/stat) and their voluntary and involuntary context switches per
+request (/proc/PID/task/*/status); peak RSS of the edge, RSS of the edge plus the backends
+halfway through each run, and the gatehouse/nginx ratios. A second table gives the edge's
+syscalls per request by kind, from a separate short pass of `oha -n` per scenario with
+`strace -c -f` attached to the edge processes (strace slows them many times over: that pass
+counts, it does not time). Raw oha JSON and strace summaries go to the output directory.
 
     scripts/bench.py            # the full run (a few minutes)
-    scripts/bench.py --quick    # a short smoke run, as CI does
+    scripts/bench.py --quick    # a short smoke run, as CI does (no strace pass)
     scripts/bench.py --out DIR  # where the table and the raw JSON go
+    scripts/bench.py --rate 4000  # open loop: oha offers 4,000 rps to each side (oha -q), so
+                                  # CPU per request is compared at the same load
+    scripts/bench.py --syscalls 5000  # requests per strace pass (default 5000; 0: no pass;
+                                      # off in --quick unless given)
+    scripts/bench.py --threads 1      # the gatehouse proxy's proxy.threads (default: the config's)
     scripts/bench.py --observability  # gatehouse with metrics and access logs on vs off
     scripts/bench.py --baseline OTHER --rounds 6  # this build vs another gatehouse binary
+    scripts/bench.py --baseline-threads 1         # this build vs itself with proxy.threads = 1
 
-Needs oha (cargo install oha --locked), nginx, and what gatehouse itself needs.
-Everything runs on loopback and stops by itself.
+Timed figures move with whatever else the machine runs; for gatehouse's own code,
+scripts/callgrind.py counts the proxy's instructions per request, which do not.
+
+Needs oha (cargo install oha --locked), nginx, strace (for the syscall pass), and what gatehouse
+itself needs. Everything runs on loopback and stops by itself.
 """
 
 import argparse
@@ -37,6 +50,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 SECRET = "benchmark-secret-0123456789abcdef-0123456789"
+SECRET_ENV = "GATEHOUSE_JWT_SECRET"
 
 
 def free_port():
@@ -46,14 +60,48 @@ def free_port():
 
 
 def cpu_ticks(pids):
-    total = 0
+    """(user, system) clock ticks of `pids`, each summed over all its threads, ended ones too."""
+    user = system = 0
     for pid in pids:
         try:
             fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-            total += int(fields[11]) + int(fields[12])  # utime + stime
+            user += int(fields[11])  # utime
+            system += int(fields[12])  # stime
         except (OSError, IndexError, ValueError):
             pass
-    return total
+    return user, system
+
+
+def switches(pids):
+    """{(pid, thread id): [voluntary, involuntary]} context switches of every live thread of
+    `pids`. /proc/PID/status counts the main thread alone, so each thread is read."""
+    found = {}
+    for pid in pids:
+        try:
+            tasks = list(Path(f"/proc/{pid}/task").iterdir())
+        except OSError:
+            continue
+        for task in tasks:
+            counts = [0, 0]
+            try:
+                for line in (task / "status").read_text().splitlines():
+                    if line.startswith("voluntary_ctxt_switches:"):
+                        counts[0] = int(line.split()[1])
+                    elif line.startswith("nonvoluntary_ctxt_switches:"):
+                        counts[1] = int(line.split()[1])
+            except OSError:
+                continue
+            found[(pid, task.name)] = counts
+    return found
+
+
+def switches_between(before, after):
+    """(voluntary, involuntary) switches from `before` to `after`; a thread that ended in
+    between is missing from `after`, and so are its switches (tokio's blocking threads end
+    after 10 s idle; the proxy's worker threads and nginx's workers never do)."""
+    vol = sum(v - before.get(key, (0, 0))[0] for key, (v, _) in after.items())
+    invol = sum(n - before.get(key, (0, 0))[1] for key, (_, n) in after.items())
+    return vol, invol
 
 
 def status_mb(pids, field):
@@ -97,9 +145,10 @@ def wait_for(url, log, timeout=60):
     sys.exit(f"bench: {url} did not come up\n{tail}")
 
 
-def gatehouse_config(work, http, https, backends, admin=None, access_log="off"):
+def gatehouse_config(work, http, https, backends, admin=None, access_log="off", proxy_extra=""):
     """`admin`: the admin listener's port (None: off, and no metrics kept); `access_log`: a
-    file for every route's access log ("off" for none, like the nginx side)."""
+    file for every route's access log ("off" for none, like the nginx side); `proxy_extra`:
+    more lines for [proxy]."""
     static = work / "static"
     admin_listen = f"127.0.0.1:{admin}" if admin else "off"
     return f"""
@@ -111,6 +160,7 @@ access_log = "{access_log}"
 
 [proxy]
 listen = "127.0.0.1:{http}"
+{proxy_extra}
 
 [access]
 # Benchmarks measure work, not throttling.
@@ -216,26 +266,138 @@ def oha(args, url, out_file, group=()):
     return json.loads(out), group_mb
 
 
-def measure(label, args, url, pids, out_dir, run_id, group=()):
-    """`pids`: the edge processes, for CPU and peak RSS; `group`: edge and backends, whose
-    RSS is taken under load."""
-    before = cpu_ticks(pids)
-    data, group_mb = oha(args, url, out_dir / f"{run_id}.json", group)
-    after = cpu_ticks(pids)
+def served_ok(data, label, url):
+    """The responses oha counted; exits unless at least 99% of them were 2xx."""
     counts = data.get("statusCodeDistribution", {})
     served = sum(counts.values())
     ok = sum(n for code, n in counts.items() if code.startswith("2"))
     if served == 0 or ok / served < 0.99:
         sys.exit(f"bench: {label} at {url}: only {ok} of {served} responses were 2xx: {counts}")
+    return served
+
+
+def measure(label, args, url, pids, out_dir, run_id, group=()):
+    """`pids`: the edge processes, for CPU, context switches and peak RSS; `group`: edge and
+    backends, whose RSS is taken under load."""
+    cpu_before, switches_before = cpu_ticks(pids), switches(pids)
+    data, group_mb = oha(args, url, out_dir / f"{run_id}.json", group)
+    cpu_after, switches_after = cpu_ticks(pids), switches(pids)
+    served = served_ok(data, label, url)
+    vol, invol = switches_between(switches_before, switches_after)
     pct = data["latencyPercentiles"]
+    user, system = (
+        (after - before) / CLOCK_TICKS * 1e6 / served for before, after in zip(cpu_before, cpu_after)
+    )
     return {
         "rps": data["summary"]["requestsPerSec"],
         "p50": pct["p50"] * 1000,
         "p99": pct["p99"] * 1000,
-        "cpu_us": (after - before) / CLOCK_TICKS * 1e6 / served,
+        "user_us": user,
+        "sys_us": system,
+        "cpu_us": user + system,
+        "vcsw": vol / served,
+        "ivcsw": invol / served,
         "rss_mb": status_mb(pids, "VmHWM"),
         "group_mb": group_mb or 0.0,
     }
+
+
+def strace_counts(pids, args, url, label, out_file):
+    """Syscalls per request by kind of the processes `pids` (all their threads), over one
+    `oha` run with a fixed request count, attached to by `strace -c -f`."""
+    tracer = subprocess.Popen(
+        ["strace", "-c", "-f", "-U", "name,calls", "-o", str(out_file),
+         *[arg for pid in pids for arg in ("-p", str(pid))]],
+        stderr=subprocess.PIPE, text=True,
+    )
+    # One "Process N attached" line per process, once all its threads are traced.
+    for _ in pids:
+        if not tracer.stderr.readline():
+            sys.exit(f"bench: strace could not attach to {pids}: {tracer.communicate()[1].strip()}")
+    try:
+        data, _ = oha(args, url, out_file.with_suffix(".json"))
+    finally:
+        tracer.send_signal(signal.SIGINT)
+        tracer.communicate(timeout=60)
+    served = served_ok(data, label, url)
+    calls = {}
+    for line in out_file.read_text().splitlines():
+        fields = line.split()
+        if len(fields) == 2 and fields[1].isdigit() and fields[0] != "total":
+            calls[fields[0]] = int(fields[1]) / served
+    return calls
+
+
+def syscall_pass(opts, targets, scenarios, connections, out_dir, results, prefix=""):
+    """One strace run per scenario and side (`targets`: name -> (http port, https port, edge
+    pids); `scenarios`: one list for all, or name -> list); returns {(label, name): {syscall: calls per request}}. Each run sends `--syscalls`
+    requests, or what the side served in 2 s of the timed runs when that is fewer (nginx's
+    /close/ hashes a password per request: 5,000 would take minutes), at least 200."""
+    if not opts.syscalls:
+        return {}
+    if not shutil.which("strace"):
+        sys.exit("bench: strace not found (apt-get install strace), or pass --syscalls 0")
+    found = {}
+    for index in range(len(next(iter(scenarios.values())) if isinstance(scenarios, dict) else scenarios)):
+        for name, (http, https, pids) in targets.items():
+            label, args, scheme, path = (scenarios[name] if isinstance(scenarios, dict) else scenarios)[index]
+            port = http if scheme == "http" else https
+            url = f"{scheme}://127.0.0.1:{port}{path}"
+            out_file = out_dir / f"{prefix}strace-s{index}-{name}.txt"
+            settle(http)
+            requests = max(200, min(opts.syscalls, int(2 * median_of(results, label, name, "rps"))))
+            found[(label, name)] = strace_counts(
+                pids, ["-n", str(requests), "-c", str(connections), *args], url, label, out_file)
+    return found
+
+
+def syscall_table(calls, names, scenarios, top=6):
+    """Markdown lines: per scenario and side, all syscalls, futex apart, the most frequent kinds."""
+    if not calls:
+        return []
+    lines = [
+        "",
+        "Edge syscalls per request (strace -c -f attached during a fixed oha -n run; counts only):",
+        "",
+        "| scenario | server | syscalls/req | futex/req | most frequent kinds (calls/req) |",
+        "|---|---|---|---|---|",
+    ]
+    for label, *_ in scenarios:
+        for name in names:
+            kinds = calls[(label, name)]
+            common = sorted(kinds.items(), key=lambda kv: -kv[1])[:top]
+            lines.append(
+                f"| {label} | {name} | {sum(kinds.values()):.2f} | {kinds.get('futex', 0):.2f} | "
+                + ", ".join(f"{kind} {n:.2f}" for kind, n in common) + " |"
+            )
+    return lines
+
+
+def load_args(opts, duration, connections):
+    """oha's arguments for the timed runs: closed loop (as fast as `connections` allow), or
+    open loop at `--rate` requests per second offered."""
+    args = ["-z", duration, "-c", str(connections)]
+    if opts.rate:
+        args += ["-q", str(opts.rate), "--latency-correction"]
+    return args
+
+
+def load_words(opts, connections, duration):
+    words = f"oha -c {connections}, {duration} per run"
+    if opts.rate:
+        words += f", open loop at {opts.rate:,} rps offered (oha -q; rps below 95% of it marked *)"
+    return words
+
+
+def rps_cell(opts, rps):
+    return f"{rps:,.0f}" + ("*" if opts.rate and rps < 0.95 * opts.rate else "")
+
+
+def settle(http_port):
+    """Waits until the server answers a static page again. A run ends with requests still in
+    flight; when they are slow (nginx's basic auth hashes the password each time, 0.1 s of CPU
+    or more), they would eat into the next run."""
+    wait_for(f"http://127.0.0.1:{http_port}/", Path(os.devnull), timeout=120)
 
 
 def copy_static(work):
@@ -275,16 +437,20 @@ def stop_all(processes, work):
     shutil.rmtree(work, ignore_errors=True)
 
 
-def start_group(binary, work, name, backends, admin, access_log):
+def threads_line(threads):
+    return "" if threads is None else f"threads = {threads}"
+
+
+def start_group(binary, work, name, backends, admin, access_log, threads=None):
     """Starts `gatehouse run` in its own directory under `work`; returns (process, http port,
     https port, proxy pids)."""
     home = work / name
     home.mkdir()
     http, https = free_port(), free_port()
     config = home / "gatehouse.toml"
-    config.write_text(gatehouse_config(work, http, https, backends, admin, access_log or "off").replace(
-        f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
-    env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
+    text = gatehouse_config(work, http, https, backends, admin, access_log or "off", threads_line(threads))
+    config.write_text(text.replace(f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
+    env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
     log = open(home / "gatehouse.log", "w")
     group = subprocess.Popen([binary, "run", "--config", config], env=env, stdout=log, stderr=log)
     wait_for(f"http://127.0.0.1:{http}/api/ping", home / "gatehouse.log")
@@ -294,9 +460,9 @@ def start_group(binary, work, name, backends, admin, access_log):
 
 def side_by_side(opts, sides, scenarios, title, file_name):
     """Groups started side by side, one per entry of `sides` (name -> (binary, admin port or
-    None, access log or "")), all with the same config otherwise; the same oha runs alternate
-    between them, round after round. Writes and prints a table of medians, the first side
-    against the second."""
+    None, access log or "", proxy.threads or None)), all with the same config otherwise; the
+    same oha runs alternate between them, round after round. Writes and prints a table of
+    medians, the first side against the second, and the syscall pass's table."""
     duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, opts.rounds)
     opts.out.mkdir(parents=True, exist_ok=True)
     raw = opts.out / "raw"
@@ -309,21 +475,26 @@ def side_by_side(opts, sides, scenarios, title, file_name):
         (work / "gatehouse.toml").write_text(gatehouse_config(work, 1, 2, 1))
         subprocess.run([first_binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         groups = {}
-        for name, (binary, admin, access_log) in sides.items():
-            group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log)
+        for name, (binary, admin, access_log, threads) in sides.items():
+            group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log, threads)
             processes.append(group)
             groups[name] = (http, https, proxy)
-        token = login_token(next(iter(groups.values()))[0])
-        base = ["-z", duration, "-c", str(connections)]
+        # A token each: a group's sessions live in its own Redis.
+        token = {name: login_token(http) for name, (http, _, _) in groups.items()}
+        base = load_args(opts, duration, connections)
         results = {}
         for round_no in range(rounds):
-            for index, (label, args, scheme, path) in enumerate(scenarios(token)):
+            for index in range(len(scenarios(""))):
                 for name, (http, https, pids) in groups.items():
+                    label, args, scheme, path = scenarios(token[name])[index]
                     run_id = f"{file_name}-r{round_no}-s{index}-{name}"
                     port = http if scheme == "http" else https
                     url = f"{scheme}://127.0.0.1:{port}{path}"
+                    settle(http)
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
-        logged = {name: sum(1 for _ in open(log)) for name, (_, _, log) in sides.items() if log}
+        calls = syscall_pass(opts, groups, {name: scenarios(token[name]) for name in groups}, connections, raw,
+                             results, f"{file_name}-")
+        logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, _) in sides.items() if log}
     finally:
         stop_all(processes, work)
 
@@ -334,19 +505,38 @@ def side_by_side(opts, sides, scenarios, title, file_name):
     lines = [
         title(opts, connections, duration, rounds, logged),
         "",
-        f"| scenario | rps {a} | rps {b} | {a}/{b} | p99 ms {a} | p99 ms {b} | proxy CPU us/req {a} | {b} | CPU {a}/{b} |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| scenario | rps {a} | rps {b} | {a}/{b} | p99 ms {a} | p99 ms {b} | proxy CPU us/req {a} | {b} | CPU {a}/{b} "
+        f"| user us/req {a} | {b} | sys us/req {a} | {b} | ctx sw/req {a} | {b} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    for label, *_ in scenarios(token):
+    for label, *_ in scenarios(""):
         ra, rb = (med(label, n, "rps") for n in (a, b))
         ca, cb = (med(label, n, "cpu_us") for n in (a, b))
         lines.append(
-            f"| {label} | {ra:,.0f} | {rb:,.0f} | {ra / rb:.3f}x | {med(label, a, 'p99'):.2f} | "
-            f"{med(label, b, 'p99'):.2f} | {ca:.1f} | {cb:.1f} | {ca / cb:.3f}x |"
+            f"| {label} | {rps_cell(opts, ra)} | {rps_cell(opts, rb)} | {ra / rb:.3f}x | {med(label, a, 'p99'):.2f} | "
+            f"{med(label, b, 'p99'):.2f} | {ca:.1f} | {cb:.1f} | {ca / max(cb, 0.01):.3f}x | "
+            f"{med(label, a, 'user_us'):.1f} | {med(label, b, 'user_us'):.1f} | "
+            f"{med(label, a, 'sys_us'):.1f} | {med(label, b, 'sys_us'):.1f} | "
+            f"{switches_cell(results, label, a)} | {switches_cell(results, label, b)} |"
         )
+    lines += syscall_table(calls, (a, b), scenarios(""))
     table = "\n".join(lines) + "\n"
     (opts.out / f"{file_name}.md").write_text(table)
     print(table)
+
+
+def switches_cell(results, label, name):
+    """Voluntary + involuntary context switches per request, medians."""
+    vol, invol = (median_of(results, label, name, key) for key in ("vcsw", "ivcsw"))
+    return f"{vol:.2f} + {invol:.2f}"
+
+
+def command_words():
+    return "`scripts/bench.py" + "".join(f" {arg}" for arg in sys.argv[1:]) + "`"
+
+
+def threads_words(threads):
+    return "default (one per core)" if threads is None else str(threads)
 
 
 def observability(opts, binary):
@@ -354,8 +544,8 @@ def observability(opts, binary):
     both off on the other."""
     log_dir = Path(tempfile.mkdtemp(prefix="gatehouse-bench-logs-"))
     sides = {
-        "on": (binary, free_port(), str(log_dir / "access.log")),
-        "off": (binary, None, ""),
+        "on": (binary, free_port(), str(log_dir / "access.log"), opts.threads),
+        "off": (binary, None, "", opts.threads),
     }
 
     def scenarios(token):
@@ -367,8 +557,8 @@ def observability(opts, binary):
 
     def title(opts, connections, duration, rounds, logged):
         return (
-            f"`scripts/bench.py --observability{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} "
-            f"per run, {rounds} round(s) alternating, medians; {os.cpu_count()} cores; 'on' = metrics kept and "
+            f"{command_words()}: {load_words(opts, connections, duration)}, "
+            f"{rounds} round(s) alternating, medians; {os.cpu_count()} cores; 'on' = metrics kept and "
             f"scraped-ready, JSON access log to a file ({logged.get('on', 0):,} lines written); 'off' = neither."
         )
 
@@ -379,9 +569,14 @@ def observability(opts, binary):
 
 
 def baseline(opts, binary):
-    """This build against another gatehouse binary (`--baseline`), same config, metrics on and
-    access logs off on both: what a change costs, measured in one run."""
-    sides = {"new": (binary, free_port(), ""), "base": (opts.baseline, free_port(), "")}
+    """This build against another gatehouse binary (`--baseline`, else this one) with its own
+    proxy.threads (`--baseline-threads`, else `--threads`), same config otherwise, metrics on
+    and access logs off on both: what a change costs, measured in one run."""
+    base_threads = opts.threads if opts.baseline_threads is None else opts.baseline_threads
+    sides = {
+        "new": (binary, free_port(), "", opts.threads),
+        "base": (opts.baseline or binary, free_port(), "", base_threads),
+    }
 
     def scenarios(token):
         gzip = ["-H", "Accept-Encoding: gzip"]
@@ -396,8 +591,9 @@ def baseline(opts, binary):
 
     def title(opts, connections, duration, rounds, logged):
         return (
-            f"`scripts/bench.py --baseline {opts.baseline}{' --quick' if opts.quick else ''}`: oha -c {connections}, "
-            f"{duration} per run, {rounds} round(s) alternating new/base, medians; {os.cpu_count()} cores."
+            f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating "
+            f"new/base, medians; {os.cpu_count()} cores; proxy.threads new {threads_words(opts.threads)}, "
+            f"base {threads_words(base_threads)}."
         )
 
     side_by_side(opts, sides, scenarios, title, "baseline")
@@ -408,13 +604,22 @@ def main():
     parser.add_argument("--quick", action="store_true", help="short smoke run (CI)")
     parser.add_argument("--out", type=Path, default=REPO / "target" / "bench", help="results directory")
     parser.add_argument("--no-build", action="store_true", help="use the existing release binary")
+    parser.add_argument("--rate", type=int, metavar="RPS",
+                        help="open loop: offer this many requests per second to each side (oha -q)")
+    parser.add_argument("--syscalls", type=int, metavar="N",
+                        help="requests per strace pass (default 5000, and 0 in --quick; 0: none)")
+    parser.add_argument("--threads", type=int, help="the gatehouse proxy's proxy.threads")
     parser.add_argument("--observability", action="store_true",
                         help="compare gatehouse with metrics and access logs on and off")
     parser.add_argument("--baseline", type=Path,
                         help="compare this build with another gatehouse binary, alternating")
+    parser.add_argument("--baseline-threads", type=int,
+                        help="proxy.threads of the --baseline side (alone: this build against itself)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds for --observability and --baseline")
     opts = parser.parse_args()
+    if opts.syscalls is None:
+        opts.syscalls = 0 if opts.quick else 5000
 
     for tool in ("oha", "nginx"):
         if not shutil.which(tool):
@@ -425,7 +630,7 @@ def main():
     if opts.observability:
         observability(opts, binary)
         return
-    if opts.baseline:
+    if opts.baseline or opts.baseline_threads is not None:
         baseline(opts, binary)
         return
 
@@ -442,10 +647,11 @@ def main():
         copy_static(work)
         ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https")}
         # Metrics on (gatehouse always keeps them in production), access logs off on both sides.
-        (work / "gatehouse.toml").write_text(
-            gatehouse_config(work, ports["gh_http"], ports["gh_https"], backends, admin=free_port()))
+        (work / "gatehouse.toml").write_text(gatehouse_config(
+            work, ports["gh_http"], ports["gh_https"], backends, admin=free_port(),
+            proxy_extra=threads_line(opts.threads)))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
-        env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
+        env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
         log = open(work / "gatehouse.log", "w")
         group = subprocess.Popen([binary, "run", "--config", work / "gatehouse.toml"], env=env, stdout=log, stderr=log)
         processes.append(group)
@@ -465,7 +671,7 @@ def main():
 
         token = login_token(ports["gh_http"])
 
-        base = ["-z", duration, "-c", str(connections)]
+        base = load_args(opts, duration, connections)
         gzip = ["-H", "Accept-Encoding: gzip"]
         scenarios = [
             ("static page, identity, HTTP", [], "http", "/"),
@@ -487,9 +693,11 @@ def main():
                     port = http if scheme == "http" else https
                     url = f"{scheme}://127.0.0.1:{port}{path}"
                     run_id = f"r{round_no}-s{index}-{name}"
+                    settle(http)
                     results.setdefault((label, name), []).append(
                         measure(label, base + args, url, pids, raw, run_id, groups[name])
                     )
+        calls = syscall_pass(opts, servers, scenarios, connections, raw, results)
         ceiling = measure(
             "ceiling", base + ["--unix-socket", str(backend_socket)], "http://localhost/api/ping",
             [p for p in members if "backend-1.sock" in cmdline(p)], raw, "ceiling",
@@ -501,16 +709,21 @@ def main():
         return median_of(results, label, name, key)
 
     lines = [
-        f"`scripts/bench.py{' --quick' if opts.quick else ''}`: oha -c {connections}, {duration} per run, "
-        f"{rounds} round(s) alternating, medians; {os.cpu_count()} cores; edge = gatehouse proxy / nginx workers "
-        f"({workers}); {backends} backends shared by both.",
+        f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating, medians; "
+        f"{os.cpu_count()} cores; edge = gatehouse proxy (proxy.threads {threads_words(opts.threads)}) / nginx "
+        f"workers ({workers}); {backends} backends shared by both; ctx sw = voluntary + involuntary context "
+        "switches of the edge's threads.",
         "",
-        "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | edge peak RSS MB | group RSS MB under load | gatehouse/nginx rps | gatehouse/nginx CPU |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | user us/req | sys us/req | ctx sw/req "
+        "| edge peak RSS MB | group RSS MB under load | gatehouse/nginx rps | gatehouse/nginx CPU |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, *_ in scenarios:
         for name in ("gatehouse", "nginx"):
-            row = [label, name] + [f"{med(label, name, k):,.{d}f}" for k, d in (("rps", 0), ("p50", 2), ("p99", 2), ("cpu_us", 1), ("rss_mb", 1), ("group_mb", 1))]
+            row = [label, name, rps_cell(opts, med(label, name, "rps"))]
+            row += [f"{med(label, name, k):,.{d}f}" for k, d in (("p50", 2), ("p99", 2), ("cpu_us", 1), ("user_us", 1), ("sys_us", 1))]
+            row.append(switches_cell(results, label, name))
+            row += [f"{med(label, name, k):,.1f}" for k in ("rss_mb", "group_mb")]
             if name == "gatehouse":
                 row.append(f"{med(label, 'gatehouse', 'rps') / med(label, 'nginx', 'rps'):.2f}x")
                 cpu_ratio = med(label, "gatehouse", "cpu_us") / max(med(label, "nginx", "cpu_us"), 0.01)
@@ -520,12 +733,14 @@ def main():
             lines.append("| " + " | ".join(row) + " |")
     lines.append(
         f"| GET /api/ping straight at one backend socket (ceiling) | backend | {ceiling['rps']:,.0f} | "
-        f"{ceiling['p50']:.2f} | {ceiling['p99']:.2f} | {ceiling['cpu_us']:.1f} | {ceiling['rss_mb']:.1f} | | | |"
+        f"{ceiling['p50']:.2f} | {ceiling['p99']:.2f} | {ceiling['cpu_us']:.1f} | {ceiling['user_us']:.1f} | "
+        f"{ceiling['sys_us']:.1f} | {ceiling['vcsw']:.2f} + {ceiling['ivcsw']:.2f} | {ceiling['rss_mb']:.1f} | | | |"
     )
+    lines += syscall_table(calls, ("gatehouse", "nginx"), scenarios)
     table = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(table)
     print(table)
-    print(f"raw oha JSON in {raw}")
+    print(f"raw oha JSON and strace summaries in {raw}")
 
 
 if __name__ == "__main__":
