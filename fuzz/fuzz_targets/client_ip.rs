@@ -124,7 +124,9 @@ fuzz_target!(|input: Input| {
         let mut readable = true;
         for value in &lines {
             match HeaderValue::from_bytes(value) {
-                Ok(value) => forged_headers.append("x-forwarded-for", value),
+                Ok(value) => {
+                    forged_headers.append("x-forwarded-for", value);
+                }
                 Err(_) => readable = false,
             }
         }
