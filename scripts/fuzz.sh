@@ -21,7 +21,6 @@ for target in $(cargo fuzz list); do
         static_path) dict=static_path ;;
         htpasswd) dict=htpasswd ;;
         token_raw | token_claims) dict=token ;;
-        config) dict=config ;;
         *) dict= ;;
     esac
     scratch=fuzz/target/corpus/$target
