@@ -57,12 +57,18 @@ pub fn look_h1(buf: &[u8], limits: &RequestLimits) -> Look {
 }
 
 fn look_past_request_line(buf: &[u8], limits: &RequestLimits) -> Look {
-    let Some(line_end) = buf.iter().position(|&b| b == b'\n') else {
+    // The empty lines httparse skipped before the request line are not it.
+    let blank = leading_blank(buf);
+    let Some(line_end) = buf[blank..]
+        .iter()
+        .position(|&b| b == b'\n')
+        .map(|at| blank + at)
+    else {
         return Look::Partial;
     };
-    let line = buf[..line_end]
+    let line = buf[blank..line_end]
         .strip_suffix(b"\r")
-        .unwrap_or(&buf[..line_end]);
+        .unwrap_or(&buf[blank..line_end]);
     let http10 = line.ends_with(b" HTTP/1.0");
     let mut fields = [httparse::EMPTY_HEADER; MOST_FIELDS];
     match httparse::parse_headers(&buf[line_end + 1..], &mut fields) {
@@ -354,6 +360,26 @@ mod tests {
             refused("GET /a b HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
             400
         );
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/framing.rs`): an empty line before a request line
+    /// that httparse refuses was taken for the request line, so the header was judged from
+    /// its request line on (`400` for a raw space in the path, which passes without it).
+    #[test]
+    fn an_empty_line_first_changes_nothing_past_an_odd_request_line() {
+        for raw in [
+            "GET /a b HTTP/1.1\r\nHost: x\r\n\r\n",
+            "GET /a b HTTP/1.0\r\nTransfer-Encoding: chunked\r\n\r\n",
+            "\u{16}\u{3}\u{1}\u{2}\0\u{1}\0\u{1}",
+        ] {
+            for blank in ["\r\n", "\r\n\r\n"] {
+                assert_eq!(
+                    look(&format!("{blank}{raw}")),
+                    look(raw),
+                    "{blank:?}{raw:?}"
+                );
+            }
+        }
     }
 
     #[test]

@@ -69,12 +69,27 @@ pub fn is_unreadable_hop(ip: Ipv6Addr) -> bool {
 }
 
 /// Every `X-Forwarded-For` line joined into one chain: a proxy may add its own line after the
-/// client's instead of extending it, and the last line is the one nearest to us.
+/// client's instead of extending it, and the last line is the one nearest to us. A hop that
+/// cannot be written in a header (bytes outside visible ASCII) is written as the address it
+/// stands for here, so whoever reads the chain next finds the client [`client_ip`] found, and
+/// the hops after it are kept.
 pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
     let mut lines = headers.get_all("x-forwarded-for").iter().peekable();
     lines.peek()?;
-    let parts: Vec<&str> = lines.map(|v| v.to_str().unwrap_or("unreadable")).collect();
-    Some(parts.join(","))
+    let hops: Vec<std::borrow::Cow<'_, str>> = lines
+        .flat_map(|line| line.as_bytes().split(|b| *b == b','))
+        .map(|hop| match std::str::from_utf8(hop) {
+            Ok(text)
+                if text
+                    .bytes()
+                    .all(|b| b == b'\t' || (b' '..=b'~').contains(&b)) =>
+            {
+                text.into()
+            }
+            _ => hop_address(hop).to_string().into(),
+        })
+        .collect();
+    Some(hops.join(","))
 }
 
 /// Whether a trusted peer was seen naming the client in `X-Real-IP` only, while the config
@@ -373,6 +388,41 @@ mod tests {
         let second = client_ip(peer, &raw(b"caf\xe8"), &trusted, XFF);
         assert!(unreadable(first) && unreadable(second));
         assert_ne!(first, second);
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/client_ip.rs`): a line with an unreadable byte
+    /// was forwarded as `unreadable`, so the next reader of the chain charged every such
+    /// client to one address, and lost the hops a proxy had appended to the line.
+    #[test]
+    fn the_forwarded_chain_names_the_same_client() {
+        let trusted = IpList::parse(&["10.0.0.0/8", "0.1.0.0/16"]).unwrap();
+        let peer = ip("10.0.0.2");
+        for line in [
+            &b"\xffKs"[..],
+            b"caf\xe9, 198.51.100.7",
+            b"198.51.100.7, \xe9t\xe9, 10.0.0.3",
+            b"203.0.113.1,\t10.0.0.4",
+        ] {
+            let mut sent = http::HeaderMap::new();
+            sent.append(
+                "x-forwarded-for",
+                http::HeaderValue::from_bytes(line).unwrap(),
+            );
+            let client = client_ip(peer, &sent, &trusted, XFF);
+            let chain = format!("{}, {peer}", forwarded_chain(&sent).unwrap());
+            let mut forwarded = http::HeaderMap::new();
+            forwarded.insert("x-forwarded-for", chain.parse().unwrap());
+            assert_eq!(
+                client_ip(peer, &forwarded, &trusted, XFF),
+                client,
+                "{line:?} -> {chain:?}"
+            );
+        }
+        let readable = headers(&[("x-forwarded-for", "203.0.113.1,\t10.0.0.4")]);
+        assert_eq!(
+            forwarded_chain(&readable).unwrap(),
+            "203.0.113.1,\t10.0.0.4"
+        );
     }
 
     #[test]
