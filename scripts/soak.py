@@ -457,30 +457,40 @@ def role_of(pid):
     return Path(args[0]).name
 
 
-def rss_kb(pid):
+def status_fields(pid, names=("VmRSS", "RssAnon", "Threads")):
+    """Fields of /proc/PID/status as numbers (kB for sizes); missing ones are 0."""
+    found = dict.fromkeys(names, 0)
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    except OSError:
+            name, _, value = line.partition(":")
+            if name in found:
+                found[name] = int(value.split()[0])
+    except (OSError, ValueError, IndexError):
         pass
-    return 0
+    return found
 
 
 def sampler(group, t0, every, samples, stop, deaths):
     """Every `every` seconds: RSS (kB) per role (summed when two processes share one, as the
-    old and new proxy do during an upgrade), and whether the supervisor still runs."""
+    old and new proxy do during an upgrade), its anonymous part (heap and stacks, without the
+    binary's pages) and thread count, and whether the supervisor still runs."""
     while not stop.is_set():
         now = time.time() - t0
         if not group.alive():
             deaths.append((now, f"the supervisor exited with {group.proc.returncode}"))
             return
-        by_role = defaultdict(int)
+        by_role, anon, threads = defaultdict(int), defaultdict(int), defaultdict(int)
         pids = defaultdict(list)
         for pid, role in group.members().items():
-            by_role[role] += rss_kb(pid)
+            if role == "gone":  # exited between the listing and now
+                continue
+            fields = status_fields(pid)
+            by_role[role] += fields["VmRSS"]
+            anon[role] += fields["RssAnon"]
+            threads[role] += fields["Threads"]
             pids[role].append(pid)
-        samples.append({"t": round(now, 1), "rss_kb": dict(by_role), "pids": dict(pids)})
+        samples.append({"t": round(now, 1), "rss_kb": dict(by_role), "anon_kb": dict(anon),
+                        "threads": dict(threads), "pids": dict(pids)})
         stop.wait(every)
 
 
@@ -850,8 +860,8 @@ def in_window(t0, t1, timeline):
     return [f for f in timeline if t0 <= f["window_end"] and t1 >= f["start"]]
 
 
-def rss_of(sample, role):
-    return sum(sample["rss_kb"].values()) if role == "total" else sample["rss_kb"].get(role, 0)
+def rss_of(sample, role, field="rss_kb"):
+    return sum(sample[field].values()) if role == "total" else sample[field].get(role, 0)
 
 
 def memory_report(samples, timeline, warmup, max_growth):
@@ -873,10 +883,12 @@ def memory_report(samples, timeline, warmup, max_growth):
     for role in roles + ["total"]:
         a = statistics.median(rss_of(s, role) for s in base)
         b = statistics.median(rss_of(s, role) for s in end)
+        anon_a = statistics.median(rss_of(s, role, "anon_kb") for s in base)
+        anon_b = statistics.median(rss_of(s, role, "anon_kb") for s in end)
         change = (b - a) / a * 100 if a else float("inf")
         grew = change > max_growth and (role == "total" or b - a > 2048)
         failed |= grew
-        lines.append((role, a / 1024, b / 1024, change, grew))
+        lines.append((role, a / 1024, b / 1024, change, grew, anon_a / 1024, anon_b / 1024))
     return lines, failed, base, end
 
 
@@ -949,24 +961,27 @@ def report(opts, stats, timeline, samples, deaths, final, duration, warmup, tail
     w(f"Memory (RSS MB; every {opts.sample_every:.0f} s, {len(samples)} samples; rows about evenly "
       "spaced, * = inside a fault window):")
     w("")
-    w("| t s | " + " | ".join(roles) + " | total |")
-    w("|---|" + "---|" * (len(roles) + 1))
+    w("| t s | " + " | ".join(roles) + " | total | proxy anonymous | proxy threads |")
+    w("|---|" + "---|" * (len(roles) + 3))
     rows = samples[:: max(1, len(samples) // 20)]
     for s in sorted({id(s): s for s in rows + base + end}.values(), key=lambda s: s["t"]):
         mark = "*" if in_window(s["t"], s["t"], timeline) else ""
         cells = [f"{s['rss_kb'].get(r, 0) / 1024:.1f}" for r in roles]
-        w(f"| {s['t']:.0f}{mark} | " + " | ".join(cells) + f" | {sum(s['rss_kb'].values()) / 1024:.1f} |")
+        w(f"| {s['t']:.0f}{mark} | " + " | ".join(cells) + f" | {sum(s['rss_kb'].values()) / 1024:.1f} | "
+          f"{s['anon_kb'].get('proxy', 0) / 1024:.1f} | {s['threads'].get('proxy', 0)} |")
     if lines:
         w("")
         w(f"Memory after warm-up (medians of {len(base)} samples): {base[0]['t']:.0f}-{base[-1]['t']:.0f} s "
-          f"(the first quiet ones from {warmup:.0f} s) vs {end[0]['t']:.0f}-{end[-1]['t']:.0f} s (the last), "
+          f"(the first from {warmup:.0f} s outside fault windows) vs {end[0]['t']:.0f}-{end[-1]['t']:.0f} s (the last), "
           f"limit +{opts.max_growth}%:")
         w("")
-        w("| process | after warm-up MB | end MB | change | peak MB |")
-        w("|---|---|---|---|---|")
-        for role, a, b, change, grew in lines:
+        w("| process | after warm-up MB | end MB | change | peak MB | anonymous MB, after warm-up -> end | threads at end |")
+        w("|---|---|---|---|---|---|---|")
+        for role, a, b, change, grew, anon_a, anon_b in lines:
             peak = max(rss_of(s, role) for s in samples) / 1024
-            w(f"| {role} | {a:.1f} | {b:.1f} | {change:+.1f}%{' GREW' if grew else ''} | {peak:.1f} |")
+            threads = rss_of(end[-1], role, "threads")
+            w(f"| {role} | {a:.1f} | {b:.1f} | {change:+.1f}%{' GREW' if grew else ''} | {peak:.1f} | "
+              f"{anon_a:.1f} -> {anon_b:.1f} | {threads} |")
 
     verdicts = []
     if mem_failed and not lines:
@@ -989,8 +1004,9 @@ def report(opts, stats, timeline, samples, deaths, final, duration, warmup, tail
                             "failures_list": [{"t": round(t, 2), "kind": k, "cause": c} for t, k, c in outside]},
         "faults": timeline,
         "memory": {"samples": samples, "base_t": [s["t"] for s in base], "end_t": [s["t"] for s in end],
-                   "compare": [{"process": r, "base_mb": a, "end_mb": b, "change_pct": ch, "grew": g}
-                               for r, a, b, ch, g in lines]},
+                   "compare": [{"process": r, "base_mb": a, "end_mb": b, "change_pct": ch, "grew": g,
+                                "anon_base_mb": aa, "anon_end_mb": ab}
+                               for r, a, b, ch, g, aa, ab in lines]},
         "failures": verdicts,
         "pass": not verdicts,
     }
