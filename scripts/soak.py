@@ -65,6 +65,7 @@ from collections import Counter, defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
 from bench import REPO, SECRET, children, cmdline, free_port, wait_for  # noqa: E402
 
 USER, PASSWORD = "admin", "password"  # conf/users

@@ -17,6 +17,7 @@
 //! - [`access_log`]: per-route access logs, written off the request path.
 //! - [`tls`]: the certificate pair and the handshake counters.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
+//! - [`heap`]: memory a burst of connections freed, given back to the kernel.
 //! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
 
 pub mod access;
@@ -29,6 +30,7 @@ pub mod drain;
 pub mod file_limit;
 pub mod framing;
 pub mod gateway;
+pub mod heap;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
@@ -251,6 +253,10 @@ pub fn run(
     server.add_service(pingora::services::background::background_service(
         "reload and log reopening",
         signals,
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "heap trim",
+        heap::Trim,
     ));
     server.add_service(proxy);
     server.add_service(health);
