@@ -39,7 +39,10 @@ fault cost the ordinary clients, memory over time) and writes them with a JSON s
 
 Ordinary clients connect from 127.0.0.1; the attackers from addresses of their own
 (127.0.0.2 and up), as they would come from elsewhere. Everything runs on loopback, stops by
-itself, signals only processes it started (by pid) and removes its temporary directory.
+itself, signals only the group it started and its children (by pid, never by name) and
+removes its temporary directory. A client resends a request once when a kept-alive
+connection turns out closed before any answer (as browsers and HTTP libraries do); the
+report counts those resends.
 """
 
 import argparse
