@@ -6,7 +6,7 @@
 #   docker build -t gatehouse .
 #
 # The image is meant to run under compose.yaml, which gives it its secrets, Redis, a volume for
-# certificates and a tmpfs for sockets (README: Deploy with Docker). It needs no network at run
+# certificates and a tmpfs for sockets (docs/docker.md). It needs no network at run
 # time beyond Redis, and writes only to the two volumes declared below.
 
 # Builder and runtime must be the same Debian release: the binary links against its glibc.
@@ -64,7 +64,7 @@ EXPOSE 8080 8443
 HEALTHCHECK --interval=10s --timeout=3s --start-period=30s --retries=3 \
     CMD ["gatehouse", "healthcheck"]
 # SIGTERM (the default, said here because the group depends on it): the proxy drains, then
-# the backends; allow it proxy.shutdown_grace_seconds and more (compose: stop_grace_period).
+# the backends; allow it proxy.shutdown_grace and more (compose: stop_grace_period).
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["gatehouse"]
 CMD ["run"]

@@ -97,11 +97,11 @@ def wait_for(url, log, timeout=60):
     sys.exit(f"bench: {url} did not come up\n{tail}")
 
 
-def gatehouse_config(work, http, https, backends, admin=None, access_log=""):
+def gatehouse_config(work, http, https, backends, admin=None, access_log="off"):
     """`admin`: the admin listener's port (None: off, and no metrics kept); `access_log`: a
-    file for every route's access log ("" for none, like the nginx side)."""
+    file for every route's access log ("off" for none, like the nginx side)."""
     static = work / "static"
-    admin_listen = f"127.0.0.1:{admin}" if admin else ""
+    admin_listen = f"127.0.0.1:{admin}" if admin else "off"
     return f"""
 [admin]
 listen = "{admin_listen}"
@@ -111,8 +111,10 @@ access_log = "{access_log}"
 
 [proxy]
 listen = "127.0.0.1:{http}"
+
+[access]
 # Benchmarks measure work, not throttling.
-default_rate_limit = "none"
+default_rate_limit = "off"
 
 [tls]
 listen = "127.0.0.1:{https}"
@@ -280,7 +282,7 @@ def start_group(binary, work, name, backends, admin, access_log):
     home.mkdir()
     http, https = free_port(), free_port()
     config = home / "gatehouse.toml"
-    config.write_text(gatehouse_config(work, http, https, backends, admin, access_log).replace(
+    config.write_text(gatehouse_config(work, http, https, backends, admin, access_log or "off").replace(
         f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
     env = dict(os.environ, GATEHOUSE_JWT_SECRET=SECRET, RUST_LOG="warn")
     log = open(home / "gatehouse.log", "w")

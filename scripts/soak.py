@@ -102,13 +102,19 @@ access_log = "{work}/log/access.log"
 
 [proxy]
 listen = "127.0.0.1:{ports['http']}"
-# Ordinary clients send far more than a person would; the flood's route has its own policy.
-default_rate_limit = "none"
-upstream_read_timeout_seconds = {UPSTREAM_READ_TIMEOUT_S}
-header_timeout_ms = {HEADER_TIMEOUT_MS}
-send_timeout_ms = {SEND_TIMEOUT_MS}
+
+[limits]
+header_timeout = "{HEADER_TIMEOUT_MS}ms"
+send_timeout = "{SEND_TIMEOUT_MS}ms"
 max_connections = 1024
 max_connections_per_client = 64
+
+[upstream]
+read_timeout = "{UPSTREAM_READ_TIMEOUT_S}s"
+
+[access]
+# Ordinary clients send far more than a person would; the flood's route has its own policy.
+default_rate_limit = "off"
 rate_limit_max_keys = 1000
 auth_guard_max_keys = 1000
 # The flood's wrong passwords: a few cost a hash, then its name is refused without one.
@@ -139,7 +145,7 @@ count = {backends}
 users_file = "{REPO}/conf/users"
 
 [redis]
-timeout_ms = 500
+timeout = "500ms"
 
 [paths]
 runtime_dir = "{work}/run"

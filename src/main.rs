@@ -7,16 +7,15 @@
 //!
 //! Exit codes: 0 success, 1 runtime failure, 2 bad config or usage.
 
-mod certs;
-mod config;
-mod serve_backend;
-mod supervisor;
-
 use std::{io::Read, path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand};
 
-use config::Config;
+use gatehouse::{
+    Error, Result, certs,
+    config::{self, Config},
+    serve_backend, supervisor,
+};
 
 #[derive(Parser)]
 #[command(
@@ -102,16 +101,11 @@ struct ConfigArg {
 
 impl ConfigArg {
     /// Loads the config and sets up logging as it says.
-    fn load(&self) -> Result<Config, Failure> {
-        let config = Config::load(&self.config).map_err(|e| Failure::Config(e.to_string()))?;
-        init_logging(config.logging.json);
+    fn load(&self) -> Result<Config> {
+        let config = Config::load(&self.config)?;
+        init_logging(config.json_logs);
         Ok(config)
     }
-}
-
-enum Failure {
-    Config(String),
-    Runtime(String),
 }
 
 fn main() -> ExitCode {
@@ -121,7 +115,7 @@ fn main() -> ExitCode {
             .load()
             .and_then(|config| ensure_certificate(&config))
             .and_then(|()| validate(&arg))
-            .and_then(|(config, _)| supervisor::run(config).map_err(Failure::Runtime)),
+            .and_then(|(config, _)| supervisor::run(config)),
         Command::Check(arg) => check(&arg),
         Command::Reload(arg) => {
             validate(&arg).and_then(|(config, _)| signal_group(&config, libc::SIGHUP))
@@ -134,15 +128,15 @@ fn main() -> ExitCode {
             // SIGHUP: the same checks as `gatehouse check`, then the new settings.
             let load: gatehouse_proxy::live::LoadSettings = Box::new(move || {
                 Config::load(&file)
-                    .map(|c| c.proxy_settings())
+                    .map(|c| c.proxy)
                     .map_err(|e| e.to_string())
             });
-            gatehouse_proxy::run(loaded.proxy_settings(), Some(load), upgrade)
+            gatehouse_proxy::run(loaded.proxy, Some(load), upgrade)
                 .map(|stopped| match stopped {
                     gatehouse_proxy::Stopped::Graceful => 0,
                     gatehouse_proxy::Stopped::Fast => 130,
                 })
-                .map_err(Failure::Runtime)
+                .map_err(Error::from)
         }),
         Command::Backend {
             config,
@@ -160,80 +154,29 @@ fn main() -> ExitCode {
     };
     match outcome {
         Ok(code) => ExitCode::from(code as u8),
-        Err(Failure::Config(message)) => {
-            eprintln!("gatehouse: config error: {message}");
-            ExitCode::from(2)
+        Err(error @ Error::Config(_)) => {
+            eprintln!("gatehouse: config error: {error}");
+            ExitCode::from(error.exit_code())
         }
-        Err(Failure::Runtime(message)) => {
-            eprintln!("gatehouse: {message}");
-            ExitCode::from(1)
+        Err(error) => {
+            eprintln!("gatehouse: {error}");
+            ExitCode::from(error.exit_code())
         }
     }
 }
 
 /// Loads the config and what it names (the users file), without starting anything. `run`
 /// calls it too, so a group never starts half-way on a config that `check` would refuse.
-fn validate(arg: &ConfigArg) -> Result<(Config, gatehouse_backend::Users), Failure> {
-    checked(arg.load()?)
+fn validate(arg: &ConfigArg) -> Result<(Config, gatehouse_backend::Users)> {
+    Ok(config::check(arg.load()?)?)
 }
 
-/// [`validate`] for the supervisor's reload: the same checks, the error as text.
-pub fn validate_file(file: &std::path::Path) -> Result<(Config, gatehouse_backend::Users), String> {
-    Config::load(file)
-        .map_err(|e| e.to_string())
-        .and_then(|config| {
-            checked(config).map_err(|e| match e {
-                Failure::Config(m) | Failure::Runtime(m) => m,
-            })
-        })
-}
-
-fn checked(config: Config) -> Result<(Config, gatehouse_backend::Users), Failure> {
-    let users = gatehouse_backend::Users::load(&config.backend.users_file)
-        .map_err(|e| Failure::Config(e.to_string()))?;
-    // Redis is seeded from these whenever it has no users: with nobody to seed, nobody could
-    // ever log in.
-    if users.is_empty() && config.backend.admin_password.is_none() {
-        return Err(Failure::Config(
-            config
-                .error_at(
-                    "backend.users_file",
-                    format!(
-                        "{} has no users and no admin password is set (backend.admin_password_file \
-                         or {}): nobody could log in; add a user, or set the admin password",
-                        config.backend.users_file.display(),
-                        config::ENV_ADMIN_PASSWORD_FILE
-                    ),
-                )
-                .to_string(),
-        ));
-    }
-    // The secrets are read here and by the backends, never by the proxy.
-    let env = config::process_env;
-    config
-        .backend
-        .jwt_secret(&env)
-        .and_then(|_| config.backend.admin_password(&env))
-        .map_err(|e| Failure::Config(e.to_string()))?;
-    if let Some(tls) = &config.tls
-        && !certificate_missing(tls)
-    {
-        certs::validate(&tls.cert, &tls.key).map_err(Failure::Config)?;
-    }
-    Ok((config, users))
-}
-
-/// Both files absent: `run` makes a development certificate, `check` says it will.
-fn certificate_missing(tls: &config::Tls) -> bool {
-    !tls.cert.exists() && !tls.key.exists()
-}
-
-fn ensure_certificate(config: &Config) -> Result<(), Failure> {
-    let Some(tls) = &config.tls else {
+fn ensure_certificate(config: &Config) -> Result<()> {
+    let Some(tls) = &config.proxy.tls else {
         return Ok(());
     };
-    if certificate_missing(tls) {
-        certs::generate(&tls.cert, &tls.key, &tls.server_names).map_err(Failure::Runtime)?;
+    if config::certificate_missing(tls) {
+        certs::generate(&tls.cert, &tls.key, &config.server_names)?;
         tracing::warn!(
             cert = %tls.cert.display(), key = %tls.key.display(),
             "no TLS certificate configured; made a self-signed one (browsers will warn)"
@@ -242,21 +185,20 @@ fn ensure_certificate(config: &Config) -> Result<(), Failure> {
     Ok(())
 }
 
-fn cert(config: &Config, force: bool) -> Result<i32, Failure> {
-    let Some(tls) = &config.tls else {
-        return Err(Failure::Config(format!(
-            "{}: [tls] is disabled",
-            config.file.display()
-        )));
+fn cert(config: &Config, force: bool) -> Result<i32> {
+    let Some(tls) = &config.proxy.tls else {
+        return Err(config
+            .error_at("tls.listen", "HTTPS is off: no certificate to write".into())
+            .into());
     };
     if !force && (tls.cert.exists() || tls.key.exists()) {
-        return Err(Failure::Runtime(format!(
+        return Err(Error::Runtime(format!(
             "{} or {} exists already; use --force to replace them",
             tls.cert.display(),
             tls.key.display()
         )));
     }
-    certs::generate(&tls.cert, &tls.key, &tls.server_names).map_err(Failure::Runtime)?;
+    certs::generate(&tls.cert, &tls.key, &config.server_names)?;
     println!(
         "wrote {} and {} (self-signed, 365 days)",
         tls.cert.display(),
@@ -265,11 +207,11 @@ fn cert(config: &Config, force: bool) -> Result<i32, Failure> {
     Ok(0)
 }
 
-fn check(arg: &ConfigArg) -> Result<i32, Failure> {
+fn check(arg: &ConfigArg) -> Result<i32> {
     let (config, users) = validate(arg)?;
-    let tls = match &config.tls {
+    let tls = match &config.proxy.tls {
         None => "tls off".to_string(),
-        Some(tls) if certificate_missing(tls) => {
+        Some(tls) if config::certificate_missing(tls) => {
             format!(
                 "tls on {}, certificate to be generated by `gatehouse run`",
                 tls.listen
@@ -280,7 +222,7 @@ fn check(arg: &ConfigArg) -> Result<i32, Failure> {
     println!(
         "{}: ok ({} routes, {} backends, {} users, redis {}, {tls})",
         config.file.display(),
-        config.routes.len(),
+        config.proxy.routes.len(),
         config.backend.count,
         seeded_users(&config, &users),
         config.redis.url.as_deref().unwrap_or("managed"),
@@ -298,24 +240,24 @@ fn seeded_users(config: &Config, users: &gatehouse_backend::Users) -> usize {
     users.len() + usize::from(adds_admin)
 }
 
-fn hash_password() -> Result<i32, Failure> {
+fn hash_password() -> Result<i32> {
     let mut input = String::new();
     std::io::stdin()
         .read_to_string(&mut input)
-        .map_err(|e| Failure::Runtime(format!("cannot read stdin: {e}")))?;
+        .map_err(Error::io("cannot read stdin"))?;
     let password = input.trim_end_matches(['\r', '\n']);
     if password.is_empty() {
-        return Err(Failure::Runtime("empty password on stdin".into()));
+        return Err(Error::Runtime("empty password on stdin".into()));
     }
-    let hash = gatehouse_backend::users::hash_password(password)
-        .map_err(|e| Failure::Runtime(e.to_string()))?;
+    let hash = gatehouse_backend::password::hash_password(password)
+        .map_err(|e| Error::Runtime(e.to_string()))?;
     println!("{hash}");
     Ok(0)
 }
 
 /// Signals the supervisor of the group running with this config (its pid is in the lock file).
-fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32, Failure> {
-    let lock = config.runtime_dir.join("gatehouse.lock");
+fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32> {
+    let lock = config.runtime_dir().join("gatehouse.lock");
     // The running supervisor holds the lock; if we can take it, nobody does, and the pid in
     // the file may belong to some unrelated process by now.
     let held = std::fs::File::open(&lock).is_ok_and(|file| {
@@ -324,7 +266,7 @@ fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32, Failure> {
         unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) != 0 }
     });
     if !held {
-        return Err(Failure::Runtime(format!(
+        return Err(Error::Runtime(format!(
             "no running group holds {} (is `gatehouse run` running with this config?)",
             lock.display()
         )));
@@ -334,21 +276,21 @@ fn signal_group(config: &Config, signal: libc::c_int) -> Result<i32, Failure> {
         .and_then(|text| text.trim().parse::<libc::pid_t>().ok())
         .filter(|pid| *pid > 0)
         .ok_or_else(|| {
-            Failure::Runtime(format!(
+            Error::Runtime(format!(
                 "no running group: {} holds no pid (is `gatehouse run` running with this config?)",
                 lock.display()
             ))
         })?;
     // SAFETY: kill(2) with a pid read from our lock file; signal 0 only checks it exists.
     if unsafe { libc::kill(pid, 0) } != 0 {
-        return Err(Failure::Runtime(format!(
+        return Err(Error::Runtime(format!(
             "no running group: pid {pid} from {} is gone",
             lock.display()
         )));
     }
     // SAFETY: as above.
     if unsafe { libc::kill(pid, signal) } != 0 {
-        return Err(Failure::Runtime(format!(
+        return Err(Error::Runtime(format!(
             "cannot signal pid {pid}: {}",
             std::io::Error::last_os_error()
         )));
@@ -378,13 +320,12 @@ fn init_logging(json: bool) {
 }
 
 /// One GET to the admin listener, with a short deadline: 0 on a 200, 1 otherwise.
-fn healthcheck(config: &Config, ready: bool) -> Result<i32, Failure> {
+fn healthcheck(config: &Config, ready: bool) -> Result<i32> {
     use std::io::{Read, Write};
-    let Some(mut addr) = config.admin_listen else {
-        return Err(Failure::Config(format!(
-            "{}: the admin listener is off ([admin] listen = \"\")",
-            config.file.display()
-        )));
+    let Some(mut addr) = config.proxy.admin_listen else {
+        return Err(config
+            .error_at("admin.listen", "the admin listener is off".into())
+            .into());
     };
     // A wildcard listen address is reached through loopback.
     if addr.ip().is_unspecified() {

@@ -5,7 +5,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
 use tokio::signal::unix::{SignalKind, signal};
 
-use crate::{Failure, config::Config};
+use crate::{Error, Result, config::Config};
 
 /// How long open requests may run after SIGTERM.
 pub const DRAIN: Duration = Duration::from_secs(10);
@@ -13,41 +13,32 @@ pub const DRAIN: Duration = Duration::from_secs(10);
 /// How long a backend keeps serving after SIGUSR2 while failing its health check: long enough
 /// for the proxy's checks to see it gone (two checks and a margin).
 pub fn lame_duck(config: &Config) -> Duration {
-    config.proxy.health_check_interval * 2 + Duration::from_millis(300)
+    config.proxy.pool.health_check_interval * 2 + Duration::from_millis(300)
 }
 
 /// Serves `socket`, and the backend's metrics on `admin_socket` when given.
-pub fn run(
-    config: &Config,
-    socket: &Path,
-    admin_socket: Option<&Path>,
-    id: String,
-) -> Result<i32, Failure> {
-    let mut users =
-        Users::load(&config.backend.users_file).map_err(|e| Failure::Config(e.to_string()))?;
+pub fn run(config: &Config, socket: &Path, admin_socket: Option<&Path>, id: String) -> Result<i32> {
+    let mut users = Users::load(&config.backend.users_file)
+        .map_err(|e| config.error_at("backend.users_file", e.to_string()))?;
     let env = crate::config::process_env;
-    if let Some(password) = config
-        .backend
-        .admin_password(&env)
-        .map_err(|e| Failure::Config(e.to_string()))?
-    {
+    if let Some(password) = config.backend.admin_password(&env)? {
         users
             .set_admin_password(&password)
-            .map_err(|e| Failure::Runtime(e.to_string()))?;
+            .map_err(|e| Error::Runtime(e.to_string()))?;
     }
-    let secret = config
-        .backend
-        .jwt_secret(&env)
-        .map_err(|e| Failure::Config(e.to_string()))?;
+    let secret = config.backend.jwt_secret(&env)?;
     let secret = secret.as_deref().ok_or_else(|| {
-        Failure::Config(format!(
-            "no JWT secret: set {} or {}, or backend.jwt_secret_file in {}",
-            crate::config::ENV_JWT_SECRET,
-            crate::config::ENV_JWT_SECRET_FILE,
-            config.file.display()
-        ))
+        config.error_at(
+            "backend.jwt_secret_file",
+            format!(
+                "no JWT secret: set {} or {}, or this key",
+                crate::config::ENV_JWT_SECRET,
+                crate::config::ENV_JWT_SECRET_FILE,
+            ),
+        )
     })?;
-    let tokens = Tokens::new(secret, config.backend.token_ttl_seconds).map_err(Failure::Config)?;
+    let tokens = Tokens::new(secret, config.backend.token_ttl_seconds)
+        .map_err(|e| config.error_at("backend.jwt_secret_file", e.to_string()))?;
     let redis_url = config
         .redis
         .url
@@ -81,11 +72,11 @@ pub fn run(
         .enable_all()
         .max_blocking_threads(2)
         .build()
-        .map_err(|e| Failure::Runtime(format!("cannot start the runtime: {e}")))?;
+        .map_err(Error::io("cannot start the runtime"))?;
     runtime.block_on(async {
-        let metrics = Arc::new(Metrics::new(&id).map_err(Failure::Runtime)?);
+        let metrics = Arc::new(Metrics::new(&id)?);
         let store = Store::new(&redis_url, config.redis.timeout, Some(metrics.clone()))
-            .map_err(Failure::Config)?;
+            .map_err(|e| config.error_at("redis.url", e.to_string()))?;
         let app = Arc::new(
             App::new(Settings {
                 id: id.clone(),
@@ -98,7 +89,7 @@ pub fn run(
                 max_tokens_per_user: config.backend.max_tokens_per_user,
                 metrics: metrics.clone(),
             })
-            .map_err(Failure::Config)?,
+            .map_err(|e| Error::Runtime(e.to_string()))?,
         );
         // Handlers first: a SIGTERM that arrives once the socket exists must drain, not kill.
         let (Ok(mut term), Ok(mut int), Ok(mut usr2)) = (
@@ -106,15 +97,15 @@ pub fn run(
             signal(SignalKind::interrupt()),
             signal(SignalKind::user_defined2()),
         ) else {
-            return Err(Failure::Runtime("cannot install signal handlers".into()));
+            return Err(Error::Runtime("cannot install signal handlers".into()));
         };
         let listener = gatehouse_backend::bind(socket)
             .await
-            .map_err(|e| Failure::Runtime(format!("cannot listen on {}: {e}", socket.display())))?;
+            .map_err(Error::io(format!("cannot listen on {}", socket.display())))?;
         if let Some(admin) = admin_socket {
-            let listener = gatehouse_backend::bind(admin).await.map_err(|e| {
-                Failure::Runtime(format!("cannot listen on {}: {e}", admin.display()))
-            })?;
+            let listener = gatehouse_backend::bind(admin)
+                .await
+                .map_err(Error::io(format!("cannot listen on {}", admin.display())))?;
             tokio::spawn(gatehouse_backend::serve_admin(listener, metrics));
         }
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");

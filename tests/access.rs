@@ -9,10 +9,10 @@ use serde_json::Value;
 use crate::util::{self, Group, Options};
 
 /// A group whose `/files/` directory is served again under guarded prefixes.
-fn group(proxy_extra: &str, extra: &str) -> Group {
+fn group(access: &str, extra: &str) -> Group {
     Group::start(Options {
         backends: 1,
-        proxy_extra: proxy_extra.into(),
+        keys: format!("[access]\n{access}"),
         extra: extra.into(),
         ..Options::default()
     })
@@ -265,8 +265,7 @@ fn password_of<'a>(users: &'a [(String, String)], user: &str) -> &'a str {
 
 #[test]
 fn repeated_failures_are_refused_and_a_success_takes_back_only_its_own_charge() {
-    let (_dir, users, group) =
-        guarded_group("auth_max_failures = 3\nauth_failure_window_seconds = 5");
+    let (_dir, users, group) = guarded_group("auth_max_failures = 3\nauth_failure_window = \"5s\"");
     let url = group.url("/secret/");
     let right = basic("sha1", password_of(&users, "sha1"));
     let wrong = basic("sha1", "guess");

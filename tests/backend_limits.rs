@@ -14,7 +14,12 @@ use std::{
 use reqwest::blocking::{Client, Response};
 use serde_json::json;
 
-use crate::util::{Group, Options, PASSWORD, Redis, USER, metric_sum, unix_get, wait_until};
+use gatehouse_backend::ConnectionLimits;
+
+use crate::{
+    backend_inprocess::Backend,
+    util::{Group, Options, PASSWORD, Redis, USER, metric_sum, unix_get, wait_until},
+};
 
 fn login(group: &Group, client: &Client, user: &str, password: &str) -> Response {
     client
@@ -40,7 +45,7 @@ fn guarded_group(extra: &str) -> (tempfile::TempDir, Redis, Group) {
     let group = Group::start(Options {
         backends: 2,
         redis_url: Some(redis.url()),
-        backend_extra: format!("login_failure_window_seconds = 60\n{extra}"),
+        backend_extra: format!("login_failure_window = \"60s\"\n{extra}"),
         ..Options::default()
     });
     (dir, redis, group)
@@ -191,7 +196,7 @@ fn closed_within(stream: &mut UnixStream, limit: Duration) -> Option<Duration> {
 
 #[test]
 fn a_slow_header_is_cut_at_the_deadline_while_others_are_served() {
-    let group = limited_group("header_timeout_ms = 1000\n");
+    let group = limited_group("header_timeout = \"1s\"\n");
     let socket = socket(&group);
     // A header trickled one byte every 100 ms never ends; nor does a silent connection's.
     let connected = Instant::now();
@@ -237,108 +242,17 @@ fn a_slow_header_is_cut_at_the_deadline_while_others_are_served() {
 
 /// A backend served in this process with limits no config would pass (a 1 s idle deadline,
 /// below the proxy's pool idle time), for deadlines too long to wait for through the group.
-/// Its Redis is unreachable: `/api/ping` needs none.
-struct OwnBackend {
-    _dir: tempfile::TempDir,
-    socket: PathBuf,
-    metrics: std::sync::Arc<gatehouse_backend::Metrics>,
-    stop: Option<tokio::sync::oneshot::Sender<()>>,
-    thread: Option<thread::JoinHandle<()>>,
+/// Its Redis is `redis` (by default unreachable: `/api/ping` needs none), each call waiting at
+/// most `deadline`.
+fn own_backend(limits: ConnectionLimits, redis: Option<String>, deadline: Duration) -> Backend {
+    let redis = redis.unwrap_or_else(|| "redis://127.0.0.1:1".into());
+    let nobody = gatehouse_backend::Users::parse("", "users").unwrap();
+    Backend::start(limits, redis, deadline, nobody)
 }
 
-impl OwnBackend {
-    fn start(limits: gatehouse_backend::ConnectionLimits) -> OwnBackend {
-        OwnBackend::with_redis(
-            limits,
-            "redis://127.0.0.1:1".into(),
-            Duration::from_millis(100),
-        )
-    }
-
-    /// With `redis` as its Redis, each call to it waiting at most `deadline`.
-    fn with_redis(
-        limits: gatehouse_backend::ConnectionLimits,
-        redis: String,
-        deadline: Duration,
-    ) -> OwnBackend {
-        use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
-        let dir = tempfile::tempdir().unwrap();
-        let socket = dir.path().join("backend.sock");
-        let metrics = std::sync::Arc::new(Metrics::new("own").unwrap());
-        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
-        let (ready_tx, ready) = std::sync::mpsc::channel();
-        let thread = {
-            let (socket, metrics) = (socket.clone(), metrics.clone());
-            thread::spawn(move || {
-                let runtime = tokio::runtime::Builder::new_current_thread()
-                    .enable_all()
-                    .build()
-                    .unwrap();
-                runtime.block_on(async move {
-                    let store = Store::new(&redis, deadline, Some(metrics.clone())).unwrap();
-                    let app = App::new(Settings {
-                        id: "own".into(),
-                        users: Users::parse("", "users").unwrap(),
-                        tokens: Tokens::new(crate::util::SECRET.as_bytes(), 60).unwrap(),
-                        store,
-                        guard: gatehouse_backend::GuardSettings {
-                            max_failures_per_user_per_ip: 5,
-                            max_failures_per_ip: 20,
-                            max_failures_per_user_all_ips: 100,
-                            window_seconds: 60,
-                            known_address_seconds: 60,
-                        },
-                        max_body_bytes: 4096,
-                        body_timeout: limits.body_timeout,
-                        max_tokens_per_user: 10,
-                        metrics,
-                    })
-                    .unwrap();
-                    let listener = gatehouse_backend::bind(&socket).await.unwrap();
-                    ready_tx.send(()).unwrap();
-                    let shutdown = async {
-                        let _ = stopped.await;
-                    };
-                    gatehouse_backend::serve(
-                        listener,
-                        std::sync::Arc::new(app),
-                        limits,
-                        shutdown,
-                        Duration::from_millis(100),
-                    )
-                    .await;
-                });
-            })
-        };
-        ready.recv_timeout(Duration::from_secs(10)).unwrap();
-        OwnBackend {
-            _dir: dir,
-            socket,
-            metrics,
-            stop: Some(stop),
-            thread: Some(thread),
-        }
-    }
-
-    fn limit_count(&self, limit: &str) -> f64 {
-        let text = String::from_utf8(self.metrics.render()).unwrap();
-        metric_sum(
-            &text,
-            "gatehouse_backend_connection_limits_total",
-            &[&format!(r#"limit="{limit}""#)],
-        )
-    }
-}
-
-impl Drop for OwnBackend {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-        if let Some(thread) = self.thread.take() {
-            let _ = thread.join();
-        }
-    }
+fn limit_count(backend: &Backend, limit: &str) -> f64 {
+    let label = format!(r#"limit="{limit}""#);
+    backend.metric("gatehouse_backend_connection_limits_total", &[&label])
 }
 
 #[test]
@@ -346,13 +260,13 @@ fn a_header_begun_while_a_request_is_handled_is_due_from_the_requests_end() {
     // A Redis that accepts connections and never answers: a login waits its deadline for it.
     let silent_redis = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let redis = format!("redis://{}", silent_redis.local_addr().unwrap());
-    let backend = OwnBackend::with_redis(
-        gatehouse_backend::ConnectionLimits {
+    let backend = own_backend(
+        ConnectionLimits {
             header_timeout: Duration::from_secs(1),
             idle_timeout: Duration::from_secs(60),
             ..Default::default()
         },
-        redis,
+        Some(redis),
         Duration::from_millis(800),
     );
     let mut stream = UnixStream::connect(&backend.socket).unwrap();
@@ -380,9 +294,10 @@ fn a_header_begun_while_a_request_is_handled_is_due_from_the_requests_end() {
         "{cut:?}"
     );
     assert!(
-        wait_until(Duration::from_secs(2), || backend
-            .limit_count("header_timeout")
-            >= 1.0),
+        wait_until(Duration::from_secs(2), || limit_count(
+            &backend,
+            "header_timeout"
+        ) >= 1.0),
         "not counted"
     );
     // Meanwhile, and after, the backend serves.
@@ -418,11 +333,15 @@ fn read_response(stream: &mut UnixStream) -> String {
 
 #[test]
 fn idle_connections_are_closed_after_the_idle_deadline() {
-    let backend = OwnBackend::start(gatehouse_backend::ConnectionLimits {
-        header_timeout: Duration::from_secs(5),
-        idle_timeout: Duration::from_secs(1),
-        ..Default::default()
-    });
+    let backend = own_backend(
+        ConnectionLimits {
+            header_timeout: Duration::from_secs(5),
+            idle_timeout: Duration::from_secs(1),
+            ..Default::default()
+        },
+        None,
+        Duration::from_millis(100),
+    );
     let mut stream = UnixStream::connect(&backend.socket).unwrap();
     stream
         .write_all(b"GET /api/ping HTTP/1.1\r\nHost: backend\r\n\r\n")
@@ -435,9 +354,10 @@ fn idle_connections_are_closed_after_the_idle_deadline() {
         "{closed:?}"
     );
     assert!(
-        wait_until(Duration::from_secs(2), || backend
-            .limit_count("idle_timeout")
-            >= 1.0),
+        wait_until(Duration::from_secs(2), || limit_count(
+            &backend,
+            "idle_timeout"
+        ) >= 1.0),
         "not counted"
     );
     // A connection is served again and again, each request before the deadline.
@@ -449,7 +369,7 @@ fn idle_connections_are_closed_after_the_idle_deadline() {
         assert!(read_response(&mut stream).starts_with("HTTP/1.1 200"));
         thread::sleep(Duration::from_millis(500));
     }
-    assert_eq!(backend.limit_count("idle_timeout"), 1.0);
+    assert_eq!(limit_count(&backend, "idle_timeout"), 1.0);
 }
 
 #[test]
@@ -460,8 +380,8 @@ fn a_connection_flood_waits_past_the_cap_and_the_descriptors_return() {
     let group = Group::start(Options {
         backends: 1,
         tls: false,
-        proxy_extra: "upstream_max_connections = 1".into(),
-        backend_extra: format!("max_connections = {cap}\nheader_timeout_ms = 1000\n"),
+        keys: "upstream.max_connections = 1".into(),
+        backend_extra: format!("max_connections = {cap}\nheader_timeout = \"1s\"\n"),
         ..Options::default()
     });
     let socket = socket(&group);
@@ -587,7 +507,7 @@ fn a_body_that_trickles_in_gets_408_at_the_deadline_while_others_log_in() {
     let group = Group::start(Options {
         backends: 1,
         tls: false,
-        backend_extra: "body_timeout_ms = 1500\n".into(),
+        backend_extra: "body_timeout = \"1500ms\"\n".into(),
         ..Options::default()
     });
     // Through the proxy: it passes the body on as it comes, each byte well within its own

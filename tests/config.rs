@@ -121,16 +121,53 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "renamed",
         ),
         (
-            "idle_timeout_seconds = 75",
-            "idle_timeout_seconds = 0",
-            "backend.idle_timeout_seconds",
-            "choose 1 to 3600",
+            "idle_timeout = \"75s\"",
+            "idle_timeout = \"0s\"",
+            "backend.idle_timeout",
+            "choose \"1s\" to \"1h\"",
         ),
         (
-            "login_failure_window_seconds = 300",
-            "login_failure_window_seconds = -1",
-            "backend.login_failure_window_seconds",
-            "invalid value",
+            "login_failure_window = \"5m\"",
+            "login_failure_window = \"5 minutes or so\"",
+            "backend.login_failure_window",
+            "is not a duration",
+        ),
+        (
+            "send_timeout = \"30s\"",
+            "send_timeout = 30",
+            "limits.send_timeout",
+            "a duration with a unit",
+        ),
+        (
+            "hsts = \"max-age=31536000\"",
+            "hsts = \"\"",
+            "tls.hsts",
+            "write \"off\"",
+        ),
+        // A key of the earlier shape is told where it went, its value converted.
+        (
+            "shutdown_grace = \"10s\"",
+            "shutdown_grace_seconds = 10",
+            "proxy.shutdown_grace_seconds",
+            "moved: use proxy.shutdown_grace = \"10s\"",
+        ),
+        (
+            "send_timeout = \"30s\"",
+            "send_timeout_ms = 1500",
+            "limits.send_timeout_ms",
+            "unknown field",
+        ),
+        (
+            "h2_max_streams = 100",
+            "enabled = true",
+            "limits.enabled",
+            "unknown field",
+        ),
+        (
+            "listen = \"0.0.0.0:8443\"",
+            "enabled = false",
+            "tls.enabled",
+            "tls.listen = \"off\" turns HTTPS off",
         ),
     ];
     for (from, to, key, message) in cases {
@@ -148,6 +185,27 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
                 );
             }
         }
+    }
+}
+
+#[test]
+fn a_bad_value_from_the_environment_names_the_variable() {
+    for (name, value, message) in [
+        ("GATEHOUSE_LISTEN", "nowhere", "not an address"),
+        ("GATEHOUSE_ADMIN_LISTEN", "", ""),
+        ("GATEHOUSE_LOG_FORMAT", "xml", "choose \"text\" or \"json\""),
+    ] {
+        let (code, out) = run(&["check"], &shipped_config(), &[(name, value)]);
+        if message.is_empty() {
+            // Empty is unset: the file's value stands.
+            assert_eq!(code, 0, "{name}={value:?}: {out}");
+            continue;
+        }
+        assert_eq!(code, 2, "{name}={value}: {out}");
+        assert!(
+            out.contains(&format!("environment variable {name}: ")) && out.contains(message),
+            "{name}={value}: {out}"
+        );
     }
 }
 
@@ -232,4 +290,33 @@ fn a_seed_with_nobody_in_it_is_refused() {
         &[("GATEHOUSE_ADMIN_PASSWORD_FILE", password.as_str())],
     );
     assert_eq!(code, 0, "{out}");
+}
+
+/// A config that names no paths keeps everything beside itself: `certs/` and `var/run`
+/// under its own directory, wherever gatehouse is started from.
+#[test]
+fn default_paths_are_beside_the_config_file() {
+    let dir = tempfile::tempdir().unwrap();
+    let users = Path::new(env!("CARGO_MANIFEST_DIR")).join("conf/users");
+    let path = dir.path().join("site/gatehouse.toml");
+    fs::create_dir_all(path.parent().unwrap()).unwrap();
+    fs::write(
+        &path,
+        format!(
+            "[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
+            users.display()
+        ),
+    )
+    .unwrap();
+    let (code, out) = run(&["cert"], &path, &[]);
+    assert_eq!(code, 0, "{out}");
+    let certs = dir.path().join("site/certs");
+    assert!(
+        certs.join("gatehouse.crt").is_file() && certs.join("gatehouse.key").is_file(),
+        "{out}"
+    );
+    let (code, out) = run(&["reload"], &path, &[]);
+    assert_eq!(code, 1, "{out}");
+    let lock = dir.path().join("site/var/run/gatehouse.lock");
+    assert!(out.contains(&lock.display().to_string()), "{out}");
 }

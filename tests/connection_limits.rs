@@ -21,10 +21,10 @@ use crate::{
 
 const PING: &[u8] = b"GET /api/ping HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n";
 
-fn tls_group(proxy_extra: &str) -> Group {
+fn tls_group(keys: &str) -> Group {
     Group::start(Options {
         backends: 1,
-        proxy_extra: proxy_extra.into(),
+        keys: keys.into(),
         ..Options::default()
     })
 }
@@ -57,7 +57,10 @@ fn drain(stream: &mut TcpStream) -> (usize, bool) {
 
 #[test]
 fn readers_that_never_read_lose_their_response_and_slot_at_the_send_deadline() {
-    let group = plain_group(1, "max_connections = 10\nsend_timeout_ms = 1000");
+    let group = plain_group(
+        1,
+        "limits.max_connections = 10\nlimits.send_timeout = \"1s\"",
+    );
     // Far more than the socket buffers hold, so the proxy's writes stall.
     let big = std::fs::File::create(group.dir.path().join("files/big.bin")).unwrap();
     big.set_len(64 << 20).unwrap();
@@ -143,7 +146,7 @@ fn a_client_that_keeps_asking_and_never_reads_is_cut_even_with_small_responses()
     // Each response fits the proxy's write buffer and leaves in one final flush, which
     // Pingora's own write timeout does not cover: the deadline has to hold there too. One
     // request at a time, never read, until the kernel's buffers are full and a flush stalls.
-    let group = plain_group(1, "send_timeout_ms = 1000");
+    let group = plain_group(1, "limits.send_timeout = \"1s\"");
     std::fs::write(
         group.dir.path().join("files/small.bin"),
         vec![7u8; 30 << 10],
@@ -185,7 +188,8 @@ fn open_files(pid: u32) -> usize {
 
 #[test]
 fn http2_streams_stalled_by_a_zero_window_are_aborted_and_free_the_backend() {
-    let group = tls_group("send_timeout_ms = 1000\nupstream_max_requests_per_client = 5");
+    let group =
+        tls_group("limits.send_timeout = \"1s\"\nlimits.max_upstream_requests_per_client = 5");
     let backend = group.child_pid("--id b1 ").expect("b1");
     let baseline = open_files(backend);
     let client = zero_window_client(&group);
@@ -303,7 +307,7 @@ fn closed_after(stream: &mut impl Read, started: Instant) -> Duration {
 
 #[test]
 fn http2_without_a_request_by_the_header_deadline_is_closed_and_a_working_client_is_not() {
-    let group = tls_group("header_timeout_ms = 1000\nh2_max_streams = 7");
+    let group = tls_group("limits.header_timeout = \"1s\"\nlimits.h2_max_streams = 7");
     // TLS done, ALPN h2, and then nothing.
     let mut silent = tls_client(&group, b"h2");
     silent
@@ -372,7 +376,7 @@ fn http2_without_a_request_by_the_header_deadline_is_closed_and_a_working_client
 
 #[test]
 fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline() {
-    let group = tls_group("max_connections = 6\ntls_handshake_timeout_ms = 2000");
+    let group = tls_group("limits.max_connections = 6\nlimits.tls_handshake_timeout = \"2s\"");
     let mut silent: Vec<TcpStream> = (0..6)
         .map(|_| TcpStream::connect(("127.0.0.1", group.tls_port.unwrap())).unwrap())
         .collect();
@@ -411,7 +415,7 @@ fn silent_tls_connections_count_against_the_cap_until_their_handshake_deadline()
 fn one_address_is_refused_past_its_share_while_another_is_served() {
     let group = plain_group(
         1,
-        "max_connections_per_client = 4\nheader_timeout_ms = 5000",
+        "limits.max_connections_per_client = 4\nlimits.header_timeout = \"5s\"",
     );
     let held: Vec<TcpStream> = (0..4)
         .map(|_| TcpStream::connect(("127.0.0.1", group.port)).unwrap())
@@ -440,7 +444,7 @@ fn one_address_is_refused_past_its_share_while_another_is_served() {
 fn slow_requests_holding_every_backend_slot_queue_others_then_get_503() {
     let group = plain_group(
         1,
-        "upstream_max_connections = 2\nupstream_queue_timeout_ms = 500",
+        "upstream.max_connections = 2\nupstream.queue_timeout = \"500ms\"",
     );
     std::fs::write(group.dir.path().join("files/page.txt"), "static").unwrap();
     // Two logins whose bodies never finish: each holds a backend slot.
@@ -483,7 +487,7 @@ fn slow_requests_holding_every_backend_slot_queue_others_then_get_503() {
 
 #[test]
 fn an_http2_path_counts_towards_the_header_limit() {
-    let group = tls_group("max_header_bytes = 2048");
+    let group = tls_group("limits.max_header_bytes = 2048");
     let long = "a".repeat(3000);
     let client = group.http_client(false);
     let response = client

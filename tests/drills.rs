@@ -36,11 +36,11 @@ pub(crate) fn exchange(port: u16, request: &[u8]) -> (String, bool) {
     (String::from_utf8_lossy(&response).into_owned(), closed)
 }
 
-pub(crate) fn plain_group(backends: usize, proxy_extra: &str) -> Group {
+pub(crate) fn plain_group(backends: usize, keys: &str) -> Group {
     Group::start(Options {
         tls: false,
         backends,
-        proxy_extra: proxy_extra.into(),
+        keys: keys.into(),
         ..Options::default()
     })
 }
@@ -146,7 +146,7 @@ fn smuggling_probes_get_400_and_a_closed_connection_and_reach_no_backend() {
 fn oversized_headers_get_431_and_oversized_bodies_413_even_chunked() {
     let group = plain_group(
         1,
-        "max_body_bytes = 4096\nmax_header_bytes = 8192\nmax_headers = 50",
+        "limits.max_body_bytes = 4096\nlimits.max_header_bytes = 8192\nlimits.max_headers = 50",
     );
     let many: String = (0..60).map(|i| format!("X-Field-{i}: y\r\n")).collect();
     let (response, closed) = exchange(
@@ -196,7 +196,7 @@ fn oversized_headers_get_431_and_oversized_bodies_413_even_chunked() {
 
 #[test]
 fn a_hung_backend_costs_only_its_own_requests_504_and_leaves_the_rotation() {
-    let group = plain_group(3, "upstream_read_timeout_seconds = 2");
+    let group = plain_group(3, "upstream.read_timeout = \"2s\"");
     let stop = Arc::new(AtomicBool::new(false));
     let workers: Vec<_> = (0..4)
         .map(|_| {
@@ -359,7 +359,10 @@ pub(crate) fn steady_pings(
 
 #[test]
 fn slow_headers_get_408_at_the_deadline_slow_bodies_at_theirs_and_others_are_served() {
-    let group = plain_group(1, "header_timeout_ms = 1000\nbody_timeout_ms = 1000");
+    let group = plain_group(
+        1,
+        "limits.header_timeout = \"1s\"\nlimits.body_timeout = \"1s\"",
+    );
     let stop = Arc::new(AtomicBool::new(false));
     let pings = steady_pings(group.port, stop.clone());
 
@@ -460,7 +463,10 @@ fn status_kib(pid: u32, field: &str) -> u64 {
 
 #[test]
 fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes() {
-    let group = plain_group(1, "max_connections = 20\nheader_timeout_ms = 3000");
+    let group = plain_group(
+        1,
+        "limits.max_connections = 20\nlimits.header_timeout = \"3s\"",
+    );
     let proxy = group.child_pid("gatehouse proxy").expect("the proxy");
     let before = status_kib(proxy, "VmRSS");
     // Far more connections than allowed, each sending half a header and then nothing.
@@ -514,7 +520,7 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
 
 #[test]
 fn memory_a_burst_of_connections_freed_goes_back_to_the_kernel() {
-    let group = plain_group(1, "max_connections_per_client = 1000");
+    let group = plain_group(1, "limits.max_connections_per_client = 1000");
     let proxy = group.child_pid("gatehouse proxy").expect("the proxy");
     let before = status_kib(proxy, "RssAnon");
     // 600 clients at once, each answered the landing page and keeping its connection.
@@ -556,7 +562,7 @@ fn memory_a_burst_of_connections_freed_goes_back_to_the_kernel() {
 
 #[test]
 fn at_the_connection_limit_idle_kept_alive_connections_make_room() {
-    let group = plain_group(1, "max_connections = 10");
+    let group = plain_group(1, "limits.max_connections = 10");
     // Ten clients, each done with a request and keeping its connection for the next.
     let idle: Vec<TcpStream> = (0..10)
         .map(|_| {

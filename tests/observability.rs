@@ -192,7 +192,7 @@ fn every_series_moves_when_its_feature_acts() {
 fn a_hung_backend_is_counted_as_a_timeout_and_leaves_rotation() {
     let group = Group::start(Options {
         backends: 1,
-        proxy_extra: "upstream_read_timeout_seconds = 1".into(),
+        keys: "upstream.read_timeout = \"1s\"".into(),
         ..Options::default()
     });
     let backend = group.child_pid("--id b1").expect("backend b1");
@@ -419,7 +419,7 @@ fn access_logs_land_in_the_routes_files_with_every_field_and_no_secret() {
 #[test]
 fn request_ids_come_from_trusted_proxies_only_and_reach_the_backend() {
     let group = Group::start(Options {
-        proxy_extra: r#"trusted_proxies = ["127.0.0.3"]"#.into(),
+        keys: r#"access.trusted_proxies = ["127.0.0.3"]"#.into(),
         logging_extra: r#"access_log_format = "combined""#.into(),
         ..Options::default()
     });
@@ -514,7 +514,7 @@ fn the_last_lines_are_written_before_the_proxy_exits() {
 #[test]
 fn sigusr1_without_access_logs_changes_nothing() {
     let group = Group::start(Options {
-        access_log: String::new(),
+        access_log: "off".into(),
         ..Options::default()
     });
     let proxy = group.child_pid(" proxy ").expect("the proxy");

@@ -197,11 +197,7 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
     }));
     assert!(group.log().contains("change only with a restart"));
     edit_config(&group, "count = 2\n", "count = 3\n");
-    edit_config(
-        &group,
-        "[backend]\n",
-        "[backend]\ntoken_ttl_seconds = 600\n",
-    );
+    edit_config(&group, "[backend]\n", "[backend]\ntoken_ttl = \"10m\"\n");
     assert!(gatehouse(&group, "reload").status.success());
     assert!(
         wait_until(Duration::from_secs(30), || {

@@ -262,7 +262,7 @@ fn a_taken_port_is_a_clear_error_before_anything_starts() {
     std::fs::write(
         &config,
         format!(
-            "[tls]\nenabled = false\n\n[paths]\nruntime_dir = \"run\"\ndata_dir = \"data\"\n\n[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
+            "[tls]\nlisten = \"off\"\n\n[paths]\nruntime_dir = \"run\"\ndata_dir = \"data\"\n\n[backend]\nusers_file = \"{}\"\n\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n",
             users.display()
         ),
     )

@@ -416,7 +416,7 @@ fn an_edit_on_disk_is_served_on_the_next_request() {
 fn with_a_check_interval_an_edit_is_served_once_it_has_passed() {
     let group = Group::start(Options {
         backends: 1,
-        static_extra: "check_interval_ms = 1500".into(),
+        static_extra: "check_interval = \"1500ms\"".into(),
         ..Options::default()
     });
     let path = group.dir.path().join("files/news.txt");

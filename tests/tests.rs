@@ -6,6 +6,10 @@ mod util;
 mod access;
 mod accounts;
 mod api;
+// The OpenAPI document under schemathesis, and Swagger UI in a browser.
+mod api_docs;
+// One backend in this process against a real Redis: its own behaviour, without a group.
+mod backend_inprocess;
 mod backend_limits;
 mod config;
 mod connection_limits;

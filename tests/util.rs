@@ -206,17 +206,18 @@ pub struct Options {
     pub shutdown_grace_seconds: u64,
     /// Extra environment for `gatehouse run`.
     pub env: Vec<(String, String)>,
-    /// Extra keys for the `[proxy]` table.
-    pub proxy_extra: String,
-    /// `[logging] access_log`: `logs/access.log` unless a test says otherwise.
+    /// Keys set over the base config, as TOML with dotted keys from the top
+    /// (`limits.send_timeout = "1s"`); each replaces what the base sets.
+    pub keys: String,
+    /// `[logging] access_log`: `logs/access.log` unless a test says otherwise (`"off"`).
     pub access_log: String,
-    /// Extra keys for the `[logging]` table.
+    /// Keys set in the `[logging]` table.
     pub logging_extra: String,
-    /// Extra keys for the `[backend]` table.
+    /// Keys set in the `[backend]` table.
     pub backend_extra: String,
-    /// Lines for `[static]`; the default checks files at every request.
+    /// Keys set in the `[static]` table (the base checks files at every request).
     pub static_extra: String,
-    /// Extra TOML appended to the config: `[rate_limits.*]` tables, more `[[routes]]`.
+    /// More TOML merged in: `[rate_limits.*]` tables, more `[[routes]]` (after the base's).
     pub extra: String,
 }
 
@@ -228,12 +229,78 @@ impl Default for Options {
             redis_url: None,
             shutdown_grace_seconds: 5,
             env: Vec::new(),
-            proxy_extra: String::new(),
+            keys: String::new(),
             access_log: "logs/access.log".into(),
             logging_extra: String::new(),
             backend_extra: String::new(),
-            static_extra: "check_interval_ms = 0".into(),
+            static_extra: String::new(),
             extra: String::new(),
+        }
+    }
+}
+
+/// A config file built key by key: a base, then keys set or merged over it, so a test can
+/// change any key the base sets.
+pub struct ConfigBuilder {
+    table: toml::Table,
+}
+
+impl ConfigBuilder {
+    pub fn new(base: &str) -> Self {
+        Self {
+            table: base.parse().expect("the base config is TOML"),
+        }
+    }
+
+    /// Sets `key`, a dotted path (`limits.header_timeout`), making its tables as needed.
+    pub fn set(mut self, key: &str, value: impl Into<toml::Value>) -> Self {
+        let (path, last) = key
+            .rsplit_once('.')
+            .map_or((None, key), |(p, l)| (Some(p), l));
+        let mut table = &mut self.table;
+        for part in path.into_iter().flat_map(|p| p.split('.')) {
+            table = table
+                .entry(part)
+                .or_insert_with(|| toml::Table::new().into())
+                .as_table_mut()
+                .unwrap_or_else(|| panic!("{part} in {key} is not a table"));
+        }
+        table.insert(last.to_string(), value.into());
+        self
+    }
+
+    /// Merges TOML in key by key: tables are merged, arrays of tables appended, anything
+    /// else replaced. `under`: the table the keys belong to (`backend`), or the top.
+    pub fn merge(mut self, text: &str, under: Option<&str>) -> Self {
+        let mut snippet: toml::Table = text
+            .parse()
+            .unwrap_or_else(|e| panic!("not TOML: {e}\n{text}"));
+        if let Some(section) = under {
+            let mut outer = toml::Table::new();
+            outer.insert(section.to_string(), snippet.into());
+            snippet = outer;
+        }
+        merge(&mut self.table, snippet);
+        self
+    }
+
+    pub fn text(&self) -> String {
+        toml::to_string(&self.table).expect("a TOML table writes")
+    }
+}
+
+fn merge(into: &mut toml::Table, from: toml::Table) {
+    for (key, value) in from {
+        match (into.get_mut(&key), value) {
+            (Some(toml::Value::Table(old)), toml::Value::Table(new)) => merge(old, new),
+            (Some(toml::Value::Array(old)), toml::Value::Array(new))
+                if new.iter().all(toml::Value::is_table) =>
+            {
+                old.extend(new)
+            }
+            (_, value) => {
+                into.insert(key, value);
+            }
         }
     }
 }
@@ -550,51 +617,25 @@ pub fn metric_value(text: &str, series: &str) -> Option<f64> {
     })
 }
 
-fn write_config(
-    dir: &Path,
-    port: u16,
-    tls_port: Option<u16>,
-    admin_port: u16,
-    options: &Options,
-) -> PathBuf {
-    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    let users = repo.join("conf/users");
-    let statics = repo.join("static");
-    let redis_url = options.redis_url.clone().unwrap_or_default();
-    let text = format!(
-        r#"[proxy]
-listen = "127.0.0.1:{port}"
+/// What every test group shares; [`write_config`] sets the ports and paths of each.
+const BASE_CONFIG: &str = r#"
+[proxy]
 threads = 2
-shutdown_grace_seconds = {grace}
-health_check_interval_ms = 200
+
+[upstream]
+health_check_interval = "200ms"
+
+[access]
 # Load tests must not be throttled; access tests set their own limits.
-default_rate_limit = "none"
-{proxy_extra}
+default_rate_limit = "off"
 
 [tls]
-enabled = {tls}
-listen = "127.0.0.1:{tls_port}"
 cert = "certs/gatehouse.crt"
 key = "certs/gatehouse.key"
 
 [static]
 max_cached_file_bytes = 65536
-{static_extra}
-
-[admin]
-listen = "127.0.0.1:{admin_port}"
-
-[logging]
-access_log = "{access_log}"
-{logging_extra}
-
-[backend]
-count = {backends}
-users_file = "{users}"
-{backend_extra}
-
-[redis]
-url = "{redis_url}"
+check_interval = "0s"
 
 [paths]
 runtime_dir = "run"
@@ -612,38 +653,63 @@ upstream = "backends"
 prefix = "/files/"
 static_dir = "files"
 cache_control = "max-age=60"
+"#;
 
-[[routes]]
-prefix = "/open/"
-static_dir = "{statics}/open"
-
-[[routes]]
-prefix = "/close/"
-static_dir = "{statics}/close"
-
-[[routes]]
-prefix = "/swagger/"
-static_dir = "{statics}/swagger"
-
-[[routes]]
-prefix = "/"
-static_dir = "{statics}/main"
-cache_control = "no-cache"
-"#,
-        proxy_extra = options.proxy_extra,
-        access_log = options.access_log,
-        logging_extra = options.logging_extra,
-        backend_extra = options.backend_extra,
-        static_extra = options.static_extra,
-        tls = tls_port.is_some(),
-        tls_port = tls_port.unwrap_or(1),
-        statics = statics.display(),
-        grace = options.shutdown_grace_seconds,
-        backends = options.backends,
-        users = users.display(),
-    );
+fn write_config(
+    dir: &Path,
+    port: u16,
+    tls_port: Option<u16>,
+    admin_port: u16,
+    options: &Options,
+) -> PathBuf {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let statics = repo.join("static");
+    let mut config = ConfigBuilder::new(BASE_CONFIG)
+        .set("proxy.listen", format!("127.0.0.1:{port}"))
+        .set(
+            "proxy.shutdown_grace",
+            format!("{}s", options.shutdown_grace_seconds),
+        )
+        .set(
+            "tls.listen",
+            tls_port.map_or("off".into(), |p| format!("127.0.0.1:{p}")),
+        )
+        .set("admin.listen", format!("127.0.0.1:{admin_port}"))
+        .set("logging.access_log", options.access_log.clone())
+        .set("backend.count", options.backends as i64)
+        .set(
+            "backend.users_file",
+            repo.join("conf/users").display().to_string(),
+        )
+        .set(
+            "redis.url",
+            options.redis_url.clone().unwrap_or("managed".into()),
+        );
+    for (prefix, site, cache_control) in [
+        ("/open/", "open", None),
+        ("/close/", "close", None),
+        ("/swagger/", "swagger", None),
+        ("/", "main", Some("no-cache")),
+    ] {
+        let cache_control = cache_control
+            .map(|c| format!("cache_control = \"{c}\"\n"))
+            .unwrap_or_default();
+        config = config.merge(
+            &format!(
+                "[[routes]]\nprefix = \"{prefix}\"\nstatic_dir = \"{}\"\n{cache_control}",
+                statics.join(site).display()
+            ),
+            None,
+        );
+    }
+    let config = config
+        .merge(&options.keys, None)
+        .merge(&options.logging_extra, Some("logging"))
+        .merge(&options.backend_extra, Some("backend"))
+        .merge(&options.static_extra, Some("static"))
+        .merge(&options.extra, None);
     let path = dir.join("gatehouse.toml");
-    fs::write(&path, text + &options.extra).expect("write config");
+    fs::write(&path, config.text()).expect("write config");
     path
 }
 
@@ -699,4 +765,24 @@ pub fn unbrotli(bytes: &[u8]) -> Vec<u8> {
     let mut plain = Vec::new();
     brotli::BrotliDecompress(&mut &bytes[..], &mut plain).expect("brotli body");
     plain
+}
+
+/// Asserts the status, and that an error has the one error shape; returns the body (`Null` for
+/// an empty one).
+pub fn expect(response: reqwest::blocking::Response, status: u16, what: &str) -> Value {
+    let code = response.status().as_u16();
+    let request_id = response.headers().get("x-request-id").cloned();
+    let text = response.text().unwrap();
+    assert_eq!(code, status, "{what}: {text}");
+    if text.is_empty() {
+        return Value::Null;
+    }
+    let body: Value = serde_json::from_str(&text).unwrap_or_else(|_| panic!("{what}: {text}"));
+    if status >= 400 {
+        assert!(body["error"].is_string(), "{what}: {body}");
+        assert!(body["message"].is_string(), "{what}: {body}");
+        let request_id = request_id.expect("x-request-id");
+        assert_eq!(body["request_id"], request_id.to_str().unwrap(), "{what}");
+    }
+    body
 }

@@ -1,13 +1,5 @@
-//! Users, roles and token sessions, kept in Redis so that every backend process and every
-//! replica sees the same thing.
-//!
-//! Keys:
-//! - `gatehouse:user:NAME`: a hash of `hash` (argon2id), `role`, `active` (`1`/`0`), `created`;
-//! - `gatehouse:users`: the set of names (for the list and the last-admin check);
-//! - `gatehouse:generation`: a random id made when the users are seeded, carried by every
-//!   token as its `gen` claim;
-//! - `gatehouse:sessions:NAME`: the user's live tokens (`jti` scored by the millisecond it
-//!   was issued), at most `max_tokens_per_user` of them.
+//! Users and token sessions, kept in Redis so that every backend process and every replica
+//! sees the same thing (the keys are in [`crate::keys`], the scripts in `lua/`).
 //!
 //! Tokens fail closed. A token is accepted only while its `jti` is in its user's live tokens
 //! (an allowlist, not a denylist) and its `gen` is Redis's generation. Whatever Redis loses (a
@@ -24,8 +16,7 @@
 //! its `INCR` share one script, so the busiest protected route costs one round trip.
 //!
 //! Every change that touches more than one key is one Lua script (or MULTI), so a failure
-//! never leaves half of it written. The scripts name other users' keys from a prefix, which is
-//! fine for one Redis (or a primary with replicas), not for Redis Cluster.
+//! never leaves half of it written.
 
 use std::sync::{
     Arc, Mutex,
@@ -33,55 +24,24 @@ use std::sync::{
 };
 
 use redis::{Script, ScriptInvocation};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::{
-    error::ApiError,
+    error::{ApiError, StartError},
+    keys::{self, GENERATION, USER_PREFIX, USERS},
     metrics::Metrics,
-    store::{Store, VISITS_KEY},
+    password::{self, Hashing},
+    role::Role,
+    store::Store,
     token::{Claims, LEEWAY_SECONDS, now, now_ms},
-    users::{SeedUser, hash_password, valid_name, verify_password},
+    users::{SeedUser, valid_name},
 };
-
-const USER_PREFIX: &str = "gatehouse:user:";
-const USERS: &str = "gatehouse:users";
-const GENERATION: &str = "gatehouse:generation";
-const SESSIONS_PREFIX: &str = "gatehouse:sessions:";
 
 /// The default of `backend.max_tokens_per_user`.
 pub const DEFAULT_MAX_TOKENS_PER_USER: usize = 100;
 /// The most `backend.max_tokens_per_user` may be: a change to a user deletes this many
 /// entries at worst, well under a millisecond of Redis's time.
 pub const MAX_TOKENS_PER_USER: usize = 10_000;
-
-pub const MIN_PASSWORD_CHARS: usize = 8;
-pub const MAX_PASSWORD_CHARS: usize = 256;
-
-/// What a user may do. Only `admin` manages users; `maintainer` and `viewer` differ only in
-/// name so far, for services behind the proxy to read from `/auth/verify` or `/api/me`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
-#[serde(rename_all = "lowercase")]
-pub enum Role {
-    Admin,
-    Maintainer,
-    Viewer,
-}
-
-impl Role {
-    pub const ALL: [Role; 3] = [Role::Admin, Role::Maintainer, Role::Viewer];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Role::Admin => "admin",
-            Role::Maintainer => "maintainer",
-            Role::Viewer => "viewer",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<Role> {
-        Role::ALL.into_iter().find(|r| r.as_str() == text)
-    }
-}
 
 /// A user as the API shows it: never the password or its hash.
 #[derive(Debug, Serialize, utoipa::ToSchema)]
@@ -91,51 +51,6 @@ pub struct User {
     pub role: Role,
     /// A disabled user cannot log in, and its tokens stop working.
     pub active: bool,
-}
-
-/// `POST /api/users`.
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-pub struct NewUser {
-    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", example = "alice")]
-    pub username: String,
-    #[schema(min_length = 8, max_length = 256, format = Password, example = "correct horse battery")]
-    pub password: String,
-    pub role: Role,
-    /// Default `true`.
-    #[serde(default = "yes")]
-    #[schema(default = true)]
-    pub active: bool,
-}
-
-fn yes() -> bool {
-    true
-}
-
-/// `PUT /api/users/{name}`: the fields to change, at least one. Any change ends the user's
-/// tokens: a new role, password or state takes effect at once.
-///
-/// A field is absent or has a value: `null` is refused, as the schema says, rather than read
-/// as "unchanged".
-#[derive(Deserialize, utoipa::ToSchema)]
-#[serde(deny_unknown_fields)]
-#[schema(min_properties = 1)]
-pub struct UserChange {
-    #[serde(default, deserialize_with = "present")]
-    #[schema(nullable = false)]
-    pub role: Option<Role>,
-    #[serde(default, deserialize_with = "present")]
-    #[schema(nullable = false, min_length = 8, max_length = 256, format = Password)]
-    pub password: Option<String>,
-    #[serde(default, deserialize_with = "present")]
-    #[schema(nullable = false)]
-    pub active: Option<bool>,
-}
-
-fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
-    value: D,
-) -> Result<Option<T>, D::Error> {
-    T::deserialize(value).map(Some)
 }
 
 /// A token that passed every check: signature and claims, generation, live, and its user, who
@@ -155,13 +70,8 @@ pub struct Verified {
 pub struct Accounts {
     store: Arc<Store>,
     seed: Vec<SeedUser>,
-    /// Checked against when the user is unknown or disabled, so that costs the same time as a
-    /// wrong password and does not reveal which names exist.
-    decoy: String,
     scripts: Scripts,
-    /// Turns at argon2id (about 19 MiB and tens of milliseconds each): a flood of logins
-    /// queues here, bounded, instead of piling up on the blocking threads.
-    hashing: Arc<tokio::sync::Semaphore>,
+    hashing: Hashing,
     /// The generation this backend last saw in Redis: another one (or none) means Redis lost
     /// its data since.
     generation: Mutex<Option<String>>,
@@ -179,11 +89,6 @@ pub struct Accounts {
 /// while Redis refuses writes, every request would otherwise run the seed script.
 const HEAL_EVERY_MS: u64 = 1000;
 
-/// Password hashes computed at once by one backend.
-const HASHING_AT_ONCE: usize = 2;
-/// How long a login waits for its turn before it is told to come back.
-const HASHING_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
-
 impl Accounts {
     /// Hashes the decoy password: call it before serving, not on a request.
     pub fn new(
@@ -191,14 +96,12 @@ impl Accounts {
         seed: Vec<SeedUser>,
         max_tokens_per_user: usize,
         metrics: Arc<Metrics>,
-    ) -> Result<Self, String> {
-        let decoy = hash_password("decoy password, never matches").map_err(|e| e.0)?;
+    ) -> Result<Self, StartError> {
         Ok(Self {
             store,
             seed,
-            decoy,
             scripts: Scripts::new(),
-            hashing: Arc::new(tokio::sync::Semaphore::new(HASHING_AT_ONCE)),
+            hashing: Hashing::new()?,
             generation: Mutex::new(None),
             healed_at: AtomicU64::new(0),
             heal_failing: AtomicBool::new(false),
@@ -220,7 +123,7 @@ impl Accounts {
         invocation.key(USERS).arg(&fresh).arg(now());
         for user in &self.seed {
             invocation
-                .key(user_key(&user.name))
+                .key(keys::user(&user.name))
                 .arg(&user.name)
                 .arg(&user.hash)
                 .arg(user.role.as_str());
@@ -341,11 +244,8 @@ impl Accounts {
             }
             _ => None,
         };
-        let hash = user.as_ref().map_or(&self.decoy, |u| &u.hash).clone();
-        // argon2id takes tens of milliseconds of CPU by design.
-        let matches = self
-            .off_thread(move || verify_password(&hash, &password))
-            .await?;
+        let hash = user.as_ref().map(|u| u.hash.clone());
+        let matches = self.hashing.verify(hash, password).await?;
         Ok(user.filter(|_| matches))
     }
 
@@ -353,7 +253,7 @@ impl Accounts {
     /// round trip.
     async fn read_user(&self, name: &str) -> Result<(UserRecord, Option<String>, u64), ApiError> {
         let mut conn = self.store.connection();
-        let key = user_key(name);
+        let key = keys::user(name);
         let read = self
             .store
             .bounded(async move {
@@ -379,9 +279,9 @@ impl Accounts {
         claims: &mut Claims,
     ) -> Result<bool, ApiError> {
         let lifetime_ms = (claims.exp.saturating_sub(claims.iat) + KEEP_AFTER_EXP) * 1000;
-        let mut invocation = self.scripts.open_session.key(user_key(&claims.sub));
+        let mut invocation = self.scripts.open_session.key(keys::user(&claims.sub));
         invocation
-            .key(sessions_key(&claims.sub))
+            .key(keys::sessions(&claims.sub))
             .key(GENERATION)
             .arg(&user.hash)
             .arg(user.role.as_str())
@@ -412,7 +312,7 @@ impl Accounts {
     /// (`MULTI`), so a change to the user or a loss of Redis's data cannot land between them.
     pub async fn session(&self, claims: Claims) -> Result<Session, ApiError> {
         let mut conn = self.store.connection();
-        let (sessions_key, user_key) = (sessions_key(&claims.sub), user_key(&claims.sub));
+        let (sessions_key, user_key) = (keys::sessions(&claims.sub), keys::user(&claims.sub));
         let jti = claims.jti.clone();
         type Read = (
             Option<String>,
@@ -442,10 +342,10 @@ impl Accounts {
     /// instead of two. The script reads what `session` reads and hands it to the same
     /// `admit`, so the two cannot answer a token differently.
     pub async fn session_counting_visit(&self, claims: Claims) -> Result<(Session, i64), ApiError> {
-        let mut invocation = self.scripts.count_visit.key(sessions_key(&claims.sub));
+        let mut invocation = self.scripts.count_visit.key(keys::sessions(&claims.sub));
         invocation
-            .key(user_key(&claims.sub))
-            .key(VISITS_KEY)
+            .key(keys::user(&claims.sub))
+            .key(keys::VISITS)
             .key(GENERATION)
             .arg(&claims.jti)
             .arg(&claims.generation);
@@ -472,7 +372,7 @@ impl Accounts {
     /// refuses it from now on.
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ApiError> {
         let mut conn = self.store.connection();
-        let (sessions_key, jti) = (sessions_key(&claims.sub), claims.jti.clone());
+        let (sessions_key, jti) = (keys::sessions(&claims.sub), claims.jti.clone());
         self.store
             .bounded(async move {
                 redis::cmd("ZREM")
@@ -505,23 +405,28 @@ impl Accounts {
             .collect()
     }
 
-    /// Creates `new`, on behalf of a session of `generation`.
-    pub async fn create(&self, new: NewUser, generation: &str) -> Result<User, ApiError> {
-        if !valid_name(&new.username) {
+    /// Creates `user` with `password`, on behalf of a session of `generation`.
+    pub async fn create(
+        &self,
+        user: User,
+        password: String,
+        generation: &str,
+    ) -> Result<User, ApiError> {
+        if !valid_name(&user.username) {
             return Err(ApiError::bad_request(
                 "username: must be 1-64 characters of letters, digits, `.`, `_`, `-`, starting with a letter or digit",
             ));
         }
-        check_password_length(&new.password)?;
-        let hash = self.hash_off_thread(new.password).await?;
-        let mut invocation = self.scripts.create.key(user_key(&new.username));
+        password::check_length(&password)?;
+        let hash = self.hashing.hash(password).await?;
+        let mut invocation = self.scripts.create.key(keys::user(&user.username));
         invocation
             .key(USERS)
             .key(GENERATION)
-            .arg(&new.username)
+            .arg(&user.username)
             .arg(hash)
-            .arg(new.role.as_str())
-            .arg(flag(new.active))
+            .arg(user.role.as_str())
+            .arg(flag(user.active))
             .arg(now())
             .arg(generation);
         let created: i64 = self.store.script(invocation).await?;
@@ -531,14 +436,10 @@ impl Accounts {
         if created == 0 {
             return Err(ApiError::conflict(format!(
                 "username: a user named {:?} exists already",
-                new.username
+                user.username
             )));
         }
-        Ok(User {
-            username: new.username,
-            role: new.role,
-            active: new.active,
-        })
+        Ok(user)
     }
 
     /// Applies `change`, on behalf of a session of `generation`; if anything changed, the
@@ -546,10 +447,12 @@ impl Accounts {
     pub async fn update(
         &self,
         name: &str,
-        change: UserChange,
+        role: Option<Role>,
+        password: Option<String>,
+        active: Option<bool>,
         generation: &str,
     ) -> Result<User, ApiError> {
-        if change.role.is_none() && change.password.is_none() && change.active.is_none() {
+        if role.is_none() && password.is_none() && active.is_none() {
             return Err(ApiError::bad_request(
                 "body: give at least one of role, password, active",
             ));
@@ -557,18 +460,18 @@ impl Accounts {
         if !valid_name(name) {
             return Err(no_such_user(name));
         }
-        let hash = match change.password {
+        let hash = match password {
             Some(password) => {
-                check_password_length(&password)?;
-                Some(self.hash_off_thread(password).await?)
+                password::check_length(&password)?;
+                Some(self.hashing.hash(password).await?)
             }
             None => None,
         };
         let mut invocation = changing(&self.scripts.update, name);
         invocation
-            .arg(change.role.map_or("", Role::as_str))
+            .arg(role.map_or("", Role::as_str))
             .arg(hash.unwrap_or_default())
-            .arg(change.active.map_or("", flag))
+            .arg(active.map_or("", flag))
             .arg(generation);
         let outcome: Vec<String> = self.store.script(invocation).await?;
         match outcome.as_slice() {
@@ -616,12 +519,12 @@ fn lost_data() -> ApiError {
 }
 
 /// An invocation of a script that changes user `name` and revokes its tokens: what the update
-/// and delete scripts share (see `CHANGING`).
+/// and delete scripts share (see `lua/changing.lua`).
 fn changing<'s>(script: &'s Script, name: &str) -> ScriptInvocation<'s> {
-    let mut invocation = script.key(user_key(name));
+    let mut invocation = script.key(keys::user(name));
     invocation
         .key(USERS)
-        .key(sessions_key(name))
+        .key(keys::sessions(name))
         .key(GENERATION)
         .arg(USER_PREFIX);
     invocation
@@ -664,14 +567,6 @@ fn admit(
 /// that wrote it. Dropping it early only refuses the token a little early.
 const KEEP_AFTER_EXP: u64 = LEEWAY_SECONDS + 30;
 
-fn user_key(name: &str) -> String {
-    format!("{USER_PREFIX}{name}")
-}
-
-fn sessions_key(name: &str) -> String {
-    format!("{SESSIONS_PREFIX}{name}")
-}
-
 fn flag(on: bool) -> &'static str {
     if on { "1" } else { "0" }
 }
@@ -684,47 +579,6 @@ fn last_admin(name: &str) -> ApiError {
     ApiError::conflict(format!(
         "{name:?} is the last active admin: make another admin first"
     ))
-}
-
-fn check_password_length(password: &str) -> Result<(), ApiError> {
-    let chars = password.chars().count();
-    if (MIN_PASSWORD_CHARS..=MAX_PASSWORD_CHARS).contains(&chars) {
-        Ok(())
-    } else {
-        Err(ApiError::bad_request(format!(
-            "password: must be {MIN_PASSWORD_CHARS} to {MAX_PASSWORD_CHARS} characters"
-        )))
-    }
-}
-
-impl Accounts {
-    /// Runs password work on the blocking threads, at most [`HASHING_AT_ONCE`] at a time. A
-    /// request that gives up while waiting for its turn costs nothing; one that waits too
-    /// long gets `503` with `Retry-After`.
-    async fn off_thread<T: Send + 'static>(
-        &self,
-        work: impl FnOnce() -> T + Send + 'static,
-    ) -> Result<T, ApiError> {
-        let permit = tokio::time::timeout(HASHING_WAIT, self.hashing.clone().acquire_owned())
-            .await
-            .map_err(|_| ApiError::busy())?
-            .map_err(|_| ApiError::internal("cannot check the password"))?;
-        tokio::task::spawn_blocking(move || {
-            let _turn = permit;
-            work()
-        })
-        .await
-        .map_err(|_| ApiError::internal("cannot check the password"))
-    }
-
-    async fn hash_off_thread(&self, password: String) -> Result<String, ApiError> {
-        self.off_thread(move || hash_password(&password))
-            .await?
-            .map_err(|e| {
-                tracing::error!(error = %e, "cannot hash a password");
-                ApiError::internal("cannot hash the password")
-            })
-    }
 }
 
 /// The Lua scripts, each atomic in Redis. `redis::Script` sends the SHA first and the source
@@ -742,209 +596,26 @@ struct Scripts {
 impl Scripts {
     fn new() -> Self {
         Self {
-            seed: Script::new(SEED),
-            open_session: Script::new(OPEN_SESSION),
-            list: Script::new(LIST),
-            create: Script::new(CREATE),
-            update: Script::new(&format!("{CHANGING}{UPDATE}")),
-            delete: Script::new(&format!("{CHANGING}{DELETE}")),
-            count_visit: Script::new(COUNT_VISIT),
+            seed: Script::new(include_str!("lua/seed.lua")),
+            open_session: Script::new(include_str!("lua/open_session.lua")),
+            list: Script::new(include_str!("lua/list.lua")),
+            create: Script::new(include_str!("lua/create.lua")),
+            update: Script::new(concat!(
+                include_str!("lua/changing.lua"),
+                include_str!("lua/update.lua")
+            )),
+            delete: Script::new(concat!(
+                include_str!("lua/changing.lua"),
+                include_str!("lua/delete.lua")
+            )),
+            count_visit: Script::new(include_str!("lua/count_visit.lua")),
         }
     }
 }
 
-/// KEYS: generation, users set, then one user key per user.
-/// ARGV: a fresh generation, now, then name, hash, role per user.
-/// Returns the generation, how many users were copied in, and how many Redis had.
-/// Seeds whenever Redis has no users and there are users to seed, under the fresh generation
-/// (whatever was there: no token of before may outlive its user's record); otherwise only
-/// makes the generation if there is none.
-const SEED: &str = r"
-local generation = redis.call('GET', KEYS[1])
-local had = redis.call('SCARD', KEYS[2])
-if had > 0 or #KEYS == 2 then
-  if generation then
-    return {generation, 0, had}
-  end
-  redis.call('SET', KEYS[1], ARGV[1])
-  return {ARGV[1], 0, had}
-end
-for i = 3, #KEYS do
-  local a = 3 + (i - 3) * 3
-  -- A record that outlived the set of names (an eviction) keeps its password and state.
-  if redis.call('EXISTS', KEYS[i]) == 0 then
-    redis.call('HSET', KEYS[i], 'hash', ARGV[a + 1], 'role', ARGV[a + 2], 'active', '1',
-      'created', ARGV[2])
-  end
-  redis.call('SADD', KEYS[2], ARGV[a])
-end
-redis.call('SET', KEYS[1], ARGV[1])
-return {ARGV[1], #KEYS - 2, had}
-";
-
-/// KEYS: user, sessions, generation. ARGV: verified hash, role, jti, now (ms), lifetime (ms:
-/// the token's time to live plus `KEEP_AFTER_EXP`), cap.
-/// Drops expired entries, records the token scored by when it was issued, and past the cap
-/// drops the oldest. Returns the generation ('' when refused) and how many were dropped.
-const OPEN_SESSION: &str = r"
-local user = redis.call('HMGET', KEYS[1], 'hash', 'role', 'active')
-if user[1] ~= ARGV[1] or user[2] ~= ARGV[2] or user[3] ~= '1' then
-  return {'', 0}
-end
-local generation = redis.call('GET', KEYS[3])
-if not generation then
-  return {'', 0}
-end
-local now, lifetime, cap = tonumber(ARGV[4]), tonumber(ARGV[5]), tonumber(ARGV[6])
-redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. (now - lifetime))
-redis.call('ZADD', KEYS[2], now, ARGV[3])
-local over = redis.call('ZCARD', KEYS[2]) - cap
-if over > 0 then
-  redis.call('ZPOPMIN', KEYS[2], over)
-else
-  over = 0
-end
-redis.call('PEXPIRE', KEYS[2], lifetime)
-return {generation, over}
-";
-
-/// KEYS: users set. ARGV: user key prefix. Returns name, role, active for each user.
-const LIST: &str = r"
-local names = redis.call('SMEMBERS', KEYS[1])
-table.sort(names)
-local out = {}
-for _, name in ipairs(names) do
-  local user = redis.call('HMGET', ARGV[1] .. name, 'role', 'active')
-  if user[1] then
-    out[#out + 1] = {name, user[1], user[2] or '0'}
-  end
-end
-return out
-";
-
-/// KEYS: user, users set, generation. ARGV: name, hash, role, active, now, the admin's
-/// token's generation. Returns 1 (created), 0 (exists) or -1 (Redis lost its data since the
-/// token was issued: a user created now would keep the users file from being seeded).
-const CREATE: &str = r"
-if redis.call('GET', KEYS[3]) ~= ARGV[6] then
-  return -1
-end
-if redis.call('EXISTS', KEYS[1]) == 1 then
-  return 0
-end
-redis.call('HSET', KEYS[1], 'hash', ARGV[2], 'role', ARGV[3], 'active', ARGV[4],
-  'created', ARGV[5])
-redis.call('SADD', KEYS[2], ARGV[1])
-return 1
-";
-
-/// What the update and delete scripts share. KEYS: user, users set, sessions, generation.
-/// ARGV: first the user prefix, last the admin's token's generation.
-///
-/// `stale`: Redis lost its data since the admin's token was issued, so the change is refused
-/// as the token would be. `other_admin`: whether an active admin other than `self_key`'s user
-/// exists: a change may never leave nobody able to manage users.
-const CHANGING: &str = r"
-local function stale()
-  return redis.call('GET', KEYS[4]) ~= ARGV[#ARGV]
-end
-local function other_admin(users, self_key, prefix)
-  for _, name in ipairs(redis.call('SMEMBERS', users)) do
-    local key = prefix .. name
-    if key ~= self_key then
-      local user = redis.call('HMGET', key, 'role', 'active')
-      if user[1] == 'admin' and user[2] == '1' then
-        return true
-      end
-    end
-  end
-  return false
-end
-";
-
-/// KEYS: user, users set, sessions, generation. ARGV: user prefix, role, hash, active ('' =
-/// unchanged), generation of the admin's token.
-/// Any change deletes the user's live tokens: at most the cap of them, so bounded work, and
-/// `UNLINK` frees a large set off Redis's main thread.
-const UPDATE: &str = r"
-if stale() then
-  return {'stale'}
-end
-local current = redis.call('HMGET', KEYS[1], 'role', 'active')
-if not current[1] then
-  return {'missing'}
-end
-local role = ARGV[2] ~= '' and ARGV[2] or current[1]
-local active = ARGV[4] ~= '' and ARGV[4] or current[2]
-local was_admin = current[1] == 'admin' and current[2] == '1'
-if was_admin and not (role == 'admin' and active == '1')
-    and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
-  return {'last_admin'}
-end
-if role ~= current[1] or active ~= current[2] or ARGV[3] ~= '' then
-  redis.call('HSET', KEYS[1], 'role', role, 'active', active)
-  if ARGV[3] ~= '' then
-    redis.call('HSET', KEYS[1], 'hash', ARGV[3])
-  end
-  redis.call('UNLINK', KEYS[3])
-end
-return {'ok', role, active}
-";
-
-/// KEYS: user, users set, sessions, generation. ARGV: user prefix, name, generation of the
-/// admin's token.
-const DELETE: &str = r"
-if stale() then
-  return 'stale'
-end
-local current = redis.call('HMGET', KEYS[1], 'role', 'active')
-if not current[1] then
-  return 'missing'
-end
-if current[1] == 'admin' and current[2] == '1'
-    and not other_admin(KEYS[2], KEYS[1], ARGV[1]) then
-  return 'last_admin'
-end
-redis.call('UNLINK', KEYS[3])
-redis.call('DEL', KEYS[1])
-redis.call('SREM', KEYS[2], ARGV[2])
-return 'deleted'
-";
-
-/// KEYS: the user's live tokens, the user, the visit count, the generation. ARGV: the
-/// token's jti and generation, then every role there is.
-/// Returns what [`Accounts::session`] reads (generation, live, role, active) and the count
-/// after this visit, counted only when [`admit`] will let the token through (generation
-/// current, token live, user active, role known): a refused token must not count. Otherwise
-/// the count is `nil`.
-const COUNT_VISIT: &str = r"
-local generation = redis.call('GET', KEYS[4])
-local live = redis.call('ZSCORE', KEYS[1], ARGV[1]) and 1 or 0
-local user = redis.call('HMGET', KEYS[2], 'role', 'active')
-local known_role = false
-for i = 3, #ARGV do
-  known_role = known_role or user[1] == ARGV[i]
-end
-local visits = false
-if generation == ARGV[2] and live == 1 and user[2] == '1' and known_role then
-  visits = redis.call('INCR', KEYS[3])
-end
-return {generation, live, user[1], user[2], visits}
-";
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn roles_round_trip() {
-        for role in [Role::Admin, Role::Maintainer, Role::Viewer] {
-            assert_eq!(Role::parse(role.as_str()), Some(role));
-            let json = serde_json::to_string(&role).unwrap();
-            assert_eq!(json, format!("\"{}\"", role.as_str()));
-        }
-        assert_eq!(Role::parse("Admin"), None);
-    }
 
     #[test]
     fn the_verdict_names_the_first_reason_to_refuse() {
@@ -999,14 +670,5 @@ mod tests {
             Some("1".into()),
         );
         assert_eq!(session.map(|s| s.role).ok(), Some(Role::Admin));
-    }
-
-    #[test]
-    fn password_length_is_counted_in_characters() {
-        assert!(check_password_length("1234567").is_err());
-        assert!(check_password_length("12345678").is_ok());
-        assert!(check_password_length(&"é".repeat(256)).is_ok());
-        let error = check_password_length(&"x".repeat(257)).unwrap_err();
-        assert!(error.message.starts_with("password:"), "{}", error.message);
     }
 }

@@ -47,7 +47,7 @@ use crate::metrics::ConnectionLimit;
 pub struct ConnectionLimits {
     pub header_timeout: Duration,
     /// A request body must arrive whole within this of the handler starting to read it
-    /// (see [`crate::http_util::read_json`]), or it is answered `408` and the connection
+    /// (see [`crate::handlers::read_json`]), or it is answered `408` and the connection
     /// closed.
     pub body_timeout: Duration,
     pub idle_timeout: Duration,

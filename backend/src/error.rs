@@ -1,5 +1,11 @@
-//! The one error type of the backend: an HTTP status, a stable machine-readable code and a
-//! message for people. Every failure leaves the backend as `{"error","message","request_id"}`.
+//! The backend's error types; the policy they follow is at the top of [`crate`].
+//!
+//! - [`ApiError`]: a request's failure: an HTTP status, a stable machine-readable code and a
+//!   message for people. Every failure leaves the backend as `{"error","message","request_id"}`.
+//! - [`Unavailable`]: a Redis call failed or missed its deadline; a request answers `503`.
+//! - [`StartError`]: the backend cannot be built from the settings it was given.
+//! - [`UsersError`]: the users file is unusable; the message names the file and line.
+//! - [`HashError`]: argon2id could not hash a password.
 
 use http::{HeaderValue, Response, StatusCode, header};
 
@@ -112,8 +118,47 @@ impl ApiError {
     }
 }
 
-impl From<crate::store::Unavailable> for ApiError {
-    fn from(_: crate::store::Unavailable) -> Self {
+/// A Redis call failed or missed its deadline. It carries nothing: the store logs the cause
+/// once per outage, and every request it fails answers the same `503`.
+#[derive(Debug)]
+pub struct Unavailable;
+
+impl From<Unavailable> for ApiError {
+    fn from(_: Unavailable) -> Self {
         ApiError::store_unavailable()
     }
 }
+
+/// Why [`crate::App::new`] (or one of the parts it is built from) refused its settings. The
+/// caller names the setting at fault and stops; nothing here is logged.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error("the JWT secret is {bytes} bytes; at least {min} are required")]
+    ShortSecret { bytes: usize, min: usize },
+    #[error("invalid Redis URL: {0}")]
+    RedisUrl(redis::RedisError),
+    #[error("cannot set up the Redis connection: {0}")]
+    RedisSetup(redis::RedisError),
+    #[error("backend id {0:?} is not a valid header value")]
+    Id(String),
+    #[error("metrics: {0}")]
+    Metrics(#[from] prometheus::Error),
+    #[error(transparent)]
+    Hash(#[from] HashError),
+}
+
+/// The users file cannot be used: the message starts with the file (and line) at fault.
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct UsersError(pub String);
+
+impl From<HashError> for UsersError {
+    fn from(error: HashError) -> Self {
+        UsersError(error.to_string())
+    }
+}
+
+/// argon2id refused to hash: only a broken parameter set or a failed random source does.
+#[derive(Debug, thiserror::Error)]
+#[error("cannot hash password: {0}")]
+pub struct HashError(pub(crate) argon2::password_hash::Error);

@@ -25,9 +25,13 @@ use std::{
 use http::{HeaderValue, StatusCode, header};
 use redis::Script;
 
-use crate::{error::ApiError, metrics::Metrics, store::Store, users::valid_name};
-
-const PREFIX: &str = "gatehouse:guard:";
+use crate::{
+    error::ApiError,
+    keys,
+    metrics::{GuardLimit, Metrics},
+    store::Store,
+    users::valid_name,
+};
 
 /// The limits, from `[backend]` in the config.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,21 +48,12 @@ pub struct GuardSettings {
     pub known_address_seconds: u64,
 }
 
-/// Which limit refused an attempt, as the `limit` label of
-/// `gatehouse_backend_login_throttled_total` names it.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Limit {
-    UserPerIp,
-    Ip,
-    UserAllIps,
-}
-
 pub struct Guard {
     store: Arc<Store>,
     settings: GuardSettings,
     metrics: Arc<Metrics>,
     charge: Script,
-    success: Script,
+    take_back: Script,
 }
 
 impl Guard {
@@ -67,8 +62,8 @@ impl Guard {
             store,
             settings,
             metrics,
-            charge: Script::new(CHARGE),
-            success: Script::new(SUCCESS),
+            charge: Script::new(include_str!("lua/guard_charge.lua")),
+            take_back: Script::new(include_str!("lua/guard_take_back.lua")),
         }
     }
 
@@ -91,9 +86,9 @@ impl Guard {
             return Ok(());
         }
         let limit = match which {
-            1 => Limit::UserPerIp,
-            2 => Limit::Ip,
-            _ => Limit::UserAllIps,
+            1 => GuardLimit::UserPerIp,
+            2 => GuardLimit::Ip,
+            _ => GuardLimit::UserAllIps,
         };
         self.metrics.login_throttled(limit);
         Err(ApiError::new(
@@ -124,7 +119,7 @@ impl Guard {
         known_seconds: u64,
     ) -> Result<(), ApiError> {
         let keys = Keys::new(user, client);
-        let mut invocation = self.success.key(&keys.pair);
+        let mut invocation = self.take_back.key(&keys.pair);
         invocation
             .key(&keys.client)
             .key(&keys.user)
@@ -148,10 +143,10 @@ impl Keys {
         let user = user_part(user);
         let client = client_part(client);
         Self {
-            pair: format!("{PREFIX}pair:{user}|{client}"),
-            client: format!("{PREFIX}ip:{client}"),
-            known: format!("{PREFIX}known:{user}|{client}"),
-            user: format!("{PREFIX}user:{user}"),
+            pair: keys::guard_pair(user, &client),
+            client: keys::guard_ip(&client),
+            known: keys::guard_known(user, &client),
+            user: keys::guard_user(user),
         }
     }
 }
@@ -177,50 +172,6 @@ fn client_part(client: Option<IpAddr>) -> String {
         None => "local".into(),
     }
 }
-
-/// KEYS: the name-and-address counter, the address counter, the name counter, the name's
-/// known-address marker. ARGV: window, then the limits of the three counters in that order.
-/// Returns {0, 0} when the attempt may go ahead (and is counted in all three), otherwise
-/// {seconds to wait, 1-based index of the counter at its limit}: of several, the one that
-/// lasts longest. The name's ceiling is not checked for a known address, but the attempt is
-/// still counted in it.
-const CHARGE: &str = r"
-local known = redis.call('EXISTS', KEYS[4]) == 1
-local wait, which = 0, 0
-for i = 1, 3 do
-  if not (i == 3 and known) then
-    local failures = tonumber(redis.call('GET', KEYS[i]) or '0')
-    if failures >= tonumber(ARGV[i + 1]) then
-      local ttl = math.max(redis.call('TTL', KEYS[i]), 1)
-      if ttl > wait then
-        wait, which = ttl, i
-      end
-    end
-  end
-end
-if wait > 0 then
-  return {wait, which}
-end
-for i = 1, 3 do
-  if redis.call('INCR', KEYS[i]) == 1 then
-    redis.call('EXPIRE', KEYS[i], ARGV[1])
-  end
-end
-return {0, 0}
-";
-
-/// KEYS: as for CHARGE. ARGV: how long the address stays known (0: not remembered).
-/// A counter that has expired since the charge is left alone rather than recreated.
-const SUCCESS: &str = r"
-for i = 1, 3 do
-  if redis.call('EXISTS', KEYS[i]) == 1 and redis.call('DECR', KEYS[i]) <= 0 then
-    redis.call('DEL', KEYS[i])
-  end
-end
-if tonumber(ARGV[1]) > 0 then
-  redis.call('SET', KEYS[4], '1', 'EX', ARGV[1])
-end
-";
 
 #[cfg(test)]
 mod tests {

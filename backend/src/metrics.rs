@@ -1,31 +1,14 @@
 //! The backend's own Prometheus series, labelled with its id so the proxy can merge every
 //! backend's scrape into one. Every per-request series is resolved once at start-up: a
-//! request only bumps atomics.
+//! request finds its endpoint's among a handful and bumps atomics.
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
     TextEncoder,
 };
 
-/// The endpoints, as the `endpoint` label names them. A fixed set: the four user-management
-/// operations share `users`, and paths no route takes are `other`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Endpoint {
-    Ping,
-    Login,
-    Logout,
-    Verify,
-    Me,
-    Count,
-    Users,
-    OpenApi,
-    Health,
-    Other,
-}
+use crate::{error::StartError, routes};
 
-const ENDPOINTS: [&str; 10] = [
-    "ping", "login", "logout", "verify", "me", "count", "users", "openapi", "healthz", "other",
-];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
 
 /// How a login ended, as the `outcome` label names it.
@@ -42,8 +25,17 @@ pub enum Login {
 
 const LOGINS: [&str; 4] = ["success", "refused", "throttled", "error"];
 
-/// The login guard's limits, as the `limit` label names them (in [`crate::guard::Limit`]'s
-/// order).
+/// Which limit of the login guard refused an attempt, as the `limit` label names it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GuardLimit {
+    /// Failures for one user name from one client address.
+    UserPerIp,
+    /// Failures from one client address, whatever the names.
+    Ip,
+    /// Failures for one user name from every address not known for it.
+    UserAllIps,
+}
+
 const GUARD_LIMITS: [&str; 3] = ["user_per_ip", "ip", "user_all_ips"];
 
 /// A backend connection limit that acted, as the `limit` label names it.
@@ -67,10 +59,17 @@ const CONNECTION_LIMITS: [&str; 4] = [
     "body_timeout",
 ];
 
+/// One endpoint's series, by the `endpoint` label of [`routes::ROUTES`].
+struct Endpoint {
+    label: &'static str,
+    requests: [IntCounter; CLASSES.len()],
+    latency: Histogram,
+}
+
 pub struct Metrics {
     registry: Registry,
-    requests: [[IntCounter; 5]; ENDPOINTS.len()],
-    latency: [Histogram; ENDPOINTS.len()],
+    /// Ends with [`routes::OTHER`].
+    endpoints: Vec<Endpoint>,
     redis_errors: IntCounter,
     redis_up: IntGauge,
     logins: [IntCounter; LOGINS.len()],
@@ -83,10 +82,9 @@ pub struct Metrics {
 }
 
 impl Metrics {
-    pub fn new(backend_id: &str) -> Result<Self, String> {
+    pub fn new(backend_id: &str) -> Result<Self, StartError> {
         let labels = [("backend".to_string(), backend_id.to_string())].into();
-        let registry = Registry::new_custom(None, Some(labels)).map_err(|e| e.to_string())?;
-        let err = |e: prometheus::Error| format!("metrics: {e}");
+        let registry = Registry::new_custom(None, Some(labels))?;
 
         let requests = IntCounterVec::new(
             Opts::new(
@@ -94,8 +92,7 @@ impl Metrics {
                 "Requests a backend answered, by endpoint and status class.",
             ),
             &["endpoint", "status"],
-        )
-        .map_err(err)?;
+        )?;
         let latency = prometheus::HistogramVec::new(
             HistogramOpts::new(
                 "gatehouse_backend_http_request_duration_seconds",
@@ -103,16 +100,14 @@ impl Metrics {
             )
             .buckets(BUCKETS.to_vec()),
             &["endpoint"],
-        )
-        .map_err(err)?;
+        )?;
         let logins = IntCounterVec::new(
             Opts::new(
                 "gatehouse_backend_logins_total",
                 "Logins by outcome: success, refused (wrong credentials), throttled or error.",
             ),
             &["outcome"],
-        )
-        .map_err(err)?;
+        )?;
         let login_throttled = IntCounterVec::new(
             Opts::new(
                 "gatehouse_backend_login_throttled_total",
@@ -120,8 +115,7 @@ impl Metrics {
                  user_per_ip, ip or user_all_ips.",
             ),
             &["limit"],
-        )
-        .map_err(err)?;
+        )?;
         let connection_limits = IntCounterVec::new(
             Opts::new(
                 "gatehouse_backend_connection_limits_total",
@@ -130,40 +124,33 @@ impl Metrics {
                  connection waited for a slot).",
             ),
             &["limit"],
-        )
-        .map_err(err)?;
+        )?;
         let connections_open = IntGauge::new(
             "gatehouse_backend_connections_open",
             "Connections this backend holds open.",
-        )
-        .map_err(err)?;
+        )?;
         let redis_errors = IntCounter::new(
             "gatehouse_backend_redis_errors_total",
             "Redis calls that failed or missed their deadline.",
-        )
-        .map_err(err)?;
+        )?;
         let redis_up = IntGauge::new(
             "gatehouse_backend_redis_up",
             "1 when this backend's last Redis call succeeded.",
-        )
-        .map_err(err)?;
+        )?;
         let generations = IntCounter::new(
             "gatehouse_backend_redis_generations_total",
             "Generation markers this backend made in Redis, seeding the users if Redis had none: \
              a first start, or Redis lost its data.",
-        )
-        .map_err(err)?;
+        )?;
         let data_losses = IntCounter::new(
             "gatehouse_backend_redis_data_losses_total",
             "Times this backend found Redis's generation marker gone or replaced: Redis lost \
              its data, and every earlier token is refused.",
-        )
-        .map_err(err)?;
+        )?;
         let tokens_over_cap = IntCounter::new(
             "gatehouse_backend_tokens_over_cap_total",
             "Tokens revoked because their user logged in past backend.max_tokens_per_user.",
-        )
-        .map_err(err)?;
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
             Box::new(latency.clone()),
@@ -177,15 +164,19 @@ impl Metrics {
             Box::new(data_losses.clone()),
             Box::new(tokens_over_cap.clone()),
         ] {
-            registry.register(collector).map_err(err)?;
+            registry.register(collector)?;
         }
         redis_up.set(1);
         Ok(Self {
             registry,
-            requests: ENDPOINTS.map(|endpoint| {
-                CLASSES.map(|class| requests.with_label_values(&[endpoint, class]))
-            }),
-            latency: ENDPOINTS.map(|endpoint| latency.with_label_values(&[endpoint])),
+            endpoints: routes::metric_labels()
+                .into_iter()
+                .map(|label| Endpoint {
+                    label,
+                    requests: CLASSES.map(|class| requests.with_label_values(&[label, class])),
+                    latency: latency.with_label_values(&[label]),
+                })
+                .collect(),
             redis_errors,
             redis_up,
             logins: LOGINS.map(|o| logins.with_label_values(&[o])),
@@ -198,17 +189,27 @@ impl Metrics {
         })
     }
 
-    pub fn request(&self, endpoint: Endpoint, status: u16, seconds: f64) {
+    /// A request answered: `endpoint` is its route's label, [`routes::OTHER`] for none.
+    pub fn request(&self, endpoint: &str, status: u16, seconds: f64) {
         let class = usize::from(status / 100).clamp(1, 5) - 1;
-        self.requests[endpoint as usize][class].inc();
-        self.latency[endpoint as usize].observe(seconds);
+        // A handful of labels: a scan is as quick as a lookup. The last one is `other`.
+        let Some(series) = self
+            .endpoints
+            .iter()
+            .find(|e| e.label == endpoint)
+            .or(self.endpoints.last())
+        else {
+            return;
+        };
+        series.requests[class].inc();
+        series.latency.observe(seconds);
     }
 
     pub fn login(&self, outcome: Login) {
         self.logins[outcome as usize].inc();
     }
 
-    pub fn login_throttled(&self, limit: crate::guard::Limit) {
+    pub fn login_throttled(&self, limit: GuardLimit) {
         self.login_throttled[limit as usize].inc();
     }
 
@@ -264,8 +265,8 @@ mod tests {
     #[test]
     fn series_carry_the_backend_label_and_move() {
         let metrics = Metrics::new("b7").unwrap();
-        metrics.request(Endpoint::Count, 503, 0.002);
-        metrics.request(Endpoint::Users, 403, 0.001);
+        metrics.request("count", 503, 0.002);
+        metrics.request("users", 403, 0.001);
         metrics.login(Login::Refused);
         metrics.login(Login::Throttled);
         metrics.redis(false);
@@ -302,7 +303,7 @@ mod tests {
     #[test]
     fn guard_and_connection_limits_are_counted_by_limit() {
         let metrics = Metrics::new("b2").unwrap();
-        metrics.login_throttled(crate::guard::Limit::UserAllIps);
+        metrics.login_throttled(GuardLimit::UserAllIps);
         metrics.connection_limit(ConnectionLimit::HeaderTimeout);
         metrics.connection_limit(ConnectionLimit::MaxConnections);
         metrics.connection_limit(ConnectionLimit::BodyTimeout);

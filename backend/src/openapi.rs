@@ -7,6 +7,8 @@
 //! the access levels in [`ROUTES`], the same table that enforces them. A test checks that the
 //! document and the table list the same operations.
 
+use std::sync::LazyLock;
+
 use bytes::Bytes;
 use http::{HeaderValue, Response, header};
 use utoipa::{
@@ -19,10 +21,9 @@ use utoipa::{
 };
 
 use crate::{
+    handlers::{count, login, ping, tokens, users},
     http_util::Body,
-    login,
-    routes::{self, Access, Op, ROUTES},
-    user_admin,
+    routes::{Access, Op, ROUTES, Route},
 };
 
 /// The security scheme's name in the document (and in Swagger UI's Authorize dialog).
@@ -37,17 +38,17 @@ const BEARER: &str = "bearer";
             `Authorization: Bearer <token>` (in Swagger UI: the Authorize button)."
     ),
     paths(
-        routes::ping,
-        document,
+        ping::ping,
+        document_path,
         login::login,
-        login::logout,
-        login::verify,
-        login::me,
-        routes::count,
-        user_admin::list,
-        user_admin::create,
-        user_admin::update,
-        user_admin::delete,
+        tokens::logout,
+        tokens::verify,
+        users::me,
+        count::count,
+        users::list,
+        users::create,
+        users::update,
+        users::delete,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&FromRouteTable),
@@ -59,16 +60,19 @@ const BEARER: &str = "bearer";
 )]
 struct ApiDoc;
 
-/// The document as JSON, made once.
-pub fn document_json() -> Result<Bytes, String> {
-    let doc = ApiDoc::openapi();
-    serde_json::to_vec(&doc)
-        .map(Bytes::from)
-        .map_err(|e| format!("cannot serialize the OpenAPI document: {e}"))
+/// The document as JSON, made once: it depends on nothing but the code.
+pub fn document() -> &'static Bytes {
+    static DOCUMENT: LazyLock<Bytes> = LazyLock::new(|| {
+        // Made of maps with string keys and plain values: serializing it cannot fail, and a
+        // test reads it back.
+        Bytes::from(serde_json::to_vec(&ApiDoc::openapi()).unwrap_or_default())
+    });
+    &DOCUMENT
 }
 
-pub fn response(document: &Bytes) -> Response<Body> {
-    let mut response = Response::new(Body::new(document.clone()));
+/// `GET /api/openapi.json`.
+pub fn response() -> Response<Body> {
+    let mut response = Response::new(Body::new(document().clone()));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -87,11 +91,11 @@ pub fn response(document: &Bytes) -> Response<Body> {
     responses((status = 200, description = "The OpenAPI 3.1 document.",
         body = serde_json::Value))
 )]
-#[allow(dead_code)] // Only its documentation is used: the router serves the bytes.
-fn document() {}
+#[allow(dead_code)] // Only its documentation is used: [`response`] serves the bytes.
+fn document_path() {}
 
 /// Adds to each operation what its access level in [`ROUTES`] implies, and to each operation
-/// with a JSON body the answers of [`crate::http_util::read_json`].
+/// with a JSON body the answers of [`crate::handlers::read_json`].
 struct FromRouteTable;
 
 impl Modify for FromRouteTable {
@@ -223,7 +227,7 @@ const SHARED: &[Shared] = &[
 
 fn operation_mut<'d>(
     doc: &'d mut openapi::OpenApi,
-    route: &routes::Route,
+    route: &Route,
 ) -> Option<&'d mut openapi::path::Operation> {
     let item = doc.paths.paths.get_mut(route.path)?;
     match http_method(&route.method)? {
@@ -254,7 +258,7 @@ mod tests {
     use super::*;
 
     fn doc() -> Value {
-        serde_json::from_slice(&document_json().unwrap()).unwrap()
+        serde_json::from_slice(document()).unwrap()
     }
 
     /// Every operation the router serves through the proxy is documented, and nothing else.

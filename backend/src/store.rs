@@ -17,11 +17,10 @@ use redis::{
     aio::{ConnectionManager, ConnectionManagerConfig},
 };
 
-use crate::metrics::Metrics;
-
-/// The one key every backend process and every replica counts in (see
-/// [`crate::accounts::Accounts::session_counting_visit`]).
-pub const VISITS_KEY: &str = "gatehouse:visits";
+use crate::{
+    error::{StartError, Unavailable},
+    metrics::Metrics,
+};
 
 pub struct Store {
     manager: ConnectionManager,
@@ -32,9 +31,6 @@ pub struct Store {
     metrics: Option<Arc<Metrics>>,
 }
 
-#[derive(Debug)]
-pub struct Unavailable;
-
 impl Store {
     /// Must be called inside a tokio runtime; it does not connect yet. Every call's outcome
     /// goes to `metrics` when given.
@@ -42,8 +38,8 @@ impl Store {
         url: &str,
         deadline: Duration,
         metrics: Option<Arc<Metrics>>,
-    ) -> Result<Self, String> {
-        let client = Client::open(url).map_err(|e| format!("invalid Redis URL: {e}"))?;
+    ) -> Result<Self, StartError> {
+        let client = Client::open(url).map_err(StartError::RedisUrl)?;
         // Few, quick retries: a request that cannot be answered now gets a 503 and its
         // client retries, rather than holding a connection open through a long backoff.
         let config = ConnectionManagerConfig::new()
@@ -53,7 +49,7 @@ impl Store {
             .set_min_delay(Duration::from_millis(50))
             .set_max_delay(Duration::from_millis(500));
         let manager = ConnectionManager::new_lazy_with_config(client, config)
-            .map_err(|e| format!("cannot set up the Redis connection: {e}"))?;
+            .map_err(StartError::RedisSetup)?;
         Ok(Self {
             manager,
             deadline,

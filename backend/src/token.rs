@@ -14,7 +14,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
 use serde::{Deserialize, Serialize};
 
-use crate::accounts::Role;
+use crate::{error::StartError, role::Role};
 
 /// Shorter secrets make HS256 guessable; RFC 7518 asks for at least the hash size.
 pub const MIN_SECRET_BYTES: usize = 32;
@@ -57,12 +57,12 @@ pub struct Tokens {
 }
 
 impl Tokens {
-    pub fn new(secret: &[u8], ttl_seconds: u64) -> Result<Self, String> {
+    pub fn new(secret: &[u8], ttl_seconds: u64) -> Result<Self, StartError> {
         if secret.len() < MIN_SECRET_BYTES {
-            return Err(format!(
-                "the JWT secret is {} bytes; at least {MIN_SECRET_BYTES} are required",
-                secret.len()
-            ));
+            return Err(StartError::ShortSecret {
+                bytes: secret.len(),
+                min: MIN_SECRET_BYTES,
+            });
         }
         let mut validation = Validation::new(Algorithm::HS256);
         validation.set_required_spec_claims(&["exp", "iat", "nbf", "sub"]);

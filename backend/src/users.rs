@@ -1,18 +1,15 @@
-//! The users file and password hashing.
+//! The users file, and what a user name may be.
 //!
 //! The file holds one `name:argon2id-hash:role` per line, `#` comments. It is only the seed:
 //! the first backend to reach an empty Redis copies it there (see [`crate::accounts`]), and
 //! from then on users live in Redis and are managed through the API. Parsed and checked once
 //! at start-up; a bad line stops the backend with the file and line number.
 
-use std::{fmt, path::Path};
+use std::path::Path;
 
-use argon2::{
-    Argon2, PasswordHash, PasswordHasher, PasswordVerifier,
-    password_hash::{SaltString, rand_core::OsRng},
-};
+use argon2::PasswordHash;
 
-use crate::accounts::Role;
+use crate::{error::UsersError, password::hash_password, role::Role};
 
 /// One line of the users file.
 #[derive(Debug, Clone)]
@@ -28,17 +25,6 @@ pub struct Users {
 
 /// The user `backend.admin_password_file` gives a password to.
 pub const ADMIN: &str = "admin";
-
-#[derive(Debug)]
-pub struct UsersError(pub String);
-
-impl fmt::Display for UsersError {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-impl std::error::Error for UsersError {}
 
 impl Users {
     pub fn load(path: &Path) -> Result<Self, UsersError> {
@@ -134,29 +120,10 @@ pub fn valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b"._-".contains(&b))
 }
 
-/// An argon2id PHC string with the crate's recommended parameters and a random salt. Slow on
-/// purpose: call it off the async threads.
-pub fn hash_password(password: &str) -> Result<String, UsersError> {
-    let salt = SaltString::generate(&mut OsRng);
-    Argon2::default()
-        .hash_password(password.as_bytes(), &salt)
-        .map(|h| h.to_string())
-        .map_err(|e| UsersError(format!("cannot hash password: {e}")))
-}
-
-/// Whether `password` matches the PHC string `hash`. Slow on purpose: call it off the async
-/// threads.
-pub fn verify_password(hash: &str, password: &str) -> bool {
-    PasswordHash::new(hash).is_ok_and(|parsed| {
-        Argon2::default()
-            .verify_password(password.as_bytes(), &parsed)
-            .is_ok()
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::password::verify_password;
 
     #[test]
     fn parses_names_hashes_and_roles() {

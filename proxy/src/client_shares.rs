@@ -1,6 +1,6 @@
-//! Per-client shares, like nginx's `limit_conn`: how many connections (`proxy.max_connections_per_client`,
+//! Per-client shares, like nginx's `limit_conn`: how many connections (`limits.max_connections_per_client`,
 //! in [`crate::connection`]) and how many requests in flight to the backends
-//! (`proxy.upstream_max_requests_per_client`, HTTP/2 streams included, in [`crate::gateway`])
+//! (`limits.max_upstream_requests_per_client`, HTTP/2 streams included, in [`crate::gateway`])
 //! one client holds, so that one address cannot take what everyone shares.
 
 use std::{net::IpAddr, sync::Arc};

@@ -1,6 +1,6 @@
 //! A client connection's stream, as the HTTP code sees it.
 //!
-//! - **Every write is bounded by the send deadline** (`proxy.send_timeout_ms`, nginx's
+//! - **Every write is bounded by the send deadline** (`limits.send_timeout`, nginx's
 //!   `send_timeout`): a write, flush or shutdown that cannot make progress for that long fails
 //!   with `TimedOut`, and the connection closes. Pingora's own write timeout covers only body
 //!   writes, not a response header, the final flush or TLS's `close_notify`; with a 32 KiB write

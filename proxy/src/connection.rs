@@ -1,20 +1,20 @@
 //! Each client connection, before Pingora's HTTP code reads from it.
 //!
-//! - **A cap on open connections** (`proxy.max_connections`). At the cap the listeners stop
+//! - **A cap on open connections** (`limits.max_connections`). At the cap the listeners stop
 //!   accepting, as nginx and HAProxy do: new connections wait in the kernel's backlog rather
 //!   than each costing a task and buffers here, and are taken in turn as others close.
-//! - **A cap per client** (`proxy.max_connections_per_client`, IPv6 by /64; nginx
+//! - **A cap per client** (`limits.max_connections_per_client`, IPv6 by /64; nginx
 //!   `limit_conn`): a client holding that many gets its new connections closed at once, so one
 //!   address cannot fill the global cap while everyone else waits.
 //! - **The TLS handshake** ([`crate::tls::Handshake`]) on the HTTPS port, counted against both
-//!   caps from accept and bounded by `proxy.tls_handshake_timeout_ms`.
-//! - **A deadline for the whole request header** (`proxy.header_timeout_ms`, from accept, or
+//!   caps from accept and bounded by `limits.tls_handshake_timeout`.
+//! - **A deadline for the whole request header** (`limits.header_timeout`, from accept, or
 //!   from the end of the TLS handshake). Pingora's read timeout restarts with every byte, so a
 //!   client trickling a byte a minute would hold its connection for ever; here it gets `408`
 //!   when the deadline passes. The body's reads get their own timeout
-//!   (`proxy.body_timeout_ms`), set on each session here. An HTTP/2 client owes its first
+//!   (`limits.body_timeout`), set on each session here. An HTTP/2 client owes its first
 //!   request (a `HEADERS` frame) by the same deadline.
-//! - **A send deadline** (`proxy.send_timeout_ms`) on every write to the client
+//! - **A send deadline** (`limits.send_timeout`) on every write to the client
 //!   ([`crate::client_stream`]): a client that stops reading loses its response and its
 //!   connection.
 //! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same

@@ -38,7 +38,6 @@ use crate::{
     client_shares::{ClientShares, Share},
     drain::InFlight,
     framing,
-    https_redirect::HttpsRedirect,
     live::Live,
     metrics::{Cut, Refusal},
     request_id,
@@ -47,15 +46,6 @@ use crate::{
     statics::{encoding::compressible, path},
     upstream::{NoBackend, Pool},
 };
-
-/// What HTTPS changes in how requests are answered.
-#[derive(Debug, Clone)]
-pub struct TlsBehaviour {
-    /// `Some`: plain-HTTP requests are redirected to HTTPS.
-    pub redirect: Option<HttpsRedirect>,
-    /// `Strict-Transport-Security` for HTTPS responses; `None` sends none.
-    pub hsts: Option<String>,
-}
 
 /// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
 const COMPRESSION_LEVEL: u32 = 5;

@@ -19,6 +19,7 @@
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
 //! - [`heap`]: memory a burst of connections freed, given back to the kernel.
 //! - [`live`]: what a reload (SIGHUP) can change, swapped atomically.
+//! - [`settings`]: the proxy's whole input, built and validated by the config loader.
 
 pub mod access;
 pub mod access_log;
@@ -37,11 +38,12 @@ pub mod metrics;
 pub mod request_id;
 pub mod respond;
 pub mod routes;
+pub mod settings;
 pub mod statics;
 pub mod tls;
 pub mod upstream;
 
-use std::{path::PathBuf, sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc};
 
 use arc_swap::ArcSwap;
 use pingora::{
@@ -54,70 +56,10 @@ use pingora_core::protocols::l4::stream::L4BufferSettings;
 pub use access::{AccessSettings, AccessSpec};
 pub use access_log::{Format as LogFormat, LogTarget};
 pub use admin::BackendSocket;
-pub use gateway::TlsBehaviour;
 pub use https_redirect::HttpsRedirect;
 pub use routes::{Route, Target};
+pub use settings::{PoolSettings, RequestLimits, Settings, TlsBehaviour, TlsListener};
 pub use statics::StaticSettings;
-pub use upstream::PoolSettings;
-
-/// The HTTPS listener.
-pub struct TlsListener {
-    pub listen: String,
-    pub cert: PathBuf,
-    pub key: PathBuf,
-}
-
-pub struct Settings {
-    /// `host:port` of the HTTP listener.
-    pub listen: String,
-    pub limits: RequestLimits,
-    /// Streams one HTTP/2 connection may have open at once.
-    pub h2_max_streams: u32,
-    pub threads: usize,
-    pub routes: Vec<Route>,
-    pub statics: StaticSettings,
-    pub pool: PoolSettings,
-    /// `None`: plain HTTP only.
-    pub tls: Option<TlsListener>,
-    pub tls_behaviour: TlsBehaviour,
-    pub access: AccessSettings,
-    /// Upper bound on draining in-flight requests after SIGTERM.
-    pub shutdown_grace: Duration,
-    /// Where the proxy keeps its pid file and upgrade socket, and finds the supervisor's
-    /// metrics.
-    pub runtime_dir: PathBuf,
-    /// `host:port` of the admin listener (`/metrics`, `/healthz`, `/readyz`); `None`: no
-    /// admin listener, and no metrics kept.
-    pub admin_listen: Option<String>,
-    pub access_log_format: LogFormat,
-    /// The log of requests no route takes.
-    pub default_access_log: Option<LogTarget>,
-}
-
-/// What a request may carry (nginx: `client_max_body_size`, `large_client_header_buffers`).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct RequestLimits {
-    pub max_body_bytes: u64,
-    pub max_header_bytes: usize,
-    pub max_headers: usize,
-    /// The whole request header must arrive within this (nginx: `client_header_timeout`).
-    pub header_timeout: Duration,
-    /// The longest wait for the next bytes of a request body (nginx: `client_body_timeout`).
-    pub body_timeout: Duration,
-    /// Client connections open at once; past this the listeners stop accepting.
-    pub max_connections: usize,
-    /// Connections one client (IPv4 address, IPv6 /64) may hold open at once; past this its
-    /// new connections are closed at once (nginx: `limit_conn`).
-    pub max_connections_per_client: usize,
-    /// The longest a response may make no progress: a write to the client (HTTP/1) or a
-    /// stream waiting for flow-control credit (HTTP/2) that stalls this long is aborted
-    /// (nginx: `send_timeout`).
-    pub send_timeout: Duration,
-    /// A TLS handshake must be complete this long after the connection was accepted.
-    pub tls_handshake_timeout: Duration,
-    /// Requests one client may have in flight to the backends at once.
-    pub max_upstream_requests_per_client: usize,
-}
 
 /// How the proxy stopped, for the exit code.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -129,7 +71,7 @@ pub enum Stopped {
 
 /// Fails when `listen` cannot be bound. Pingora binds inside a task and panics there, leaving
 /// a process that runs without listening; checking first turns that into a clear error.
-pub fn check_listen(listen: &str) -> Result<(), String> {
+pub fn check_listen(listen: SocketAddr) -> Result<(), String> {
     std::net::TcpListener::bind(listen)
         .map(drop)
         .map_err(|e| format!("cannot listen on {listen}: {e}"))
@@ -161,11 +103,11 @@ pub fn run(
     raise_file_limit(settings.limits.max_connections);
     // An upgrade receives its sockets from the old proxy, which still holds the ports.
     if !upgrade {
-        check_listen(&settings.listen)?;
+        check_listen(settings.listen)?;
         if let Some(tls) = &settings.tls {
-            check_listen(&tls.listen)?;
+            check_listen(tls.listen)?;
         }
-        if let Some(admin) = &settings.admin_listen {
+        if let Some(admin) = settings.admin_listen {
             check_listen(admin)?;
         }
     }
@@ -202,20 +144,22 @@ pub fn run(
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
     listeners.set_connection_filter(capacity.clone());
     let mut certificate = None;
-    listeners.add_listener(ListenerConfig::tcp(&settings.listen).l4_buffer(CLIENT_BUFFERS));
-    let mut public_ports = vec![port_of(&settings.listen)];
+    listeners
+        .add_listener(ListenerConfig::tcp(settings.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
+    let mut public_ports = vec![settings.listen.port()];
     let mut handshake = None;
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
         let slot = Arc::new(ArcSwap::new(tls::load_certified_key(&tls.cert, &tls.key)?));
         certificate = Some(slot.clone());
         // Plain TCP to Pingora: the handshake is made by `connection`, under the caps.
-        listeners.add_listener(ListenerConfig::tcp(&tls.listen).l4_buffer(CLIENT_BUFFERS));
+        listeners
+            .add_listener(ListenerConfig::tcp(tls.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
         handshake = Some((
-            port_of(&tls.listen),
+            tls.listen.port(),
             tls::Handshake::new(slot, metrics.clone())?,
         ));
-        public_ports.push(port_of(&tls.listen));
+        public_ports.push(tls.listen.port());
     }
     let proxy = Service::with_listeners(
         "gatehouse proxy".into(),
@@ -229,7 +173,7 @@ pub fn run(
         ),
     );
 
-    if let (Some(listen), Some(metrics)) = (&settings.admin_listen, &metrics) {
+    if let (Some(listen), Some(metrics)) = (settings.admin_listen, &metrics) {
         let admin = admin::Admin {
             metrics: metrics.clone(),
             lb,
@@ -239,7 +183,7 @@ pub fn run(
             public_ports,
         };
         let mut service = Service::new("gatehouse admin".into(), admin);
-        service.add_tcp(listen);
+        service.add_tcp(&listen.to_string());
         server.add_service(service);
     }
     // Always, so neither SIGHUP nor SIGUSR1 (logrotate) ever kills the proxy.
@@ -268,7 +212,7 @@ pub fn run(
     if let Err(error) = std::fs::write(&ready, std::process::id().to_string()) {
         tracing::warn!(file = %ready.display(), %error, "cannot write the ready file");
     }
-    tracing::info!(listen = %settings.listen, tls = settings.tls.as_ref().map(|t| t.listen.as_str()), "proxy listening");
+    tracing::info!(listen = %settings.listen, tls = ?settings.tls.as_ref().map(|t| t.listen), "proxy listening");
     server.run(RunArgs {
         shutdown_signal: Box::new(drain::Signals),
     });
@@ -315,16 +259,9 @@ fn raise_file_limit(max_connections: usize) {
         tracing::warn!(
             open_files = soft,
             max_connections,
-            "the open-file limit is low for proxy.max_connections; raise it (ulimit -n) or lower max_connections"
+            "the open-file limit is low for limits.max_connections; raise it (ulimit -n) or lower max_connections"
         );
     }
-}
-
-fn port_of(listen: &str) -> u16 {
-    listen
-        .rsplit_once(':')
-        .and_then(|(_, port)| port.parse().ok())
-        .unwrap_or(0)
 }
 
 fn path_string(path: PathBuf) -> Result<String, String> {

@@ -21,9 +21,9 @@ use crate::{
     Settings,
     access::{AccessCounters, client_ip::ClientIpHeader, ip_list::IpList},
     access_log::{self, AccessLog, LogTarget},
-    gateway::TlsBehaviour,
     metrics::{self, Metrics, RouteSeries},
     routes::RouteTable,
+    settings::TlsBehaviour,
     tls::CertificateSlot,
 };
 
@@ -168,9 +168,9 @@ pub type LoadSettings = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 /// What is bound at start-up: a change here waits for a restart or an upgrade.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Fixed {
-    listen: String,
-    tls_listen: Option<String>,
-    admin_listen: Option<String>,
+    listen: std::net::SocketAddr,
+    tls_listen: Option<std::net::SocketAddr>,
+    admin_listen: Option<std::net::SocketAddr>,
     threads: usize,
     backends: Vec<PathBuf>,
     runtime_dir: PathBuf,
@@ -183,9 +183,9 @@ pub struct Fixed {
 impl Fixed {
     pub fn of(settings: &Settings) -> Fixed {
         Fixed {
-            listen: settings.listen.clone(),
-            tls_listen: settings.tls.as_ref().map(|t| t.listen.clone()),
-            admin_listen: settings.admin_listen.clone(),
+            listen: settings.listen,
+            tls_listen: settings.tls.as_ref().map(|t| t.listen),
+            admin_listen: settings.admin_listen,
             threads: settings.threads,
             backends: settings
                 .pool

@@ -38,14 +38,14 @@ pub enum Refusal {
 /// Why the edge cut a client connection or stream short.
 #[derive(Debug, Clone, Copy)]
 pub enum Cut {
-    /// The client already held `proxy.max_connections_per_client` connections.
+    /// The client already held `limits.max_connections_per_client` connections.
     PerClientLimit,
     TlsHandshakeTimeout,
     TlsHandshakeError,
     /// An HTTP/2 connection that sent no request by the header deadline, a wrong preface, or
     /// closed before its first request.
     H2Opening,
-    /// A response made no progress for `proxy.send_timeout_ms`.
+    /// A response made no progress for `limits.send_timeout`.
     SendTimeout,
 }
 
@@ -191,7 +191,7 @@ impl Metrics {
         .map_err(err)?;
         let connection_waits = IntCounter::new(
             "gatehouse_connection_limit_waits_total",
-            "Times the listeners stopped accepting because proxy.max_connections client connections were open; new ones waited in the kernel's backlog.",
+            "Times the listeners stopped accepting because limits.max_connections client connections were open; new ones waited in the kernel's backlog.",
         )
         .map_err(err)?;
         let reloads = counter(
@@ -207,12 +207,12 @@ impl Metrics {
         let cuts = Cut::ALL.map(|cut| cuts_vec.with_label_values(&[cut.label()]));
         let upstream_queue_timeouts = IntCounter::new(
             "gatehouse_upstream_queue_timeouts_total",
-            "Requests answered 503 because every backend had proxy.upstream_max_connections requests in flight until proxy.upstream_queue_timeout_ms passed.",
+            "Requests answered 503 because every backend had upstream.max_connections requests in flight until upstream.queue_timeout passed.",
         )
         .map_err(err)?;
         let upstream_client_limits = IntCounter::new(
             "gatehouse_upstream_client_limits_total",
-            "Requests answered 429 because their client already had proxy.upstream_max_requests_per_client requests in flight to the backends.",
+            "Requests answered 429 because their client already had limits.max_upstream_requests_per_client requests in flight to the backends.",
         )
         .map_err(err)?;
         let collectors: [Box<dyn Collector>; 18] = [

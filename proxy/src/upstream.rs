@@ -26,7 +26,7 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 
-use crate::admin::BackendSocket;
+use crate::settings::PoolSettings;
 
 /// How long an idle backend connection stays in the pool. A backend must keep its idle
 /// connections open longer, or a request sent on one as it closes would fail.
@@ -35,20 +35,6 @@ pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 /// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
 #[derive(Debug, Clone)]
 pub struct BackendId(pub Arc<str>);
-
-pub struct PoolSettings {
-    pub backends: Vec<BackendSocket>,
-    pub connect_timeout: Duration,
-    pub read_timeout: Duration,
-    pub health_check_interval: Duration,
-    /// How long a backend may take to answer `/healthz` (which asks Redis, so it must outlast
-    /// the Redis deadline: a slow Redis is not a dead backend).
-    pub health_check_timeout: Duration,
-    /// Requests in flight to one backend at once.
-    pub max_connections_per_backend: usize,
-    /// How long a request may wait for a slot when every backend is at its cap.
-    pub queue_timeout: Duration,
-}
 
 /// A backend's free slots for requests in flight; kept in its `ext`.
 #[derive(Clone)]

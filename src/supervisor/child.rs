@@ -19,6 +19,7 @@ use tokio::{
 };
 
 use super::metrics::GroupMetrics;
+use crate::{Error, Result};
 
 /// How the group is being stopped; each child maps it to its own signal.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -84,7 +85,7 @@ pub struct Spec {
 #[derive(Debug)]
 pub struct Replace {
     pub how: Replacement,
-    pub done: oneshot::Sender<Result<(), String>>,
+    pub done: oneshot::Sender<Result<()>>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -140,20 +141,23 @@ impl Spec {
     }
 
     /// Waits until the child answers on its probe; fails if it exits or takes too long.
-    pub async fn wait_ready(&self, child: &mut Child, timeout: Duration) -> Result<(), String> {
+    pub async fn wait_ready(&self, child: &mut Child, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
         loop {
             if self.probe.answers().await {
                 return Ok(());
             }
             if let Ok(Some(status)) = child.try_wait() {
-                return Err(format!(
+                return Err(Error::Runtime(format!(
                     "{} exited before it was ready ({status})",
                     self.name
-                ));
+                )));
             }
             if Instant::now() >= deadline {
-                return Err(format!("{} was not ready within {timeout:?}", self.name));
+                return Err(Error::Runtime(format!(
+                    "{} was not ready within {timeout:?}",
+                    self.name
+                )));
             }
             sleep(Duration::from_millis(25)).await;
         }
@@ -275,13 +279,13 @@ async fn replace(
     child: &mut Child,
     retiring: &mut Option<Child>,
     how: Replacement,
-) -> Result<(), String> {
+) -> Result<()> {
     match how {
         Replacement::Restart => {
             stop_with(&spec.name, child, spec.restart_signal, spec.stop_timeout).await;
             let mut fresh = spec
                 .spawn()
-                .map_err(|e| format!("cannot start {}: {e}", spec.name))?;
+                .map_err(Error::io(format!("cannot start {}", spec.name)))?;
             let ready = spec.wait_ready(&mut fresh, Duration::from_secs(15)).await;
             *child = fresh;
             ready?;
@@ -290,13 +294,15 @@ async fn replace(
         }
         Replacement::HandOver { socket, ready } => {
             if retiring.is_some() {
-                return Err("the previous upgrade is still finishing".into());
+                return Err(Error::Runtime(
+                    "the previous upgrade is still finishing".into(),
+                ));
             }
             let _ = std::fs::remove_file(&socket);
             let _ = std::fs::remove_file(&ready);
             let mut fresh = spec
                 .spawn_with(&["--upgrade"])
-                .map_err(|e| format!("cannot start the new {}: {e}", spec.name))?;
+                .map_err(Error::io(format!("cannot start the new {}", spec.name)))?;
             let pid = fresh.id().map(|p| p.to_string()).unwrap_or_default();
             // Only once the new one listens for the sockets may the old one send them.
             let listening = poll(&mut fresh, Duration::from_secs(10), || socket.exists()).await;
@@ -322,21 +328,19 @@ async fn replace(
 }
 
 /// Checks `done` every 50 ms until it holds; fails if `child` exits or time runs out.
-async fn poll(
-    child: &mut Child,
-    timeout: Duration,
-    mut done: impl FnMut() -> bool,
-) -> Result<(), String> {
+async fn poll(child: &mut Child, timeout: Duration, mut done: impl FnMut() -> bool) -> Result<()> {
     let deadline = Instant::now() + timeout;
     loop {
         if done() {
             return Ok(());
         }
         if let Ok(Some(status)) = child.try_wait() {
-            return Err(format!("the new process exited ({status})"));
+            return Err(Error::Runtime(format!("the new process exited ({status})")));
         }
         if Instant::now() >= deadline {
-            return Err(format!("the new process was not ready within {timeout:?}"));
+            return Err(Error::Runtime(format!(
+                "the new process was not ready within {timeout:?}"
+            )));
         }
         sleep(Duration::from_millis(50)).await;
     }

@@ -3,6 +3,7 @@
 //! runtime directory every second and at once when a child starts or exits (written aside,
 //! then renamed, so a scrape never reads half a file).
 
+use crate::Result;
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
 use prometheus::{Encoder, IntCounterVec, IntGauge, IntGaugeVec, Opts, Registry, TextEncoder};
@@ -17,7 +18,7 @@ pub struct GroupMetrics {
 }
 
 impl GroupMetrics {
-    pub fn new() -> Result<Arc<Self>, String> {
+    pub fn new() -> Result<Arc<Self>> {
         let err = |e: prometheus::Error| format!("metrics: {e}");
         let registry = Registry::new();
         let restarts = IntCounterVec::new(

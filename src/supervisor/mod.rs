@@ -24,7 +24,10 @@ use tokio::{
     task::JoinHandle,
 };
 
-use crate::config::{self, Config};
+use crate::{
+    Error, Result,
+    config::{self, Config},
+};
 use child::{Order, Probe, Replace, Replacement, Spec, Stop};
 use metrics::GroupMetrics;
 
@@ -41,7 +44,7 @@ struct Running {
 
 impl Running {
     /// A planned restart or hand-over; returns once the new process is in place.
-    async fn replace(&self, how: Replacement) -> Result<(), String> {
+    async fn replace(&self, how: Replacement) -> Result<()> {
         let (done, outcome) = oneshot::channel();
         self.replacements
             .send(Replace { how, done })
@@ -106,17 +109,17 @@ impl Members {
 }
 
 /// Runs the group until a signal; returns the process exit code.
-pub fn run(config: Config) -> Result<i32, String> {
+pub fn run(config: Config) -> Result<i32> {
     // Single-threaded on purpose: PR_SET_PDEATHSIG fires when the *thread* that spawned a
     // child exits, so every spawn must come from the one thread that lives as long as we do.
     let runtime = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
-        .map_err(|e| format!("cannot start the runtime: {e}"))?;
+        .map_err(Error::io("cannot start the runtime"))?;
     runtime.block_on(run_group(config))
 }
 
-async fn run_group(config: Config) -> Result<i32, String> {
+async fn run_group(config: Config) -> Result<i32> {
     let (Ok(mut term), Ok(mut int), Ok(mut usr1), Ok(mut hup), Ok(mut usr2)) = (
         signal(SignalKind::terminate()),
         signal(SignalKind::interrupt()),
@@ -124,10 +127,10 @@ async fn run_group(config: Config) -> Result<i32, String> {
         signal(SignalKind::hangup()),
         signal(SignalKind::user_defined2()),
     ) else {
-        return Err("cannot install signal handlers".into());
+        return Err(Error::Runtime("cannot install signal handlers".into()));
     };
-    create_dir(&config.runtime_dir)?;
-    let _lock = lock_runtime_dir(&config.runtime_dir)?;
+    create_dir(config.runtime_dir())?;
+    let _lock = lock_runtime_dir(config.runtime_dir())?;
     // Everything that can be checked is checked before the first child starts.
     for i in 0..config.backend.count {
         refuse_live_socket(&config.backend_socket(i)).await?;
@@ -136,9 +139,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
     if config.redis.url.is_none() {
         refuse_live_socket(&config.managed_redis_socket()).await?;
     }
-    gatehouse_proxy::check_listen(&config.proxy.listen.to_string())?;
-    if let Some(admin) = config.admin_listen {
-        gatehouse_proxy::check_listen(&admin.to_string())?;
+    gatehouse_proxy::check_listen(config.proxy.listen)?;
+    if let Some(admin) = config.proxy.admin_listen {
+        gatehouse_proxy::check_listen(admin)?;
     }
 
     let metrics = GroupMetrics::new()?;
@@ -148,7 +151,9 @@ async fn run_group(config: Config) -> Result<i32, String> {
         .clone()
         .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
     let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
-    let metrics_file = config.runtime_dir.join(gatehouse_proxy::SUPERVISOR_METRICS);
+    let metrics_file = config
+        .runtime_dir()
+        .join(gatehouse_proxy::SUPERVISOR_METRICS);
     let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
 
     let mut members = Members::default();
@@ -171,7 +176,7 @@ async fn run_group(config: Config) -> Result<i32, String> {
         Ok(None) => {
             tracing::info!(
                 http = %config.proxy.listen,
-                https = config.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "off".into()),
+                https = config.proxy.tls.as_ref().map(|t| t.listen.to_string()).unwrap_or_else(|| "off".into()),
                 backends = config.backend.count,
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
@@ -247,7 +252,7 @@ impl BackendInputs {
                 config.backend.admin_password(&env).ok().flatten(),
             ),
             redis: config.redis.clone(),
-            health_check_interval: config.proxy.health_check_interval,
+            health_check_interval: config.proxy.pool.health_check_interval,
         }
     }
 }
@@ -261,7 +266,7 @@ async fn reload(
     members: &Members,
     applied: &std::cell::RefCell<BackendInputs>,
 ) -> bool {
-    let fresh = match crate::validate_file(&running.file) {
+    let fresh = match config::load_checked(&running.file) {
         Ok((fresh, _)) => fresh,
         Err(error) => {
             tracing::error!(%error, "reload refused; the running configuration is unchanged");
@@ -277,7 +282,7 @@ async fn reload(
         ),
         (
             "paths",
-            running.runtime_dir != fresh.runtime_dir || running.data_dir != fresh.data_dir,
+            running.runtime_dir() != fresh.runtime_dir() || running.data_dir != fresh.data_dir,
         ),
         ("redis.url", running.redis.url != fresh.redis.url),
         (
@@ -297,7 +302,7 @@ async fn reload(
         );
         return false;
     }
-    let report = running.runtime_dir.join(gatehouse_proxy::RELOAD_FILE);
+    let report = running.runtime_dir().join(gatehouse_proxy::RELOAD_FILE);
     let _ = std::fs::remove_file(&report);
     tracing::info!("reloading: the proxy re-reads the configuration");
     if let Some(proxy) = &members.proxy {
@@ -323,29 +328,31 @@ async fn reload(
 }
 
 /// The outcome the proxy writes after a reload: `ok`, or `failed: why`.
-async fn proxy_report(file: &Path) -> Result<(), String> {
+async fn proxy_report(file: &Path) -> Result<()> {
     for _ in 0..200 {
         if let Ok(text) = std::fs::read_to_string(file) {
             return match text.strip_prefix("failed: ") {
-                Some(why) => Err(why.to_string()),
+                Some(why) => Err(Error::Runtime(why.to_string())),
                 None => Ok(()),
             };
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Err("the proxy did not report within 10 s".into())
+    Err(Error::Runtime(
+        "the proxy did not report within 10 s".into(),
+    ))
 }
 
 /// One backend at a time: it leaves the proxy's rotation, drains, starts again, and the next
 /// one waits until the proxy's health checks have seen it back. Stops at the first failure,
 /// so a setting no backend can start with takes down at most one.
-async fn rolling_restart(backends: &[Running], config: &Config) -> Result<(), String> {
+async fn rolling_restart(backends: &[Running], config: &Config) -> Result<()> {
     for backend in backends {
         backend
             .replace(Replacement::Restart)
             .await
             .map_err(|e| format!("{}: {e}", backend.name))?;
-        tokio::time::sleep(config.proxy.health_check_interval * 2).await;
+        tokio::time::sleep(config.proxy.pool.health_check_interval * 2).await;
     }
     Ok(())
 }
@@ -354,14 +361,14 @@ async fn rolling_restart(backends: &[Running], config: &Config) -> Result<(), St
 /// proxy takes the listening sockets over from the old one, which finishes its requests and
 /// exits; then the backends restart one at a time on the new binary.
 async fn upgrade(config: &Config, members: &Members) {
-    if let Err(error) = crate::validate_file(&config.file) {
+    if let Err(error) = config::load_checked(&config.file) {
         tracing::error!(%error, "upgrade refused: the config does not pass the check; nothing changed");
         return;
     }
     tracing::info!("upgrade: starting a new proxy to take the sockets over");
     let hand_over = Replacement::HandOver {
-        socket: config.runtime_dir.join("proxy-upgrade.sock"),
-        ready: config.runtime_dir.join(gatehouse_proxy::READY_FILE),
+        socket: config.runtime_dir().join("proxy-upgrade.sock"),
+        ready: config.runtime_dir().join(gatehouse_proxy::READY_FILE),
     };
     if let Some(proxy) = &members.proxy
         && let Err(error) = proxy.replace(hand_over).await
@@ -380,9 +387,8 @@ async fn start_members(
     config: &Config,
     members: &mut Members,
     metrics: &std::sync::Arc<GroupMetrics>,
-) -> Result<(), String> {
-    let exe =
-        std::env::current_exe().map_err(|e| format!("cannot find our own executable: {e}"))?;
+) -> Result<()> {
+    let exe = std::env::current_exe().map_err(Error::io("cannot find our own executable"))?;
     let config_file = std::fs::canonicalize(&config.file).unwrap_or_else(|_| config.file.clone());
     let mut shared_env: Vec<(String, OsString)> = Vec::new();
     // Only the backends sign and check tokens: the secret goes to them alone.
@@ -445,14 +451,12 @@ async fn start_members(
     Ok(())
 }
 
-async fn start(spec: Spec, metrics: &std::sync::Arc<GroupMetrics>) -> Result<Running, String> {
-    let mut child = spec.spawn().map_err(|e| {
-        format!(
-            "cannot start {} ({}): {e}",
-            spec.name,
-            spec.program.display()
-        )
-    })?;
+async fn start(spec: Spec, metrics: &std::sync::Arc<GroupMetrics>) -> Result<Running> {
+    let mut child = spec.spawn().map_err(Error::io(format!(
+        "cannot start {} ({})",
+        spec.name,
+        spec.program.display()
+    )))?;
     if let Err(error) = spec.wait_ready(&mut child, READY_TIMEOUT).await {
         child::stop(&spec.name, &mut child, Stop::Fast, Duration::from_secs(2)).await;
         return Err(error);
@@ -479,7 +483,7 @@ async fn start(spec: Spec, metrics: &std::sync::Arc<GroupMetrics>) -> Result<Run
     })
 }
 
-fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
+fn redis_spec(config: &Config, socket: &Path) -> Result<Spec> {
     let dir = config.data_dir.join("redis");
     create_dir(&dir)?;
     let arg = |s: &str| OsString::from(s);
@@ -516,13 +520,13 @@ fn redis_spec(config: &Config, socket: &Path) -> Result<Spec, String> {
     })
 }
 
-fn create_dir(dir: &Path) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))
+fn create_dir(dir: &Path) -> Result<()> {
+    std::fs::create_dir_all(dir).map_err(Error::io(format!("cannot create {}", dir.display())))
 }
 
 /// One group per runtime directory: a second `gatehouse run` on the same directory would
 /// fight the first over its sockets.
-fn lock_runtime_dir(dir: &Path) -> Result<File, String> {
+fn lock_runtime_dir(dir: &Path) -> Result<File> {
     let path = dir.join("gatehouse.lock");
     let mut file = std::fs::OpenOptions::new()
         .create(true)
@@ -530,29 +534,29 @@ fn lock_runtime_dir(dir: &Path) -> Result<File, String> {
         .read(true)
         .write(true)
         .open(&path)
-        .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+        .map_err(Error::io(format!("cannot open {}", path.display())))?;
     // SAFETY: flock on a descriptor we own; released when the file closes or we exit.
     if unsafe { libc::flock(file.as_raw_fd(), libc::LOCK_EX | libc::LOCK_NB) } != 0 {
         let holder = std::fs::read_to_string(&path).unwrap_or_default();
-        return Err(format!(
+        return Err(Error::Runtime(format!(
             "another gatehouse (pid {}) is running with runtime directory {}",
             holder.trim(),
             dir.display()
-        ));
+        )));
     }
     file.set_len(0)
         .and_then(|()| writeln!(file, "{}", std::process::id()))
-        .map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+        .map_err(Error::io(format!("cannot write {}", path.display())))?;
     Ok(file)
 }
 
 /// A socket file some process still answers on belongs to someone else: never take it.
-async fn refuse_live_socket(path: &Path) -> Result<(), String> {
+async fn refuse_live_socket(path: &Path) -> Result<()> {
     if path.exists() && UnixStream::connect(path).await.is_ok() {
-        return Err(format!(
+        return Err(Error::Runtime(format!(
             "{} is in use by a running process; is another gatehouse running?",
             path.display()
-        ));
+        )));
     }
     Ok(())
 }

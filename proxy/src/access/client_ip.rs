@@ -1,5 +1,5 @@
 //! Who the client is: the socket's peer, unless that peer is a trusted proxy, in which case
-//! the header the proxy writes names it (`proxy.client_ip_header`, like nginx's
+//! the header the proxy writes names it (`access.client_ip_header`, like nginx's
 //! `real_ip_header`): `X-Forwarded-For` (the default) or `X-Real-IP`. Only that header is
 //! read. A client can write anything into these headers, so from an untrusted peer they are
 //! ignored, and an allowlist or a rate limit can never be dodged by forging them.
@@ -67,7 +67,7 @@ pub fn forwarded_chain(headers: &http::HeaderMap) -> Option<String> {
 }
 
 /// Whether a trusted peer was seen naming the client in `X-Real-IP` only, while the config
-/// reads `X-Forwarded-For`: worth one warning, as versions before `proxy.client_ip_header`
+/// reads `X-Forwarded-For`: worth one warning, as versions before `access.client_ip_header`
 /// fell back to it.
 static REAL_IP_IGNORED: std::sync::Once = std::sync::Once::new();
 
@@ -90,7 +90,7 @@ pub fn client_ip(
                         tracing::warn!(
                             %peer,
                             "a trusted proxy sent X-Real-IP without X-Forwarded-For; only \
-                             X-Forwarded-For is read: set proxy.client_ip_header = \"x-real-ip\" \
+                             X-Forwarded-For is read: set access.client_ip_header = \"x-real-ip\" \
                              if that proxy names clients in X-Real-IP"
                         );
                     });

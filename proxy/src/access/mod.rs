@@ -68,12 +68,12 @@ impl AccessCounters {
         Ok(Self {
             rate_limit_evicted: counter(
                 "gatehouse_rate_limit_evicted_total",
-                "Clients a rate limit policy forgot, to stay within proxy.rate_limit_max_keys, before their bucket had refilled.",
+                "Clients a rate limit policy forgot, to stay within access.rate_limit_max_keys, before their bucket had refilled.",
                 "policy",
             )?,
             auth_guard: counter(
                 "gatehouse_auth_guard_total",
-                "Basic-auth guard actions: attempts refused (429) for the address or the user name, and entries evicted to stay within proxy.auth_guard_max_keys.",
+                "Basic-auth guard actions: attempts refused (429) for the address or the user name, and entries evicted to stay within access.auth_guard_max_keys.",
                 "event",
             )?,
             auth_guard_keys: IntGauge::new(

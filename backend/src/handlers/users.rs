@@ -1,16 +1,84 @@
-//! User management, for admins only (the route table sees to that): list, create, change and
-//! delete users. Each change is logged with the admin who made it, never with a password.
+//! The users: `GET /api/me` for any user, and the management of users, for admins only (the
+//! route table sees to that): list, create, change and delete. Each change is logged with the
+//! admin who made it, never with a password.
 
-use crate::connection::RequestBody;
 use http::{Request, Response, StatusCode};
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
+use super::read_json;
 use crate::{
-    App,
-    accounts::{NewUser, Session, User, UserChange},
+    accounts::{Session, User},
+    app::App,
+    connection::RequestBody,
     error::ApiError,
-    http_util::{Body, json_response, no_content, read_json},
+    http_util::{Body, json_response, no_content},
+    role::Role,
 };
+
+/// `POST /api/users`.
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct NewUser {
+    #[schema(pattern = "^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$", example = "alice")]
+    pub username: String,
+    #[schema(min_length = 8, max_length = 256, format = Password, example = "correct horse battery")]
+    pub password: String,
+    pub role: Role,
+    /// Default `true`.
+    #[serde(default = "yes")]
+    #[schema(default = true)]
+    pub active: bool,
+}
+
+fn yes() -> bool {
+    true
+}
+
+/// `PUT /api/users/{name}`: the fields to change, at least one. Any change ends the user's
+/// tokens: a new role, password or state takes effect at once.
+///
+/// A field is absent or has a value: `null` is refused, as the schema says, rather than read
+/// as "unchanged".
+#[derive(Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+#[schema(min_properties = 1)]
+pub struct UserChange {
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    pub role: Option<Role>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false, min_length = 8, max_length = 256, format = Password)]
+    pub password: Option<String>,
+    #[serde(default, deserialize_with = "present")]
+    #[schema(nullable = false)]
+    pub active: Option<bool>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(
+    value: D,
+) -> Result<Option<T>, D::Error> {
+    T::deserialize(value).map(Some)
+}
+
+/// The user the token belongs to, as it is now.
+#[utoipa::path(
+    get,
+    path = "/api/me",
+    tag = "users",
+    operation_id = "me",
+    responses((status = 200, description = "The current user.", body = User))
+)]
+pub(crate) fn me(session: &Session) -> Response<Body> {
+    json_response(
+        StatusCode::OK,
+        &User {
+            username: session.claims.sub.clone(),
+            role: session.role,
+            // `session` exists only for an active user.
+            active: true,
+        },
+    )
+}
 
 /// `GET /api/users`.
 #[derive(Serialize, utoipa::ToSchema)]
@@ -50,8 +118,21 @@ pub(crate) async fn create(
     admin: &Session,
     request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let new: NewUser = read_json(app, request).await?;
-    let user = app.accounts.create(new, &admin.claims.generation).await?;
+    let NewUser {
+        username,
+        password,
+        role,
+        active,
+    } = read_json(app, request).await?;
+    let new = User {
+        username,
+        role,
+        active,
+    };
+    let user = app
+        .accounts
+        .create(new, password, &admin.claims.generation)
+        .await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, role = user.role.as_str(),
         "user created");
     Ok(json_response(StatusCode::CREATED, &user))
@@ -79,18 +160,22 @@ pub(crate) async fn update(
     name: &str,
     request: Request<RequestBody>,
 ) -> Result<Response<Body>, ApiError> {
-    let change: UserChange = read_json(app, request).await?;
+    let UserChange {
+        role,
+        password,
+        active,
+    } = read_json(app, request).await?;
     let fields: Vec<&str> = [
-        change.role.map(|_| "role"),
-        change.password.as_ref().map(|_| "password"),
-        change.active.map(|_| "active"),
+        role.map(|_| "role"),
+        password.as_ref().map(|_| "password"),
+        active.map(|_| "active"),
     ]
     .into_iter()
     .flatten()
     .collect();
     let user = app
         .accounts
-        .update(name, change, &admin.claims.generation)
+        .update(name, role, password, active, &admin.claims.generation)
         .await?;
     tracing::info!(admin = %admin.claims.sub, user = %user.username, changed = ?fields,
         "user changed");

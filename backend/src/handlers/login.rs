@@ -1,18 +1,19 @@
-//! A token's life: log in (guarded against brute force), check it, see who it belongs to, and
-//! log out (which revokes it everywhere).
+//! `POST /auth/login`: a user name and password exchanged for a token, behind the brute-force
+//! guard ([`crate::guard`]).
 
 use std::net::IpAddr;
 
-use crate::connection::RequestBody;
 use http::{HeaderValue, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
+use super::read_json;
 use crate::{
-    App,
-    accounts::{Session, User},
+    app::App,
+    connection::RequestBody,
     error::ApiError,
-    http_util::{Body, json_response, no_content, read_json},
-    token::Claims,
+    http_util::{Body, json_response},
+    metrics::Login,
+    users::valid_name,
 };
 
 /// `POST /auth/login`.
@@ -69,7 +70,7 @@ pub(crate) async fn login(
         let refused = || {
             // Only a name a user could have: client bytes (or a password typed into the name
             // field) never reach the log.
-            let user = if crate::users::valid_name(&username) {
+            let user = if valid_name(&username) {
                 username.as_str()
             } else {
                 "<invalid>"
@@ -115,10 +116,10 @@ pub(crate) async fn login(
     }
     .await;
     app.metrics.login(match &result {
-        Ok(_) => crate::metrics::Login::Success,
-        Err(e) if e.status == StatusCode::UNAUTHORIZED => crate::metrics::Login::Refused,
-        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => crate::metrics::Login::Throttled,
-        Err(_) => crate::metrics::Login::Error,
+        Ok(_) => Login::Success,
+        Err(e) if e.status == StatusCode::UNAUTHORIZED => Login::Refused,
+        Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => Login::Throttled,
+        Err(_) => Login::Error,
     });
     result
 }
@@ -131,49 +132,4 @@ fn client_address<B>(request: &Request<B>) -> Option<IpAddr> {
         .get("x-real-ip")
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.trim().parse().ok())
-}
-
-/// Revokes the token: from now on every backend of every replica refuses it with `401`.
-#[utoipa::path(
-    post,
-    path = "/auth/logout",
-    tag = "tokens",
-    operation_id = "logout",
-    responses((status = 204, description = "The token is revoked."))
-)]
-pub(crate) async fn logout(app: &App, session: &Session) -> Result<Response<Body>, ApiError> {
-    app.accounts.revoke(&session.claims).await?;
-    Ok(no_content())
-}
-
-/// The claims of a valid token.
-#[utoipa::path(
-    get,
-    path = "/auth/verify",
-    tag = "tokens",
-    operation_id = "verify",
-    responses((status = 200, description = "The token is valid; its claims.", body = Claims))
-)]
-pub(crate) fn verify(session: &Session) -> Response<Body> {
-    json_response(StatusCode::OK, &session.claims)
-}
-
-/// The user the token belongs to, as it is now.
-#[utoipa::path(
-    get,
-    path = "/api/me",
-    tag = "users",
-    operation_id = "me",
-    responses((status = 200, description = "The current user.", body = User))
-)]
-pub(crate) fn me(session: &Session) -> Response<Body> {
-    json_response(
-        StatusCode::OK,
-        &User {
-            username: session.claims.sub.clone(),
-            role: session.role,
-            // `session` exists only for an active user.
-            active: true,
-        },
-    )
 }

@@ -1,0 +1,96 @@
+//! The proxy's whole input: what [`crate::run`] starts with and what a reload hands it. The
+//! config loader builds it once, validated and typed (addresses are [`SocketAddr`]s, times
+//! are [`Duration`]s); nothing in the proxy parses a setting again.
+
+use std::{net::SocketAddr, path::PathBuf, time::Duration};
+
+use crate::{
+    AccessSettings, BackendSocket, HttpsRedirect, LogFormat, LogTarget, Route, StaticSettings,
+};
+
+#[derive(Debug, Clone)]
+pub struct Settings {
+    /// The HTTP listener.
+    pub listen: SocketAddr,
+    pub limits: RequestLimits,
+    /// Streams one HTTP/2 connection may have open at once.
+    pub h2_max_streams: u32,
+    /// Worker threads (at least 1).
+    pub threads: usize,
+    pub routes: Vec<Route>,
+    pub statics: StaticSettings,
+    pub pool: PoolSettings,
+    /// `None`: plain HTTP only.
+    pub tls: Option<TlsListener>,
+    pub tls_behaviour: TlsBehaviour,
+    pub access: AccessSettings,
+    /// Upper bound on draining in-flight requests after SIGTERM.
+    pub shutdown_grace: Duration,
+    /// Where the proxy keeps its pid file and upgrade socket, and finds the supervisor's
+    /// metrics.
+    pub runtime_dir: PathBuf,
+    /// The admin listener (`/metrics`, `/healthz`, `/readyz`); `None`: no admin listener, and
+    /// no metrics kept.
+    pub admin_listen: Option<SocketAddr>,
+    pub access_log_format: LogFormat,
+    /// The log of requests no route takes.
+    pub default_access_log: Option<LogTarget>,
+}
+
+/// The backends and how the proxy uses them.
+#[derive(Debug, Clone)]
+pub struct PoolSettings {
+    pub backends: Vec<BackendSocket>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    pub health_check_interval: Duration,
+    /// How long a backend may take to answer `/healthz` (which asks Redis, so it must outlast
+    /// the Redis deadline: a slow Redis is not a dead backend).
+    pub health_check_timeout: Duration,
+    /// Requests in flight to one backend at once.
+    pub max_connections_per_backend: usize,
+    /// How long a request may wait for a slot when every backend is at its cap.
+    pub queue_timeout: Duration,
+}
+
+/// The HTTPS listener.
+#[derive(Debug, Clone, PartialEq)]
+pub struct TlsListener {
+    pub listen: SocketAddr,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
+/// What HTTPS changes in how requests are answered.
+#[derive(Debug, Clone)]
+pub struct TlsBehaviour {
+    /// `Some`: plain-HTTP requests are redirected to HTTPS.
+    pub redirect: Option<HttpsRedirect>,
+    /// `Strict-Transport-Security` for HTTPS responses; `None` sends none.
+    pub hsts: Option<String>,
+}
+
+/// What a request may carry (nginx: `client_max_body_size`, `large_client_header_buffers`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct RequestLimits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    /// The whole request header must arrive within this (nginx: `client_header_timeout`).
+    pub header_timeout: Duration,
+    /// The longest wait for the next bytes of a request body (nginx: `client_body_timeout`).
+    pub body_timeout: Duration,
+    /// Client connections open at once; past this the listeners stop accepting.
+    pub max_connections: usize,
+    /// Connections one client (IPv4 address, IPv6 /64) may hold open at once; past this its
+    /// new connections are closed at once (nginx: `limit_conn`).
+    pub max_connections_per_client: usize,
+    /// The longest a response may make no progress: a write to the client (HTTP/1) or a
+    /// stream waiting for flow-control credit (HTTP/2) that stalls this long is aborted
+    /// (nginx: `send_timeout`).
+    pub send_timeout: Duration,
+    /// A TLS handshake must be complete this long after the connection was accepted.
+    pub tls_handshake_timeout: Duration,
+    /// Requests one client may have in flight to the backends at once.
+    pub max_upstream_requests_per_client: usize,
+}

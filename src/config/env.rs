@@ -1,0 +1,64 @@
+//! The environment's layer over the file: each variable replaces one key, read once, and the
+//! key is recorded as coming from it, so a bad value is reported as the variable's. Secrets
+//! and listen addresses are what a deployment changes without editing the file.
+
+use std::{collections::BTreeMap, path::PathBuf};
+
+use super::raw::RawConfig;
+
+pub const ENV_LISTEN: &str = "GATEHOUSE_LISTEN";
+pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
+pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
+pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
+pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
+/// The JWT secret itself; it wins over any file naming one.
+pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
+pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
+pub const ENV_ADMIN_PASSWORD_FILE: &str = "GATEHOUSE_ADMIN_PASSWORD_FILE";
+/// What the proxy's environment never holds: it signs and checks no token.
+pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMIN_PASSWORD_FILE];
+
+/// Each variable, the key it replaces, and how.
+type Setter = fn(&mut RawConfig, String);
+pub const VARIABLES: [(&str, &str, Setter); 7] = [
+    (ENV_LISTEN, "proxy.listen", |raw, v| raw.proxy.listen = v),
+    (ENV_TLS_LISTEN, "tls.listen", |raw, v| raw.tls.listen = v),
+    (ENV_ADMIN_LISTEN, "admin.listen", |raw, v| {
+        raw.admin.listen = v
+    }),
+    (ENV_REDIS_URL, "redis.url", |raw, v| raw.redis.url = v),
+    (ENV_LOG_FORMAT, "logging.format", |raw, v| {
+        raw.logging.format = v
+    }),
+    (ENV_JWT_SECRET_FILE, "backend.jwt_secret_file", |raw, v| {
+        raw.backend.jwt_secret_file = Some(PathBuf::from(v))
+    }),
+    (
+        ENV_ADMIN_PASSWORD_FILE,
+        "backend.admin_password_file",
+        |raw, v| raw.backend.admin_password_file = Some(PathBuf::from(v)),
+    ),
+];
+
+/// What the environment changed.
+pub struct Overlay {
+    /// Key -> the variable that set it.
+    pub from_env: BTreeMap<&'static str, &'static str>,
+    /// [`ENV_JWT_SECRET`] holds the secret.
+    pub jwt_secret: bool,
+}
+
+/// Applies the environment to `raw`. An empty variable counts as unset.
+pub fn overlay(raw: &mut RawConfig, env: &dyn Fn(&str) -> Option<String>) -> Overlay {
+    let mut from_env = BTreeMap::new();
+    for (name, key, set) in VARIABLES {
+        if let Some(value) = env(name).filter(|v| !v.is_empty()) {
+            set(raw, value);
+            from_env.insert(key, name);
+        }
+    }
+    Overlay {
+        from_env,
+        jwt_secret: env(ENV_JWT_SECRET).is_some_and(|v| !v.is_empty()),
+    }
+}

@@ -1,0 +1,411 @@
+//! The file as written: one struct per table, with the defaults. `deny_unknown_fields` turns
+//! typos into errors (a key that moved gets its own message first, see [`super::moved`]).
+//! Nothing here is checked beyond its type; each section's own file does that.
+//!
+//! Durations are strings with a unit (`"30s"`, `"1500ms"`, `"30days"`); `"off"` is the one
+//! spelling of "none of this".
+
+use std::{collections::BTreeMap, fmt, path::PathBuf, time::Duration};
+
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The word that turns a feature off, wherever one can be.
+pub const OFF: &str = "off";
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawConfig {
+    pub proxy: RawProxy,
+    pub limits: RawLimits,
+    pub upstream: RawUpstream,
+    pub access: RawAccess,
+    pub tls: RawTls,
+    #[serde(rename = "static")]
+    pub statics: RawStatic,
+    pub backend: RawBackend,
+    pub redis: RawRedis,
+    pub paths: RawPaths,
+    pub admin: RawAdmin,
+    pub logging: RawLogging,
+    /// Listing any policy replaces the built-in `default`.
+    pub rate_limits: BTreeMap<String, RawRate>,
+    pub routes: Vec<RawRoute>,
+}
+
+impl Default for RawConfig {
+    fn default() -> Self {
+        Self {
+            proxy: RawProxy::default(),
+            limits: RawLimits::default(),
+            upstream: RawUpstream::default(),
+            access: RawAccess::default(),
+            tls: RawTls::default(),
+            statics: RawStatic::default(),
+            backend: RawBackend::default(),
+            redis: RawRedis::default(),
+            paths: RawPaths::default(),
+            admin: RawAdmin::default(),
+            logging: RawLogging::default(),
+            rate_limits: default_rate_limits(),
+            routes: Vec::new(),
+        }
+    }
+}
+
+/// A duration written with its unit; bare numbers are refused, so `30` is never a guess
+/// between seconds and milliseconds.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct Human(pub Duration);
+
+impl<'de> Deserialize<'de> for Human {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<Self, D::Error> {
+        struct Visitor;
+        impl serde::de::Visitor<'_> for Visitor {
+            type Value = Human;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a duration with a unit, like \"30s\" or \"1500ms\"")
+            }
+            fn visit_str<E: serde::de::Error>(self, value: &str) -> Result<Human, E> {
+                humantime::parse_duration(value).map(Human).map_err(|e| {
+                    E::custom(format!(
+                        "{value:?} is not a duration ({e}): write it with a unit, like \"30s\" \
+                         or \"1500ms\""
+                    ))
+                })
+            }
+        }
+        deserializer.deserialize_str(Visitor)
+    }
+}
+
+impl Serialize for Human {
+    fn serialize<S: Serializer>(&self, serializer: S) -> Result<S::Ok, S::Error> {
+        serializer.serialize_str(&humantime::format_duration(self.0).to_string())
+    }
+}
+
+fn secs(n: u64) -> Human {
+    Human(Duration::from_secs(n))
+}
+
+fn millis(n: u64) -> Human {
+    Human(Duration::from_millis(n))
+}
+
+/// The HTTP listener and the proxy process.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawProxy {
+    pub listen: String,
+    pub threads: usize,
+    pub shutdown_grace: Human,
+}
+
+impl Default for RawProxy {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8080".into(),
+            threads: 0,
+            shutdown_grace: secs(10),
+        }
+    }
+}
+
+/// What one client and one request may take.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLimits {
+    pub max_body_bytes: u64,
+    pub max_header_bytes: usize,
+    pub max_headers: usize,
+    pub header_timeout: Human,
+    pub body_timeout: Human,
+    pub send_timeout: Human,
+    pub tls_handshake_timeout: Human,
+    pub max_connections: usize,
+    pub max_connections_per_client: usize,
+    pub max_upstream_requests_per_client: usize,
+    pub h2_max_streams: u32,
+}
+
+impl Default for RawLimits {
+    fn default() -> Self {
+        Self {
+            max_body_bytes: 1 << 20,
+            max_header_bytes: 32 << 10,
+            max_headers: 100,
+            header_timeout: secs(10),
+            body_timeout: secs(30),
+            send_timeout: secs(30),
+            tls_handshake_timeout: secs(10),
+            max_connections: 4096,
+            max_connections_per_client: 256,
+            max_upstream_requests_per_client: 128,
+            h2_max_streams: 100,
+        }
+    }
+}
+
+/// How the proxy uses the backends: deadlines, the cap and queue, health checks.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawUpstream {
+    pub connect_timeout: Human,
+    pub read_timeout: Human,
+    pub max_connections: usize,
+    pub queue_timeout: Human,
+    pub health_check_interval: Human,
+}
+
+impl Default for RawUpstream {
+    fn default() -> Self {
+        Self {
+            connect_timeout: secs(1),
+            read_timeout: secs(30),
+            max_connections: 512,
+            queue_timeout: secs(2),
+            health_check_interval: secs(1),
+        }
+    }
+}
+
+/// Who the client is, and the defaults of every route's access rules.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAccess {
+    pub trusted_proxies: Vec<String>,
+    pub client_ip_header: String,
+    pub default_rate_limit: String,
+    pub rate_limit_max_keys: usize,
+    pub auth_max_failures: u32,
+    pub auth_max_failures_per_user: u32,
+    pub auth_failure_window: Human,
+    pub auth_guard_max_keys: usize,
+}
+
+impl Default for RawAccess {
+    fn default() -> Self {
+        Self {
+            trusted_proxies: Vec::new(),
+            client_ip_header: "x-forwarded-for".into(),
+            default_rate_limit: "default".into(),
+            rate_limit_max_keys: 100_000,
+            auth_max_failures: 10,
+            auth_max_failures_per_user: 100,
+            auth_failure_window: secs(60),
+            auth_guard_max_keys: 100_000,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawTls {
+    /// An address, or `"off"`.
+    pub listen: String,
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub server_names: Vec<String>,
+    /// A header value, or `"off"`.
+    pub hsts: String,
+    pub redirect_http: bool,
+}
+
+impl Default for RawTls {
+    fn default() -> Self {
+        Self {
+            listen: "0.0.0.0:8443".into(),
+            cert: "certs/gatehouse.crt".into(),
+            key: "certs/gatehouse.key".into(),
+            server_names: Vec::new(),
+            hsts: "max-age=31536000".into(),
+            redirect_http: true,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawStatic {
+    pub cache_bytes: u64,
+    pub max_cached_file_bytes: u64,
+    pub min_compress_bytes: u64,
+    pub check_interval: Human,
+}
+
+impl Default for RawStatic {
+    fn default() -> Self {
+        Self {
+            cache_bytes: 64 << 20,
+            max_cached_file_bytes: 1 << 20,
+            min_compress_bytes: 256,
+            check_interval: secs(1),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize, Clone)]
+#[serde(deny_unknown_fields)]
+pub struct RawRate {
+    pub per_second: f64,
+    pub burst: u32,
+}
+
+fn default_rate_limits() -> BTreeMap<String, RawRate> {
+    // nginx-like defaults: 20 requests a second per client, bursts of 40.
+    [(
+        "default".to_string(),
+        RawRate {
+            per_second: 20.0,
+            burst: 40,
+        },
+    )]
+    .into()
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawBackend {
+    pub count: usize,
+    pub users_file: PathBuf,
+    pub token_ttl: Human,
+    pub max_body_bytes: usize,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub jwt_secret_file: Option<PathBuf>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub admin_password_file: Option<PathBuf>,
+    pub max_tokens_per_user: usize,
+    pub login_max_failures_per_user_per_ip: u32,
+    pub login_max_failures_per_ip: u32,
+    pub login_max_failures_per_user_all_ips: u32,
+    pub login_failure_window: Human,
+    pub login_known_address_ttl: Human,
+    pub header_timeout: Human,
+    pub body_timeout: Human,
+    pub idle_timeout: Human,
+    pub max_connections: usize,
+}
+
+impl Default for RawBackend {
+    fn default() -> Self {
+        Self {
+            count: 3,
+            users_file: "users".into(),
+            token_ttl: secs(3600),
+            max_body_bytes: 16 * 1024,
+            jwt_secret_file: None,
+            admin_password_file: None,
+            max_tokens_per_user: gatehouse_backend::accounts::DEFAULT_MAX_TOKENS_PER_USER,
+            login_max_failures_per_user_per_ip: 5,
+            login_max_failures_per_ip: 20,
+            // NIST SP 800-63B: no more than 100 consecutive failures on one account.
+            login_max_failures_per_user_all_ips: 100,
+            login_failure_window: secs(300),
+            login_known_address_ttl: secs(30 * 86_400),
+            // nginx's client_header_timeout is 60 s; a backend's only client is the proxy,
+            // which sends a whole header at once, so 10 s is generous (the proxy's own
+            // limits.header_timeout).
+            header_timeout: secs(10),
+            // nginx's client_body_timeout is 60 s between reads; this is for the whole body,
+            // a few KiB of JSON the proxy passes on as it comes.
+            body_timeout: secs(10),
+            // nginx's keepalive_timeout (75 s): longer than the proxy keeps an idle backend
+            // connection (60 s), so the proxy is the one that closes it, never a request.
+            idle_timeout: secs(75),
+            // Like HAProxy's per-server maxconn; far below the usual 1024 soft limit once it
+            // is raised to the hard one.
+            max_connections: 1024,
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRedis {
+    /// A Redis URL, or `"managed"`: `gatehouse run` starts its own.
+    pub url: String,
+    pub server_binary: String,
+    pub timeout: Human,
+}
+
+/// `redis.url` for a Redis the group starts and manages itself.
+pub const MANAGED: &str = "managed";
+
+impl Default for RawRedis {
+    fn default() -> Self {
+        Self {
+            url: MANAGED.into(),
+            server_binary: "redis-server".into(),
+            timeout: millis(1000),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAdmin {
+    /// An address, or `"off"`.
+    pub listen: String,
+}
+
+impl Default for RawAdmin {
+    fn default() -> Self {
+        Self {
+            listen: "127.0.0.1:9180".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawLogging {
+    pub format: String,
+    /// A file, `"-"` for standard output, or `"off"`.
+    pub access_log: String,
+    pub access_log_format: String,
+}
+
+impl Default for RawLogging {
+    fn default() -> Self {
+        Self {
+            format: "text".into(),
+            access_log: "-".into(),
+            access_log_format: "json".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawPaths {
+    pub runtime_dir: PathBuf,
+    pub data_dir: PathBuf,
+}
+
+impl Default for RawPaths {
+    fn default() -> Self {
+        Self {
+            runtime_dir: "var/run".into(),
+            data_dir: "var/data".into(),
+        }
+    }
+}
+
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawRoute {
+    pub prefix: String,
+    pub upstream: Option<String>,
+    pub static_dir: Option<PathBuf>,
+    pub cache_control: Option<String>,
+    pub rate_limit: Option<String>,
+    #[serde(default)]
+    pub allow: Vec<String>,
+    #[serde(default)]
+    pub deny: Vec<String>,
+    pub htpasswd: Option<PathBuf>,
+    pub realm: Option<String>,
+    #[serde(default)]
+    pub pass_authorization: bool,
+    pub access_log: Option<String>,
+}

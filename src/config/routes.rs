@@ -1,0 +1,103 @@
+//! `[[routes]]`: the route table, each prefix with what serves it, its access rules and its
+//! access log.
+
+use gatehouse_proxy::{LogTarget, Route, Target};
+
+use super::{
+    access,
+    error::{ConfigError, Source},
+    logging,
+    raw::RawConfig,
+};
+
+/// `default_log`: where routes that name no access log write.
+pub fn validate(
+    raw: &RawConfig,
+    default_log: &Option<LogTarget>,
+    source: &Source,
+) -> Result<Vec<Route>, ConfigError> {
+    if raw.routes.is_empty() {
+        return Err(source.at("routes", "at least one [[routes]] entry is required".into()));
+    }
+    let mut routes: Vec<Route> = Vec::with_capacity(raw.routes.len());
+    for (i, route) in raw.routes.iter().enumerate() {
+        let key = |field: &str| format!("routes[{i}].{field}");
+        if !route.prefix.starts_with('/') {
+            return Err(source.at(
+                &key("prefix"),
+                format!("{:?} must start with `/`", route.prefix),
+            ));
+        }
+        // A static route is a directory; a backend route may be one exact endpoint
+        // (`/auth/login`, to give it a stricter rate limit).
+        if route.static_dir.is_some() && !route.prefix.ends_with('/') {
+            return Err(source.at(
+                &key("prefix"),
+                format!("{:?}: a static route must end with `/`", route.prefix),
+            ));
+        }
+        if routes.iter().any(|r| r.prefix == route.prefix) {
+            return Err(source.at(
+                &key("prefix"),
+                format!("{:?} is routed twice", route.prefix),
+            ));
+        }
+        let target = match (&route.upstream, &route.static_dir) {
+            (Some(upstream), None) => {
+                if upstream != "backends" {
+                    return Err(source.at(
+                        &key("upstream"),
+                        format!("unknown upstream {upstream:?}; the one pool is \"backends\""),
+                    ));
+                }
+                if route.cache_control.is_some() {
+                    return Err(source.at(
+                        &key("cache_control"),
+                        "only static routes take cache_control; backends set their own".into(),
+                    ));
+                }
+                Target::Backends
+            }
+            (None, Some(dir)) => {
+                let dir = source.base.join(dir);
+                if !dir.is_dir() {
+                    return Err(source.at(
+                        &key("static_dir"),
+                        format!("{} is not a directory", dir.display()),
+                    ));
+                }
+                if let Some(value) = &route.cache_control {
+                    source.header_value(value, &key("cache_control"))?;
+                }
+                Target::Static {
+                    dir,
+                    cache_control: route.cache_control.clone(),
+                }
+            }
+            _ => {
+                return Err(source.at(
+                    &key("prefix"),
+                    "a route needs exactly one of `upstream` or `static_dir`".into(),
+                ));
+            }
+        };
+        let access = access::route(
+            route,
+            i,
+            &raw.access.default_rate_limit,
+            &raw.rate_limits,
+            source,
+        )?;
+        let access_log = match &route.access_log {
+            Some(value) => logging::target(value, &key("access_log"), source)?,
+            None => default_log.clone(),
+        };
+        routes.push(Route {
+            prefix: route.prefix.clone(),
+            target,
+            access,
+            access_log,
+        });
+    }
+    Ok(routes)
+}

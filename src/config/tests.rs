@@ -1,0 +1,465 @@
+//! The loader's tests: each section's checks, the environment overlay, the moved keys, and
+//! that the shipped reference file shows every default.
+
+use std::{path::Path, time::Duration};
+
+use super::*;
+
+fn parse(text: &str) -> Result<Config, ConfigError> {
+    Config::from_str(text, Path::new("conf/g.toml"), &|_| None)
+}
+
+const ROUTES: &str = "\n[[routes]]\nprefix = \"/api/\"\nupstream = \"backends\"\n";
+
+#[test]
+fn admin_listener_may_not_share_a_public_port() {
+    let error = parse(&format!("[admin]\nlisten = \"127.0.0.1:8443\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("admin.listen"));
+    assert_eq!(error.line, Some(2));
+    let config = parse(&format!("[admin]\nlisten = \"off\"\n{ROUTES}")).unwrap();
+    assert!(config.proxy.admin_listen.is_none());
+    let error = parse(&format!("[logging]\nformat = \"xml\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("logging.format"));
+}
+
+#[test]
+fn defaults_are_sane_and_relative_to_the_files_directory() {
+    let config = parse(ROUTES).unwrap();
+    assert_eq!(config.backend.count, 3);
+    assert_eq!(config.proxy.listen.port(), 8080);
+    assert!(config.redis.url.is_none());
+    let conf = std::env::current_dir().unwrap().join("conf");
+    assert_eq!(
+        config.backend_socket(0),
+        conf.join("var/run/backend-1.sock")
+    );
+    assert_eq!(config.data_dir, conf.join("var/data"));
+    let tls = config.proxy.tls.as_ref().unwrap();
+    assert_eq!(tls.cert, conf.join("certs/gatehouse.crt"));
+    assert_eq!(tls.key, conf.join("certs/gatehouse.key"));
+    assert_eq!(config.proxy.limits.send_timeout, Duration::from_secs(30));
+    assert_eq!(config.proxy.pool.connect_timeout, Duration::from_secs(1));
+    assert_eq!(config.redis.timeout, Duration::from_secs(1));
+}
+
+#[test]
+fn durations_take_units_and_refuse_bare_numbers() {
+    let config = parse(&format!(
+        "[limits]\nsend_timeout = \"1500ms\"\nheader_timeout = \"2m\"\n\
+         [backend]\ntoken_ttl = \"1h 30m\"\n{ROUTES}"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.proxy.limits.send_timeout,
+        Duration::from_millis(1500)
+    );
+    assert_eq!(config.proxy.limits.header_timeout, Duration::from_secs(120));
+    assert_eq!(config.backend.token_ttl_seconds, 5400);
+    let err = parse(&format!("[limits]\nsend_timeout = 30\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("limits.send_timeout")),
+        "{err}"
+    );
+    let err = parse(&format!("[limits]\nsend_timeout = \"30\"\n{ROUTES}")).unwrap_err();
+    assert!(err.message.contains("with a unit"), "{err}");
+    let err = parse(&format!("[limits]\nsend_timeout = \"20m\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("limits.send_timeout"), "{err}");
+    assert!(err.message.contains("choose \"100ms\" to \"10m\""), "{err}");
+}
+
+#[test]
+fn off_has_one_spelling() {
+    let config = parse(&format!(
+        "[tls]\nlisten = \"off\"\n[admin]\nlisten = \"off\"\n[logging]\naccess_log = \"off\"\n\
+         [access]\ndefault_rate_limit = \"off\"\n{ROUTES}"
+    ))
+    .unwrap();
+    assert!(config.proxy.tls.is_none() && config.proxy.tls_behaviour.redirect.is_none());
+    assert!(config.proxy.admin_listen.is_none());
+    assert!(config.proxy.default_access_log.is_none());
+    assert!(config.proxy.routes[0].access.rate_limit.is_none());
+    let config = parse(&format!("[tls]\nhsts = \"off\"\n{ROUTES}")).unwrap();
+    assert!(config.proxy.tls_behaviour.hsts.is_none());
+    for (text, key) in [
+        ("[admin]\nlisten = \"\"", "admin.listen"),
+        ("[logging]\naccess_log = \"\"", "logging.access_log"),
+        (
+            "[access]\ndefault_rate_limit = \"none\"",
+            "access.default_rate_limit",
+        ),
+        ("[tls]\nhsts = \"\"", "tls.hsts"),
+    ] {
+        let err = parse(&format!("{text}\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(2), Some(key)),
+            "{err}"
+        );
+        assert!(err.message.contains("write \"off\""), "{err}");
+    }
+    let err = parse(&format!("[redis]\nurl = \"\"\n{ROUTES}")).unwrap_err();
+    assert!(err.message.contains("\"managed\""), "{err}");
+}
+
+#[test]
+fn moved_keys_name_their_new_key_and_value() {
+    let err = parse(&format!(
+        "[proxy]\nlisten = \"0.0.0.0:1\"\n\nsend_timeout_ms = 30000\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.to_string(),
+        "conf/g.toml:4: proxy.send_timeout_ms: moved: use limits.send_timeout = \"30s\""
+    );
+    let err = parse(&format!("[tls]\nenabled = false\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("tls.enabled"))
+    );
+    assert!(err.message.contains("tls.listen = \"off\""), "{err}");
+    let err = parse(&format!("[static]\ncheck_interval_ms = 0\n{ROUTES}")).unwrap_err();
+    assert!(
+        err.message.ends_with("static.check_interval = \"0s\""),
+        "{err}"
+    );
+}
+
+#[test]
+fn unknown_key_names_line_and_key() {
+    let err = parse(&format!(
+        "[proxy]\nlisten = \"0.0.0.0:1\"\nlisen = 3\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(err.line, Some(3), "{err}");
+    assert_eq!(err.key.as_deref(), Some("proxy.lisen"), "{err}");
+    assert!(
+        err.to_string()
+            .starts_with("conf/g.toml:3: proxy.lisen: unknown field"),
+        "{err}"
+    );
+}
+
+#[test]
+fn wrong_type_names_line_and_key() {
+    let err = parse(&format!("[backend]\n\ncount = \"three\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(3), Some("backend.count")),
+        "{err}"
+    );
+}
+
+#[test]
+fn semantic_errors_name_line_and_key() {
+    let err = parse(&format!("[proxy]\nlisten = \"nowhere\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("proxy.listen")),
+        "{err}"
+    );
+    let err = parse(&format!(
+        "{ROUTES}\n[[routes]]\nprefix = \"/b/\"\nupstream = \"elsewhere\"\n"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(8), Some("routes[1].upstream")),
+        "{err}"
+    );
+}
+
+#[test]
+fn access_keys_are_checked() {
+    use gatehouse_proxy::access::client_ip::ClientIpHeader;
+    let config = parse(ROUTES).unwrap();
+    let guard = config.proxy.access.auth_guard;
+    assert_eq!((guard.max_failures, guard.max_failures_per_user), (10, 100));
+    assert_eq!(guard.max_keys, 100_000);
+    assert_eq!(guard.window, Duration::from_secs(60));
+    assert_eq!(
+        config.proxy.access.client_ip_header,
+        ClientIpHeader::XForwardedFor
+    );
+    let config = parse(&format!(
+        "[access]\nclient_ip_header = \"X-Real-IP\"\n{ROUTES}"
+    ))
+    .unwrap();
+    assert_eq!(
+        config.proxy.access.client_ip_header,
+        ClientIpHeader::XRealIp
+    );
+    for (text, key) in [
+        (
+            "client_ip_header = \"forwarded\"",
+            "access.client_ip_header",
+        ),
+        (
+            "auth_max_failures = 20\nauth_max_failures_per_user = 19",
+            "access.auth_max_failures_per_user",
+        ),
+        ("auth_guard_max_keys = 10", "access.auth_guard_max_keys"),
+        ("auth_failure_window = \"0s\"", "access.auth_failure_window"),
+        (
+            "auth_failure_window = \"2days\"",
+            "access.auth_failure_window",
+        ),
+    ] {
+        let err = parse(&format!("[access]\n{text}\n{ROUTES}")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some(key), "{err}");
+        assert_eq!(err.line, Some(text.lines().count() + 1), "{err}");
+    }
+}
+
+#[test]
+fn login_guard_keys_are_checked() {
+    let config = parse(ROUTES).unwrap();
+    let guard = config.backend.login_guard;
+    assert_eq!(guard.max_failures_per_user_per_ip, 5);
+    assert_eq!(guard.max_failures_per_ip, 20);
+    assert_eq!(guard.max_failures_per_user_all_ips, 100);
+    assert_eq!(guard.window_seconds, 300);
+    assert_eq!(guard.known_address_seconds, 30 * 86_400);
+    let err = parse(&format!(
+        "[backend]\nlogin_max_failures_per_ip = 0\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("backend.login_max_failures_per_ip")),
+        "{err}"
+    );
+    let err = parse(&format!(
+        "[backend]\ncount = 2\nlogin_failure_window = \"100000s\"\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(err.line, Some(3), "{err}");
+    assert!(
+        err.to_string().contains("choose \"1s\" to \"1day\""),
+        "{err}"
+    );
+    // The old per-name key meant one count from every address: a file that sets it is told
+    // the new names rather than keeping a lockout weapon under a new meaning.
+    let err = parse(&format!(
+        "[backend]\ncount = 2\nlogin_max_failures_per_user = 5\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(3), Some("backend.login_max_failures_per_user")),
+        "{err}"
+    );
+    assert!(
+        err.message.contains("renamed")
+            && err
+                .message
+                .contains("backend.login_max_failures_per_user_per_ip"),
+        "{err}"
+    );
+    let err = parse(&format!(
+        "[backend]\nlogin_max_failures_per_user_per_ip = 10\n\
+         login_max_failures_per_user_all_ips = 9\n{ROUTES}"
+    ))
+    .unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("backend.login_max_failures_per_user_all_ips"),
+        "{err}"
+    );
+}
+
+#[test]
+fn backend_connection_keys_are_checked() {
+    let limits = parse(ROUTES).unwrap().backend.connections;
+    assert_eq!(limits.header_timeout, Duration::from_secs(10));
+    assert_eq!(limits.idle_timeout, Duration::from_secs(75));
+    assert_eq!(limits.max_connections, 1024);
+    assert_eq!(limits.body_timeout, Duration::from_secs(10));
+    for (line, key) in [
+        ("header_timeout = \"50ms\"", "backend.header_timeout"),
+        ("body_timeout = \"50ms\"", "backend.body_timeout"),
+        ("idle_timeout = \"0s\"", "backend.idle_timeout"),
+        ("max_connections = 0", "backend.max_connections"),
+    ] {
+        let err = parse(&format!("[backend]\ncount = 2\n{line}\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.as_deref()),
+            (Some(3), Some(key)),
+            "{err}"
+        );
+        assert!(err.message.contains("choose"), "{err}");
+    }
+}
+
+#[test]
+fn backend_connections_outlast_and_outnumber_the_proxys() {
+    // At or below the proxy's pool idle time (and its margin), a pooled connection could be
+    // closed by the backend as the proxy sends a request on it.
+    let err = parse(&format!("[backend]\nidle_timeout = \"65s\"\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("backend.idle_timeout"))
+    );
+    assert!(err.message.contains("60 s"), "{err}");
+    assert!(parse(&format!("[backend]\nidle_timeout = \"66s\"\n{ROUTES}")).is_ok());
+    // The proxy's requests in flight (512 by default), its idle pool and health checks.
+    let err = parse(&format!("[backend]\nmax_connections = 600\n{ROUTES}")).unwrap_err();
+    assert_eq!(
+        (err.line, err.key.as_deref()),
+        (Some(2), Some("backend.max_connections"))
+    );
+    assert!(
+        err.message.contains("at least 648")
+            && err.message.contains("upstream.max_connections (512)"),
+        "{err}"
+    );
+    let small = "[upstream]\nmax_connections = 4\n[backend]\n";
+    assert!(parse(&format!("{small}max_connections = 140\n{ROUTES}")).is_ok());
+    assert!(parse(&format!("{small}max_connections = 139\n{ROUTES}")).is_err());
+}
+
+#[test]
+fn environment_overrides_are_named_as_such() {
+    let env = |name: &str| match name {
+        ENV_LISTEN => Some("127.0.0.1:9999".to_string()),
+        ENV_JWT_SECRET => Some("too short".to_string()),
+        _ => None,
+    };
+    // Loading names the secret without reading it (the proxy loads the config too); reading
+    // it is where a short one is refused.
+    let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+    let err = config.backend.jwt_secret(&env).unwrap_err();
+    assert!(err.to_string().contains(ENV_JWT_SECRET), "{err}");
+    assert_eq!(config.proxy.listen.port(), 9999);
+    // A bad value from the environment is the variable's, not the file's.
+    for (name, value) in [
+        (ENV_LISTEN, "nowhere"),
+        (ENV_ADMIN_LISTEN, "127.0.0.1:8080"),
+        (ENV_LOG_FORMAT, "xml"),
+        (ENV_REDIS_URL, "http://x"),
+        (ENV_TLS_LISTEN, "none"),
+    ] {
+        let env = |n: &str| (n == name).then(|| value.to_string());
+        let err = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap_err();
+        assert_eq!(err.origin, format!("environment variable {name}"), "{err}");
+        assert_eq!((err.line, err.key), (None, None));
+    }
+    let env = |n: &str| (n == ENV_ADMIN_LISTEN).then(|| "off".to_string());
+    let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+    assert!(config.proxy.admin_listen.is_none());
+}
+
+#[test]
+fn loading_never_reads_a_secret() {
+    // Files that do not exist: loading the config (all the proxy does) succeeds, so it cannot
+    // have read them; reading them names the file, line and key.
+    let text = format!(
+        "{ROUTES}\n[backend]\njwt_secret_file = \"no/such/jwt\"\n\
+         admin_password_file = \"no/such/password\"\nmax_tokens_per_user = 3\n"
+    );
+    let config = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap();
+    assert_eq!(config.backend.max_tokens_per_user, 3);
+    let err = config.backend.jwt_secret(&|_| None).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("backend.jwt_secret_file"), "{err}");
+    assert!(
+        err.line.is_some() && err.message.contains("no/such/jwt"),
+        "{err}"
+    );
+    let err = config.backend.admin_password(&|_| None).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("backend.admin_password_file"),
+        "{err}"
+    );
+
+    let dir = tempfile::tempdir().unwrap();
+    let password = dir.path().join("admin_password");
+    std::fs::write(&password, "short\n").unwrap();
+    let env =
+        |name: &str| (name == ENV_ADMIN_PASSWORD_FILE).then(|| password.display().to_string());
+    let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+    let err = config.backend.admin_password(&env).unwrap_err();
+    assert!(err.to_string().contains(ENV_ADMIN_PASSWORD_FILE), "{err}");
+    assert!(err.message.contains("5 characters"), "{err}");
+    std::fs::write(&password, "long enough\n").unwrap();
+    assert_eq!(
+        config.backend.admin_password(&env).unwrap().as_deref(),
+        Some("long enough")
+    );
+
+    let text = format!("{ROUTES}\n[backend]\nmax_tokens_per_user = 0\n");
+    let err = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap_err();
+    assert_eq!(
+        err.key.as_deref(),
+        Some("backend.max_tokens_per_user"),
+        "{err}"
+    );
+}
+
+/// The marker on a line of conf/gatehouse.toml whose value is not the default.
+const SHIPPED_OVERRIDE: &str = "# shipped override";
+
+/// conf/gatehouse.toml is the reference: each key there shows its real default unless its
+/// line says it is a shipped override, and every key with a default is there.
+#[test]
+fn the_reference_file_shows_every_default() {
+    let text = include_str!("../../conf/gatehouse.toml");
+    let doc = Document::parse(text);
+    let lines: Vec<&str> = text.lines().collect();
+    let file: toml::Table = text.parse().unwrap();
+    let defaults = toml::Table::try_from(raw::RawConfig::default()).unwrap();
+    // The value as the loader reads it: a file of that one key, read and written back.
+    let read = |section: &str, key: &str, value: &toml::Value| {
+        let mut inner = toml::Table::new();
+        inner.insert(key.to_string(), value.clone());
+        let mut one = toml::Table::new();
+        one.insert(section.to_string(), inner.into());
+        let raw: raw::RawConfig = one
+            .try_into()
+            .unwrap_or_else(|e| panic!("{section}.{key}: {e}"));
+        toml::Table::try_from(raw).unwrap()[section][key].clone()
+    };
+    let mut checked = 0;
+    for (section, table) in &file {
+        // The route table is the deployment's own; so are its rate limit policies, but for
+        // the built-in one.
+        if section == "routes" {
+            continue;
+        }
+        for (key, value) in table.as_table().unwrap() {
+            if section == "rate_limits" && key != "default" {
+                continue;
+            }
+            let path = format!("{section}.{key}");
+            let line = doc.line_of_key(&path).unwrap();
+            let marked = lines[line - 1].contains(SHIPPED_OVERRIDE);
+            let default = defaults[section.as_str()].get(key);
+            let same = default == Some(&read(section, key, value));
+            assert!(
+                same != marked,
+                "conf/gatehouse.toml:{line}: {path} = {value}: {}",
+                match (default, marked) {
+                    (None, _) => "not a key with a default".to_string(),
+                    (Some(d), false) => format!(
+                        "the default is {d}; show it, or mark the line \"{SHIPPED_OVERRIDE}\""
+                    ),
+                    (Some(_), true) => format!("the default, but marked \"{SHIPPED_OVERRIDE}\""),
+                }
+            );
+            checked += 1;
+        }
+    }
+    for (section, table) in &defaults {
+        let Some(table) = table.as_table() else {
+            continue;
+        };
+        for key in table.keys() {
+            let listed = file
+                .get(section)
+                .and_then(|t| t.as_table())
+                .is_some_and(|t| t.contains_key(key));
+            assert!(listed, "conf/gatehouse.toml does not show {section}.{key}");
+        }
+    }
+    assert!(checked > 50, "{checked} keys checked");
+}
