@@ -451,12 +451,12 @@ fn slow_headers_get_408_at_the_deadline_slow_bodies_at_theirs_and_others_are_ser
     assert!(refused >= 1.0, "the 408 is not counted");
 }
 
-/// VmRSS of a process, in KiB.
-fn rss_kib(pid: u32) -> u64 {
+/// A memory field of /proc/PID/status (`VmRSS`, `RssAnon`), in KiB.
+fn status_kib(pid: u32, field: &str) -> u64 {
     std::fs::read_to_string(format!("/proc/{pid}/status"))
         .unwrap_or_default()
         .lines()
-        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
         .and_then(|v| v.trim().trim_end_matches(" kB").trim().parse().ok())
         .unwrap_or(0)
 }
@@ -468,7 +468,7 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
         "limits.max_connections = 20\nlimits.header_timeout = \"3s\"",
     );
     let proxy = group.child_pid("gatehouse proxy").expect("the proxy");
-    let before = rss_kib(proxy);
+    let before = status_kib(proxy, "VmRSS");
     // Far more connections than allowed, each sending half a header and then nothing.
     let flood: Vec<TcpStream> = (0..400)
         .filter_map(|_| {
@@ -493,7 +493,7 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
         "answered while {} connections were open",
         flood.len()
     );
-    let during = rss_kib(proxy);
+    let during = status_kib(proxy, "VmRSS");
     assert!(
         group.metric("gatehouse_connection_limit_waits_total") >= Some(1.0),
         "the wait is not counted"
@@ -516,6 +516,48 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
             .is_ok_and(|r| r.status() == 200)),
         "service did not resume"
     );
+}
+
+#[test]
+fn memory_a_burst_of_connections_freed_goes_back_to_the_kernel() {
+    let group = plain_group(1, "limits.max_connections_per_client = 1000");
+    let proxy = group.child_pid("gatehouse proxy").expect("the proxy");
+    let before = status_kib(proxy, "RssAnon");
+    // 600 clients at once, each answered the landing page and keeping its connection.
+    let burst: Vec<TcpStream> = (0..600)
+        .filter_map(|_| {
+            let mut s = TcpStream::connect(("127.0.0.1", group.port)).ok()?;
+            s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n").ok()?;
+            Some(s)
+        })
+        .collect();
+    let answered = burst
+        .iter()
+        .filter(|s| {
+            let mut s = *s;
+            s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+            let mut head = [0u8; 12];
+            s.read_exact(&mut head).is_ok() && head.starts_with(b"HTTP/1.1 200")
+        })
+        .count();
+    assert!(answered > 500, "only {answered} of the burst were answered");
+    let during = status_kib(proxy, "RssAnon");
+    assert!(
+        during > before + 10 * 1024,
+        "the burst grew the proxy only from {before} to {during} KiB: nothing to give back"
+    );
+    drop(burst);
+    // glibc alone keeps nearly all of it; the proxy's heap check gives it back.
+    let slack = gatehouse_proxy::heap::SLACK / 1024 + 4 * 1024;
+    let check = gatehouse_proxy::heap::CHECK_EVERY;
+    assert!(
+        wait_until(check * 2 + Duration::from_secs(5), || status_kib(
+            proxy, "RssAnon"
+        ) < before + slack),
+        "the proxy kept {} KiB after the burst (before: {before} KiB, during: {during} KiB)",
+        status_kib(proxy, "RssAnon")
+    );
+    assert!(group.get("/api/ping").is_ok_and(|r| r.status() == 200));
 }
 
 #[test]

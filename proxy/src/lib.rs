@@ -25,6 +25,7 @@
 //! - [`admin`]: the admin listener: the metrics of the whole group, `/healthz`, `/readyz`.
 //! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
+//! - [`heap`]: memory a burst of connections freed, given back to the kernel.
 //! - [`settings`]: the proxy's whole input, built and validated by the config loader.
 //! - [`error`]: why the run-time state could not be built.
 //!
@@ -63,6 +64,7 @@ pub mod error;
 pub mod file_limit;
 pub mod framing;
 pub mod gateway;
+pub mod heap;
 pub mod https_redirect;
 pub mod live;
 pub mod metrics;
@@ -244,6 +246,10 @@ pub fn run(
     server.add_service(pingora::services::background::background_service(
         "reload and log reopening",
         signals,
+    ));
+    server.add_service(pingora::services::background::background_service(
+        "heap trim",
+        heap::Trim,
     ));
     server.add_service(proxy);
     server.add_service(health);
