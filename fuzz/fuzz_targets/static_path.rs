@@ -4,7 +4,7 @@
 
 use std::path::{Component, Path};
 
-use gatehouse_proxy::statics::path;
+use gatehouse_proxy::{path, statics};
 use libfuzzer_sys::fuzz_target;
 
 const PREFIXES: [&str; 3] = ["/", "/open/", "/docs/v1/"];
@@ -22,7 +22,7 @@ fuzz_target!(|data: &[u8]| {
         "{raw:?} -> {decoded:?}"
     );
     for prefix in PREFIXES {
-        let Some(relative) = path::relative(&decoded, prefix) else {
+        let Some(relative) = statics::relative(&decoded, prefix) else {
             continue;
         };
         assert!(
