@@ -492,9 +492,24 @@ impl Group {
         self.token_for(USER, PASSWORD)
     }
 
-    /// A token for `user`, who must be able to log in.
+    /// A token for `user`, who must be able to log in. A `503` (Redis slow to answer, or every
+    /// password check slot busy, on a loaded machine) says to try again after `Retry-After`,
+    /// and is tried again a few times, as a client would.
     pub fn token_for(&self, user: &str, password: &str) -> String {
-        let response = self.login(user, password);
+        let mut response = self.login(user, password);
+        for _ in 0..5 {
+            if response.status() != 503 {
+                break;
+            }
+            let wait = response
+                .headers()
+                .get("retry-after")
+                .and_then(|v| v.to_str().ok()?.parse::<u64>().ok())
+                .unwrap_or(1)
+                .min(2);
+            sleep(Duration::from_secs(wait));
+            response = self.login(user, password);
+        }
         assert_eq!(response.status(), 200, "login of {user}");
         let body: Value = response.json().expect("login JSON");
         body["token"].as_str().expect("token").to_string()

@@ -13,7 +13,7 @@
 //! in the discard-only prefix `100::/64` (RFC 6666), derived from its text, so such clients
 //! neither share one identity (one of them would exhaust everyone's rate limit) nor borrow a
 //! trusted proxy's. Such an address is never taken for a trusted proxy, whatever
-//! `trusted_proxies` says (even `::/0`).
+//! `trusted_proxies` says (even `::/0`), as a hop or as the socket's peer.
 //!
 //! `X-Real-IP` is one address: the peer of the proxy nearest to us, as that proxy wrote it.
 //! No chain is walked, so this mode is safe only when every trusted proxy overwrites the
@@ -104,7 +104,10 @@ pub fn client_ip(
     header: ClientIpHeader,
 ) -> IpAddr {
     let peer = canonical(peer);
-    if trusted.is_empty() || !trusted.contains(peer) {
+    // A peer in the discard prefix is never trusted, as a hop there is never: otherwise a
+    // backend behind this proxy, walking the chain it forwards, would stop at that peer's
+    // address where this proxy read past it, and the two would charge different clients.
+    if trusted.is_empty() || is_synthetic(peer) || !trusted.contains(peer) {
         return peer;
     }
     match header {
@@ -203,6 +206,21 @@ mod tests {
 
     fn unreadable(ip: IpAddr) -> bool {
         matches!(ip, IpAddr::V6(v6) if is_unreadable_hop(v6))
+    }
+
+    #[test]
+    fn a_peer_in_the_discard_prefix_is_never_trusted() {
+        // Found by the client_ip fuzz target: with `::/0` trusted, a peer in 100::/64 was
+        // trusted as a socket peer but not as the hop this proxy forwards, so the proxy charged
+        // the client its header named and a backend behind it charged the peer.
+        let trusted = IpList::parse(&["::/0"]).unwrap();
+        let peer = ip("100::5d:0");
+        let sent = headers(&[("x-forwarded-for", ""), ("x-real-ip", "2001:db8::1")]);
+        for header in [XFF, REAL] {
+            assert_eq!(client_ip(peer, &sent, &trusted, header), peer);
+        }
+        let forwarded = headers(&[("x-forwarded-for", ", 100::5d:0")]);
+        assert_eq!(client_ip(peer, &forwarded, &trusted, XFF), peer);
     }
 
     #[test]
