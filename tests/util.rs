@@ -22,8 +22,17 @@ pub const USER: &str = "admin";
 pub const PASSWORD: &str = "password";
 
 pub fn free_port() -> u16 {
-    let listener = TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port");
-    listener.local_addr().expect("local addr").port()
+    let [port] = free_ports();
+    port
+}
+
+/// `N` distinct free ports. Every listener is held until all are picked: the kernel may hand
+/// a port that was just closed out again at once, and one group given the same port twice
+/// refuses its own config.
+pub fn free_ports<const N: usize>() -> [u16; N] {
+    let listeners: [TcpListener; N] =
+        std::array::from_fn(|_| TcpListener::bind("127.0.0.1:0").expect("bind an ephemeral port"));
+    listeners.map(|listener| listener.local_addr().expect("local addr").port())
 }
 
 /// Polls `check` every 50 ms until it holds or `timeout` passes.
@@ -339,9 +348,10 @@ impl Group {
         };
         // Tests run in parallel: a free port can be taken before the group binds it.
         for _ in 0..3 {
-            group.port = free_port();
-            group.tls_port = options.tls.then(free_port);
-            group.admin_port = free_port();
+            let [port, tls_port, admin_port] = free_ports();
+            group.port = port;
+            group.tls_port = options.tls.then_some(tls_port);
+            group.admin_port = admin_port;
             write_config(
                 group.dir.path(),
                 group.port,
