@@ -200,8 +200,11 @@ static_dir = "{static}/main"
 """
 
 
-def nginx_config(work, http, https, backends, workers):
+def nginx_config(work, http, https, backends, workers, access_log=None):
+    """`access_log`: a file for nginx's access log in its default format, written at each
+    request as nginx does by default (None: off)."""
     static = work / "static"
+    access = f"access_log {access_log};" if access_log else "access_log off;"
     servers = "\n".join(f"        server unix:{work}/run/backend-{i}.sock;" for i in range(1, backends + 1))
     # Workers run as us, so they can reach the backend sockets in our private directory.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
@@ -213,7 +216,7 @@ error_log {work}/nginx-error.log warn;
 events {{ worker_connections 4096; }}
 http {{
     include /etc/nginx/mime.types;
-    access_log off;
+    {access}
     sendfile on;
     tcp_nopush on;
     keepalive_requests 100000;
@@ -458,11 +461,22 @@ def start_group(binary, work, name, backends, admin, access_log, threads=None):
     return group, http, https, proxy
 
 
-def side_by_side(opts, sides, scenarios, title, file_name):
+def only(opts, scenarios):
+    """The scenarios `--only` asks for (all without it)."""
+    if not opts.only:
+        return scenarios
+    words = [w.strip().lower() for w in opts.only.split(",") if w.strip()]
+    return [s for s in scenarios if any(w in s[0].lower() for w in words)]
+
+
+def side_by_side(opts, sides, all_scenarios, title, file_name):
     """Groups started side by side, one per entry of `sides` (name -> (binary, admin port or
     None, access log or "", proxy.threads or None)), all with the same config otherwise; the
     same oha runs alternate between them, round after round. Writes and prints a table of
     medians, the first side against the second, and the syscall pass's table."""
+    def scenarios(token):
+        return only(opts, all_scenarios(token))
+
     duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, opts.rounds)
     opts.out.mkdir(parents=True, exist_ok=True)
     raw = opts.out / "raw"
@@ -615,6 +629,14 @@ def main():
                         help="compare this build with another gatehouse binary, alternating")
     parser.add_argument("--baseline-threads", type=int,
                         help="proxy.threads of the --baseline side (alone: this build against itself)")
+    parser.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "gatehouse",
+                        help="this build's gatehouse binary (default: the release build)")
+    parser.add_argument("--only", metavar="WORDS",
+                        help="only the scenarios whose label holds one of these comma-separated words "
+                             "(for example ping,count)")
+    parser.add_argument("--access-logs", choices=("on", "off"), default="on",
+                        help="access logs on both sides in the gatehouse/nginx table (default on, "
+                             "as both ship)")
     parser.add_argument("--rounds", type=int, default=3,
                         help="alternating rounds for --observability and --baseline")
     opts = parser.parse_args()
@@ -626,7 +648,7 @@ def main():
             sys.exit(f"bench: {tool} not found (oha: cargo install oha --locked; nginx: apt-get install nginx)")
     if not opts.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=REPO, check=True)
-    binary = REPO / "target" / "release" / "gatehouse"
+    binary = opts.binary
     if opts.observability:
         observability(opts, binary)
         return
@@ -646,9 +668,12 @@ def main():
     try:
         copy_static(work)
         ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https")}
-        # Metrics on (gatehouse always keeps them in production), access logs off on both sides.
+        # Metrics on (gatehouse always keeps them in production); access logs as both ship
+        # (on) unless --access-logs off.
+        logs = opts.access_logs == "on"
         (work / "gatehouse.toml").write_text(gatehouse_config(
             work, ports["gh_http"], ports["gh_https"], backends, admin=free_port(),
+            access_log=f"{work}/gatehouse-access.log" if logs else "off",
             proxy_extra=threads_line(opts.threads)))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
@@ -661,7 +686,8 @@ def main():
         backend_pids = [p for p in members if " backend " in cmdline(p)]
         backend_socket = work / "run" / "backend-1.sock"
 
-        (work / "nginx.conf").write_text(nginx_config(work, ports["ngx_http"], ports["ngx_https"], backends, workers))
+        (work / "nginx.conf").write_text(nginx_config(work, ports["ngx_http"], ports["ngx_https"], backends, workers,
+                                                      f"{work}/nginx-access.log" if logs else None))
         subprocess.run(["nginx", "-c", work / "nginx.conf"], check=True)
         wait_for(f"http://127.0.0.1:{ports['ngx_http']}/api/ping", work / "nginx-error.log")
         nginx_master = int((work / "nginx.pid").read_text())
@@ -682,6 +708,7 @@ def main():
             ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
             ("GET /close/ (allowlist + basic auth)", ["-a", "admin:homework"], "http", "/close/"),
         ]
+        scenarios = only(opts, scenarios)
         servers = {
             "gatehouse": (ports["gh_http"], ports["gh_https"], proxy),
             "nginx": (ports["ngx_http"], ports["ngx_https"], nginx_workers),
@@ -711,8 +738,8 @@ def main():
     lines = [
         f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating, medians; "
         f"{os.cpu_count()} cores; edge = gatehouse proxy (proxy.threads {threads_words(opts.threads)}) / nginx "
-        f"workers ({workers}); {backends} backends shared by both; ctx sw = voluntary + involuntary context "
-        "switches of the edge's threads.",
+        f"workers ({workers}); {backends} backends shared by both; metrics on; access logs {opts.access_logs} on both "
+        "sides; ctx sw = voluntary + involuntary context switches of the edge's threads.",
         "",
         "| scenario | server | rps | p50 ms | p99 ms | edge CPU us/req | user us/req | sys us/req | ctx sw/req "
         "| edge peak RSS MB | group RSS MB under load | gatehouse/nginx rps | gatehouse/nginx CPU |",

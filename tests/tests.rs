@@ -15,6 +15,8 @@ mod config;
 mod connection_limits;
 mod drills;
 mod fail_closed;
+// The proxy's two paths to the backends.
+mod forwarding;
 mod jwt;
 mod observability;
 mod operations;

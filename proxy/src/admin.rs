@@ -26,7 +26,7 @@ use arc_swap::ArcSwap;
 use crate::{
     live::Live,
     metrics::Metrics,
-    upstream::{BackendId, BackendSocket},
+    upstream::{self, BackendSocket},
 };
 
 /// How long a backend may take to answer the admin listener.
@@ -46,11 +46,11 @@ pub struct Admin {
 impl Admin {
     async fn render_metrics(&self) -> Vec<u8> {
         for backend in self.lb.backends().get_backend().iter() {
-            if let Some(BackendId(id)) = backend.ext.get::<BackendId>() {
+            if let Some(member) = upstream::member(backend) {
                 let up = self.lb.backends().ready(backend);
                 self.metrics
                     .backend_up
-                    .with_label_values(&[id.as_ref()])
+                    .with_label_values(&[member.id.as_ref()])
                     .set(i64::from(up));
             }
         }

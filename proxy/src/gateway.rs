@@ -5,8 +5,10 @@
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
 //!    404); the route's access rules (rate limit -> 429, allow/deny -> 403, basic auth ->
-//!    401); static routes are then answered here from files.
-//! 3. `upstream_peer`: pick a backend socket (round robin, healthy, not failed already).
+//!    401); static routes are then answered here from files, and a simple `GET` or `HEAD`
+//!    to the backends is forwarded here (`forward`, the fast path; see [`crate::forward`]).
+//! 3. `upstream_peer` (everything else): pick a backend socket (round robin, healthy, not
+//!    failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
 //! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
 //! 6. `response_filter`: request id, HSTS, compression of large backend responses.
@@ -29,6 +31,7 @@ use pingora::{
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
+use http::HeaderValue;
 
 use arc_swap::ArcSwap;
 
@@ -37,6 +40,7 @@ use crate::{
     client_shares::{ClientShares, Share},
     drain::{Drain, InFlight},
     encoding::compressible,
+    forward::{self, Failed},
     framing,
     live::Live,
     metrics::{AccessRefusal, Cut},
@@ -44,7 +48,7 @@ use crate::{
     path, request_id,
     respond::{self, Stamp},
     routes::{LiveRoute, Served},
-    upstream::{NoBackend, Pool},
+    upstream::{Chosen, NoBackend, Pool},
 };
 
 /// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
@@ -250,16 +254,10 @@ impl ProxyHttp for Gateway {
         if self.drain.leaving() {
             session.set_keepalive(None);
         }
-        // Pingora's compression module reads `Accept-Encoding` between this phase and
-        // `request_filter`, and only when it is on: on here, decided per route below.
-        set_compression(session, COMPRESSION_LEVEL);
         Ok(())
     }
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
-        // Off for everything the proxy answers itself: static files are compressed once per
-        // version by `statics`, never per request.
-        set_compression(session, 0);
         let live = Arc::clone(&ctx.live);
         let stamp = self.stamp(ctx);
 
@@ -369,8 +367,9 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 };
                 ctx.share = Some(share);
-                // `response_filter` turns it off again for small or binary responses.
-                set_compression(session, COMPRESSION_LEVEL);
+                if forward::eligible(session) {
+                    return self.forward(session, ctx).await;
+                }
                 Ok(false)
             }
         }
@@ -407,17 +406,9 @@ impl ProxyHttp for Gateway {
         };
         // A retry gives back the failed backend's slot before it asks for another.
         ctx.slot = None;
-        let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
-            if why == NoBackend::Full
-                && let Some(metrics) = &ctx.live.metrics
-            {
-                metrics.upstream_queue_timeouts.inc();
-            }
-            Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
-        })?;
-        ctx.upstream = chosen.id.map(|id| (id, Instant::now()));
+        let chosen = self.choose(ctx).await?;
         ctx.slot = Some(chosen.slot);
-        Ok(chosen.peer)
+        Ok(Box::new(chosen.member.peer.clone()))
     }
 
     fn fail_to_connect(
@@ -472,37 +463,7 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // A trusted proxy's chain is extended with the hop we saw; anyone else's is replaced,
-        // so a backend never sees an address the edge did not vouch for.
-        if let Some(peer) = session
-            .client_addr()
-            .and_then(|a| a.as_inet())
-            .map(|a| a.ip().to_canonical())
-        {
-            let chain = match client_ip::forwarded_chain(&upstream.headers) {
-                Some(chain) if ctx.live.trusted_proxies.contains(peer) => {
-                    format!("{chain}, {peer}")
-                }
-                _ => peer.to_string(),
-            };
-            upstream.insert_header("x-forwarded-for", chain)?;
-            upstream.insert_header("x-real-ip", ctx.client.to_string())?;
-        } else {
-            // No address of our own to vouch for: pass on none of the client's.
-            upstream.remove_header("x-forwarded-for");
-            upstream.remove_header("x-real-ip");
-        }
-        upstream.insert_header("x-forwarded-proto", if ctx.tls { "https" } else { "http" })?;
-        upstream.insert_header("x-request-id", &ctx.request_id)?;
-        // Basic-auth credentials are the edge's business unless the route says otherwise.
-        let keep = ctx
-            .route
-            .as_ref()
-            .is_none_or(|r| r.access.passes_authorization());
-        if !keep {
-            upstream.remove_header("authorization");
-        }
-        Ok(())
+        forwarding_headers(session, upstream, ctx)
     }
 
     async fn response_filter(
@@ -511,28 +472,7 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        self.stamp(ctx).apply(response)?;
-        ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
-        if let Some(user) = response.remove_header(USER_HEADER)
-            && ctx.user.is_none()
-        {
-            ctx.user = user.to_str().ok().map(str::to_owned);
-        }
-        // Large text responses (a big JSON listing) are compressed by Pingora's module, which
-        // also negotiates `Accept-Encoding`; small ones are not worth it.
-        let headers = &response.headers;
-        let large = headers
-            .get("content-length")
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
-            .is_none_or(|len| len >= ctx.live.compress_min_bytes);
-        let text = headers
-            .get("content-type")
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(compressible);
-        if !(large && text) {
-            set_compression(session, 0);
-        }
-        Ok(())
+        self.prepare_response(session, response, ctx)
     }
 
     async fn fail_to_proxy(
@@ -599,6 +539,168 @@ impl ProxyHttp for Gateway {
     }
 }
 
+
+impl Gateway {
+    /// A backend for the request, and its slot; the request is now charged to it.
+    async fn choose(&self, ctx: &mut RequestCtx) -> Result<Chosen> {
+        let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
+            if why == NoBackend::Full
+                && let Some(metrics) = &ctx.live.metrics
+            {
+                metrics.upstream_queue_timeouts.inc();
+            }
+            Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
+        })?;
+        ctx.upstream = Some((chosen.member.id.clone(), Instant::now()));
+        Ok(chosen)
+    }
+
+    /// The fast path ([`forward`]): `Ok(true)` once answered, `Ok(false)` when the request is
+    /// to take Pingora's path after all (what failed is in `ctx.failed`, as after a failed
+    /// attempt there).
+    async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
+        let chosen = self.choose(ctx).await?;
+        let member = chosen.member;
+        ctx.slot = Some(chosen.slot);
+        let mut request = forward::upstream_request(session).map_err(|e| e.into_down())?;
+        forwarding_headers(session, &mut request, ctx)?;
+        let mut exchange = match forward::send(&member, request, self.pool.deadlines()).await {
+            Ok(exchange) => exchange,
+            Err(failed) => {
+                ctx.slot = None;
+                match failed {
+                    // The backend is not to blame: Pingora's path may pick it again.
+                    Failed::Stale(_) => {}
+                    Failed::Connect(_) => {
+                        ctx.failed.push(member.peer._address.clone());
+                        self.upstream_error(ctx, "connect");
+                    }
+                    // A hung backend answers 504 once, not once per backend.
+                    Failed::Backend(e) if forward::is_timeout(&e) => {
+                        self.upstream_error(ctx, "timeout");
+                        return Err(e.into_up());
+                    }
+                    Failed::Backend(_) => {
+                        ctx.failed.push(member.peer._address.clone());
+                        self.upstream_error(ctx, "error");
+                    }
+                }
+                return Ok(false);
+            }
+        };
+        self.prepare_response(session, &mut exchange.response, ctx)?;
+        if let Err(e) = exchange.relay(session, &member).await {
+            if *e.esource() == ErrorSource::Upstream {
+                let kind = if forward::is_timeout(&e) { "timeout" } else { "error" };
+                self.upstream_error(ctx, kind);
+            }
+            return Err(e);
+        }
+        Ok(true)
+    }
+
+    /// The backend's response header as the client gets it (both paths).
+    fn prepare_response(
+        &self,
+        session: &mut Session,
+        response: &mut ResponseHeader,
+        ctx: &mut RequestCtx,
+    ) -> Result<()> {
+        self.stamp(ctx).apply(response)?;
+        ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
+        if let Some(user) = response.remove_header(USER_HEADER)
+            && ctx.user.is_none()
+        {
+            ctx.user = user.to_str().ok().map(str::to_owned);
+        }
+        // Large text responses (a big JSON listing) are compressed by Pingora's module, which
+        // also negotiates `Accept-Encoding`; small ones are not worth it. The module is off
+        // until here (Pingora's default), so nothing else pays for reading `Accept-Encoding`:
+        // static files are compressed once per version by `statics`, never per request.
+        let headers = &response.headers;
+        let large = headers
+            .get("content-length")
+            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
+            .is_none_or(|len| len >= ctx.live.compress_min_bytes);
+        let text = headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(compressible);
+        if large && text {
+            compress(session);
+        }
+        Ok(())
+    }
+
+}
+
+/// The forwarding headers and the request id for the backend (both paths).
+fn forwarding_headers(
+    session: &Session,
+    upstream: &mut RequestHeader,
+    ctx: &RequestCtx,
+) -> Result<()> {
+    // A trusted proxy's chain is extended with the hop we saw; anyone else's is replaced,
+    // so a backend never sees an address the edge did not vouch for.
+    if let Some(peer) = session
+        .client_addr()
+        .and_then(|a| a.as_inet())
+        .map(|a| a.ip().to_canonical())
+    {
+        let hop = ip_text(peer);
+        // Without a trusted proxy in front, the client is the peer: written once.
+        let client = if ctx.client == peer {
+            hop.clone()
+        } else {
+            ip_text(ctx.client)
+        };
+        let chain = match client_ip::forwarded_chain(&upstream.headers) {
+            Some(chain) if ctx.live.trusted_proxies.contains(peer) => format!("{chain}, {hop}"),
+            _ => hop,
+        };
+        upstream.insert_header("x-forwarded-for", chain)?;
+        upstream.insert_header("x-real-ip", client)?;
+    } else {
+        // No address of our own to vouch for: pass on none of the client's.
+        upstream.remove_header("x-forwarded-for");
+        upstream.remove_header("x-real-ip");
+    }
+    let proto = HeaderValue::from_static(if ctx.tls { "https" } else { "http" });
+    upstream.insert_header("x-forwarded-proto", proto)?;
+    upstream.insert_header("x-request-id", &ctx.request_id)?;
+    // Basic-auth credentials are the edge's business unless the route says otherwise.
+    let keep = ctx
+        .route
+        .as_ref()
+        .is_none_or(|r| r.access.passes_authorization());
+    if !keep {
+        upstream.remove_header("authorization");
+    }
+    Ok(())
+}
+
+/// An address as text; IPv4 without `Display`'s padding machinery, which costs more than the
+/// rest of the forwarding headers together.
+fn ip_text(ip: IpAddr) -> String {
+    let IpAddr::V4(v4) = ip else {
+        return ip.to_string();
+    };
+    let mut text = String::with_capacity(15);
+    for (i, octet) in v4.octets().into_iter().enumerate() {
+        if i > 0 {
+            text.push('.');
+        }
+        if octet >= 100 {
+            text.push(char::from(b'0' + octet / 100));
+        }
+        if octet >= 10 {
+            text.push(char::from(b'0' + octet / 10 % 10));
+        }
+        text.push(char::from(b'0' + octet % 10));
+    }
+    text
+}
+
 impl Gateway {
     fn upstream_error(&self, ctx: &RequestCtx, kind: &str) {
         if let (Some(metrics), Some((id, _))) = (&ctx.live.metrics, &ctx.upstream) {
@@ -635,12 +737,15 @@ impl Gateway {
     }
 }
 
-fn set_compression(session: &mut Session, level: u32) {
+/// Turns Pingora's compression module on for this response, with the client's
+/// `Accept-Encoding`.
+fn compress(session: &mut Session) {
     if let Some(compression) = session
         .downstream_modules_ctx
         .get_mut::<ResponseCompression>()
     {
-        compression.adjust_level(level);
+        compression.adjust_level(COMPRESSION_LEVEL);
+        compression.request_filter(session.downstream_session.req_header());
     }
 }
 
@@ -691,5 +796,18 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
         ),
         (ErrorSource::Downstream, _) => (400, "bad_request", "the request is malformed"),
         _ => (500, "internal", "the proxy failed to handle the request"),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn addresses_are_written_as_display_writes_them() {
+        for ip in ["0.0.0.0", "1.2.3.4", "10.20.30.40", "100.99.255.9", "255.255.255.255", "::1"] {
+            let ip: IpAddr = ip.parse().expect("address");
+            assert_eq!(ip_text(ip), ip.to_string());
+        }
     }
 }

@@ -12,7 +12,8 @@
 //!   (a [`routes::LiveRoute`] holds what serves the route, its access rules, its metric
 //!   series and its access log), the route's [`access`] rules (rate limits, allow/deny lists,
 //!   basic auth), then a static site ([`statics`]) or the backend pool on Unix sockets
-//!   ([`upstream`], health checks and failover).
+//!   ([`upstream`], health checks and failover): a simple `GET` or `HEAD` over the proxy's
+//!   own keep-alive connections ([`forward`]), anything else over Pingora's upstream path.
 //! - [`respond`]: the responses the proxy writes itself; an [`respond::ErrorReply`] is a JSON
 //!   error.
 //! - [`observe`]: the request's end, counted in its route's [`metrics`] series and handed to
@@ -62,6 +63,7 @@ pub mod drain;
 pub mod encoding;
 pub mod error;
 pub mod file_limit;
+pub mod forward;
 pub mod framing;
 pub mod gateway;
 pub mod heap;
@@ -168,7 +170,7 @@ pub fn run(
 
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
-    let pool = upstream::Pool::new(lb.clone(), settings.pool.queue_timeout);
+    let pool = upstream::Pool::new(lb.clone(), &settings.pool);
     let metrics = match &settings.admin_listen {
         Some(_) => Some(Arc::new(metrics::Metrics::new()?)),
         None => None,

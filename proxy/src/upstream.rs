@@ -11,11 +11,19 @@
 //! Pingora's `Backend::new` parses TCP addresses only and `HttpPeer::new` panics on a Unix
 //! address, so each backend is built from `SocketAddr::Unix` and carries a ready-made peer.
 
-use std::{collections::BTreeSet, path::PathBuf, sync::Arc, time::Duration};
+use std::{
+    collections::BTreeSet,
+    path::PathBuf,
+    sync::{
+        Arc,
+        atomic::{AtomicUsize, Ordering},
+    },
+    time::Duration,
+};
 
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
-use crate::error::BuildError;
+use crate::{error::BuildError, forward::Deadlines};
 use pingora::{
     http::RequestHeader,
     lb::{
@@ -33,10 +41,6 @@ use crate::settings::PoolSettings;
 /// connections open longer, or a request sent on one as it closes would fail.
 pub const POOL_IDLE_TIMEOUT: Duration = Duration::from_secs(60);
 
-/// A backend's name (`b1`, ...), as metrics and access logs show it; kept in its `ext`.
-#[derive(Debug, Clone)]
-pub struct BackendId(pub Arc<str>);
-
 /// A backend process: its name, the socket it serves requests on, and the one the admin
 /// listener scrapes.
 #[derive(Debug, Clone)]
@@ -48,14 +52,23 @@ pub struct BackendSocket {
     pub admin_socket: Option<PathBuf>,
 }
 
-/// A backend's free slots for requests in flight; kept in its `ext`.
-#[derive(Clone)]
-struct Slots(Arc<Semaphore>);
+/// A backend as the proxy uses it: kept in its `ext`, so a choice costs one `Arc` clone,
+/// not a clone of the whole [`Backend`].
+pub struct Member {
+    /// Its name (`b1`, ...), as metrics and access logs show it.
+    pub id: Arc<str>,
+    pub socket: PathBuf,
+    /// For Pingora's own path (requests with a body, upgrades, retries).
+    pub peer: HttpPeer,
+    /// Free slots for requests in flight.
+    slots: Arc<Semaphore>,
+    /// Keep-alive connections of the fast path ([`crate::forward`]).
+    pub idle: crate::forward::IdleConnections,
+}
 
 /// A backend chosen for a request, and its slot, held until the request is over.
 pub struct Chosen {
-    pub peer: Box<HttpPeer>,
-    pub id: Option<Arc<str>>,
+    pub member: Arc<Member>,
     pub slot: OwnedSemaphorePermit,
 }
 
@@ -69,35 +82,41 @@ pub enum NoBackend {
 }
 
 /// Builds the pool and the background service that keeps its health up to date.
+/// The load balancer's entry for one backend, with its [`Member`].
+pub fn entry(backend: &BackendSocket, settings: &PoolSettings) -> Result<Backend, BuildError> {
+    let path = &backend.socket;
+    let text = path
+        .to_str()
+        .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
+    let mut peer =
+        HttpPeer::new_uds(text, false, String::new()).map_err(|source| BuildError::BackendSocket {
+            path: path.clone(),
+            source,
+        })?;
+    peer.options.connection_timeout = Some(settings.connect_timeout);
+    peer.options.read_timeout = Some(settings.read_timeout);
+    peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+    let mut entry = Backend {
+        addr: peer._address.clone(),
+        weight: 1,
+        ext: Default::default(),
+    };
+    entry.ext.insert(Arc::new(Member {
+        id: Arc::from(backend.id.as_str()),
+        socket: path.clone(),
+        peer,
+        slots: Arc::new(Semaphore::new(settings.max_connections_per_backend)),
+        idle: Default::default(),
+    }));
+    Ok(entry)
+}
+
 pub fn build(
     settings: &PoolSettings,
 ) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, BuildError> {
     let mut backends = BTreeSet::new();
     for backend in &settings.backends {
-        let path = &backend.socket;
-        let text = path
-            .to_str()
-            .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
-        let mut peer = HttpPeer::new_uds(text, false, String::new()).map_err(|source| {
-            BuildError::BackendSocket {
-                path: path.clone(),
-                source,
-            }
-        })?;
-        peer.options.connection_timeout = Some(settings.connect_timeout);
-        peer.options.read_timeout = Some(settings.read_timeout);
-        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
-        let mut entry = Backend {
-            addr: peer._address.clone(),
-            weight: 1,
-            ext: Default::default(),
-        };
-        entry.ext.insert(peer);
-        entry.ext.insert(BackendId(Arc::from(backend.id.as_str())));
-        entry.ext.insert(Slots(Arc::new(Semaphore::new(
-            settings.max_connections_per_backend,
-        ))));
-        backends.insert(entry);
+        backends.insert(entry(backend, settings)?);
     }
     let backends = Backends::new(discovery::Static::new(backends));
     let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
@@ -119,11 +138,26 @@ pub fn build(
 pub struct Pool {
     lb: Arc<LoadBalancer<RoundRobin>>,
     queue_timeout: Duration,
+    deadlines: Deadlines,
+    /// Where round robin goes next.
+    next: AtomicUsize,
 }
 
 impl Pool {
-    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>, queue_timeout: Duration) -> Self {
-        Self { lb, queue_timeout }
+    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>, settings: &PoolSettings) -> Self {
+        Self {
+            lb,
+            queue_timeout: settings.queue_timeout,
+            deadlines: Deadlines {
+                connect: settings.connect_timeout,
+                read: settings.read_timeout,
+            },
+            next: AtomicUsize::new(0),
+        }
+    }
+
+    pub fn deadlines(&self) -> Deadlines {
+        self.deadlines
     }
 
     /// The next healthy backend with a free slot that has not already failed this request.
@@ -131,39 +165,38 @@ impl Pool {
     /// deadline. When health checks have every one marked down, an untried backend is still
     /// worth one connect attempt.
     pub async fn select(&self, failed: &[SocketAddr]) -> Result<Chosen, NoBackend> {
+        let backends = self.lb.backends();
+        let members = backends.get_backend();
+        let start = self.next.fetch_add(1, Ordering::Relaxed);
+        // Round robin from `start`: each request starts one further along.
+        let in_turn = || {
+            let n = members.len().max(1);
+            members.iter().cycle().skip(start % n).take(members.len())
+        };
         let untried = |b: &Backend| !failed.contains(&b.addr);
-        let free = |b: &Backend| slots(b).is_some_and(|s| s.available_permits() > 0);
-        if let Some(backend) = self
-            .lb
-            .select_with(b"", 256, |b, healthy| healthy && untried(b) && free(b))
-            && let Some(slot) = slots(&backend).and_then(|s| s.clone().try_acquire_owned().ok())
-        {
-            return chosen(&backend, slot);
+        for backend in in_turn().filter(|b| untried(b) && backends.ready(b)) {
+            if let Some(member) = member(backend)
+                && let Ok(slot) = member.slots.clone().try_acquire_owned()
+            {
+                return Ok(Chosen {
+                    member: member.clone(),
+                    slot,
+                });
+            }
         }
-        let backend = self
-            .lb
-            .select_with(b"", 256, |b, healthy| healthy && untried(b))
-            .or_else(|| self.lb.select_with(b"", 256, |b, _| untried(b)))
+        let backend = in_turn()
+            .find(|b| untried(b) && backends.ready(b))
+            .or_else(|| in_turn().find(|b| untried(b)))
             .ok_or(NoBackend::Untried)?;
-        let slots = slots(&backend).ok_or(NoBackend::Untried)?.clone();
+        let member = member(backend).ok_or(NoBackend::Untried)?.clone();
+        let slots = member.slots.clone();
         match tokio::time::timeout(self.queue_timeout, slots.acquire_owned()).await {
-            Ok(Ok(slot)) => chosen(&backend, slot),
+            Ok(Ok(slot)) => Ok(Chosen { member, slot }),
             _ => Err(NoBackend::Full),
         }
     }
 }
 
-fn slots(backend: &Backend) -> Option<&Arc<Semaphore>> {
-    backend.ext.get::<Slots>().map(|s| &s.0)
-}
-
-fn chosen(backend: &Backend, slot: OwnedSemaphorePermit) -> Result<Chosen, NoBackend> {
-    let id = backend.ext.get::<BackendId>().map(|id| id.0.clone());
-    let peer = backend
-        .ext
-        .get::<HttpPeer>()
-        .cloned()
-        .map(Box::new)
-        .ok_or(NoBackend::Untried)?;
-    Ok(Chosen { peer, id, slot })
+pub fn member(backend: &Backend) -> Option<&Arc<Member>> {
+    backend.ext.get::<Arc<Member>>()
 }

@@ -1,0 +1,241 @@
+//! The fast path to the backends: a `GET` or `HEAD` without a body, an upgrade or any other
+//! hop-by-hop header is forwarded from `request_filter` over a keep-alive connection of the
+//! proxy's own, and everything else takes Pingora's path.
+//!
+//! Pingora's path costs, per request, a pool checkout and release under several locks, a task
+//! spawned to watch the idle connection, a `getpeername`, and two channels between two
+//! futures whose wake-ups bounce the request between worker threads. Here the request is
+//! written and the response read in the request's own task, with Pingora's HTTP/1 client
+//! codec (so framing, `Keep-Alive` and `Connection: close` are Pingora's rules), and the
+//! connection goes back on a stack owned by its backend.
+//!
+//! An idle connection is not watched: a backend that closed it (it restarted) fails the next
+//! write or read at once on a Unix socket, before any byte of a response reached the client,
+//! and the request then takes Pingora's path, like nginx's `proxy_next_upstream error` for a
+//! request that is safe to send twice.
+
+use std::{
+    sync::Mutex,
+    time::{Duration, Instant},
+};
+
+use bytes::Bytes;
+use http::{HeaderName, Method, Version, header};
+use pingora::{
+    Error, ErrorType, Result,
+    http::{RequestHeader, ResponseHeader},
+    protocols::{
+        Stream,
+        http::{HttpTask, v1::client::HttpSession},
+        l4::stream::Stream as L4Stream,
+    },
+};
+use pingora_proxy::Session;
+
+use crate::upstream::{Member, POOL_IDLE_TIMEOUT};
+
+/// Request headers that send a request down Pingora's path: hop-by-hop headers other than
+/// `Connection` (which is dropped here), and whatever needs a body or an upgrade handled.
+static NOT_SIMPLE: [HeaderName; 11] = [
+    header::CONTENT_LENGTH,
+    header::TRANSFER_ENCODING,
+    header::EXPECT,
+    header::UPGRADE,
+    HeaderName::from_static("keep-alive"),
+    HeaderName::from_static("proxy-connection"),
+    header::PROXY_AUTHENTICATE,
+    header::PROXY_AUTHORIZATION,
+    header::TE,
+    header::TRAILER,
+    HeaderName::from_static("http2-settings"),
+];
+
+/// Whether the request can take the fast path.
+pub fn eligible(session: &mut Session) -> bool {
+    let request = session.req_header();
+    // One pass over the request's few headers, comparing names already parsed.
+    matches!(request.method, Method::GET | Method::HEAD)
+        && request.headers.iter().all(|(name, value)| {
+            if *name == header::CONNECTION {
+                only_keep_alive_or_close(value.as_bytes())
+            } else {
+                !NOT_SIMPLE.contains(name)
+            }
+        })
+        && session.is_body_empty()
+}
+
+/// `Connection` names only the connection's persistence, no other header to drop.
+fn only_keep_alive_or_close(value: &[u8]) -> bool {
+    value.split(|b| *b == b',').all(|token| {
+        let token = token.trim_ascii();
+        token.eq_ignore_ascii_case(b"keep-alive") || token.eq_ignore_ascii_case(b"close")
+    })
+}
+
+/// The request as the backend gets it, before the forwarding headers: HTTP/1.1, with `Host`
+/// (an HTTP/2 request has `:authority` instead) and without `Connection`.
+pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
+    let mut request = session.req_header().clone();
+    let http2 = request.version == Version::HTTP_2;
+    request.set_version(Version::HTTP_11);
+    request.remove_header(&header::CONNECTION);
+    // An HTTP/2 request names its host in `:authority`, which wins over any `Host` it sent.
+    if http2 && let Some(authority) = request.uri.authority() {
+        let host = authority.as_str().to_owned();
+        if host.contains('@') {
+            return Error::e_explain(ErrorType::InvalidHTTPHeader, "userinfo in the authority");
+        }
+        request.insert_header(header::HOST, host)?;
+    }
+    Ok(request)
+}
+
+/// A backend's idle keep-alive connections, newest last: the newest is the likeliest to be
+/// alive and warm in the caches.
+#[derive(Default)]
+pub struct IdleConnections(Mutex<Vec<(Stream, Instant)>>);
+
+impl IdleConnections {
+    /// The newest connection idle for less than [`POOL_IDLE_TIMEOUT`]; older ones are closed.
+    fn take(&self) -> Option<Stream> {
+        let mut idle = self.0.lock().ok()?;
+        let (stream, since) = idle.pop()?;
+        if since.elapsed() < POOL_IDLE_TIMEOUT {
+            return Some(stream);
+        }
+        // Every one below is older still.
+        idle.clear();
+        None
+    }
+
+    fn put(&self, stream: Stream) {
+        if let Ok(mut idle) = self.0.lock() {
+            idle.push((stream, Instant::now()));
+        }
+    }
+
+    /// After a connection turned out dead: its backend has likely closed the others too.
+    fn clear(&self) {
+        if let Ok(mut idle) = self.0.lock() {
+            idle.clear();
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.lock().map_or(0, |idle| idle.len())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// Deadlines of a backend exchange.
+#[derive(Clone, Copy)]
+pub struct Deadlines {
+    pub connect: Duration,
+    /// For each read of the response, and each write of the request.
+    pub read: Duration,
+}
+
+/// A connection to a backend, with the request sent and the response header read.
+pub struct Exchange {
+    client: HttpSession,
+    pub response: Box<ResponseHeader>,
+}
+
+/// Why no response header came back.
+pub enum Failed {
+    /// A reused connection failed before any byte of a response: it was closed while idle.
+    /// Nothing is known about the backend.
+    Stale(Box<Error>),
+    /// A new connection could not be made.
+    Connect(Box<Error>),
+    /// The backend took the request and failed to answer.
+    Backend(Box<Error>),
+}
+
+/// Sends `request` to `member` and reads the response header.
+pub async fn send(member: &Member, request: RequestHeader, deadlines: Deadlines) -> Result<Exchange, Failed> {
+    let (stream, reused) = match member.idle.take() {
+        Some(stream) => (stream, true),
+        None => (connect(member, deadlines.connect).await.map_err(Failed::Connect)?, false),
+    };
+    let mut client = HttpSession::new(stream);
+    client.read_timeout = Some(deadlines.read);
+    client.write_timeout = Some(deadlines.read);
+    let outcome = async {
+        client.write_request_header(Box::new(request)).await?;
+        // Informational responses (`103 Early Hints`) are not passed on.
+        loop {
+            client.read_response().await?;
+            if client.get_status().is_some_and(|s| !s.is_informational()) {
+                break;
+            }
+        }
+        Ok::<_, Box<Error>>(())
+    }
+    .await;
+    match outcome {
+        Ok(()) => {
+            let response = match client.resp_header() {
+                Some(header) => Box::new(header.clone()),
+                None => return Err(Failed::Backend(Error::new(ErrorType::InvalidHTTPHeader))),
+            };
+            Ok(Exchange { client, response })
+        }
+        Err(e) if reused && !is_timeout(&e) => {
+            member.idle.clear();
+            Err(Failed::Stale(e))
+        }
+        Err(e) => Err(Failed::Backend(e)),
+    }
+}
+
+async fn connect(member: &Member, deadline: Duration) -> Result<Stream> {
+    match tokio::time::timeout(deadline, tokio::net::UnixStream::connect(&member.socket)).await {
+        Ok(Ok(stream)) => Ok(Box::new(L4Stream::from(stream))),
+        Ok(Err(e)) => Error::e_because(ErrorType::ConnectError, "connecting to the backend", e),
+        Err(_) => Error::e_explain(ErrorType::ConnectTimedout, "connecting to the backend"),
+    }
+}
+
+pub fn is_timeout(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ReadTimedout | ErrorType::WriteTimedout | ErrorType::ConnectTimedout
+    )
+}
+
+impl Exchange {
+    /// Sends the response header (as the filters left it) and the body to the client,
+    /// then gives the connection back to `member` if both sides kept it whole. An error from
+    /// the backend's side carries `ErrorSource::Upstream`, from the client's `Downstream`.
+    pub async fn relay(mut self, session: &mut Session, member: &Member) -> Result<()> {
+        let mut done = self.client.is_body_done();
+        let mut tasks = Vec::with_capacity(2);
+        tasks.push(HttpTask::Header(self.response, done));
+        // Most responses are whole in the first read: header and body go out in one write.
+        while !done {
+            let body: Option<Bytes> = self.client.read_body_bytes().await.map_err(|e| e.into_up())?;
+            done = self.client.is_body_done() || body.is_none();
+            tasks.push(HttpTask::Body(body, done));
+            session
+                .write_response_tasks(std::mem::take(&mut tasks))
+                .await
+                .map_err(|e| e.into_down())?;
+        }
+        if !tasks.is_empty() {
+            session
+                .write_response_tasks(tasks)
+                .await
+                .map_err(|e| e.into_down())?;
+        }
+        self.client.respect_keepalive();
+        if let Some(stream) = self.client.reuse().await {
+            member.idle.put(stream);
+        }
+        Ok(())
+    }
+}
