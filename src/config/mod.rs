@@ -127,7 +127,7 @@ impl Config {
                 format!("cannot resolve the config directory: {e}"),
             )
         })?;
-        let overlay = env::overlay(&mut raw, env);
+        let overlay = env::overlay(&mut raw, env)?;
         let source = Source {
             origin,
             doc,

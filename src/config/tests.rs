@@ -350,6 +350,25 @@ fn environment_overrides_are_named_as_such() {
 }
 
 #[test]
+fn an_empty_variable_is_refused_not_read_as_unset() {
+    for (name, hint) in [
+        (
+            ENV_ADMIN_LISTEN,
+            "write \"off\" to turn it off, or unset it",
+        ),
+        (ENV_TLS_LISTEN, "write \"off\" to turn it off, or unset it"),
+        (ENV_LISTEN, "set but empty: unset it"),
+        (ENV_JWT_SECRET, "set but empty: unset it"),
+        (ENV_JWT_SECRET_FILE, "set but empty: unset it"),
+    ] {
+        let env = |n: &str| (n == name).then(String::new);
+        let err = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap_err();
+        assert_eq!(err.origin, format!("environment variable {name}"), "{err}");
+        assert!(err.message.contains(hint), "{err}");
+    }
+}
+
+#[test]
 fn loading_never_reads_a_secret() {
     // Files that do not exist: loading the config (all the proxy does) succeeds, so it cannot
     // have read them; reading them names the file, line and key.
