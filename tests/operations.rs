@@ -234,6 +234,44 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
 }
 
 #[test]
+fn a_reload_that_only_moves_lines_leaves_the_backends_alone() {
+    // A secret file named in the config: the key's line moves with the comment below.
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("admin_password"),
+        "a random admin password\n",
+    )
+    .unwrap();
+    let group = Group::start_in(
+        dir,
+        Options {
+            backends: 1,
+            backend_extra: "admin_password_file = \"admin_password\"\n".into(),
+            ..Options::default()
+        },
+    );
+    let before = group.child_pid("--id b1 ").expect("backend");
+    let path = group.dir.path().join("gatehouse.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, format!("# every line one further down\n{text}")).unwrap();
+    assert!(gatehouse(&group, "reload").status.success());
+    // Counted once the reload is done, a rolling restart included.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            group.metric(r#"gatehouse_reloads_total{result="ok"}"#) == Some(1.0)
+        }),
+        "the reload did not complete:\n{}",
+        group.log()
+    );
+    assert_eq!(
+        group.child_pid("--id b1 "),
+        Some(before),
+        "the backend was restarted:\n{}",
+        group.log()
+    );
+}
+
+#[test]
 fn upgrade_hands_the_sockets_to_a_new_proxy_without_a_failed_request() {
     let group = Group::start(Options::default());
     let old_proxy = group.child_pid(" proxy ").expect("proxy");

@@ -36,7 +36,7 @@ pub struct Backend {
 /// Where a secret is read from. Loading the config only names it: the processes that need it
 /// (the backends, and `gatehouse check` and `run` to validate it) read it, and the proxy,
 /// which signs and checks no token, never does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Secret {
     /// The value of this environment variable.
     Env(&'static str),
@@ -48,6 +48,19 @@ pub enum Secret {
         line: Option<usize>,
         key: Option<String>,
     },
+}
+
+/// The same secret: the same variable, or the same file. Who named the file, and on which line,
+/// is for errors only; a comment added above the key must not look like a new secret (the
+/// supervisor restarts the backends when their settings differ).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Secret::Env(a), Secret::Env(b)) => a == b,
+            (Secret::File { path: a, .. }, Secret::File { path: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Secret {
