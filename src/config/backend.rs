@@ -153,7 +153,7 @@ pub fn validate(
     source: &Source,
 ) -> Result<Backend, ConfigError> {
     source.within(b.count, 1..=64, "backend.count")?;
-    let token_ttl = source.duration(
+    let token_ttl = source.seconds(
         b.token_ttl.0,
         Duration::from_secs(1)..=Duration::from_secs(366 * 86_400),
         "backend.token_ttl",
@@ -192,12 +192,12 @@ pub fn validate(
             ),
         ));
     }
-    let window = source.duration(
+    let window = source.seconds(
         b.login_failure_window.0,
         Duration::from_secs(1)..=Duration::from_secs(86_400),
         "backend.login_failure_window",
     )?;
-    let known = source.duration(
+    let known = source.seconds(
         b.login_known_address_ttl.0,
         Duration::ZERO..=Duration::from_secs(365 * 86_400),
         "backend.login_known_address_ttl",
@@ -234,7 +234,7 @@ pub fn validate(
     Ok(Backend {
         count: b.count,
         users_file: source.base.join(&b.users_file),
-        token_ttl_seconds: token_ttl.as_secs(),
+        token_ttl_seconds: token_ttl,
         max_body_bytes: b.max_body_bytes,
         jwt_secret,
         admin_password,
@@ -243,8 +243,8 @@ pub fn validate(
             max_failures_per_user_per_ip: b.login_max_failures_per_user_per_ip,
             max_failures_per_ip: b.login_max_failures_per_ip,
             max_failures_per_user_all_ips: b.login_max_failures_per_user_all_ips,
-            window_seconds: window.as_secs(),
-            known_address_seconds: known.as_secs(),
+            window_seconds: window,
+            known_address_seconds: known,
         },
         connections: gatehouse_backend::ConnectionLimits {
             header_timeout,

@@ -69,6 +69,34 @@ fn durations_take_units_and_refuse_bare_numbers() {
 }
 
 #[test]
+fn durations_kept_in_seconds_refuse_a_fraction() {
+    for (section, key) in [
+        ("proxy", "shutdown_grace"),
+        ("backend", "token_ttl"),
+        ("backend", "login_failure_window"),
+        ("backend", "login_known_address_ttl"),
+    ] {
+        let err = parse(&format!("[{section}]\n{key} = \"1500ms\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.clone()),
+            (Some(2), Some(format!("{section}.{key}"))),
+            "{err}"
+        );
+        assert!(
+            err.message
+                .contains("whole seconds; write \"1s\" or \"2s\""),
+            "{err}"
+        );
+    }
+    let config = parse(&format!(
+        "[proxy]\nshutdown_grace = \"1m\"\n[backend]\nlogin_known_address_ttl = \"2s\"\n{ROUTES}"
+    ))
+    .unwrap();
+    assert_eq!(config.proxy.shutdown_grace, Duration::from_secs(60));
+    assert_eq!(config.backend.login_guard.known_address_seconds, 2);
+}
+
+#[test]
 fn off_has_one_spelling() {
     let config = parse(&format!(
         "[tls]\nlisten = \"off\"\n[admin]\nlisten = \"off\"\n[logging]\naccess_log = \"off\"\n\
