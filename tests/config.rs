@@ -211,6 +211,20 @@ fn a_bad_value_from_the_environment_names_the_variable() {
 }
 
 #[test]
+fn an_error_after_loading_names_the_variable_that_set_the_key() {
+    let (code, out) = run(
+        &["healthcheck"],
+        &shipped_config(),
+        &[("GATEHOUSE_ADMIN_LISTEN", "off")],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("environment variable GATEHOUSE_ADMIN_LISTEN: the admin listener is off"),
+        "{out}"
+    );
+}
+
+#[test]
 fn a_bad_htpasswd_line_names_the_file_and_line() {
     let dir = tempfile::tempdir().unwrap();
     let path = variant(dir.path(), "count = 3", "count = 3");

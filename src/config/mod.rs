@@ -31,6 +31,7 @@ mod tls;
 mod upstream;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -69,6 +70,9 @@ pub struct Config {
     pub server_names: Vec<String>,
     /// Application logs as JSON lines rather than text.
     pub json_logs: bool,
+    /// Keys the environment set, and the variable that set each: an error found later about
+    /// one of them names the variable, not the file's line.
+    from_env: BTreeMap<&'static str, &'static str>,
 }
 
 /// The real environment, for [`Config::load`], [`Backend::jwt_secret`] and
@@ -231,19 +235,21 @@ impl Config {
             data_dir: source.base.join(&raw.paths.data_dir),
             server_names: tls.server_names,
             json_logs: logging.json,
+            from_env: source.from_env.clone(),
         })
     }
 
     /// An error about `key` found after loading (in a file the config names, say), naming
-    /// the config file and the key's line in it as a loading error would.
+    /// its environment variable or the key's line in the file, as a loading error would.
     pub fn error_at(&self, key: &str, message: String) -> ConfigError {
         let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-        ConfigError {
+        let source = Source {
             origin: self.file.display().to_string(),
-            line: Document::parse(&text).line_of_key(key),
-            key: Some(key.to_string()),
-            message,
-        }
+            doc: Document::parse(&text),
+            base: self.file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            from_env: self.from_env.clone(),
+        };
+        source.at(key, message)
     }
 
     /// Backend sockets, the managed Redis socket, the lock and pid files.

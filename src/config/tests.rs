@@ -378,6 +378,20 @@ fn environment_overrides_are_named_as_such() {
 }
 
 #[test]
+fn an_error_found_after_loading_names_the_variable_that_set_the_key() {
+    let env = |n: &str| (n == ENV_ADMIN_LISTEN).then(|| "off".to_string());
+    let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+    let err = config.error_at("admin.listen", "the admin listener is off".into());
+    assert_eq!(
+        err.to_string(),
+        format!("environment variable {ENV_ADMIN_LISTEN}: the admin listener is off")
+    );
+    let err = config.error_at("proxy.listen", "taken".into());
+    assert_eq!(err.origin, "g.toml", "{err}");
+    assert_eq!(err.key.as_deref(), Some("proxy.listen"), "{err}");
+}
+
+#[test]
 fn an_empty_variable_is_refused_not_read_as_unset() {
     for (name, hint) in [
         (
