@@ -103,11 +103,17 @@ fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a
     let load = Load::start(&group, "/api/ping", 6);
     assert_eq!(group.get("/open/").unwrap().status(), 200);
 
-    // An allowlist on /open/, applied by `gatehouse reload` (which checks the file first).
+    // An allowlist on /open/, applied by `gatehouse reload` (which checks the file first),
+    // and a deadline of the backend pool, which is built at start: named, not applied.
     edit_config(
         &group,
         "prefix = \"/open/\"\n",
         "prefix = \"/open/\"\nallow = [\"10.0.0.0/8\"]\n",
+    );
+    edit_config(
+        &group,
+        "[upstream]\n",
+        "[upstream]\nread_timeout = \"6s\"\n",
     );
     let output = gatehouse(&group, "reload");
     assert!(output.status.success(), "{output:?}");
@@ -122,6 +128,13 @@ fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a
         group.metric(r#"gatehouse_reloads_total{result="ok"}"#) == Some(1.0)
             && group.metric(r#"gatehouse_proxy_reloads_total{result="ok"}"#) == Some(1.0)
     }));
+    let log = group.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("change only at a restart or upgrade")
+                && line.contains("upstream.read_timeout")),
+        "the reload did not name upstream.read_timeout:\n{log}"
+    );
 
     // A bad file: `gatehouse reload` says where and sends nothing; SIGHUP with it is refused
     // by the supervisor, and the running configuration stays.

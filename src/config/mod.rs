@@ -68,8 +68,6 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Names of this server, for a generated certificate.
     pub server_names: Vec<String>,
-    /// Application logs as JSON lines rather than text.
-    pub json_logs: bool,
     /// Keys the environment set, and the variable that set each: an error found later about
     /// one of them names the variable, not the file's line.
     from_env: BTreeMap<&'static str, &'static str>,
@@ -229,12 +227,12 @@ impl Config {
                 admin_listen,
                 access_log_format: logging.access_log_format,
                 default_access_log: logging.access_log,
+                json_logs: logging.json,
             },
             backend,
             redis,
             data_dir: source.base.join(&raw.paths.data_dir),
             server_names: tls.server_names,
-            json_logs: logging.json,
             from_env: source.from_env.clone(),
         })
     }

@@ -97,6 +97,32 @@ fn durations_kept_in_seconds_refuse_a_fraction() {
 }
 
 #[test]
+fn a_reload_names_each_key_it_cannot_apply() {
+    let fixed = |text: &str| gatehouse_proxy::live::Fixed::of(&parse(text).unwrap().proxy);
+    let running = fixed(ROUTES);
+    let edited = fixed(&format!(
+        "[upstream]\nread_timeout = \"6s\"\nconnect_timeout = \"2s\"\n\
+         [proxy]\nshutdown_grace = \"20s\"\n[redis]\ntimeout = \"3s\"\n\
+         [logging]\nformat = \"json\"\n{ROUTES}"
+    ));
+    assert_eq!(
+        running.changed(&edited),
+        [
+            "proxy.shutdown_grace",
+            "upstream.connect_timeout",
+            "upstream.read_timeout",
+            "redis.timeout",
+            "logging.format"
+        ]
+    );
+    // What a reload applies is not named.
+    let edited = fixed(&format!(
+        "[limits]\nmax_body_bytes = 10\n[access]\nauth_max_failures = 3\n{ROUTES}"
+    ));
+    assert_eq!(running.changed(&edited), Vec::<&str>::new());
+}
+
+#[test]
 fn off_has_one_spelling() {
     let config = parse(&format!(
         "[tls]\nlisten = \"off\"\n[admin]\nlisten = \"off\"\n[logging]\naccess_log = \"off\"\n\
