@@ -25,6 +25,10 @@ counts, it does not time). Raw oha JSON and strace summaries go to the output di
     scripts/bench.py --baseline OTHER --rounds 6  # this build vs another gatehouse binary
     scripts/bench.py --baseline-threads 1         # this build vs itself with proxy.threads = 1
 
+`--baseline` gives both sides one config, written in this checkout's shape: the other binary
+must read that shape, so a build from before a change of the config's keys (one that refuses the
+file) cannot be compared this way.
+
 Timed figures move with whatever else the machine runs; for gatehouse's own code,
 scripts/callgrind.py counts the proxy's instructions per request, which do not.
 

@@ -16,7 +16,7 @@ wakes every 10 ms) is measured first and taken off each run in proportion to its
 
     scripts/callgrind.py                    # every scenario, this build
     scripts/callgrind.py --quick            # tiny counts, /api/ping only: a smoke run
-    scripts/callgrind.py --no-build --binary A --baseline B   # any two builds
+    scripts/callgrind.py --no-build --binary A --baseline B   # two builds (see below)
     scripts/callgrind.py --baseline OTHER   # this build against another gatehouse binary
     scripts/callgrind.py --baseline target/release/gatehouse  # the same binary twice: the noise
     scripts/callgrind.py --threads 1 --baseline-threads 0     # proxy.threads 1 against default
@@ -28,6 +28,10 @@ spread between processes comes from is not yet known): run the build against its
 differences above it. Decide a change by these counts first and by bench.py's timed ratios
 second.
 Raw callgrind dumps (for callgrind_annotate) go to the output directory.
+
+Both sides are given one config, written in this checkout's shape: a baseline binary must read
+that shape, so a build from before a change of the config's keys (one that refuses the file) cannot
+be compared this way.
 
 Needs valgrind, oha (cargo install oha --locked) and what gatehouse itself needs.
 """

@@ -103,7 +103,7 @@ impl ConfigArg {
     /// Loads the config and sets up logging as it says.
     fn load(&self) -> Result<Config> {
         let config = Config::load(&self.config)?;
-        init_logging(config.json_logs);
+        init_logging(config.proxy.json_logs);
         Ok(config)
     }
 }

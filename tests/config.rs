@@ -192,21 +192,36 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
 fn a_bad_value_from_the_environment_names_the_variable() {
     for (name, value, message) in [
         ("GATEHOUSE_LISTEN", "nowhere", "not an address"),
-        ("GATEHOUSE_ADMIN_LISTEN", "", ""),
         ("GATEHOUSE_LOG_FORMAT", "xml", "choose \"text\" or \"json\""),
+        // Empty is neither "off" nor unset: refused, saying what to write instead.
+        (
+            "GATEHOUSE_ADMIN_LISTEN",
+            "",
+            "set but empty: write \"off\" to turn it off, or unset it",
+        ),
+        ("GATEHOUSE_JWT_SECRET", "", "set but empty: unset it"),
     ] {
         let (code, out) = run(&["check"], &shipped_config(), &[(name, value)]);
-        if message.is_empty() {
-            // Empty is unset: the file's value stands.
-            assert_eq!(code, 0, "{name}={value:?}: {out}");
-            continue;
-        }
-        assert_eq!(code, 2, "{name}={value}: {out}");
+        assert_eq!(code, 2, "{name}={value:?}: {out}");
         assert!(
             out.contains(&format!("environment variable {name}: ")) && out.contains(message),
             "{name}={value}: {out}"
         );
     }
+}
+
+#[test]
+fn an_error_after_loading_names_the_variable_that_set_the_key() {
+    let (code, out) = run(
+        &["healthcheck"],
+        &shipped_config(),
+        &[("GATEHOUSE_ADMIN_LISTEN", "off")],
+    );
+    assert_eq!(code, 2, "{out}");
+    assert!(
+        out.contains("environment variable GATEHOUSE_ADMIN_LISTEN: the admin listener is off"),
+        "{out}"
+    );
 }
 
 #[test]

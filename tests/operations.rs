@@ -103,11 +103,17 @@ fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a
     let load = Load::start(&group, "/api/ping", 6);
     assert_eq!(group.get("/open/").unwrap().status(), 200);
 
-    // An allowlist on /open/, applied by `gatehouse reload` (which checks the file first).
+    // An allowlist on /open/, applied by `gatehouse reload` (which checks the file first),
+    // and a deadline of the backend pool, which is built at start: named, not applied.
     edit_config(
         &group,
         "prefix = \"/open/\"\n",
         "prefix = \"/open/\"\nallow = [\"10.0.0.0/8\"]\n",
+    );
+    edit_config(
+        &group,
+        "[upstream]\n",
+        "[upstream]\nread_timeout = \"6s\"\n",
     );
     let output = gatehouse(&group, "reload");
     assert!(output.status.success(), "{output:?}");
@@ -122,6 +128,13 @@ fn reload_applies_routes_and_certificates_without_a_failed_request_and_refuses_a
         group.metric(r#"gatehouse_reloads_total{result="ok"}"#) == Some(1.0)
             && group.metric(r#"gatehouse_proxy_reloads_total{result="ok"}"#) == Some(1.0)
     }));
+    let log = group.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("change only at a restart or upgrade")
+                && line.contains("upstream.read_timeout")),
+        "the reload did not name upstream.read_timeout:\n{log}"
+    );
 
     // A bad file: `gatehouse reload` says where and sends nothing; SIGHUP with it is refused
     // by the supervisor, and the running configuration stays.
@@ -230,6 +243,44 @@ fn backends_restart_one_at_a_time_when_their_settings_change() {
     assert_eq!(
         group.metric(r#"gatehouse_supervisor_restarts_total{child="b1"}"#),
         Some(0.0)
+    );
+}
+
+#[test]
+fn a_reload_that_only_moves_lines_leaves_the_backends_alone() {
+    // A secret file named in the config: the key's line moves with the comment below.
+    let dir = tempfile::tempdir().unwrap();
+    fs::write(
+        dir.path().join("admin_password"),
+        "a random admin password\n",
+    )
+    .unwrap();
+    let group = Group::start_in(
+        dir,
+        Options {
+            backends: 1,
+            backend_extra: "admin_password_file = \"admin_password\"\n".into(),
+            ..Options::default()
+        },
+    );
+    let before = group.child_pid("--id b1 ").expect("backend");
+    let path = group.dir.path().join("gatehouse.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    fs::write(&path, format!("# every line one further down\n{text}")).unwrap();
+    assert!(gatehouse(&group, "reload").status.success());
+    // Counted once the reload is done, a rolling restart included.
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            group.metric(r#"gatehouse_reloads_total{result="ok"}"#) == Some(1.0)
+        }),
+        "the reload did not complete:\n{}",
+        group.log()
+    );
+    assert_eq!(
+        group.child_pid("--id b1 "),
+        Some(before),
+        "the backend was restarted:\n{}",
+        group.log()
     );
 }
 

@@ -158,7 +158,11 @@ pub fn run(
         daemon: false,
         pid_file: path_string(settings.runtime_dir.join("proxy.pid"))?,
         upgrade_sock: path_string(settings.runtime_dir.join("proxy-upgrade.sock"))?,
-        grace_period_seconds: Some(settings.shutdown_grace.as_secs()),
+        // Pingora counts whole seconds; rounded up, so a drain never gets less than asked.
+        grace_period_seconds: Some(
+            settings.shutdown_grace.as_secs()
+                + u64::from(settings.shutdown_grace.subsec_nanos() > 0),
+        ),
         graceful_shutdown_timeout_seconds: Some(1),
         ..ServerConf::default()
     };

@@ -7,8 +7,9 @@
 //! the version it started with and connections are never touched. A reload that fails at any
 //! step changes nothing.
 //!
-//! Listeners, worker threads and the backend sockets are bound at start-up; a changed value
-//! there is reported and takes effect at the next restart or upgrade.
+//! Listeners, worker threads, the backend pool (its sockets, deadlines, caps and health
+//! checks), the shutdown grace and the log format are set at start-up; a reload names each of
+//! them that changed (see [`Fixed`]), and they take effect at the next restart or upgrade.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -143,40 +144,60 @@ pub const RELOAD_FILE: &str = "proxy.reload";
 /// config check's message, naming file, line and key).
 pub type LoadSettings = Box<dyn Fn() -> Result<Settings, String> + Send + Sync>;
 
-/// What is bound at start-up: a change here waits for a restart or an upgrade.
-#[derive(Debug, Clone, PartialEq)]
+/// What is bound or built at start-up (sockets, threads, the backend pool, the drain, the
+/// log subscriber): a change here waits for a restart or an upgrade, and a reload names it.
+#[derive(Debug, Clone)]
 pub struct Fixed {
-    listen: std::net::SocketAddr,
-    tls_listen: Option<std::net::SocketAddr>,
-    admin_listen: Option<std::net::SocketAddr>,
-    threads: usize,
-    backends: Vec<PathBuf>,
+    /// Where the reload's outcome is reported.
     runtime_dir: PathBuf,
-    health_check_interval: std::time::Duration,
-    h2_max_streams: u32,
-    upstream_max_connections: usize,
-    upstream_queue_timeout: std::time::Duration,
+    /// Each value with the config key that sets it, in the file's order, so that a reload
+    /// can name what it did not apply. Compared as written out: these are plain values.
+    values: Vec<(&'static str, String)>,
 }
 
 impl Fixed {
     pub fn of(settings: &Settings) -> Fixed {
+        let pool = &settings.pool;
+        let sockets: Vec<_> = pool.backends.iter().map(|b| &b.socket).collect();
+        let v = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        let values = vec![
+            ("proxy.listen", v(&settings.listen)),
+            ("proxy.threads", v(&settings.threads)),
+            ("proxy.shutdown_grace", v(&settings.shutdown_grace)),
+            ("limits.h2_max_streams", v(&settings.h2_max_streams)),
+            ("upstream.connect_timeout", v(&pool.connect_timeout)),
+            ("upstream.read_timeout", v(&pool.read_timeout)),
+            (
+                "upstream.max_connections",
+                v(&pool.max_connections_per_backend),
+            ),
+            ("upstream.queue_timeout", v(&pool.queue_timeout)),
+            (
+                "upstream.health_check_interval",
+                v(&pool.health_check_interval),
+            ),
+            ("tls.listen", v(&settings.tls.as_ref().map(|t| t.listen))),
+            ("backend.count", v(&sockets)),
+            // The health checks' deadline follows the backends' Redis deadline.
+            ("redis.timeout", v(&pool.health_check_timeout)),
+            ("paths.runtime_dir", v(&settings.runtime_dir)),
+            ("admin.listen", v(&settings.admin_listen)),
+            ("logging.format", v(&settings.json_logs)),
+        ];
         Fixed {
-            listen: settings.listen,
-            tls_listen: settings.tls.as_ref().map(|t| t.listen),
-            admin_listen: settings.admin_listen,
-            threads: settings.threads,
-            backends: settings
-                .pool
-                .backends
-                .iter()
-                .map(|b| b.socket.clone())
-                .collect(),
             runtime_dir: settings.runtime_dir.clone(),
-            health_check_interval: settings.pool.health_check_interval,
-            h2_max_streams: settings.h2_max_streams,
-            upstream_max_connections: settings.pool.max_connections_per_backend,
-            upstream_queue_timeout: settings.pool.queue_timeout,
+            values,
         }
+    }
+
+    /// The config keys whose values differ in `other`.
+    pub fn changed(&self, other: &Fixed) -> Vec<&'static str> {
+        self.values
+            .iter()
+            .zip(&other.values)
+            .filter(|((_, old), (_, new))| old != new)
+            .map(|((key, _), _)| *key)
+            .collect()
     }
 }
 
@@ -224,10 +245,11 @@ impl Signals {
     }
 
     fn apply(&self, settings: &Settings) -> Result<(), BuildError> {
-        let fixed = Fixed::of(settings);
-        if fixed != self.fixed {
+        let changed = self.fixed.changed(&Fixed::of(settings));
+        if !changed.is_empty() {
             tracing::warn!(
-                "listen addresses, threads, backends, health checks, h2_max_streams, the upstream caps and the runtime directory change only at a restart or upgrade; \
+                keys = %changed.join(", "),
+                "these keys change only at a restart or upgrade and keep their running values; \
                  the rest of the configuration is reloaded"
             );
         }

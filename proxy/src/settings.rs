@@ -35,6 +35,9 @@ pub struct Settings {
     pub access_log_format: LogFormat,
     /// The log of requests no route takes.
     pub default_access_log: Option<LogTarget>,
+    /// Application logs as JSON lines rather than text. The caller sets up the log
+    /// subscriber when the process starts; the proxy only reports a change at a reload.
+    pub json_logs: bool,
 }
 
 /// The backends and how the proxy uses them.

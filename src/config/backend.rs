@@ -36,7 +36,7 @@ pub struct Backend {
 /// Where a secret is read from. Loading the config only names it: the processes that need it
 /// (the backends, and `gatehouse check` and `run` to validate it) read it, and the proxy,
 /// which signs and checks no token, never does.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, Clone)]
 pub enum Secret {
     /// The value of this environment variable.
     Env(&'static str),
@@ -48,6 +48,19 @@ pub enum Secret {
         line: Option<usize>,
         key: Option<String>,
     },
+}
+
+/// The same secret: the same variable, or the same file. Who named the file, and on which line,
+/// is for errors only; a comment added above the key must not look like a new secret (the
+/// supervisor restarts the backends when their settings differ).
+impl PartialEq for Secret {
+    fn eq(&self, other: &Self) -> bool {
+        match (self, other) {
+            (Secret::Env(a), Secret::Env(b)) => a == b,
+            (Secret::File { path: a, .. }, Secret::File { path: b, .. }) => a == b,
+            _ => false,
+        }
+    }
 }
 
 impl Secret {
@@ -140,7 +153,7 @@ pub fn validate(
     source: &Source,
 ) -> Result<Backend, ConfigError> {
     source.within(b.count, 1..=64, "backend.count")?;
-    let token_ttl = source.duration(
+    let token_ttl = source.seconds(
         b.token_ttl.0,
         Duration::from_secs(1)..=Duration::from_secs(366 * 86_400),
         "backend.token_ttl",
@@ -179,12 +192,12 @@ pub fn validate(
             ),
         ));
     }
-    let window = source.duration(
+    let window = source.seconds(
         b.login_failure_window.0,
         Duration::from_secs(1)..=Duration::from_secs(86_400),
         "backend.login_failure_window",
     )?;
-    let known = source.duration(
+    let known = source.seconds(
         b.login_known_address_ttl.0,
         Duration::ZERO..=Duration::from_secs(365 * 86_400),
         "backend.login_known_address_ttl",
@@ -221,7 +234,7 @@ pub fn validate(
     Ok(Backend {
         count: b.count,
         users_file: source.base.join(&b.users_file),
-        token_ttl_seconds: token_ttl.as_secs(),
+        token_ttl_seconds: token_ttl,
         max_body_bytes: b.max_body_bytes,
         jwt_secret,
         admin_password,
@@ -230,8 +243,8 @@ pub fn validate(
             max_failures_per_user_per_ip: b.login_max_failures_per_user_per_ip,
             max_failures_per_ip: b.login_max_failures_per_ip,
             max_failures_per_user_all_ips: b.login_max_failures_per_user_all_ips,
-            window_seconds: window.as_secs(),
-            known_address_seconds: known.as_secs(),
+            window_seconds: window,
+            known_address_seconds: known,
         },
         connections: gatehouse_backend::ConnectionLimits {
             header_timeout,

@@ -136,6 +136,30 @@ impl Source<'_> {
         }
     }
 
+    /// A duration in `range` that is kept in whole seconds (a Redis expiry, Pingora's grace
+    /// period). A fraction is refused rather than cut off: `"500ms"` would become 0, which
+    /// turns some of these features off.
+    pub fn seconds(
+        &self,
+        value: Duration,
+        range: RangeInclusive<Duration>,
+        key: &str,
+    ) -> Result<u64, ConfigError> {
+        let value = self.duration(value, range, key)?;
+        if value.subsec_nanos() == 0 {
+            return Ok(value.as_secs());
+        }
+        Err(self.at(
+            key,
+            format!(
+                "\"{}\": this is kept in whole seconds; write \"{}s\" or \"{}s\"",
+                humantime::format_duration(value),
+                value.as_secs(),
+                value.as_secs() + 1
+            ),
+        ))
+    }
+
     /// `"off"` -> `None`. The old spellings of it (`""`, `"none"`) are refused by name.
     pub fn off_or<'v>(&self, value: &'v str, key: &str) -> Result<Option<&'v str>, ConfigError> {
         match value {

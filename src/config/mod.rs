@@ -31,6 +31,7 @@ mod tls;
 mod upstream;
 
 use std::{
+    collections::BTreeMap,
     net::SocketAddr,
     path::{Path, PathBuf},
 };
@@ -67,8 +68,9 @@ pub struct Config {
     pub data_dir: PathBuf,
     /// Names of this server, for a generated certificate.
     pub server_names: Vec<String>,
-    /// Application logs as JSON lines rather than text.
-    pub json_logs: bool,
+    /// Keys the environment set, and the variable that set each: an error found later about
+    /// one of them names the variable, not the file's line.
+    from_env: BTreeMap<&'static str, &'static str>,
 }
 
 /// The real environment, for [`Config::load`], [`Backend::jwt_secret`] and
@@ -127,7 +129,7 @@ impl Config {
                 format!("cannot resolve the config directory: {e}"),
             )
         })?;
-        let overlay = env::overlay(&mut raw, env);
+        let overlay = env::overlay(&mut raw, env)?;
         let source = Source {
             origin,
             doc,
@@ -225,25 +227,27 @@ impl Config {
                 admin_listen,
                 access_log_format: logging.access_log_format,
                 default_access_log: logging.access_log,
+                json_logs: logging.json,
             },
             backend,
             redis,
             data_dir: source.base.join(&raw.paths.data_dir),
             server_names: tls.server_names,
-            json_logs: logging.json,
+            from_env: source.from_env.clone(),
         })
     }
 
     /// An error about `key` found after loading (in a file the config names, say), naming
-    /// the config file and the key's line in it as a loading error would.
+    /// its environment variable or the key's line in the file, as a loading error would.
     pub fn error_at(&self, key: &str, message: String) -> ConfigError {
         let text = std::fs::read_to_string(&self.file).unwrap_or_default();
-        ConfigError {
+        let source = Source {
             origin: self.file.display().to_string(),
-            line: Document::parse(&text).line_of_key(key),
-            key: Some(key.to_string()),
-            message,
-        }
+            doc: Document::parse(&text),
+            base: self.file.parent().unwrap_or(Path::new(".")).to_path_buf(),
+            from_env: self.from_env.clone(),
+        };
+        source.at(key, message)
     }
 
     /// Backend sockets, the managed Redis socket, the lock and pid files.

@@ -27,11 +27,11 @@ pub fn validate(p: &RawProxy, source: &Source) -> Result<Listener, ConfigError> 
             n
         }
     };
-    let shutdown_grace = source.duration(
+    let shutdown_grace = Duration::from_secs(source.seconds(
         p.shutdown_grace.0,
         Duration::ZERO..=Duration::from_secs(3600),
         "proxy.shutdown_grace",
-    )?;
+    )?);
     Ok(Listener {
         listen,
         threads,

@@ -69,6 +69,60 @@ fn durations_take_units_and_refuse_bare_numbers() {
 }
 
 #[test]
+fn durations_kept_in_seconds_refuse_a_fraction() {
+    for (section, key) in [
+        ("proxy", "shutdown_grace"),
+        ("backend", "token_ttl"),
+        ("backend", "login_failure_window"),
+        ("backend", "login_known_address_ttl"),
+    ] {
+        let err = parse(&format!("[{section}]\n{key} = \"1500ms\"\n{ROUTES}")).unwrap_err();
+        assert_eq!(
+            (err.line, err.key.clone()),
+            (Some(2), Some(format!("{section}.{key}"))),
+            "{err}"
+        );
+        assert!(
+            err.message
+                .contains("whole seconds; write \"1s\" or \"2s\""),
+            "{err}"
+        );
+    }
+    let config = parse(&format!(
+        "[proxy]\nshutdown_grace = \"1m\"\n[backend]\nlogin_known_address_ttl = \"2s\"\n{ROUTES}"
+    ))
+    .unwrap();
+    assert_eq!(config.proxy.shutdown_grace, Duration::from_secs(60));
+    assert_eq!(config.backend.login_guard.known_address_seconds, 2);
+}
+
+#[test]
+fn a_reload_names_each_key_it_cannot_apply() {
+    let fixed = |text: &str| gatehouse_proxy::live::Fixed::of(&parse(text).unwrap().proxy);
+    let running = fixed(ROUTES);
+    let edited = fixed(&format!(
+        "[upstream]\nread_timeout = \"6s\"\nconnect_timeout = \"2s\"\n\
+         [proxy]\nshutdown_grace = \"20s\"\n[redis]\ntimeout = \"3s\"\n\
+         [logging]\nformat = \"json\"\n{ROUTES}"
+    ));
+    assert_eq!(
+        running.changed(&edited),
+        [
+            "proxy.shutdown_grace",
+            "upstream.connect_timeout",
+            "upstream.read_timeout",
+            "redis.timeout",
+            "logging.format"
+        ]
+    );
+    // What a reload applies is not named.
+    let edited = fixed(&format!(
+        "[limits]\nmax_body_bytes = 10\n[access]\nauth_max_failures = 3\n{ROUTES}"
+    ));
+    assert_eq!(running.changed(&edited), Vec::<&str>::new());
+}
+
+#[test]
 fn off_has_one_spelling() {
     let config = parse(&format!(
         "[tls]\nlisten = \"off\"\n[admin]\nlisten = \"off\"\n[logging]\naccess_log = \"off\"\n\
@@ -347,6 +401,39 @@ fn environment_overrides_are_named_as_such() {
     let env = |n: &str| (n == ENV_ADMIN_LISTEN).then(|| "off".to_string());
     let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
     assert!(config.proxy.admin_listen.is_none());
+}
+
+#[test]
+fn an_error_found_after_loading_names_the_variable_that_set_the_key() {
+    let env = |n: &str| (n == ENV_ADMIN_LISTEN).then(|| "off".to_string());
+    let config = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap();
+    let err = config.error_at("admin.listen", "the admin listener is off".into());
+    assert_eq!(
+        err.to_string(),
+        format!("environment variable {ENV_ADMIN_LISTEN}: the admin listener is off")
+    );
+    let err = config.error_at("proxy.listen", "taken".into());
+    assert_eq!(err.origin, "g.toml", "{err}");
+    assert_eq!(err.key.as_deref(), Some("proxy.listen"), "{err}");
+}
+
+#[test]
+fn an_empty_variable_is_refused_not_read_as_unset() {
+    for (name, hint) in [
+        (
+            ENV_ADMIN_LISTEN,
+            "write \"off\" to turn it off, or unset it",
+        ),
+        (ENV_TLS_LISTEN, "write \"off\" to turn it off, or unset it"),
+        (ENV_LISTEN, "set but empty: unset it"),
+        (ENV_JWT_SECRET, "set but empty: unset it"),
+        (ENV_JWT_SECRET_FILE, "set but empty: unset it"),
+    ] {
+        let env = |n: &str| (n == name).then(String::new);
+        let err = Config::from_str(ROUTES, Path::new("g.toml"), &env).unwrap_err();
+        assert_eq!(err.origin, format!("environment variable {name}"), "{err}");
+        assert!(err.message.contains(hint), "{err}");
+    }
 }
 
 #[test]
