@@ -108,12 +108,6 @@ impl ConfigArg {
     }
 }
 
-/// Every process of the group (proxy, backends, supervisor) is this binary. mimalloc takes
-/// about a third of the instructions glibc's allocator does per request through the proxy,
-/// which makes some hundred allocations per request (measured with scripts/callgrind.py).
-#[global_allocator]
-static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let outcome = match cli.command {

@@ -157,10 +157,19 @@ pub enum Failed {
 }
 
 /// Sends `request` to `member` and reads the response header.
-pub async fn send(member: &Member, request: RequestHeader, deadlines: Deadlines) -> Result<Exchange, Failed> {
+pub async fn send(
+    member: &Member,
+    request: RequestHeader,
+    deadlines: Deadlines,
+) -> Result<Exchange, Failed> {
     let (stream, reused) = match member.idle.take() {
         Some(stream) => (stream, true),
-        None => (connect(member, deadlines.connect).await.map_err(Failed::Connect)?, false),
+        None => (
+            connect(member, deadlines.connect)
+                .await
+                .map_err(Failed::Connect)?,
+            false,
+        ),
     };
     let mut client = HttpSession::new(stream);
     client.read_timeout = Some(deadlines.read);
@@ -218,7 +227,11 @@ impl Exchange {
         tasks.push(HttpTask::Header(self.response, done));
         // Most responses are whole in the first read: header and body go out in one write.
         while !done {
-            let body: Option<Bytes> = self.client.read_body_bytes().await.map_err(|e| e.into_up())?;
+            let body: Option<Bytes> = self
+                .client
+                .read_body_bytes()
+                .await
+                .map_err(|e| e.into_up())?;
             done = self.client.is_body_done() || body.is_none();
             tasks.push(HttpTask::Body(body, done));
             session

@@ -22,6 +22,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use http::HeaderValue;
 use pingora::{
     Error, ErrorSource, ErrorType, Result,
     http::{RequestHeader, ResponseHeader},
@@ -31,7 +32,6 @@ use pingora::{
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
 use tokio::sync::OwnedSemaphorePermit;
-use http::HeaderValue;
 
 use arc_swap::ArcSwap;
 
@@ -539,7 +539,6 @@ impl ProxyHttp for Gateway {
     }
 }
 
-
 impl Gateway {
     /// A backend for the request, and its slot; the request is now charged to it.
     async fn choose(&self, ctx: &mut RequestCtx) -> Result<Chosen> {
@@ -591,7 +590,11 @@ impl Gateway {
         self.prepare_response(session, &mut exchange.response, ctx)?;
         if let Err(e) = exchange.relay(session, &member).await {
             if *e.esource() == ErrorSource::Upstream {
-                let kind = if forward::is_timeout(&e) { "timeout" } else { "error" };
+                let kind = if forward::is_timeout(&e) {
+                    "timeout"
+                } else {
+                    "error"
+                };
                 self.upstream_error(ctx, kind);
             }
             return Err(e);
@@ -631,7 +634,6 @@ impl Gateway {
         }
         Ok(())
     }
-
 }
 
 /// The forwarding headers and the request id for the backend (both paths).
@@ -805,7 +807,14 @@ mod tests {
 
     #[test]
     fn addresses_are_written_as_display_writes_them() {
-        for ip in ["0.0.0.0", "1.2.3.4", "10.20.30.40", "100.99.255.9", "255.255.255.255", "::1"] {
+        for ip in [
+            "0.0.0.0",
+            "1.2.3.4",
+            "10.20.30.40",
+            "100.99.255.9",
+            "255.255.255.255",
+            "::1",
+        ] {
             let ip: IpAddr = ip.parse().expect("address");
             assert_eq!(ip_text(ip), ip.to_string());
         }

@@ -88,11 +88,12 @@ pub fn entry(backend: &BackendSocket, settings: &PoolSettings) -> Result<Backend
     let text = path
         .to_str()
         .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
-    let mut peer =
-        HttpPeer::new_uds(text, false, String::new()).map_err(|source| BuildError::BackendSocket {
+    let mut peer = HttpPeer::new_uds(text, false, String::new()).map_err(|source| {
+        BuildError::BackendSocket {
             path: path.clone(),
             source,
-        })?;
+        }
+    })?;
     peer.options.connection_timeout = Some(settings.connect_timeout);
     peer.options.read_timeout = Some(settings.read_timeout);
     peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
