@@ -151,6 +151,7 @@ pub struct Fixed {
     admin_listen: Option<std::net::SocketAddr>,
     threads: usize,
     backends: Vec<PathBuf>,
+    socket_dir: Option<PathBuf>,
     runtime_dir: PathBuf,
     health_check_interval: std::time::Duration,
     h2_max_streams: u32,
@@ -171,6 +172,7 @@ impl Fixed {
                 .iter()
                 .map(|b| b.socket.clone())
                 .collect(),
+            socket_dir: settings.pool.socket_dir.clone(),
             runtime_dir: settings.runtime_dir.clone(),
             health_check_interval: settings.pool.health_check_interval,
             h2_max_streams: settings.h2_max_streams,

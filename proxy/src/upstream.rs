@@ -72,34 +72,16 @@ pub enum NoBackend {
 pub fn build(
     settings: &PoolSettings,
 ) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, BuildError> {
-    let mut backends = BTreeSet::new();
-    for backend in &settings.backends {
-        let path = &backend.socket;
-        let text = path
-            .to_str()
-            .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
-        let mut peer = HttpPeer::new_uds(text, false, String::new()).map_err(|source| {
-            BuildError::BackendSocket {
-                path: path.clone(),
-                source,
+    let backends = match &settings.socket_dir {
+        Some(dir) => Backends::new(crate::socket_dir::SocketDir::new(dir, settings)),
+        None => {
+            let mut backends = BTreeSet::new();
+            for backend in &settings.backends {
+                backends.insert(entry(settings, backend)?);
             }
-        })?;
-        peer.options.connection_timeout = Some(settings.connect_timeout);
-        peer.options.read_timeout = Some(settings.read_timeout);
-        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
-        let mut entry = Backend {
-            addr: peer._address.clone(),
-            weight: 1,
-            ext: Default::default(),
-        };
-        entry.ext.insert(peer);
-        entry.ext.insert(BackendId(Arc::from(backend.id.as_str())));
-        entry.ext.insert(Slots(Arc::new(Semaphore::new(
-            settings.max_connections_per_backend,
-        ))));
-        backends.insert(entry);
-    }
-    let backends = Backends::new(discovery::Static::new(backends));
+            Backends::new(discovery::Static::new(backends))
+        }
+    };
     let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
 
     let mut check = HttpHealthCheck::new("localhost", false);
@@ -112,8 +94,40 @@ pub fn build(
     check.peer_template.options.read_timeout = Some(settings.health_check_timeout);
     lb.set_health_check(Box::new(check));
     lb.health_check_frequency = Some(settings.health_check_interval);
+    if settings.socket_dir.is_some() {
+        lb.update_frequency = Some(settings.health_check_interval);
+    }
     lb.parallel_health_check = true;
     Ok(background_service("backend health checks", lb))
+}
+
+/// A backend's entry in the pool: its peer, name, socket and request slots.
+pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend, BuildError> {
+    let path = &backend.socket;
+    let text = path
+        .to_str()
+        .ok_or_else(|| BuildError::NotUtf8(path.clone()))?;
+    let mut peer = HttpPeer::new_uds(text, false, String::new()).map_err(|source| {
+        BuildError::BackendSocket {
+            path: path.clone(),
+            source,
+        }
+    })?;
+    peer.options.connection_timeout = Some(settings.connect_timeout);
+    peer.options.read_timeout = Some(settings.read_timeout);
+    peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+    let mut entry = Backend {
+        addr: peer._address.clone(),
+        weight: 1,
+        ext: Default::default(),
+    };
+    entry.ext.insert(peer);
+    entry.ext.insert(BackendId(Arc::from(backend.id.as_str())));
+    entry.ext.insert(backend.clone());
+    entry.ext.insert(Slots(Arc::new(Semaphore::new(
+        settings.max_connections_per_backend,
+    ))));
+    Ok(entry)
 }
 
 pub struct Pool {

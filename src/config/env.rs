@@ -11,6 +11,7 @@ pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
 pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
 pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
+pub const ENV_SOCKET_DIR: &str = "GATEHOUSE_SOCKET_DIR";
 /// The JWT secret itself; it wins over any file naming one.
 pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
 pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
@@ -20,7 +21,7 @@ pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMI
 
 /// Each variable, the key it replaces, and how.
 type Setter = fn(&mut RawConfig, String);
-pub const VARIABLES: [(&str, &str, Setter); 7] = [
+pub const VARIABLES: [(&str, &str, Setter); 8] = [
     (ENV_LISTEN, "proxy.listen", |raw, v| raw.proxy.listen = v),
     (ENV_TLS_LISTEN, "tls.listen", |raw, v| raw.tls.listen = v),
     (ENV_ADMIN_LISTEN, "admin.listen", |raw, v| {
@@ -29,6 +30,9 @@ pub const VARIABLES: [(&str, &str, Setter); 7] = [
     (ENV_REDIS_URL, "redis.url", |raw, v| raw.redis.url = v),
     (ENV_LOG_FORMAT, "logging.format", |raw, v| {
         raw.logging.format = v
+    }),
+    (ENV_SOCKET_DIR, "upstream.socket_dir", |raw, v| {
+        raw.upstream.socket_dir = Some(PathBuf::from(v))
     }),
     (ENV_JWT_SECRET_FILE, "backend.jwt_secret_file", |raw, v| {
         raw.backend.jwt_secret_file = Some(PathBuf::from(v))
