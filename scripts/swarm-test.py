@@ -13,6 +13,9 @@ Steps (each a row of the table printed at the end: requests sent, failed, second
   401 without a token, the HTTP redirect, /close/ refused to an address not allowlisted;
 - every backend replica answers (`X-Backend-Id` is each backend container's host name), the
   visit count is one count across them, and a logout holds on every one;
+- a client in a network namespace of its own (a veth pair the test makes) is seen with its own
+  address: /close/'s allowlist refuses it, the edge's access log names it, and past its burst
+  it gets 429s while this machine's requests are served;
 - `docker service scale` up and down, `docker service update --force`, an image change:
   no request fails;
 - a backend container killed (`docker kill`): only requests in flight to it may fail (at most
@@ -47,6 +50,10 @@ REPO = Path(__file__).resolve().parent.parent
 STACK = "gatehouse-test"
 EDGE, BACKEND, REDIS = f"{STACK}_edge", f"{STACK}_backend", f"{STACK}_redis"
 NEXT_TAG = "gatehouse:swarm-test-next"
+# A client of its own: a network namespace joined to this machine by a veth pair, on
+# addresses of the test's own (RFC 5737's documentation range, routed nowhere else).
+NETNS, VETH_HOST, VETH_CLIENT = "gatehouse-swarm-client", "ghswarm0", "ghswarm1"
+HOST_ADDR, CLIENT_ADDR = "198.51.100.1", "198.51.100.2"
 CLIENTS = 3
 # Each client's pause between requests. Every request from this machine reaches the edge from
 # one address (the Docker gateway's), which the container config allows 20 requests/s (burst
@@ -227,6 +234,30 @@ def count(token):
     return status, headers, (json.loads(body).get("visits") if status == 200 else None)
 
 
+def client_namespace(up):
+    """Makes (or removes) the client's namespace and its veth pair."""
+    sh("ip", "netns", "del", NETNS, check=False)
+    sh("ip", "link", "del", VETH_HOST, check=False)
+    if not up:
+        return
+    sh("ip", "netns", "add", NETNS)
+    sh("ip", "link", "add", VETH_HOST, "type", "veth", "peer", "name", VETH_CLIENT)
+    sh("ip", "link", "set", VETH_CLIENT, "netns", NETNS)
+    sh("ip", "addr", "add", f"{HOST_ADDR}/30", "dev", VETH_HOST)
+    sh("ip", "link", "set", VETH_HOST, "up")
+    sh("ip", "netns", "exec", NETNS, "ip", "addr", "add", f"{CLIENT_ADDR}/30", "dev", VETH_CLIENT)
+    sh("ip", "netns", "exec", NETNS, "ip", "link", "set", VETH_CLIENT, "up")
+    sh("ip", "netns", "exec", NETNS, "ip", "link", "set", "lo", "up")
+
+
+def from_client(path, count=1):
+    """`count` requests on one keep-alive connection from the namespace: their statuses."""
+    urls = [arg for _ in range(count) for arg in ("-o", "/dev/null", f"https://{HOST_ADDR}{path}")]
+    out = sh("ip", "netns", "exec", NETNS, "curl", "-sk", "-w", "%{http_code}\\n",
+             "--max-time", "20", *urls, check=False)
+    return [int(code) for code in out.split() if code.isdigit()]
+
+
 def stack_leftovers():
     label = f"com.docker.stack.namespace={STACK}"
     found = {}
@@ -300,6 +331,8 @@ def main():
             sh("docker", "stack", "deploy", "-c", "compose.yaml", STACK)
             wait_for("the backends", converged(BACKEND, args.replicas), timeout=180)
             wait_for("the edge", lambda: request("GET", "/api/ping")[0] == 200, timeout=120)
+            # Redis too: a login works (paced below the login rate limit, 1/s).
+            wait_for("a login", login, timeout=60, every=1.5)
         timed("docker stack deploy", deploy)
         load.start()
 
@@ -343,6 +376,29 @@ def main():
             expect(want <= refused, f"logout seen by {sorted(refused)} of {sorted(want)}")
             return f"{len(seen)} ids, {len(visits)} counts in sequence"
         timed("every replica answers", every_replica)
+
+        def own_client():
+            client_namespace(True)
+            # The edge sees the namespace's own address: the allowlist refuses it, by its
+            # address (the access log says so) ...
+            status = from_client("/close/")
+            expect(status == [403], f"/close/ from {CLIENT_ADDR}: {status}")
+            try:
+                # Access logs are written in batches, and reach `docker service logs` after.
+                wait_for(f"{CLIENT_ADDR} in the edge's access log", lambda: CLIENT_ADDR in sh(
+                    "docker", "service", "logs", "--raw", "--since", "5m", EDGE, check=False), timeout=20)
+            except RuntimeError as error:
+                expect(False, str(error))
+            # ... and its rate limit is its own: past its burst it gets 429s, while the
+            # load's address is served throughout.
+            burst = from_client("/api/ping", count=80)
+            limited = burst.count(429)
+            expect(len(burst) == 80 and limited > 0, f"80 pings from {CLIENT_ADDR}: {limited} refused")
+            host = [request("GET", "/api/ping")[0] for _ in range(3)]
+            expect(host == [200, 200, 200], f"pings from this machine meanwhile: {host}")
+            client_namespace(False)
+            return f"{CLIENT_ADDR}: /close/ 403, {limited} of 80 pings 429"
+        timed("a client in its own network namespace", own_client)
 
         def scale(n):
             def action():
@@ -436,6 +492,7 @@ def main():
                          check=False).split():
             sh("docker", "volume", "rm", volume, check=False)
         sh("docker", "image", "rm", NEXT_TAG, check=False)
+        client_namespace(False)
         if started_swarm:
             sh("docker", "swarm", "leave", "--force", check=False)
 
