@@ -18,6 +18,7 @@
 #                                 binary cargo built here (GATEHOUSE_IMAGE=... to name it)
 #   gatehouse-redis:RELEASE       Debian's redis-server, as the stack's Redis
 #   gatehouse-prometheus:RELEASE  Debian's prometheus (--monitoring)
+#   gatehouse-redis-exporter:RELEASE  Debian's prometheus-redis-exporter (--monitoring)
 #   gatehouse-systemd:RELEASE     systemd as the first process, with redis-server and
 #                                 logrotate: a machine to run conf/systemd/gatehouse.service in
 #                                 (--systemd; scripts/systemd-test.sh)
@@ -64,6 +65,7 @@ base=gatehouse-base:$release
 image=${GATEHOUSE_IMAGE:-gatehouse:latest}
 redis=gatehouse-redis:$release
 prometheus=gatehouse-prometheus:$release
+redis_exporter=gatehouse-redis-exporter:$release
 systemd_image=gatehouse-systemd:$release
 # Per run, so that two runs at once do not take each other's binary.
 binary=gatehouse-binary:$$
@@ -114,6 +116,10 @@ if [ "$monitoring" = 1 ]; then
         --change 'USER prometheus' --change 'WORKDIR /prometheus' --change 'VOLUME /prometheus' \
         --change 'EXPOSE 9090' --change 'ENTRYPOINT ["/usr/bin/prometheus"]' \
         --change 'CMD ["--config.file=/etc/prometheus/prometheus.yml", "--storage.tsdb.path=/prometheus"]'
+    HOOKS=()
+    debian_image "$redis_exporter" prometheus-redis-exporter \
+        --change 'USER nobody' --change 'EXPOSE 9121' \
+        --change 'ENTRYPOINT ["/usr/bin/prometheus-redis-exporter"]'
 fi
 
 if [ "$systemd" = 1 ]; then
@@ -162,11 +168,14 @@ docker image rm "$binary" >/dev/null
 {
     echo "GATEHOUSE_IMAGE=$image"
     echo "REDIS_IMAGE=$redis"
-    if [ "$monitoring" = 1 ]; then echo "PROMETHEUS_IMAGE=$prometheus"; fi
+    if [ "$monitoring" = 1 ]; then
+        echo "PROMETHEUS_IMAGE=$prometheus"
+        echo "REDIS_EXPORTER_IMAGE=$redis_exporter"
+    fi
 } >target/images.env
 
 step "done; sizes:"
-for name in "$base" "$image" "$redis" $([ "$monitoring" = 1 ] && echo "$prometheus") \
+for name in "$base" "$image" "$redis" $([ "$monitoring" = 1 ] && echo "$prometheus $redis_exporter") \
     $([ "$systemd" = 1 ] && echo "$systemd_image"); do
     printf '      %-32s %s\n' "$name" "$(docker image inspect -f '{{.Size}}' "$name" | numfmt --to=iec)"
 done
