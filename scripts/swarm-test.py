@@ -290,6 +290,8 @@ def main():
     rows = []  # (step, sent, failed, seconds, note)
     load = Load()
     swarm_was = sh("docker", "info", "-f", "{{.Swarm.LocalNodeState}}")
+    # `docker swarm init` makes this bridge, and leaving the Swarm keeps it.
+    gwbridge_was = sh("docker", "network", "ls", "-q", "--filter", "name=^docker_gwbridge$")
     started_swarm = False
     failures = []
 
@@ -495,6 +497,8 @@ def main():
         client_namespace(False)
         if started_swarm:
             sh("docker", "swarm", "leave", "--force", check=False)
+            if not gwbridge_was:
+                sh("docker", "network", "rm", "docker_gwbridge", check=False)
 
     bad_steps = [(s, sent, failed) for s, sent, failed, _, _ in rows
                  if failed and not (s.startswith("docker kill") or s.startswith("Redis"))]
