@@ -5,6 +5,10 @@
 #
 #   docker build -t gatehouse .
 #
+# Without a registry, scripts/image.sh builds the same image: the runtime stage below, from
+# this file, on a base made from Debian's packages, with a binary built by cargo outside
+# Docker (the two build arguments below).
+#
 # The image is meant to run under compose.yaml, which gives it its secrets, Redis, a volume for
 # certificates and a tmpfs for sockets (docs/docker.md). It needs no network at run
 # time beyond Redis, and writes only to the two volumes declared below.
@@ -12,6 +16,11 @@
 # Builder and runtime must be the same Debian release: the binary links against its glibc.
 ARG RUST_VERSION=1.95
 ARG DEBIAN_RELEASE=trixie
+# The runtime stage's base image (scripts/image.sh: one it made with mmdebstrap).
+ARG RUNTIME_BASE=debian:${DEBIAN_RELEASE}-slim
+# What the binary is copied from: the build stage, or an image holding
+# /usr/local/bin/gatehouse (scripts/image.sh: the release binary cargo built on the host).
+ARG BINARY_FROM=build
 
 FROM rust:${RUST_VERSION}-${DEBIAN_RELEASE} AS build
 # cmake: Pingora compresses with zlib-ng, whose build runs cmake.
@@ -29,13 +38,18 @@ RUN --mount=type=cache,target=/usr/local/cargo/registry \
     cargo build --release --locked --bin gatehouse \
     && cp target/release/gatehouse /usr/local/bin/gatehouse
 
-FROM debian:${DEBIAN_RELEASE}-slim
+# A stage of its own because `COPY --from` takes no variable. scripts/image.sh builds the
+# lines from here on, with the classic builder (which cannot run the build stage's cache
+# mounts) when BuildKit is not installed.
+FROM ${BINARY_FROM} AS binary
+
+FROM ${RUNTIME_BASE} AS runtime
 # An unprivileged user with fixed ids, so volumes and secrets can be given to it by number.
 RUN groupadd --gid 10001 gatehouse \
     && useradd --uid 10001 --gid gatehouse --no-create-home \
         --home-dir /nonexistent --shell /usr/sbin/nologin gatehouse
 WORKDIR /app
-COPY --from=build /usr/local/bin/gatehouse /usr/local/bin/gatehouse
+COPY --from=binary /usr/local/bin/gatehouse /usr/local/bin/gatehouse
 # Owned by root and read-only to gatehouse: it cannot change its own sites or config.
 # conf/users (the development admin / password) is left out by .dockerignore: the image's
 # users file is conf/container/users, with no user, and the first admin's password comes from
@@ -45,9 +59,11 @@ COPY conf/ /app/conf/
 # What gatehouse writes, each a volume owned by its user:
 #   /app/certs    the self-signed pair `gatehouse run` makes when no certificate is there
 #   /app/var/run  backend and admin sockets, lock and metrics files (compose mounts a tmpfs)
+#   /app/var/backends  the stack's socket directory (GATEHOUSE_SOCKET_DIR): a volume the edge
+#                 shares with the backends of its node; a new volume takes this owner
 # /app/secrets is where compose mounts the secrets that conf/container/gatehouse.toml names.
-RUN mkdir -p /app/certs /app/var/run /app/secrets \
-    && chown gatehouse:gatehouse /app/certs /app/var/run
+RUN mkdir -p /app/certs /app/var/run /app/var/backends /app/secrets \
+    && chown gatehouse:gatehouse /app/certs /app/var/run /app/var/backends
 VOLUME ["/app/certs", "/app/var/run"]
 # Every subcommand (run, check, healthcheck) reads the config named here. Application logs go
 # out as JSON lines, one event per line for a log collector, like the access logs that config

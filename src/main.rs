@@ -42,7 +42,8 @@ enum Command {
     /// (SIGUSR2 to the supervisor): a new proxy takes the listening sockets over, then the
     /// backends restart one at a time.
     Upgrade(ConfigArg),
-    /// Run the edge proxy alone.
+    /// Run the edge proxy alone (making a self-signed certificate when there is none, as
+    /// `run` does).
     Proxy {
         #[command(flatten)]
         config: ConfigArg,
@@ -51,16 +52,18 @@ enum Command {
         #[arg(long)]
         upgrade: bool,
     },
-    /// Run one backend on a Unix socket.
+    /// Run one backend on a Unix socket: the one given, or (without --socket) ID.sock in
+    /// `upstream.socket_dir`, where the proxy finds it, with its metrics on ID.metrics.
     Backend {
         #[command(flatten)]
         config: ConfigArg,
         /// The Unix socket to listen on.
         #[arg(long)]
-        socket: PathBuf,
-        /// The name this backend reports in `X-Backend-Id`.
-        #[arg(long, default_value = "b1")]
-        id: String,
+        socket: Option<PathBuf>,
+        /// The name this backend reports in `X-Backend-Id`; default: `b1` with --socket, the
+        /// host name (a container's id) in the socket directory.
+        #[arg(long, env = "GATEHOUSE_BACKEND_ID")]
+        id: Option<String>,
         /// A second Unix socket, serving the backend's metrics at `/metrics`.
         #[arg(long)]
         admin_socket: Option<PathBuf>,
@@ -73,6 +76,10 @@ enum Command {
         /// Ask `/readyz` (backends and Redis ready) instead of `/healthz` (alive).
         #[arg(long)]
         ready: bool,
+        /// Ask this container's backend (`gatehouse backend` in `upstream.socket_dir`) on its
+        /// socket instead of the admin listener.
+        #[arg(long, conflicts_with = "ready")]
+        backend: bool,
     },
     /// Read a password on stdin and print its argon2id hash for the users file
     /// (`name:HASH:role`).
@@ -115,7 +122,10 @@ fn main() -> ExitCode {
             .load()
             .and_then(|config| ensure_certificate(&config))
             .and_then(|()| validate(&arg))
-            .and_then(|(config, _)| supervisor::run(config)),
+            .and_then(|(config, _)| {
+                refuse_socket_dir(&config)?;
+                supervisor::run(config)
+            }),
         Command::Check(arg) => check(&arg),
         Command::Reload(arg) => {
             validate(&arg).and_then(|(config, _)| signal_group(&config, libc::SIGHUP))
@@ -124,6 +134,10 @@ fn main() -> ExitCode {
             .load()
             .and_then(|config| signal_group(&config, libc::SIGUSR2)),
         Command::Proxy { config, upgrade } => config.load().and_then(|loaded| {
+            // As `run` does: alone (a container of its own), the proxy is the one to make it.
+            if !upgrade {
+                ensure_certificate(&loaded)?;
+            }
             let file = config.config.clone();
             // SIGHUP: the same checks as `gatehouse check`, then the new settings.
             let load: gatehouse_proxy::live::LoadSettings = Box::new(move || {
@@ -143,12 +157,21 @@ fn main() -> ExitCode {
             socket,
             id,
             admin_socket,
-        } => config
-            .load()
-            .and_then(|config| serve_backend::run(&config, &socket, admin_socket.as_deref(), id)),
-        Command::Healthcheck { config, ready } => {
-            config.load().and_then(|config| healthcheck(&config, ready))
-        }
+        } => config.load().and_then(|config| {
+            let (sockets, id) = backend_sockets(&config, socket, id, admin_socket)?;
+            serve_backend::run(&config, &sockets, id)
+        }),
+        Command::Healthcheck {
+            config,
+            ready,
+            backend,
+        } => config.load().and_then(|config| {
+            if backend {
+                backend_healthcheck(&config)
+            } else {
+                healthcheck(&config, ready)
+            }
+        }),
         Command::HashPassword => hash_password(),
         Command::Cert { config, force } => config.load().and_then(|config| cert(&config, force)),
     };
@@ -169,6 +192,91 @@ fn main() -> ExitCode {
 /// calls it too, so a group never starts half-way on a config that `check` would refuse.
 fn validate(arg: &ConfigArg) -> Result<(Config, gatehouse_backend::Users)> {
     Ok(config::check(arg.load()?)?)
+}
+
+/// `gatehouse run` starts its own backends on sockets it names.
+fn refuse_socket_dir(config: &Config) -> Result<()> {
+    match &config.proxy.pool.socket_dir {
+        Some(_) => Err(config
+            .error_at(
+                "upstream.socket_dir",
+                "`gatehouse run` starts its own backends; a socket directory is for \
+                 `gatehouse proxy` and `gatehouse backend` run apart (unset it, or \
+                 GATEHOUSE_SOCKET_DIR)"
+                    .into(),
+            )
+            .into()),
+        None => Ok(()),
+    }
+}
+
+/// Where `gatehouse backend` listens, and its name.
+fn backend_sockets(
+    config: &Config,
+    socket: Option<PathBuf>,
+    id: Option<String>,
+    admin_socket: Option<PathBuf>,
+) -> Result<(serve_backend::Sockets, String)> {
+    if let Some(socket) = socket {
+        let sockets = serve_backend::Sockets {
+            socket,
+            admin_socket,
+            published: false,
+        };
+        return Ok((sockets, id.unwrap_or_else(|| "b1".into())));
+    }
+    let Some(dir) = &config.proxy.pool.socket_dir else {
+        return Err(Error::Runtime(
+            "--socket is needed unless upstream.socket_dir (GATEHOUSE_SOCKET_DIR) is set".into(),
+        ));
+    };
+    let id = in_dir_id(id)?;
+    Ok((serve_backend::Sockets::in_dir(dir, &id), id))
+}
+
+/// A backend's name in the socket directory: given, or the host name, which is unique per
+/// container (Docker names a container's host after its id).
+fn in_dir_id(id: Option<String>) -> Result<String> {
+    let id = match id {
+        Some(id) => id,
+        None => std::fs::read_to_string("/proc/sys/kernel/hostname")
+            .map_err(Error::io("cannot read the host name"))?
+            .trim()
+            .to_string(),
+    };
+    if !gatehouse_proxy::socket_dir::valid_name(&id) {
+        return Err(Error::Runtime(format!(
+            "backend id {id:?}: 1 to 64 letters, digits, '-' or '_' (it names a socket file)"
+        )));
+    }
+    Ok(id)
+}
+
+/// `/healthz` of this container's backend, on its socket: 0 if it answers 200, 1 if not.
+fn backend_healthcheck(config: &Config) -> Result<i32> {
+    let Some(dir) = &config.proxy.pool.socket_dir else {
+        return Err(config
+            .error_at(
+                "upstream.socket_dir",
+                "--backend asks a backend in the socket directory, and none is set".into(),
+            )
+            .into());
+    };
+    let id = in_dir_id(std::env::var("GATEHOUSE_BACKEND_ID").ok())?;
+    let socket = serve_backend::Sockets::in_dir(dir, &id).socket;
+    let answer = (|| -> std::io::Result<String> {
+        use std::io::{Read, Write};
+        let deadline = std::time::Duration::from_secs(5);
+        let mut stream = std::os::unix::net::UnixStream::connect(&socket)?;
+        stream.set_read_timeout(Some(deadline))?;
+        stream.set_write_timeout(Some(deadline))?;
+        stream
+            .write_all(b"GET /healthz HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")?;
+        let mut response = String::new();
+        stream.read_to_string(&mut response)?;
+        Ok(response)
+    })();
+    report("/healthz", &socket.display().to_string(), answer)
 }
 
 fn ensure_certificate(config: &Config) -> Result<()> {
@@ -219,11 +327,14 @@ fn check(arg: &ConfigArg) -> Result<i32> {
         }
         Some(tls) => format!("tls on {}", tls.listen),
     };
+    let backends = match &config.proxy.pool.socket_dir {
+        Some(dir) => format!("backends found in {}", dir.display()),
+        None => format!("{} backends", config.backend.count),
+    };
     println!(
-        "{}: ok ({} routes, {} backends, {} users, redis {}, {tls})",
+        "{}: ok ({} routes, {backends}, {} users, redis {}, {tls})",
         config.file.display(),
         config.proxy.routes.len(),
-        config.backend.count,
         seeded_users(&config, &users),
         config.redis.url.as_deref().unwrap_or("managed"),
     );
@@ -348,6 +459,11 @@ fn healthcheck(config: &Config, ready: bool) -> Result<i32> {
         stream.read_to_string(&mut response)?;
         Ok(response)
     })();
+    report(path, &format!("the admin listener on {addr}"), answer)
+}
+
+/// Prints a health check's outcome; 0 on a 200, 1 otherwise.
+fn report(path: &str, whom: &str, answer: std::io::Result<String>) -> Result<i32> {
     match answer {
         Ok(response) if response.starts_with("HTTP/1.1 200") => {
             println!("{path}: ok");
@@ -360,7 +476,7 @@ fn healthcheck(config: &Config, ready: bool) -> Result<i32> {
             Ok(1)
         }
         Err(error) => {
-            println!("{path}: cannot reach the admin listener on {addr}: {error}");
+            println!("{path}: cannot reach {whom}: {error}");
             Ok(1)
         }
     }

@@ -22,5 +22,7 @@ mod observability;
 mod operations;
 mod process_group;
 mod redis;
+// Backends found in a directory: the proxy and backends run apart, as in the Swarm stack.
+mod socket_dir;
 mod statics;
 mod tls;

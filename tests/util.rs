@@ -680,7 +680,7 @@ static_dir = "files"
 cache_control = "max-age=60"
 "#;
 
-fn write_config(
+pub fn write_config(
     dir: &Path,
     port: u16,
     tls_port: Option<u16>,

@@ -36,7 +36,6 @@ pub struct Admin {
     pub metrics: Arc<Metrics>,
     pub lb: Arc<LoadBalancer<RoundRobin>>,
     pub live: Arc<ArcSwap<Live>>,
-    pub backends: Vec<BackendSocket>,
     /// The supervisor's series, rewritten by it every second.
     pub supervisor_file: PathBuf,
     /// Ports of the public listeners, for the open-connections gauge.
@@ -44,6 +43,15 @@ pub struct Admin {
 }
 
 impl Admin {
+    /// The backends in the pool now: listed, or found in `upstream.socket_dir`.
+    fn backends(&self) -> Vec<BackendSocket> {
+        let current = self.lb.backends().get_backend();
+        current
+            .iter()
+            .filter_map(|b| b.ext.get::<BackendSocket>().cloned())
+            .collect()
+    }
+
     async fn render_metrics(&self) -> Vec<u8> {
         for backend in self.lb.backends().get_backend().iter() {
             if let Some(member) = upstream::member(backend) {
@@ -68,8 +76,8 @@ impl Admin {
             tracing::error!(%error, "cannot encode metrics");
         }
         let scrapes = self
-            .backends
-            .iter()
+            .backends()
+            .into_iter()
             .filter_map(|b| b.admin_socket.clone())
             .map(|socket| async move {
                 match get(&socket, "/metrics").await {
@@ -91,7 +99,7 @@ impl Admin {
     }
 
     async fn readiness(&self) -> (bool, serde_json::Value) {
-        let checks = self.backends.iter().cloned().map(|b| async move {
+        let checks = self.backends().into_iter().map(|b| async move {
             let answer = get(&b.socket, "/healthz").await;
             let health = answer
                 .filter(|(status, _)| *status == 200)

@@ -76,6 +76,7 @@ pub mod request_id;
 pub mod respond;
 pub mod routes;
 pub mod settings;
+pub mod socket_dir;
 pub mod statics;
 pub mod tls;
 pub mod upstream;
@@ -225,7 +226,6 @@ pub fn run(
             metrics: metrics.clone(),
             lb,
             live: live.clone(),
-            backends: settings.pool.backends.clone(),
             supervisor_file: settings.runtime_dir.join(SUPERVISOR_METRICS),
             public_ports,
         };

@@ -178,6 +178,7 @@ impl Fixed {
             ),
             ("tls.listen", v(&settings.tls.as_ref().map(|t| t.listen))),
             ("backend.count", v(&sockets)),
+            ("upstream.socket_dir", v(&pool.socket_dir)),
             // The health checks' deadline follows the backends' Redis deadline.
             ("redis.timeout", v(&pool.health_check_timeout)),
             ("paths.runtime_dir", v(&settings.runtime_dir)),

@@ -44,6 +44,9 @@ pub struct Settings {
 #[derive(Debug, Clone)]
 pub struct PoolSettings {
     pub backends: Vec<BackendSocket>,
+    /// `Some`: the backends are not listed but found in this directory, one socket each
+    /// ([`crate::socket_dir`]); `backends` is empty.
+    pub socket_dir: Option<PathBuf>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,

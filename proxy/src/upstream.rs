@@ -81,9 +81,9 @@ pub enum NoBackend {
     Full,
 }
 
-/// Builds the pool and the background service that keeps its health up to date.
-/// The load balancer's entry for one backend, with its [`Member`].
-pub fn entry(backend: &BackendSocket, settings: &PoolSettings) -> Result<Backend, BuildError> {
+/// The load balancer's entry for one backend, with its [`Member`] and its [`BackendSocket`]
+/// (whose admin socket the admin listener scrapes).
+pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend, BuildError> {
     let path = &backend.socket;
     let text = path
         .to_str()
@@ -109,17 +109,24 @@ pub fn entry(backend: &BackendSocket, settings: &PoolSettings) -> Result<Backend
         slots: Arc::new(Semaphore::new(settings.max_connections_per_backend)),
         idle: Default::default(),
     }));
+    entry.ext.insert(backend.clone());
     Ok(entry)
 }
 
+/// Builds the pool and the background service that keeps its health up to date.
 pub fn build(
     settings: &PoolSettings,
 ) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, BuildError> {
-    let mut backends = BTreeSet::new();
-    for backend in &settings.backends {
-        backends.insert(entry(backend, settings)?);
-    }
-    let backends = Backends::new(discovery::Static::new(backends));
+    let backends = match &settings.socket_dir {
+        Some(dir) => Backends::new(crate::socket_dir::SocketDir::new(dir, settings)),
+        None => {
+            let mut backends = BTreeSet::new();
+            for backend in &settings.backends {
+                backends.insert(entry(settings, backend)?);
+            }
+            Backends::new(discovery::Static::new(backends))
+        }
+    };
     let mut lb = LoadBalancer::<RoundRobin>::from_backends(backends);
 
     let mut check = HttpHealthCheck::new("localhost", false);
@@ -132,6 +139,9 @@ pub fn build(
     check.peer_template.options.read_timeout = Some(settings.health_check_timeout);
     lb.set_health_check(Box::new(check));
     lb.health_check_frequency = Some(settings.health_check_interval);
+    if settings.socket_dir.is_some() {
+        lb.update_frequency = Some(settings.health_check_interval);
+    }
     lb.parallel_health_check = true;
     Ok(background_service("backend health checks", lb))
 }

@@ -14,6 +14,7 @@ pub const ENV_TLS_LISTEN: &str = "GATEHOUSE_TLS_LISTEN";
 pub const ENV_ADMIN_LISTEN: &str = "GATEHOUSE_ADMIN_LISTEN";
 pub const ENV_REDIS_URL: &str = "GATEHOUSE_REDIS_URL";
 pub const ENV_LOG_FORMAT: &str = "GATEHOUSE_LOG_FORMAT";
+pub const ENV_SOCKET_DIR: &str = "GATEHOUSE_SOCKET_DIR";
 /// The JWT secret itself; it wins over any file naming one.
 pub const ENV_JWT_SECRET: &str = "GATEHOUSE_JWT_SECRET";
 pub const ENV_JWT_SECRET_FILE: &str = "GATEHOUSE_JWT_SECRET_FILE";
@@ -23,7 +24,7 @@ pub const SECRET_ENV: [&str; 3] = [ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_ADMI
 
 /// Each variable, the key it replaces, whether that key accepts `"off"`, and how.
 type Setter = fn(&mut RawConfig, String);
-pub const VARIABLES: [(&str, &str, bool, Setter); 7] = [
+pub const VARIABLES: [(&str, &str, bool, Setter); 8] = [
     (ENV_LISTEN, "proxy.listen", false, |raw, v| {
         raw.proxy.listen = v
     }),
@@ -45,6 +46,9 @@ pub const VARIABLES: [(&str, &str, bool, Setter); 7] = [
         false,
         |raw, v| raw.backend.jwt_secret_file = Some(PathBuf::from(v)),
     ),
+    (ENV_SOCKET_DIR, "upstream.socket_dir", false, |raw, v| {
+        raw.upstream.socket_dir = Some(PathBuf::from(v))
+    }),
     (
         ENV_ADMIN_PASSWORD_FILE,
         "backend.admin_password_file",

@@ -40,7 +40,7 @@ pub use backend::{Backend, Secret};
 pub use check::{certificate_missing, check, load_checked};
 pub use env::{
     ENV_ADMIN_LISTEN, ENV_ADMIN_PASSWORD_FILE, ENV_JWT_SECRET, ENV_JWT_SECRET_FILE, ENV_LISTEN,
-    ENV_LOG_FORMAT, ENV_REDIS_URL, ENV_TLS_LISTEN, SECRET_ENV,
+    ENV_LOG_FORMAT, ENV_REDIS_URL, ENV_SOCKET_DIR, ENV_TLS_LISTEN, SECRET_ENV,
 };
 pub use error::ConfigError;
 pub use redis::Redis;

@@ -155,6 +155,7 @@ pub struct RawUpstream {
     pub max_connections: usize,
     pub queue_timeout: Human,
     pub health_check_interval: Human,
+    pub socket_dir: Option<PathBuf>,
 }
 
 impl Default for RawUpstream {
@@ -165,6 +166,7 @@ impl Default for RawUpstream {
             max_connections: 512,
             queue_timeout: secs(2),
             health_check_interval: secs(1),
+            socket_dir: None,
         }
     }
 }
@@ -209,6 +211,8 @@ pub struct RawTls {
     /// A header value, or `"off"`.
     pub hsts: String,
     pub redirect_http: bool,
+    /// The HTTPS port clients reach, when a port mapping makes it differ from `listen`'s.
+    pub redirect_port: Option<u16>,
 }
 
 impl Default for RawTls {
@@ -220,6 +224,7 @@ impl Default for RawTls {
             server_names: Vec::new(),
             hsts: "max-age=31536000".into(),
             redirect_http: true,
+            redirect_port: None,
         }
     }
 }

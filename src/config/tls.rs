@@ -25,6 +25,9 @@ pub fn validate(t: &RawTls, source: &Source) -> Result<Tls, ConfigError> {
             ));
         }
     }
+    if t.redirect_port == Some(0) {
+        return Err(source.at("tls.redirect_port", "must be greater than 0".into()));
+    }
     let hsts = source.off_or(t.hsts.trim(), "tls.hsts")?;
     if let Some(value) = hsts {
         source.header_value(value, "tls.hsts")?;
@@ -42,7 +45,7 @@ pub fn validate(t: &RawTls, source: &Source) -> Result<Tls, ConfigError> {
             .filter(|_| t.redirect_http)
             .map(|l| HttpsRedirect {
                 server_name: t.server_names.first().cloned(),
-                https_port: l.listen.port(),
+                https_port: t.redirect_port.unwrap_or(l.listen.port()),
             }),
         hsts: listener.as_ref().and(hsts).map(str::to_string),
     };

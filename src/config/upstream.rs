@@ -38,7 +38,25 @@ pub fn validate(
         Duration::ZERO..=Duration::from_secs(600),
         "upstream.queue_timeout",
     )?;
+    let socket_dir = u
+        .socket_dir
+        .as_ref()
+        .map(|dir| source.path("upstream.socket_dir", dir));
+    // A backend's socket there is `NAME.sock`, NAME up to 64 bytes.
+    if let Some(dir) = &socket_dir
+        && dir.as_os_str().len() > super::MAX_SOCKET_PATH - 64 - 10
+    {
+        return Err(source.at(
+            "upstream.socket_dir",
+            format!(
+                "{} is too long for socket paths in it; use a shorter one",
+                dir.display()
+            ),
+        ));
+    }
+    let count = if socket_dir.is_some() { 0 } else { count };
     Ok(PoolSettings {
+        socket_dir,
         backends: (0..count)
             .map(|i| BackendSocket {
                 id: super::backend_id(i),

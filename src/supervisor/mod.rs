@@ -7,6 +7,7 @@
 
 mod child;
 mod metrics;
+mod systemd;
 
 use std::{
     ffi::OsString,
@@ -181,6 +182,7 @@ async fn run_group(config: Config) -> Result<i32> {
                 redis = if members.redis.is_some() { "managed" } else { "external" },
                 "gatehouse is up"
             );
+            systemd::ready("serving");
             let applied = std::cell::RefCell::new(BackendInputs::of(&config));
             // A reload or upgrade in progress; signals are still answered meanwhile, and a
             // stop abandons it (the replacement under way finishes in its child's task).
@@ -223,6 +225,7 @@ async fn run_group(config: Config) -> Result<i32> {
         }
     };
     tracing::info!(?how, "stopping the group");
+    systemd::stopping();
     members.stop(how).await;
     writer.abort();
     let _ = std::fs::remove_file(metrics_file);

@@ -1,6 +1,12 @@
 //! `gatehouse backend`: builds the backend's parts from the config and serves one socket.
 
-use std::{path::Path, sync::Arc, time::Duration};
+mod socket_dir;
+
+use std::{
+    path::{Path, PathBuf},
+    sync::Arc,
+    time::Duration,
+};
 
 use gatehouse_backend::{App, Metrics, Settings, Store, Tokens, Users};
 use tokio::signal::unix::{SignalKind, signal};
@@ -16,8 +22,33 @@ pub fn lame_duck(config: &Config) -> Duration {
     config.proxy.pool.health_check_interval * 2 + Duration::from_millis(300)
 }
 
-/// Serves `socket`, and the backend's metrics on `admin_socket` when given.
-pub fn run(config: &Config, socket: &Path, admin_socket: Option<&Path>, id: String) -> Result<i32> {
+/// Where a backend listens.
+pub struct Sockets {
+    /// Requests and `/healthz`.
+    pub socket: PathBuf,
+    /// `/metrics`, when given.
+    pub admin_socket: Option<PathBuf>,
+    /// The socket is in `upstream.socket_dir`, where the proxy finds it: it appears there only
+    /// once it listens, and leaves before the backend drains ([`socket_dir`]).
+    pub published: bool,
+}
+
+impl Sockets {
+    /// The backend `id`'s sockets in the proxy's socket directory.
+    pub fn in_dir(dir: &Path, id: &str) -> Self {
+        use gatehouse_proxy::socket_dir::{METRICS_SUFFIX, SOCKET_SUFFIX};
+        Sockets {
+            socket: dir.join(format!("{id}{SOCKET_SUFFIX}")),
+            admin_socket: Some(dir.join(format!("{id}{METRICS_SUFFIX}"))),
+            published: true,
+        }
+    }
+}
+
+/// Serves the request socket, and the backend's metrics on the admin socket when given.
+pub fn run(config: &Config, sockets: &Sockets, id: String) -> Result<i32> {
+    let socket = sockets.socket.as_path();
+    let admin_socket = sockets.admin_socket.as_deref();
     let mut users = Users::load(&config.backend.users_file)
         .map_err(|e| config.error_at("backend.users_file", e.to_string()))?;
     let env = crate::config::process_env;
@@ -99,9 +130,13 @@ pub fn run(config: &Config, socket: &Path, admin_socket: Option<&Path>, id: Stri
         ) else {
             return Err(Error::Runtime("cannot install signal handlers".into()));
         };
-        let listener = gatehouse_backend::bind(socket)
-            .await
-            .map_err(Error::io(format!("cannot listen on {}", socket.display())))?;
+        let listener = if sockets.published {
+            socket_dir::publish(socket).await?
+        } else {
+            gatehouse_backend::bind(socket)
+                .await
+                .map_err(Error::io(format!("cannot listen on {}", socket.display())))?
+        };
         if let Some(admin) = admin_socket {
             let listener = gatehouse_backend::bind(admin)
                 .await
@@ -112,7 +147,18 @@ pub fn run(config: &Config, socket: &Path, admin_socket: Option<&Path>, id: Stri
         let lame_duck = lame_duck(config);
         let shutdown = async {
             tokio::select! {
-                _ = term.recv() => tracing::info!(backend = %id, "SIGTERM: draining"),
+                _ = term.recv() => {
+                    if sockets.published {
+                        // Found by the proxy in its socket directory: leave it, so no new
+                        // request comes, and let the proxy look again before closing anything.
+                        tracing::info!(backend = %id, ?lame_duck, "SIGTERM: leaving the socket directory, then draining");
+                        let _ = std::fs::remove_file(socket);
+                        app.draining.store(true, std::sync::atomic::Ordering::Relaxed);
+                        tokio::time::sleep(lame_duck).await;
+                    } else {
+                        tracing::info!(backend = %id, "SIGTERM: draining");
+                    }
+                }
                 // A rolling restart: leave the rotation first, so no request meets a closing
                 // socket, then drain like SIGTERM.
                 _ = usr2.recv() => {
