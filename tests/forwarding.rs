@@ -5,12 +5,13 @@
 use std::{
     io::{Read, Write},
     net::TcpStream,
+    thread,
     time::Duration,
 };
 
 use crate::{
     drills::{exchange, plain_group},
-    util::metric_sum,
+    util::{self, metric_sum},
 };
 
 /// Status lines in a raw response stream.
@@ -113,4 +114,33 @@ fn sequential_requests_share_a_few_backend_connections() {
         (1.0..=4.0).contains(&open),
         "{open} backend connections open after 200 sequential requests"
     );
+}
+
+#[test]
+fn a_client_that_leaves_while_the_backend_stalls_gives_its_share_back_at_once() {
+    // One request in flight per client: a request nobody will read must not keep the next.
+    let group = plain_group(1, "limits.max_upstream_requests_per_client = 1");
+    let backend = group.child_pid("--id b1 ").expect("b1");
+    util::signal(backend, libc::SIGSTOP);
+    let mut left = TcpStream::connect(("127.0.0.1", group.port)).expect("connect");
+    left.write_all(b"GET /api/ping HTTP/1.1\r\nHost: a\r\n\r\n")
+        .expect("send");
+    thread::sleep(Duration::from_millis(300));
+    drop(left);
+    thread::sleep(Duration::from_millis(700));
+    // The backend is still stopped: had the first request kept its share, this one would get
+    // 429 at once.
+    let next = thread::spawn({
+        let port = group.port;
+        move || {
+            exchange(
+                port,
+                b"GET /api/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+            )
+        }
+    });
+    thread::sleep(Duration::from_millis(500));
+    util::signal(backend, libc::SIGCONT);
+    let (raw, _) = next.join().expect("second client");
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
 }

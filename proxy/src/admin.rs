@@ -53,6 +53,9 @@ impl Admin {
     }
 
     async fn render_metrics(&self) -> Vec<u8> {
+        // Backends found in a socket directory come and go: only the current ones are shown,
+        // or a replaced one would read as down for the life of the proxy.
+        self.metrics.backend_up.reset();
         for backend in self.lb.backends().get_backend().iter() {
             if let Some(member) = upstream::member(backend) {
                 let up = self.lb.backends().ready(backend);

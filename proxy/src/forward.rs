@@ -91,6 +91,10 @@ pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
     Ok(request)
 }
 
+/// Idle connections kept per backend: enough for the requests in flight at a busy moment on a
+/// small machine; a burst past it makes new connections, as a pool without idle ones would.
+const MAX_IDLE: usize = 64;
+
 /// A backend's idle keep-alive connections, newest last: the newest is the likeliest to be
 /// alive and warm in the caches.
 #[derive(Default)]
@@ -109,9 +113,20 @@ impl IdleConnections {
         None
     }
 
+    /// Keeps `stream` for the next request. Connections idle past [`POOL_IDLE_TIMEOUT`] at
+    /// the bottom of the stack are closed here, and at most [`MAX_IDLE`] are kept: after a
+    /// burst, light traffic only ever reuses the top, and the rest would otherwise stay open
+    /// (and count against the backend's connection limit) for as long as traffic continues.
     fn put(&self, stream: Stream) {
         if let Ok(mut idle) = self.0.lock() {
-            idle.push((stream, Instant::now()));
+            let now = Instant::now();
+            let expired = idle
+                .iter()
+                .take_while(|(_, since)| now.duration_since(*since) >= POOL_IDLE_TIMEOUT)
+                .count();
+            let over = (idle.len() - expired + 1).saturating_sub(MAX_IDLE);
+            idle.drain(..expired + over);
+            idle.push((stream, now));
         }
     }
 

@@ -563,7 +563,8 @@ impl Gateway {
         ctx.slot = Some(chosen.slot);
         let mut request = forward::upstream_request(session).map_err(|e| e.into_down())?;
         forwarding_headers(session, &mut request, ctx)?;
-        let mut exchange = match forward::send(&member, request, self.pool.deadlines()).await {
+        let send = forward::send(&member, request, self.pool.deadlines());
+        let mut exchange = match answer_or_client_gone(session, send).await? {
             Ok(exchange) => exchange,
             Err(failed) => {
                 ctx.slot = None;
@@ -679,6 +680,35 @@ fn forwarding_headers(
         upstream.remove_header("authorization");
     }
     Ok(())
+}
+
+/// How long the fast path waits for a backend before it also watches the client: most
+/// answers come sooner, and watching costs a read on the client's socket.
+const WATCH_CLIENT_AFTER: Duration = Duration::from_millis(100);
+
+/// The backend's answer to `send`, unless the client goes away first (Pingora's path notices
+/// that too): a request nobody will read must not hold its backend slot and its client's share
+/// until the backend's deadline.
+async fn answer_or_client_gone<T>(
+    session: &mut Session,
+    send: impl std::future::Future<Output = T>,
+) -> Result<T> {
+    let mut send = std::pin::pin!(send);
+    if let Ok(answer) =
+        pingora_timeout::fast_timeout::fast_timeout(WATCH_CLIENT_AFTER, &mut send).await
+    {
+        return Ok(answer);
+    }
+    tokio::select! {
+        answer = &mut send => Ok(answer),
+        // No body is expected: whatever the client does now (closing, or sending more) ends
+        // the request, as on Pingora's path.
+        _ = session.downstream_session.read_body_or_idle(true) => Error::e_explain(
+            ErrorType::ConnectionClosed,
+            "the client went away while the backend was answering",
+        )
+        .map_err(|e| e.into_down()),
+    }
 }
 
 /// An address as text; IPv4 without `Display`'s padding machinery, which costs more than the
