@@ -448,16 +448,16 @@ def threads_line(threads):
     return "" if threads is None else f"threads = {threads}"
 
 
-def start_group(binary, work, name, backends, admin, access_log, threads=None):
-    """Starts `gatehouse run` in its own directory under `work`; returns (process, http port,
-    https port, proxy pids)."""
+def start_group(binary, work, name, backends, admin, access_log, threads=None, extra_env=None):
+    """Starts `gatehouse run` in its own directory under `work`, with `extra_env` over this
+    environment; returns (process, http port, https port, proxy pids)."""
     home = work / name
     home.mkdir()
     http, https = free_port(), free_port()
     config = home / "gatehouse.toml"
     text = gatehouse_config(work, http, https, backends, admin, access_log or "off", threads_line(threads))
     config.write_text(text.replace(f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
-    env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
+    env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn", **(extra_env or {}))
     log = open(home / "gatehouse.log", "w")
     group = subprocess.Popen([binary, "run", "--config", config], env=env, stdout=log, stderr=log)
     wait_for(f"http://127.0.0.1:{http}/api/ping", home / "gatehouse.log")
@@ -493,8 +493,9 @@ def side_by_side(opts, sides, all_scenarios, title, file_name):
         (work / "gatehouse.toml").write_text(gatehouse_config(work, 1, 2, 1))
         subprocess.run([first_binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         groups = {}
-        for name, (binary, admin, access_log, threads) in sides.items():
-            group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log, threads)
+        for name, (binary, admin, access_log, threads, *extra_env) in sides.items():
+            group, http, https, proxy = start_group(binary, work, name, 3, admin, access_log, threads,
+                                                    *extra_env)
             processes.append(group)
             groups[name] = (http, https, proxy)
         # A token each: a group's sessions live in its own Redis.
@@ -591,9 +592,10 @@ def baseline(opts, binary):
     proxy.threads (`--baseline-threads`, else `--threads`), same config otherwise, metrics on
     and access logs off on both: what a change costs, measured in one run."""
     base_threads = opts.threads if opts.baseline_threads is None else opts.baseline_threads
+    base_env = dict(pair.split("=", 1) for pair in opts.baseline_env)
     sides = {
         "new": (binary, free_port(), "", opts.threads),
-        "base": (opts.baseline or binary, free_port(), "", base_threads),
+        "base": (opts.baseline or binary, free_port(), "", base_threads, base_env),
     }
 
     def scenarios(token):
@@ -611,7 +613,8 @@ def baseline(opts, binary):
         return (
             f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating "
             f"new/base, medians; {os.cpu_count()} cores; proxy.threads new {threads_words(opts.threads)}, "
-            f"base {threads_words(base_threads)}."
+            f"base {threads_words(base_threads)}"
+            + "".join(f", base {pair}" for pair in opts.baseline_env) + "."
         )
 
     side_by_side(opts, sides, scenarios, title, "baseline")
@@ -633,6 +636,9 @@ def main():
                         help="compare this build with another gatehouse binary, alternating")
     parser.add_argument("--baseline-threads", type=int,
                         help="proxy.threads of the --baseline side (alone: this build against itself)")
+    parser.add_argument("--baseline-env", action="append", default=[], metavar="NAME=VALUE",
+                        help="an environment variable of the --baseline side only (repeatable; alone: "
+                             "this build against itself, for example GATEHOUSE_ALLOCATOR=system)")
     parser.add_argument("--binary", type=Path, default=REPO / "target" / "release" / "gatehouse",
                         help="this build's gatehouse binary (default: the release build)")
     parser.add_argument("--only", metavar="WORDS",
@@ -656,7 +662,9 @@ def main():
     if opts.observability:
         observability(opts, binary)
         return
-    if opts.baseline or opts.baseline_threads is not None:
+    if any(pair.count("=") == 0 for pair in opts.baseline_env):
+        sys.exit("bench: --baseline-env takes NAME=VALUE")
+    if opts.baseline or opts.baseline_threads is not None or opts.baseline_env:
         baseline(opts, binary)
         return
 

@@ -17,6 +17,8 @@ use gatehouse::{
     serve_backend, supervisor,
 };
 
+mod allocator;
+
 #[derive(Parser)]
 #[command(
     name = "gatehouse",
@@ -115,7 +117,17 @@ impl ConfigArg {
     }
 }
 
+#[global_allocator]
+static ALLOCATOR: allocator::PerProcess = allocator::PerProcess;
+
 fn main() -> ExitCode {
+    if allocator::invalid_choice() {
+        eprintln!(
+            "gatehouse: config error: environment variable {}: expected \"system\" or \"mimalloc\"",
+            allocator::VARIABLE
+        );
+        return ExitCode::from(2);
+    }
     let cli = Cli::parse();
     let outcome = match cli.command {
         Command::Run(arg) => arg

@@ -200,6 +200,11 @@ fn a_bad_value_from_the_environment_names_the_variable() {
             "set but empty: write \"off\" to turn it off, or unset it",
         ),
         ("GATEHOUSE_JWT_SECRET", "", "set but empty: unset it"),
+        (
+            "GATEHOUSE_ALLOCATOR",
+            "jemalloc",
+            "expected \"system\" or \"mimalloc\"",
+        ),
     ] {
         let (code, out) = run(&["check"], &shipped_config(), &[(name, value)]);
         assert_eq!(code, 2, "{name}={value:?}: {out}");

@@ -3,15 +3,17 @@
 //! client sees the same framing, and a request with hop-by-hop headers still gets through.
 
 use std::{
-    io::{Read, Write},
+    io::{BufRead, BufReader, Read, Write},
     net::TcpStream,
+    os::unix::net::UnixListener,
     thread,
     time::Duration,
 };
 
 use crate::{
     drills::{exchange, plain_group},
-    util::{self, metric_sum},
+    socket_dir,
+    util::{self, metric_sum, wait_until},
 };
 
 /// Status lines in a raw response stream.
@@ -143,4 +145,116 @@ fn a_client_that_leaves_while_the_backend_stalls_gives_its_share_back_at_once() 
     util::signal(backend, libc::SIGCONT);
     let (raw, _) = next.join().expect("second client");
     assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+}
+
+#[test]
+fn a_burst_leaves_at_most_64_idle_connections_per_backend() {
+    let group = plain_group(1, "");
+    let backend = group.child_pid("--id b1 ").expect("b1");
+    // With the backend stopped, every request of the burst needs a connection of its own.
+    util::signal(backend, libc::SIGSTOP);
+    let burst: Vec<_> = (0..120)
+        .map(|_| {
+            let port = group.port;
+            thread::spawn(move || {
+                exchange(
+                    port,
+                    b"GET /api/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+                )
+            })
+        })
+        .collect();
+    thread::sleep(Duration::from_millis(1500));
+    util::signal(backend, libc::SIGCONT);
+    let answered = burst
+        .into_iter()
+        .filter_map(|t| t.join().ok())
+        .filter(|(raw, _)| raw.starts_with("HTTP/1.1 200"))
+        .count();
+    assert_eq!(answered, 120, "every request of the burst is answered");
+    // Past the cap, connections are closed as they come back: the backend sees at most 64
+    // idle ones from the fast path, plus the health check's.
+    let open = || {
+        metric_sum(
+            &group.admin("/metrics").1,
+            "gatehouse_backend_connections_open",
+            &[],
+        )
+    };
+    assert!(
+        wait_until(Duration::from_secs(5), || open() <= 66.0),
+        "{} backend connections open after the burst",
+        open()
+    );
+    // The burst's leftovers serve the next client at once.
+    let (raw, _) = exchange(
+        group.port,
+        b"GET /api/ping HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(raw.starts_with("HTTP/1.1 200"), "{raw}");
+}
+
+/// A backend that answers like HTTP/1.0 servers do: no length, the body ends at the close.
+fn close_delimited_backend(socket: &std::path::Path, body: &'static str) {
+    let listener = UnixListener::bind(socket).expect("bind the backend socket");
+    thread::spawn(move || {
+        for stream in listener.incoming().flatten() {
+            thread::spawn(move || {
+                let mut reader = BufReader::new(stream);
+                let mut line = String::new();
+                while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    line.clear();
+                }
+                let mut stream = reader.into_inner();
+                let _ = write!(
+                    stream,
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}"
+                );
+            });
+        }
+    });
+}
+
+#[test]
+fn a_response_without_a_length_reaches_the_client_chunked_on_a_connection_that_stays() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    // The proxy alone, with the one backend below found in its socket directory.
+    let (port, _, sockets) = socket_dir::write_config(dir.path(), "redis://127.0.0.1:1".into());
+    close_delimited_backend(&sockets.join("old.sock"), "until the close");
+    let _proxy = socket_dir::start(dir.path(), &["proxy"], "proxy.log");
+    let mut stream = None;
+    assert!(
+        wait_until(Duration::from_secs(10), || {
+            stream = TcpStream::connect(("127.0.0.1", port)).ok();
+            stream.is_some()
+        }),
+        "the proxy did not listen"
+    );
+    let mut stream = stream.expect("connected");
+    stream
+        .set_read_timeout(Some(Duration::from_secs(5)))
+        .expect("timeout");
+    for round in 0..2 {
+        stream
+            .write_all(b"GET /api/anything HTTP/1.1\r\nHost: a\r\n\r\n")
+            .expect("send");
+        let head = read_head(&mut stream);
+        assert!(head.starts_with("http/1.1 200"), "round {round}: {head}");
+        assert!(
+            head.contains("transfer-encoding: chunked"),
+            "round {round}: {head}"
+        );
+        assert!(!head.contains("connection: close"), "round {round}: {head}");
+        // The body in chunks, then the last chunk: read until the terminator.
+        let mut body = Vec::new();
+        let mut byte = [0u8; 1];
+        while !body.ends_with(b"0\r\n\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => body.push(byte[0]),
+                _ => panic!("round {round}: the body ended early: {body:?}"),
+            }
+        }
+        let body = String::from_utf8_lossy(&body);
+        assert!(body.contains("until the close"), "round {round}: {body}");
+    }
 }

@@ -16,7 +16,7 @@ use std::{
 
 use crate::util::{self, BIN, Options, Redis, SECRET, free_ports, signal, wait_until};
 
-struct Process(Child);
+pub(crate) struct Process(Child);
 
 impl Drop for Process {
     fn drop(&mut self) {
@@ -25,7 +25,7 @@ impl Drop for Process {
     }
 }
 
-fn start(dir: &Path, args: &[&str], log: &str) -> Process {
+pub(crate) fn start(dir: &Path, args: &[&str], log: &str) -> Process {
     let log = fs::File::create(dir.join(log)).expect("log file");
     let child = Command::new(BIN)
         .args(args)
@@ -44,6 +44,32 @@ fn backend(dir: &Path, id: &str) -> Process {
     start(dir, &["backend", "--id", id], &format!("backend-{id}.log"))
 }
 
+/// Writes `dir`/gatehouse.toml for backends found in `dir`/sockets (made here, with the
+/// static files' directory); returns the proxy's HTTP port, its admin port and the socket
+/// directory.
+pub(crate) fn write_config(dir: &Path, redis_url: String) -> (u16, u16, std::path::PathBuf) {
+    let sockets = dir.join("sockets");
+    fs::create_dir_all(&sockets).expect("socket dir");
+    fs::create_dir_all(dir.join("files")).expect("files dir");
+    let [port, admin_port] = free_ports();
+    util::write_config(
+        dir,
+        port,
+        None,
+        admin_port,
+        &Options {
+            tls: false,
+            redis_url: Some(redis_url),
+            keys: format!(
+                "upstream.socket_dir = {:?}\nupstream.health_check_interval = \"200ms\"",
+                sockets.display().to_string()
+            ),
+            ..Options::default()
+        },
+    );
+    (port, admin_port, sockets)
+}
+
 /// The backend ids that answer /api/ping among `tries` requests.
 fn answering(client: &reqwest::blocking::Client, url: &str, tries: usize) -> Vec<String> {
     let mut ids: Vec<String> = (0..tries)
@@ -59,26 +85,8 @@ fn answering(client: &reqwest::blocking::Client, url: &str, tries: usize) -> Vec
 #[test]
 fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sockets = dir.path().join("sockets");
-    fs::create_dir_all(&sockets).expect("socket dir");
-    fs::create_dir_all(dir.path().join("files")).expect("files dir");
     let redis = Redis::start(&dir.path().join("redis"));
-    let [port, admin_port] = free_ports();
-    util::write_config(
-        dir.path(),
-        port,
-        None,
-        admin_port,
-        &Options {
-            tls: false,
-            redis_url: Some(redis.url()),
-            keys: format!(
-                "upstream.socket_dir = {:?}\nupstream.health_check_interval = \"200ms\"",
-                sockets.display().to_string()
-            ),
-            ..Options::default()
-        },
-    );
+    let (port, admin_port, sockets) = write_config(dir.path(), redis.url());
     // `gatehouse run` starts its own backends and refuses a socket directory.
     let run = Command::new(BIN)
         .args(["run", "--config"])

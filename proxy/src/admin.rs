@@ -23,11 +23,7 @@ use tokio::{
 
 use arc_swap::ArcSwap;
 
-use crate::{
-    live::Live,
-    metrics::Metrics,
-    upstream::{self, BackendSocket},
-};
+use crate::{live::Live, metrics::Metrics, upstream};
 
 /// How long a backend may take to answer the admin listener.
 const BACKEND_DEADLINE: Duration = Duration::from_secs(2);
@@ -44,11 +40,12 @@ pub struct Admin {
 
 impl Admin {
     /// The backends in the pool now: listed, or found in `upstream.socket_dir`.
-    fn backends(&self) -> Vec<BackendSocket> {
+    fn backends(&self) -> Vec<Arc<upstream::Member>> {
         let current = self.lb.backends().get_backend();
         current
             .iter()
-            .filter_map(|b| b.ext.get::<BackendSocket>().cloned())
+            .filter_map(upstream::member)
+            .cloned()
             .collect()
     }
 
@@ -107,7 +104,7 @@ impl Admin {
             let health = answer
                 .filter(|(status, _)| *status == 200)
                 .and_then(|(_, body)| serde_json::from_slice::<serde_json::Value>(&body).ok());
-            (b.id.clone(), health)
+            (b.id.to_string(), health)
         });
         let results = join_all(checks).await;
         let redis_up = results

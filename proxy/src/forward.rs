@@ -136,14 +136,6 @@ impl IdleConnections {
             idle.clear();
         }
     }
-
-    pub fn len(&self) -> usize {
-        self.0.lock().map_or(0, |idle| idle.len())
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
 }
 
 /// Deadlines of a backend exchange.
@@ -209,7 +201,7 @@ pub async fn send(
             };
             Ok(Exchange { client, response })
         }
-        Err(e) if reused && !is_timeout(&e) => {
+        Err(e) if reused && closed_while_idle(&e) => {
             member.idle.clear();
             Err(Failed::Stale(e))
         }
@@ -225,6 +217,16 @@ async fn connect(member: &Member, deadline: Duration) -> Result<Stream> {
     }
 }
 
+/// How a connection the backend closed while it was idle fails the next exchange: the write
+/// or the first read breaks. A backend that answers garbage or too slowly is to blame, and
+/// is not let off as a stale connection would be.
+fn closed_while_idle(e: &Error) -> bool {
+    matches!(
+        e.etype(),
+        ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+    )
+}
+
 pub fn is_timeout(e: &Error) -> bool {
     matches!(
         e.etype(),
@@ -233,6 +235,24 @@ pub fn is_timeout(e: &Error) -> bool {
 }
 
 impl Exchange {
+    /// A response that ends when the backend closes the connection (HTTP/1.0 style, no
+    /// length) goes to the client chunked, as on Pingora's path, so that the client's
+    /// connection outlives it.
+    pub fn chunk_if_close_delimited(&mut self, head: bool) -> Result<()> {
+        let headers = &self.response.headers;
+        let close_delimited = !head
+            && !matches!(self.response.status.as_u16(), 204 | 304)
+            && !self.client.is_body_done()
+            && headers.get(header::TRANSFER_ENCODING).is_none()
+            && headers.get(header::CONTENT_LENGTH).is_none();
+        if close_delimited {
+            self.response.set_version(Version::HTTP_11);
+            self.response
+                .insert_header(header::TRANSFER_ENCODING, "chunked")?;
+        }
+        Ok(())
+    }
+
     /// Sends the response header (as the filters left it) and the body to the client,
     /// then gives the connection back to `member` if both sides kept it whole. An error from
     /// the backend's side carries `ErrorSource::Upstream`, from the client's `Downstream`.

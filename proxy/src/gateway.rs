@@ -570,8 +570,11 @@ impl Gateway {
                 ctx.slot = None;
                 match failed {
                     // The backend is not to blame: Pingora's path may pick it again.
-                    Failed::Stale(_) => {}
-                    Failed::Connect(_) => {
+                    Failed::Stale(e) => {
+                        tracing::debug!(backend = %member.id, error = %e, "idle connection was closed; sent again");
+                    }
+                    Failed::Connect(e) => {
+                        tracing::debug!(backend = %member.id, error = %e, "cannot connect; next backend");
                         ctx.failed.push(member.peer._address.clone());
                         self.upstream_error(ctx, "connect");
                     }
@@ -588,6 +591,8 @@ impl Gateway {
                 return Ok(false);
             }
         };
+        let head = session.req_header().method == http::Method::HEAD;
+        exchange.chunk_if_close_delimited(head)?;
         self.prepare_response(session, &mut exchange.response, ctx)?;
         if let Err(e) = exchange.relay(session, &member).await {
             if *e.esource() == ErrorSource::Upstream {

@@ -57,7 +57,10 @@ pub struct BackendSocket {
 pub struct Member {
     /// Its name (`b1`, ...), as metrics and access logs show it.
     pub id: Arc<str>,
+    /// Where it serves requests (and `/healthz`).
     pub socket: PathBuf,
+    /// Where it serves `/metrics`, which the admin listener scrapes.
+    pub admin_socket: Option<PathBuf>,
     /// For Pingora's own path (requests with a body, upgrades, retries).
     pub peer: HttpPeer,
     /// Free slots for requests in flight.
@@ -81,8 +84,7 @@ pub enum NoBackend {
     Full,
 }
 
-/// The load balancer's entry for one backend, with its [`Member`] and its [`BackendSocket`]
-/// (whose admin socket the admin listener scrapes).
+/// The load balancer's entry for one backend, with its [`Member`].
 pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend, BuildError> {
     let path = &backend.socket;
     let text = path
@@ -105,11 +107,11 @@ pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend
     entry.ext.insert(Arc::new(Member {
         id: Arc::from(backend.id.as_str()),
         socket: path.clone(),
+        admin_socket: backend.admin_socket.clone(),
         peer,
         slots: Arc::new(Semaphore::new(settings.max_connections_per_backend)),
         idle: Default::default(),
     }));
-    entry.ext.insert(backend.clone());
     Ok(entry)
 }
 

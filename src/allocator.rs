@@ -1,0 +1,139 @@
+//! The memory allocator, chosen per process. Every process of the group is this one binary,
+//! and what suits the proxy does not suit the backends:
+//!
+//! - The proxy makes some hundred small allocations per request. mimalloc takes a third of
+//!   the instructions glibc's allocator does for them (`scripts/callgrind.py`).
+//! - A backend spends its time in Redis round trips and argon2, not in the allocator. There,
+//!   mimalloc only adds to its memory: a few MB per process, times the backends.
+//!
+//! So `gatehouse proxy` (which `gatehouse run` starts) uses mimalloc and every other command
+//! the system's allocator. `GATEHOUSE_ALLOCATOR=system` or `=mimalloc` overrides that, for
+//! memory checkers and measurements.
+//!
+//! The choice is made before `main`, from the command line and environment that glibc hands
+//! to `.init_array` functions (as Rust's own `std::env::args` relies on), so no block is ever
+//! freed by an allocator other than the one that made it.
+
+use std::{
+    alloc::{GlobalAlloc, Layout, System},
+    sync::atomic::{AtomicU8, Ordering},
+};
+
+use mimalloc::MiMalloc;
+
+const SYSTEM: u8 = 0;
+const MIMALLOC: u8 = 1;
+/// `GATEHOUSE_ALLOCATOR` named neither: the system's allocator, and `main` refuses to start.
+const INVALID: u8 = 2;
+
+static CHOSEN: AtomicU8 = AtomicU8::new(SYSTEM);
+
+pub const VARIABLE: &str = "GATEHOUSE_ALLOCATOR";
+
+/// Whether `GATEHOUSE_ALLOCATOR` held something other than `system` or `mimalloc`.
+pub fn invalid_choice() -> bool {
+    CHOSEN.load(Ordering::Relaxed) == INVALID
+}
+
+pub struct PerProcess;
+
+impl PerProcess {
+    fn mimalloc() -> bool {
+        CHOSEN.load(Ordering::Relaxed) == MIMALLOC
+    }
+}
+
+// SAFETY: each call goes to one of two allocators that uphold `GlobalAlloc`'s contract, and
+// the choice between them never changes after the first allocation, so a block is always
+// resized and freed by the allocator that made it.
+unsafe impl GlobalAlloc for PerProcess {
+    unsafe fn alloc(&self, layout: Layout) -> *mut u8 {
+        if Self::mimalloc() {
+            unsafe { MiMalloc.alloc(layout) }
+        } else {
+            unsafe { System.alloc(layout) }
+        }
+    }
+
+    unsafe fn alloc_zeroed(&self, layout: Layout) -> *mut u8 {
+        if Self::mimalloc() {
+            unsafe { MiMalloc.alloc_zeroed(layout) }
+        } else {
+            unsafe { System.alloc_zeroed(layout) }
+        }
+    }
+
+    unsafe fn dealloc(&self, ptr: *mut u8, layout: Layout) {
+        if Self::mimalloc() {
+            unsafe { MiMalloc.dealloc(ptr, layout) }
+        } else {
+            unsafe { System.dealloc(ptr, layout) }
+        }
+    }
+
+    unsafe fn realloc(&self, ptr: *mut u8, layout: Layout, new_size: usize) -> *mut u8 {
+        if Self::mimalloc() {
+            unsafe { MiMalloc.realloc(ptr, layout, new_size) }
+        } else {
+            unsafe { System.realloc(ptr, layout, new_size) }
+        }
+    }
+}
+
+#[cfg(all(target_os = "linux", target_env = "gnu"))]
+mod choose {
+    use std::ffi::{CStr, c_char, c_int};
+
+    use super::{CHOSEN, INVALID, MIMALLOC, Ordering, SYSTEM, VARIABLE};
+
+    /// Runs before `main` and before any allocation of Rust code.
+    #[used]
+    #[unsafe(link_section = ".init_array")]
+    static CHOOSE: extern "C" fn(c_int, *const *const c_char, *const *const c_char) = choose;
+
+    extern "C" fn choose(argc: c_int, argv: *const *const c_char, env: *const *const c_char) {
+        // SAFETY: glibc passes the process's `argc` and `argv`, and `environ`: arrays of C
+        // strings, `argv` with `argc` entries and `environ` ending with a null pointer.
+        let (command, forced) = unsafe {
+            let command = (argc >= 2 && !argv.is_null() && !(*argv.add(1)).is_null())
+                .then(|| CStr::from_ptr(*argv.add(1)).to_bytes());
+            (command, variable(env))
+        };
+        let chosen = match forced {
+            Some(b"system") => SYSTEM,
+            Some(b"mimalloc") => MIMALLOC,
+            Some(_) => INVALID,
+            None if command == Some(b"proxy") => MIMALLOC,
+            None => SYSTEM,
+        };
+        CHOSEN.store(chosen, Ordering::Relaxed);
+    }
+
+    /// The value of `GATEHOUSE_ALLOCATOR` in `env`, read without allocating.
+    ///
+    /// # Safety
+    /// `env` is null or a null-terminated array of C strings.
+    unsafe fn variable<'a>(env: *const *const c_char) -> Option<&'a [u8]> {
+        if env.is_null() {
+            return None;
+        }
+        let mut at = env;
+        loop {
+            // SAFETY: within the array, which ends with a null entry.
+            let entry = unsafe { *at };
+            if entry.is_null() {
+                return None;
+            }
+            // SAFETY: each entry is a C string.
+            let text = unsafe { CStr::from_ptr(entry) }.to_bytes();
+            if let Some(value) = text
+                .strip_prefix(VARIABLE.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+            {
+                return Some(value);
+            }
+            // SAFETY: not past the null entry, checked above.
+            at = unsafe { at.add(1) };
+        }
+    }
+}
