@@ -88,6 +88,16 @@ prefix = "/locked/"
 static_dir = "STATIC"
 htpasswd = "HTPASSWD"
 cors = { origins = ["https://app.example"] }
+
+[[routes]]
+prefix = "/limited/"
+static_dir = "STATIC"
+rate_limit = "tight"
+cors = { origins = ["https://app.example"] }
+
+[rate_limits.tight]
+per_second = 1
+burst = 2
 "#;
 
 /// `gatehouse proxy` in front of the echo backend, and the test's routes.
@@ -386,6 +396,18 @@ fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin() {
         header(&response, "access-control-allow-origin").as_deref(),
         Some(app)
     );
+
+    // The rate limit holds for preflights as for everything else.
+    let limited = format!("http://127.0.0.1:{port}/limited/");
+    let statuses: Vec<u16> = (0..4)
+        .map(|_| {
+            preflight(&client, &limited, app, "GET", "")
+                .status()
+                .as_u16()
+        })
+        .collect();
+    assert_eq!(statuses[..2], [204, 204], "{statuses:?}");
+    assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
 }
 
 /// The landing page frames `/open/` and `/close/`: with the shipped sites' security headers on
