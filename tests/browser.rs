@@ -93,6 +93,8 @@ impl Browser {
         self.session = Some(attached["sessionId"].as_str().expect("sessionId").into());
         self.call("Page.enable", json!({}));
         self.call("Log.enable", json!({}));
+        // A page opened before this one has fired its own load event.
+        self.events.clear();
         self.call("Page.navigate", json!({"url": url}));
         while !self.events.iter().any(|e| e == "Page.loadEventFired") {
             let message = self.read();
