@@ -5,8 +5,9 @@
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
 //!    404); a CORS preflight answered (`preflight`); the route's access rules (rate limit ->
-//!    429, allow/deny -> 403, basic auth -> 401); static routes are then answered here from files, and a simple `GET` or `HEAD`
-//!    to the backends is forwarded here (`forward`, the fast path; see [`crate::forward`]).
+//!    429, allow/deny -> 403, basic auth -> 401); static routes are then answered here from
+//!    files, and a simple `GET` or `HEAD` to the backends is forwarded here (`forward`, the
+//!    fast path; see [`crate::forward`]).
 //! 3. `upstream_peer` (everything else): pick a backend socket (round robin, healthy, not
 //!    failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.

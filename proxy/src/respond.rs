@@ -1,5 +1,6 @@
 //! Responses the proxy writes itself: JSON and HTML errors, redirects. Each one carries the
-//! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response.
+//! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response, and
+//! once the request has a route, that route's response headers and CORS headers.
 
 use bytes::Bytes;
 use http::HeaderValue;
