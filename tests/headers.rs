@@ -465,3 +465,42 @@ const FRAME_TITLES: &str = r#"(async () => {
   }
   return titles;
 })()"#;
+
+/// Over HTTPS the variables are the request's own, on HTTP/1.1 and on HTTP/2, where the host
+/// comes from the `:authority` (an HTTP/2 request has no `Host` header).
+#[test]
+fn variables_are_the_requests_over_https_on_http1_and_http2() {
+    let site = Path::new(env!("CARGO_MANIFEST_DIR")).join("static/open");
+    let group = util::Group::start(Options {
+        backends: 1,
+        extra: format!(
+            "[[routes]]\nprefix = \"/vars/\"\nstatic_dir = {:?}\nresponse_headers = {{ set = {{ \
+             \"X-Where\" = \"$scheme://$host\", \"X-Who\" = \"$client_ip\" }} }}\n",
+            site.display().to_string()
+        ),
+        ..Options::default()
+    });
+    let tls_port = group.tls_port.expect("an HTTPS port");
+    for (http1_only, version) in [
+        (true, reqwest::Version::HTTP_11),
+        (false, reqwest::Version::HTTP_2),
+    ] {
+        let response = group
+            .http_client(http1_only)
+            .get(group.url("/vars/"))
+            .send()
+            .expect("answer");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.version(), version);
+        assert_eq!(
+            header(&response, "x-where"),
+            Some(format!("https://localhost:{tls_port}")),
+            "{version:?}"
+        );
+        assert_eq!(
+            header(&response, "x-who").as_deref(),
+            Some("127.0.0.1"),
+            "{version:?}"
+        );
+    }
+}
