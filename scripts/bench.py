@@ -475,7 +475,8 @@ def only(opts, scenarios):
 
 def side_by_side(opts, sides, all_scenarios, title, file_name):
     """Groups started side by side, one per entry of `sides` (name -> (binary, admin port or
-    None, access log or "", proxy.threads or None)), all with the same config otherwise; the
+    None, access log or "", proxy.threads or None[, environment over this one])), all with the
+    same config otherwise; the
     same oha runs alternate between them, round after round. Writes and prints a table of
     medians, the first side against the second, and the syscall pass's table."""
     def scenarios(token):
@@ -513,7 +514,7 @@ def side_by_side(opts, sides, all_scenarios, title, file_name):
                     results.setdefault((label, name), []).append(measure(label, base + args, url, pids, raw, run_id))
         calls = syscall_pass(opts, groups, {name: scenarios(token[name]) for name in groups}, connections, raw,
                              results, f"{file_name}-")
-        logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, _) in sides.items() if log}
+        logged = {name: sum(1 for _ in open(log)) for name, (_, _, log, *_) in sides.items() if log}
     finally:
         stop_all(processes, work)
 
@@ -525,8 +526,8 @@ def side_by_side(opts, sides, all_scenarios, title, file_name):
         title(opts, connections, duration, rounds, logged),
         "",
         f"| scenario | rps {a} | rps {b} | {a}/{b} | p99 ms {a} | p99 ms {b} | proxy CPU us/req {a} | {b} | CPU {a}/{b} "
-        f"| user us/req {a} | {b} | sys us/req {a} | {b} | ctx sw/req {a} | {b} |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| user us/req {a} | {b} | sys us/req {a} | {b} | ctx sw/req {a} | {b} | proxy peak RSS MB {a} | {b} |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for label, *_ in scenarios(""):
         ra, rb = (med(label, n, "rps") for n in (a, b))
@@ -536,7 +537,8 @@ def side_by_side(opts, sides, all_scenarios, title, file_name):
             f"{med(label, b, 'p99'):.2f} | {ca:.1f} | {cb:.1f} | {ca / max(cb, 0.01):.3f}x | "
             f"{med(label, a, 'user_us'):.1f} | {med(label, b, 'user_us'):.1f} | "
             f"{med(label, a, 'sys_us'):.1f} | {med(label, b, 'sys_us'):.1f} | "
-            f"{switches_cell(results, label, a)} | {switches_cell(results, label, b)} |"
+            f"{switches_cell(results, label, a)} | {switches_cell(results, label, b)} | "
+            f"{med(label, a, 'rss_mb'):.1f} | {med(label, b, 'rss_mb'):.1f} |"
         )
     lines += syscall_table(calls, (a, b), scenarios(""))
     table = "\n".join(lines) + "\n"

@@ -208,6 +208,20 @@ fn swagger_ui_and_its_assets_load_through_the_proxy() {
     let answer = browser.evaluate(&SWAGGER_AUTHORIZE.replace("TOKEN", &token));
     assert_eq!(answer["before"]["status"], "401", "{answer}");
     assert_eq!(answer["after"]["status"], "200", "{answer}");
+    // The shipped security headers' Content-Security-Policy is on: nothing the page loads or
+    // does may be blocked by it.
+    let csp = group.get("/swagger/").unwrap();
+    assert!(
+        csp.headers().contains_key("content-security-policy"),
+        "{:?}",
+        csp.headers()
+    );
+    let blocked: Vec<_> = browser
+        .log()
+        .iter()
+        .filter(|line| line.contains("Content Security Policy"))
+        .collect();
+    assert!(blocked.is_empty(), "{blocked:#?}");
     let body: Value = serde_json::from_str(answer["after"]["body"].as_str().unwrap()).unwrap();
     assert_eq!(
         body,
@@ -253,7 +267,7 @@ const SWAGGER_AUTHORIZE: &str = r##"(async () => {
 
 /// Debian's `chromium`, if installed. Without it the browser half of the Swagger UI test is
 /// skipped, unless `GATEHOUSE_REQUIRE_CHROMIUM` is set (CI sets it).
-fn chromium() -> Option<PathBuf> {
+pub fn chromium() -> Option<PathBuf> {
     let found = ["chromium", "chromium-browser"].into_iter().find(|name| {
         Command::new(name)
             .arg("--version")

@@ -24,6 +24,9 @@ pub struct Browser {
     session: Option<String>,
     /// Events that arrived while a call waited for its answer.
     events: Vec<String>,
+    /// The page's console messages from the browser itself (a blocked load, a Content
+    /// Security Policy violation), once [`Browser::open`] asked for them.
+    log: Vec<String>,
     _profile: tempfile::TempDir,
 }
 
@@ -74,6 +77,7 @@ impl Browser {
             next_id: 0,
             session: None,
             events: Vec::new(),
+            log: Vec::new(),
             _profile: profile,
         }
     }
@@ -88,13 +92,31 @@ impl Browser {
         );
         self.session = Some(attached["sessionId"].as_str().expect("sessionId").into());
         self.call("Page.enable", json!({}));
+        self.call("Log.enable", json!({}));
+        // A page opened before this one has fired its own load event.
+        self.events.clear();
         self.call("Page.navigate", json!({"url": url}));
         while !self.events.iter().any(|e| e == "Page.loadEventFired") {
             let message = self.read();
-            if let Some(method) = message["method"].as_str() {
-                self.events.push(method.to_string());
-            }
+            self.note(&message);
         }
+    }
+
+    /// What the browser logged about the page so far.
+    pub fn log(&self) -> &[String] {
+        &self.log
+    }
+
+    fn note(&mut self, event: &Value) {
+        let Some(method) = event["method"].as_str() else {
+            return;
+        };
+        if method == "Log.entryAdded" {
+            let entry = &event["params"]["entry"];
+            self.log
+                .push(format!("{}: {}", entry["level"], entry["text"]));
+        }
+        self.events.push(method.to_string());
     }
 
     /// Runs `expression` in the page, waits for the promise it returns, and gives its value.
@@ -122,8 +144,8 @@ impl Browser {
         self.commands.write_all(&bytes).expect("write to chromium");
         loop {
             let answer = self.read();
-            if let Some(event) = answer["method"].as_str() {
-                self.events.push(event.to_string());
+            if answer["method"].is_string() {
+                self.note(&answer);
                 continue;
             }
             if answer["id"] != id {

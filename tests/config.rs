@@ -169,6 +169,37 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "tls.enabled",
             "tls.listen = \"off\" turns HTTPS off",
         ),
+        // Header rules and CORS (routes[3] is /open/).
+        (
+            "cache_control = \"public, max-age=300\"",
+            "response_headers = { set = { \"Content-Length\" = \"1\" } }",
+            "routes[3].response_headers.set.Content-Length",
+            "connection or framing header",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "response_headers = { add = { \"X-Id\" = \"id $nope\" } }",
+            "routes[3].response_headers.add.X-Id",
+            "unknown variable `$nope`",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "request_headers = { set = { \"X-Env\" = \"prod\" } }",
+            "routes[3].request_headers",
+            "request_headers are for backend routes",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"*\"], credentials = true }",
+            "routes[3].cors.credentials",
+            "browsers refuse \"*\" with credentials",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example/app\"] }",
+            "routes[3].cors.origins[0]",
+            "is not an origin",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);

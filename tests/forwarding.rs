@@ -221,7 +221,7 @@ fn a_response_without_a_length_reaches_the_client_chunked_on_a_connection_that_s
     // The proxy alone, with the one backend below found in its socket directory.
     let (port, _, sockets) = socket_dir::write_config(dir.path(), "redis://127.0.0.1:1".into());
     close_delimited_backend(&sockets.join("old.sock"), "until the close");
-    let _proxy = socket_dir::start(dir.path(), &["proxy"], "proxy.log");
+    let _proxy = util::start_alone(dir.path(), &["proxy"], "proxy.log");
     let mut stream = None;
     assert!(
         wait_until(Duration::from_secs(10), || {

@@ -5,7 +5,7 @@
 use std::{
     fs,
     path::Path,
-    process::{Child, Command, Stdio},
+    process::Command,
     sync::{
         Arc,
         atomic::{AtomicBool, AtomicUsize, Ordering},
@@ -14,34 +14,10 @@ use std::{
     time::Duration,
 };
 
-use crate::util::{self, BIN, Options, Redis, SECRET, free_ports, signal, wait_until};
-
-pub(crate) struct Process(Child);
-
-impl Drop for Process {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-pub(crate) fn start(dir: &Path, args: &[&str], log: &str) -> Process {
-    let log = fs::File::create(dir.join(log)).expect("log file");
-    let child = Command::new(BIN)
-        .args(args)
-        .arg("--config")
-        .arg(dir.join("gatehouse.toml"))
-        .env("GATEHOUSE_JWT_SECRET", SECRET)
-        .stdin(Stdio::null())
-        .stdout(log.try_clone().expect("log file"))
-        .stderr(log)
-        .spawn()
-        .expect("start gatehouse");
-    Process(child)
-}
+use crate::util::{self, BIN, Options, Process, Redis, SECRET, free_ports, signal, wait_until};
 
 fn backend(dir: &Path, id: &str) -> Process {
-    start(dir, &["backend", "--id", id], &format!("backend-{id}.log"))
+    util::start_alone(dir, &["backend", "--id", id], &format!("backend-{id}.log"))
 }
 
 /// Writes `dir`/gatehouse.toml for backends found in `dir`/sockets (made here, with the
@@ -100,7 +76,7 @@ fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
         "{run:?}"
     );
 
-    let _proxy = start(dir.path(), &["proxy"], "proxy.log");
+    let _proxy = util::start_alone(dir.path(), &["proxy"], "proxy.log");
     let mut a = backend(dir.path(), "a");
     let _b = backend(dir.path(), "b");
     let url = format!("http://127.0.0.1:{port}/api/ping");

@@ -17,6 +17,8 @@ mod drills;
 mod fail_closed;
 // The proxy's two paths to the backends.
 mod forwarding;
+// Header rules, security headers and CORS per route, on both paths and static files.
+mod headers;
 mod jwt;
 mod observability;
 mod operations;

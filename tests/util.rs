@@ -314,6 +314,34 @@ fn merge(into: &mut toml::Table, from: toml::Table) {
     }
 }
 
+/// A process a test started on its own (`gatehouse proxy`, a backend), killed when the test
+/// ends, passed or failed.
+pub struct Process(pub Child);
+
+impl Drop for Process {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// `gatehouse ARGS --config DIR/gatehouse.toml` on its own (not a group), its output in
+/// `DIR/LOG`.
+pub fn start_alone(dir: &Path, args: &[&str], log: &str) -> Process {
+    let log = fs::File::create(dir.join(log)).expect("log file");
+    let child = Command::new(BIN)
+        .args(args)
+        .arg("--config")
+        .arg(dir.join("gatehouse.toml"))
+        .env("GATEHOUSE_JWT_SECRET", SECRET)
+        .stdin(Stdio::null())
+        .stdout(log.try_clone().expect("log file"))
+        .stderr(log)
+        .spawn()
+        .expect("start gatehouse");
+    Process(child)
+}
+
 /// A running `gatehouse run`.
 pub struct Group {
     pub dir: TempDir,
@@ -710,6 +738,7 @@ pub fn write_config(
             "redis.url",
             options.redis_url.clone().unwrap_or("managed".into()),
         );
+    // The shipped sites, with the security headers the shipped config gives them.
     for (prefix, site, cache_control) in [
         ("/open/", "open", None),
         ("/close/", "close", None),
@@ -721,7 +750,8 @@ pub fn write_config(
             .unwrap_or_default();
         config = config.merge(
             &format!(
-                "[[routes]]\nprefix = \"{prefix}\"\nstatic_dir = \"{}\"\n{cache_control}",
+                "[[routes]]\nprefix = \"{prefix}\"\nstatic_dir = \"{}\"\n{cache_control}\
+                 security_headers = true\n",
                 statics.join(site).display()
             ),
             None,

@@ -76,7 +76,14 @@ fn only_keep_alive_or_close(value: &[u8]) -> bool {
 /// The request as the backend gets it, before the forwarding headers: HTTP/1.1, with `Host`
 /// (an HTTP/2 request has `:authority` instead) and without `Connection`.
 pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
-    let mut request = session.req_header().clone();
+    let downstream = session.req_header();
+    // A copy without the map of the client's header-name case that Pingora keeps: cloning it,
+    // and growing it for each header added here, cost more than the rest of the copy, and
+    // header names are case-insensitive to every backend.
+    let mut request = RequestHeader::from(downstream.as_owned_parts());
+    if request.uri.path_and_query().map(|p| p.as_str().as_bytes()) != Some(downstream.raw_path()) {
+        request.set_raw_path(downstream.raw_path())?;
+    }
     let http2 = request.version == Version::HTTP_2;
     request.set_version(Version::HTTP_11);
     request.remove_header(&header::CONNECTION);
@@ -195,8 +202,9 @@ pub async fn send(
     .await;
     match outcome {
         Ok(()) => {
+            // Without the case map, as the request above: the filters add headers to it.
             let response = match client.resp_header() {
-                Some(header) => Box::new(header.clone()),
+                Some(header) => Box::new(ResponseHeader::from(header.as_owned_parts())),
                 None => return Err(Failed::Backend(Error::new(ErrorType::InvalidHTTPHeader))),
             };
             Ok(Exchange { client, response })

@@ -4,14 +4,17 @@
 //!    the client address.
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
-//!    404); the route's access rules (rate limit -> 429, allow/deny -> 403, basic auth ->
-//!    401); static routes are then answered here from files, and a simple `GET` or `HEAD`
-//!    to the backends is forwarded here (`forward`, the fast path; see [`crate::forward`]).
+//!    404); a CORS preflight answered (`preflight`); the route's access rules (rate limit ->
+//!    429, allow/deny -> 403, basic auth -> 401); static routes are then answered here from
+//!    files, and a simple `GET` or `HEAD` to the backends is forwarded here (`forward`, the
+//!    fast path; see [`crate::forward`]).
 //! 3. `upstream_peer` (everything else): pick a backend socket (round robin, healthy, not
 //!    failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
-//! 5. `upstream_request_filter`: forwarding headers and the request id for the backend.
-//! 6. `response_filter`: request id, HSTS, compression of large backend responses.
+//! 5. `upstream_request_filter`: forwarding headers, the request id and the route's request
+//!    header rules for the backend.
+//! 6. `response_filter`: request id, HSTS, the route's response headers and CORS
+//!    ([`respond::Stamp`]), compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
 //! 8. `logging`: the request's metrics and access log line, once it is over.
 
@@ -38,15 +41,17 @@ use arc_swap::ArcSwap;
 use crate::{
     access::{Decision, client_ip},
     client_shares::{ClientShares, Share},
+    cors::Cors,
     drain::{Drain, InFlight},
     encoding::compressible,
     forward::{self, Failed},
     framing,
+    header_rules::{self, Vars},
     live::Live,
     metrics::{AccessRefusal, Cut},
     observe::Finished,
     path, request_id,
-    respond::{self, Stamp},
+    respond::{self, RouteStamp, Stamp},
     routes::{LiveRoute, Served},
     upstream::{Chosen, NoBackend, Pool},
 };
@@ -80,7 +85,38 @@ impl Gateway {
         Stamp {
             request_id: &ctx.request_id,
             hsts: ctx.live.tls.hsts.as_deref().filter(|_| ctx.tls),
+            route: ctx.route.as_deref().map(|route| RouteStamp {
+                headers: &route.headers,
+                vars: ctx.vars(ctx.host.as_ref().map(HeaderValue::as_bytes)),
+                allow_origin: ctx.allow_origin.as_ref(),
+            }),
         }
+    }
+
+    /// Answers a CORS preflight at the edge. It carries no credentials (the Fetch standard),
+    /// so basic auth is not asked of it; the rate limit and address lists still hold.
+    async fn preflight(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        route: &LiveRoute,
+        cors: &Cors,
+    ) -> Result<bool> {
+        if let Some(refused) = route.access.check_address(ctx.client) {
+            return self.refuse(session, ctx, refused).await;
+        }
+        match cors.preflight(session.req_header(), ctx.allow_origin.as_ref())? {
+            Ok(answer) => {
+                respond::send_head(session, &self.stamp(ctx), answer, None).await?;
+            }
+            Err(why) => {
+                // A refused preflight names no origin: nothing in it allows anything.
+                ctx.allow_origin = None;
+                let stamp = self.stamp(ctx);
+                respond::json_error(session, &stamp, 403, "cors_refused", &why).await?;
+            }
+        }
+        Ok(true)
     }
 
     /// The proxy's own liveness (the admin listener has the details).
@@ -196,6 +232,21 @@ pub struct RequestCtx {
     slot: Option<OwnedSemaphorePermit>,
     /// The client's share of requests in flight to the backends.
     share: Option<Share>,
+    /// The request's host, kept only when the route's response rules name `$host`.
+    host: Option<HeaderValue>,
+    /// `Access-Control-Allow-Origin` for this request, on a CORS route.
+    allow_origin: Option<HeaderValue>,
+}
+
+impl RequestCtx {
+    fn vars<'a>(&'a self, host: Option<&'a [u8]>) -> Vars<'a> {
+        Vars {
+            client: self.client,
+            request_id: &self.request_id,
+            tls: self.tls,
+            host,
+        }
+    }
 }
 
 #[async_trait]
@@ -218,6 +269,8 @@ impl ProxyHttp for Gateway {
             body_bytes: 0,
             slot: None,
             share: None,
+            host: None,
+            allow_origin: None,
         }
     }
 
@@ -329,6 +382,17 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         };
         ctx.route = Some(Arc::clone(route));
+        if route.headers.response.uses_host() {
+            ctx.host = header_rules::request_host(session.req_header())
+                .and_then(|host| HeaderValue::from_bytes(host).ok());
+        }
+        if let Some(cors) = &route.headers.cors {
+            let request = session.req_header();
+            ctx.allow_origin = cors.allow_origin(request);
+            if Cors::is_preflight(request) {
+                return self.preflight(session, ctx, route, cors).await;
+            }
+        }
 
         let authorization = session
             .req_header()
@@ -683,6 +747,12 @@ fn forwarding_headers(
         .is_none_or(|r| r.access.passes_authorization());
     if !keep {
         upstream.remove_header("authorization");
+    }
+    if let Some(route) = &ctx.route
+        && !route.headers.request.is_empty()
+    {
+        let vars = ctx.vars(header_rules::request_host(session.req_header()));
+        route.headers.request.apply_request(upstream, &vars)?;
     }
     Ok(())
 }

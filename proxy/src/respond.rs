@@ -1,9 +1,13 @@
 //! Responses the proxy writes itself: JSON and HTML errors, redirects. Each one carries the
-//! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response.
+//! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response, and
+//! once the request has a route, that route's response headers and CORS headers.
 
 use bytes::Bytes;
+use http::HeaderValue;
 use pingora::{Result, http::ResponseHeader};
 use pingora_proxy::Session;
+
+use crate::{header_rules::Vars, routes::RouteHeaders};
 
 /// A JSON error the proxy answers with: the status, and the `error` code and `message` of
 /// the body (`request_id` is the request's own).
@@ -19,6 +23,16 @@ pub struct Stamp<'a> {
     pub request_id: &'a str,
     /// `Strict-Transport-Security`, on HTTPS connections only.
     pub hsts: Option<&'a str>,
+    /// The route's response rules and CORS, once the request has a route.
+    pub route: Option<RouteStamp<'a>>,
+}
+
+/// What a route adds to each of its responses.
+pub struct RouteStamp<'a> {
+    pub headers: &'a RouteHeaders,
+    pub vars: Vars<'a>,
+    /// `Access-Control-Allow-Origin` for this request, on a CORS route.
+    pub allow_origin: Option<&'a HeaderValue>,
 }
 
 impl Stamp<'_> {
@@ -26,6 +40,15 @@ impl Stamp<'_> {
         header.insert_header("x-request-id", self.request_id)?;
         if let Some(hsts) = self.hsts {
             header.insert_header("strict-transport-security", hsts)?;
+        }
+        if let Some(route) = &self.route {
+            let rules = &route.headers.response;
+            if !rules.is_empty() {
+                rules.apply_response(header, &route.vars)?;
+            }
+            if let Some(cors) = &route.headers.cors {
+                cors.apply(header, route.allow_origin)?;
+            }
         }
         Ok(())
     }
@@ -94,8 +117,7 @@ pub async fn error_for_client_with(
     };
     let page = format!(
         "<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{title}</title>\
-         <style>body{{font:16px/1.5 system-ui,sans-serif;max-width:36rem;margin:4rem auto;padding:0 1rem;color:#1f2933}}\
-         small{{color:#7b8794}}</style></head>\n<body><h1>{title}</h1><p>{}</p>\
+         <style>{ERROR_PAGE_STYLE}</style></head>\n<body><h1>{title}</h1><p>{}</p>\
          <p><small>request id {}</small></p></body></html>\n",
         html_escape(message),
         html_escape(stamp.request_id)
@@ -114,6 +136,11 @@ pub async fn redirect(
     header.insert_header("location", location)?;
     send(session, stamp, header, Bytes::new()).await
 }
+
+/// The error page's one inline style. The security headers' Content-Security-Policy allows it
+/// by its hash ([`crate::header_rules::security_headers`]), so it must stay a constant.
+pub const ERROR_PAGE_STYLE: &str = "body{font:16px/1.5 system-ui,sans-serif;max-width:36rem;\
+    margin:4rem auto;padding:0 1rem;color:#1f2933}small{color:#7b8794}";
 
 fn header_with(
     status: u16,

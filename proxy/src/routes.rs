@@ -12,7 +12,9 @@ use crate::{
         rate_limit::RateLimit,
     },
     access_log::LogTarget,
+    cors::Cors,
     error::BuildError,
+    header_rules::HeaderRules,
     observe::Observer,
     statics::{Site, StaticSettings},
 };
@@ -37,6 +39,17 @@ pub struct Route {
     pub access: AccessSpec,
     /// Where its requests are logged; `None`: not logged.
     pub access_log: Option<LogTarget>,
+    pub headers: RouteHeaders,
+}
+
+/// A route's header rules (the security headers among its response defaults) and CORS.
+#[derive(Debug, Clone, Default)]
+pub struct RouteHeaders {
+    /// Towards the backend; static routes have none.
+    pub request: HeaderRules,
+    /// Towards the client, on every response of the route (the edge's own refusals too).
+    pub response: HeaderRules,
+    pub cors: Option<Cors>,
 }
 
 /// What serves a route at run time.
@@ -52,6 +65,7 @@ pub struct LiveRoute {
     pub access: Access,
     /// Its metric series and access log.
     pub observer: Observer,
+    pub headers: RouteHeaders,
 }
 
 pub struct RouteTable {
@@ -121,6 +135,7 @@ impl RouteTable {
                     served,
                     access: rules,
                     observer,
+                    headers: route.headers,
                 }))
             })
             .collect::<Result<_, BuildError>>()?;
@@ -192,6 +207,7 @@ mod tests {
             target,
             access: AccessSpec::default(),
             access_log: None,
+            headers: RouteHeaders::default(),
         }
     }
 

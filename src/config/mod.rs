@@ -19,6 +19,7 @@ mod backend;
 mod check;
 mod env;
 mod error;
+mod headers;
 mod locate;
 mod logging;
 mod moved;

@@ -413,4 +413,38 @@ pub struct RawRoute {
     #[serde(default)]
     pub pass_authorization: bool,
     pub access_log: Option<String>,
+    pub request_headers: Option<RawHeaderRules>,
+    pub response_headers: Option<RawHeaderRules>,
+    #[serde(default)]
+    pub security_headers: bool,
+    pub cors: Option<RawCors>,
+}
+
+/// A route's `request_headers` or `response_headers`.
+#[derive(Deserialize, Serialize, Default)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawHeaderRules {
+    pub set: BTreeMap<String, String>,
+    pub add: BTreeMap<String, String>,
+    pub remove: Vec<String>,
+}
+
+/// A route's `cors`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCors {
+    pub origins: Vec<String>,
+    #[serde(default = "default_cors_methods")]
+    pub methods: Vec<String>,
+    #[serde(default)]
+    pub headers: Vec<String>,
+    #[serde(default)]
+    pub expose_headers: Vec<String>,
+    pub max_age: Option<Human>,
+    #[serde(default)]
+    pub credentials: bool,
+}
+
+fn default_cors_methods() -> Vec<String> {
+    ["GET", "HEAD", "POST"].map(String::from).to_vec()
 }

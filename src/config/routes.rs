@@ -6,7 +6,7 @@ use gatehouse_proxy::{LogTarget, Route, Target};
 use super::{
     access,
     error::{ConfigError, Source},
-    logging,
+    headers, logging,
     raw::RawConfig,
 };
 
@@ -92,11 +92,13 @@ pub fn validate(
             Some(value) => logging::target(value, &key("access_log"), source)?,
             None => default_log.clone(),
         };
+        let headers = headers::route(route, i, matches!(target, Target::Static { .. }), source)?;
         routes.push(Route {
             prefix: route.prefix.clone(),
             target,
             access,
             access_log,
+            headers,
         });
     }
     Ok(routes)

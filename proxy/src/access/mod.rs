@@ -155,21 +155,30 @@ impl Access {
     }
 
     /// Whether the backend may see the client's `Authorization` header.
+    /// The rate limit and the allow and deny lists, without basic auth: all a CORS preflight
+    /// is held to, as the Fetch standard sends it without credentials.
+    pub fn check_address(&self, client: IpAddr) -> Option<Decision> {
+        if let Some(limit) = &self.rate_limit
+            && let Verdict::Limited { retry_after } = limit.check(client)
+        {
+            return Some(Decision::RateLimited {
+                retry_after,
+                limit: limit.spec().burst,
+            });
+        }
+        if self.deny.contains(client) || (!self.allow.is_empty() && !self.allow.contains(client)) {
+            return Some(Decision::Forbidden);
+        }
+        None
+    }
+
     pub fn passes_authorization(&self) -> bool {
         self.pass_authorization
     }
 
     pub async fn check(&self, client: IpAddr, authorization: Option<&[u8]>) -> Decision {
-        if let Some(limit) = &self.rate_limit
-            && let Verdict::Limited { retry_after } = limit.check(client)
-        {
-            return Decision::RateLimited {
-                retry_after,
-                limit: limit.spec().burst,
-            };
-        }
-        if self.deny.contains(client) || (!self.allow.is_empty() && !self.allow.contains(client)) {
-            return Decision::Forbidden;
+        if let Some(refused) = self.check_address(client) {
+            return refused;
         }
         let Some(auth) = &self.auth else {
             return Decision::Pass { user: None };

@@ -1,0 +1,459 @@
+//! A route's header rules: headers removed, set and added on the request towards the backend
+//! or on the response towards the client, with values that may name a few variables
+//! (`$client_ip`, `$request_id`, `$scheme`, `$host`). Names and values are parsed once, when
+//! the config is loaded; a route without rules costs a length check per request.
+
+use std::net::IpAddr;
+
+use http::{HeaderName, HeaderValue};
+use pingora::{
+    Result,
+    http::{RequestHeader, ResponseHeader},
+};
+
+/// Which way a rule's headers travel; each way has headers the edge keeps to itself.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Request,
+    Response,
+}
+
+/// Connection-level and framing headers: the edge writes these for each hop, and a rule that
+/// changed them would corrupt the message or the connection.
+const FRAMING: &[&str] = &[
+    "connection",
+    "keep-alive",
+    "proxy-connection",
+    "te",
+    "trailer",
+    "transfer-encoding",
+    "upgrade",
+    "content-length",
+    "http2-settings",
+];
+
+/// Request headers the edge sets itself: the backend's view of the client must stay the
+/// edge's (see `forwarding_headers`), and `Host` names the site the client asked for.
+const REQUEST_OWN: &[&str] = &[
+    "host",
+    "x-forwarded-for",
+    "x-real-ip",
+    "x-forwarded-proto",
+    "x-request-id",
+];
+
+/// Response headers with their own setting: the request id, `tls.hsts`, and the encoding the
+/// compression negotiates.
+const RESPONSE_OWN: &[&str] = &[
+    "x-request-id",
+    "strict-transport-security",
+    "content-encoding",
+];
+
+/// The header name a rule may change, or why not.
+pub fn name(direction: Direction, name: &str) -> Result<HeaderName, String> {
+    let parsed = HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("{name:?} is not a valid header name"))?;
+    let own = match direction {
+        Direction::Request => REQUEST_OWN,
+        Direction::Response => RESPONSE_OWN,
+    };
+    if FRAMING.contains(&parsed.as_str()) {
+        return Err(format!(
+            "{name:?} is a connection or framing header, which the edge writes for each hop"
+        ));
+    }
+    if own.contains(&parsed.as_str()) {
+        return Err(format!(
+            "{name:?} is set by the edge itself and cannot be changed by a rule"
+        ));
+    }
+    Ok(parsed)
+}
+
+/// `security_headers = true`: each set on a response that has none of its own. The policy
+/// allows what the shipped pages load (their own scripts, styles and images, the `data:`
+/// images Swagger UI's stylesheet draws its icons with, and the proxy's own error page's
+/// style, by its hash), and framing by pages of the same origin only: the landing page frames
+/// the two other sites. `frame-ancestors` is what browsers obey; `X-Frame-Options` is for
+/// those too old for it.
+pub fn security_headers() -> Result<Vec<(HeaderName, Template)>, String> {
+    use base64::{Engine, engine::general_purpose::STANDARD};
+    use sha2::Digest;
+    let style = STANDARD.encode(sha2::Sha256::digest(
+        crate::respond::ERROR_PAGE_STYLE.as_bytes(),
+    ));
+    let policy = format!(
+        "default-src 'self'; img-src 'self' data:; style-src 'self' 'sha256-{style}'; \
+         object-src 'none'; base-uri 'self'; form-action 'self'; frame-ancestors 'self'"
+    );
+    [
+        ("x-content-type-options", "nosniff"),
+        ("x-frame-options", "SAMEORIGIN"),
+        ("referrer-policy", "strict-origin-when-cross-origin"),
+        ("content-security-policy", policy.as_str()),
+    ]
+    .into_iter()
+    .map(|(name, value)| {
+        Ok((
+            name.parse().map_err(|_| name.to_string())?,
+            Template::parse(value)?,
+        ))
+    })
+    .collect()
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Var {
+    ClientIp,
+    RequestId,
+    Scheme,
+    Host,
+}
+
+impl Var {
+    const ALL: [(&'static str, Var); 4] = [
+        ("client_ip", Var::ClientIp),
+        ("request_id", Var::RequestId),
+        ("scheme", Var::Scheme),
+        ("host", Var::Host),
+    ];
+}
+
+#[derive(Debug, Clone)]
+enum Piece {
+    Text(String),
+    Var(Var),
+}
+
+/// A header value as configured: fixed, or text and variables filled in per request.
+#[derive(Debug, Clone)]
+pub struct Template(Kind);
+
+#[derive(Debug, Clone)]
+enum Kind {
+    Fixed(HeaderValue),
+    Parts(Box<[Piece]>),
+}
+
+impl Template {
+    /// Parses `$name` and `${name}` (for a variable followed by letters); `$$` is a `$`.
+    pub fn parse(value: &str) -> Result<Self, String> {
+        if !value
+            .bytes()
+            .all(|b| b == b'\t' || (b' '..=b'~').contains(&b))
+        {
+            return Err(format!(
+                "{value:?} is not a valid header value (printable ASCII only)"
+            ));
+        }
+        let mut parts = Vec::new();
+        let mut text = String::new();
+        let mut rest = value;
+        while let Some(at) = rest.find('$') {
+            text.push_str(&rest[..at]);
+            let after = &rest[at + 1..];
+            if let Some(after) = after.strip_prefix('$') {
+                text.push('$');
+                rest = after;
+                continue;
+            }
+            let (ident, next) = match after.strip_prefix('{') {
+                Some(inner) => {
+                    let end = inner
+                        .find('}')
+                        .ok_or_else(|| format!("{value:?}: `${{` without its `}}`"))?;
+                    (&inner[..end], &inner[end + 1..])
+                }
+                None => {
+                    let end = after
+                        .find(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                        .unwrap_or(after.len());
+                    (&after[..end], &after[end..])
+                }
+            };
+            let var = Var::ALL
+                .iter()
+                .find(|(n, _)| *n == ident)
+                .map(|(_, v)| *v)
+                .ok_or_else(|| {
+                    format!(
+                        "{value:?}: unknown variable `${ident}`; the variables are $client_ip, \
+                         $request_id, $scheme and $host (write $$ for a `$`)"
+                    )
+                })?;
+            if !text.is_empty() {
+                parts.push(Piece::Text(std::mem::take(&mut text)));
+            }
+            parts.push(Piece::Var(var));
+            rest = next;
+        }
+        text.push_str(rest);
+        if parts.is_empty() {
+            return HeaderValue::from_str(&text)
+                .map(|v| Template(Kind::Fixed(v)))
+                .map_err(|_| format!("{value:?} is not a valid header value"));
+        }
+        if !text.is_empty() {
+            parts.push(Piece::Text(text));
+        }
+        Ok(Template(Kind::Parts(parts.into())))
+    }
+
+    fn uses_host(&self) -> bool {
+        matches!(&self.0, Kind::Parts(parts) if parts.iter().any(|p| matches!(p, Piece::Var(Var::Host))))
+    }
+
+    /// The value for this request; `None` if a variable made it invalid (a `Host` with bytes a
+    /// header value may carry but text may not), and the header is then left out.
+    fn render(&self, vars: &Vars<'_>) -> Option<HeaderValue> {
+        let parts = match &self.0 {
+            Kind::Fixed(value) => return Some(value.clone()),
+            Kind::Parts(parts) => parts,
+        };
+        let mut out = Vec::with_capacity(64);
+        for part in parts.iter() {
+            match part {
+                Piece::Text(text) => out.extend_from_slice(text.as_bytes()),
+                Piece::Var(Var::ClientIp) => {
+                    out.extend_from_slice(vars.client.to_string().as_bytes())
+                }
+                Piece::Var(Var::RequestId) => out.extend_from_slice(vars.request_id.as_bytes()),
+                Piece::Var(Var::Scheme) => {
+                    out.extend_from_slice(if vars.tls { b"https" } else { b"http" })
+                }
+                Piece::Var(Var::Host) => out.extend_from_slice(vars.host.unwrap_or_default()),
+            }
+        }
+        HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
+    }
+}
+
+/// What a request gives the variables.
+#[derive(Debug, Clone, Copy)]
+pub struct Vars<'a> {
+    pub client: IpAddr,
+    pub request_id: &'a str,
+    pub tls: bool,
+    /// The `Host` header (the `:authority` in HTTP/2) as the client sent it.
+    pub host: Option<&'a [u8]>,
+}
+
+/// The host a request names: its `Host` header, or the authority of its URI (HTTP/2).
+pub fn request_host(request: &RequestHeader) -> Option<&[u8]> {
+    request
+        .headers
+        .get(http::header::HOST)
+        .map(HeaderValue::as_bytes)
+        .or_else(|| request.uri.authority().map(|a| a.as_str().as_bytes()))
+}
+
+/// One way's rules, applied in this order: `remove`, `set` (replacing), `add` (alongside what
+/// is there), then the defaults (set only where the message has none).
+#[derive(Debug, Clone, Default)]
+pub struct HeaderRules {
+    remove: Vec<HeaderName>,
+    set: Vec<(HeaderName, Template)>,
+    add: Vec<(HeaderName, Template)>,
+    defaults: Vec<(HeaderName, Template)>,
+    uses_host: bool,
+}
+
+impl HeaderRules {
+    pub fn remove(&mut self, name: HeaderName) {
+        self.remove.push(name);
+    }
+
+    pub fn set(&mut self, name: HeaderName, value: Template) {
+        self.uses_host |= value.uses_host();
+        self.set.push((name, value));
+    }
+
+    pub fn add(&mut self, name: HeaderName, value: Template) {
+        self.uses_host |= value.uses_host();
+        self.add.push((name, value));
+    }
+
+    /// A header set only where the message has none of its own: the security headers, which
+    /// a backend's own (a page's stricter policy) must win over.
+    pub fn set_if_absent(&mut self, name: HeaderName, value: Template) {
+        self.uses_host |= value.uses_host();
+        self.defaults.push((name, value));
+    }
+
+    /// Whether any rule names `name`, in any list.
+    pub fn names(&self, name: &HeaderName) -> bool {
+        self.remove.contains(name)
+            || [&self.set, &self.add, &self.defaults]
+                .iter()
+                .any(|list| list.iter().any(|(n, _)| n == name))
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.remove.is_empty()
+            && self.set.is_empty()
+            && self.add.is_empty()
+            && self.defaults.is_empty()
+    }
+
+    /// Whether a value names `$host`: only then does a request keep its host for the response.
+    pub fn uses_host(&self) -> bool {
+        self.uses_host
+    }
+
+    pub fn apply_request(&self, header: &mut RequestHeader, vars: &Vars<'_>) -> Result<()> {
+        self.apply(header, vars)
+    }
+
+    pub fn apply_response(&self, header: &mut ResponseHeader, vars: &Vars<'_>) -> Result<()> {
+        self.apply(header, vars)
+    }
+
+    fn apply(&self, header: &mut impl Edit, vars: &Vars<'_>) -> Result<()> {
+        for name in &self.remove {
+            header.remove(name);
+        }
+        for (name, value) in &self.set {
+            match value.render(vars) {
+                Some(value) => header.insert(name, value)?,
+                None => header.remove(name),
+            }
+        }
+        for (name, value) in &self.add {
+            if let Some(value) = value.render(vars) {
+                header.append(name, value)?;
+            }
+        }
+        for (name, value) in &self.defaults {
+            if !header.has(name)
+                && let Some(value) = value.render(vars)
+            {
+                header.insert(name, value)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The few edits the rules make, on either kind of message header.
+trait Edit {
+    fn remove(&mut self, name: &HeaderName);
+    fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+    fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+    fn has(&self, name: &HeaderName) -> bool;
+}
+
+macro_rules! edit_for {
+    ($header:ty) => {
+        impl Edit for $header {
+            fn remove(&mut self, name: &HeaderName) {
+                self.remove_header(name);
+            }
+            fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+                self.insert_header(name, value)
+            }
+            fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+                self.append_header(name, value).map(drop)
+            }
+            fn has(&self, name: &HeaderName) -> bool {
+                self.headers.contains_key(name)
+            }
+        }
+    };
+}
+
+edit_for!(RequestHeader);
+edit_for!(ResponseHeader);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn vars() -> Vars<'static> {
+        Vars {
+            client: "192.0.2.7".parse().expect("address"),
+            request_id: "abc",
+            tls: true,
+            host: Some(b"example.com:8443"),
+        }
+    }
+
+    fn render(value: &str) -> String {
+        let template = Template::parse(value).expect("valid");
+        let out = template.render(&vars()).expect("renders");
+        out.to_str().expect("text").to_owned()
+    }
+
+    #[test]
+    fn variables_are_filled_in() {
+        assert_eq!(render("plain"), "plain");
+        assert_eq!(
+            render("for=$client_ip;id=$request_id"),
+            "for=192.0.2.7;id=abc"
+        );
+        assert_eq!(render("$scheme://${host}x"), "https://example.com:8443x");
+        assert_eq!(render("cost $$5"), "cost $5");
+        assert!(matches!(
+            Template::parse("plain $$"),
+            Ok(Template(Kind::Fixed(_)))
+        ));
+    }
+
+    #[test]
+    fn bad_values_and_names_are_refused() {
+        assert!(Template::parse("$nope").is_err());
+        assert!(Template::parse("${host").is_err());
+        assert!(Template::parse("a\nb").is_err());
+        assert!(Template::parse("$").is_err());
+        for bad in [
+            "Content-Length",
+            "connection",
+            "Transfer-Encoding",
+            "Host",
+            "x y",
+        ] {
+            assert!(name(Direction::Request, bad).is_err(), "{bad}");
+        }
+        assert!(name(Direction::Response, "Strict-Transport-Security").is_err());
+        assert!(name(Direction::Response, "Host").is_ok());
+        assert_eq!(
+            name(Direction::Request, "X-Env").expect("valid").as_str(),
+            "x-env"
+        );
+    }
+
+    #[test]
+    fn rules_apply_in_order() {
+        let mut rules = HeaderRules::default();
+        let n = |s: &str| HeaderName::from_bytes(s.as_bytes()).expect("name");
+        let t = |s: &str| Template::parse(s).expect("value");
+        rules.remove(n("x-debug"));
+        rules.set(n("x-env"), t("prod"));
+        rules.add(n("x-tag"), t("b"));
+        rules.set_if_absent(n("x-frame-options"), t("DENY"));
+        rules.set_if_absent(n("x-kept"), t("edge"));
+        let mut header = ResponseHeader::build(200, None).expect("header");
+        for (name, value) in [
+            ("x-debug", "1"),
+            ("x-env", "dev"),
+            ("x-tag", "a"),
+            ("x-kept", "own"),
+        ] {
+            header.insert_header(name, value).expect("insert");
+        }
+        rules.apply_response(&mut header, &vars()).expect("apply");
+        let all = |name: &str| {
+            header
+                .headers
+                .get_all(name)
+                .iter()
+                .map(|v| v.to_str().expect("text").to_owned())
+                .collect::<Vec<_>>()
+        };
+        assert!(all("x-debug").is_empty());
+        assert_eq!(all("x-env"), ["prod"]);
+        assert_eq!(all("x-tag"), ["a", "b"]);
+        assert_eq!(all("x-frame-options"), ["DENY"]);
+        assert_eq!(all("x-kept"), ["own"]);
+    }
+}
