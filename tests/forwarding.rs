@@ -195,42 +195,49 @@ fn a_burst_leaves_at_most_64_idle_connections_per_backend() {
 }
 
 /// A backend that answers like HTTP/1.0 servers do: no length, the body ends at the close.
-fn close_delimited_backend(socket: &std::path::Path, body: &'static str) {
+/// The body is the request head it got.
+fn close_delimited_backend(socket: &std::path::Path) {
     let listener = UnixListener::bind(socket).expect("bind the backend socket");
     thread::spawn(move || {
         for stream in listener.incoming().flatten() {
             thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
-                let mut line = String::new();
+                let (mut line, mut head) = (String::new(), String::new());
                 while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+                    head.push_str(&line.to_ascii_lowercase());
                     line.clear();
                 }
                 let mut stream = reader.into_inner();
                 let _ = write!(
                     stream,
-                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\n{body}"
+                    "HTTP/1.0 200 OK\r\nContent-Type: text/plain\r\n\r\nthe backend got:\n{head}"
                 );
             });
         }
     });
 }
 
+/// The proxy alone, with a [`close_delimited_backend`] found in its socket directory.
+fn proxy_with_close_delimited_backend(dir: &std::path::Path) -> (util::Process, u16) {
+    let (port, _, sockets) = socket_dir::write_config(dir, "redis://127.0.0.1:1".into());
+    close_delimited_backend(&sockets.join("old.sock"));
+    let proxy = util::start_alone(dir, &["proxy"], "proxy.log");
+    assert!(
+        wait_until(Duration::from_secs(10), || TcpStream::connect((
+            "127.0.0.1",
+            port
+        ))
+        .is_ok()),
+        "the proxy did not listen"
+    );
+    (proxy, port)
+}
+
 #[test]
 fn a_response_without_a_length_reaches_the_client_chunked_on_a_connection_that_stays() {
     let dir = tempfile::tempdir().expect("temp dir");
-    // The proxy alone, with the one backend below found in its socket directory.
-    let (port, _, sockets) = socket_dir::write_config(dir.path(), "redis://127.0.0.1:1".into());
-    close_delimited_backend(&sockets.join("old.sock"), "until the close");
-    let _proxy = util::start_alone(dir.path(), &["proxy"], "proxy.log");
-    let mut stream = None;
-    assert!(
-        wait_until(Duration::from_secs(10), || {
-            stream = TcpStream::connect(("127.0.0.1", port)).ok();
-            stream.is_some()
-        }),
-        "the proxy did not listen"
-    );
-    let mut stream = stream.expect("connected");
+    let (_proxy, port) = proxy_with_close_delimited_backend(dir.path());
+    let mut stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
     stream
         .set_read_timeout(Some(Duration::from_secs(5)))
         .expect("timeout");
@@ -255,6 +262,32 @@ fn a_response_without_a_length_reaches_the_client_chunked_on_a_connection_that_s
             }
         }
         let body = String::from_utf8_lossy(&body);
-        assert!(body.contains("until the close"), "round {round}: {body}");
+        assert!(body.contains("get /api/anything"), "round {round}: {body}");
+    }
+
+    // An HTTP/1.0 client cannot read chunks: it gets the body as it came, then the close.
+    let (raw, closed) = exchange(port, b"GET /api/anything HTTP/1.0\r\n\r\n");
+    let lower = raw.to_ascii_lowercase();
+    assert!(lower.contains(" 200 "), "{raw}");
+    assert!(!lower.contains("transfer-encoding"), "{raw}");
+    assert!(
+        lower.contains("the backend got:\nget /api/anything"),
+        "{raw}"
+    );
+    assert!(closed, "the connection ends with the body");
+}
+
+#[test]
+fn an_absolute_form_target_names_the_host_the_backend_gets() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_proxy, port) = proxy_with_close_delimited_backend(dir.path());
+    for request in [
+        // No Host at all, and a Host the target overrides (RFC 9112 section 3.2.2).
+        "GET http://abs.example/api/anything HTTP/1.1\r\nConnection: close\r\n\r\n",
+        "GET http://abs.example/api/anything HTTP/1.1\r\nHost: abs.example\r\nConnection: close\r\n\r\n",
+    ] {
+        let (raw, _) = exchange(port, request.as_bytes());
+        assert!(raw.contains(" 200 "), "{request:?}: {raw}");
+        assert!(raw.contains("host: abs.example\r\n"), "{request:?}: {raw}");
     }
 }

@@ -22,7 +22,7 @@ use std::{
 use bytes::Bytes;
 use http::{HeaderName, Method, Version, header};
 use pingora::{
-    Error, ErrorType, Result,
+    Error, ErrorType, OrErr, Result,
     http::{RequestHeader, ResponseHeader},
     protocols::{
         Stream,
@@ -74,7 +74,7 @@ fn only_keep_alive_or_close(value: &[u8]) -> bool {
 }
 
 /// The request as the backend gets it, before the forwarding headers: HTTP/1.1, with `Host`
-/// (an HTTP/2 request has `:authority` instead) and without `Connection`.
+/// (from the target's authority when it has one) and without `Connection`.
 pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
     let downstream = session.req_header();
     // A copy without the map of the client's header-name case that Pingora keeps: cloning it,
@@ -84,18 +84,39 @@ pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
     if request.uri.path_and_query().map(|p| p.as_str().as_bytes()) != Some(downstream.raw_path()) {
         request.set_raw_path(downstream.raw_path())?;
     }
-    let http2 = request.version == Version::HTTP_2;
     request.set_version(Version::HTTP_11);
     request.remove_header(&header::CONNECTION);
-    // An HTTP/2 request names its host in `:authority`, which wins over any `Host` it sent.
-    if http2 && let Some(authority) = request.uri.authority() {
-        let host = authority.as_str().to_owned();
-        if host.contains('@') {
+    // A target with an authority (HTTP/2's `:authority`, HTTP/1's absolute form) names the
+    // host, which wins over any `Host` sent (RFC 9112 section 3.2.2, RFC 9113 section 8.3.1).
+    let authority = match request.uri.authority() {
+        Some(authority) => Some(authority.as_str().as_bytes()),
+        None => absolute_form_authority(downstream.raw_path()),
+    };
+    if let Some(host) = authority {
+        if host.contains(&b'@') {
             return Error::e_explain(ErrorType::InvalidHTTPHeader, "userinfo in the authority");
         }
+        let host = http::HeaderValue::from_bytes(host)
+            .or_err(ErrorType::InvalidHTTPHeader, "the target's authority")?;
         request.insert_header(header::HOST, host)?;
     }
     Ok(request)
+}
+
+/// The authority of an HTTP/1 absolute-form target (`http://host:port/path`), which
+/// Pingora keeps in the raw target rather than in the URI.
+fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let scheme_end = target.windows(3).position(|w| w == b"://")?;
+    let scheme = &target[..scheme_end];
+    if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    Some(&rest[..end]).filter(|authority| !authority.is_empty())
 }
 
 /// Idle connections kept per backend: enough for the requests in flight at a busy moment on a
@@ -244,11 +265,15 @@ pub fn is_timeout(e: &Error) -> bool {
 
 impl Exchange {
     /// A response that ends when the backend closes the connection (HTTP/1.0 style, no
-    /// length) goes to the client chunked, as on Pingora's path, so that the client's
-    /// connection outlives it.
-    pub fn chunk_if_close_delimited(&mut self, head: bool) -> Result<()> {
+    /// length) goes to an HTTP/1.1 client chunked, as on Pingora's path, so that the client's
+    /// connection outlives it. An HTTP/1.0 client cannot read chunks: it gets the body up to
+    /// the close. (HTTP/2 frames every body itself.)
+    pub fn chunk_if_close_delimited(&mut self, request: &RequestHeader) -> Result<()> {
+        let head = request.method == Method::HEAD;
+        let old_client = matches!(request.version, Version::HTTP_09 | Version::HTTP_10);
         let headers = &self.response.headers;
         let close_delimited = !head
+            && !old_client
             && !matches!(self.response.status.as_u16(), 204 | 304)
             && !self.client.is_body_done()
             && headers.get(header::TRANSFER_ENCODING).is_none()

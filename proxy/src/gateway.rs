@@ -655,8 +655,7 @@ impl Gateway {
                 return Ok(false);
             }
         };
-        let head = session.req_header().method == http::Method::HEAD;
-        exchange.chunk_if_close_delimited(head)?;
+        exchange.chunk_if_close_delimited(session.req_header())?;
         self.prepare_response(session, &mut exchange.response, ctx)?;
         if let Err(e) = exchange.relay(session, &member).await {
             if *e.esource() == ErrorSource::Upstream {
