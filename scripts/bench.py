@@ -149,10 +149,19 @@ def wait_for(url, log, timeout=60):
     sys.exit(f"bench: {url} did not come up\n{tail}")
 
 
-def gatehouse_config(work, http, https, backends, admin=None, access_log="off", proxy_extra=""):
-    """`admin`: the admin listener's port (None: off, and no metrics kept); `access_log`: a
-    file for every route's access log ("off" for none, like the nginx side); `proxy_extra`:
-    more lines for [proxy]."""
+# Like nginx's keepalive_requests below: a benchmark's connections are not closed for having
+# carried many requests.
+BENCH_LIMITS = "max_requests_per_connection = 100000"
+
+
+def gatehouse_config(work, http, https, backends, admin=None, access_log="off", proxy_extra="",
+                     limits=BENCH_LIMITS, access_extra="", sections="", routes="", root_extra=""):
+    """The gatehouse config of a benchmark (and of soak.py, with more of it). `admin`: the
+    admin listener's port (None: off, and no metrics kept); `access_log`: a file for every
+    route's access log ("off" for none, like the nginx side); `proxy_extra`: more lines for
+    [proxy]; `limits`: the lines of [limits]; `access_extra`: more lines for [access];
+    `sections`: more tables; `routes`: more [[routes]]; `root_extra`: more lines for the route
+    of `/`."""
     static = work / "static"
     admin_listen = f"127.0.0.1:{admin}" if admin else "off"
     return f"""
@@ -166,9 +175,13 @@ access_log = "{access_log}"
 listen = "127.0.0.1:{http}"
 {proxy_extra}
 
+[limits]
+{limits}
+
 [access]
-# Benchmarks measure work, not throttling.
+# Measured clients send far more than a person would: no throttling unless a route asks.
 default_rate_limit = "off"
+{access_extra}
 
 [tls]
 listen = "127.0.0.1:{https}"
@@ -183,7 +196,7 @@ users_file = "{REPO}/conf/users"
 [paths]
 runtime_dir = "{work}/run"
 data_dir = "{work}/data"
-
+{sections}
 [[routes]]
 prefix = "/api/"
 upstream = "backends"
@@ -197,10 +210,11 @@ prefix = "/close/"
 static_dir = "{static}/close"
 allow = ["127.0.0.1"]
 htpasswd = "{REPO}/conf/htpasswd"
-
+{routes}
 [[routes]]
 prefix = "/"
 static_dir = "{static}/main"
+{root_extra}
 """
 
 

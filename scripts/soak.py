@@ -69,7 +69,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.dont_write_bytecode = True  # no __pycache__ beside the scripts
-from bench import REPO, SECRET, children, cmdline, free_port, wait_for  # noqa: E402
+from bench import REPO, SECRET, children, cmdline, free_port, gatehouse_config, wait_for  # noqa: E402
 
 USER, PASSWORD = "admin", "password"  # conf/users
 BASIC = "Basic " + base64.b64encode(b"admin:homework").decode()  # conf/htpasswd
@@ -93,39 +93,13 @@ def parse_duration(text):
 def config_text(work, ports, backends, cache_control):
     """Small limits where a fault should reach them; `cache_control` of `/` is what a reload
     changes (so that it can be seen to apply)."""
-    return f"""
-[admin]
-listen = "127.0.0.1:{ports['admin']}"
-
-[logging]
-access_log = "{work}/log/access.log"
-
-[proxy]
-listen = "127.0.0.1:{ports['http']}"
-
-[limits]
-header_timeout = "{HEADER_TIMEOUT_MS}ms"
+    limits = f"""header_timeout = "{HEADER_TIMEOUT_MS}ms"
 send_timeout = "{SEND_TIMEOUT_MS}ms"
 max_connections = 1024
-max_connections_per_client = 64
-
+max_connections_per_client = 64"""
+    sections = f"""
 [upstream]
 read_timeout = "{UPSTREAM_READ_TIMEOUT_S}s"
-
-[access]
-# Ordinary clients send far more than a person would; the flood's route has its own policy.
-default_rate_limit = "off"
-rate_limit_max_keys = 1000
-auth_guard_max_keys = 1000
-# The flood's wrong passwords: a few cost a hash, then its name is refused without one.
-auth_max_failures = 5
-auth_max_failures_per_user = 20
-
-[tls]
-listen = "127.0.0.1:{ports['https']}"
-cert = "{work}/cert.pem"
-key = "{work}/key.pem"
-redirect_http = false
 
 [static]
 # Shared by the five static routes: each one's share holds its files and their compressed
@@ -140,35 +114,20 @@ burst = 10
 per_second = 50
 burst = 100
 
-[backend]
-count = {backends}
-users_file = "{REPO}/conf/users"
-
 [redis]
 timeout = "500ms"
-
-[paths]
-runtime_dir = "{work}/run"
-data_dir = "{work}/data"
-
-[[routes]]
-prefix = "/api/"
-upstream = "backends"
-
-[[routes]]
-prefix = "/auth/"
-upstream = "backends"
-
+"""
+    # The flood's route has its own policy; its wrong passwords: a few cost a hash, then its
+    # name is refused without one.
+    access = """rate_limit_max_keys = 1000
+auth_guard_max_keys = 1000
+auth_max_failures = 5
+auth_max_failures_per_user = 20"""
+    routes = f"""
 [[routes]]
 prefix = "/auth/login"
 upstream = "backends"
 rate_limit = "login"
-
-[[routes]]
-prefix = "/close/"
-static_dir = "{work}/static/close"
-allow = ["127.0.0.1"]
-htpasswd = "{REPO}/conf/htpasswd"
 
 # Basic auth from anywhere: the flood's wrong passwords fill the brute-force guard.
 [[routes]]
@@ -185,12 +144,11 @@ rate_limit = "flood"
 [[routes]]
 prefix = "/swagger/"
 static_dir = "{work}/static/swagger"
-
-[[routes]]
-prefix = "/"
-static_dir = "{work}/static/main"
-cache_control = "{cache_control}"
 """
+    return gatehouse_config(
+        work, ports["http"], ports["https"], backends, admin=ports["admin"],
+        access_log=f"{work}/log/access.log", limits=limits, access_extra=access, sections=sections,
+        routes=routes, root_extra=f'cache_control = "{cache_control}"')
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,3 +149,80 @@ fn login_accepts_the_right_password_and_refuses_bad_input() {
     assert_eq!(response.status(), 405);
     assert_eq!(response.headers()["allow"], "POST");
 }
+
+/// `HEAD` wherever `GET` is (RFC 9110, 9.3.2): the status and headers `GET` gives, no body;
+/// `HEAD /api/count` counts no visit.
+#[test]
+fn head_is_answered_wherever_get_is_without_a_body() {
+    let group = Group::start(Options::default());
+    let token = group.token();
+    let send = |method: reqwest::Method, path: &str| {
+        group
+            .client
+            .request(method, group.url(path))
+            .bearer_auth(&token)
+            // The same representation both times: no compression to tell them apart.
+            .header("accept-encoding", "identity")
+            .send()
+            .expect("request")
+    };
+    let header = |response: &reqwest::blocking::Response, name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    for path in [
+        "/api/ping",
+        "/api/openapi.json",
+        "/auth/verify",
+        "/api/me",
+        "/api/users",
+    ] {
+        let get = send(reqwest::Method::GET, path);
+        let head = send(reqwest::Method::HEAD, path);
+        assert_eq!(head.status(), 200, "{path}");
+        assert_eq!(get.status(), 200, "{path}");
+        for name in ["content-type", "content-length", "cache-control"] {
+            assert_eq!(header(&head, name), header(&get, name), "{path}: {name}");
+        }
+        assert!(header(&head, "content-length").is_some(), "{path}");
+        assert!(header(&head, "x-request-id").is_some(), "{path}");
+        assert!(head.bytes().expect("body").is_empty(), "{path}");
+    }
+
+    let visits = |response: reqwest::blocking::Response| -> i64 {
+        let body: Value = response.json().expect("count body");
+        body["visits"].as_i64().expect("visits")
+    };
+    let before = visits(send(reqwest::Method::GET, "/api/count"));
+    for _ in 0..3 {
+        let head = send(reqwest::Method::HEAD, "/api/count");
+        assert_eq!(head.status(), 200);
+        let length = format!(r#"{{"visits":{before}}}"#).len().to_string();
+        assert_eq!(header(&head, "content-length"), Some(length));
+    }
+    assert_eq!(visits(send(reqwest::Method::GET, "/api/count")), before + 1);
+    // A token is checked as for `GET`.
+    let refused = group
+        .client
+        .head(group.url("/api/count"))
+        .send()
+        .expect("request");
+    assert_eq!(refused.status(), 401);
+    assert_eq!(
+        header(&refused, "www-authenticate").as_deref(),
+        Some("Bearer")
+    );
+
+    // `Allow` names `HEAD` wherever `GET` is.
+    let response = send(reqwest::Method::POST, "/api/ping");
+    assert_eq!(response.status(), 405);
+    assert_eq!(header(&response, "allow").as_deref(), Some("GET, HEAD"));
+    let response = send(reqwest::Method::DELETE, "/api/users");
+    assert_eq!(
+        header(&response, "allow").as_deref(),
+        Some("GET, HEAD, POST")
+    );
+}

@@ -22,6 +22,8 @@ mod headers;
 mod jwt;
 mod observability;
 mod operations;
+// HTTP/1.1 requests sent before their turn.
+mod pipelining;
 mod process_group;
 mod redis;
 // Backends found in a directory: the proxy and backends run apart, as in the Swarm stack.

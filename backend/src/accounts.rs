@@ -368,6 +368,21 @@ impl Accounts {
         Ok((session, visits))
     }
 
+    /// The visits counted so far, without counting one (for `HEAD /api/count`).
+    pub async fn visits(&self) -> Result<i64, ApiError> {
+        let mut conn = self.store.connection();
+        let visits: Option<i64> = self
+            .store
+            .bounded(async move {
+                redis::cmd("GET")
+                    .arg(keys::VISITS)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(visits.unwrap_or(0))
+    }
+
     /// Logout: the token leaves its user's live tokens, so every backend of every replica
     /// refuses it from now on.
     pub async fn revoke(&self, claims: &Claims) -> Result<(), ApiError> {

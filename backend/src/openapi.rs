@@ -164,6 +164,46 @@ impl Modify for FromRouteTable {
                 }
             }
         }
+        add_head_operations(doc);
+    }
+}
+
+/// `HEAD` wherever `GET` is ([`crate::routes::find`]): the `GET` operation's parameters,
+/// security and responses, without the response bodies.
+fn add_head_operations(doc: &mut openapi::OpenApi) {
+    let shared = doc
+        .components
+        .as_ref()
+        .map(|c| c.responses.clone())
+        .unwrap_or_default();
+    for route in ROUTES.iter().filter(|r| r.method == http::Method::GET) {
+        let Some(item) = doc.paths.paths.get_mut(route.path) else {
+            continue;
+        };
+        let Some(mut head) = item.get.clone() else {
+            continue;
+        };
+        head.operation_id = head.operation_id.map(|id| format!("{id}_head"));
+        head.summary = head.summary.map(|s| format!("{s} Headers only (HEAD)."));
+        for response in head.responses.responses.values_mut() {
+            let inline = match response {
+                RefOr::T(inline) => Some(inline.clone()),
+                RefOr::Ref(reference) => reference
+                    .ref_location
+                    .rsplit('/')
+                    .next()
+                    .and_then(|name| shared.get(name))
+                    .and_then(|r| match r {
+                        RefOr::T(inline) => Some(inline.clone()),
+                        RefOr::Ref(_) => None,
+                    }),
+            };
+            if let Some(mut inline) = inline {
+                inline.content.clear();
+                *response = RefOr::T(inline);
+            }
+        }
+        item.head = Some(head);
     }
 }
 
@@ -274,12 +314,56 @@ mod tests {
                 }
             }
         }
-        let routed: BTreeSet<(String, String)> = ROUTES
+        let mut routed: BTreeSet<(String, String)> = ROUTES
             .iter()
             .filter(|r| r.op != Op::Health)
             .map(|r| (r.method.to_string(), r.path.to_string()))
             .collect();
+        let heads: Vec<_> = routed
+            .iter()
+            .filter(|(method, _)| method == "GET")
+            .map(|(_, path)| ("HEAD".to_string(), path.clone()))
+            .collect();
+        routed.extend(heads);
         assert_eq!(documented, routed);
+    }
+
+    /// `HEAD` is documented as its `GET`: the same statuses, headers and security, no body.
+    #[test]
+    fn head_operations_are_their_get_without_bodies() {
+        let doc = doc();
+        for route in ROUTES.iter().filter(|r| r.method == http::Method::GET) {
+            if route.op == Op::Health {
+                continue;
+            }
+            let get = &doc["paths"][route.path]["get"];
+            let head = &doc["paths"][route.path]["head"];
+            assert_eq!(head["security"], get["security"], "{}", route.path);
+            let statuses = |op: &Value| -> Vec<String> {
+                op["responses"]
+                    .as_object()
+                    .unwrap()
+                    .keys()
+                    .cloned()
+                    .collect()
+            };
+            assert_eq!(statuses(head), statuses(get), "{}", route.path);
+            for (status, response) in head["responses"].as_object().unwrap() {
+                assert!(response.get("content").is_none(), "{} {status}", route.path);
+                assert!(
+                    response["description"]
+                        .as_str()
+                        .is_some_and(|d| !d.is_empty())
+                );
+            }
+            assert_ne!(head["operationId"], get["operationId"]);
+        }
+        // The headers a refusal carries are still documented.
+        let unauthorized = &doc["paths"]["/api/count"]["head"]["responses"]["401"];
+        assert!(
+            unauthorized["headers"].get("WWW-Authenticate").is_some(),
+            "{unauthorized}"
+        );
     }
 
     /// The access level in the table and the document agree for every operation.

@@ -101,17 +101,21 @@ pub fn metric_labels() -> Vec<&'static str> {
 }
 
 /// The route for `method` and `path`, with the `{name}` segment if it has one; `404` when no
-/// route has the path, `405` with `Allow` when none has it with this method.
+/// route has the path, `405` with `Allow` when none has it with this method. `HEAD` takes the
+/// `GET` route (RFC 9110, 9.3.2): the same answer, whose body hyper leaves out.
 pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Option<String>), ApiError> {
     let mut allowed: Vec<&str> = Vec::new();
     for route in ROUTES {
         let Some(name) = matches(route.path, path) else {
             continue;
         };
-        if route.method == method {
+        if route.method == method || (route.method == Method::GET && method == Method::HEAD) {
             return Ok((route, name.map(str::to_owned)));
         }
         allowed.push(route.method.as_str());
+        if route.method == Method::GET {
+            allowed.push(Method::HEAD.as_str());
+        }
     }
     if allowed.is_empty() {
         return Err(ApiError::not_found(format!("no endpoint at {path}")));
@@ -161,7 +165,35 @@ mod tests {
         assert_eq!(error.status, StatusCode::METHOD_NOT_ALLOWED);
         assert_eq!(error.headers[0].1, "PUT, DELETE");
         let error = op(Method::DELETE, "/api/users").unwrap_err();
-        assert_eq!(error.headers[0].1, "GET, POST");
+        assert_eq!(error.headers[0].1, "GET, HEAD, POST");
+        let error = op(Method::POST, "/api/ping").unwrap_err();
+        assert_eq!(error.headers[0].1, "GET, HEAD");
+    }
+
+    #[test]
+    fn head_is_served_wherever_get_is_and_nowhere_else() {
+        for route in ROUTES {
+            let head = find(&Method::HEAD, &route.path.replace("{name}", "alice"));
+            if route.method == Method::GET {
+                assert_eq!(
+                    head.map(|(r, _)| r.op).ok(),
+                    Some(route.op),
+                    "{}",
+                    route.path
+                );
+            } else if !ROUTES
+                .iter()
+                .any(|r| r.path == route.path && r.method == Method::GET)
+            {
+                let error = head.map(|_| ()).unwrap_err();
+                assert_eq!(
+                    error.status,
+                    StatusCode::METHOD_NOT_ALLOWED,
+                    "{}",
+                    route.path
+                );
+            }
+        }
     }
 
     #[test]

@@ -12,6 +12,10 @@
 //!   the preface was wrong, or the client left), and a connection still without one at the
 //!   header deadline is closed, as an HTTP/1 connection without a request header is. A bad
 //!   opening is cut here, so it is counted rather than logged by Pingora's handshake.
+//! - **An HTTP/1 request is read up to its end, no further** ([`ClientStream::fence`]): bytes
+//!   past it (a pipelined next request) are held back from Pingora, which would take them
+//!   for data sent after the request and close the connection, and are handed to
+//!   [`crate::connection`] for the next header read instead.
 
 use std::{
     future::Future,
@@ -22,6 +26,7 @@ use std::{
 };
 
 use async_trait::async_trait;
+use bytes::BytesMut;
 use pingora_core::protocols::{
     ALPN, GetProxyDigest, GetSocketDigest, GetTimingDigest, Peek, Shutdown, SocketDigest, Ssl,
     Stream, TimingDigest, UniqueID, UniqueIDType,
@@ -61,6 +66,11 @@ pub struct ClientStream {
     metrics: Option<Arc<Metrics>>,
     /// `None` once the opening is over (or it is not watched).
     opening: Option<Opening>,
+    /// Bytes of the current HTTP/1 request still to come, when its end is known: reads stop
+    /// there. `None` while a header is being read, and under HTTP/2.
+    fence: Option<u64>,
+    /// Bytes read past the fence: the start of the next request.
+    held: BytesMut,
 }
 
 /// Where an HTTP/2 client's opening stands.
@@ -125,7 +135,56 @@ impl ClientStream {
             stalled: None,
             metrics,
             opening: None,
+            fence: None,
+            held: BytesMut::new(),
         }
+    }
+
+    /// From here on, reads end `left` bytes on (at the end of the request Pingora is given);
+    /// `held`, bytes already read past that, waits for the next request.
+    pub fn fence(&mut self, left: u64, held: BytesMut) {
+        self.fence = Some(left);
+        self.held = held;
+    }
+
+    /// Lifts the fence, for the next header read; the bytes held past it, which that read
+    /// starts from.
+    pub fn unfence(&mut self) -> BytesMut {
+        self.fence = None;
+        std::mem::take(&mut self.held)
+    }
+
+    /// A read that stops at the fence. Once the request is all read, the next read (Pingora
+    /// watching for the client leaving) still sees the client close, but bytes that arrive
+    /// instead are held, and the read then waits for good: the next request is read after
+    /// this one's response.
+    fn poll_fenced(
+        &mut self,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+        left: u64,
+    ) -> Poll<std::io::Result<()>> {
+        if left == 0 && !self.held.is_empty() {
+            return Poll::Pending;
+        }
+        let before = buf.filled().len();
+        let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if !matches!(polled, Poll::Ready(Ok(()))) {
+            return polled;
+        }
+        let read = buf.filled().len() - before;
+        let Some(over) = (read as u64).checked_sub(left).filter(|&over| over > 0) else {
+            self.fence = Some(left - read as u64);
+            return polled;
+        };
+        let end = buf.filled().len() - over as usize;
+        self.held.extend_from_slice(&buf.filled()[end..]);
+        buf.set_filled(end);
+        self.fence = Some(0);
+        if left == 0 {
+            return Poll::Pending;
+        }
+        polled
     }
 
     /// Watches the HTTP/2 opening from here on; the receiver learns how it ends.
@@ -174,6 +233,9 @@ impl AsyncRead for ClientStream {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<std::io::Result<()>> {
+        if let Some(left) = self.fence {
+            return self.poll_fenced(cx, buf, left);
+        }
         let before = buf.filled().len();
         let polled = Pin::new(&mut self.inner).poll_read(cx, buf);
         let Some(opening) = self.opening.as_mut() else {
@@ -346,6 +408,56 @@ mod tests {
         let (mut opening, _opened) = fresh();
         assert_eq!(opening.take(&PREFACE[..10]), None);
         assert_eq!(opening.take(b"x"), Some(Opened::Bad));
+    }
+
+    fn fenced_pair() -> (ClientStream, tokio::io::DuplexStream) {
+        let (ours, client) = tokio::io::duplex(1 << 16);
+        let stream = ClientStream::new(Box::new(ours), Duration::from_secs(1), None);
+        (stream, client)
+    }
+
+    /// A read that does not finish within a moment: it waits for good, or for more bytes.
+    async fn waits(stream: &mut ClientStream) -> bool {
+        use tokio::io::AsyncReadExt;
+        let mut buf = [0u8; 64];
+        tokio::time::timeout(Duration::from_millis(50), stream.read(&mut buf))
+            .await
+            .is_err()
+    }
+
+    #[tokio::test]
+    async fn reads_stop_at_the_fence_and_hold_the_next_request_back() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client) = fenced_pair();
+        stream.fence(3, BytesMut::new());
+        client.write_all(b"lo!GET /next").await.ok();
+        // The body's last 3 bytes are read, the next request is not.
+        let mut buf = [0u8; 64];
+        let n = stream.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(&buf[..n], b"lo!");
+        assert!(waits(&mut stream).await);
+        assert!(waits(&mut stream).await, "read again past the fence");
+        assert_eq!(&stream.unfence()[..], b"GET /next");
+        // Unfenced, reads go through again.
+        client.write_all(b"x").await.ok();
+        let n = stream.read(&mut buf).await.unwrap_or(0);
+        assert_eq!(&buf[..n], b"x");
+    }
+
+    #[tokio::test]
+    async fn at_the_fence_a_close_still_shows_and_later_bytes_are_held() {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let (mut stream, mut client) = fenced_pair();
+        stream.fence(0, BytesMut::new());
+        assert!(waits(&mut stream).await, "nothing sent yet");
+        client.write_all(b"GET / HTTP/1.1\r\n").await.ok();
+        assert!(waits(&mut stream).await, "the next request went through");
+        assert_eq!(&stream.unfence()[..], b"GET / HTTP/1.1\r\n");
+
+        stream.fence(0, BytesMut::new());
+        drop(client);
+        let mut buf = [0u8; 64];
+        assert!(matches!(stream.read(&mut buf).await, Ok(0)));
     }
 
     #[test]

@@ -19,6 +19,13 @@
 //!   connection.
 //! - **The framing checks** of [`crate::framing`] on the raw header, answered with the same
 //!   JSON errors as every other refusal.
+//! - **Pipelined requests** (sent before the previous answer; RFC 9112, 9.3.2) are answered
+//!   one at a time, in order, each header read here with every check above. Pingora is given
+//!   one request's bytes at a time ([`ClientStream::fence`]); those read past a request wait
+//!   for its answer. Only a chunked body (or an upgrade) has no end known here: Pingora reads
+//!   it, and a request pipelined behind it closes the connection after the first answer. A
+//!   connection carries at most `limits.max_requests_per_connection` requests, so a client
+//!   pipelining without end is served its share, then connects again, past the caps.
 //!
 //! The header read here is handed to Pingora as the session's first bytes, so nothing is
 //! read twice. HTTP/2 connections go to Pingora once their opening is in, whose codec frames
@@ -40,7 +47,7 @@ use bytes::BytesMut;
 use pingora_core::{
     apps::{HttpPersistentSettings, HttpServerApp, HttpServerOptions, ServerApp},
     listeners::ConnectionFilter,
-    protocols::{ALPN, Ssl, Stream, http::ServerSession},
+    protocols::{ALPN, GetSocketDigest, Ssl, Stream, http::ServerSession},
     server::ShutdownWatch,
 };
 use pingora_proxy::HttpProxy;
@@ -53,7 +60,7 @@ use crate::{
     RequestLimits,
     client_shares::{ClientShares, Share},
     client_stream::{ClientStream, Opened},
-    framing::{self, Look},
+    framing::{self, Body, Head, Look},
     gateway::Gateway,
     live::Live,
     metrics::Cut,
@@ -145,16 +152,19 @@ impl Edge {
         }
     }
 
-    /// HTTP/1: read each request header here, then let Pingora serve the request.
-    async fn serve_http1(&self, mut stream: Stream, shutdown: &ShutdownWatch) {
+    /// HTTP/1: read each request header here, then let Pingora serve the request; bytes read
+    /// past a request (pipelined ones) start the next header read.
+    async fn serve_http1(&self, stream: ClientStream, shutdown: &ShutdownWatch) {
+        let mut stream = Box::new(stream);
         let mut kept_alive = false;
-        // Pipelining stays off (Pingora's default): with it, the next request could arrive
-        // inside these settings, where this loop cannot see it.
+        // Pipelining stays off in Pingora: the next request never reaches it as part of this
+        // one, so it needs no say in it.
         let mut settings: Option<HttpPersistentSettings> = None;
         let mut crowded = self.capacity.crowded.subscribe();
         loop {
             let limits = self.live.load().limits;
             let started = Instant::now();
+            let carried = stream.unfence();
             // A new connection owes its first header from the start; a kept-alive one may
             // idle, and owes the header from its first byte.
             let due = if kept_alive {
@@ -162,36 +172,66 @@ impl Edge {
             } else {
                 Due::By(started + limits.header_timeout)
             };
-            let header = match read_header(&mut stream, &limits, due, shutdown, &mut crowded).await
-            {
+            let read = read_header(&mut stream, carried, &limits, due, shutdown, &mut crowded);
+            let (mut request, head) = match read.await {
                 Ok(header) => header,
                 Err(Ended::Quietly) => return,
                 Err(Ended::Refused(reply, header)) => {
                     return self.refuse(stream, reply, &header, started).await;
                 }
             };
+            // Pingora gets the header and as much of the body as came with it; the body's
+            // other bytes are read through the fence, and the rest waits for the next turn.
+            let after_head = (request.len() - head.len) as u64;
+            match head.body {
+                Body::Length(length) => {
+                    let took = length.min(after_head);
+                    let held = request.split_off(head.len + took as usize);
+                    stream.fence(length - took, held);
+                }
+                // Read by Pingora to wherever it ends; anything it reads past that closes
+                // the connection after the response.
+                Body::Unbounded => {}
+            }
             let mut session = ServerSession::new_http1(stream);
             match settings.take() {
                 Some(settings) => settings.apply_to_session(&mut session),
-                None => session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs())),
+                None => {
+                    session.set_keepalive(Some(KEEPALIVE_IDLE.as_secs()));
+                    // Counted down by Pingora at each reuse: this session is the first.
+                    let reuses = limits.max_requests_per_connection.saturating_sub(1);
+                    session.set_keepalive_reuses_remaining(Some(reuses));
+                }
             }
             if *shutdown.borrow() {
                 session.set_keepalive(None);
             }
             // The header is in; the body may still trickle in, a read at a time.
             session.set_read_timeout(Some(limits.body_timeout));
-            session.set_pipelined_prefix(header);
+            session.set_pipelined_prefix(request);
             let Some(next) = HttpServerApp::process_new_http(&self.proxy, session, shutdown).await
             else {
                 return;
             };
-            (stream, settings) = next.consume();
+            let next_stream;
+            (next_stream, settings) = next.consume();
+            // Always ours: the session was made from it.
+            let Ok(next_stream) = next_stream.into_any().downcast::<ClientStream>() else {
+                return;
+            };
+            stream = next_stream;
             kept_alive = true;
         }
     }
 
     /// Answers a refused request with its JSON error and closes the connection.
-    async fn refuse(&self, mut stream: Stream, reply: ErrorReply, header: &[u8], started: Instant) {
+    async fn refuse(
+        &self,
+        mut stream: Box<ClientStream>,
+        reply: ErrorReply,
+        header: &[u8],
+        started: Instant,
+    ) {
         let live = self.live.load_full();
         let request_id = request_id::generate();
         let tls = stream.get_ssl_digest().is_some();
@@ -265,7 +305,7 @@ impl ServerApp for Edge {
             self.serve_h2(stream, deadline, shutdown).await;
             return None;
         }
-        self.serve_http1(Box::new(stream), shutdown).await;
+        self.serve_http1(stream, shutdown).await;
         None
     }
 
@@ -297,15 +337,31 @@ enum Due {
     AfterFirstByte,
 }
 
-/// Reads one request header, by its deadline. A kept-alive connection still waiting for one
-/// closes when the connection cap is reached, to make room (as nginx does).
+impl Due {
+    /// The deadline, once the header's first byte is in.
+    fn deadline(&self, limits: &RequestLimits) -> Instant {
+        match *self {
+            Due::By(deadline) => deadline,
+            Due::AfterFirstByte => Instant::now() + limits.header_timeout,
+        }
+    }
+}
+
+/// Reads one request header, by its deadline; with it come the bytes read past it. `carried`:
+/// bytes read already, past the previous request (pipelined), which the header starts with.
+/// A kept-alive connection still waiting for one closes when the connection cap is reached,
+/// to make room (as nginx does).
 async fn read_header(
-    stream: &mut Stream,
+    stream: &mut ClientStream,
+    carried: BytesMut,
     limits: &RequestLimits,
     due: Due,
     shutdown: &ShutdownWatch,
     crowded: &mut watch::Receiver<u64>,
-) -> Result<BytesMut, Ended> {
+) -> Result<(BytesMut, Head), Ended> {
+    if !carried.is_empty() {
+        return read_rest_of_header(stream, carried, limits, due.deadline(limits)).await;
+    }
     let mut buf = BytesMut::with_capacity(FIRST_READ);
     let idle = match due {
         Due::By(deadline) => deadline.saturating_duration_since(Instant::now()),
@@ -323,10 +379,16 @@ async fn read_header(
     if !matches!(first, Ok(Ok(n)) if n > 0) {
         return Err(Ended::Quietly);
     }
-    let deadline = match due {
-        Due::By(deadline) => deadline,
-        Due::AfterFirstByte => Instant::now() + limits.header_timeout,
-    };
+    read_rest_of_header(stream, buf, limits, due.deadline(limits)).await
+}
+
+/// Reads until the header that `buf` starts is complete, or refused, or `deadline` passes.
+async fn read_rest_of_header(
+    stream: &mut ClientStream,
+    mut buf: BytesMut,
+    limits: &RequestLimits,
+    deadline: Instant,
+) -> Result<(BytesMut, Head), Ended> {
     // One timer for the whole header, however many reads it takes; made only when the first
     // read did not bring it all, which the usual request does.
     let mut expiry = None;
@@ -339,7 +401,7 @@ async fn read_header(
             Look::Partial
         };
         match look {
-            Look::Complete => return Ok(buf),
+            Look::Complete(head) => return Ok((buf, head)),
             Look::Refuse(reply) => return Err(Ended::Refused(reply, buf)),
             Look::Partial if buf.len() > limits.max_header_bytes => {
                 return Err(Ended::Refused(framing::HEADERS_TOO_LARGE, buf));

@@ -21,9 +21,27 @@ pub enum Look {
     /// The header is not complete yet.
     Partial,
     /// A complete header, fit to hand to Pingora.
-    Complete,
+    Complete(Head),
     /// Refused before any route sees it.
     Refuse(ErrorReply),
+}
+
+/// Where a complete request header ends, and where its request does.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub struct Head {
+    /// The header's bytes, the empty line that ends it included.
+    pub len: usize,
+    pub body: Body,
+}
+
+/// How much of the connection the request's body takes after its header.
+#[derive(Debug, PartialEq, Eq, Clone, Copy)]
+pub enum Body {
+    /// `Content-Length` bytes (none without the header).
+    Length(u64),
+    /// Chunked, or an upgrade or `CONNECT` that may turn the connection into a tunnel: only
+    /// Pingora's reading of it tells where it ends.
+    Unbounded,
 }
 
 /// Pingora's own limit on header fields.
@@ -43,7 +61,8 @@ pub fn look_h1(buf: &[u8], limits: &RequestLimits) -> Look {
     match parsed {
         Ok(httparse::Status::Complete(end)) => {
             let http10 = request.version == Some(0);
-            check_fields(request.headers, http10, &buf[..end], limits)
+            let connect = request.method == Some("CONNECT");
+            check_fields(request.headers, http10, connect, &buf[..end], limits)
         }
         Ok(httparse::Status::Partial) => Look::Partial,
         // Pingora percent-escapes a request line with raw spaces or bytes outside the URI
@@ -70,11 +89,16 @@ fn look_past_request_line(buf: &[u8], limits: &RequestLimits) -> Look {
         .strip_suffix(b"\r")
         .unwrap_or(&buf[blank..line_end]);
     let http10 = line.ends_with(b" HTTP/1.0");
+    let connect = line.starts_with(b"CONNECT ");
     let mut fields = [httparse::EMPTY_HEADER; MOST_FIELDS];
     match httparse::parse_headers(&buf[line_end + 1..], &mut fields) {
-        Ok(httparse::Status::Complete((length, fields))) => {
-            check_fields(fields, http10, &buf[..line_end + 1 + length], limits)
-        }
+        Ok(httparse::Status::Complete((length, fields))) => check_fields(
+            fields,
+            http10,
+            connect,
+            &buf[..line_end + 1 + length],
+            limits,
+        ),
         Ok(httparse::Status::Partial) => Look::Partial,
         Err(httparse::Error::TooManyHeaders) => Look::Refuse(TOO_MANY_HEADERS),
         Err(_) => Look::Refuse(MALFORMED),
@@ -85,6 +109,7 @@ fn look_past_request_line(buf: &[u8], limits: &RequestLimits) -> Look {
 fn check_fields(
     fields: &[httparse::Header],
     http10: bool,
+    connect: bool,
     raw: &[u8],
     limits: &RequestLimits,
 ) -> Look {
@@ -97,7 +122,7 @@ fn check_fields(
     if has_bare_lf(raw) {
         return bad("header lines must end with CRLF, not a bare LF");
     }
-    let (mut lengths, mut codings, mut hosts) = (0, 0, 0);
+    let (mut lengths, mut codings, mut hosts, mut upgrade) = (0, 0, 0, false);
     let (mut length, mut coding): (&[u8], &[u8]) = (b"", b"");
     for field in fields {
         let name = field.name.as_bytes();
@@ -112,6 +137,8 @@ fn check_fields(
             if field.value.contains(&b'@') {
                 return bad("the Host header may not carry user information");
             }
+        } else if name.eq_ignore_ascii_case(b"upgrade") {
+            upgrade = true;
         }
     }
     if hosts > 1 {
@@ -133,10 +160,18 @@ fn check_fields(
         if !last.trim_ascii().eq_ignore_ascii_case(b"chunked") {
             return bad("the last Transfer-Encoding must be chunked");
         }
-        return Look::Complete;
+        return complete(raw, Body::Unbounded);
     }
+    let tunnel = upgrade || connect;
     if lengths == 0 {
-        return Look::Complete;
+        return complete(
+            raw,
+            if tunnel {
+                Body::Unbounded
+            } else {
+                Body::Length(0)
+            },
+        );
     }
     // Digits only: `5, 5` or `+5` would be one length here and maybe another elsewhere.
     if length.is_empty() || !length.iter().all(u8::is_ascii_digit) {
@@ -149,7 +184,21 @@ fn check_fields(
     if announced > limits.max_body_bytes {
         return Look::Refuse(TOO_LARGE_BODY);
     }
-    Look::Complete
+    complete(
+        raw,
+        if tunnel {
+            Body::Unbounded
+        } else {
+            Body::Length(announced)
+        },
+    )
+}
+
+fn complete(raw: &[u8], body: Body) -> Look {
+    Look::Complete(Head {
+        len: raw.len(),
+        body,
+    })
 }
 
 /// The checks on an HTTP/2 request, whose codec has already refused malformed framing. The
@@ -277,6 +326,7 @@ mod tests {
         send_timeout: std::time::Duration::from_secs(1),
         tls_handshake_timeout: std::time::Duration::from_secs(1),
         max_upstream_requests_per_client: 10,
+        max_requests_per_connection: 10,
     };
 
     #[test]
@@ -326,7 +376,7 @@ mod tests {
         );
         assert_eq!(
             look("\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n"),
-            Look::Complete
+            complete(b"\r\nGET / HTTP/1.1\r\nHost: x\r\n\r\n", Body::Length(0))
         );
     }
 
@@ -341,21 +391,33 @@ mod tests {
         }
     }
 
+    /// The header's length and the body's framing, for a header that passes.
+    fn head(raw: &str) -> (usize, Body) {
+        match look(raw) {
+            Look::Complete(head) => (head.len, head.body),
+            other => panic!("{raw:?} did not pass: {other:?}"),
+        }
+    }
+
     #[test]
     fn well_formed_headers_pass_and_partial_ones_wait() {
-        assert_eq!(look("GET / HTTP/1.1\r\nHost: x\r\n\r\n"), Look::Complete);
+        let get = "GET / HTTP/1.1\r\nHost: x\r\n\r\n";
+        assert_eq!(head(get), (get.len(), Body::Length(0)));
         assert_eq!(look("GET / HTTP/1.1\r\nHost: x\r\n"), Look::Partial);
         assert_eq!(look("GET / HT"), Look::Partial);
+        // The header ends at its empty line; what follows is the body, then the next request.
         assert_eq!(
-            look("POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nbody"),
-            Look::Complete
+            head(&format!(
+                "POST / HTTP/1.1\r\nContent-Length: 100\r\n\r\nbody{get}"
+            )),
+            (40, Body::Length(100))
         );
         assert_eq!(
-            look("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n"),
-            Look::Complete
+            head("POST / HTTP/1.1\r\nTransfer-Encoding: gzip, chunked\r\n\r\n").1,
+            Body::Unbounded
         );
         // Pingora escapes these itself; the fields are still checked.
-        assert_eq!(look("GET /a b HTTP/1.1\r\nHost: x\r\n\r\n"), Look::Complete);
+        assert_eq!(head("GET /a b HTTP/1.1\r\nHost: x\r\n\r\nGET").0, 30);
         assert_eq!(
             refused("GET /a b HTTP/1.1\r\nHost: x\r\nHost: y\r\n\r\n"),
             400
@@ -373,12 +435,27 @@ mod tests {
             "\u{16}\u{3}\u{1}\u{2}\0\u{1}\0\u{1}",
         ] {
             for blank in ["\r\n", "\r\n\r\n"] {
-                assert_eq!(
-                    look(&format!("{blank}{raw}")),
-                    look(raw),
-                    "{blank:?}{raw:?}"
-                );
+                let expected = match look(raw) {
+                    Look::Complete(head) => Look::Complete(Head {
+                        len: head.len + blank.len(),
+                        ..head
+                    }),
+                    other => other,
+                };
+                assert_eq!(look(&format!("{blank}{raw}")), expected, "{blank:?}{raw:?}");
             }
+        }
+    }
+
+    /// A connection that may become a tunnel is Pingora's to read to the end.
+    #[test]
+    fn upgrades_and_connect_have_no_known_end() {
+        for raw in [
+            "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: upgrade\r\n\r\n",
+            "POST / HTTP/1.1\r\nHost: x\r\nUpgrade: h2c\r\nContent-Length: 3\r\n\r\n",
+            "CONNECT x:443 HTTP/1.1\r\nHost: x:443\r\n\r\n",
+        ] {
+            assert_eq!(head(raw), (raw.len(), Body::Unbounded), "{raw:?}");
         }
     }
 

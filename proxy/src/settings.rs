@@ -99,4 +99,7 @@ pub struct RequestLimits {
     pub tls_handshake_timeout: Duration,
     /// Requests one client may have in flight to the backends at once.
     pub max_upstream_requests_per_client: usize,
+    /// Requests one HTTP/1 connection may carry, pipelined or not, before it is closed
+    /// (nginx: `keepalive_requests`).
+    pub max_requests_per_connection: u32,
 }

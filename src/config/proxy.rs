@@ -73,6 +73,11 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
         1..=1_000_000,
         "limits.max_upstream_requests_per_client",
     )?;
+    source.within(
+        l.max_requests_per_connection,
+        1..=10_000_000,
+        "limits.max_requests_per_connection",
+    )?;
     source.within(l.h2_max_streams, 1..=1000, "limits.h2_max_streams")?;
     Ok((
         RequestLimits {
@@ -86,6 +91,7 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
             send_timeout,
             tls_handshake_timeout,
             max_upstream_requests_per_client: l.max_upstream_requests_per_client,
+            max_requests_per_connection: l.max_requests_per_connection,
         },
         l.h2_max_streams,
     ))

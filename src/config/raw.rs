@@ -125,6 +125,7 @@ pub struct RawLimits {
     pub max_connections: usize,
     pub max_connections_per_client: usize,
     pub max_upstream_requests_per_client: usize,
+    pub max_requests_per_connection: u32,
     pub h2_max_streams: u32,
 }
 
@@ -141,6 +142,7 @@ impl Default for RawLimits {
             max_connections: 4096,
             max_connections_per_client: 256,
             max_upstream_requests_per_client: 128,
+            max_requests_per_connection: 1000,
             h2_max_streams: 100,
         }
     }
