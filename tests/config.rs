@@ -200,6 +200,42 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "routes[3].cors.origins[0]",
             "is not an origin",
         ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example:443\"] }",
+            "routes[3].cors.origins[0]",
+            "443 is the https port",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example:\"] }",
+            "routes[3].cors.origins[0]",
+            "the port is not a number",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example\"], methods = [\"*\"] }",
+            "routes[3].cors.methods[0]",
+            "\"*\" is not a method",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example\"], expose_headers = [\"*\"], credentials = true }",
+            "routes[3].cors.expose_headers",
+            "only without credentials",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "cors = { origins = [\"https://a.example\"] }\nresponse_headers = { set = { \"Access-Control-Allow-Credentials\" = \"true\" } }",
+            "routes[3].response_headers.set.Access-Control-Allow-Credentials",
+            "the route's cors sets the Access-Control-* headers",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "response_headers = { set = { \"X-Env\" = \"prod \" } }",
+            "routes[3].response_headers.set.X-Env",
+            "starts or ends with white space",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);
@@ -208,7 +244,8 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             assert_eq!(code, 2, "{command} with {to:?}: {out}");
             assert!(out.contains(message), "{command} with {to:?}: {out}");
             if !key.is_empty() {
-                let line = line_of(&path, to);
+                // The key's own line: the last of `to`.
+                let line = line_of(&path, to.lines().last().unwrap_or(to));
                 let expected = format!("{}:{line}: {key}:", path.display());
                 assert!(
                     out.contains(&expected),

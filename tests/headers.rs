@@ -17,7 +17,8 @@ use reqwest::blocking::{Client, Response};
 use crate::util::{self, Options, Process, free_ports, wait_until};
 
 /// Answers every request on `dir/echo.sock` with the request's head as its body, plus
-/// headers of its own for the response rules to act on.
+/// headers of its own for the response rules to act on, and the CORS headers of a careless
+/// backend: the request's `Origin` reflected (or another), with credentials.
 fn echo_backend(dir: &Path) {
     let hidden = dir.join(".echo.sock");
     let listener = UnixListener::bind(&hidden).expect("bind the echo socket");
@@ -36,6 +37,7 @@ fn echo(stream: UnixStream) {
     loop {
         let mut head = String::new();
         let mut length = 0usize;
+        let mut origin = "https://evil.example".to_string();
         loop {
             let mut line = String::new();
             match reader.read_line(&mut line) {
@@ -50,6 +52,11 @@ fn echo(stream: UnixStream) {
             {
                 length = value.trim().parse().unwrap_or(0);
             }
+            if let Some((name, value)) = line.split_once(':')
+                && name.eq_ignore_ascii_case("origin")
+            {
+                origin = value.trim().to_string();
+            }
             head.push_str(&line);
         }
         let mut body = vec![0; length];
@@ -58,7 +65,9 @@ fn echo(stream: UnixStream) {
         }
         let answer = format!(
             "HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nContent-Length: {}\r\n\
-             X-Backend-Secret: 1\r\nX-Frame-Options: DENY\r\n\r\n{head}",
+             X-Backend-Secret: 1\r\nX-Frame-Options: DENY\r\n\
+             Access-Control-Allow-Origin: {origin}\r\nAccess-Control-Allow-Credentials: true\r\n\
+             Access-Control-Expose-Headers: X-Backend-Secret\r\n\r\n{head}",
             head.len()
         );
         if writer.write_all(answer.as_bytes()).is_err() {
@@ -75,6 +84,11 @@ request_headers = { set = { "X-Env" = "prod", "X-Client" = "$client_ip", "X-Id" 
 response_headers = { set = { "X-Served-By" = "gatehouse $$1" }, add = { "X-Tag" = "edge" }, remove = ["X-Backend-Secret"] }
 security_headers = true
 cors = { origins = ["https://app.example"], methods = ["GET", "PUT"], headers = ["X-Token"], max_age = "10m", credentials = true }
+
+[[routes]]
+prefix = "/plain/"
+upstream = "backends"
+cors = { origins = ["https://app.example"], methods = ["patch", "delete"] }
 
 [[routes]]
 prefix = "/site/"
@@ -278,7 +292,12 @@ fn header_rules_apply_on_both_proxy_paths_and_to_static_files() {
             header(&response, "x-content-type-options").as_deref(),
             Some("nosniff")
         );
-        // `*` answers the same to every origin: no Vary on it.
+        // `*` answers the same to every origin, and to requests without one: no Vary on it.
+        assert_eq!(
+            header(&response, "access-control-allow-origin").as_deref(),
+            Some("*"),
+            "{method} {path}"
+        );
         assert_eq!(vary_origin(&response), 0, "{method} {path}");
     }
 }
@@ -408,6 +427,151 @@ fn cors_preflights_are_answered_at_the_edge_and_responses_name_the_origin() {
         .collect();
     assert_eq!(statuses[..2], [204, 204], "{statuses:?}");
     assert_eq!(statuses.last(), Some(&429), "{statuses:?}");
+}
+
+/// The echo backend reflects `Origin` in its own `Access-Control-Allow-Origin` and allows
+/// credentials: on a CORS route none of that reaches the client, on either proxy path; only
+/// the edge's answer does.
+#[test]
+fn a_backends_own_cors_headers_never_pass_the_edge() {
+    let (_dir, _proxy, port) = start();
+    let client = client();
+    let app = "https://app.example";
+    for (route, credentials) in [("plain", false), ("echo", true)] {
+        let url = format!("http://127.0.0.1:{port}/{route}/x");
+        for origin in ["https://evil.example", app] {
+            for method in [reqwest::Method::GET, reqwest::Method::POST] {
+                let response = client
+                    .request(method.clone(), &url)
+                    .header("origin", origin)
+                    .send()
+                    .expect("answer");
+                let what = format!("{method} /{route}/ from {origin}");
+                assert_eq!(response.status(), 200, "{what}");
+                let allowed = origin == app;
+                assert_eq!(
+                    all(&response, "access-control-allow-origin"),
+                    if allowed {
+                        vec![app.to_string()]
+                    } else {
+                        vec![]
+                    },
+                    "{what}"
+                );
+                assert_eq!(
+                    all(&response, "access-control-allow-credentials"),
+                    if allowed && credentials {
+                        vec!["true".to_string()]
+                    } else {
+                        vec![]
+                    },
+                    "{what}"
+                );
+                assert!(
+                    all(&response, "access-control-expose-headers").is_empty(),
+                    "{what}"
+                );
+            }
+        }
+    }
+}
+
+/// A method outside the six browsers upper-case is compared as written: the config's
+/// `"patch"` allows a page's `fetch(url, {method: "patch"})` and not `"PATCH"`; `"delete"`
+/// is `DELETE`, as browsers send it.
+#[test]
+fn preflight_methods_keep_their_case_but_the_standard_six() {
+    let (_dir, _proxy, port) = start();
+    let client = client();
+    let url = format!("http://127.0.0.1:{port}/plain/x");
+    let app = "https://app.example";
+    for (method, status) in [
+        ("patch", 204),
+        ("PATCH", 403),
+        ("DELETE", 204),
+        ("delete", 403),
+    ] {
+        let response = preflight(&client, &url, app, method, "");
+        assert_eq!(response.status(), status, "{method}");
+        if status == 204 {
+            assert_eq!(
+                header(&response, "access-control-allow-methods").as_deref(),
+                Some("patch, DELETE")
+            );
+        }
+    }
+}
+
+/// The head of a raw HTTP/1 exchange: each header's values by lower-case name.
+fn raw_headers(port: u16, request: &str) -> (String, Vec<(String, String)>) {
+    let response = util::raw_http(port, request);
+    let head = response.split("\r\n\r\n").next().unwrap_or_default();
+    let mut lines = head.lines();
+    let status = lines.next().unwrap_or_default().to_string();
+    let headers = lines
+        .filter_map(|line| line.split_once(':'))
+        .map(|(name, value)| (name.to_ascii_lowercase(), value.trim().to_string()))
+        .collect();
+    (status, headers)
+}
+
+/// `$host` is the client's to choose: one that is not a host name and port never reaches a
+/// header, towards the client or the backend, and none at all leaves the header out rather
+/// than empty. Without `Host`, the request target's authority is the host.
+#[test]
+fn a_host_that_is_not_a_host_name_never_reaches_a_header() {
+    let (_dir, _proxy, port) = start();
+    let values = |headers: &[(String, String)], name: &str| -> Vec<String> {
+        headers
+            .iter()
+            .filter(|(n, _)| n == name)
+            .map(|(_, v)| v.clone())
+            .collect()
+    };
+    for (host, expected) in [
+        ("a.example,evil.example", None),
+        ("a b", None),
+        ("a\"<x>", None),
+        ("a;evil=1", None),
+        ("", None),
+        ("A.Example:8080", Some("a.example:8080")),
+    ] {
+        let request = format!("GET /site/ HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let (status, headers) = raw_headers(port, &request);
+        assert!(status.contains(" 200 "), "{host:?}: {status}");
+        assert_eq!(
+            values(&headers, "x-host"),
+            expected.map(str::to_string).into_iter().collect::<Vec<_>>(),
+            "{host:?}"
+        );
+        // Towards the backend: the echo shows what it received.
+        let request = format!("GET /echo/x HTTP/1.1\r\nHost: {host}\r\nConnection: close\r\n\r\n");
+        let response = util::raw_http(port, &request).to_ascii_lowercase();
+        let url = response
+            .lines()
+            .find_map(|line| line.strip_prefix("x-url:"))
+            .map(str::trim);
+        assert_eq!(
+            url,
+            expected.map(|h| format!("http://{h}")).as_deref(),
+            "{host:?}: {response}"
+        );
+    }
+    for (request, expected) in [
+        ("GET /site/ HTTP/1.0\r\n\r\n", None),
+        (
+            "GET http://B.example:81/site/ HTTP/1.0\r\n\r\n",
+            Some("b.example:81"),
+        ),
+    ] {
+        let (status, headers) = raw_headers(port, request);
+        assert!(status.contains(" 200 "), "{request:?}: {status}");
+        assert_eq!(
+            values(&headers, "x-host"),
+            expected.map(str::to_string).into_iter().collect::<Vec<_>>(),
+            "{request:?}"
+        );
+    }
 }
 
 /// The landing page frames `/open/` and `/close/`: with the shipped sites' security headers on

@@ -1,7 +1,9 @@
 //! CORS for a route, answered at the edge: preflights (`OPTIONS` with `Origin` and
 //! `Access-Control-Request-Method`) get 204 with what the route allows, or 403 when the
 //! origin, method or headers are not allowed; every other response of the route names the
-//! allowed origin. Everything sent is made when the config is loaded.
+//! allowed origin. The route's `Access-Control-*` response headers are the edge's alone: a
+//! backend's own are dropped, or one reflecting `Origin` would undo the origins list.
+//! Everything sent is made when the config is loaded.
 
 use http::{HeaderName, HeaderValue, Method, header};
 use pingora::{
@@ -55,13 +57,46 @@ pub fn origin(value: &str) -> Result<HeaderValue, String> {
              port, no path)"
         ));
     }
+    // Browsers send the port only when it is not the scheme's own, without leading zeros: any
+    // other spelling would never equal an `Origin` they send.
+    let (scheme, rest) = lower.split_once("://").unwrap_or_default();
+    if let Some((_, port)) = rest
+        .rsplit_once(':')
+        .filter(|(_, port)| !port.contains(']'))
+    {
+        let number = port.parse::<u16>().ok().filter(|n| n.to_string() == port);
+        let default = if scheme == "https" { 443 } else { 80 };
+        match number {
+            None => {
+                return Err(format!(
+                    "{value:?}: the port is not a number from 0 to 65535"
+                ));
+            }
+            Some(n) if n == default => {
+                return Err(format!(
+                    "{value:?}: {n} is the {scheme} port, which browsers leave out of the \
+                     origin; write it without the port"
+                ));
+            }
+            Some(_) => {}
+        }
+    }
     HeaderValue::from_str(&lower).map_err(|_| format!("{value:?} is not a valid origin"))
 }
 
-/// A method as the config names it, in upper case as browsers send the usual ones.
+/// A method as the config names it. Browsers upper-case only the six standard methods in a
+/// preflight and send any other as the page wrote it, comparing case-sensitively; so only
+/// those six are upper-cased here.
 pub fn method(value: &str) -> Result<Method, String> {
-    Method::from_bytes(value.to_ascii_uppercase().as_bytes())
-        .map_err(|_| format!("{value:?} is not a method"))
+    if value == "*" {
+        return Err("\"*\" is not a method: list the methods".into());
+    }
+    const STANDARD: [&str; 6] = ["DELETE", "GET", "HEAD", "OPTIONS", "POST", "PUT"];
+    let name = match STANDARD.iter().find(|m| m.eq_ignore_ascii_case(value)) {
+        Some(standard) => standard,
+        None => value,
+    };
+    Method::from_bytes(name.as_bytes()).map_err(|_| format!("{value:?} is not a method"))
 }
 
 pub fn header_name(value: &str) -> Result<HeaderName, String> {
@@ -120,13 +155,16 @@ impl Cors {
                 .contains_key(header::ACCESS_CONTROL_REQUEST_METHOD)
     }
 
-    /// The `Access-Control-Allow-Origin` for this request; `None` when it names no origin or
-    /// one not allowed.
+    /// The `Access-Control-Allow-Origin` for this request: `*` on every request when any
+    /// origin is allowed (the same answer for all, so caches need no `Vary`); otherwise the
+    /// request's origin if listed, else `None`.
     pub fn allow_origin(&self, request: &RequestHeader) -> Option<HeaderValue> {
-        let origin = request.headers.get(header::ORIGIN)?;
         match &self.origins {
             Origins::Any => Some(HeaderValue::from_static("*")),
-            Origins::List(list) => list.iter().find(|o| *o == origin).cloned(),
+            Origins::List(list) => {
+                let origin = request.headers.get(header::ORIGIN)?;
+                list.iter().find(|o| *o == origin).cloned()
+            }
         }
     }
 
@@ -182,6 +220,19 @@ impl Cors {
             answer.insert_header(header::ACCESS_CONTROL_MAX_AGE, max_age)?;
         }
         Ok(Ok(answer))
+    }
+
+    /// Drops a backend response's own `Access-Control-*` headers, before [`Cors::apply`].
+    pub fn remove_backends(response: &mut ResponseHeader) {
+        let backends: Vec<HeaderName> = response
+            .headers
+            .keys()
+            .filter(|name| name.as_str().starts_with("access-control-"))
+            .cloned()
+            .collect();
+        for name in &backends {
+            response.remove_header(name);
+        }
     }
 
     /// The CORS headers of any response of the route (preflights included). `allowed`:
@@ -254,8 +305,56 @@ mod tests {
             "ftp://a",
             "https://",
             "null",
+            "https://a.example:443",
+            "http://a.example:80",
+            "https://a.example:",
+            "https://a.example:0443",
+            "https://a.example:65536",
         ] {
             assert!(origin(bad).is_err(), "{bad}");
+        }
+        assert!(origin("http://a.example:443").is_ok());
+        assert!(origin("https://[::1]:8443").is_ok());
+        assert!(origin("https://[::1]").is_ok());
+    }
+
+    #[test]
+    fn only_the_standard_methods_are_upper_cased() {
+        assert_eq!(method("delete").expect("valid"), Method::DELETE);
+        assert_eq!(method("patch").expect("valid").as_str(), "patch");
+        assert_eq!(method("PATCH").expect("valid").as_str(), "PATCH");
+        assert!(method("*").is_err());
+    }
+
+    #[test]
+    fn a_backends_own_cors_headers_are_replaced() {
+        let list = Origins::List(vec![HeaderValue::from_static("https://a.example")]);
+        let rules = cors(list, AllowedHeaders::Any);
+        for allowed in [None, Some(HeaderValue::from_static("https://a.example"))] {
+            let mut response = ResponseHeader::build(200, None).expect("header");
+            for (name, value) in [
+                ("access-control-allow-origin", "https://evil.example"),
+                ("access-control-allow-credentials", "true"),
+                ("access-control-expose-headers", "x-secret"),
+            ] {
+                response.insert_header(name, value).expect("insert");
+            }
+            Cors::remove_backends(&mut response);
+            rules.apply(&mut response, allowed.as_ref()).expect("apply");
+            assert_eq!(
+                response.headers.get("access-control-allow-origin"),
+                allowed.as_ref()
+            );
+            assert!(
+                !response
+                    .headers
+                    .contains_key("access-control-allow-credentials")
+            );
+            assert!(
+                !response
+                    .headers
+                    .contains_key("access-control-expose-headers")
+            );
         }
     }
 

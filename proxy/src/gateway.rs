@@ -383,8 +383,7 @@ impl ProxyHttp for Gateway {
         };
         ctx.route = Some(Arc::clone(route));
         if route.headers.response.uses_host() {
-            ctx.host = header_rules::request_host(session.req_header())
-                .and_then(|host| HeaderValue::from_bytes(host).ok());
+            ctx.host = header_rules::request_host(session.req_header());
         }
         if let Some(cors) = &route.headers.cors {
             let request = session.req_header();
@@ -678,6 +677,9 @@ impl Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if ctx.route.as_ref().is_some_and(|r| r.headers.cors.is_some()) {
+            Cors::remove_backends(response);
+        }
         self.stamp(ctx).apply(response)?;
         ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
         if let Some(user) = response.remove_header(USER_HEADER)
@@ -750,7 +752,8 @@ fn forwarding_headers(
     if let Some(route) = &ctx.route
         && !route.headers.request.is_empty()
     {
-        let vars = ctx.vars(header_rules::request_host(session.req_header()));
+        let host = header_rules::request_host(session.req_header());
+        let vars = ctx.vars(host.as_ref().map(HeaderValue::as_bytes));
         route.headers.request.apply_request(upstream, &vars)?;
     }
     Ok(())

@@ -147,6 +147,12 @@ impl Template {
                 "{value:?} is not a valid header value (printable ASCII only)"
             ));
         }
+        // HTTP strips it from HTTP/1 values and HTTP/2 refuses a field that has it.
+        if value.starts_with([' ', '\t']) || value.ends_with([' ', '\t']) {
+            return Err(format!(
+                "{value:?} starts or ends with white space, which a header value may not"
+            ));
+        }
         let mut parts = Vec::new();
         let mut text = String::new();
         let mut rest = value;
@@ -204,8 +210,8 @@ impl Template {
         matches!(&self.0, Kind::Parts(parts) if parts.iter().any(|p| matches!(p, Piece::Var(Var::Host))))
     }
 
-    /// The value for this request; `None` if a variable made it invalid (a `Host` with bytes a
-    /// header value may carry but text may not), and the header is then left out.
+    /// The value for this request; `None` when it names `$host` and the request has no valid
+    /// host, and the header is then left out.
     fn render(&self, vars: &Vars<'_>) -> Option<HeaderValue> {
         let parts = match &self.0 {
             Kind::Fixed(value) => return Some(value.clone()),
@@ -222,7 +228,7 @@ impl Template {
                 Piece::Var(Var::Scheme) => {
                     out.extend_from_slice(if vars.tls { b"https" } else { b"http" })
                 }
-                Piece::Var(Var::Host) => out.extend_from_slice(vars.host.unwrap_or_default()),
+                Piece::Var(Var::Host) => out.extend_from_slice(vars.host?),
             }
         }
         HeaderValue::from_maybe_shared(bytes::Bytes::from(out)).ok()
@@ -235,17 +241,39 @@ pub struct Vars<'a> {
     pub client: IpAddr,
     pub request_id: &'a str,
     pub tls: bool,
-    /// The `Host` header (the `:authority` in HTTP/2) as the client sent it.
+    /// [`request_host`]: the client's, checked.
     pub host: Option<&'a [u8]>,
 }
 
-/// The host a request names: its `Host` header, or the authority of its URI (HTTP/2).
-pub fn request_host(request: &RequestHeader) -> Option<&[u8]> {
-    request
+/// The host a request names, as `host[:port]` in lower case: its `Host` header, or without
+/// one (HTTP/2, an absolute-form or HTTP/1.0 request) the authority of its target. The client
+/// chooses it, so it is `None` unless it is a host name or IP literal and a port: a header
+/// made from it can never carry a list, a parameter or a quote.
+pub fn request_host(request: &RequestHeader) -> Option<HeaderValue> {
+    let raw = request
         .headers
         .get(http::header::HOST)
         .map(HeaderValue::as_bytes)
+        .filter(|host| !host.is_empty())
         .or_else(|| request.uri.authority().map(|a| a.as_str().as_bytes()))
+        .or_else(|| absolute_form_authority(request.raw_path()))?;
+    let host = crate::https_redirect::valid_authority(raw)?;
+    HeaderValue::from_str(&host).ok()
+}
+
+/// The authority of an absolute-form HTTP/1 target (`http://a.example:81/x`), which Pingora
+/// keeps out of the parsed URI.
+fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+    let scheme_end = target.windows(3).position(|w| w == b"://")?;
+    if !target[..scheme_end].iter().all(u8::is_ascii_alphabetic) {
+        return None;
+    }
+    let rest = &target[scheme_end + 3..];
+    let end = rest
+        .iter()
+        .position(|b| matches!(b, b'/' | b'?' | b'#'))
+        .unwrap_or(rest.len());
+    Some(&rest[..end])
 }
 
 /// One way's rules, applied in this order: `remove`, `set` (replacing), `add` (alongside what
@@ -274,8 +302,8 @@ impl HeaderRules {
         self.add.push((name, value));
     }
 
-    /// A header set only where the message has none of its own: the security headers, which
-    /// a backend's own (a page's stricter policy) must win over.
+    /// A header set only where the message has none of its own: the security headers, where
+    /// the backend's own header wins, stricter or weaker.
     pub fn set_if_absent(&mut self, name: HeaderName, value: Template) {
         self.uses_host |= value.uses_host();
         self.defaults.push((name, value));
@@ -393,6 +421,12 @@ mod tests {
         );
         assert_eq!(render("$scheme://${host}x"), "https://example.com:8443x");
         assert_eq!(render("cost $$5"), "cost $5");
+        let no_host = Vars {
+            host: None,
+            ..vars()
+        };
+        let template = Template::parse("$scheme://$host").expect("valid");
+        assert_eq!(template.render(&no_host), None);
         assert!(matches!(
             Template::parse("plain $$"),
             Ok(Template(Kind::Fixed(_)))
@@ -405,6 +439,9 @@ mod tests {
         assert!(Template::parse("${host").is_err());
         assert!(Template::parse("a\nb").is_err());
         assert!(Template::parse("$").is_err());
+        for padded in [" a", "a ", "\ta", "a\t", " "] {
+            assert!(Template::parse(padded).is_err(), "{padded:?}");
+        }
         for bad in [
             "Content-Length",
             "connection",

@@ -31,25 +31,39 @@ impl HttpsRedirect {
 
 /// The host part of a `Host` header (port dropped) if it is a DNS name or an IP literal.
 fn valid_host(header: &[u8]) -> Option<String> {
+    split_host(header).map(|(host, _)| host)
+}
+
+/// A `Host` header as `host[:port]` in lower case, if the host is a DNS name or an IP
+/// literal: the only form a header built from it may repeat (`$host` in header rules).
+pub fn valid_authority(header: &[u8]) -> Option<String> {
+    let (host, port) = split_host(header)?;
+    Some(match port {
+        Some(port) => format!("{host}:{port}"),
+        None => host,
+    })
+}
+
+/// A `Host` header's host, in lower case, and its port, if the host is a DNS name or an IP
+/// literal and the port is digits.
+fn split_host(header: &[u8]) -> Option<(String, Option<&str>)> {
     let text = std::str::from_utf8(header).ok()?.trim();
     if let Some(rest) = text.strip_prefix('[') {
         let (v6, after) = rest.split_once(']')?;
         v6.parse::<Ipv6Addr>().ok()?;
-        if !(after.is_empty() || after.strip_prefix(':').is_some_and(is_port)) {
-            return None;
-        }
-        return Some(format!("[{v6}]"));
+        let port = match after {
+            "" => None,
+            _ => Some(after.strip_prefix(':').filter(|port| is_port(port))?),
+        };
+        return Some((format!("[{}]", v6.to_ascii_lowercase()), port));
     }
-    let host = match text.rsplit_once(':') {
-        Some((host, port)) if is_port(port) => host,
+    let (host, port) = match text.rsplit_once(':') {
+        Some((host, port)) if is_port(port) => (host, Some(port)),
         Some(_) => return None,
-        None => text,
+        None => (text, None),
     };
-    if host.parse::<Ipv4Addr>().is_ok() || is_dns_name(host) {
-        Some(host.to_ascii_lowercase())
-    } else {
-        None
-    }
+    (host.parse::<Ipv4Addr>().is_ok() || is_dns_name(host))
+        .then(|| (host.to_ascii_lowercase(), port))
 }
 
 fn is_port(text: &str) -> bool {
@@ -133,5 +147,28 @@ mod tests {
             https_port: 8443,
         };
         assert_eq!(redirect.location(None, "/"), None);
+    }
+
+    #[test]
+    fn authorities_keep_their_port_in_lower_case() {
+        assert_eq!(
+            valid_authority(b"A.Example:8080").as_deref(),
+            Some("a.example:8080")
+        );
+        assert_eq!(valid_authority(b"[::1]").as_deref(), Some("[::1]"));
+        for bad in [
+            &b"a.example,evil.example"[..],
+            b"a b",
+            b"a\"<x>",
+            b"a;evil=1",
+            b"",
+        ] {
+            assert_eq!(
+                valid_authority(bad),
+                None,
+                "{:?}",
+                String::from_utf8_lossy(bad)
+            );
+        }
     }
 }

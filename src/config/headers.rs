@@ -29,11 +29,23 @@ pub fn route(
                 "a static route sends no request on; request_headers are for backend routes".into(),
             ));
         }
-        Some(raw) => rules(raw, Direction::Request, &key("request_headers"), source)?,
+        Some(raw) => rules(
+            raw,
+            Direction::Request,
+            false,
+            &key("request_headers"),
+            source,
+        )?,
         None => HeaderRules::default(),
     };
     let mut response = match &route.response_headers {
-        Some(raw) => rules(raw, Direction::Response, &key("response_headers"), source)?,
+        Some(raw) => rules(
+            raw,
+            Direction::Response,
+            route.cors.is_some(),
+            &key("response_headers"),
+            source,
+        )?,
         None => HeaderRules::default(),
     };
     if route.security_headers {
@@ -58,21 +70,32 @@ pub fn route(
     })
 }
 
+/// `has_cors`: the route's `cors` owns the `Access-Control-*` response headers.
 fn rules(
     raw: &RawHeaderRules,
     direction: Direction,
+    has_cors: bool,
     key: &str,
     source: &Source,
 ) -> Result<HeaderRules, ConfigError> {
+    let name = |name: &str, at: &str| {
+        let parsed = header_rules::name(direction, name).map_err(|m| source.at(at, m))?;
+        if has_cors && parsed.as_str().starts_with("access-control-") {
+            return Err(source.at(
+                at,
+                format!("{name:?}: the route's cors sets the Access-Control-* headers"),
+            ));
+        }
+        Ok(parsed)
+    };
     let mut rules = HeaderRules::default();
-    for (j, name) in raw.remove.iter().enumerate() {
-        let at = format!("{key}.remove[{j}]");
-        rules.remove(header_rules::name(direction, name).map_err(|m| source.at(&at, m))?);
+    for (j, header) in raw.remove.iter().enumerate() {
+        rules.remove(name(header, &format!("{key}.remove[{j}]"))?);
     }
     for (list, entries) in [("set", &raw.set), ("add", &raw.add)] {
-        for (name, value) in entries {
-            let at = format!("{key}.{list}.{name}");
-            let parsed = header_rules::name(direction, name).map_err(|m| source.at(&at, m))?;
+        for (header, value) in entries {
+            let at = format!("{key}.{list}.{header}");
+            let parsed = name(header, &at)?;
             let value = Template::parse(value).map_err(|m| source.at(&at, m))?;
             match list {
                 "set" => rules.set(parsed, value),
@@ -117,6 +140,14 @@ fn cors(raw: &RawCors, key: &str, source: &Source) -> Result<Cors, ConfigError> 
             "credentials = true needs the origins and headers listed: browsers refuse \"*\" \
              with credentials"
                 .into(),
+        ));
+    }
+    // The Fetch standard reads `*` in these lists as any only without credentials, and never
+    // in the methods a preflight asks for.
+    if raw.credentials && wildcard(&raw.expose_headers) {
+        return Err(source.at(
+            &at("expose_headers"),
+            "\"*\" exposes every header only without credentials: list the headers".into(),
         ));
     }
     let methods = raw
