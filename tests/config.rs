@@ -203,7 +203,7 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
         // Error pages and the fallback file must be files inside static_dir.
         (
             "cache_control = \"public, max-age=300\"",
-            "fallback = \"index.html\"",
+            "fallback = \"shell.html\"",
             "routes[3].fallback",
             "No such file or directory",
         ),
@@ -215,7 +215,7 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
         ),
         (
             "cache_control = \"public, max-age=300\"",
-            "error_pages = { 404 = \"404.html\" }",
+            "error_pages = { 404 = \"missing.html\" }",
             "routes[3].error_pages.404",
             "No such file or directory",
         ),
@@ -227,7 +227,7 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
         ),
         (
             "access_log = \"../var/log/api.log\"",
-            "fallback = \"index.html\"",
+            "fallback = \"app.html\"",
             "routes[0].fallback",
             "only static routes take fallback",
         ),
