@@ -236,6 +236,37 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "routes[3].response_headers.set.X-Env",
             "starts or ends with white space",
         ),
+        // Error pages and the fallback file must be files inside static_dir.
+        (
+            "cache_control = \"public, max-age=300\"",
+            "fallback = \"shell.html\"",
+            "routes[3].fallback",
+            "No such file or directory",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "fallback = \"../../conf/users\"",
+            "routes[3].fallback",
+            "is outside static_dir",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "error_pages = { 404 = \"missing.html\" }",
+            "routes[3].error_pages.404",
+            "No such file or directory",
+        ),
+        (
+            "cache_control = \"public, max-age=300\"",
+            "error_pages = { 500 = \"500.html\" }",
+            "routes[3].error_pages.500",
+            "a route has its own page only for [401, 403, 404, 429]",
+        ),
+        (
+            "access_log = \"../var/log/api.log\"",
+            "fallback = \"app.html\"",
+            "routes[0].fallback",
+            "only static routes take fallback",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);

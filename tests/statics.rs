@@ -8,7 +8,7 @@ use std::{
 use reqwest::blocking::Response;
 use serde_json::Value;
 
-use crate::util::{Group, Options, gunzip, raw_http, unbrotli, wait_until};
+use crate::util::{self, Group, Options, gunzip, raw_http, unbrotli, wait_until};
 
 fn header(response: &Response, name: &str) -> String {
     response
@@ -16,6 +16,21 @@ fn header(response: &Response, name: &str) -> String {
         .get(name)
         .map(|v| v.to_str().unwrap().to_string())
         .unwrap_or_default()
+}
+
+/// The raw response to a GET of `path` as sent (no client normalises it), asserted to be a
+/// refusal: 400, 403 or 404. `headers`: extra header lines, each ending in CRLF.
+fn refused(port: u16, path: &str, headers: &str) -> String {
+    let response = raw_http(
+        port,
+        &format!("GET {path} HTTP/1.1\r\nHost: localhost\r\n{headers}Connection: close\r\n\r\n"),
+    );
+    let status = response.get(9..12).unwrap_or("");
+    assert!(
+        status == "403" || status == "404" || status == "400",
+        "{path}: {response}"
+    );
+    response
 }
 
 #[test]
@@ -475,15 +490,7 @@ fn traversal_dotfiles_and_symlinks_never_leave_the_root() {
         "/open/%2e%2e/close/index.html".into(),
     ];
     for probe in &probes {
-        let response = raw_http(
-            group.port,
-            &format!("GET {probe} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"),
-        );
-        let status = response.get(9..12).unwrap_or("");
-        assert!(
-            status == "403" || status == "404" || status == "400",
-            "{probe}: {response}"
-        );
+        let response = refused(group.port, probe, "");
         assert!(
             !response.contains("TOP-SECRET") && !response.contains("[proxy]"),
             "{probe} leaked: {response}"
@@ -530,4 +537,155 @@ fn traversal_dotfiles_and_symlinks_never_leave_the_root() {
         response.starts_with("HTTP/1.1 200") && response.ends_with("fine"),
         "{response}"
     );
+}
+
+/// A single-page app: its own error pages for browsers (JSON still for API clients), and its
+/// shell for every client-side route, never for what the path guard or the root refuses.
+#[test]
+fn error_pages_and_the_fallback_for_client_side_routes() {
+    let dir = tempfile::tempdir().unwrap();
+    let app = dir.path().join("app");
+    fs::create_dir_all(app.join("assets")).unwrap();
+    // Large enough to be compressed.
+    let shell = format!(
+        "<!doctype html><title>app shell</title>{}",
+        "<div>route here</div>".repeat(100)
+    );
+    fs::write(app.join("index.html"), &shell).unwrap();
+    fs::write(app.join("404.html"), "<h1>custom missing page</h1>").unwrap();
+    fs::write(app.join("denied.html"), "<h1>custom denied page</h1>").unwrap();
+    fs::write(app.join("assets/app.js"), "console.log(1)").unwrap();
+    fs::write(app.join(".env"), "TOP-SECRET").unwrap();
+    let outside = tempfile::tempdir().unwrap();
+    fs::write(outside.path().join("secret.txt"), "TOP-SECRET").unwrap();
+    std::os::unix::fs::symlink(outside.path(), app.join("out")).unwrap();
+    let group = Group::start_in(
+        dir,
+        Options {
+            tls: false,
+            backends: 1,
+            extra: r#"
+[[routes]]
+prefix = "/app/"
+static_dir = "app"
+cache_control = "public, max-age=31536000, immutable"
+fallback = "index.html"
+error_pages = { 404 = "404.html" }
+
+[[routes]]
+prefix = "/shut/"
+static_dir = "app"
+deny = ["127.0.0.0/8"]
+error_pages = { 403 = "denied.html" }
+"#
+            .into(),
+            ..Options::default()
+        },
+    );
+    let client = &group.client;
+    let get = |path: &str, accept: &str| {
+        client
+            .get(group.url(path))
+            .header("accept", accept)
+            .send()
+            .unwrap()
+    };
+
+    // A client-side route: the shell, revalidated each time, with the file's validators.
+    let deep = get("/app/some/deep/route", "text/html");
+    assert_eq!(deep.status(), 200);
+    assert_eq!(header(&deep, "cache-control"), "no-cache");
+    assert_eq!(header(&deep, "content-type"), "text/html; charset=utf-8");
+    let etag = header(&deep, "etag");
+    assert!(etag.starts_with('"'), "{etag}");
+    assert_eq!(deep.text().unwrap(), shell);
+    let again = client
+        .get(group.url("/app/users/42/"))
+        .header("if-none-match", &etag)
+        .send()
+        .unwrap();
+    assert_eq!(again.status(), 304);
+    let gzipped = client
+        .get(group.url("/app/settings"))
+        .header("accept-encoding", "gzip")
+        .send()
+        .unwrap();
+    assert_eq!(gzipped.status(), 200);
+    assert_eq!(header(&gzipped, "content-encoding"), "gzip");
+    assert_eq!(gunzip(&gzipped.bytes().unwrap()), shell.as_bytes());
+    let head = client.head(group.url("/app/some/route")).send().unwrap();
+    assert_eq!(head.status(), 200);
+    assert_eq!(header(&head, "content-length"), shell.len().to_string());
+    assert!(head.bytes().unwrap().is_empty());
+    // Real files keep the route's own Cache-Control; other methods are still refused.
+    let asset = get("/app/assets/app.js", "*/*");
+    assert_eq!(asset.status(), 200);
+    assert_eq!(
+        header(&asset, "cache-control"),
+        "public, max-age=31536000, immutable"
+    );
+    let post = client.post(group.url("/app/some/route")).send().unwrap();
+    assert_eq!(post.status(), 405);
+
+    // A missing asset is a 404: the route's page for a browser, JSON for an API client.
+    let page = get("/app/assets/missing.js", "text/html,*/*");
+    assert_eq!(page.status(), 404);
+    assert_eq!(header(&page, "content-type"), "text/html; charset=utf-8");
+    assert!(!header(&page, "x-request-id").is_empty());
+    assert_eq!(page.text().unwrap(), "<h1>custom missing page</h1>");
+    let api = get("/app/assets/missing.js", "application/json");
+    assert_eq!(api.status(), 404);
+    let body: Value = api.json().unwrap();
+    assert_eq!(body["error"], "not_found");
+    // An access refusal: the route's page, with the refusal's status.
+    let denied = get("/shut/", "text/html");
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.text().unwrap(), "<h1>custom denied page</h1>");
+    let denied = get("/shut/", "application/json");
+    assert_eq!(denied.status(), 403);
+    assert_eq!(denied.json::<Value>().unwrap()["error"], "forbidden");
+
+    // Traversal, dotfiles and a symlink out of the root never get the shell.
+    for probe in [
+        "/app/../../etc/passwd",
+        "/app/%2e%2e/%2e%2e/etc/passwd",
+        "/app/..%2f..%2fetc/passwd",
+        "/app/%2E%2E%2F%2E%2E%2Fetc%2Fpasswd",
+        "/app/..\\..\\etc\\passwd",
+        "/app/.env",
+        "/app/%2eenv",
+        "/app/.git/config",
+        "/app/out",
+        "/app/out/secret.txt",
+    ] {
+        let response = refused(group.port, probe, "Accept: text/html\r\n");
+        assert!(
+            !response.contains("app shell") && !response.contains("TOP-SECRET"),
+            "{probe} got the fallback: {response}"
+        );
+    }
+
+    // A reload naming a fallback that is not there is refused; the running one stays.
+    let path = group.dir.path().join("gatehouse.toml");
+    let text = fs::read_to_string(&path).unwrap();
+    assert!(text.contains("fallback = \"index.html\""), "{text}");
+    fs::write(
+        &path,
+        text.replacen("fallback = \"index.html\"", "fallback = \"gone.html\"", 1),
+    )
+    .unwrap();
+    util::signal(group.pid(), libc::SIGHUP);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            group.metric(r#"gatehouse_reloads_total{result="failed"}"#) == Some(1.0)
+        }),
+        "the reload was not refused:\n{}",
+        group.log()
+    );
+    assert!(
+        group.log().contains("routes[7].fallback: "),
+        "{}",
+        group.log()
+    );
+    assert_eq!(get("/app/after/reload", "text/html").text().unwrap(), shell);
 }

@@ -89,6 +89,10 @@ impl Gateway {
                 headers: &route.headers,
                 vars: ctx.vars(ctx.host.as_ref().map(HeaderValue::as_bytes)),
                 allow_origin: ctx.allow_origin.as_ref(),
+                site: match &route.served {
+                    Served::Static(site) => Some(site),
+                    Served::Backends => None,
+                },
             }),
         }
     }

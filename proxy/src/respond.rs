@@ -7,7 +7,7 @@ use http::HeaderValue;
 use pingora::{Result, http::ResponseHeader};
 use pingora_proxy::Session;
 
-use crate::{header_rules::Vars, routes::RouteHeaders};
+use crate::{header_rules::Vars, routes::RouteHeaders, statics::Site};
 
 /// A JSON error the proxy answers with: the status, and the `error` code and `message` of
 /// the body (`request_id` is the request's own).
@@ -33,6 +33,8 @@ pub struct RouteStamp<'a> {
     pub vars: Vars<'a>,
     /// `Access-Control-Allow-Origin` for this request, on a CORS route.
     pub allow_origin: Option<&'a HeaderValue>,
+    /// The static site, on a static route: it may have its own error pages.
+    pub site: Option<&'a Site>,
 }
 
 impl Stamp<'_> {
@@ -79,7 +81,8 @@ pub async fn json_error_with(
     send(session, stamp, header, Bytes::from(body.to_string())).await
 }
 
-/// An error as a small HTML page for browsers, JSON for everyone else.
+/// An error as a small HTML page for browsers (the route's own page for the status, when its
+/// static site has one), JSON for everyone else.
 pub async fn error_for_client(
     session: &mut Session,
     stamp: &Stamp<'_>,
@@ -106,6 +109,11 @@ pub async fn error_for_client_with(
         .is_some_and(|accept| accept.as_bytes().windows(9).any(|w| w == b"text/html"));
     if !wants_html {
         return json_error_with(session, stamp, status, code, message, extra).await;
+    }
+    if let Some(site) = stamp.route.as_ref().and_then(|route| route.site)
+        && site.send_error_page(session, stamp, status, extra).await?
+    {
+        return Ok(());
     }
     let title = match status {
         401 => "401 Unauthorized",

@@ -16,7 +16,7 @@ use crate::{
     error::BuildError,
     header_rules::HeaderRules,
     observe::Observer,
-    statics::{Site, StaticSettings},
+    statics::{Site, StaticSettings, fallback::SitePages},
 };
 
 /// What a route sends requests to, as configured.
@@ -28,6 +28,7 @@ pub enum Target {
     Static {
         dir: PathBuf,
         cache_control: Option<String>,
+        pages: SitePages,
     },
 }
 
@@ -123,9 +124,11 @@ impl RouteTable {
             .map(|route| {
                 let served = match route.target {
                     Target::Backends => Served::Backends,
-                    Target::Static { dir, cache_control } => {
-                        Served::Static(Site::new(&dir, cache_control, statics, sites)?)
-                    }
+                    Target::Static {
+                        dir,
+                        cache_control,
+                        pages,
+                    } => Served::Static(Site::new(&dir, cache_control, pages, statics, sites)?),
                 };
                 let observer = observer(&route.prefix, route.access_log.as_ref());
                 let rules =
@@ -221,6 +224,7 @@ mod tests {
                     Target::Static {
                         dir: dir.clone(),
                         cache_control: None,
+                        pages: SitePages::default(),
                     },
                 ),
                 route("/api/", Target::Backends),
@@ -229,6 +233,7 @@ mod tests {
                     Target::Static {
                         dir,
                         cache_control: None,
+                        pages: SitePages::default(),
                     },
                 ),
             ],

@@ -27,6 +27,7 @@ mod proxy;
 mod raw;
 mod redis;
 mod routes;
+mod site_pages;
 mod statics;
 mod tls;
 mod upstream;

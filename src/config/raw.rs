@@ -405,6 +405,9 @@ pub struct RawRoute {
     pub upstream: Option<String>,
     pub static_dir: Option<PathBuf>,
     pub cache_control: Option<String>,
+    /// Status (`"404"`) to a file below `static_dir`.
+    pub error_pages: Option<BTreeMap<String, PathBuf>>,
+    pub fallback: Option<PathBuf>,
     pub rate_limit: Option<String>,
     #[serde(default)]
     pub allow: Vec<String>,

@@ -8,6 +8,7 @@ use super::{
     error::{ConfigError, Source},
     headers, logging,
     raw::RawConfig,
+    site_pages,
 };
 
 /// `default_log`: where routes that name no access log write.
@@ -56,6 +57,7 @@ pub fn validate(
                         "only static routes take cache_control; backends set their own".into(),
                     ));
                 }
+                site_pages::refuse_on_backend(route, i, source)?;
                 Target::Backends
             }
             (None, Some(dir)) => {
@@ -69,9 +71,11 @@ pub fn validate(
                 if let Some(value) = &route.cache_control {
                     source.header_value(value, &key("cache_control"))?;
                 }
+                let pages = site_pages::route(route, i, &dir, source)?;
                 Target::Static {
                     dir,
                     cache_control: route.cache_control.clone(),
+                    pages,
                 }
             }
             _ => {

@@ -172,6 +172,9 @@ pub enum Found {
     /// A directory asked for without its trailing slash.
     Directory,
     Missing,
+    /// Resolves outside the root or to a dotfile: answered as missing, but never with the
+    /// route's fallback file.
+    Refused,
 }
 
 /// One static site's files. Cheap to clone: clones share the cache.
@@ -245,13 +248,13 @@ impl Files {
             return Found::Missing;
         };
         let Ok(inside) = path.strip_prefix(&inner.root) else {
-            return Found::Missing;
+            return Found::Refused;
         };
         if inside
             .components()
             .any(|c| c.as_os_str().as_encoded_bytes().starts_with(b"."))
         {
-            return Found::Missing;
+            return Found::Refused;
         }
         let Ok(meta) = fs::metadata(&path) else {
             return Found::Missing;

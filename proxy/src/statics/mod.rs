@@ -2,12 +2,14 @@
 //!
 //! - [`cache`]: files held in memory per version, checked with one `stat` per request.
 //! - [`conditional`]: ETags, `If-None-Match`, `If-Modified-Since`, `Range`, `If-Range`.
+//! - [`fallback`]: the route's own error pages and its fallback file for client-side routing.
 //!
 //! The request path was decoded and guarded before routing ([`crate::path`]); the variants
 //! are made with [`crate::encoding`]. Dotfiles are never served.
 
 pub mod cache;
 pub mod conditional;
+pub mod fallback;
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -41,6 +43,7 @@ const SEGMENT: &AsciiSet = &CONTROLS
     .add(b'\\');
 use cache::{Asset, Files, Found};
 use conditional::Range;
+use fallback::SitePages;
 
 /// How static files are served, shared by every static route.
 #[derive(Debug, Clone)]
@@ -61,6 +64,7 @@ pub struct Site {
     files: Files,
     cache_control: Option<String>,
     min_compress_bytes: u64,
+    pages: SitePages,
 }
 
 impl Site {
@@ -68,6 +72,7 @@ impl Site {
     pub fn new(
         dir: &std::path::Path,
         cache_control: Option<String>,
+        pages: SitePages,
         settings: &StaticSettings,
         sites: usize,
     ) -> Result<Site, BuildError> {
@@ -87,7 +92,26 @@ impl Site {
             )?,
             cache_control,
             min_compress_bytes: settings.min_compress_bytes,
+            pages,
         })
+    }
+
+    /// The file at `relative`, from the cache or the disk, and whether the cache had it.
+    async fn find(&self, relative: &str) -> (Found, bool) {
+        if let Some(asset) = self.files.cached(relative) {
+            return (Found::File(asset), true);
+        }
+        let _turn = FILE_READS.acquire().await;
+        // Another request may have loaded it while this one waited.
+        if let Some(asset) = self.files.cached(relative) {
+            return (Found::File(asset), false);
+        }
+        // A miss reads the file: off the async threads.
+        let (files, wanted) = (self.files.clone(), relative.to_owned());
+        let found = tokio::task::spawn_blocking(move || files.load(&wanted))
+            .await
+            .unwrap_or(Found::Missing);
+        (found, false)
     }
 
     /// Answers a request under `prefix`; `decoded` has passed [`crate::path::check`].
@@ -110,28 +134,16 @@ impl Site {
         let Some(relative) = relative(decoded, prefix) else {
             return not_found(session, stamp).await;
         };
-        let cached = self.files.cached(&relative);
-        let hit = cached.is_some();
-        let found = match cached {
-            Some(asset) => Found::File(asset),
-            None => {
-                let _turn = FILE_READS.acquire().await;
-                // Another request may have loaded it while this one waited.
-                match self.files.cached(&relative) {
-                    Some(asset) => Found::File(asset),
-                    None => {
-                        // A miss reads the file: off the async threads.
-                        let (files, wanted) = (self.files.clone(), relative.clone());
-                        tokio::task::spawn_blocking(move || files.load(&wanted))
-                            .await
-                            .unwrap_or(Found::Missing)
-                    }
-                }
-            }
-        };
-        let asset = match found {
-            Found::File(asset) => asset,
-            Found::Missing => return not_found(session, stamp).await,
+        let (found, hit) = self.find(&relative).await;
+        let (asset, cache_control) = match found {
+            Found::File(asset) => (asset, self.cache_control.as_deref()),
+            // The app's shell may change with every deployment while its addresses stay:
+            // always revalidated (cheaply, by its ETag), whatever the route's cache_control.
+            Found::Missing => match self.fallback(decoded).await {
+                Some(asset) => (asset, Some("no-cache")),
+                None => return not_found(session, stamp).await,
+            },
+            Found::Refused => return not_found(session, stamp).await,
             Found::Directory => {
                 // `/open/docs` -> `/open/docs/`, built from the normalised path (never from the
                 // raw one, so `//evil.example` cannot become a protocol-relative redirect).
@@ -148,7 +160,7 @@ impl Site {
                 return Ok(301);
             }
         };
-        let (status, encoding) = self.send_file(session, stamp, asset).await?;
+        let (status, encoding) = self.send_file(session, stamp, asset, cache_control).await?;
         if let Some(series) = series {
             series.static_response(encoding, hit);
         }
@@ -160,6 +172,7 @@ impl Site {
         session: &mut Session,
         stamp: &Stamp<'_>,
         asset: Arc<Asset>,
+        cache_control: Option<&str>,
     ) -> Result<(u16, Encoding)> {
         let headers = &session.req_header().headers;
         let range_header = headers.get("range").map(|v| v.as_bytes().to_vec());
@@ -207,7 +220,7 @@ impl Site {
         let mut header = ResponseHeader::build(status, Some(10))?;
         header.insert_header("etag", etag)?;
         header.insert_header("last-modified", &asset.last_modified)?;
-        if let Some(cache_control) = &self.cache_control {
+        if let Some(cache_control) = cache_control {
             header.insert_header("cache-control", cache_control)?;
         }
         if compress {
