@@ -13,7 +13,7 @@
 //! and the next look leaves the socket out of the pool, its metrics with it, until a new
 //! socket takes its path. The proxy never removes the file: it may have no right to write in
 //! the directory (the Swarm stack mounts it read-only in the edge), and the next backend to
-//! start on the directory removes it ([`crate::socket_dir`]'s writers do).
+//! start on the directory removes it (`gatehouse backend` does, as it starts).
 //!
 //! The directory is a trust boundary of sorts (any writer in it adds backends), so the
 //! proxy takes at most `upstream.socket_dir_max_backends` sockets from it, and connects
