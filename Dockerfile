@@ -45,9 +45,13 @@ FROM ${BINARY_FROM} AS binary
 
 FROM ${RUNTIME_BASE} AS runtime
 # An unprivileged user with fixed ids, so volumes and secrets can be given to it by number.
+# No setuid or setgid file is left in the image: no program in it can raise a process's
+# privileges, also where no-new-privileges cannot be set (`docker stack deploy` ignores
+# compose's security_opt).
 RUN groupadd --gid 10001 gatehouse \
     && useradd --uid 10001 --gid gatehouse --no-create-home \
-        --home-dir /nonexistent --shell /usr/sbin/nologin gatehouse
+        --home-dir /nonexistent --shell /usr/sbin/nologin gatehouse \
+    && find / -xdev -type f -perm /6000 -exec chmod ug-s {} +
 WORKDIR /app
 COPY --from=binary /usr/local/bin/gatehouse /usr/local/bin/gatehouse
 # Owned by root and read-only to gatehouse: it cannot change its own sites or config.

@@ -6,6 +6,7 @@
 #   scripts/image.sh --monitoring    # and the Prometheus image
 #   scripts/image.sh --systemd       # and the systemd image (scripts/systemd-test.sh)
 #   scripts/image.sh --fresh         # make the Debian images again even if they exist
+#   scripts/image.sh --max-age DAYS  # make again the Debian images older than this; default 7
 #   scripts/image.sh --no-build      # take target/release/gatehouse as it is
 #
 # What it makes (RELEASE: this machine's Debian release, e.g. bookworm; DEBIAN_RELEASE=...
@@ -29,25 +30,41 @@
 #   set -a; . target/images.env; set +a
 #   docker stack deploy -c compose.yaml gatehouse
 #
+# A Debian image is kept from one run to the next (each takes a minute or more to make), and
+# made again once it is older than --max-age days (GATEHOUSE_BASE_MAX_AGE_DAYS; default 7),
+# so the images take Debian's security updates within a week; its age is printed either way.
+#
 # The Dockerfile stays the definition: its runtime stage is built from the file itself, with
 # the classic builder (BuildKit's buildx is not installed here, and the build stage's cache
 # mounts need it), through two of its build arguments, RUNTIME_BASE and BINARY_FROM.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-monitoring=0 systemd=0 fresh=0 build=1
-for arg in "$@"; do
-    case "$arg" in
+monitoring=0 systemd=0 fresh=0 build=1 max_age=${GATEHOUSE_BASE_MAX_AGE_DAYS:-7}
+usage() {
+    echo "usage: $0 [--monitoring] [--systemd] [--fresh] [--max-age DAYS] [--no-build]" >&2
+    exit 2
+}
+while [ $# -gt 0 ]; do
+    case "$1" in
     --monitoring) monitoring=1 ;;
     --systemd) systemd=1 ;;
     --fresh) fresh=1 ;;
     --no-build) build=0 ;;
-    *)
-        echo "usage: $0 [--monitoring] [--systemd] [--fresh] [--no-build]" >&2
-        exit 2
+    --max-age)
+        [ $# -ge 2 ] || usage
+        max_age=$2
+        shift
         ;;
+    *) usage ;;
     esac
+    shift
 done
+case "$max_age" in '' | *[!0-9]*)
+    echo "--max-age (GATEHOUSE_BASE_MAX_AGE_DAYS) takes a whole number of days, not '$max_age'" >&2
+    exit 2
+    ;;
+esac
 
 for tool in docker mmdebstrap; do
     command -v "$tool" >/dev/null 2>&1 || {
@@ -80,9 +97,14 @@ step() {
 debian_image() {
     local name=$1 include=$2
     shift 2
-    if [ "$fresh" = 0 ] && docker image inspect "$name" >/dev/null 2>&1; then
-        step "$name: kept (--fresh to make it again)"
-        return
+    local created age_days
+    if [ "$fresh" = 0 ] && created=$(docker image inspect -f '{{.Created}}' "$name" 2>/dev/null); then
+        age_days=$((($(date +%s) - $(date -d "$created" +%s)) / 86400))
+        if [ "$age_days" -lt "$max_age" ]; then
+            step "$name: kept, made $age_days days ago (--fresh to make it again)"
+            return
+        fi
+        step "$name: made $age_days days ago, --max-age is $max_age: made again"
     fi
     step "$name: mmdebstrap $release${include:+ with $include}"
     # The documentation, manual pages and translations are left out as in Debian's slim

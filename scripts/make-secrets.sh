@@ -6,6 +6,9 @@
 #   secrets/admin_password          random; the password of gatehouse's first user, `admin`
 #   secrets/htpasswd                basic-auth users of /close/: a copy of conf/htpasswd, whose
 #                                   development user (admin / homework) you replace
+#   secrets/redis_password          random; Redis's requirepass, and the backends' password
+#   secrets/redis_exporter_passwords.json  the same password for the Redis exporter, in its
+#                                   format ({"redis://redis:6379": "..."})
 #   secrets/grafana_admin_password  random; the password of Grafana's `admin` user
 #
 # A file that exists is kept, so running this again changes nothing: delete a file to have it
@@ -40,9 +43,20 @@ if [ ! -e secrets/htpasswd ]; then
     echo "made secrets/htpasswd: the development user admin / homework."
     echo "  Replace it before going live: htpasswd -B -c secrets/htpasswd NAME   (apache2-utils)"
 fi
+if [ ! -e secrets/redis_password ]; then
+    # base64 of 24 bytes: 32 characters, no quote, nothing JSON or a shell must escape.
+    random 24 >secrets/redis_password
+    echo "made secrets/redis_password (random)"
+fi
+if [ ! -e secrets/redis_exporter_passwords.json ] ||
+    [ secrets/redis_password -nt secrets/redis_exporter_passwords.json ]; then
+    printf '{"redis://redis:6379": "%s"}\n' "$(cat secrets/redis_password)" \
+        >secrets/redis_exporter_passwords.json
+    echo "made secrets/redis_exporter_passwords.json (from secrets/redis_password)"
+fi
 if [ ! -e secrets/grafana_admin_password ]; then
     random 18 >secrets/grafana_admin_password
     echo "made secrets/grafana_admin_password (random; Grafana's user is admin)"
 fi
 chmod 644 secrets/jwt_secret secrets/admin_password secrets/htpasswd \
-    secrets/grafana_admin_password
+    secrets/redis_password secrets/redis_exporter_passwords.json secrets/grafana_admin_password

@@ -7,10 +7,18 @@ under load, counting every response.
 
 Steps (each a row of the table printed at the end: requests sent, failed, seconds):
 
+- first, ports 80 and 443 must be free (the stack publishes them): when anything listens
+  there (an nginx that apt started, say), the test stops and names it, and stops nothing;
 - scripts/image.sh, `docker swarm init` if this node is in no Swarm (it leaves the Swarm at
-  the end only then), scripts/make-secrets.sh, `docker stack deploy -c compose.yaml`;
+  the end only then, and notes in target/swarm-test-swarm.json meanwhile that it made it,
+  so a run that was killed has its Swarm removed by the next run), scripts/make-secrets.sh,
+  `docker stack deploy -c compose.yaml`. A node in a Swarm of more than one node, or a
+  worker, is refused: the stack would spread to other machines;
 - the README's curl walkthrough through the published ports 80 and 443: ping, login, counts,
   401 without a token, the HTTP redirect, /close/ refused to an address not allowlisted;
+- the containers as compose.yaml makes them: the edge cannot write in the socket volume nor
+  reach Redis (it is not on the `redis` network), a backend reaches Redis, and no setuid or
+  setgid file is in the image;
 - every backend replica answers (`X-Backend-Id` is each backend container's host name), the
   visit count is one count across them, and a logout holds on every one;
 - a client in a network namespace of its own (a veth pair the test makes) is seen with its own
@@ -24,7 +32,10 @@ Steps (each a row of the table printed at the end: requests sent, failed, second
   persisted value;
 - the edge container killed: requests fail until Swarm has restarted it (the outage is
   measured), then service resumes;
-- `docker stack rm` leaves no container, network, secret or config of the stack.
+- `docker stack rm` leaves no container, network, secret or config of the stack;
+- when Debian's `docker-compose` (v1) is installed, the same file on one host:
+  `docker-compose --compatibility -p gatehouse-compose-test -f compose.yaml up -d`, the
+  README walkthrough through it, `down -v` (skipped without docker-compose).
 
 Load: a few client threads on HTTP/1.1 keep-alive over HTTPS to 127.0.0.1:443 send
 /api/ping all along, below the container config's per-client rate limit (every client here
@@ -38,6 +49,7 @@ import http.client
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import subprocess
@@ -50,6 +62,9 @@ REPO = Path(__file__).resolve().parent.parent
 STACK = "gatehouse-test"
 EDGE, BACKEND, REDIS = f"{STACK}_edge", f"{STACK}_backend", f"{STACK}_redis"
 NEXT_TAG = "gatehouse:swarm-test-next"
+COMPOSE_V1 = ["docker-compose", "--compatibility", "-p", "gatehouse-compose-test", "-f", "compose.yaml"]
+# Present while a Swarm this test initialised is up; see left_swarm().
+SWARM_MARKER = REPO / "target" / "swarm-test-swarm.json"
 # A client of its own: a network namespace joined to this machine by a veth pair, on
 # addresses of the test's own (RFC 5737's documentation range, routed nowhere else).
 NETNS, VETH_HOST, VETH_CLIENT = "gatehouse-swarm-client", "ghswarm0", "ghswarm1"
@@ -258,6 +273,11 @@ def from_client(path, count=1):
     return [int(code) for code in out.split() if code.isdigit()]
 
 
+def containers_v1(service):
+    return sh("docker", "ps", "-q", "--filter", "label=com.docker.compose.project=gatehouse-compose-test",
+              "--filter", f"label=com.docker.compose.service={service}").split()
+
+
 def stack_leftovers():
     label = f"com.docker.stack.namespace={STACK}"
     found = {}
@@ -274,6 +294,61 @@ def stack_leftovers():
     return found
 
 
+def port_holders(port):
+    """What listens on TCP `port` on any address of this machine: process names and pids as
+    `ss` shows them, or the Docker container publishing it."""
+    holders = []
+    out = sh("ss", "-Hltnp", f"sport = :{port}", check=False)
+    for line in out.splitlines():
+        users = re.findall(r'\("([^"]+)",pid=(\d+)', line)
+        holders += [f"{name} (pid {pid})" for name, pid in users] or [line.split()[3] if len(line.split()) > 3 else line]
+    for name in sh("docker", "ps", "--filter", f"publish={port}", "--format", "{{.Names}}", check=False).split():
+        holders.append(f"container {name}")
+    with socket.socket() as s:
+        if not holders and s.connect_ex(("127.0.0.1", port)) == 0:
+            holders.append("an unknown listener on 127.0.0.1")
+    return sorted(set(holders))
+
+
+def left_swarm():
+    """Removes the Swarm a killed run of this test initialised (and its stack), as that run
+    would have at its end; returns what it found."""
+    if not SWARM_MARKER.exists():
+        return None
+    try:
+        marker = json.loads(SWARM_MARKER.read_text())
+    except (OSError, ValueError):
+        marker = {}
+    state = sh("docker", "info", "-f", "{{.Swarm.LocalNodeState}}", check=False)
+    if state == "active":
+        log(f"a Swarm initialised by an earlier run (pid {marker.get('pid')}, {marker.get('at')}) is still up: removing it")
+        sh("docker", "stack", "rm", STACK, check=False)
+        try:
+            wait_for("the stack to go", lambda: not stack_leftovers(), timeout=120)
+        except RuntimeError as error:
+            log(error)
+        sh("docker", "swarm", "leave", "--force", check=False)
+        if not marker.get("gwbridge_was", True):
+            sh("docker", "network", "rm", "docker_gwbridge", check=False)
+    SWARM_MARKER.unlink(missing_ok=True)
+    return state
+
+
+def swarm_refusal():
+    """Why this node must not run the test, or None."""
+    info = json.loads(sh("docker", "info", "-f", "{{json .Swarm}}"))
+    if info.get("LocalNodeState") != "active":
+        return None
+    if not info.get("ControlAvailable"):
+        return "this node is a worker of a Swarm: the test needs a manager of a one-node Swarm (or no Swarm)"
+    nodes = info.get("Nodes") or 0
+    if nodes > 1:
+        return (f"this node is in a Swarm of {nodes} nodes: the test's stack would run on the others too "
+                "(an edge on each, binding its ports 80 and 443). Run it on a machine in no Swarm, or "
+                "alone in its Swarm")
+    return None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--no-build", action="store_true", help="take target/release/gatehouse as it is")
@@ -286,6 +361,24 @@ def main():
             return 1
         print("swarm test: skipped, no Docker daemon answers")
         return 0
+
+    # A Swarm (and stack) a killed run left is this test's own: removed first, since its edge
+    # holds ports 80 and 443.
+    left_swarm()
+    # Before anything is built or started: the stack binds these, and nothing else that holds
+    # them is this test's to stop.
+    taken = {port: holders for port in (80, 443) if (holders := port_holders(port))}
+    if taken:
+        for port, holders in taken.items():
+            print(f"swarm test: port {port} is taken by {', '.join(holders)}; the stack publishes it",
+                  file=sys.stderr)
+        print("swarm test: free ports 80 and 443 first (e.g. `systemctl stop nginx` for an nginx apt "
+              "started); the test stops nothing it did not start", file=sys.stderr)
+        return 1
+    refusal = swarm_refusal()
+    if refusal:
+        print(f"swarm test: refused: {refusal}", file=sys.stderr)
+        return 1
 
     rows = []  # (step, sent, failed, seconds, note)
     load = Load()
@@ -311,11 +404,6 @@ def main():
             log("FAILED:", message)
 
     try:
-        for port in (80, 443):
-            with socket.socket() as s:
-                if s.connect_ex(("127.0.0.1", port)) == 0:
-                    raise RuntimeError(f"port {port} is taken on this machine: the stack publishes it")
-
         t0 = time.monotonic()
         sh("scripts/image.sh", *(["--no-build"] if args.no_build else []), capture=False, timeout=1800)
         rows.append(("scripts/image.sh", 0, 0, time.monotonic() - t0, ""))
@@ -325,8 +413,13 @@ def main():
         os.environ["GATEHOUSE_REPLICAS"] = str(args.replicas)
 
         if swarm_was != "active":
-            sh("docker", "swarm", "init")
+            # Written first: a run killed during the init still has its Swarm removed next time.
+            SWARM_MARKER.parent.mkdir(exist_ok=True)
+            SWARM_MARKER.write_text(json.dumps({
+                "pid": os.getpid(), "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "gwbridge_was": bool(gwbridge_was)}))
             started_swarm = True
+            sh("docker", "swarm", "init")
         sh("scripts/make-secrets.sh")
 
         def deploy():
@@ -355,6 +448,26 @@ def main():
             expect(status == 403, f"/close/ from a Docker gateway address: {status}")
             return f"counts {visits}"
         timed("README walkthrough", walkthrough)
+
+        def containers_as_made():
+            edge, backend = containers(EDGE)[0], containers(BACKEND)[0]
+            tcp = "exec 3<>/dev/tcp/redis/6379 && printf 'PING\\r\\n' >&3 && head -c 7 <&3"
+            wrote = sh("docker", "exec", edge, "touch", "/app/var/backends/.edge-write-test", check=False)
+            expect("Read-only file system" in wrote, f"the edge wrote in the socket volume: {wrote!r}")
+            reached = sh("docker", "exec", edge, "timeout", "5", "bash", "-c", tcp, check=False)
+            expect("PONG" not in reached, f"the edge reached Redis: {reached!r}")
+            # Reached, and a password is required.
+            reached = sh("docker", "exec", backend, "timeout", "5", "bash", "-c", tcp, check=False)
+            expect("-NOAUTH" in reached, f"a backend's PING without a password: {reached!r}")
+            # The image, searched as root (a container of the stack has no capability to read
+            # every directory).
+            setuid = sh("docker", "run", "--rm", "--user", "0", "--entrypoint", "find", env["GATEHOUSE_IMAGE"],
+                        "/", "-xdev", "-type", "f", "-perm", "/6000", check=False)
+            expect(setuid == "", f"setuid/setgid files in the image: {setuid!r}")
+            nnp = sh("docker", "exec", backend, "awk", "/^NoNewPrivs/ {print $2}", "/proc/1/status", check=False)
+            return (f"edge: socket volume read-only, Redis unreachable; backend: Redis answers NOAUTH "
+                    f"without the password; no setuid file; NoNewPrivs {nnp}")
+        timed("containers as compose.yaml makes them", containers_as_made)
 
         token = login()
 
@@ -474,6 +587,21 @@ def main():
             sh("docker", "stack", "rm", STACK)
             wait_for("the stack to go", lambda: not stack_leftovers(), timeout=120)
         timed("docker stack rm", remove)
+
+        if shutil.which("docker-compose"):
+            def compose_v1():
+                try:
+                    sh(*COMPOSE_V1, "config", "-q")
+                    sh(*COMPOSE_V1, "up", "-d", timeout=300)
+                    wait_for("the edge under docker-compose", lambda: request("GET", "/api/ping")[0] == 200,
+                             timeout=120)
+                    wait_for("a login", login, timeout=60, every=1.5)
+                    return walkthrough() + f"; {len(containers_v1('backend'))} backends"
+                finally:
+                    sh(*COMPOSE_V1, "down", "-v", "--remove-orphans", check=False, timeout=300)
+            timed("docker-compose (v1) up -d, the walkthrough, down -v", compose_v1)
+        else:
+            rows.append(("docker-compose (v1): skipped, not installed", 0, 0, 0.0, ""))
     except Exception as error:  # noqa: BLE001 - reported, then cleaned up
         failures.append(f"{type(error).__name__}: {error}")
         log("ERROR:", error)
@@ -493,12 +621,15 @@ def main():
         for volume in sh("docker", "volume", "ls", "-q", "--filter", f"label=com.docker.stack.namespace={STACK}",
                          check=False).split():
             sh("docker", "volume", "rm", volume, check=False)
+        if shutil.which("docker-compose") and containers_v1("edge") + containers_v1("backend") + containers_v1("redis"):
+            sh(*COMPOSE_V1, "down", "-v", "--remove-orphans", check=False, timeout=300)
         sh("docker", "image", "rm", NEXT_TAG, check=False)
         client_namespace(False)
         if started_swarm:
             sh("docker", "swarm", "leave", "--force", check=False)
             if not gwbridge_was:
                 sh("docker", "network", "rm", "docker_gwbridge", check=False)
+            SWARM_MARKER.unlink(missing_ok=True)
 
     bad_steps = [(s, sent, failed) for s, sent, failed, _, _ in rows
                  if failed and not (s.startswith("docker kill") or s.startswith("Redis"))]

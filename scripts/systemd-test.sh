@@ -6,8 +6,13 @@
 #   scripts/systemd-test.sh            # skips without a Docker daemon (fails under CI=...)
 #   scripts/systemd-test.sh --no-build # take target/release/gatehouse as it is
 #
-# The container has nearly every capability (systemd mounts its cgroups and the unit's
-# sandbox); it talks to nothing but itself, and is removed at the end, passed or failed.
+# The container has nearly every capability: systemd, as its first process, mounts the
+# cgroup hierarchy and builds each unit's sandbox (the unit's ProtectSystem=, PrivateTmp=,
+# ProtectProc= and the rest are mount namespaces, which take CAP_SYS_ADMIN; User= takes
+# CAP_SETUID and CAP_SETGID; AmbientCapabilities= is granted from the container's bounding
+# set, so CAP_NET_BIND_SERVICE must be in it). gatehouse itself gets only what the unit
+# gives it, which the test checks. The container talks to nothing but itself, and is
+# removed at the end, passed or failed.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -91,9 +96,28 @@ ping() {
         head -1 | grep -q "301"
 }
 check "port 80 bound by the gatehouse user (its redirect answers)" ping
+proxy_pid() { in_box sh -c 'pgrep -u gatehouse -f "gatehouse proxy" | head -1'; }
 check "runs as gatehouse, not root" \
     in_box sh -c '[ "$(ps -o user= -p "$(systemctl show -p MainPID --value gatehouse)")" = gatehouse ]'
 main_pid=$(in_box systemctl show -p MainPID --value gatehouse)
+
+# The unit's ambient CAP_NET_BIND_SERVICE (bit 10, 0x400) is for binding ports 80 and 443:
+# the supervisor keeps it for the proxy alone; backends and Redis run with no capability.
+caps_of() { # pid field -> its hexadecimal value in /proc/PID/status
+    in_box awk -v field="$2:" '$1 == field { print $2 }' "/proc/$1/status"
+}
+has_caps() { # pid CapAmb CapEff
+    local amb eff
+    amb=$(caps_of "$1" CapAmb) eff=$(caps_of "$1" CapEff)
+    step "  pid $1: CapAmb $amb CapEff $eff"
+    [ "$amb" = "$2" ] && [ "$eff" = "$3" ]
+}
+backend_pid=$(in_box pgrep -u gatehouse -f "gatehouse backend" | head -1)
+redis_pid=$(in_box pgrep -u gatehouse -x redis-server | head -1)
+check "the supervisor keeps CAP_NET_BIND_SERVICE" has_caps "$main_pid" 0000000000000400 0000000000000400
+check "the proxy keeps CAP_NET_BIND_SERVICE" has_caps "$(proxy_pid)" 0000000000000400 0000000000000400
+check "a backend has no capability" has_caps "$backend_pid" 0000000000000000 0000000000000000
+check "the managed Redis has no capability" has_caps "$redis_pid" 0000000000000000 0000000000000000
 
 check "systemctl reload" in_box systemctl reload gatehouse
 sleep 1
@@ -105,7 +129,6 @@ check "a bad config: reload fails, the group serves on" in_box sh -c '
     cp /tmp/good.toml /etc/gatehouse/gatehouse.toml
     systemctl is-active --quiet gatehouse'
 
-proxy_pid() { in_box sh -c 'pgrep -u gatehouse -f "gatehouse proxy" | head -1'; }
 old_proxy=$(proxy_pid)
 in_box cp /usr/local/bin/gatehouse /usr/local/bin/gatehouse.new
 in_box mv /usr/local/bin/gatehouse.new /usr/local/bin/gatehouse

@@ -219,7 +219,7 @@ fn close_delimited_backend(socket: &std::path::Path) {
 
 /// The proxy alone, with a [`close_delimited_backend`] found in its socket directory.
 fn proxy_with_close_delimited_backend(dir: &std::path::Path) -> (util::Process, u16) {
-    let (port, _, sockets) = socket_dir::write_config(dir, "redis://127.0.0.1:1".into());
+    let (sockets, port, _) = socket_dir::socket_dir_config(dir, "redis://127.0.0.1:1".into(), "");
     close_delimited_backend(&sockets.join("old.sock"));
     let proxy = util::start_alone(dir, &["proxy"], "proxy.log");
     assert!(

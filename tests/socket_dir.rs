@@ -4,7 +4,9 @@
 
 use std::{
     fs,
-    path::Path,
+    io::{Read, Write},
+    os::unix::net::UnixListener,
+    path::{Path, PathBuf},
     process::Command,
     sync::{
         Arc,
@@ -20,10 +22,21 @@ fn backend(dir: &Path, id: &str) -> Process {
     util::start_alone(dir, &["backend", "--id", id], &format!("backend-{id}.log"))
 }
 
-/// Writes `dir`/gatehouse.toml for backends found in `dir`/sockets (made here, with the
-/// static files' directory); returns the proxy's HTTP port, its admin port and the socket
-/// directory.
-pub(crate) fn write_config(dir: &Path, redis_url: String) -> (u16, u16, std::path::PathBuf) {
+/// The backend ids that answer /api/ping among `tries` requests.
+fn answering(client: &reqwest::blocking::Client, url: &str, tries: usize) -> Vec<String> {
+    let mut ids: Vec<String> = (0..tries)
+        .filter_map(|_| client.get(url).send().ok())
+        .filter(|r| r.status() == 200)
+        .filter_map(|r| Some(r.headers().get("x-backend-id")?.to_str().ok()?.to_string()))
+        .collect();
+    ids.sort();
+    ids.dedup();
+    ids
+}
+
+/// A config in `dir` for a proxy finding its backends in `dir/sockets`, checked every 200 ms,
+/// with `keys` added; returns the socket directory and the HTTP and admin ports.
+pub(crate) fn socket_dir_config(dir: &Path, redis_url: String, keys: &str) -> (PathBuf, u16, u16) {
     let sockets = dir.join("sockets");
     fs::create_dir_all(&sockets).expect("socket dir");
     fs::create_dir_all(dir.join("files")).expect("files dir");
@@ -37,32 +50,27 @@ pub(crate) fn write_config(dir: &Path, redis_url: String) -> (u16, u16, std::pat
             tls: false,
             redis_url: Some(redis_url),
             keys: format!(
-                "upstream.socket_dir = {:?}\nupstream.health_check_interval = \"200ms\"",
+                "upstream.socket_dir = {:?}\nupstream.health_check_interval = \"200ms\"\n{keys}",
                 sockets.display().to_string()
             ),
             ..Options::default()
         },
     );
-    (port, admin_port, sockets)
+    (sockets, port, admin_port)
 }
 
-/// The backend ids that answer /api/ping among `tries` requests.
-fn answering(client: &reqwest::blocking::Client, url: &str, tries: usize) -> Vec<String> {
-    let mut ids: Vec<String> = (0..tries)
-        .filter_map(|_| client.get(url).send().ok())
-        .filter(|r| r.status() == 200)
-        .filter_map(|r| Some(r.headers().get("x-backend-id")?.to_str().ok()?.to_string()))
-        .collect();
-    ids.sort();
-    ids.dedup();
-    ids
+/// The admin listener's /metrics, or nothing while it does not answer.
+fn admin_metrics(admin_port: u16) -> String {
+    reqwest::blocking::get(format!("http://127.0.0.1:{admin_port}/metrics"))
+        .and_then(|r| r.text())
+        .unwrap_or_default()
 }
 
 #[test]
 fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
     let dir = tempfile::tempdir().expect("temp dir");
     let redis = Redis::start(&dir.path().join("redis"));
-    let (port, admin_port, sockets) = write_config(dir.path(), redis.url());
+    let (sockets, port, admin_port) = socket_dir_config(dir.path(), redis.url(), "");
     // `gatehouse run` starts its own backends and refuses a socket directory.
     let run = Command::new(BIN)
         .args(["run", "--config"])
@@ -141,8 +149,9 @@ fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
     assert!(sent > 100, "only {sent} requests sent");
     assert_eq!(failed, 0, "{failed} of {sent} requests failed");
 
-    // A killed backend leaves its socket: requests go to the others, and the next backend
-    // to start removes it.
+    // A killed backend leaves its socket: requests go to the others, the proxy leaves the
+    // socket out once it refuses a connection (its metrics too), and the next backend to
+    // start removes it.
     let mut b = _b;
     b.0.kill().expect("kill b");
     let _ = b.0.wait();
@@ -151,6 +160,18 @@ fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
         .filter(|_| client.get(&url).send().is_ok_and(|r| r.status() == 200))
         .count();
     assert_eq!(ok, 20, "requests failed with b's socket left behind");
+    // Its past errors stay counted; its place in the pool (and its scrape) goes.
+    let metrics = || admin_metrics(admin_port);
+    let in_pool = r#"gatehouse_backend_up{backend="b"}"#;
+    assert!(
+        wait_until(Duration::from_secs(5), || !metrics().contains(in_pool)),
+        "b's dead socket is still in the pool"
+    );
+    let proxy_log = fs::read_to_string(dir.path().join("proxy.log")).expect("proxy log");
+    assert!(
+        proxy_log.contains("refuses connections"),
+        "no log line for b's dead socket"
+    );
     let _d = backend(dir.path(), "d");
     assert!(
         wait_until(Duration::from_secs(15), || answering(&client, &url, 12)
@@ -162,8 +183,80 @@ fn backends_join_and_leave_a_socket_directory_without_a_failed_request() {
         "b's socket was not removed"
     );
     // The admin listener scrapes the backends it found.
-    let metrics = reqwest::blocking::get(format!("http://127.0.0.1:{admin_port}/metrics"))
-        .and_then(|r| r.text())
-        .expect("metrics");
-    assert!(metrics.contains(r#"backend="d""#), "no series of d");
+    assert!(metrics().contains(r#"backend="d""#), "no series of d");
+    // A new backend b: a new socket at the path that refused is a backend again.
+    let _b = backend(dir.path(), "b");
+    assert!(
+        wait_until(Duration::from_secs(15), || answering(&client, &url, 12)
+            == ["b", "c", "d"]),
+        "the new b did not join"
+    );
+}
+
+/// Answers every connection on `listener` with `body` as an HTTP response, then closes it.
+fn serve_text(listener: UnixListener, body: &'static str) {
+    thread::spawn(move || {
+        for mut stream in listener.incoming().flatten() {
+            let mut request = [0u8; 1024];
+            let _ = stream.read(&mut request);
+            let _ = write!(
+                stream,
+                "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+}
+
+/// Whoever writes in the socket directory gets no more than upstream.socket_dir_max_backends
+/// backends, and cannot point the admin listener's scrape at another socket by a symbolic link.
+#[test]
+fn a_socket_directory_is_capped_and_its_links_are_not_followed() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (sockets, _, admin_port) = socket_dir_config(
+        dir.path(),
+        "redis://127.0.0.1:1".into(),
+        "upstream.socket_dir_max_backends = 3",
+    );
+    // Five sockets that listen (and never answer): three are taken, by name.
+    let _listeners: Vec<UnixListener> = (1..=5)
+        .map(|i| UnixListener::bind(sockets.join(format!("e{i}.sock"))).expect("bind"))
+        .collect();
+    // e1's metrics "socket" is a link to a socket elsewhere; e2's is a socket.
+    let elsewhere = dir.path().join("elsewhere.sock");
+    serve_text(
+        UnixListener::bind(&elsewhere).expect("bind"),
+        "leaked_series 1\n",
+    );
+    std::os::unix::fs::symlink(&elsewhere, sockets.join("e1.metrics")).expect("symlink");
+    serve_text(
+        UnixListener::bind(sockets.join("e2.metrics")).expect("bind"),
+        "# TYPE real_series gauge\nreal_series 1\n",
+    );
+    let _proxy = util::start_alone(dir.path(), &["proxy"], "proxy.log");
+    let metrics = || admin_metrics(admin_port);
+    assert!(
+        wait_until(Duration::from_secs(15), || metrics()
+            .contains("real_series 1")),
+        "e2's metrics were not scraped: {}",
+        metrics()
+    );
+    let text = metrics();
+    // Up or not (they never answer a health check): which backends the pool has.
+    let mut pool: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.strip_prefix("gatehouse_backend_up{backend=\""))
+        .filter_map(|l| l.split('"').next())
+        .collect();
+    pool.sort();
+    assert_eq!(pool, ["e1", "e2", "e3"], "{text}");
+    assert!(
+        !text.contains("leaked_series"),
+        "a symbolic link was followed"
+    );
+    let log = fs::read_to_string(dir.path().join("proxy.log")).expect("proxy log");
+    assert!(
+        log.contains("upstream.socket_dir_max_backends"),
+        "the sockets left out were not logged: {log}"
+    );
 }

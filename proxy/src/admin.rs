@@ -176,6 +176,11 @@ where
 /// One HTTP/1.1 GET over a Unix socket: the status and the body, or `None` on any failure
 /// or past [`BACKEND_DEADLINE`].
 async fn get(socket: &std::path::Path, path: &str) -> Option<(u16, Vec<u8>)> {
+    // Found in a directory others write to: a symbolic link there could name any socket the
+    // proxy can reach.
+    if !crate::socket_dir::is_socket(socket) {
+        return None;
+    }
     let exchange = async {
         let mut stream = UnixStream::connect(socket).await.ok()?;
         let request =

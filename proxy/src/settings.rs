@@ -47,6 +47,8 @@ pub struct PoolSettings {
     /// `Some`: the backends are not listed but found in this directory, one socket each
     /// ([`crate::socket_dir`]); `backends` is empty.
     pub socket_dir: Option<PathBuf>,
+    /// The most backends taken from `socket_dir`; the sockets past it are left out.
+    pub socket_dir_max_backends: usize,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
     pub health_check_interval: Duration,

@@ -119,8 +119,13 @@ pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend
 pub fn build(
     settings: &PoolSettings,
 ) -> Result<GenBackgroundService<LoadBalancer<RoundRobin>>, BuildError> {
+    let refused = Arc::new(crate::socket_dir::Refused::default());
     let backends = match &settings.socket_dir {
-        Some(dir) => Backends::new(crate::socket_dir::SocketDir::new(dir, settings)),
+        Some(dir) => Backends::new(crate::socket_dir::SocketDir::new(
+            dir,
+            settings,
+            refused.clone(),
+        )),
         None => {
             let mut backends = BTreeSet::new();
             for backend in &settings.backends {
@@ -139,10 +144,15 @@ pub fn build(
         .map_err(BuildError::HealthCheck)?;
     check.peer_template.options.connection_timeout = Some(settings.connect_timeout);
     check.peer_template.options.read_timeout = Some(settings.health_check_timeout);
-    lb.set_health_check(Box::new(check));
     lb.health_check_frequency = Some(settings.health_check_interval);
     if settings.socket_dir.is_some() {
         lb.update_frequency = Some(settings.health_check_interval);
+        lb.set_health_check(Box::new(crate::socket_dir::RefusalCheck {
+            inner: check,
+            refused,
+        }));
+    } else {
+        lb.set_health_check(Box::new(check));
     }
     lb.parallel_health_check = true;
     Ok(background_service("backend health checks", lb))

@@ -64,7 +64,7 @@ impl PartialEq for Secret {
 }
 
 impl Secret {
-    fn file(source: &Source, key: &str, path: &std::path::Path) -> Self {
+    pub(super) fn file(source: &Source, key: &str, path: &std::path::Path) -> Self {
         let at = source.at(key, String::new());
         Secret::File {
             path: source.path(key, path),
@@ -75,7 +75,10 @@ impl Secret {
     }
 
     /// The secret's bytes, without the newline a file written with `echo` ends in.
-    fn read(&self, env: &dyn Fn(&str) -> Option<String>) -> Result<Vec<u8>, ConfigError> {
+    pub(super) fn read(
+        &self,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Vec<u8>, ConfigError> {
         let mut bytes = match self {
             Secret::Env(name) => env(name).unwrap_or_default().into_bytes(),
             Secret::File { path, .. } => std::fs::read(path).map_err(|e| {
@@ -92,7 +95,7 @@ impl Secret {
     }
 
     /// An error about the secret, naming where it came from.
-    fn error(&self, message: String) -> ConfigError {
+    pub(super) fn error(&self, message: String) -> ConfigError {
         match self {
             Secret::Env(name) => ConfigError::from_env(name, message),
             Secret::File {

@@ -34,6 +34,7 @@ pub fn check(config: Config) -> Result<(Config, Users), ConfigError> {
     // The secrets are read here and by the backends, never by the proxy.
     config.backend.jwt_secret(&process_env)?;
     config.backend.admin_password(&process_env)?;
+    config.redis.client_url(&config.managed_redis_socket())?;
     if let Some(tls) = &config.proxy.tls
         && !certificate_missing(tls)
     {

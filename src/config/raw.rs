@@ -158,6 +158,7 @@ pub struct RawUpstream {
     pub queue_timeout: Human,
     pub health_check_interval: Human,
     pub socket_dir: Option<PathBuf>,
+    pub socket_dir_max_backends: usize,
 }
 
 impl Default for RawUpstream {
@@ -169,6 +170,7 @@ impl Default for RawUpstream {
             queue_timeout: secs(2),
             health_check_interval: secs(1),
             socket_dir: None,
+            socket_dir_max_backends: 256,
         }
     }
 }
@@ -331,6 +333,8 @@ impl Default for RawBackend {
 pub struct RawRedis {
     /// A Redis URL, or `"managed"`: `gatehouse run` starts its own.
     pub url: String,
+    /// The password of an external Redis (`requirepass`), read from this file.
+    pub password_file: Option<PathBuf>,
     pub server_binary: String,
     pub timeout: Human,
 }
@@ -342,6 +346,7 @@ impl Default for RawRedis {
     fn default() -> Self {
         Self {
             url: MANAGED.into(),
+            password_file: None,
             server_binary: "redis-server".into(),
             timeout: millis(1000),
         }

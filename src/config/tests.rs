@@ -550,3 +550,38 @@ fn the_reference_file_shows_every_default() {
     }
     assert!(checked > 50, "{checked} keys checked");
 }
+
+#[test]
+fn the_redis_password_is_read_from_its_file_or_the_error_names_it() {
+    let url = "redis://redis:6379";
+    let text =
+        format!("{ROUTES}\n[redis]\nurl = \"{url}\"\npassword_file = \"no/such/password\"\n");
+    // Loading names the file without reading it; a client reading it gets file, line and key.
+    let config = parse(&text).unwrap();
+    let err = config.redis.client_url(Path::new("r.sock")).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("redis.password_file"), "{err}");
+    assert_eq!(err.line, Some(8), "{err}");
+    assert!(err.message.contains("no/such/password"), "{err}");
+
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("redis_password");
+    std::fs::write(&file, "p@ss\n").unwrap();
+    let text = format!(
+        "{ROUTES}\n[redis]\nurl = \"{url}\"\npassword_file = {:?}\n",
+        file.display().to_string()
+    );
+    let config = parse(&text).unwrap();
+    assert_eq!(
+        config.redis.client_url(Path::new("r.sock")).unwrap(),
+        "redis://:p%40ss@redis:6379"
+    );
+
+    // The managed Redis has no password: the key is refused with it.
+    let text = format!("{ROUTES}\n[redis]\npassword_file = \"x\"\n");
+    let err = parse(&text).unwrap_err();
+    assert_eq!(err.key.as_deref(), Some("redis.password_file"), "{err}");
+    // A password in the URL and a file: one place only.
+    let text =
+        format!("{ROUTES}\n[redis]\nurl = \"redis://:pw@redis:6379\"\npassword_file = \"x\"\n");
+    assert!(parse(&text).is_err());
+}

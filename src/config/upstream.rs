@@ -54,9 +54,15 @@ pub fn validate(
             ),
         ));
     }
+    source.within(
+        u.socket_dir_max_backends,
+        1..=65_536,
+        "upstream.socket_dir_max_backends",
+    )?;
     let count = if socket_dir.is_some() { 0 } else { count };
     Ok(PoolSettings {
         socket_dir,
+        socket_dir_max_backends: u.socket_dir_max_backends,
         backends: (0..count)
             .map(|i| BackendSocket {
                 id: super::backend_id(i),

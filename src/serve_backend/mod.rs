@@ -70,11 +70,7 @@ pub fn run(config: &Config, sockets: &Sockets, id: String) -> Result<i32> {
     })?;
     let tokens = Tokens::new(secret, config.backend.token_ttl_seconds)
         .map_err(|e| config.error_at("backend.jwt_secret_file", e.to_string()))?;
-    let redis_url = config
-        .redis
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
+    let redis_url = config.redis.client_url(&config.managed_redis_socket())?;
 
     let limits = config.backend.connections;
     // Each connection takes a descriptor; the rest (Redis, the sockets, the logs) are few.

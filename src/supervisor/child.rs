@@ -79,6 +79,10 @@ pub struct Spec {
     /// The signal that stops it for a planned restart (backends: SIGUSR2, which first takes
     /// them out of the proxy's rotation).
     pub restart_signal: libc::c_int,
+    /// Whether it keeps the supervisor's ambient capabilities (systemd's
+    /// `AmbientCapabilities=`). Only the proxy binds privileged ports; the rest start with
+    /// none, so a backend broken into cannot bind port 80 either.
+    pub ambient_caps: bool,
 }
 
 /// A planned replacement of a running child, with its outcome sent back on `done`.
@@ -122,6 +126,7 @@ impl Spec {
         // A child whose handle is dropped on an unexpected path is killed, never left behind.
         command.kill_on_drop(true);
         let parent = std::process::id() as libc::pid_t;
+        let ambient_caps = self.ambient_caps;
         // SAFETY: only async-signal-safe calls (prctl, getppid, raise) between fork and exec.
         unsafe {
             command.pre_exec(move || {
@@ -133,6 +138,18 @@ impl Spec {
                 }
                 if libc::getppid() != parent {
                     libc::raise(libc::SIGTERM);
+                }
+                // Ambient capabilities survive exec for an unprivileged user; cleared, the
+                // child runs with none. A kernel without them (before 4.3) has none to clear,
+                // hence the result ignored.
+                if !ambient_caps {
+                    libc::prctl(
+                        libc::PR_CAP_AMBIENT,
+                        libc::PR_CAP_AMBIENT_CLEAR_ALL,
+                        0,
+                        0,
+                        0,
+                    );
                 }
                 Ok(())
             });

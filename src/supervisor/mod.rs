@@ -146,11 +146,7 @@ async fn run_group(config: Config) -> Result<i32> {
     }
 
     let metrics = GroupMetrics::new()?;
-    let redis_url = config
-        .redis
-        .url
-        .clone()
-        .unwrap_or_else(|| format!("unix://{}", config.managed_redis_socket().display()));
+    let redis_url = config.redis.client_url(&config.managed_redis_socket())?;
     let redis = gatehouse_backend::Store::new(&redis_url, config.redis.timeout, None)?;
     let metrics_file = config
         .runtime_dir()
@@ -436,6 +432,7 @@ async fn start_members(
                 + crate::serve_backend::DRAIN
                 + Duration::from_secs(2),
             restart_signal: libc::SIGUSR2,
+            ambient_caps: false,
         };
         members.backends.push(start(spec, metrics).await?);
     }
@@ -449,6 +446,8 @@ async fn start_members(
         probe: Probe::Tcp(config.proxy.listen),
         stop_timeout: config.proxy.shutdown_grace + Duration::from_secs(5),
         restart_signal: libc::SIGTERM,
+        // It binds the public ports: under systemd, 80 and 443 with CAP_NET_BIND_SERVICE.
+        ambient_caps: true,
     };
     members.proxy = Some(start(proxy, metrics).await?);
     Ok(())
@@ -520,6 +519,7 @@ fn redis_spec(config: &Config, socket: &Path) -> Result<Spec> {
         probe: Probe::Unix(socket.to_path_buf()),
         stop_timeout: Duration::from_secs(10),
         restart_signal: libc::SIGTERM,
+        ambient_caps: false,
     })
 }
 
