@@ -106,6 +106,13 @@ mod choose {
             None if command == Some(b"proxy") => MIMALLOC,
             None => SYSTEM,
         };
+        if chosen == MIMALLOC {
+            // mimalloc asks for transparent huge pages on its arenas; each one touched then
+            // costs 2 MB of resident memory, which doubled the proxy's (26 to 57 MB under
+            // load) for no measurable gain. Turned off for this process only.
+            // SAFETY: a plain prctl on this process, with no pointers.
+            unsafe { libc::prctl(libc::PR_SET_THP_DISABLE, 1, 0, 0, 0) };
+        }
         CHOSEN.store(chosen, Ordering::Relaxed);
     }
 

@@ -66,13 +66,16 @@ pub fn is_socket(path: &Path) -> bool {
 }
 
 /// Which file a path named when it was looked at: a socket renamed to the same path by a new
-/// backend is another file.
-type FileId = (u64, u64);
+/// backend is another file. The inode number alone does not tell: a file system may give the
+/// new socket the number the dead one just freed, so its change time is part of it.
+type FileId = (u64, u64, i64, i64);
+
+fn identity(meta: &std::fs::Metadata) -> FileId {
+    (meta.dev(), meta.ino(), meta.ctime(), meta.ctime_nsec())
+}
 
 fn file_id(path: &Path) -> Option<FileId> {
-    std::fs::symlink_metadata(path)
-        .ok()
-        .map(|m| (m.dev(), m.ino()))
+    std::fs::symlink_metadata(path).ok().map(|m| identity(&m))
 }
 
 /// Sockets found refusing connections, each with the file it was then.
@@ -174,7 +177,7 @@ impl SocketDir {
             if let Ok(meta) = entry.metadata()
                 && meta.file_type().is_socket()
             {
-                found.push((backend.to_owned(), entry.path(), (meta.dev(), meta.ino())));
+                found.push((backend.to_owned(), entry.path(), identity(&meta)));
             }
         }
         found.sort();
