@@ -632,9 +632,15 @@ error_pages = { 403 = "denied.html" }
     assert_eq!(page.status(), 404);
     assert_eq!(header(&page, "content-type"), "text/html; charset=utf-8");
     assert!(!header(&page, "x-request-id").is_empty());
+    // Which form it takes depends on Accept: no cache keeps it or hands it to another client.
+    assert_eq!(header(&page, "cache-control"), "no-store");
+    let vary: Vec<_> = page.headers().get_all("vary").iter().collect();
+    assert!(vary.iter().any(|v| *v == "Accept"), "{vary:?}");
     assert_eq!(page.text().unwrap(), "<h1>custom missing page</h1>");
     let api = get("/app/assets/missing.js", "application/json");
     assert_eq!(api.status(), 404);
+    assert_eq!(header(&api, "cache-control"), "no-store");
+    assert_eq!(header(&api, "vary"), "Accept");
     let body: Value = api.json().unwrap();
     assert_eq!(body["error"], "not_found");
     // An access refusal: the route's page, with the refusal's status.

@@ -102,6 +102,11 @@ pub async fn error_for_client_with(
     message: &str,
     extra: &[(&'static str, &str)],
 ) -> Result<()> {
+    // The answer depends on `Accept` and on the moment: no cache may keep it, nor hand one
+    // client's form to another.
+    let mut extra = extra.to_vec();
+    extra.extend([("cache-control", "no-store"), ("vary", "Accept")]);
+    let extra = extra.as_slice();
     let wants_html = session
         .req_header()
         .headers

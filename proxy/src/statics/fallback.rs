@@ -83,7 +83,8 @@ impl Site {
             header.insert_header(*name, *value)?;
         }
         if compress {
-            header.insert_header("vary", "Accept-Encoding")?;
+            // Beside the `Vary: Accept` the caller set.
+            header.append_header("vary", "Accept-Encoding")?;
         }
         let body = match compressed {
             Some((encoding, bytes)) => {
