@@ -105,7 +105,7 @@ pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
 
 /// The authority of an HTTP/1 absolute-form target (`http://host:port/path`), which
 /// Pingora keeps in the raw target rather than in the URI.
-fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
+pub fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
     let scheme_end = target.windows(3).position(|w| w == b"://")?;
     let scheme = &target[..scheme_end];
     if !(scheme.eq_ignore_ascii_case(b"http") || scheme.eq_ignore_ascii_case(b"https")) {

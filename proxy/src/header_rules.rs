@@ -256,24 +256,9 @@ pub fn request_host(request: &RequestHeader) -> Option<HeaderValue> {
         .map(HeaderValue::as_bytes)
         .filter(|host| !host.is_empty())
         .or_else(|| request.uri.authority().map(|a| a.as_str().as_bytes()))
-        .or_else(|| absolute_form_authority(request.raw_path()))?;
+        .or_else(|| crate::forward::absolute_form_authority(request.raw_path()))?;
     let host = crate::https_redirect::valid_authority(raw)?;
     HeaderValue::from_str(&host).ok()
-}
-
-/// The authority of an absolute-form HTTP/1 target (`http://a.example:81/x`), which Pingora
-/// keeps out of the parsed URI.
-fn absolute_form_authority(target: &[u8]) -> Option<&[u8]> {
-    let scheme_end = target.windows(3).position(|w| w == b"://")?;
-    if !target[..scheme_end].iter().all(u8::is_ascii_alphabetic) {
-        return None;
-    }
-    let rest = &target[scheme_end + 3..];
-    let end = rest
-        .iter()
-        .position(|b| matches!(b, b'/' | b'?' | b'#'))
-        .unwrap_or(rest.len());
-    Some(&rest[..end])
 }
 
 /// One way's rules, applied in this order: `remove`, `set` (replacing), `add` (alongside what
