@@ -36,6 +36,37 @@ fn read_head(stream: &mut TcpStream) -> String {
     String::from_utf8_lossy(&head).to_ascii_lowercase()
 }
 
+/// A chunked body, read chunk by chunk by its sizes (data can end in `0\r\n\r\n` too).
+fn read_chunked_body(stream: &mut TcpStream) -> Result<Vec<u8>, String> {
+    let mut body = Vec::new();
+    loop {
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while !line.ends_with(b"\r\n") {
+            match stream.read(&mut byte) {
+                Ok(1) => line.push(byte[0]),
+                other => return Err(format!("{other:?} in a chunk size after {body:?}")),
+            }
+        }
+        let size = std::str::from_utf8(&line[..line.len() - 2])
+            .ok()
+            .and_then(|s| usize::from_str_radix(s.split(';').next()?.trim(), 16).ok())
+            .ok_or_else(|| format!("a bad chunk size line {line:?}"))?;
+        // The data and its CRLF; the last chunk has no data, only the CRLF that ends the body.
+        let mut data = vec![0u8; size + 2];
+        stream
+            .read_exact(&mut data)
+            .map_err(|e| format!("{e} in a chunk of {size} after {body:?}"))?;
+        if !data.ends_with(b"\r\n") {
+            return Err(format!("a chunk without its CRLF: {data:?}"));
+        }
+        if size == 0 {
+            return Ok(body);
+        }
+        body.extend_from_slice(&data[..size]);
+    }
+}
+
 #[test]
 fn a_head_response_has_no_body_and_the_connection_stays_in_step() {
     let group = plain_group(2, "");
@@ -252,15 +283,8 @@ fn a_response_without_a_length_reaches_the_client_chunked_on_a_connection_that_s
             "round {round}: {head}"
         );
         assert!(!head.contains("connection: close"), "round {round}: {head}");
-        // The body in chunks, then the last chunk: read until the terminator.
-        let mut body = Vec::new();
-        let mut byte = [0u8; 1];
-        while !body.ends_with(b"0\r\n\r\n") {
-            match stream.read(&mut byte) {
-                Ok(1) => body.push(byte[0]),
-                _ => panic!("round {round}: the body ended early: {body:?}"),
-            }
-        }
+        let body = read_chunked_body(&mut stream)
+            .unwrap_or_else(|e| panic!("round {round}: the body ended early: {e}"));
         let body = String::from_utf8_lossy(&body);
         assert!(body.contains("get /api/anything"), "round {round}: {body}");
     }
