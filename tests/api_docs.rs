@@ -101,8 +101,16 @@ fn the_api_keeps_to_its_openapi_document_under_schemathesis() {
 
 #[test]
 fn swagger_ui_and_its_assets_load_through_the_proxy() {
+    // The same site and API again under /flask/, the prefix removed on the way to the
+    // backends, as the deployment gatehouse replaces served them.
+    let swagger = repo().join("static/swagger");
     let group = Group::start(Options {
         backends: 1,
+        extra: format!(
+            "[[routes]]\nprefix = \"/flask/\"\nupstream = \"backends\"\nrewrite_prefix = \"/\"\n\
+             [[routes]]\nprefix = \"/flask/swagger/\"\nstatic_dir = {:?}\n",
+            swagger.display().to_string()
+        ),
         ..Options::default()
     });
     let page = group.get("/swagger/").unwrap();
@@ -140,7 +148,7 @@ fn swagger_ui_and_its_assets_load_through_the_proxy() {
         assert_eq!(bytes, std::fs::read(files.join(file)).unwrap(), "{file}");
     }
     let initializer = std::fs::read_to_string(files.join("swagger-initializer.js")).unwrap();
-    assert!(initializer.contains(r#"url: "/api/openapi.json""#));
+    assert!(initializer.contains(r#"url: "../api/openapi.json""#));
     for text in [&html, &initializer] {
         assert!(
             !text.contains("http://") && !text.contains("https://"),
@@ -227,6 +235,26 @@ fn swagger_ui_and_its_assets_load_through_the_proxy() {
         body,
         json!({"username": USER, "role": "admin", "active": true})
     );
+    let url = answer["after"]["url"].as_str().unwrap_or_default();
+    assert!(
+        url.ends_with("/api/me") && !url.contains("/flask/"),
+        "{answer}"
+    );
+
+    // Under /flask/: the page loads the document through the prefix, the document names it
+    // as its server, and "Try it out" goes through it.
+    let prefixed: Value = group
+        .get("/flask/api/openapi.json")
+        .unwrap()
+        .json()
+        .unwrap();
+    assert_eq!(prefixed["servers"], json!([{"url": "/flask"}]));
+    browser.open(&group.url("/flask/swagger/"));
+    let answer = browser.evaluate(&SWAGGER_AUTHORIZE.replace("TOKEN", &token));
+    assert_eq!(answer["before"]["status"], "401", "{answer}");
+    assert_eq!(answer["after"]["status"], "200", "{answer}");
+    let url = answer["after"]["url"].as_str().unwrap_or_default();
+    assert!(url.ends_with("/flask/api/me"), "{answer}");
 }
 
 /// Drives Swagger UI in the page: "Try it out" and "Execute" on GET /api/me, then Authorize
@@ -249,7 +277,8 @@ const SWAGGER_AUTHORIZE: &str = r##"(async () => {
     (await find(`${op} .execute`, "Execute")).click();
     const status = await find(`${op} .live-responses-table .response .response-col_status`, "a response");
     const body = await find(`${op} .live-responses-table .response-col_description pre`, "a body");
-    return {status: status.textContent.trim(), body: body.textContent};
+    const url = document.querySelector(`${op} .request-url pre`);
+    return {status: status.textContent.trim(), body: body.textContent, url: url && url.textContent};
   };
   (await find(`${op} .opblock-summary-control`, "GET /api/me")).click();
   (await find(`${op} .try-out__btn`, "Try it out")).click();

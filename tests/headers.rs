@@ -14,7 +14,10 @@ use std::{
 
 use reqwest::blocking::{Client, Response};
 
-use crate::util::{self, Options, Process, free_ports, wait_until};
+use crate::{
+    socket_dir,
+    util::{self, Options, Process, wait_until},
+};
 
 /// Answers every request on `dir/echo.sock` with the request's head as its body, plus
 /// headers of its own for the response rules to act on, and the CORS headers of a careless
@@ -117,9 +120,6 @@ burst = 2
 /// `gatehouse proxy` in front of the echo backend, and the test's routes.
 fn start() -> (tempfile::TempDir, Process, u16) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let sockets = dir.path().join("sockets");
-    fs::create_dir_all(&sockets).expect("socket dir");
-    fs::create_dir_all(dir.path().join("files")).expect("files dir");
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
     let routes = ROUTES
         .replace("STATIC", &repo.join("static/open").display().to_string())
@@ -127,19 +127,11 @@ fn start() -> (tempfile::TempDir, Process, u16) {
             "HTPASSWD",
             &repo.join("conf/htpasswd").display().to_string(),
         );
-    let [port, admin_port] = free_ports();
-    util::write_config(
+    let (sockets, port, _) = socket_dir::socket_dir_config_with_routes(
         dir.path(),
-        port,
-        None,
-        admin_port,
-        &Options {
-            tls: false,
-            redis_url: Some("redis://127.0.0.1:1".into()),
-            keys: format!("upstream.socket_dir = {:?}", sockets.display().to_string()),
-            extra: routes,
-            ..Options::default()
-        },
+        "redis://127.0.0.1:1".into(),
+        "",
+        routes,
     );
     echo_backend(&sockets);
     let proxy = util::start_alone(dir.path(), &["proxy"], "proxy.log");

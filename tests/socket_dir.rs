@@ -37,6 +37,16 @@ fn answering(client: &reqwest::blocking::Client, url: &str, tries: usize) -> Vec
 /// A config in `dir` for a proxy finding its backends in `dir/sockets`, checked every 200 ms,
 /// with `keys` added; returns the socket directory and the HTTP and admin ports.
 pub(crate) fn socket_dir_config(dir: &Path, redis_url: String, keys: &str) -> (PathBuf, u16, u16) {
+    socket_dir_config_with_routes(dir, redis_url, keys, String::new())
+}
+
+/// [`socket_dir_config`], with `routes` (`[[routes]]` tables) after the base's.
+pub(crate) fn socket_dir_config_with_routes(
+    dir: &Path,
+    redis_url: String,
+    keys: &str,
+    routes: String,
+) -> (PathBuf, u16, u16) {
     let sockets = dir.join("sockets");
     fs::create_dir_all(&sockets).expect("socket dir");
     fs::create_dir_all(dir.join("files")).expect("files dir");
@@ -53,6 +63,7 @@ pub(crate) fn socket_dir_config(dir: &Path, redis_url: String, keys: &str) -> (P
                 "upstream.socket_dir = {:?}\nupstream.health_check_interval = \"200ms\"\n{keys}",
                 sockets.display().to_string()
             ),
+            extra: routes,
             ..Options::default()
         },
     );

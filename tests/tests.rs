@@ -14,6 +14,8 @@ mod backend_limits;
 mod config;
 mod connection_limits;
 mod drills;
+// conf/examples/, run as shipped and walked through with curl.
+mod examples;
 mod fail_closed;
 // The proxy's two paths to the backends.
 mod forwarding;
@@ -26,6 +28,8 @@ mod operations;
 mod pipelining;
 mod process_group;
 mod redis;
+// Routes that remove or replace their prefix on the way to the backend.
+mod rewrite;
 // Backends found in a directory: the proxy and backends run apart, as in the Swarm stack.
 mod socket_dir;
 mod statics;

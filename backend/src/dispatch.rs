@@ -81,7 +81,9 @@ async fn call(
     let name = name.as_deref().unwrap_or_default();
     match route.op {
         Op::Ping => Ok(ping::ping()),
-        Op::OpenApi => Ok(openapi::response()),
+        Op::OpenApi => Ok(openapi::response(
+            request.headers().get("x-forwarded-prefix"),
+        )),
         Op::Health => Ok(health::health(app).await),
         Op::Login => login::login(app, request, request_id, user).await,
         Op::Logout => tokens::logout(app, signed_in(&session)?).await,

@@ -70,9 +70,15 @@ pub fn document() -> &'static Bytes {
     &DOCUMENT
 }
 
-/// `GET /api/openapi.json`.
-pub fn response() -> Response<Body> {
-    let mut response = Response::new(Body::new(document().clone()));
+/// `GET /api/openapi.json`. `prefix`: the proxy's `X-Forwarded-Prefix`, the path it removed
+/// before the request came here, which the document then names as its server, so that Swagger
+/// UI's "Try it out" calls the API through that prefix.
+pub fn response(prefix: Option<&HeaderValue>) -> Response<Body> {
+    let body = match prefix.and_then(|p| served_under(p.as_bytes())) {
+        Some(prefix) => with_server(document(), prefix),
+        None => document().clone(),
+    };
+    let mut response = Response::new(Body::new(body));
     let headers = response.headers_mut();
     headers.insert(
         header::CONTENT_TYPE,
@@ -80,6 +86,37 @@ pub fn response() -> Response<Body> {
     );
     headers.insert(header::CACHE_CONTROL, HeaderValue::from_static("no-cache"));
     response
+}
+
+/// A forwarded prefix as a server URL: a path of plain characters (`/flask`), no longer than
+/// any route prefix needs to be; anything else is ignored rather than put into the document.
+fn served_under(prefix: &[u8]) -> Option<&str> {
+    let plain = |b: &u8| b.is_ascii_alphanumeric() || b"/-._~".contains(b);
+    let ok = prefix.starts_with(b"/")
+        && !prefix.ends_with(b"/")
+        && prefix.len() <= 256
+        && prefix.iter().all(plain)
+        && !prefix.windows(2).any(|w| w == b"//");
+    ok.then(|| std::str::from_utf8(prefix).ok()).flatten()
+}
+
+/// The document with `servers` naming `url`. The document is an object without `servers`
+/// (a test checks), so the member goes in right after its opening brace: no parse and
+/// re-serialization of the whole document per request.
+fn with_server(document: &Bytes, url: &str) -> Bytes {
+    let server = serde_json::json!([{ "url": url }]);
+    let mut body = Vec::with_capacity(document.len() + url.len() + 32);
+    body.extend_from_slice(b"{\"servers\":");
+    body.extend_from_slice(server.to_string().as_bytes());
+    match document.strip_prefix(b"{") {
+        Some(rest) if rest.first() != Some(&b'}') => {
+            body.push(b',');
+            body.extend_from_slice(rest);
+        }
+        Some(rest) => body.extend_from_slice(rest),
+        None => return document.clone(),
+    }
+    Bytes::from(body)
 }
 
 /// This document.
@@ -299,6 +336,21 @@ mod tests {
 
     fn doc() -> Value {
         serde_json::from_slice(document()).unwrap()
+    }
+
+    #[test]
+    fn a_forwarded_prefix_becomes_the_server() {
+        assert!(
+            doc().get("servers").is_none(),
+            "the document names no server of its own"
+        );
+        let doc: Value = serde_json::from_slice(&with_server(document(), "/flask")).unwrap();
+        assert_eq!(doc["servers"], serde_json::json!([{ "url": "/flask" }]));
+        assert_eq!(doc["openapi"], "3.1.0");
+        assert_eq!(served_under(b"/flask/v2"), Some("/flask/v2"));
+        for ignored in ["flask", "/flask/", "//evil.example", "/a\"b", "/a b", "/"] {
+            assert_eq!(served_under(ignored.as_bytes()), None, "{ignored:?}");
+        }
     }
 
     /// Every operation the router serves through the proxy is documented, and nothing else.

@@ -27,7 +27,7 @@ use std::{
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::{
-    Error, ErrorSource, ErrorType, Result,
+    Error, ErrorSource, ErrorType, OkOrErr, Result,
     http::{RequestHeader, ResponseHeader},
     modules::http::compression::ResponseCompression,
     protocols::l4::socket::SocketAddr,
@@ -684,6 +684,14 @@ impl Gateway {
         if ctx.route.as_ref().is_some_and(|r| r.headers.cors.is_some()) {
             Cors::remove_backends(response);
         }
+        if let Some(rewrite) = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref())
+            && let Some(location) = response.headers.get(http::header::LOCATION)
+        {
+            let host = header_rules::request_host(session.req_header());
+            if let Some(mapped) = rewrite.location(location, host.as_ref().map(|h| h.as_bytes())) {
+                response.insert_header(http::header::LOCATION, mapped)?;
+            }
+        }
         self.stamp(ctx).apply(response)?;
         ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
         if let Some(user) = response.remove_header(USER_HEADER)
@@ -752,6 +760,20 @@ fn forwarding_headers(
         .is_none_or(|r| r.access.passes_authorization());
     if !keep {
         upstream.remove_header("authorization");
+    }
+    // Only the edge says what prefix it removed.
+    upstream.remove_header("x-forwarded-prefix");
+    if let Some(rewrite) = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref()) {
+        let target = rewrite
+            .upstream_target(session.req_header().raw_path())
+            .or_err(
+                ErrorType::InternalError,
+                "the route's prefix is not in the path",
+            )?;
+        upstream.set_raw_path(&target)?;
+        if let Some(prefix) = rewrite.forwarded_prefix() {
+            upstream.insert_header("x-forwarded-prefix", prefix)?;
+        }
     }
     if let Some(route) = &ctx.route
         && !route.headers.request.is_empty()

@@ -16,6 +16,7 @@ use crate::{
     error::BuildError,
     header_rules::HeaderRules,
     observe::Observer,
+    rewrite::PrefixRewrite,
     statics::{Site, StaticSettings, fallback::SitePages},
 };
 
@@ -41,6 +42,8 @@ pub struct Route {
     /// Where its requests are logged; `None`: not logged.
     pub access_log: Option<LogTarget>,
     pub headers: RouteHeaders,
+    /// The prefix replaced on the way to the backend; static routes have none.
+    pub rewrite: Option<PrefixRewrite>,
 }
 
 /// A route's header rules (the security headers among its response defaults) and CORS.
@@ -67,6 +70,7 @@ pub struct LiveRoute {
     /// Its metric series and access log.
     pub observer: Observer,
     pub headers: RouteHeaders,
+    pub rewrite: Option<PrefixRewrite>,
 }
 
 pub struct RouteTable {
@@ -139,6 +143,7 @@ impl RouteTable {
                     access: rules,
                     observer,
                     headers: route.headers,
+                    rewrite: route.rewrite,
                 }))
             })
             .collect::<Result<_, BuildError>>()?;
@@ -211,6 +216,7 @@ mod tests {
             access: AccessSpec::default(),
             access_log: None,
             headers: RouteHeaders::default(),
+            rewrite: None,
         }
     }
 

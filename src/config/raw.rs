@@ -408,6 +408,7 @@ impl Default for RawPaths {
 pub struct RawRoute {
     pub prefix: String,
     pub upstream: Option<String>,
+    pub rewrite_prefix: Option<String>,
     pub static_dir: Option<PathBuf>,
     pub cache_control: Option<String>,
     /// Status (`"404"`) to a file below `static_dir`.

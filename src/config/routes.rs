@@ -1,7 +1,7 @@
 //! `[[routes]]`: the route table, each prefix with what serves it, its access rules and its
 //! access log.
 
-use gatehouse_proxy::{LogTarget, Route, Target};
+use gatehouse_proxy::{LogTarget, PrefixRewrite, Route, Target};
 
 use super::{
     access,
@@ -97,12 +97,26 @@ pub fn validate(
             None => default_log.clone(),
         };
         let headers = headers::route(route, i, matches!(target, Target::Static { .. }), source)?;
+        let rewrite = match &route.rewrite_prefix {
+            None => None,
+            Some(_) if route.static_dir.is_some() => {
+                return Err(source.at(
+                    &key("rewrite_prefix"),
+                    "only routes to an upstream take rewrite_prefix".into(),
+                ));
+            }
+            Some(to) => Some(
+                PrefixRewrite::new(&route.prefix, to)
+                    .map_err(|m| source.at(&key("rewrite_prefix"), m))?,
+            ),
+        };
         routes.push(Route {
             prefix: route.prefix.clone(),
             target,
             access,
             access_log,
             headers,
+            rewrite,
         });
     }
     Ok(routes)

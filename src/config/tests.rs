@@ -585,3 +585,38 @@ fn the_redis_password_is_read_from_its_file_or_the_error_names_it() {
         format!("{ROUTES}\n[redis]\nurl = \"redis://:pw@redis:6379\"\npassword_file = \"x\"\n");
     assert!(parse(&text).is_err());
 }
+
+#[test]
+fn a_prefix_rewrite_is_checked_where_it_is_written() {
+    let route = |keys: &str| format!("[[routes]]\nprefix = \"/flask/\"\n{keys}\n");
+    let config = parse(&route("upstream = \"backends\"\nrewrite_prefix = \"/\"")).unwrap();
+    let rewrite = config.proxy.routes[0].rewrite.as_ref().unwrap();
+    assert_eq!(rewrite.forwarded_prefix().unwrap(), "/flask");
+    for (keys, says) in [
+        (
+            "upstream = \"backends\"\nrewrite_prefix = \"/api\"",
+            "must end with `/`",
+        ),
+        (
+            "upstream = \"backends\"\nrewrite_prefix = \"api/\"",
+            "must start with `/`",
+        ),
+        (
+            "upstream = \"backends\"\nrewrite_prefix = \"/a b/\"",
+            "may hold only",
+        ),
+        (
+            "static_dir = \".\"\nrewrite_prefix = \"/\"",
+            "only routes to an upstream",
+        ),
+    ] {
+        let error = parse(&route(keys)).unwrap_err();
+        assert_eq!(
+            error.key.as_deref(),
+            Some("routes[0].rewrite_prefix"),
+            "{keys}"
+        );
+        assert_eq!(error.line, Some(4), "{keys}");
+        assert!(error.message.contains(says), "{keys}: {}", error.message);
+    }
+}
