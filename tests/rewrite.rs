@@ -6,14 +6,9 @@ use std::{
     os::unix::net::UnixListener,
     path::Path,
     thread,
-    time::Duration,
 };
 
-use crate::{
-    drills::exchange,
-    socket_dir,
-    util::{self, wait_until},
-};
+use crate::{drills::exchange, socket_dir, util};
 
 /// A backend on `socket` that answers every request with what it got: the request line and
 /// `X-Forwarded-Prefix` in the body, and the request's `X-Location` as its `Location`.
@@ -25,13 +20,13 @@ fn echo_backend(socket: &Path) {
                 let mut reader = BufReader::new(stream);
                 loop {
                     let (mut line, mut request_line) = (String::new(), String::new());
-                    let (mut prefix, mut location, mut length) = ("-".to_owned(), None, 0);
+                    let (mut prefixes, mut location, mut length) = (Vec::new(), None, 0);
                     while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
                         let lower = line.to_ascii_lowercase();
                         if request_line.is_empty() {
                             request_line = line.trim_end().to_owned();
                         } else if let Some(v) = lower.strip_prefix("x-forwarded-prefix:") {
-                            prefix = v.trim().to_owned();
+                            prefixes.push(v.trim().to_owned());
                         } else if lower.starts_with("x-location:") {
                             location = Some(line[11..].trim().to_owned());
                         } else if let Some(v) = lower.strip_prefix("content-length:") {
@@ -46,6 +41,12 @@ fn echo_backend(socket: &Path) {
                     if reader.read_exact(&mut body).is_err() {
                         return;
                     }
+                    // Every value it got, so a second one would show.
+                    let prefix = if prefixes.is_empty() {
+                        "-".to_owned()
+                    } else {
+                        prefixes.join(",")
+                    };
                     let answer = format!("{request_line}\nprefix: {prefix}\n");
                     let location = location.map_or(String::new(), |l| format!("Location: {l}\r\n"));
                     let status = if location.is_empty() {
@@ -78,21 +79,7 @@ fn proxy_with_rewrites(dir: &Path) -> (util::Process, u16) {
             .into(),
     );
     echo_backend(&sockets.join("echo.sock"));
-    let proxy = util::start_alone(dir, &["proxy"], "proxy.log");
-    let up = || {
-        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
-            && exchange(
-                port,
-                b"GET /app/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
-            )
-            .0
-            .contains(" 200 ")
-    };
-    assert!(
-        wait_until(Duration::from_secs(10), up),
-        "the proxy did not serve through the echo backend: {}",
-        std::fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
-    );
+    let proxy = socket_dir::start_proxy(dir, port, "/app/x");
     (proxy, port)
 }
 
@@ -172,6 +159,26 @@ fn a_prefix_is_removed_or_replaced_and_locations_are_mapped_back() {
         "{got}"
     );
     assert_eq!(location(&got), Some("/v1/users/7"), "{got}");
+
+    // A path made a host (`//evil.example`) once the prefix is gone, and the backends' own
+    // health check, are not sent on.
+    for (request_line, status) in [
+        ("GET /app//evil.example/x HTTP/1.1", "400"),
+        ("GET /app/%2Fevil.example HTTP/1.1", "400"),
+        ("POST /app//evil.example HTTP/1.1", "400"),
+        ("GET /app/healthz HTTP/1.1", "404"),
+        ("GET /app/health%7A?x HTTP/1.1", "404"),
+    ] {
+        let got = send(port, request_line, "", "");
+        assert!(
+            got.starts_with(&format!("HTTP/1.1 {status} ")),
+            "{request_line}: {got}"
+        );
+        assert!(got.contains(r#""request_id":""#), "{request_line}: {got}");
+    }
+    // An absolute-form target: the backend gets the path, in origin form.
+    let got = send(port, "GET http://edge.test/app/abs?q HTTP/1.1", "", "");
+    assert!(got.contains("\r\n\r\nGET /abs?q HTTP/1.1\n"), "{got}");
 
     // A client cannot claim a prefix: on a route without a rewrite its header is dropped, on
     // one with a rewrite it is replaced.

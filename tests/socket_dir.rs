@@ -70,6 +70,25 @@ pub(crate) fn socket_dir_config_with_routes(
     (sockets, port, admin_port)
 }
 
+/// `gatehouse proxy` on the config in `dir`, once it answers `GET path` with `200` through a
+/// backend of the test's own.
+pub(crate) fn start_proxy(dir: &Path, port: u16, path: &str) -> util::Process {
+    let proxy = util::start_alone(dir, &["proxy"], "proxy.log");
+    let request = format!("GET {path} HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n");
+    let up = || {
+        std::net::TcpStream::connect(("127.0.0.1", port)).is_ok()
+            && crate::drills::exchange(port, request.as_bytes())
+                .0
+                .contains(" 200 ")
+    };
+    assert!(
+        wait_until(Duration::from_secs(10), up),
+        "the proxy did not serve {path} through the backend: {}",
+        fs::read_to_string(dir.join("proxy.log")).unwrap_or_default()
+    );
+    proxy
+}
+
 /// The admin listener's /metrics, or nothing while it does not answer.
 fn admin_metrics(admin_port: u16) -> String {
     reqwest::blocking::get(format!("http://127.0.0.1:{admin_port}/metrics"))

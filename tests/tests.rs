@@ -34,3 +34,5 @@ mod rewrite;
 mod socket_dir;
 mod statics;
 mod tls;
+// WebSockets through the proxy.
+mod websocket;

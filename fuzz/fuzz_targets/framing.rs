@@ -25,6 +25,7 @@ const LIMITS: RequestLimits = RequestLimits {
     tls_handshake_timeout: Duration::from_secs(1),
     max_upstream_requests_per_client: 1,
     max_requests_per_connection: 1,
+    upgrade_idle_timeout: Duration::from_secs(60),
 };
 
 fuzz_target!(|data: &[u8]| {

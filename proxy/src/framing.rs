@@ -327,6 +327,7 @@ mod tests {
         tls_handshake_timeout: std::time::Duration::from_secs(1),
         max_upstream_requests_per_client: 10,
         max_requests_per_connection: 10,
+        upgrade_idle_timeout: std::time::Duration::from_secs(60),
     };
 
     #[test]

@@ -27,7 +27,7 @@ use std::{
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::{
-    Error, ErrorSource, ErrorType, OkOrErr, Result,
+    Error, ErrorSource, ErrorType, Result,
     http::{RequestHeader, ResponseHeader},
     modules::http::compression::ResponseCompression,
     protocols::l4::socket::SocketAddr,
@@ -52,6 +52,7 @@ use crate::{
     observe::Finished,
     path, request_id,
     respond::{self, RouteStamp, Stamp},
+    rewrite::{PrefixRewrite, Unfit},
     routes::{LiveRoute, Served},
     upstream::{Chosen, NoBackend, Pool},
 };
@@ -124,6 +125,26 @@ impl Gateway {
     }
 
     /// The proxy's own liveness (the admin listener has the details).
+    /// Answers a request a route's prefix rewrite cannot send on.
+    async fn unfit(&self, session: &mut Session, ctx: &RequestCtx, unfit: Unfit) -> Result<bool> {
+        let stamp = self.stamp(ctx);
+        let (status, code, message) = match unfit {
+            Unfit::Malformed => (
+                400,
+                "bad_request",
+                "the target does not spell the route's prefix",
+            ),
+            Unfit::EmptySegment => (
+                400,
+                "bad_request",
+                "the path has an empty segment after the route's prefix",
+            ),
+            Unfit::HealthCheck => (404, "not_found", "no route for this path"),
+        };
+        respond::json_error(session, &stamp, status, code, message).await?;
+        Ok(true)
+    }
+
     async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;
@@ -240,6 +261,29 @@ pub struct RequestCtx {
     host: Option<HeaderValue>,
     /// `Access-Control-Allow-Origin` for this request, on a CORS route.
     allow_origin: Option<HeaderValue>,
+    /// Held while the connection is upgraded (a WebSocket): counts it open.
+    upgraded: Option<Upgraded>,
+    /// The target the backend gets, on a route that rewrites its prefix.
+    upstream_target: Option<Vec<u8>>,
+}
+
+/// An upgraded connection, counted in `gatehouse_upgraded_connections_open` until the
+/// request ends.
+struct Upgraded(prometheus::IntGauge);
+
+impl Upgraded {
+    fn new(metrics: Option<&crate::metrics::Metrics>) -> Option<Self> {
+        let metrics = metrics?;
+        metrics.upgrades.inc();
+        metrics.upgrades_open.inc();
+        Some(Self(metrics.upgrades_open.clone()))
+    }
+}
+
+impl Drop for Upgraded {
+    fn drop(&mut self) {
+        self.0.dec();
+    }
 }
 
 impl RequestCtx {
@@ -275,6 +319,8 @@ impl ProxyHttp for Gateway {
             share: None,
             host: None,
             allow_origin: None,
+            upgraded: None,
+            upstream_target: None,
         }
     }
 
@@ -415,6 +461,12 @@ impl ProxyHttp for Gateway {
                 Ok(true)
             }
             Served::Backends => {
+                if let Some(rewrite) = &route.rewrite {
+                    match rewrite.upstream_target(session.req_header().raw_path()) {
+                        Ok(target) => ctx.upstream_target = Some(target),
+                        Err(unfit) => return self.unfit(session, ctx, unfit).await,
+                    }
+                }
                 let cap = live.limits.max_upstream_requests_per_client;
                 let Some(share) = self.shares.enter(ctx.client, cap) else {
                     if let Some(metrics) = &live.metrics {
@@ -444,11 +496,16 @@ impl ProxyHttp for Gateway {
 
     async fn request_body_filter(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         body: &mut Option<bytes::Bytes>,
         _end_of_stream: bool,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // An upgraded connection's bytes are the conversation, not a request body: bounded by
+        // its idle deadline and the backend slot it holds, not by a size.
+        if session.was_upgraded() {
+            return Ok(());
+        }
         // Chunked bodies announce no length: counted as they arrive.
         ctx.body_bytes += body.as_ref().map_or(0, |b| b.len() as u64);
         if ctx.body_bytes > ctx.live.limits.max_body_bytes {
@@ -462,7 +519,7 @@ impl ProxyHttp for Gateway {
 
     async fn upstream_peer(
         &self,
-        _session: &mut Session,
+        session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
         let Some(Served::Backends) = ctx.route.as_ref().map(|r| &r.served) else {
@@ -475,7 +532,15 @@ impl ProxyHttp for Gateway {
         ctx.slot = None;
         let chosen = self.choose(ctx).await?;
         ctx.slot = Some(chosen.slot);
-        Ok(Box::new(chosen.member.peer.clone()))
+        let mut peer = chosen.member.peer.clone();
+        // A connection that may be upgraded waits on its backend as long as it may idle once
+        // upgraded: Pingora reads its timeout from the peer when it connects.
+        if session.is_upgrade_req() {
+            let idle = Some(ctx.live.limits.upgrade_idle_timeout);
+            peer.options.read_timeout = idle;
+            peer.options.write_timeout = idle;
+        }
+        Ok(Box::new(peer))
     }
 
     fn fail_to_connect(
@@ -539,6 +604,11 @@ impl ProxyHttp for Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        if response.status == http::StatusCode::SWITCHING_PROTOCOLS && session.is_upgrade_req() {
+            // From here the client's reads wait for the conversation, not for a body.
+            session.set_read_timeout(Some(ctx.live.limits.upgrade_idle_timeout));
+            ctx.upgraded = Upgraded::new(ctx.live.metrics.as_deref());
+        }
         self.prepare_response(session, response, ctx)
     }
 
@@ -763,15 +833,10 @@ fn forwarding_headers(
     }
     // Only the edge says what prefix it removed.
     upstream.remove_header("x-forwarded-prefix");
-    if let Some(rewrite) = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref()) {
-        let target = rewrite
-            .upstream_target(session.req_header().raw_path())
-            .or_err(
-                ErrorType::InternalError,
-                "the route's prefix is not in the path",
-            )?;
-        upstream.set_raw_path(&target)?;
-        if let Some(prefix) = rewrite.forwarded_prefix() {
+    if let Some(target) = &ctx.upstream_target {
+        upstream.set_raw_path(target)?;
+        let rewrite = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref());
+        if let Some(prefix) = rewrite.and_then(PrefixRewrite::forwarded_prefix) {
             upstream.insert_header("x-forwarded-prefix", prefix)?;
         }
     }

@@ -84,6 +84,9 @@ pub struct Metrics {
     /// Rate-limit evictions and the basic-auth guard's actions.
     pub access: crate::access::AccessCounters,
     pub open_connections: IntGauge,
+    /// Connections upgraded (WebSockets) since start, and open now.
+    pub upgrades: IntCounter,
+    pub upgrades_open: IntGauge,
     pub tls_connections: IntCounter,
     pub tls_handshakes: IntCounter,
     pub access_log_dropped: IntCounter,
@@ -169,6 +172,14 @@ impl Metrics {
             "gatehouse_open_connections",
             "Client connections open on the public listeners.",
         )?;
+        let upgrades = IntCounter::new(
+            "gatehouse_upgraded_connections_total",
+            "Client connections a backend upgraded (101 Switching Protocols: WebSockets).",
+        )?;
+        let upgrades_open = IntGauge::new(
+            "gatehouse_upgraded_connections_open",
+            "Upgraded connections open now; each holds a backend connection slot.",
+        )?;
         let tls_connections = IntCounter::new(
             "gatehouse_tls_connections_total",
             "Connections accepted on the HTTPS listener (handshakes begun).",
@@ -204,7 +215,9 @@ impl Metrics {
             "gatehouse_upstream_client_limits_total",
             "Requests answered 429 because their client already had limits.max_upstream_requests_per_client requests in flight to the backends.",
         )?;
-        let collectors: [Box<dyn Collector>; 18] = [
+        let collectors: [Box<dyn Collector>; 20] = [
+            Box::new(upgrades.clone()),
+            Box::new(upgrades_open.clone()),
             Box::new(cuts_vec),
             Box::new(upstream_queue_timeouts.clone()),
             Box::new(upstream_client_limits.clone()),
@@ -239,6 +252,8 @@ impl Metrics {
             rate_limit_keys,
             access,
             open_connections,
+            upgrades,
+            upgrades_open,
             tls_connections,
             tls_handshakes,
             access_log_dropped,

@@ -104,4 +104,8 @@ pub struct RequestLimits {
     /// Requests one HTTP/1 connection may carry, pipelined or not, before it is closed
     /// (nginx: `keepalive_requests`).
     pub max_requests_per_connection: u32,
+    /// How long an upgraded connection (a WebSocket) may carry nothing either way before it
+    /// is closed (HAProxy: `timeout tunnel`); it replaces the body and backend read timeouts
+    /// once the backend has answered `101`.
+    pub upgrade_idle_timeout: Duration,
 }

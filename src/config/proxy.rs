@@ -79,6 +79,11 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
         "limits.max_requests_per_connection",
     )?;
     source.within(l.h2_max_streams, 1..=1000, "limits.h2_max_streams")?;
+    let upgrade_idle_timeout = source.duration(
+        l.upgrade_idle_timeout.0,
+        Duration::from_secs(1)..=Duration::from_secs(24 * 3600),
+        "limits.upgrade_idle_timeout",
+    )?;
     Ok((
         RequestLimits {
             max_body_bytes: l.max_body_bytes,
@@ -92,6 +97,7 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
             tls_handshake_timeout,
             max_upstream_requests_per_client: l.max_upstream_requests_per_client,
             max_requests_per_connection: l.max_requests_per_connection,
+            upgrade_idle_timeout,
         },
         l.h2_max_streams,
     ))

@@ -126,6 +126,7 @@ pub struct RawLimits {
     pub max_connections_per_client: usize,
     pub max_upstream_requests_per_client: usize,
     pub max_requests_per_connection: u32,
+    pub upgrade_idle_timeout: Human,
     pub h2_max_streams: u32,
 }
 
@@ -143,6 +144,7 @@ impl Default for RawLimits {
             max_connections_per_client: 256,
             max_upstream_requests_per_client: 128,
             max_requests_per_connection: 1000,
+            upgrade_idle_timeout: secs(3600),
             h2_max_streams: 100,
         }
     }
