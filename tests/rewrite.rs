@@ -2,7 +2,7 @@
 //! `Location` headers, and `X-Forwarded-Prefix`, on both of the proxy's paths to a backend.
 
 use std::{
-    io::{BufRead, BufReader, Read, Write},
+    io::{BufReader, Write},
     os::unix::net::UnixListener,
     path::Path,
     thread,
@@ -18,29 +18,10 @@ fn echo_backend(socket: &Path) {
         for stream in listener.incoming().flatten() {
             thread::spawn(move || {
                 let mut reader = BufReader::new(stream);
-                loop {
-                    let (mut line, mut request_line) = (String::new(), String::new());
-                    let (mut prefixes, mut location, mut length) = (Vec::new(), None, 0);
-                    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
-                        let lower = line.to_ascii_lowercase();
-                        if request_line.is_empty() {
-                            request_line = line.trim_end().to_owned();
-                        } else if let Some(v) = lower.strip_prefix("x-forwarded-prefix:") {
-                            prefixes.push(v.trim().to_owned());
-                        } else if lower.starts_with("x-location:") {
-                            location = Some(line[11..].trim().to_owned());
-                        } else if let Some(v) = lower.strip_prefix("content-length:") {
-                            length = v.trim().parse().unwrap_or(0);
-                        }
-                        line.clear();
-                    }
-                    if request_line.is_empty() {
-                        return;
-                    }
-                    let mut body = vec![0u8; length];
-                    if reader.read_exact(&mut body).is_err() {
-                        return;
-                    }
+                while let Some(request) = util::read_request(&mut reader) {
+                    let request_line = &request.line;
+                    let prefixes: Vec<_> = request.values("x-forwarded-prefix").collect();
+                    let location = request.values("x-location").next();
                     // Every value it got, so a second one would show.
                     let prefix = if prefixes.is_empty() {
                         "-".to_owned()

@@ -26,6 +26,8 @@ mod observability;
 mod operations;
 // HTTP/1.1 requests sent before their turn.
 mod pipelining;
+// Named pools of servers the tests start: TCP, Unix sockets, HTTPS.
+mod pools;
 mod process_group;
 mod redis;
 // Routes that remove or replace their prefix on the way to the backend.

@@ -841,3 +841,53 @@ pub fn expect(response: reqwest::blocking::Response, status: u16, what: &str) ->
     }
     body
 }
+
+/// A request read by a test's own HTTP/1.1 server.
+pub struct Request {
+    pub line: String,
+    /// Each header line's name in lower case, and its value trimmed, in order.
+    pub headers: Vec<(String, String)>,
+    pub body: Vec<u8>,
+}
+
+impl Request {
+    /// Every value of the header `name` (lower case).
+    pub fn values<'a>(&'a self, name: &'a str) -> impl Iterator<Item = &'a str> {
+        self.headers
+            .iter()
+            .filter(move |(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// The next request on a connection a test's server reads (its body by `Content-Length`);
+/// `None` once the connection ends.
+pub fn read_request(reader: &mut impl std::io::BufRead) -> Option<Request> {
+    let (mut line, mut request) = (String::new(), None::<Request>);
+    while reader.read_line(&mut line).is_ok_and(|n| n > 0) && line != "\r\n" {
+        match &mut request {
+            None => {
+                request = Some(Request {
+                    line: line.trim_end().to_owned(),
+                    headers: Vec::new(),
+                    body: Vec::new(),
+                })
+            }
+            Some(request) => {
+                if let Some((name, value)) = line.split_once(':') {
+                    let pair = (name.to_ascii_lowercase(), value.trim().to_owned());
+                    request.headers.push(pair);
+                }
+            }
+        }
+        line.clear();
+    }
+    let mut request = request?;
+    let length = request
+        .values("content-length")
+        .next()
+        .and_then(|v| v.parse().ok());
+    request.body = vec![0u8; length.unwrap_or(0)];
+    reader.read_exact(&mut request.body).ok()?;
+    Some(request)
+}

@@ -9,6 +9,12 @@ use rustls::pki_types::pem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("upstreams.{0}.ca_file: a certificate in it cannot be parsed")]
+    UpstreamCa(String),
+    #[error("upstreams.{pool}: {} cannot be a socket address", .path.display())]
+    UpstreamSocket { pool: String, path: PathBuf },
+    #[error("no upstream pool {0:?} was started; adding a pool takes a restart")]
+    UnknownPool(String),
     #[error("cannot listen on {listen}: {source}")]
     Listen { listen: String, source: io::Error },
     /// Pingora takes the pid file and the upgrade socket as strings.

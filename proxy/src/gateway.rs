@@ -92,7 +92,7 @@ impl Gateway {
                 allow_origin: ctx.allow_origin.as_ref(),
                 site: match &route.served {
                     Served::Static(site) => Some(site),
-                    Served::Backends => None,
+                    Served::Backends | Served::Pool(_) => None,
                 },
             }),
         }
@@ -265,6 +265,8 @@ pub struct RequestCtx {
     upgraded: Option<Upgraded>,
     /// The target the backend gets, on a route that rewrites its prefix.
     upstream_target: Option<Vec<u8>>,
+    /// What a named pool's hash policy ranks its servers by, for this request.
+    hash_key: Option<u64>,
 }
 
 /// An upgraded connection, counted in `gatehouse_upgraded_connections_open` until the
@@ -321,6 +323,7 @@ impl ProxyHttp for Gateway {
             allow_origin: None,
             upgraded: None,
             upstream_target: None,
+            hash_key: None,
         }
     }
 
@@ -460,7 +463,7 @@ impl ProxyHttp for Gateway {
                     .await?;
                 Ok(true)
             }
-            Served::Backends => {
+            served @ (Served::Backends | Served::Pool(_)) => {
                 if let Some(rewrite) = &route.rewrite {
                     match rewrite.upstream_target(session.req_header().raw_path()) {
                         Ok(target) => ctx.upstream_target = Some(target),
@@ -486,8 +489,10 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 };
                 ctx.share = Some(share);
-                if forward::eligible(session) {
-                    return self.forward(session, ctx).await;
+                match served {
+                    Served::Pool(pool) => ctx.hash_key = pool.request_key(session, ctx.client),
+                    _ if forward::eligible(session) => return self.forward(session, ctx).await,
+                    _ => {}
                 }
                 Ok(false)
             }
@@ -522,7 +527,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         ctx: &mut RequestCtx,
     ) -> Result<Box<HttpPeer>> {
-        let Some(Served::Backends) = ctx.route.as_ref().map(|r| &r.served) else {
+        let Some(Served::Backends | Served::Pool(_)) = ctx.route.as_ref().map(|r| &r.served) else {
             return Error::e_explain(
                 ErrorType::InternalError,
                 "no backend route chosen before upstream_peer",
@@ -679,14 +684,21 @@ impl ProxyHttp for Gateway {
 impl Gateway {
     /// A backend for the request, and its slot; the request is now charged to it.
     async fn choose(&self, ctx: &mut RequestCtx) -> Result<Chosen> {
-        let chosen = self.pool.select(&ctx.failed).await.map_err(|why| {
-            if why == NoBackend::Full
-                && let Some(metrics) = &ctx.live.metrics
-            {
-                metrics.upstream_queue_timeouts.inc();
-            }
-            Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
-        })?;
+        let pool = match ctx.route.as_ref().map(|r| &r.served) {
+            Some(Served::Pool(pool)) => pool.as_ref(),
+            _ => &self.pool,
+        };
+        let chosen = pool
+            .select(&ctx.failed, ctx.hash_key)
+            .await
+            .map_err(|why| {
+                if why == NoBackend::Full
+                    && let Some(metrics) = &ctx.live.metrics
+                {
+                    metrics.upstream_queue_timeouts.inc();
+                }
+                Error::explain(ErrorType::HTTPStatus(503), "no backend is available")
+            })?;
         ctx.upstream = Some((chosen.member.id.clone(), Instant::now()));
         Ok(chosen)
     }

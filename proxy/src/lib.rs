@@ -74,6 +74,7 @@ pub mod live;
 pub mod metrics;
 pub mod observe;
 pub mod path;
+pub mod pools;
 pub mod request_id;
 pub mod respond;
 pub mod rewrite;
@@ -101,7 +102,10 @@ pub use https_redirect::HttpsRedirect;
 pub use live::RELOAD_FILE;
 pub use rewrite::PrefixRewrite;
 pub use routes::{Route, RouteHeaders, Target};
-pub use settings::{PoolSettings, RequestLimits, Settings, TlsBehaviour, TlsListener};
+pub use settings::{
+    Balance, HealthCheck, NamedPool, PoolSettings, RequestLimits, Settings, TlsBehaviour,
+    TlsListener, UpstreamServer, UpstreamTls,
+};
 pub use statics::StaticSettings;
 pub use upstream::BackendSocket;
 
@@ -180,6 +184,8 @@ pub fn run(
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
     let pool = upstream::Pool::new(lb.clone(), &settings.pool);
+    let (pools, pool_services) = pools::build(&settings.upstreams)?;
+    let pools = Arc::new(pools);
     let metrics = match &settings.admin_listen {
         Some(_) => Some(Arc::new(metrics::Metrics::new()?)),
         None => None,
@@ -188,6 +194,7 @@ pub fn run(
         &settings,
         None,
         metrics.as_ref(),
+        &pools,
     )?));
     let drain = drain::Drain::new();
     let gateway = gateway::Gateway::new(live.clone(), pool, drain.clone());
@@ -263,6 +270,9 @@ pub fn run(
     ));
     server.add_service(proxy);
     server.add_service(health);
+    for service in pool_services {
+        server.add_service(service);
+    }
     // Last, after everything that can fail: in an upgrade this takes the listening sockets
     // from the old proxy, which stops serving them soon after. Then say so to the
     // supervisor, which waits for it.

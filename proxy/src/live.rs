@@ -47,6 +47,8 @@ pub struct Live {
     pub metrics: Option<Arc<Metrics>>,
     /// The writer of every access log; `None` when nothing is logged.
     pub access_log: Option<Arc<AccessLog>>,
+    /// The named pools, built at start and kept by every reload.
+    pub pools: Arc<crate::pools::Pools>,
 }
 
 impl Live {
@@ -57,6 +59,7 @@ impl Live {
         settings: &Settings,
         previous: Option<&Live>,
         metrics: Option<&Arc<Metrics>>,
+        pools: &Arc<crate::pools::Pools>,
     ) -> Result<Live, BuildError> {
         let counters = match metrics {
             Some(metrics) => metrics.access.clone(),
@@ -74,6 +77,7 @@ impl Live {
             previous.map(|p| &p.routes),
             &counters,
             &observer,
+            pools,
         )?;
         if let Some(log) = &access_log {
             log.start()?;
@@ -88,6 +92,7 @@ impl Live {
             limits: settings.limits,
             metrics: metrics.cloned(),
             access_log,
+            pools: pools.clone(),
         })
     }
 
@@ -179,6 +184,8 @@ impl Fixed {
             ("tls.listen", v(&settings.tls.as_ref().map(|t| t.listen))),
             ("backend.count", v(&sockets)),
             ("upstream.socket_dir", v(&pool.socket_dir)),
+            // Pools are built at start, with their resolvers and health checks.
+            ("upstreams", v(&settings.upstreams)),
             // The health checks' deadline follows the backends' Redis deadline.
             ("redis.timeout", v(&pool.health_check_timeout)),
             ("paths.runtime_dir", v(&settings.runtime_dir)),
@@ -265,7 +272,12 @@ impl Signals {
             (None, None) => None,
         };
         let previous = self.live.load_full();
-        let live = Live::build(settings, Some(&previous), self.metrics.as_ref())?;
+        let live = Live::build(
+            settings,
+            Some(&previous),
+            self.metrics.as_ref(),
+            &previous.pools,
+        )?;
         if let (Some(slot), Some(key)) = (&self.certificate, key) {
             slot.store(key);
         }

@@ -25,6 +25,8 @@ use crate::{
 pub enum Target {
     /// The pool of backend processes on Unix sockets.
     Backends,
+    /// A named pool (`[upstreams.NAME]`).
+    Pool(String),
     /// Files under a directory.
     Static {
         dir: PathBuf,
@@ -59,6 +61,7 @@ pub struct RouteHeaders {
 /// What serves a route at run time.
 pub enum Served {
     Backends,
+    Pool(Arc<crate::upstream::Pool>),
     Static(Site),
 }
 
@@ -97,6 +100,7 @@ impl RouteTable {
         previous: Option<&RouteTable>,
         counters: &AccessCounters,
         observer: MakeObserver<'_>,
+        pools: &crate::pools::Pools,
     ) -> Result<Self, BuildError> {
         routes.sort_by_key(|route| std::cmp::Reverse(route.prefix.len()));
         let sites = routes
@@ -128,6 +132,12 @@ impl RouteTable {
             .map(|route| {
                 let served = match route.target {
                     Target::Backends => Served::Backends,
+                    Target::Pool(name) => Served::Pool(
+                        pools
+                            .get(&name)
+                            .cloned()
+                            .ok_or(BuildError::UnknownPool(name))?,
+                    ),
                     Target::Static {
                         dir,
                         cache_control,
@@ -248,6 +258,7 @@ mod tests {
             None,
             &AccessCounters::new().unwrap(),
             &unobserved,
+            &Default::default(),
         )
         .unwrap();
         let prefix = |path| table.lookup(path).map(|route| &*route.prefix);
@@ -262,6 +273,7 @@ mod tests {
             None,
             &AccessCounters::new().unwrap(),
             &unobserved,
+            &Default::default(),
         )
         .unwrap();
         assert!(only_api.lookup("/apix").is_none());

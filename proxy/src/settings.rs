@@ -20,6 +20,8 @@ pub struct Settings {
     pub routes: Vec<Route>,
     pub statics: StaticSettings,
     pub pool: PoolSettings,
+    /// The named pools (`[upstreams.NAME]`), by name.
+    pub upstreams: Vec<NamedPool>,
     /// `None`: plain HTTP only.
     pub tls: Option<TlsListener>,
     pub tls_behaviour: TlsBehaviour,
@@ -59,6 +61,71 @@ pub struct PoolSettings {
     pub max_connections_per_backend: usize,
     /// How long a request may wait for a slot when every backend is at its cap.
     pub queue_timeout: Duration,
+}
+
+/// A named pool of servers (`[upstreams.NAME]`): any HTTP application, on TCP or Unix
+/// sockets, plain or over TLS.
+#[derive(Debug, Clone, PartialEq)]
+pub struct NamedPool {
+    pub name: String,
+    pub servers: Vec<UpstreamServer>,
+    /// `Some`: HTTPS to every server.
+    pub tls: Option<UpstreamTls>,
+    pub balance: Balance,
+    /// `None`: no active checks; only failed connects take a server out, for that request.
+    pub health: Option<HealthCheck>,
+    pub connect_timeout: Duration,
+    pub read_timeout: Duration,
+    /// Requests in flight to one server at once.
+    pub max_connections: usize,
+    pub queue_timeout: Duration,
+    /// How often host names are looked up again.
+    pub resolve_interval: Duration,
+}
+
+/// Where a server of a named pool listens.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub enum UpstreamServer {
+    Unix(PathBuf),
+    /// A host name or an address, looked up at start and every `resolve_interval`.
+    Tcp {
+        host: String,
+        port: u16,
+    },
+}
+
+/// TLS to a named pool's servers.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct UpstreamTls {
+    /// The name sent in SNI and checked in each certificate; `None`: the server's host.
+    pub sni: Option<String>,
+    /// The CA certificates (DER) to trust instead of the system's.
+    pub ca: Option<Vec<Vec<u8>>>,
+}
+
+/// How a named pool picks a server for a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Balance {
+    RoundRobin,
+    /// The server with the fewest requests in flight.
+    LeastConnections,
+    /// The same server for the same client address while it is up (rendezvous hashing).
+    ClientHash,
+    /// The same server for the same value of this request header (a session cookie or a
+    /// user id); requests without it go round robin.
+    HeaderHash(http::HeaderName),
+}
+
+/// Active health checks of a named pool: `GET path`, healthy on a 2xx or 3xx answer.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HealthCheck {
+    pub path: String,
+    pub interval: Duration,
+    pub timeout: Duration,
+    /// Good checks in a row that bring a server back.
+    pub rise: usize,
+    /// Failed checks in a row that take a server out.
+    pub fall: usize,
 }
 
 /// The HTTPS listener.

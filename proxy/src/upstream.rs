@@ -35,7 +35,7 @@ use pingora::{
     upstreams::peer::HttpPeer,
 };
 
-use crate::settings::PoolSettings;
+use crate::settings::{Balance, PoolSettings};
 
 /// How long an idle backend connection stays in the pool. A backend must keep its idle
 /// connections open longer, or a request sent on one as it closes would fail.
@@ -57,7 +57,7 @@ pub struct BackendSocket {
 pub struct Member {
     /// Its name (`b1`, ...), as metrics and access logs show it.
     pub id: Arc<str>,
-    /// Where it serves requests (and `/healthz`).
+    /// Where it serves requests (and `/healthz`); empty for a named pool's server.
     pub socket: PathBuf,
     /// Where it serves `/metrics`, which the admin listener scrapes.
     pub admin_socket: Option<PathBuf>,
@@ -67,6 +67,27 @@ pub struct Member {
     slots: Arc<Semaphore>,
     /// Keep-alive connections of the fast path ([`crate::forward`]).
     pub idle: crate::forward::IdleConnections,
+}
+
+impl Member {
+    /// The load balancer's entry for a named pool's server ([`crate::pools`]): reached over
+    /// `peer` on Pingora's path only, so it has no socket of the fast path's.
+    pub fn backend(id: String, peer: HttpPeer, max_connections: usize) -> Backend {
+        let mut entry = Backend {
+            addr: peer._address.clone(),
+            weight: 1,
+            ext: Default::default(),
+        };
+        entry.ext.insert(Arc::new(Member {
+            id: Arc::from(id),
+            socket: PathBuf::new(),
+            admin_socket: None,
+            peer,
+            slots: Arc::new(Semaphore::new(max_connections)),
+            idle: Default::default(),
+        }));
+        entry
+    }
 }
 
 /// A backend chosen for a request, and its slot, held until the request is over.
@@ -164,6 +185,8 @@ pub struct Pool {
     deadlines: Deadlines,
     /// Where round robin goes next.
     next: AtomicUsize,
+    /// How a server is picked (named pools; the built-in pool goes round robin).
+    pub balance: Balance,
 }
 
 impl Pool {
@@ -176,6 +199,7 @@ impl Pool {
                 read: settings.read_timeout,
             },
             next: AtomicUsize::new(0),
+            balance: Balance::RoundRobin,
         }
     }
 
@@ -183,21 +207,43 @@ impl Pool {
         self.deadlines
     }
 
-    /// The next healthy backend with a free slot that has not already failed this request.
-    /// When every one is full, the request queues at the next healthy one, until the queue
-    /// deadline. When health checks have every one marked down, an untried backend is still
-    /// worth one connect attempt.
-    pub async fn select(&self, failed: &[SocketAddr]) -> Result<Chosen, NoBackend> {
+    /// The next healthy backend with a free slot that has not already failed this request,
+    /// in the order the pool's balance gives (`key`: the request's client or header hash,
+    /// for the hash policies). When every one is full, the request queues at the first
+    /// healthy one, until the queue deadline. When health checks have every one marked down,
+    /// an untried backend is still worth one connect attempt.
+    pub async fn select(
+        &self,
+        failed: &[SocketAddr],
+        key: Option<u64>,
+    ) -> Result<Chosen, NoBackend> {
         let backends = self.lb.backends();
         let members = backends.get_backend();
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         // Round robin from `start`: each request starts one further along.
-        let in_turn = || {
-            let n = members.len().max(1);
-            members.iter().cycle().skip(start % n).take(members.len())
-        };
-        let untried = |b: &Backend| !failed.contains(&b.addr);
-        for backend in in_turn().filter(|b| untried(b) && backends.ready(b)) {
+        let n = members.len().max(1);
+        let mut order: Vec<&Backend> = members
+            .iter()
+            .cycle()
+            .skip(start % n)
+            .take(members.len())
+            .collect();
+        match (&self.balance, key) {
+            // Most free slots first; round robin among equals (the sort is stable).
+            (Balance::LeastConnections, _) => order.sort_by_key(|b| {
+                std::cmp::Reverse(member(b).map_or(0, |m| m.slots.available_permits()))
+            }),
+            // Rendezvous hashing: each key ranks the servers its own way, so a server
+            // leaving moves only its own keys.
+            (Balance::ClientHash | Balance::HeaderHash(_), Some(key)) => {
+                order.sort_by_key(|b| std::cmp::Reverse(member(b).map_or(0, |m| rank(key, &m.id))))
+            }
+            // Round robin, and a hash policy's requests without a key.
+            (Balance::RoundRobin | Balance::ClientHash | Balance::HeaderHash(_), _) => {}
+        }
+        let untried = |b: &&Backend| !failed.contains(&b.addr);
+        let ready = |b: &&Backend| backends.ready(b);
+        for backend in order.iter().copied().filter(untried).filter(ready) {
             if let Some(member) = member(backend)
                 && let Ok(slot) = member.slots.clone().try_acquire_owned()
             {
@@ -207,9 +253,12 @@ impl Pool {
                 });
             }
         }
-        let backend = in_turn()
-            .find(|b| untried(b) && backends.ready(b))
-            .or_else(|| in_turn().find(|b| untried(b)))
+        let backend = order
+            .iter()
+            .copied()
+            .filter(untried)
+            .find(ready)
+            .or_else(|| order.iter().copied().find(untried))
             .ok_or(NoBackend::Untried)?;
         let member = member(backend).ok_or(NoBackend::Untried)?.clone();
         let slots = member.slots.clone();
@@ -218,6 +267,43 @@ impl Pool {
             _ => Err(NoBackend::Full),
         }
     }
+}
+
+impl Pool {
+    /// The key this request is ranked by, under a hash policy.
+    pub fn request_key(
+        &self,
+        session: &pingora_proxy::Session,
+        client: std::net::IpAddr,
+    ) -> Option<u64> {
+        match &self.balance {
+            Balance::ClientHash => Some(hash_key(client.to_canonical().to_string().as_bytes())),
+            Balance::HeaderHash(name) => session
+                .req_header()
+                .headers
+                .get(name)
+                .map(|value| hash_key(value.as_bytes())),
+            Balance::RoundRobin | Balance::LeastConnections => None,
+        }
+    }
+}
+
+/// A server's rank for a key (rendezvous hashing). SipHash with fixed keys: the same ranks
+/// in every worker and every process of one build.
+fn rank(key: u64, id: &str) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    key.hash(&mut hasher);
+    id.hash(&mut hasher);
+    hasher.finish()
+}
+
+/// A request's key for the hash policies: `bytes` hashed the same way everywhere.
+pub fn hash_key(bytes: &[u8]) -> u64 {
+    use std::hash::{Hash, Hasher};
+    let mut hasher = std::hash::DefaultHasher::new();
+    bytes.hash(&mut hasher);
+    hasher.finish()
 }
 
 pub fn member(backend: &Backend) -> Option<&Arc<Member>> {

@@ -31,6 +31,7 @@ mod site_pages;
 mod statics;
 mod tls;
 mod upstream;
+mod upstreams;
 
 use std::{
     collections::BTreeMap,
@@ -164,6 +165,7 @@ impl Config {
         let access = access::validate(&raw.access, source)?;
         let admin_listen = source.listen(&raw.admin.listen, "admin.listen", true)?;
         let logging = logging::validate(&raw.logging, source)?;
+        let upstreams = upstreams::validate(raw, source)?;
         let routes = routes::validate(raw, &logging.access_log, source)?;
 
         // Across sections.
@@ -221,6 +223,7 @@ impl Config {
                 routes,
                 statics,
                 pool,
+                upstreams,
                 tls: tls.listener,
                 tls_behaviour: tls.behaviour,
                 access,

@@ -29,6 +29,8 @@ pub struct RawConfig {
     pub logging: RawLogging,
     /// Listing any policy replaces the built-in `default`.
     pub rate_limits: BTreeMap<String, RawRate>,
+    /// Named pools of servers, by name; none by default.
+    pub upstreams: BTreeMap<String, RawNamedPool>,
     pub routes: Vec<RawRoute>,
 }
 
@@ -47,6 +49,7 @@ impl Default for RawConfig {
             admin: RawAdmin::default(),
             logging: RawLogging::default(),
             rate_limits: default_rate_limits(),
+            upstreams: BTreeMap::new(),
             routes: Vec::new(),
         }
     }
@@ -175,6 +178,57 @@ impl Default for RawUpstream {
             socket_dir_max_backends: 256,
         }
     }
+}
+
+/// `[upstreams.NAME]`: a pool of servers. Deadlines and the cap default to `[upstream]`'s.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawNamedPool {
+    /// `host:port`, `[v6]:port` or `unix:PATH`.
+    pub servers: Vec<String>,
+    #[serde(default = "round_robin")]
+    pub balance: String,
+    pub hash_header: Option<String>,
+    #[serde(default)]
+    pub tls: bool,
+    pub sni: Option<String>,
+    pub ca_file: Option<PathBuf>,
+    /// A path to `GET`, or `off`.
+    #[serde(default = "off")]
+    pub health_check: String,
+    #[serde(default = "two_seconds")]
+    pub health_check_interval: Human,
+    #[serde(default = "two_seconds")]
+    pub health_check_timeout: Human,
+    #[serde(default = "two")]
+    pub health_check_rise: usize,
+    #[serde(default = "three")]
+    pub health_check_fall: usize,
+    pub connect_timeout: Option<Human>,
+    pub read_timeout: Option<Human>,
+    pub max_connections: Option<usize>,
+    pub queue_timeout: Option<Human>,
+    #[serde(default = "thirty_seconds")]
+    pub resolve_interval: Human,
+}
+
+fn round_robin() -> String {
+    "round_robin".into()
+}
+fn off() -> String {
+    OFF.into()
+}
+fn two_seconds() -> Human {
+    secs(2)
+}
+fn thirty_seconds() -> Human {
+    secs(30)
+}
+fn two() -> usize {
+    2
+}
+fn three() -> usize {
+    3
 }
 
 /// Who the client is, and the defaults of every route's access rules.

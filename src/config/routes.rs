@@ -8,7 +8,7 @@ use super::{
     error::{ConfigError, Source},
     headers, logging,
     raw::RawConfig,
-    site_pages,
+    site_pages, upstreams,
 };
 
 /// `default_log`: where routes that name no access log write.
@@ -45,12 +45,18 @@ pub fn validate(
         }
         let target = match (&route.upstream, &route.static_dir) {
             (Some(upstream), None) => {
-                if upstream != "backends" {
+                let target = if upstream == upstreams::BUILT_IN {
+                    Target::Backends
+                } else if raw.upstreams.contains_key(upstream) {
+                    Target::Pool(upstream.clone())
+                } else {
+                    let mut known = vec![upstreams::BUILT_IN];
+                    known.extend(raw.upstreams.keys().map(String::as_str));
                     return Err(source.at(
                         &key("upstream"),
-                        format!("unknown upstream {upstream:?}; the one pool is \"backends\""),
+                        format!("unknown upstream {upstream:?}; the pools are {known:?}"),
                     ));
-                }
+                };
                 if route.cache_control.is_some() {
                     return Err(source.at(
                         &key("cache_control"),
@@ -58,7 +64,7 @@ pub fn validate(
                     ));
                 }
                 site_pages::refuse_on_backend(route, i, source)?;
-                Target::Backends
+                target
             }
             (None, Some(dir)) => {
                 let dir = source.base.join(dir);

@@ -620,3 +620,105 @@ fn a_prefix_rewrite_is_checked_where_it_is_written() {
         assert!(error.message.contains(says), "{keys}: {}", error.message);
     }
 }
+
+#[test]
+fn named_pools_are_checked_where_they_are_written() {
+    let pool = |keys: &str| {
+        format!("[upstreams.app]\n{keys}\n[[routes]]\nprefix = \"/app/\"\nupstream = \"app\"\n")
+    };
+    let config = parse(&pool(
+        "servers = [\"127.0.0.1:9000\", \"[::1]:9001\", \"App.Internal:80\", \"unix:app.sock\"]\n\
+         balance = \"header_hash\"\nhash_header = \"x-user\"\nhealth_check = \"/up\"",
+    ))
+    .unwrap();
+    let app = &config.proxy.upstreams[0];
+    assert_eq!(app.servers.len(), 4);
+    assert_eq!(
+        app.servers[2],
+        gatehouse_proxy::UpstreamServer::Tcp {
+            host: "app.internal".into(),
+            port: 80
+        }
+    );
+    assert_eq!(app.health.as_ref().unwrap().path, "/up");
+    assert_eq!(app.read_timeout, Duration::from_secs(30), "[upstream]'s");
+    assert!(matches!(
+        config.proxy.routes[0].target,
+        gatehouse_proxy::Target::Pool(ref name) if name == "app"
+    ));
+    for (keys, key, says) in [
+        ("servers = []", "upstreams.app.servers", "1 to 256"),
+        (
+            "servers = [\"nohost\"]",
+            "upstreams.app.servers[0]",
+            "host:port",
+        ),
+        (
+            "servers = [\"a.example:0\"]",
+            "upstreams.app.servers[0]",
+            "host:port",
+        ),
+        (
+            "servers = [\"a b:80\"]",
+            "upstreams.app.servers[0]",
+            "host:port",
+        ),
+        (
+            "servers = [\"a:1\", \"a:1\"]",
+            "upstreams.app.servers",
+            "twice",
+        ),
+        (
+            "servers = [\"a:1\"]\nbalance = \"random\"",
+            "upstreams.app.balance",
+            "choose",
+        ),
+        (
+            "servers = [\"a:1\"]\nbalance = \"header_hash\"",
+            "upstreams.app.balance",
+            "hash_header",
+        ),
+        (
+            "servers = [\"a:1\"]\nhash_header = \"x\"",
+            "upstreams.app.hash_header",
+            "only",
+        ),
+        (
+            "servers = [\"a:1\"]\nsni = \"a\"",
+            "upstreams.app.tls",
+            "tls = true",
+        ),
+        (
+            "servers = [\"unix:a.sock\"]\ntls = true",
+            "upstreams.app.sni",
+            "Unix",
+        ),
+        (
+            "servers = [\"a:1\"]\ntls = true\nca_file = \"missing.pem\"",
+            "upstreams.app.ca_file",
+            "missing.pem",
+        ),
+        (
+            "servers = [\"a:1\"]\nhealth_check = \"up\"",
+            "upstreams.app.health_check",
+            "starting with `/`",
+        ),
+        (
+            "servers = [\"a:1\"]\nresolve_interval = \"10ms\"",
+            "upstreams.app.resolve_interval",
+            "choose",
+        ),
+    ] {
+        let error = parse(&pool(keys)).unwrap_err();
+        assert_eq!(error.key.as_deref(), Some(key), "{keys}: {error}");
+        assert!(error.line.is_some(), "{keys}: {error}");
+        assert!(error.message.contains(says), "{keys}: {}", error.message);
+    }
+    let error = parse("[upstreams.backends]\nservers = [\"a:1\"]\n[[routes]]\nprefix = \"/\"\nupstream = \"backends\"\n").unwrap_err();
+    assert!(error.message.contains("gatehouse's own"), "{error}");
+    let error =
+        parse(&format!("{ROUTES}upstream = \"nope\"\n").replace("upstream = \"backends\"\n", ""))
+            .unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("routes[0].upstream"));
+    assert!(error.message.contains("nope"), "{error}");
+}
