@@ -222,51 +222,75 @@ impl Pool {
         let start = self.next.fetch_add(1, Ordering::Relaxed);
         // Round robin from `start`: each request starts one further along.
         let n = members.len().max(1);
-        let mut order: Vec<&Backend> = members
-            .iter()
-            .cycle()
-            .skip(start % n)
-            .take(members.len())
-            .collect();
-        match (&self.balance, key) {
-            // Most free slots first; round robin among equals (the sort is stable).
-            (Balance::LeastConnections, _) => order.sort_by_key(|b| {
-                std::cmp::Reverse(member(b).map_or(0, |m| m.slots.available_permits()))
-            }),
+        let rotation = || members.iter().cycle().skip(start % n).take(members.len());
+        let ready = |b: &Backend| backends.ready(b);
+        let sort = |key: &dyn Fn(&Member) -> u64| {
+            let mut order: Vec<&Backend> = rotation().collect();
+            // Highest first; the sort is stable, so equals stay in round robin order.
+            order.sort_by_key(|b| std::cmp::Reverse(member(b).map_or(0, |m| key(m))));
+            order
+        };
+        // Round robin takes no allocation: it is the built-in pool's, on every request.
+        let pick = match (&self.balance, key) {
+            (Balance::LeastConnections, _) => {
+                let order = sort(&|m| m.slots.available_permits() as u64);
+                pick(|| order.iter().copied(), failed, ready)
+            }
             // Rendezvous hashing: each key ranks the servers its own way, so a server
             // leaving moves only its own keys.
             (Balance::ClientHash | Balance::HeaderHash(_), Some(key)) => {
-                order.sort_by_key(|b| std::cmp::Reverse(member(b).map_or(0, |m| rank(key, &m.id))))
+                let order = sort(&|m| rank(key, &m.id));
+                pick(|| order.iter().copied(), failed, ready)
             }
-            // Round robin, and a hash policy's requests without a key.
-            (Balance::RoundRobin | Balance::ClientHash | Balance::HeaderHash(_), _) => {}
-        }
-        let untried = |b: &&Backend| !failed.contains(&b.addr);
-        let ready = |b: &&Backend| backends.ready(b);
-        for backend in order.iter().copied().filter(untried).filter(ready) {
-            if let Some(member) = member(backend)
-                && let Ok(slot) = member.slots.clone().try_acquire_owned()
-            {
-                return Ok(Chosen {
-                    member: member.clone(),
-                    slot,
-                });
+            (Balance::RoundRobin | Balance::ClientHash | Balance::HeaderHash(_), _) => {
+                pick(rotation, failed, ready)
             }
-        }
-        let backend = order
-            .iter()
-            .copied()
-            .filter(untried)
-            .find(ready)
-            .or_else(|| order.iter().copied().find(untried))
-            .ok_or(NoBackend::Untried)?;
-        let member = member(backend).ok_or(NoBackend::Untried)?.clone();
+        }?;
+        let member = match pick {
+            Pick::Now(chosen) => return Ok(chosen),
+            Pick::Wait(member) => member,
+        };
         let slots = member.slots.clone();
         match tokio::time::timeout(self.queue_timeout, slots.acquire_owned()).await {
             Ok(Ok(slot)) => Ok(Chosen { member, slot }),
             _ => Err(NoBackend::Full),
         }
     }
+}
+
+/// What [`pick`] found: a backend with a free slot, or the one to queue at.
+enum Pick {
+    Now(Chosen),
+    Wait(Arc<Member>),
+}
+
+/// The first ready backend in `in_order` with a free slot that has not failed this request;
+/// else the first ready one to queue at; else, when health checks have every one marked
+/// down, the first untried one, still worth one connect attempt.
+fn pick<'a, I: Iterator<Item = &'a Backend>>(
+    in_order: impl Fn() -> I,
+    failed: &[SocketAddr],
+    ready: impl Fn(&Backend) -> bool,
+) -> Result<Pick, NoBackend> {
+    let untried = |b: &&Backend| !failed.contains(&b.addr);
+    for backend in in_order().filter(untried).filter(|b| ready(b)) {
+        if let Some(member) = member(backend)
+            && let Ok(slot) = member.slots.clone().try_acquire_owned()
+        {
+            return Ok(Pick::Now(Chosen {
+                member: member.clone(),
+                slot,
+            }));
+        }
+    }
+    let backend = in_order()
+        .filter(untried)
+        .find(|b| ready(b))
+        .or_else(|| in_order().find(untried))
+        .ok_or(NoBackend::Untried)?;
+    Ok(Pick::Wait(
+        member(backend).ok_or(NoBackend::Untried)?.clone(),
+    ))
 }
 
 impl Pool {
