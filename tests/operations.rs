@@ -18,13 +18,13 @@ use crate::util::{self, BIN, Group, Options, wait_until};
 /// Clients hammering one URL over keep-alive connections until stopped: GETs, which the proxy
 /// may retry on another backend, and POSTs, which it never replays (a backend answers them
 /// with 405), so a request lost in a restart shows.
-struct Load {
+pub(crate) struct Load {
     stop: Arc<AtomicBool>,
     workers: Vec<JoinHandle<(u64, Vec<String>)>>,
 }
 
 impl Load {
-    fn start(group: &Group, path: &str, clients: usize) -> Load {
+    pub(crate) fn start(group: &Group, path: &str, clients: usize) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let workers = (0..clients)
             .map(|i| {
@@ -58,7 +58,7 @@ impl Load {
     }
 
     /// Stops the clients and checks that plenty of requests were made and none failed.
-    fn finish_without_failures(self) {
+    pub(crate) fn finish_without_failures(self) {
         let (ok, failures) = self.finish();
         assert!(ok > 100, "only {ok} requests");
         assert!(
@@ -90,7 +90,7 @@ fn gatehouse(group: &Group, command: &str) -> std::process::Output {
         .expect("gatehouse")
 }
 
-fn edit_config(group: &Group, old: &str, new: &str) {
+pub(crate) fn edit_config(group: &Group, old: &str, new: &str) {
     let path = group.dir.path().join("gatehouse.toml");
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.contains(old), "{old} not in the config");

@@ -36,5 +36,7 @@ mod rewrite;
 mod socket_dir;
 mod statics;
 mod tls;
+// Routes and certificates per host name.
+mod vhosts;
 // WebSockets through the proxy.
 mod websocket;

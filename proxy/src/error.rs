@@ -25,6 +25,8 @@ pub enum BuildError {
     Certificate { path: PathBuf, source: pem::Error },
     #[error("{}: no certificate in the file", .0.display())]
     NoCertificate(PathBuf),
+    #[error("{}: the certificate names no DNS name (subjectAltName) to choose it by", .0.display())]
+    NoDnsNames(PathBuf),
     #[error("{}: cannot read a PEM private key: {source}", .path.display())]
     PrivateKey { path: PathBuf, source: pem::Error },
     #[error("{}: unusable private key: {source}", .path.display())]

@@ -124,7 +124,6 @@ impl Gateway {
         Ok(true)
     }
 
-    /// The proxy's own liveness (the admin listener has the details).
     /// Answers a request a route's prefix rewrite cannot send on.
     async fn unfit(&self, session: &mut Session, ctx: &RequestCtx, unfit: Unfit) -> Result<bool> {
         let stamp = self.stamp(ctx);
@@ -145,6 +144,7 @@ impl Gateway {
         Ok(true)
     }
 
+    /// The proxy's own liveness (the admin listener has the details).
     async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;
@@ -419,8 +419,20 @@ impl ProxyHttp for Gateway {
             }
         };
 
+        // The site, by the host asked for, when routes name hosts.
+        let site = if live.routes.has_hosts() {
+            let host = header_rules::request_host(session.req_header());
+            let name = host
+                .as_ref()
+                .and_then(|h| h.to_str().ok())
+                .map(host_without_port);
+            live.routes.site(name)
+        } else {
+            None
+        };
+        let site = site.as_deref();
         // `/open` for the static route `/open/`: checked first, as `/` would take it otherwise.
-        if live.routes.is_static_without_slash(&decoded) {
+        if live.routes.is_static_without_slash(site, &decoded) {
             let uri = &session.req_header().uri;
             let location = match uri.query() {
                 Some(query) => format!("{}/?{query}", uri.path()),
@@ -429,7 +441,7 @@ impl ProxyHttp for Gateway {
             respond::redirect(session, &stamp, 301, &location).await?;
             return Ok(true);
         }
-        let Some(route) = live.routes.lookup(&decoded) else {
+        let Some(route) = live.routes.lookup(site, &decoded) else {
             let message = format!("no route for {decoded}");
             respond::json_error(session, &stamp, 404, "not_found", &message).await?;
             return Ok(true);
@@ -538,9 +550,10 @@ impl ProxyHttp for Gateway {
         let chosen = self.choose(ctx).await?;
         ctx.slot = Some(chosen.slot);
         let mut peer = chosen.member.peer.clone();
-        // A connection that may be upgraded waits on its backend as long as it may idle once
-        // upgraded: Pingora reads its timeout from the peer when it connects.
-        if session.is_upgrade_req() {
+        // A WebSocket handshake waits on its backend as long as the connection may idle once
+        // upgraded: Pingora reads its timeouts from the peer when it connects, so they cannot
+        // change at the 101. Any other `Upgrade` (which Pingora strips) keeps the pool's.
+        if is_websocket_handshake(session.req_header()) {
             let idle = Some(ctx.live.limits.upgrade_idle_timeout);
             peer.options.read_timeout = idle;
             peer.options.write_timeout = idle;
@@ -888,6 +901,27 @@ async fn answer_or_client_gone<T>(
             "the client went away while the backend was answering",
         )
         .map_err(|e| e.into_down()),
+    }
+}
+
+/// A WebSocket opening handshake (RFC 6455, 4.1): an HTTP/1.1 `GET` asking to upgrade to
+/// `websocket`, with its key.
+fn is_websocket_handshake(request: &RequestHeader) -> bool {
+    let headers = &request.headers;
+    request.method == http::Method::GET
+        && request.version == http::Version::HTTP_11
+        && headers
+            .get(http::header::UPGRADE)
+            .is_some_and(|v| v.as_bytes().eq_ignore_ascii_case(b"websocket"))
+        && headers.contains_key(http::header::SEC_WEBSOCKET_KEY)
+}
+
+/// `host[:port]` (already checked, lower case) without its port.
+fn host_without_port(host: &str) -> &str {
+    match host.rsplit_once(':') {
+        // `[v6]:port`, or `name:port`; a bare `[v6]` has no port.
+        Some((name, port)) if !port.contains(']') => name,
+        _ => host,
     }
 }
 

@@ -209,7 +209,7 @@ pub fn run(
     let mut handshake = None;
     if let Some(tls) = &settings.tls {
         // The pair is checked here, before Pingora would panic on it.
-        let slot = Arc::new(ArcSwap::new(tls::load_certified_key(&tls.cert, &tls.key)?));
+        let slot = Arc::new(ArcSwap::from_pointee(tls::Certificates::load(tls)?));
         certificate = Some(slot.clone());
         // Plain TCP to Pingora: the handshake is made by `connection`, under the caps.
         listeners
@@ -268,10 +268,13 @@ pub fn run(
         "heap trim",
         heap::Trim,
     ));
-    server.add_service(proxy);
+    let proxy = server.add_service(proxy);
     server.add_service(health);
+    // Requests to a named pool find its servers: the proxy starts once each pool has looked
+    // its names up (or failed to, under the lookup deadline).
     for service in pool_services {
-        server.add_service(service);
+        let pool = server.add_service(service);
+        proxy.add_dependency(&pool);
     }
     // Last, after everything that can fail: in an upgrade this takes the listening sockets
     // from the old proxy, which stops serving them soon after. Then say so to the

@@ -264,7 +264,7 @@ impl Signals {
         // Everything is built before anything is swapped, so a bad certificate leaves the
         // routes alone too.
         let key = match (&self.certificate, &settings.tls) {
-            (Some(_), Some(tls)) => Some(crate::tls::load_certified_key(&tls.cert, &tls.key)?),
+            (Some(_), Some(tls)) => Some(crate::tls::Certificates::load(tls)?),
             (None, Some(_)) | (Some(_), None) => {
                 tracing::warn!("turning TLS on or off takes a restart");
                 None
@@ -279,7 +279,7 @@ impl Signals {
             &previous.pools,
         )?;
         if let (Some(slot), Some(key)) = (&self.certificate, key) {
-            slot.store(key);
+            slot.store(Arc::new(key));
         }
         self.live.store(Arc::new(live));
         Ok(())

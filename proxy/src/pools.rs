@@ -14,6 +14,7 @@
 use std::{
     collections::{BTreeMap, BTreeSet, HashMap},
     sync::{Arc, Mutex},
+    time::{Duration, Instant},
 };
 
 use async_trait::async_trait;
@@ -32,7 +33,7 @@ use pingora::{
 use crate::{
     error::BuildError,
     settings::{NamedPool, UpstreamServer},
-    upstream::{Member, POOL_IDLE_TIMEOUT, Pool},
+    upstream::{Member, Pool},
 };
 
 /// The named pools, by name, built once at start.
@@ -60,9 +61,10 @@ pub fn build(pools: &[NamedPool]) -> Result<(Pools, Vec<PoolService>), BuildErro
             pool: pool.clone(),
             ca: ca.clone(),
             known: Mutex::default(),
+            resolved_at: Mutex::default(),
         };
         let mut lb = LoadBalancer::<RoundRobin>::from_backends(Backends::new(Box::new(discovery)));
-        lb.update_frequency = Some(pool.resolve_interval);
+        lb.update_frequency = Some(UPDATE_EVERY);
         if let Some(health) = &pool.health {
             let host = pool
                 .tls
@@ -162,6 +164,8 @@ struct Resolved {
     ca: CaList,
     /// By server: the addresses it had at its last good lookup, each with its member.
     known: Mutex<BTreeMap<UpstreamServer, Vec<Backend>>>,
+    /// When every server was last looked up.
+    resolved_at: Mutex<Option<Instant>>,
 }
 
 impl Resolved {
@@ -185,14 +189,21 @@ impl Resolved {
                 let text = path.to_str().ok_or_else(unusable)?;
                 HttpPeer::new_uds(text, tls, sni).map_err(|_| unusable())?
             }
-            (SocketAddr::Unix(_), UpstreamServer::Tcp { .. }) => {
-                return Err(BuildError::UnknownPool(pool.name.clone()));
+            // A name looks up to network addresses only.
+            (SocketAddr::Unix(_), UpstreamServer::Tcp { host, .. }) => {
+                return Err(BuildError::UpstreamSocket {
+                    pool: pool.name.clone(),
+                    path: host.into(),
+                });
             }
         };
         peer.options.ca = self.ca.clone();
         peer.options.connection_timeout = Some(pool.connect_timeout);
         peer.options.read_timeout = Some(pool.read_timeout);
-        peer.options.idle_timeout = Some(POOL_IDLE_TIMEOUT);
+        peer.options.idle_timeout = Some(pool.idle_timeout);
+        // Pingora's connection reuse does not tell CAs apart: a connection verified against
+        // one pool's CA must never serve another pool with the same address and name.
+        peer.group_key = crate::upstream::hash_key(pool.name.as_bytes());
         let id = match (&addr, server) {
             (SocketAddr::Inet(inet), _) => format!("{}/{inet}", pool.name),
             (_, UpstreamServer::Unix(path)) => format!("{}/unix:{}", pool.name, path.display()),
@@ -201,31 +212,65 @@ impl Resolved {
         Ok(Member::backend(id, peer, pool.max_connections))
     }
 
-    /// The addresses `server` names now.
-    async fn lookup(server: &UpstreamServer) -> std::io::Result<Vec<SocketAddr>> {
+    /// The addresses `server` names now: at most [`MAX_ADDRESSES`], in a stable order.
+    async fn lookup(server: UpstreamServer) -> std::io::Result<Vec<SocketAddr>> {
         match server {
             UpstreamServer::Unix(path) => {
                 let addr = std::os::unix::net::SocketAddr::from_pathname(path)?;
                 Ok(vec![SocketAddr::Unix(addr)])
             }
             UpstreamServer::Tcp { host, port } => {
-                let found = tokio::net::lookup_host((host.as_str(), *port)).await?;
+                let lookup = tokio::net::lookup_host((host.as_str(), port));
+                let found = tokio::time::timeout(LOOKUP_TIMEOUT, lookup)
+                    .await
+                    .map_err(|_| std::io::Error::other("the lookup timed out"))??;
                 let mut addrs: Vec<_> = found.map(SocketAddr::Inet).collect();
                 addrs.sort_by_key(|a| a.to_string());
                 addrs.dedup();
+                if addrs.len() > MAX_ADDRESSES {
+                    tracing::warn!(%host, found = addrs.len(), kept = MAX_ADDRESSES, "a name with more addresses than a pool takes");
+                    addrs.truncate(MAX_ADDRESSES);
+                }
                 Ok(addrs)
             }
         }
     }
+
+    /// The servers to look up now: all of them every `resolve_interval`, and any that never
+    /// resolved at every update (each second) until it does.
+    fn due(&self) -> Vec<UpstreamServer> {
+        let known = self.known.lock().unwrap_or_else(|p| p.into_inner());
+        let mut last = self.resolved_at.lock().unwrap_or_else(|p| p.into_inner());
+        let all_due = last.is_none_or(|at| at.elapsed() >= self.pool.resolve_interval);
+        if all_due {
+            *last = Some(Instant::now());
+        }
+        self.pool
+            .servers
+            .iter()
+            .filter(|s| all_due || !known.contains_key(*s))
+            .cloned()
+            .collect()
+    }
 }
+
+/// How long one name's lookup may take; past it the name keeps the addresses it had.
+const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
+/// The most addresses one name gives a pool: each is a server with its own health checks
+/// and metric series.
+const MAX_ADDRESSES: usize = 64;
+/// How often a pool's discovery runs: names that never resolved are tried this often.
+const UPDATE_EVERY: Duration = Duration::from_secs(1);
 
 #[async_trait]
 impl ServiceDiscovery for Resolved {
     async fn discover(&self) -> pingora::Result<(BTreeSet<Backend>, HashMap<u64, bool>)> {
-        let mut found = Vec::with_capacity(self.pool.servers.len());
-        for server in &self.pool.servers {
-            found.push((server, Self::lookup(server).await));
+        // Every name at once, each under its own deadline.
+        let mut lookups = tokio::task::JoinSet::new();
+        for server in self.due() {
+            lookups.spawn(async move { (server.clone(), Self::lookup(server).await) });
         }
+        let found = lookups.join_all().await;
         let mut known = self.known.lock().unwrap_or_else(|p| p.into_inner());
         for (server, addrs) in found {
             let addrs = match addrs {
@@ -235,12 +280,12 @@ impl ServiceDiscovery for Resolved {
                     continue;
                 }
             };
-            let old = known.remove(server).unwrap_or_default();
+            let old = known.remove(&server).unwrap_or_default();
             let mut now = Vec::with_capacity(addrs.len());
             for addr in addrs {
                 match old.iter().find(|b| b.addr == addr) {
                     Some(backend) => now.push(backend.clone()),
-                    None => match self.entry(server, addr) {
+                    None => match self.entry(&server, addr) {
                         Ok(backend) => now.push(backend),
                         Err(error) => {
                             tracing::error!(pool = %self.pool.name, ?server, %error, "unusable address")
@@ -248,7 +293,7 @@ impl ServiceDiscovery for Resolved {
                     },
                 }
             }
-            known.insert(server.clone(), now);
+            known.insert(server, now);
         }
         let all = known.values().flatten().cloned().collect();
         Ok((all, HashMap::new()))

@@ -39,6 +39,9 @@ pub enum Target {
 #[derive(Debug, Clone)]
 pub struct Route {
     pub prefix: String,
+    /// The hosts it serves (`app.example.com`, `*.example.com`, lower case); empty: the
+    /// default site, every host no route names.
+    pub hosts: Vec<String>,
     pub target: Target,
     pub access: AccessSpec,
     /// Where its requests are logged; `None`: not logged.
@@ -68,6 +71,7 @@ pub enum Served {
 /// A route at run time: a request finds it once and keeps it to its end.
 pub struct LiveRoute {
     pub prefix: Arc<str>,
+    pub hosts: Vec<String>,
     pub served: Served,
     pub access: Access,
     /// Its metric series and access log.
@@ -79,6 +83,10 @@ pub struct LiveRoute {
 pub struct RouteTable {
     /// Longest prefix first, so `/api/admin/` wins over `/api/`.
     routes: Vec<Arc<LiveRoute>>,
+    /// The hosts routes name: exact ones, and the parents of wildcards (`example.com` for
+    /// `*.example.com`), longest first. Both empty: one site, and no host is looked at.
+    exact_hosts: std::collections::HashSet<String>,
+    wildcard_hosts: Vec<String>,
     /// Every rate limit policy in use, by name.
     limits: HashMap<String, Arc<RateLimit>>,
     /// The basic-auth guard's counts and verification caches: made once, then handed from
@@ -127,7 +135,7 @@ impl RouteTable {
             },
             |p| p.basic_auth.clone(),
         );
-        let routes = routes
+        let routes: Vec<Arc<LiveRoute>> = routes
             .into_iter()
             .map(|route| {
                 let served = match route.target {
@@ -149,6 +157,7 @@ impl RouteTable {
                     Access::build(route.access, access, &mut limits, &basic_auth, counters)?;
                 Ok(Arc::new(LiveRoute {
                     prefix: Arc::from(route.prefix),
+                    hosts: route.hosts,
                     served,
                     access: rules,
                     observer,
@@ -157,17 +166,57 @@ impl RouteTable {
                 }))
             })
             .collect::<Result<_, BuildError>>()?;
+        let mut exact_hosts = std::collections::HashSet::new();
+        let mut wildcard_hosts = Vec::new();
+        for host in routes.iter().flat_map(|r| &r.hosts) {
+            match host.strip_prefix("*.") {
+                Some(parent) if !wildcard_hosts.iter().any(|w| w == parent) => {
+                    wildcard_hosts.push(parent.to_owned())
+                }
+                Some(_) => {}
+                None => {
+                    exact_hosts.insert(host.clone());
+                }
+            }
+        }
+        wildcard_hosts.sort_by_key(|w| std::cmp::Reverse(w.len()));
         Ok(Self {
             routes,
+            exact_hosts,
+            wildcard_hosts,
             limits,
             basic_auth,
         })
     }
 
-    /// The route whose prefix is the longest that `path` starts with.
-    pub fn lookup(&self, path: &str) -> Option<&Arc<LiveRoute>> {
+    /// Whether any route names a host: only then is the request's host looked at.
+    pub fn has_hosts(&self) -> bool {
+        !self.exact_hosts.is_empty() || !self.wildcard_hosts.is_empty()
+    }
+
+    /// The site `host` (lower case, without a port) belongs to, as routes name it: the host
+    /// itself, `*.` and the longest parent a wildcard names, or `None`, the default site (as
+    /// nginx picks a `server` by `server_name`: exact, then wildcard, then the default).
+    pub fn site(&self, host: Option<&str>) -> Option<String> {
+        let host = host?;
+        if self.exact_hosts.contains(host) {
+            return Some(host.to_owned());
+        }
+        self.wildcard_hosts
+            .iter()
+            .find(|parent| {
+                host.strip_suffix(parent.as_str())
+                    .is_some_and(|sub| sub.len() > 1 && sub.ends_with('.'))
+            })
+            .map(|parent| format!("*.{parent}"))
+    }
+
+    /// The route of `site` whose prefix is the longest that `path` starts with. A site's
+    /// routes are its own: a path none of them takes is not looked for in the default site.
+    pub fn lookup(&self, site: Option<&str>, path: &str) -> Option<&Arc<LiveRoute>> {
         self.routes
             .iter()
+            .filter(|route| serves(route, site))
             .find(|route| path.starts_with(&*route.prefix))
     }
 
@@ -178,12 +227,24 @@ impl RouteTable {
             .map(|(name, limit)| (name.as_str(), limit.len()))
     }
 
-    /// Whether `path` names a static route without its trailing slash (`/open` for `/open/`).
-    pub fn is_static_without_slash(&self, path: &str) -> bool {
-        self.routes.iter().any(|route| {
-            matches!(route.served, Served::Static(_))
-                && route.prefix.strip_suffix('/') == Some(path)
-        })
+    /// Whether `path` names a static route of `site` without its trailing slash (`/open` for
+    /// `/open/`).
+    pub fn is_static_without_slash(&self, site: Option<&str>, path: &str) -> bool {
+        self.routes
+            .iter()
+            .filter(|route| serves(route, site))
+            .any(|route| {
+                matches!(route.served, Served::Static(_))
+                    && route.prefix.strip_suffix('/') == Some(path)
+            })
+    }
+}
+
+/// Whether `route` belongs to `site` (`None`: the default site, routes naming no host).
+fn serves(route: &LiveRoute, site: Option<&str>) -> bool {
+    match site {
+        None => route.hosts.is_empty(),
+        Some(site) => route.hosts.iter().any(|h| h == site),
     }
 }
 
@@ -222,6 +283,7 @@ mod tests {
     fn route(prefix: &str, target: Target) -> Route {
         Route {
             prefix: prefix.into(),
+            hosts: Vec::new(),
             target,
             access: AccessSpec::default(),
             access_log: None,
@@ -261,11 +323,11 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        let prefix = |path| table.lookup(path).map(|route| &*route.prefix);
+        let prefix = |path| table.lookup(None, path).map(|route| &*route.prefix);
         assert_eq!(prefix("/api/ping"), Some("/api/"));
         assert_eq!(prefix("/x"), Some("/"));
-        assert!(table.is_static_without_slash("/open"));
-        assert!(!table.is_static_without_slash("/api"));
+        assert!(table.is_static_without_slash(None, "/open"));
+        assert!(!table.is_static_without_slash(None, "/api"));
         let only_api = RouteTable::new(
             vec![route("/api/", Target::Backends)],
             &settings(),
@@ -276,6 +338,6 @@ mod tests {
             &Default::default(),
         )
         .unwrap();
-        assert!(only_api.lookup("/apix").is_none());
+        assert!(only_api.lookup(None, "/apix").is_none());
     }
 }

@@ -76,6 +76,9 @@ pub struct NamedPool {
     pub health: Option<HealthCheck>,
     pub connect_timeout: Duration,
     pub read_timeout: Duration,
+    /// How long an idle connection to a server is kept for the next request; it must be
+    /// shorter than the server keeps it.
+    pub idle_timeout: Duration,
     /// Requests in flight to one server at once.
     pub max_connections: usize,
     pub queue_timeout: Duration,
@@ -132,8 +135,11 @@ pub struct HealthCheck {
 #[derive(Debug, Clone, PartialEq)]
 pub struct TlsListener {
     pub listen: SocketAddr,
+    /// The default pair, for clients that name no host or one no other certificate is for.
     pub cert: PathBuf,
     pub key: PathBuf,
+    /// More pairs (certificate, key), each chosen for the DNS names in its certificate.
+    pub certificates: Vec<(PathBuf, PathBuf)>,
 }
 
 /// What HTTPS changes in how requests are answered.

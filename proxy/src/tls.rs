@@ -1,7 +1,7 @@
 //! The HTTPS listener's TLS: the certificate pair, loaded and checked here (Pingora would
 //! panic on a bad one), and the handshake, with its deadline and counters.
 
-use std::{path::Path, sync::Arc, time::Instant};
+use std::{collections::HashMap, path::Path, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use pingora::{
@@ -16,6 +16,7 @@ use rustls::{
 };
 
 use crate::{
+    TlsListener,
     error::BuildError,
     metrics::{Cut, Metrics},
 };
@@ -57,9 +58,78 @@ pub fn load_certified_key(
     Ok(Arc::new(certified))
 }
 
-/// The certificate the listener presents; a reload stores a new one, which the next
+/// The certificates the listener presents; a reload stores new ones, which the next
 /// handshake uses.
-pub type CertificateSlot = Arc<ArcSwap<CertifiedKey>>;
+pub type CertificateSlot = Arc<ArcSwap<Certificates>>;
+
+/// The listener's certificates: the default pair, and more chosen by the name the client
+/// asks for (SNI), each under the DNS names of its certificate.
+#[derive(Debug)]
+pub struct Certificates {
+    default: Arc<CertifiedKey>,
+    exact: HashMap<String, Arc<CertifiedKey>>,
+    /// `*.example.com` under `example.com`.
+    wildcard: HashMap<String, Arc<CertifiedKey>>,
+}
+
+impl Certificates {
+    /// The default pair and `more` pairs, each read and checked; a name two certificates
+    /// claim goes to the first that lists it.
+    pub fn load(listener: &TlsListener) -> Result<Self, BuildError> {
+        let mut set = Certificates {
+            default: load_certified_key(&listener.cert, &listener.key)?,
+            exact: HashMap::new(),
+            wildcard: HashMap::new(),
+        };
+        for (cert, key) in &listener.certificates {
+            let pair = load_certified_key(cert, key)?;
+            let names = dns_names(
+                pair.end_entity_cert()
+                    .map_err(|_| BuildError::NoCertificate(cert.clone()))?,
+            )
+            .ok_or_else(|| BuildError::NoDnsNames(cert.clone()))?;
+            for name in names {
+                let (map, name) = match name.strip_prefix("*.") {
+                    Some(parent) => (&mut set.wildcard, parent.to_owned()),
+                    None => (&mut set.exact, name),
+                };
+                map.entry(name).or_insert_with(|| pair.clone());
+            }
+        }
+        Ok(set)
+    }
+
+    /// The pair for `name` (the client's SNI): its own, a wildcard's, or the default.
+    pub fn for_name(&self, name: Option<&str>) -> Arc<CertifiedKey> {
+        let Some(name) = name.map(str::to_ascii_lowercase) else {
+            return self.default.clone();
+        };
+        if let Some(pair) = self.exact.get(&name) {
+            return pair.clone();
+        }
+        name.split_once('.')
+            .and_then(|(_, parent)| self.wildcard.get(parent))
+            .unwrap_or(&self.default)
+            .clone()
+    }
+}
+
+/// The DNS names a certificate is for (its subjectAltName), in lower case; `None` if it
+/// names none.
+fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let san = cert.subject_alternative_name().ok()??;
+    let names: Vec<String> = san
+        .value
+        .general_names
+        .iter()
+        .filter_map(|name| match name {
+            x509_parser::extensions::GeneralName::DNSName(dns) => Some(dns.to_ascii_lowercase()),
+            _ => None,
+        })
+        .collect();
+    (!names.is_empty()).then_some(names)
+}
 
 /// The HTTPS listener's handshakes. They are made by [`crate::connection`], after the
 /// connection is counted against the caps and under its own deadline: Pingora's listeners
@@ -133,8 +203,8 @@ impl Handshake {
 struct CurrentCertificate(CertificateSlot);
 
 impl ResolvesServerCert for CurrentCertificate {
-    fn resolve(&self, _hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load_full())
+    fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
+        Some(self.0.load().for_name(hello.server_name()))
     }
 }
 
@@ -149,7 +219,15 @@ mod tests {
         let (cert, key) = (dir.path().join("c.pem"), dir.path().join("k.pem"));
         std::fs::write(&cert, pair.cert.pem()).unwrap();
         std::fs::write(&key, pair.signing_key.serialize_pem()).unwrap();
-        let slot = Arc::new(ArcSwap::new(load_certified_key(&cert, &key).unwrap()));
+        let listener = TlsListener {
+            listen: "127.0.0.1:1".parse().unwrap(),
+            cert,
+            key,
+            certificates: Vec::new(),
+        };
+        let slot = Arc::new(ArcSwap::from_pointee(
+            Certificates::load(&listener).unwrap(),
+        ));
         let handshake = Handshake::new(slot, None).unwrap();
         let config = handshake.acceptor.acceptor.config();
         assert!(config.ignore_client_order);

@@ -301,7 +301,13 @@ impl Pool {
         client: std::net::IpAddr,
     ) -> Option<u64> {
         match &self.balance {
-            Balance::ClientHash => Some(hash_key(client.to_canonical().to_string().as_bytes())),
+            // IPv6 by /64, as the rate limits count a client: its address may rotate in it.
+            Balance::ClientHash => {
+                Some(match crate::access::client_ip::key(client.to_canonical()) {
+                    std::net::IpAddr::V4(v4) => hash_key(&v4.octets()),
+                    std::net::IpAddr::V6(v6) => hash_key(&v6.octets()),
+                })
+            }
             Balance::HeaderHash(name) => session
                 .req_header()
                 .headers

@@ -41,6 +41,16 @@ pub fn check(config: Config) -> Result<(Config, Users), ConfigError> {
         crate::certs::validate(&tls.cert, &tls.key)
             .map_err(|e| config.error_at("tls.cert", e.to_string()))?;
     }
+    if let Some(tls) = &config.proxy.tls
+        && !tls.certificates.is_empty()
+    {
+        gatehouse_proxy::tls::Certificates::load(&gatehouse_proxy::TlsListener {
+            cert: tls.certificates[0].0.clone(),
+            key: tls.certificates[0].1.clone(),
+            ..tls.clone()
+        })
+        .map_err(|e| config.error_at("tls.certificates", e.to_string()))?;
+    }
     Ok((config, users))
 }
 

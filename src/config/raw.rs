@@ -180,6 +180,14 @@ impl Default for RawUpstream {
     }
 }
 
+/// One of `[[tls.certificates]]`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawCertificate {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+}
+
 /// `[upstreams.NAME]`: a pool of servers. Deadlines and the cap default to `[upstream]`'s.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -206,6 +214,8 @@ pub struct RawNamedPool {
     pub health_check_fall: usize,
     pub connect_timeout: Option<Human>,
     pub read_timeout: Option<Human>,
+    #[serde(default = "four_seconds")]
+    pub idle_timeout: Human,
     pub max_connections: Option<usize>,
     pub queue_timeout: Option<Human>,
     #[serde(default = "thirty_seconds")]
@@ -220,6 +230,9 @@ fn off() -> String {
 }
 fn two_seconds() -> Human {
     secs(2)
+}
+fn four_seconds() -> Human {
+    secs(4)
 }
 fn thirty_seconds() -> Human {
     secs(30)
@@ -268,6 +281,8 @@ pub struct RawTls {
     pub cert: PathBuf,
     pub key: PathBuf,
     pub server_names: Vec<String>,
+    /// More pairs, each chosen by the names in its certificate (SNI).
+    pub certificates: Vec<RawCertificate>,
     /// A header value, or `"off"`.
     pub hsts: String,
     pub redirect_http: bool,
@@ -282,6 +297,7 @@ impl Default for RawTls {
             cert: "certs/gatehouse.crt".into(),
             key: "certs/gatehouse.key".into(),
             server_names: Vec::new(),
+            certificates: Vec::new(),
             hsts: "max-age=31536000".into(),
             redirect_http: true,
             redirect_port: None,
@@ -463,6 +479,10 @@ impl Default for RawPaths {
 #[serde(deny_unknown_fields)]
 pub struct RawRoute {
     pub prefix: String,
+    /// Host names (`app.example.com`, `*.example.com`) the route is for; none: the default
+    /// site, for every other host.
+    #[serde(default)]
+    pub hosts: Vec<String>,
     pub upstream: Option<String>,
     pub rewrite_prefix: Option<String>,
     pub static_dir: Option<PathBuf>,

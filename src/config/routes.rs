@@ -37,10 +37,29 @@ pub fn validate(
                 format!("{:?}: a static route must end with `/`", route.prefix),
             ));
         }
-        if routes.iter().any(|r| r.prefix == route.prefix) {
+        let mut hosts = Vec::with_capacity(route.hosts.len());
+        for (j, host) in route.hosts.iter().enumerate() {
+            let host = host.to_ascii_lowercase();
+            let name = host.strip_prefix("*.").unwrap_or(&host);
+            if !gatehouse_proxy::https_redirect::is_dns_name(name) {
+                return Err(source.at(
+                    &format!("routes[{i}].hosts[{j}]"),
+                    format!("{host:?}: a host name, or `*.` and one (`*.example.com`)"),
+                ));
+            }
+            hosts.push(host);
+        }
+        // The same prefix for the same site twice; a prefix may be routed once per site.
+        let same_site = |r: &Route| {
+            r.hosts.is_empty() && hosts.is_empty() || r.hosts.iter().any(|h| hosts.contains(h))
+        };
+        if routes
+            .iter()
+            .any(|r| r.prefix == route.prefix && same_site(r))
+        {
             return Err(source.at(
                 &key("prefix"),
-                format!("{:?} is routed twice", route.prefix),
+                format!("{:?} is routed twice for the same host", route.prefix),
             ));
         }
         let target = match (&route.upstream, &route.static_dir) {
@@ -118,6 +137,7 @@ pub fn validate(
         };
         routes.push(Route {
             prefix: route.prefix.clone(),
+            hosts,
             target,
             access,
             access_log,

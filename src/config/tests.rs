@@ -694,6 +694,11 @@ fn named_pools_are_checked_where_they_are_written() {
             "Unix",
         ),
         (
+            "servers = [\"a:1\", \"b:1\"]\ntls = true",
+            "upstreams.app.sni",
+            "different names",
+        ),
+        (
             "servers = [\"a:1\"]\ntls = true\nca_file = \"missing.pem\"",
             "upstreams.app.ca_file",
             "missing.pem",
@@ -721,4 +726,39 @@ fn named_pools_are_checked_where_they_are_written() {
             .unwrap_err();
     assert_eq!(error.key.as_deref(), Some("routes[0].upstream"));
     assert!(error.message.contains("nope"), "{error}");
+}
+
+#[test]
+fn route_hosts_are_checked_where_they_are_written() {
+    let route = |hosts: &str| {
+        format!(
+            "[[routes]]\nprefix = \"/\"\nhosts = {hosts}\nupstream = \"backends\"\n\
+             [[routes]]\nprefix = \"/\"\nupstream = \"backends\"\n"
+        )
+    };
+    let config = parse(&route("[\"Shop.Example\", \"*.shop.example\"]")).unwrap();
+    assert_eq!(
+        config.proxy.routes[0].hosts,
+        ["shop.example", "*.shop.example"]
+    );
+    for hosts in [
+        "[\"a b\"]",
+        "[\"*\"]",
+        "[\"x.*.example\"]",
+        "[\"shop.example:443\"]",
+    ] {
+        let error = parse(&route(hosts)).unwrap_err();
+        assert_eq!(
+            error.key.as_deref(),
+            Some("routes[0].hosts[0]"),
+            "{hosts}: {error}"
+        );
+        assert_eq!(error.line, Some(3), "{hosts}");
+    }
+    // One prefix once per site.
+    let twice = "[[routes]]\nprefix = \"/\"\nhosts = [\"a.example\"]\nupstream = \"backends\"\n\
+                 [[routes]]\nprefix = \"/\"\nhosts = [\"b.example\", \"a.example\"]\nupstream = \"backends\"\n";
+    let error = parse(twice).unwrap_err();
+    assert_eq!(error.key.as_deref(), Some("routes[1].prefix"));
+    assert!(error.message.contains("same host"), "{error}");
 }

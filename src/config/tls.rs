@@ -38,6 +38,11 @@ pub fn validate(t: &RawTls, source: &Source) -> Result<Tls, ConfigError> {
             listen,
             cert: source.base.join(&t.cert),
             key: source.base.join(&t.key),
+            certificates: t
+                .certificates
+                .iter()
+                .map(|pair| (source.base.join(&pair.cert), source.base.join(&pair.key)))
+                .collect(),
         });
     let behaviour = TlsBehaviour {
         redirect: listener

@@ -69,6 +69,20 @@ fn one(
                     "TLS over a Unix socket needs the name to check the certificate against".into(),
                 ));
             }
+            // The health checks send one name to every server (Pingora's checker has one
+            // template), so servers under different names need the one their certificates
+            // share.
+            let mut names = servers.iter().filter_map(|s| match s {
+                UpstreamServer::Tcp { host, .. } => Some(host),
+                UpstreamServer::Unix(_) => None,
+            });
+            let first = names.next();
+            if sni.is_none() && names.any(|n| Some(n) != first) {
+                return Err(source.at(
+                    &key("sni"),
+                    "servers under different names need the name their certificates share".into(),
+                ));
+            }
             let ca = match ca_file {
                 Some(file) => Some(
                     ca_certificates(&source.path(&key("ca_file"), file))
@@ -132,6 +146,11 @@ fn one(
         Duration::ZERO..=Duration::from_secs(600),
         &key("queue_timeout"),
     )?;
+    let idle_timeout = source.duration(
+        p.idle_timeout.0,
+        Duration::from_millis(100)..=Duration::from_secs(3600),
+        &key("idle_timeout"),
+    )?;
     let max_connections = p.max_connections.unwrap_or(raw.upstream.max_connections);
     source.within(max_connections, 1..=1_000_000, &key("max_connections"))?;
     let resolve_interval = source.duration(
@@ -179,6 +198,7 @@ fn one(
         health,
         connect_timeout,
         read_timeout,
+        idle_timeout,
         max_connections,
         queue_timeout,
         resolve_interval,
@@ -222,9 +242,13 @@ fn ca_certificates(file: &Path) -> Result<Vec<Vec<u8>>, String> {
     let mut found = Vec::new();
     for certificate in CertificateDer::pem_slice_iter(&text) {
         let certificate = certificate.map_err(|e| format!("{}: {e}", file.display()))?;
-        if x509_parser::parse_x509_certificate(&certificate).is_err() {
+        // Both parsers that will read it at run time: Pingora's, and rustls's trust store.
+        let mut store = rustls::RootCertStore::empty();
+        if x509_parser::parse_x509_certificate(&certificate).is_err()
+            || store.add(certificate.clone()).is_err()
+        {
             return Err(format!(
-                "{}: a certificate in it cannot be parsed",
+                "{}: a certificate in it cannot be used as a CA",
                 file.display()
             ));
         }

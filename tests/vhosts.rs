@@ -1,0 +1,160 @@
+//! Virtual hosts: routes for some hosts only, a certificate per name chosen by SNI (checked
+//! with `openssl s_client -servername` and `curl --resolve`), and a reload that moves a site
+//! to another name with its certificate while clients keep being served.
+
+use std::{fs, path::Path, process::Command};
+
+use crate::{
+    operations::{Load, edit_config},
+    util::{self, Group, Options, wait_until},
+};
+
+/// A certificate for `names`, signed by itself, written to `dir/NAME.crt` and `.key`.
+fn certificate(dir: &Path, file: &str, names: &[&str]) -> (String, String) {
+    let names: Vec<String> = names.iter().map(|n| n.to_string()).collect();
+    let pair = rcgen::generate_simple_self_signed(names).expect("certificate");
+    let (cert, key) = (
+        dir.join(format!("{file}.crt")),
+        dir.join(format!("{file}.key")),
+    );
+    fs::write(&cert, pair.cert.pem()).expect("write the certificate");
+    fs::write(&key, pair.signing_key.serialize_pem()).expect("write the key");
+    (cert.display().to_string(), key.display().to_string())
+}
+
+/// A static site whose index says `text`.
+fn site(dir: &Path, name: &str, text: &str) -> String {
+    let root = dir.join(name);
+    fs::create_dir_all(&root).expect("site dir");
+    fs::write(root.join("index.html"), format!("<p>{text}</p>\n")).expect("index");
+    root.display().to_string()
+}
+
+/// The DNS names of the certificate the HTTPS port presents to a client asking for `sni`.
+fn presented(port: u16, sni: &str) -> String {
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", sni])
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let pem = text
+        .split_once("-----BEGIN CERTIFICATE-----")
+        .and_then(|(_, rest)| rest.split_once("-----END CERTIFICATE-----"))
+        .map(|(body, _)| format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"))
+        .unwrap_or_default();
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout", "-ext", "subjectAltName"])
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    use std::io::Write;
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(pem.as_bytes())
+        .expect("write");
+    let out = x509.wait_with_output().expect("openssl x509");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `curl https://HOST:PORT/PATH` with HOST resolved to loopback (so SNI and `Host` are HOST);
+/// the status and the body.
+fn fetch(port: u16, host: &str, path: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .arg(format!("https://{host}:{port}{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+#[test]
+fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let dir = files.path();
+    let (shop_cert, shop_key) = certificate(dir, "shop", &["shop.test", "*.shop.test"]);
+    let (blog_cert, blog_key) = certificate(dir, "blog", &["blog.test"]);
+    let (news_cert, news_key) = certificate(dir, "news", &["news.test"]);
+    let (shop, blog) = (site(dir, "shop", "the shop"), site(dir, "blog", "the blog"));
+    let group = Group::start(Options {
+        backends: 1,
+        extra: format!(
+            "[[tls.certificates]]\ncert = {shop_cert:?}\nkey = {shop_key:?}\n\
+             [[tls.certificates]]\ncert = {blog_cert:?}\nkey = {blog_key:?}\n\
+             [[routes]]\nprefix = \"/\"\nhosts = [\"shop.test\", \"*.shop.test\"]\nstatic_dir = {shop:?}\n\
+             [[routes]]\nprefix = \"/\"\nhosts = [\"blog.test\"]\nstatic_dir = {blog:?}\n\
+             [[routes]]\nprefix = \"/api/\"\nhosts = [\"blog.test\"]\nupstream = \"backends\"\n"
+        ),
+        ..Options::default()
+    });
+    let port = group.tls_port.expect("HTTPS");
+
+    // Each host its site; the default site for every other; a site's routes are its own.
+    let seen = |host: &str, path: &str| fetch(port, host, path);
+    assert!(
+        seen("shop.test", "/").contains("the shop"),
+        "{}",
+        seen("shop.test", "/")
+    );
+    assert!(seen("a.b.shop.test", "/").contains("the shop"));
+    assert!(seen("blog.test", "/").contains("the blog"));
+    assert!(seen("blog.test", "/api/ping").contains(r#"{"status":"ok"}"#));
+    assert!(
+        seen("shop.test", "/api/ping").ends_with("\n404"),
+        "{}",
+        seen("shop.test", "/api/ping")
+    );
+    let default = seen("localhost", "/");
+    assert!(
+        default.contains("gatehouse") && default.ends_with("\n200"),
+        "{default}"
+    );
+    assert!(
+        seen("SHOP.test", "/").contains("the shop"),
+        "hosts are matched in any case"
+    );
+
+    // Each name its certificate, by SNI; any other name the default one.
+    assert!(presented(port, "shop.test").contains("DNS:shop.test"));
+    assert!(presented(port, "x.shop.test").contains("DNS:*.shop.test"));
+    assert!(presented(port, "blog.test").contains("DNS:blog.test"));
+    let other = presented(port, "other.test");
+    assert!(
+        other.contains("DNS:localhost") && !other.contains(".test"),
+        "{other}"
+    );
+
+    // A reload moves the blog to news.test, with news.test's certificate, while clients of the
+    // default site are served throughout.
+    let load = Load::start(&group, "/api/ping", 4);
+    edit_config(
+        &group,
+        &format!("cert = {blog_cert:?}"),
+        &format!("cert = {news_cert:?}"),
+    );
+    edit_config(
+        &group,
+        &format!("key = {blog_key:?}"),
+        &format!("key = {news_key:?}"),
+    );
+    // Both of the blog's routes.
+    for _ in 0..2 {
+        edit_config(&group, "[\"blog.test\"]", "[\"news.test\"]");
+    }
+    util::signal(group.pid(), libc::SIGHUP);
+    assert!(
+        wait_until(std::time::Duration::from_secs(5), || seen("news.test", "/")
+            .contains("the blog")),
+        "news.test does not serve the blog after the reload"
+    );
+    assert!(presented(port, "news.test").contains("DNS:news.test"));
+    assert!(
+        seen("blog.test", "/").contains("gatehouse"),
+        "blog.test is the default site now"
+    );
+    load.finish_without_failures();
+}
