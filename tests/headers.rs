@@ -612,10 +612,17 @@ const FRAME_TITLES: &str = r#"(async () => {
   const titles = [];
   for (const frame of document.querySelectorAll("iframe")) {
     frame.scrollIntoView();
-    for (let i = 0; i < 200; i++) {
-      const inner = frame.contentDocument;
-      if (inner && inner.readyState === "complete" && inner.title) break;
-      await sleep(50);
+    // A frame whose load failed (an error page, cross-origin to us) gets one more try: on a
+    // loaded machine a lazy frame's first load can fail on its own.
+    for (let attempt = 0; attempt < 2; attempt++) {
+      for (let i = 0; i < 200; i++) {
+        const inner = frame.contentDocument;
+        if (!inner || (inner.readyState === "complete" && inner.title)) break;
+        await sleep(50);
+      }
+      if (frame.contentDocument) break;
+      frame.src = frame.getAttribute("src");
+      await sleep(200);
     }
     titles.push(frame.contentDocument ? frame.contentDocument.title : "(blocked)");
   }

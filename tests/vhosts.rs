@@ -60,16 +60,28 @@ fn presented(port: u16, sni: &str) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
-/// `curl https://HOST:PORT/PATH` with HOST resolved to loopback (so SNI and `Host` are HOST);
-/// the status and the body.
-fn fetch(port: u16, host: &str, path: &str) -> String {
+/// `curl https://HOST:PORT/PATH` with HOST resolved to loopback (so SNI and `Host` are HOST),
+/// and `args`; the body, then the status on a line of its own.
+fn fetch_with(port: u16, host: &str, path: &str, args: &[&str]) -> String {
     let output = Command::new("curl")
-        .args(["-sk", "--max-time", "10", "-w", "\n%{http_code}"])
+        .args([
+            "-sk",
+            "--http1.1",
+            "--max-time",
+            "10",
+            "-w",
+            "\n%{http_code}",
+        ])
         .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .args(args)
         .arg(format!("https://{host}:{port}{path}"))
         .output()
         .expect("curl");
     String::from_utf8_lossy(&output.stdout).into_owned()
+}
+
+fn fetch(port: u16, host: &str, path: &str) -> String {
+    fetch_with(port, host, path, &[])
 }
 
 #[test]
@@ -117,6 +129,21 @@ fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
         seen("SHOP.test", "/").contains("the shop"),
         "hosts are matched in any case"
     );
+    assert!(
+        seen("shop.test.", "/").contains("the shop"),
+        "a final dot changes nothing"
+    );
+
+    // The target's authority names the site; a `Host` naming another site is refused
+    // (by Pingora's parser), never routed by one and sent on with the other.
+    let target = format!("https://blog.test:{port}/api/ping");
+    let matching = fetch_with(port, "blog.test", "/", &["--request-target", &target]);
+    assert!(matching.contains(r#"{"status":"ok"}"#), "{matching}");
+    let mismatched = fetch_with(port, "shop.test", "/", &["--request-target", &target]);
+    assert!(mismatched.ends_with("\n400"), "{mismatched}");
+    // A host that cannot be read is refused, not served by the default site.
+    let bad = fetch_with(port, "shop.test", "/", &["-H", "Host: shop_test"]);
+    assert!(bad.ends_with("\n400") && bad.contains("bad_host"), "{bad}");
 
     // Each name its certificate, by SNI; any other name the default one.
     assert!(presented(port, "shop.test").contains("DNS:shop.test"));

@@ -86,21 +86,26 @@ pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
     }
     request.set_version(Version::HTTP_11);
     request.remove_header(&header::CONNECTION);
-    // A target with an authority (HTTP/2's `:authority`, HTTP/1's absolute form) names the
-    // host, which wins over any `Host` sent (RFC 9112 section 3.2.2, RFC 9113 section 8.3.1).
+    Ok(request)
+}
+
+/// The `Host` the backend gets when the target has an authority (HTTP/2's `:authority`,
+/// HTTP/1's absolute form): it names the host, and wins over any `Host` sent (RFC 9112
+/// section 3.2.2, RFC 9113 section 8.3.1), on both paths to a backend, as in routing.
+pub fn authority_host(request: &RequestHeader) -> Result<Option<http::HeaderValue>> {
     let authority = match request.uri.authority() {
         Some(authority) => Some(authority.as_str().as_bytes()),
-        None => absolute_form_authority(downstream.raw_path()),
+        None => absolute_form_authority(request.raw_path()),
     };
-    if let Some(host) = authority {
-        if host.contains(&b'@') {
-            return Error::e_explain(ErrorType::InvalidHTTPHeader, "userinfo in the authority");
-        }
-        let host = http::HeaderValue::from_bytes(host)
-            .or_err(ErrorType::InvalidHTTPHeader, "the target's authority")?;
-        request.insert_header(header::HOST, host)?;
+    let Some(host) = authority else {
+        return Ok(None);
+    };
+    if host.contains(&b'@') {
+        return Error::e_explain(ErrorType::InvalidHTTPHeader, "userinfo in the authority");
     }
-    Ok(request)
+    http::HeaderValue::from_bytes(host)
+        .or_err(ErrorType::InvalidHTTPHeader, "the target's authority")
+        .map(Some)
 }
 
 /// The authority of an HTTP/1 absolute-form target (`http://host:port/path`), which

@@ -383,19 +383,38 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
+        // The site, by the host asked for, when routes name hosts. A host that cannot be read
+        // is refused rather than served by the default site: a backend behind it might read
+        // it as the protected host it nearly names.
+        let site = if live.routes.has_hosts() {
+            let request = session.req_header();
+            let host = header_rules::request_host(request);
+            if host.is_none() && header_rules::raw_request_host(request).is_some() {
+                let message = "the Host header is not a valid host name";
+                respond::json_error(session, &stamp, 400, "bad_host", message).await?;
+                return Ok(true);
+            }
+            let name = host.as_ref().and_then(|h| h.to_str().ok());
+            live.routes.site(name.map(host_without_port))
+        } else {
+            None
+        };
+        let site = site.as_deref();
+
         if !ctx.tls
             && let Some(redirect) = &live.tls.redirect
         {
             let request = session.req_header();
             let path_and_query = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
-            let host = request.headers.get("host").map(|h| h.as_bytes());
+            let host = header_rules::raw_request_host(request);
             // 308 keeps the method and body; 301 is what every client follows for GET.
             let status = if matches!(request.method, http::Method::GET | http::Method::HEAD) {
                 301
             } else {
                 308
             };
-            match redirect.location(host, path_and_query) {
+            // A host routes name is its own site: redirected to itself, not to the server name.
+            match redirect.location(host, path_and_query, site.is_some()) {
                 Some(location) => respond::redirect(session, &stamp, status, &location).await?,
                 None => {
                     let message = "the Host header is missing or not a valid host name";
@@ -419,18 +438,6 @@ impl ProxyHttp for Gateway {
             }
         };
 
-        // The site, by the host asked for, when routes name hosts.
-        let site = if live.routes.has_hosts() {
-            let host = header_rules::request_host(session.req_header());
-            let name = host
-                .as_ref()
-                .and_then(|h| h.to_str().ok())
-                .map(host_without_port);
-            live.routes.site(name)
-        } else {
-            None
-        };
-        let site = site.as_deref();
         // `/open` for the static route `/open/`: checked first, as `/` would take it otherwise.
         if live.routes.is_static_without_slash(site, &decoded) {
             let uri = &session.req_header().uri;
@@ -814,12 +821,15 @@ impl Gateway {
     }
 }
 
-/// The forwarding headers and the request id for the backend (both paths).
+/// The forwarding headers, the request id and the host for the backend (both paths).
 fn forwarding_headers(
     session: &Session,
     upstream: &mut RequestHeader,
     ctx: &RequestCtx,
 ) -> Result<()> {
+    if let Some(host) = forward::authority_host(session.req_header()).map_err(|e| e.into_down())? {
+        upstream.insert_header(http::header::HOST, host)?;
+    }
     // A trusted proxy's chain is extended with the hop we saw; anyone else's is replaced,
     // so a backend never sees an address the edge did not vouch for.
     if let Some(peer) = session
@@ -916,13 +926,15 @@ fn is_websocket_handshake(request: &RequestHeader) -> bool {
         && headers.contains_key(http::header::SEC_WEBSOCKET_KEY)
 }
 
-/// `host[:port]` (already checked, lower case) without its port.
+/// `host[:port]` (already checked, lower case) without its port, or the dot that may end a
+/// fully qualified name (`shop.example.` is `shop.example`).
 fn host_without_port(host: &str) -> &str {
-    match host.rsplit_once(':') {
+    let name = match host.rsplit_once(':') {
         // `[v6]:port`, or `name:port`; a bare `[v6]` has no port.
         Some((name, port)) if !port.contains(']') => name,
         _ => host,
-    }
+    };
+    name.strip_suffix('.').unwrap_or(name)
 }
 
 /// An address as text; IPv4 without `Display`'s padding machinery, which costs more than the

@@ -245,20 +245,30 @@ pub struct Vars<'a> {
     pub host: Option<&'a [u8]>,
 }
 
-/// The host a request names, as `host[:port]` in lower case: its `Host` header, or without
-/// one (HTTP/2, an absolute-form or HTTP/1.0 request) the authority of its target. The client
-/// chooses it, so it is `None` unless it is a host name or IP literal and a port: a header
-/// made from it can never carry a list, a parameter or a quote.
+/// The host a request names, as `host[:port]` in lower case: the authority of its target
+/// (HTTP/2's `:authority`, an absolute-form target), which wins over any `Host` as it does on
+/// the way to the backend (RFC 9112 section 3.2.2, RFC 9113 section 8.3.1), else its `Host`.
+/// The client chooses it, so it is `None` unless it is a host name or IP literal and a port:
+/// a header made from it can never carry a list, a parameter or a quote.
 pub fn request_host(request: &RequestHeader) -> Option<HeaderValue> {
-    let raw = request
-        .headers
-        .get(http::header::HOST)
-        .map(HeaderValue::as_bytes)
-        .filter(|host| !host.is_empty())
-        .or_else(|| request.uri.authority().map(|a| a.as_str().as_bytes()))
-        .or_else(|| crate::forward::absolute_form_authority(request.raw_path()))?;
-    let host = crate::https_redirect::valid_authority(raw)?;
+    let host = crate::https_redirect::valid_authority(raw_request_host(request)?)?;
     HeaderValue::from_str(&host).ok()
+}
+
+/// The host a request names, as sent (see [`request_host`]).
+pub fn raw_request_host(request: &RequestHeader) -> Option<&[u8]> {
+    request
+        .uri
+        .authority()
+        .map(|a| a.as_str().as_bytes())
+        .or_else(|| crate::forward::absolute_form_authority(request.raw_path()))
+        .or_else(|| {
+            request
+                .headers
+                .get(http::header::HOST)
+                .map(HeaderValue::as_bytes)
+        })
+        .filter(|host| !host.is_empty())
 }
 
 /// One way's rules, applied in this order: `remove`, `set` (replacing), `add` (alongside what

@@ -15,10 +15,16 @@ pub struct HttpsRedirect {
 
 impl HttpsRedirect {
     /// The `Location` for a request, or `None` when no trustworthy host is known.
-    pub fn location(&self, host_header: Option<&[u8]>, path_and_query: &str) -> Option<String> {
+    /// `own_host`: the request's host is one the routes name, redirected to itself.
+    pub fn location(
+        &self,
+        host_header: Option<&[u8]>,
+        path_and_query: &str,
+        own_host: bool,
+    ) -> Option<String> {
         let host = match &self.server_name {
-            Some(name) => name.clone(),
-            None => valid_host(host_header?)?,
+            Some(name) if !own_host => name.clone(),
+            _ => valid_host(host_header?)?,
         };
         let port = if self.https_port == 443 {
             String::new()
@@ -95,7 +101,7 @@ mod tests {
             server_name: None,
             https_port: 8443,
         }
-        .location(Some(host.as_bytes()), "/a?b=1")
+        .location(Some(host.as_bytes()), "/a?b=1", false)
     }
 
     #[test]
@@ -121,7 +127,7 @@ mod tests {
             https_port: 443,
         };
         assert_eq!(
-            fixed.location(Some(b"evil.test"), "/").as_deref(),
+            fixed.location(Some(b"evil.test"), "/", false).as_deref(),
             Some("https://edge.example/")
         );
     }
@@ -146,7 +152,7 @@ mod tests {
             server_name: None,
             https_port: 8443,
         };
-        assert_eq!(redirect.location(None, "/"), None);
+        assert_eq!(redirect.location(None, "/", false), None);
     }
 
     #[test]

@@ -259,8 +259,10 @@ const LOOKUP_TIMEOUT: Duration = Duration::from_secs(5);
 /// The most addresses one name gives a pool: each is a server with its own health checks
 /// and metric series.
 const MAX_ADDRESSES: usize = 64;
-/// How often a pool's discovery runs: names that never resolved are tried this often.
-const UPDATE_EVERY: Duration = Duration::from_secs(1);
+/// How often a pool's discovery runs: names that never resolved are tried this often. As
+/// long as a lookup's deadline, so a hanging resolver holds about one blocked lookup thread
+/// per name at a time.
+const UPDATE_EVERY: Duration = LOOKUP_TIMEOUT;
 
 #[async_trait]
 impl ServiceDiscovery for Resolved {

@@ -152,7 +152,12 @@ impl RouteTable {
                         pages,
                     } => Served::Static(Site::new(&dir, cache_control, pages, statics, sites)?),
                 };
-                let observer = observer(&route.prefix, route.access_log.as_ref());
+                // A site's routes are told apart in metrics and logs by its first host.
+                let name = match route.hosts.first() {
+                    Some(host) => format!("{host}{}", route.prefix),
+                    None => route.prefix.clone(),
+                };
+                let observer = observer(&name, route.access_log.as_ref());
                 let rules =
                     Access::build(route.access, access, &mut limits, &basic_auth, counters)?;
                 Ok(Arc::new(LiveRoute {

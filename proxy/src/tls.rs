@@ -83,28 +83,40 @@ impl Certificates {
         };
         for (cert, key) in &listener.certificates {
             let pair = load_certified_key(cert, key)?;
-            let names = dns_names(
-                pair.end_entity_cert()
-                    .map_err(|_| BuildError::NoCertificate(cert.clone()))?,
-            )
-            .ok_or_else(|| BuildError::NoDnsNames(cert.clone()))?;
-            for name in names {
-                let (map, name) = match name.strip_prefix("*.") {
-                    Some(parent) => (&mut set.wildcard, parent.to_owned()),
-                    None => (&mut set.exact, name),
-                };
-                map.entry(name).or_insert_with(|| pair.clone());
-            }
+            let names = pair
+                .end_entity_cert()
+                .ok()
+                .and_then(dns_names)
+                .ok_or_else(|| BuildError::NoDnsNames(cert.clone()))?;
+            set.add(&pair, names);
+        }
+        // The default pair's own names too, after the others': an exact name of its beats
+        // another certificate's wildcard, as nginx prefers exact names.
+        let default = set.default.clone();
+        if let Some(names) = default.end_entity_cert().ok().and_then(dns_names) {
+            set.add(&default, names);
         }
         Ok(set)
     }
 
+    /// `pair` under each of `names` not taken already.
+    fn add(&mut self, pair: &Arc<CertifiedKey>, names: Vec<String>) {
+        for name in names {
+            let (map, name) = match name.strip_prefix("*.") {
+                Some(parent) => (&mut self.wildcard, parent.to_owned()),
+                None => (&mut self.exact, name),
+            };
+            map.entry(name).or_insert_with(|| pair.clone());
+        }
+    }
+
     /// The pair for `name` (the client's SNI): its own, a wildcard's, or the default.
     pub fn for_name(&self, name: Option<&str>) -> Arc<CertifiedKey> {
-        let Some(name) = name.map(str::to_ascii_lowercase) else {
+        // rustls hands the name in lower case, with the dot a fully qualified one may end in.
+        let Some(name) = name.map(|n| n.strip_suffix('.').unwrap_or(n)) else {
             return self.default.clone();
         };
-        if let Some(pair) = self.exact.get(&name) {
+        if let Some(pair) = self.exact.get(name) {
             return pair.clone();
         }
         name.split_once('.')

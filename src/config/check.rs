@@ -41,15 +41,22 @@ pub fn check(config: Config) -> Result<(Config, Users), ConfigError> {
         crate::certs::validate(&tls.cert, &tls.key)
             .map_err(|e| config.error_at("tls.cert", e.to_string()))?;
     }
-    if let Some(tls) = &config.proxy.tls
-        && !tls.certificates.is_empty()
+    // Each of the other pairs, as the proxy will read it (the default pair may be missing,
+    // to be generated).
+    for (i, (cert, key)) in config
+        .proxy
+        .tls
+        .iter()
+        .flat_map(|t| &t.certificates)
+        .enumerate()
     {
         gatehouse_proxy::tls::Certificates::load(&gatehouse_proxy::TlsListener {
-            cert: tls.certificates[0].0.clone(),
-            key: tls.certificates[0].1.clone(),
-            ..tls.clone()
+            listen: config.proxy.listen,
+            cert: cert.clone(),
+            key: key.clone(),
+            certificates: vec![(cert.clone(), key.clone())],
         })
-        .map_err(|e| config.error_at("tls.certificates", e.to_string()))?;
+        .map_err(|e| config.error_at(&format!("tls.certificates[{i}]"), e.to_string()))?;
     }
     Ok((config, users))
 }

@@ -39,7 +39,9 @@ pub fn validate(
         }
         let mut hosts = Vec::with_capacity(route.hosts.len());
         for (j, host) in route.hosts.iter().enumerate() {
+            // As requests' hosts are compared: lower case, no final dot.
             let host = host.to_ascii_lowercase();
+            let host = host.strip_suffix('.').unwrap_or(&host).to_owned();
             let name = host.strip_prefix("*.").unwrap_or(&host);
             if !gatehouse_proxy::https_redirect::is_dns_name(name) {
                 return Err(source.at(
