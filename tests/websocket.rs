@@ -188,3 +188,41 @@ fn an_idle_websocket_is_closed_at_its_own_deadline() {
         gauge(&metrics(admin_port), "gatehouse_upgraded_connections_open") == 0.0
     }));
 }
+
+#[test]
+fn a_client_holds_at_most_its_share_of_websockets_and_others_are_served() {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let (_proxy, port, _) = start(dir.path(), "limits.max_upgraded_per_client = 2");
+    let first = connect(port, "/api/ws");
+    let mut second = connect(port, "/api/ws");
+    // A third from the same client: refused at the handshake, with the JSON error.
+    let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+    match tungstenite::client(format!("ws://127.0.0.1:{port}/api/ws"), stream) {
+        Err(tungstenite::HandshakeError::Failure(tungstenite::Error::Http(response))) => {
+            assert_eq!(response.status(), 429);
+            let body = String::from_utf8_lossy(response.body().as_deref().unwrap_or_default());
+            assert!(body.contains(r#""error":"too_many_upgraded""#), "{body}");
+        }
+        other => panic!(
+            "a third WebSocket was not refused: {:?}",
+            other.map(|(_, r)| r)
+        ),
+    }
+    // Plain requests from the same client are not held to it, and the open ones still talk.
+    let (plain, _) = exchange(
+        port,
+        b"GET /api/x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n\r\n",
+    );
+    assert!(plain.starts_with("HTTP/1.1 200 "), "{plain}");
+    second.send(Message::text("still")).expect("send");
+    assert_eq!(second.read().expect("echo"), Message::text("still"));
+    // One closed: its share is back.
+    drop(first);
+    assert!(
+        wait_until(Duration::from_secs(5), || {
+            let stream = TcpStream::connect(("127.0.0.1", port)).expect("connect");
+            tungstenite::client(format!("ws://127.0.0.1:{port}/api/ws"), stream).is_ok()
+        }),
+        "the closed WebSocket's share did not come back"
+    );
+}

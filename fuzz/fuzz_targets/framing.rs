@@ -26,6 +26,7 @@ const LIMITS: RequestLimits = RequestLimits {
     max_upstream_requests_per_client: 1,
     max_requests_per_connection: 1,
     upgrade_idle_timeout: Duration::from_secs(60),
+    max_upgraded_per_client: 1,
 };
 
 fuzz_target!(|data: &[u8]| {

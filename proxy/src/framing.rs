@@ -328,6 +328,7 @@ mod tests {
         max_upstream_requests_per_client: 10,
         max_requests_per_connection: 10,
         upgrade_idle_timeout: std::time::Duration::from_secs(60),
+        max_upgraded_per_client: 1,
     };
 
     #[test]

@@ -69,6 +69,9 @@ pub struct Gateway {
     live: Arc<ArcSwap<Live>>,
     pool: Pool,
     shares: Arc<ClientShares>,
+    /// Each client's WebSockets (handshakes and open tunnels), held to their own cap: one
+    /// lasts up to an hour, where a request lasts seconds.
+    tunnels: Arc<ClientShares>,
     drain: Drain,
 }
 
@@ -78,6 +81,7 @@ impl Gateway {
             live,
             pool,
             shares: Arc::default(),
+            tunnels: Arc::default(),
             drain,
         }
     }
@@ -263,6 +267,8 @@ pub struct RequestCtx {
     allow_origin: Option<HeaderValue>,
     /// Held while the connection is upgraded (a WebSocket): counts it open.
     upgraded: Option<Upgraded>,
+    /// The client's share of WebSockets, held from the handshake to the tunnel's end.
+    tunnel: Option<Share>,
     /// The target the backend gets, on a route that rewrites its prefix.
     upstream_target: Option<Vec<u8>>,
     /// What a named pool's hash policy ranks its servers by, for this request.
@@ -322,6 +328,7 @@ impl ProxyHttp for Gateway {
             host: None,
             allow_origin: None,
             upgraded: None,
+            tunnel: None,
             upstream_target: None,
             hash_key: None,
         }
@@ -508,6 +515,22 @@ impl ProxyHttp for Gateway {
                     return Ok(true);
                 };
                 ctx.share = Some(share);
+                if is_websocket_handshake(session.req_header()) {
+                    let cap = live.limits.max_upgraded_per_client;
+                    let Some(tunnel) = self.tunnels.enter(ctx.client, cap) else {
+                        let message = "too many of your WebSockets are open; close one first";
+                        respond::json_error(
+                            session,
+                            &self.stamp(ctx),
+                            429,
+                            "too_many_upgraded",
+                            message,
+                        )
+                        .await?;
+                        return Ok(true);
+                    };
+                    ctx.tunnel = Some(tunnel);
+                }
                 match served {
                     Served::Pool(pool) => ctx.hash_key = pool.request_key(session, ctx.client),
                     _ if forward::eligible(session) => return self.forward(session, ctx).await,

@@ -181,4 +181,6 @@ pub struct RequestLimits {
     /// is closed (HAProxy: `timeout tunnel`); it replaces the body and backend read timeouts
     /// once the backend has answered `101`.
     pub upgrade_idle_timeout: Duration,
+    /// WebSockets one client (IPv4 address, IPv6 /64) may have open or opening at once.
+    pub max_upgraded_per_client: usize,
 }

@@ -79,6 +79,11 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
         "limits.max_requests_per_connection",
     )?;
     source.within(l.h2_max_streams, 1..=1000, "limits.h2_max_streams")?;
+    source.within(
+        l.max_upgraded_per_client,
+        1..=100_000,
+        "limits.max_upgraded_per_client",
+    )?;
     let upgrade_idle_timeout = source.duration(
         l.upgrade_idle_timeout.0,
         Duration::from_secs(1)..=Duration::from_secs(24 * 3600),
@@ -98,6 +103,7 @@ pub fn limits(l: &RawLimits, source: &Source) -> Result<(RequestLimits, u32), Co
             max_upstream_requests_per_client: l.max_upstream_requests_per_client,
             max_requests_per_connection: l.max_requests_per_connection,
             upgrade_idle_timeout,
+            max_upgraded_per_client: l.max_upgraded_per_client,
         },
         l.h2_max_streams,
     ))

@@ -130,6 +130,7 @@ pub struct RawLimits {
     pub max_upstream_requests_per_client: usize,
     pub max_requests_per_connection: u32,
     pub upgrade_idle_timeout: Human,
+    pub max_upgraded_per_client: usize,
     pub h2_max_streams: u32,
 }
 
@@ -148,6 +149,7 @@ impl Default for RawLimits {
             max_upstream_requests_per_client: 128,
             max_requests_per_connection: 1000,
             upgrade_idle_timeout: secs(3600),
+            max_upgraded_per_client: 16,
             h2_max_streams: 100,
         }
     }
