@@ -183,7 +183,16 @@ pub fn run(
 
     let health = upstream::build(&settings.pool)?;
     let lb = health.task();
-    let pool = upstream::Pool::new(lb.clone(), &settings.pool);
+    let deadlines = forward::Deadlines {
+        connect: settings.pool.connect_timeout,
+        read: settings.pool.read_timeout,
+    };
+    let pool = upstream::Pool::new(
+        lb.clone(),
+        settings.pool.queue_timeout,
+        deadlines,
+        settings::Balance::RoundRobin,
+    );
     let (pools, pool_services) = pools::build(&settings.upstreams)?;
     let pools = Arc::new(pools);
     let metrics = match &settings.admin_listen {

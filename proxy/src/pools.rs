@@ -101,25 +101,16 @@ pub fn build(pools: &[NamedPool]) -> Result<(Pools, Vec<PoolService>), BuildErro
             lb.parallel_health_check = true;
         }
         let service = background_service(&format!("upstream pool {}", pool.name), lb);
-        let settings = crate::settings::PoolSettings {
-            backends: Vec::new(),
-            socket_dir: None,
-            socket_dir_max_backends: 0,
-            connect_timeout: pool.connect_timeout,
-            read_timeout: pool.read_timeout,
-            health_check_interval: pool
-                .health
-                .as_ref()
-                .map_or(pool.resolve_interval, |h| h.interval),
-            health_check_timeout: pool
-                .health
-                .as_ref()
-                .map_or(pool.read_timeout, |h| h.timeout),
-            max_connections_per_backend: pool.max_connections,
-            queue_timeout: pool.queue_timeout,
+        let deadlines = crate::forward::Deadlines {
+            connect: pool.connect_timeout,
+            read: pool.read_timeout,
         };
-        let mut runtime = Pool::new(service.task(), &settings);
-        runtime.balance = pool.balance.clone();
+        let runtime = Pool::new(
+            service.task(),
+            pool.queue_timeout,
+            deadlines,
+            pool.balance.clone(),
+        );
         built.by_name.insert(pool.name.clone(), Arc::new(runtime));
         services.push(service);
     }

@@ -186,20 +186,23 @@ pub struct Pool {
     /// Where round robin goes next.
     next: AtomicUsize,
     /// How a server is picked (named pools; the built-in pool goes round robin).
-    pub balance: Balance,
+    balance: Balance,
 }
 
 impl Pool {
-    pub fn new(lb: Arc<LoadBalancer<RoundRobin>>, settings: &PoolSettings) -> Self {
+    /// `balance`: round robin for the built-in pool; a named pool's own.
+    pub fn new(
+        lb: Arc<LoadBalancer<RoundRobin>>,
+        queue_timeout: Duration,
+        deadlines: Deadlines,
+        balance: Balance,
+    ) -> Self {
         Self {
             lb,
-            queue_timeout: settings.queue_timeout,
-            deadlines: Deadlines {
-                connect: settings.connect_timeout,
-                read: settings.read_timeout,
-            },
+            queue_timeout,
+            deadlines,
             next: AtomicUsize::new(0),
-            balance: Balance::RoundRobin,
+            balance,
         }
     }
 
