@@ -13,6 +13,12 @@ syscalls per request by kind, from a separate short pass of `oha -n` per scenari
 `strace -c -f` attached to the edge processes (strace slows them many times over: that pass
 counts, it does not time). Raw oha JSON and strace summaries go to the output directory.
 
+Beside gatehouse's own backends, the rows cover named pools ([upstreams.NAME]) over the same
+Unix sockets and over TCP to an origin of their own (a separate one-worker nginx answering a
+fixed body, so its CPU is nobody's edge), and a route with a prefix rewrite, header rules and
+CORS beside the same route without the rules; nginx does the same with proxy_pass to a URI,
+proxy_set_header, add_header and a map of allowed origins.
+
     scripts/bench.py            # the full run (a few minutes)
     scripts/bench.py --quick    # a short smoke run, as CI does (no strace pass)
     scripts/bench.py --out DIR  # where the table and the raw JSON go
@@ -218,11 +224,15 @@ static_dir = "{static}/main"
 """
 
 
-def nginx_config(work, http, https, backends, workers, access_log=None):
+def nginx_config(work, http, https, backends, workers, access_log=None, origin=None):
     """`access_log`: a file for nginx's access log in its default format, written at each
-    request as nginx does by default (None: off)."""
+    request as nginx does by default (None: off); `origin`: the port of the TCP origin
+    (ORIGIN_CONFIG) that /tcppool/ goes to."""
     static = work / "static"
     access = f"access_log {access_log};" if access_log else "access_log off;"
+    # What every proxied location sends upstream, as gatehouse does.
+    proxied = ('proxy_http_version 1.1; proxy_set_header Connection ""; '
+               "proxy_set_header X-Request-ID $request_id; proxy_set_header X-Forwarded-For $remote_addr;")
     servers = "\n".join(f"        server unix:{work}/run/backend-{i}.sock;" for i in range(1, backends + 1))
     # Workers run as us, so they can reach the backend sockets in our private directory.
     user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
@@ -251,10 +261,7 @@ http {{
         ssl_protocols TLSv1.2 TLSv1.3;
         location /api/ {{
             proxy_pass http://backends;
-            proxy_http_version 1.1;
-            proxy_set_header Connection "";
-            proxy_set_header X-Request-ID $request_id;
-            proxy_set_header X-Forwarded-For $remote_addr;
+            {proxied}
         }}
         location /close/ {{
             alias {static}/close/;
@@ -264,8 +271,101 @@ http {{
             auth_basic_user_file {REPO}/conf/htpasswd;
         }}
         location / {{ root {static}/main; }}
+        # As gatehouse's named pools and the route with header rules and CORS (POOL_ROUTES).
+        location /unixpool/ {{
+            proxy_pass http://backends/api/;
+            {proxied}
+        }}
+        location /tcppool/ {{
+            proxy_pass http://origin;
+            {proxied}
+        }}
+        location /plain/ {{
+            proxy_pass http://backends/api/;
+            {proxied}
+        }}
+        location /rules/ {{
+            proxy_pass http://backends/api/;
+            {proxied}
+            proxy_set_header X-Env prod;
+            proxy_set_header X-Client $remote_addr;
+            proxy_set_header X-Debug "";
+            proxy_hide_header Server;
+            add_header X-Served-By edge-$request_id;
+            add_header Access-Control-Allow-Origin $cors_origin;
+            add_header Vary Origin;
+        }}
+    }}
+    map $http_origin $cors_origin {{
+        "https://app.example" $http_origin;
+        default "";
+    }}
+    upstream origin {{
+        server 127.0.0.1:{origin or 9};
+        keepalive 64;
     }}
 }}
+"""
+
+
+# A TCP origin for the named-pool row over TCP: an nginx of its own (so its CPU is not the
+# edge's), one worker, a fixed small answer.
+ORIGIN_CONFIG = """
+{user}
+worker_processes 1;
+pid {work}/origin.pid;
+error_log {work}/origin-error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+    access_log off;
+    keepalive_requests 100000;
+    server {{
+        listen 127.0.0.1:{port};
+        location / {{
+            default_type application/json;
+            return 200 '{{"status":"ok"}}';
+        }}
+    }}
+}}
+"""
+
+
+def pool_sections(work, backends, origin):
+    """gatehouse's named pools for the pool rows: the backends' sockets, and the TCP origin."""
+    sockets = ", ".join(f'"unix:{work}/run/backend-{i}.sock"' for i in range(1, backends + 1))
+    return f"""
+[upstreams.unixpool]
+servers = [{sockets}]
+
+[upstreams.tcppool]
+servers = ["127.0.0.1:{origin}"]
+"""
+
+
+# The routes of the pool rows, and a route with header rules and CORS beside the same route
+# without them (both rewrite /X/ to /api/, as nginx's proxy_pass with a URI does).
+POOL_ROUTES = """
+[[routes]]
+prefix = "/unixpool/"
+upstream = "unixpool"
+rewrite_prefix = "/api/"
+
+[[routes]]
+prefix = "/tcppool/"
+upstream = "tcppool"
+
+[[routes]]
+prefix = "/plain/"
+upstream = "backends"
+rewrite_prefix = "/api/"
+
+[[routes]]
+prefix = "/rules/"
+upstream = "backends"
+rewrite_prefix = "/api/"
+request_headers = { set = { "X-Env" = "prod", "X-Client" = "$client_ip" }, remove = ["X-Debug"] }
+response_headers = { set = { "X-Served-By" = "edge-$request_id" }, remove = ["Server"] }
+cors = { origins = ["https://app.example"] }
 """
 
 
@@ -447,9 +547,9 @@ def stop_all(processes, work):
     """SIGTERM to what we started (and nginx's master, by its pid file), then clean up."""
     for proc in processes:
         proc.send_signal(signal.SIGTERM)
-    pid_file = work / "nginx.pid"
-    if pid_file.exists():
-        os.kill(int(pid_file.read_text()), signal.SIGQUIT)
+    for pid_file in (work / "nginx.pid", work / "origin.pid"):
+        if pid_file.exists():
+            os.kill(int(pid_file.read_text()), signal.SIGQUIT)
     for proc in processes:
         try:
             proc.wait(timeout=30)
@@ -695,14 +795,19 @@ def main():
     processes = []
     try:
         copy_static(work)
-        ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https")}
+        ports = {name: free_port() for name in ("gh_http", "gh_https", "ngx_http", "ngx_https", "origin")}
+        user = f"user {pwd.getpwuid(os.geteuid()).pw_name};" if os.geteuid() == 0 else ""
+        (work / "origin.conf").write_text(ORIGIN_CONFIG.format(user=user, work=work, port=ports["origin"]))
+        subprocess.run(["nginx", "-c", work / "origin.conf"], check=True)
+        wait_for(f"http://127.0.0.1:{ports['origin']}/", work / "origin-error.log")
         # Metrics on (gatehouse always keeps them in production); access logs as both ship
         # (on) unless --access-logs off.
         logs = opts.access_logs == "on"
         (work / "gatehouse.toml").write_text(gatehouse_config(
             work, ports["gh_http"], ports["gh_https"], backends, admin=free_port(),
             access_log=f"{work}/gatehouse-access.log" if logs else "off",
-            proxy_extra=threads_line(opts.threads)))
+            proxy_extra=threads_line(opts.threads),
+            sections=pool_sections(work, backends, ports["origin"]), routes=POOL_ROUTES))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
         log = open(work / "gatehouse.log", "w")
@@ -715,7 +820,8 @@ def main():
         backend_socket = work / "run" / "backend-1.sock"
 
         (work / "nginx.conf").write_text(nginx_config(work, ports["ngx_http"], ports["ngx_https"], backends, workers,
-                                                      f"{work}/nginx-access.log" if logs else None))
+                                                      f"{work}/nginx-access.log" if logs else None,
+                                                      origin=ports["origin"]))
         subprocess.run(["nginx", "-c", work / "nginx.conf"], check=True)
         wait_for(f"http://127.0.0.1:{ports['ngx_http']}/api/ping", work / "nginx-error.log")
         nginx_master = int((work / "nginx.pid").read_text())
@@ -735,6 +841,11 @@ def main():
             ("GET /api/ping", [], "http", "/api/ping"),
             ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
             ("GET /close/ (allowlist + basic auth)", ["-a", "admin:homework"], "http", "/close/"),
+            ("GET ping, named pool over Unix sockets", [], "http", "/unixpool/ping"),
+            ("GET ping, named pool over TCP (an nginx origin)", [], "http", "/tcppool/ping"),
+            ("GET ping, prefix rewritten", [], "http", "/plain/ping"),
+            ("GET ping, prefix rewritten + header rules + CORS", ["-H", "Origin: https://app.example"], "http",
+             "/rules/ping"),
         ]
         scenarios = only(opts, scenarios)
         servers = {

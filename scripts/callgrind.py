@@ -57,6 +57,12 @@ SCENARIOS = {
     "static": ("static page, identity, HTTP", [], "http", "/"),
     "static-gzip": ("static page, gzip, HTTP", ["-H", "Accept-Encoding: gzip"], "http", "/"),
     "static-https": ("static page, identity, HTTPS", [], "https", "/"),
+    # The routes of bench.POOL_ROUTES: a named pool over the backends' sockets (Pingora's
+    # path), and a prefix rewrite without and with header rules and CORS.
+    "pool-unix": ("GET ping, named pool over Unix sockets", [], "http", "/unixpool/ping"),
+    "rewrite": ("GET ping, prefix rewritten", [], "http", "/plain/ping"),
+    "rules": ("GET ping, prefix rewritten + header rules + CORS", ["-H", "Origin: https://app.example"], "http",
+              "/rules/ping"),
 }
 BACKENDS = 2
 
@@ -65,7 +71,9 @@ def side_config(work, name, threads, redis_socket):
     """A config of its own per side (its ports and threads), with the runtime directory, and so
     the backend sockets, shared. Returns (file, http port, https port)."""
     http, https = bench.free_port(), bench.free_port()
-    text = bench.gatehouse_config(work, http, https, BACKENDS, proxy_extra=bench.threads_line(threads))
+    # The TCP pool's origin is never started here: no scenario sends to it.
+    text = bench.gatehouse_config(work, http, https, BACKENDS, proxy_extra=bench.threads_line(threads),
+                                  sections=bench.pool_sections(work, BACKENDS, 9), routes=bench.POOL_ROUTES)
     text += f"""
 [redis]
 url = "unix://{redis_socket}"

@@ -186,7 +186,7 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "cache_control = \"public, max-age=300\"",
             "request_headers = { set = { \"X-Env\" = \"prod\" } }",
             "routes[3].request_headers",
-            "request_headers are for backend routes",
+            "request_headers are for routes to an upstream",
         ),
         (
             "cache_control = \"public, max-age=300\"",

@@ -145,6 +145,36 @@ fn seed_001_serves_the_api_under_flask_with_the_seeds_own_walkthrough() {
         let landing = curl(&["-k", &format!("{base}/")]);
         assert!(landing.contains(r#"<iframe src="/open/""#), "{landing}");
         assert!(landing.contains(r#"<iframe src="/close/""#), "{landing}");
+        // Every link of the landing page leads somewhere, the API's through a redirect.
+        let links: Vec<&str> = landing
+            .split("href=\"/")
+            .skip(1)
+            .filter_map(|rest| rest.split('"').next())
+            .collect();
+        assert!(links.contains(&"swagger/") && links.contains(&"api/openapi.json"));
+        for link in links {
+            let url = format!("{base}/{link}");
+            let followed = status(&["-L", "-u", "admin:homework", &url]);
+            assert_eq!(followed, "200", "{url}");
+        }
+        let moved = curl(&["-ksI", &format!("{base}/swagger/index.html?x")]);
+        assert!(
+            moved.starts_with("HTTP/2 301")
+                && moved.contains("location: /flask/swagger/index.html?x"),
+            "{moved}"
+        );
+        // Another method keeps its method (308); no target turns it into another host.
+        let posted = curl(&["-ksi", "-X", "POST", &format!("{base}/swagger/x")]);
+        assert!(posted.starts_with("HTTP/2 308"), "{posted}");
+        let sneaky = curl(&[
+            "-ksi",
+            "--path-as-is",
+            &format!("{base}/swagger//evil.example/"),
+        ]);
+        assert!(
+            sneaky.starts_with("HTTP/2 400") && !sneaky.contains("location"),
+            "{sneaky}"
+        );
 
         // One access log per site.
         let logs = root.join("var/seed-001/log");

@@ -25,17 +25,38 @@ pub(crate) struct Load {
 
 impl Load {
     pub(crate) fn start(group: &Group, path: &str, clients: usize) -> Load {
-        let stop = Arc::new(AtomicBool::new(false));
-        let workers = (0..clients)
+        let clients = (0..clients)
             .map(|i| {
                 // Half over HTTP/1.1 keep-alive, half over HTTP/2; every third one POSTs.
                 let client = group.http_client(i % 2 == 0);
-                let (url, stop) = (group.url(path), stop.clone());
-                let (post, expected) = if i % 3 == 2 {
-                    (true, 405)
-                } else {
-                    (false, 200)
-                };
+                (client, group.url(path), i % 3 == 2)
+            })
+            .collect();
+        Load::run(clients)
+    }
+
+    /// `clients` HTTP/1.1 clients sending `GET url` over keep-alive connections.
+    pub(crate) fn get(url: &str, clients: usize) -> Load {
+        let clients = (0..clients)
+            .map(|_| {
+                let client = reqwest::blocking::Client::builder()
+                    .timeout(Duration::from_secs(5))
+                    .build()
+                    .expect("client");
+                (client, url.to_owned(), false)
+            })
+            .collect();
+        Load::run(clients)
+    }
+
+    /// Each client with its URL, and whether it POSTs (which a backend answers 405).
+    fn run(clients: Vec<(reqwest::blocking::Client, String, bool)>) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let workers = clients
+            .into_iter()
+            .map(|(client, url, post)| {
+                let stop = stop.clone();
+                let expected = if post { 405 } else { 200 };
                 thread::spawn(move || {
                     let (mut ok, mut failures) = (0, Vec::new());
                     while !stop.load(Ordering::Relaxed) {

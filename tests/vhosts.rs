@@ -1,6 +1,7 @@
 //! Virtual hosts: routes for some hosts only, a certificate per name chosen by SNI (checked
-//! with `openssl s_client -servername` and `curl --resolve`), and a reload that moves a site
-//! to another name with its certificate while clients keep being served.
+//! with `openssl s_client -servername` and `curl --resolve`), redirect and HSTS per site, and
+//! a reload that moves a site to another name with its certificate while clients keep being
+//! served.
 
 use std::{fs, path::Path, process::Command};
 
@@ -84,6 +85,19 @@ fn fetch(port: u16, host: &str, path: &str) -> String {
     fetch_with(port, host, path, &[])
 }
 
+/// The response head (status line and headers, lower-cased) of `GET scheme://HOST:PORT/PATH`,
+/// HOST resolved to loopback.
+fn head(scheme: &str, port: u16, host: &str, path: &str) -> String {
+    let output = Command::new("curl")
+        .args(["-sk", "--http1.1", "--max-time", "10", "-o", "/dev/null"])
+        .args(["-D", "-"])
+        .args(["--resolve", &format!("{host}:{port}:127.0.0.1")])
+        .arg(format!("{scheme}://{host}:{port}{path}"))
+        .output()
+        .expect("curl");
+    String::from_utf8_lossy(&output.stdout).to_ascii_lowercase()
+}
+
 #[test]
 fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
     let files = tempfile::tempdir().expect("temp dir");
@@ -99,7 +113,8 @@ fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
              [[tls.certificates]]\ncert = {blog_cert:?}\nkey = {blog_key:?}\n\
              [[routes]]\nprefix = \"/\"\nhosts = [\"shop.test\", \"*.shop.test\"]\nstatic_dir = {shop:?}\n\
              [[routes]]\nprefix = \"/\"\nhosts = [\"blog.test\"]\nstatic_dir = {blog:?}\n\
-             [[routes]]\nprefix = \"/api/\"\nhosts = [\"blog.test\"]\nupstream = \"backends\"\n"
+             [[routes]]\nprefix = \"/api/\"\nhosts = [\"blog.test\"]\nupstream = \"backends\"\n\
+             [[tls.sites]]\nhosts = [\"blog.test\"]\nredirect_http = false\nhsts = \"off\"\n"
         ),
         ..Options::default()
     });
@@ -145,6 +160,29 @@ fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
     let bad = fetch_with(port, "shop.test", "/", &["-H", "Host: shop_test"]);
     assert!(bad.ends_with("\n400") && bad.contains("bad_host"), "{bad}");
 
+    // Redirect and HSTS per site: the blog is served over plain HTTP too and sends no HSTS;
+    // the shop and the default site keep [tls]'s.
+    let plain = group.port;
+    let blog_http = head("http", plain, "blog.test", "/");
+    assert!(blog_http.starts_with("http/1.1 200"), "{blog_http}");
+    let shop_http = head("http", plain, "shop.test", "/x?y");
+    assert!(
+        shop_http.starts_with("http/1.1 301")
+            && shop_http.contains(&format!("location: https://shop.test:{port}/x?y")),
+        "{shop_http}"
+    );
+    assert!(head("http", plain, "localhost", "/").starts_with("http/1.1 301"));
+    let hsts = "strict-transport-security:";
+    let blog_https = head("https", port, "blog.test", "/");
+    assert!(
+        blog_https.starts_with("http/1.1 200") && !blog_https.contains(hsts),
+        "{blog_https}"
+    );
+    // Errors too.
+    assert!(!head("https", port, "blog.test", "/nowhere/").contains(hsts));
+    assert!(head("https", port, "shop.test", "/").contains(hsts));
+    assert!(head("https", port, "localhost", "/").contains(hsts));
+
     // Each name its certificate, by SNI; any other name the default one.
     assert!(presented(port, "shop.test").contains("DNS:shop.test"));
     assert!(presented(port, "x.shop.test").contains("DNS:*.shop.test"));
@@ -168,8 +206,8 @@ fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
         &format!("key = {blog_key:?}"),
         &format!("key = {news_key:?}"),
     );
-    // Both of the blog's routes.
-    for _ in 0..2 {
+    // Both of the blog's routes, and its redirect and HSTS.
+    for _ in 0..3 {
         edit_config(&group, "[\"blog.test\"]", "[\"news.test\"]");
     }
     util::signal(group.pid(), libc::SIGHUP);
@@ -179,6 +217,9 @@ fn hosts_get_their_own_routes_and_certificates_and_a_reload_moves_them() {
         "news.test does not serve the blog after the reload"
     );
     assert!(presented(port, "news.test").contains("DNS:news.test"));
+    assert!(head("http", plain, "news.test", "/").starts_with("http/1.1 200"));
+    assert!(head("http", plain, "blog.test", "/").starts_with("http/1.1 301"));
+    assert!(!head("https", port, "news.test", "/").contains(hsts));
     assert!(
         seen("blog.test", "/").contains("gatehouse"),
         "blog.test is the default site now"

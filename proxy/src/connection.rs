@@ -289,8 +289,12 @@ impl ServerApp for Edge {
             self.cut(Cut::PerClientLimit);
             return None;
         };
-        let live = self.live.load_full();
-        let limits = live.limits;
+        // Read once and let go: a connection may last hours, and the configuration it was
+        // accepted under must not (a removed pool would keep checking its servers).
+        let (limits, metrics) = {
+            let live = self.live.load();
+            (live.limits, live.metrics.clone())
+        };
         let stream = match &self.tls {
             Some((port, tls)) if local_port(&stream) == Some(*port) => {
                 tls.accept(stream, accepted + limits.tls_handshake_timeout)
@@ -298,7 +302,6 @@ impl ServerApp for Edge {
             }
             _ => stream,
         };
-        let metrics = live.metrics.clone();
         let stream = ClientStream::new(stream, limits.send_timeout, metrics);
         if matches!(stream.selected_alpn_proto(), Some(ALPN::H2)) {
             let deadline = Instant::now() + limits.header_timeout;

@@ -13,8 +13,12 @@ pub enum BuildError {
     UpstreamCa(String),
     #[error("upstreams.{pool}: {} cannot be a socket address", .path.display())]
     UpstreamSocket { pool: String, path: PathBuf },
-    #[error("no upstream pool {0:?} was started; adding a pool takes a restart")]
+    #[error("no upstream pool {0:?}")]
     UnknownPool(String),
+    /// A reload's new or changed pool with a server that has no address: refused, as
+    /// nginx refuses a configuration whose upstream host is not found.
+    #[error("upstreams.{pool}: no address found for {servers}")]
+    Unresolved { pool: String, servers: String },
     #[error("cannot listen on {listen}: {source}")]
     Listen { listen: String, source: io::Error },
     /// Pingora takes the pid file and the upgrade socket as strings.

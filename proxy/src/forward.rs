@@ -9,10 +9,11 @@
 //! codec (so framing, `Keep-Alive` and `Connection: close` are Pingora's rules), and the
 //! connection goes back on a stack owned by its backend.
 //!
-//! An idle connection is not watched: a backend that closed it (it restarted) fails the next
-//! write or read at once on a Unix socket, before any byte of a response reached the client,
-//! and the request then takes Pingora's path, like nginx's `proxy_next_upstream error` for a
-//! request that is safe to send twice.
+//! The backends are gatehouse's own (on Unix sockets) and named pools' plain-HTTP servers (on
+//! Unix sockets or TCP). An idle connection is not watched: one a server closed (it
+//! restarted, or its keep-alive ran out) fails the next write or read at once, before any
+//! byte of a response reached the client, and the request then takes Pingora's path, like
+//! nginx's `proxy_next_upstream error` for a request that is safe to send twice.
 
 use std::{
     sync::Mutex,
@@ -32,7 +33,9 @@ use pingora::{
 };
 use pingora_proxy::Session;
 
-use crate::upstream::{Member, POOL_IDLE_TIMEOUT};
+use tokio::net::{TcpStream, UnixStream};
+
+use crate::upstream::{Dial, Member};
 
 /// Request headers that send a request down Pingora's path: hop-by-hop headers other than
 /// `Connection` (which is dropped here), and whatever needs a body or an upgrade handled.
@@ -134,32 +137,50 @@ const MAX_IDLE: usize = 64;
 pub struct IdleConnections(Mutex<Vec<(Stream, Instant)>>);
 
 impl IdleConnections {
-    /// The newest connection idle for less than [`POOL_IDLE_TIMEOUT`]; older ones are closed.
-    fn take(&self) -> Option<Stream> {
+    /// The newest connection idle for less than `timeout` that is still quiet; older ones,
+    /// and ones the server closed or wrote on, are closed.
+    fn take(&self, timeout: Duration) -> Option<Stream> {
         let mut idle = self.0.lock().ok()?;
-        let (stream, since) = idle.pop()?;
-        if since.elapsed() < POOL_IDLE_TIMEOUT {
-            return Some(stream);
+        while let Some((mut stream, since)) = idle.pop() {
+            if since.elapsed() >= timeout {
+                // Every one below is older still.
+                idle.clear();
+                return None;
+            }
+            if quiet(&mut stream) {
+                return Some(stream);
+            }
         }
-        // Every one below is older still.
-        idle.clear();
         None
     }
 
-    /// Keeps `stream` for the next request. Connections idle past [`POOL_IDLE_TIMEOUT`] at
-    /// the bottom of the stack are closed here, and at most [`MAX_IDLE`] are kept: after a
-    /// burst, light traffic only ever reuses the top, and the rest would otherwise stay open
-    /// (and count against the backend's connection limit) for as long as traffic continues.
-    fn put(&self, stream: Stream) {
+    /// Keeps `stream` for the next request. Connections idle past `timeout` at the bottom
+    /// of the stack are closed here, and at most [`MAX_IDLE`] are kept: after a burst, light
+    /// traffic only ever reuses the top, and the rest would otherwise stay open (and count
+    /// against the backend's connection limit) for as long as traffic continues.
+    fn put(&self, stream: Stream, timeout: Duration) {
         if let Ok(mut idle) = self.0.lock() {
             let now = Instant::now();
             let expired = idle
                 .iter()
-                .take_while(|(_, since)| now.duration_since(*since) >= POOL_IDLE_TIMEOUT)
+                .take_while(|(_, since)| now.duration_since(*since) >= timeout)
                 .count();
             let over = (idle.len() - expired + 1).saturating_sub(MAX_IDLE);
             idle.drain(..expired + over);
             idle.push((stream, now));
+        }
+    }
+
+    /// Closes the connections idle for `timeout` or longer: a server that gets no more
+    /// requests (taken out by health checks, no longer picked by a hash) would otherwise keep
+    /// its idle ones open on both sides until it does.
+    pub fn expire(&self, timeout: Duration) {
+        if let Ok(mut idle) = self.0.lock() {
+            let expired = idle
+                .iter()
+                .take_while(|(_, since)| since.elapsed() >= timeout)
+                .count();
+            idle.drain(..expired);
         }
     }
 
@@ -169,6 +190,22 @@ impl IdleConnections {
             idle.clear();
         }
     }
+}
+
+/// Whether an idle connection has nothing to read: not closed by the server (a keep-alive
+/// that ran out), and no bytes it sent unasked (a `408` before closing, a stray body), which
+/// the next request would take for its answer. A read polled without waiting: while the
+/// socket has had no event since its last read came up empty, no syscall is made.
+fn quiet(stream: &mut Stream) -> bool {
+    use std::task::{Context, Poll, Waker};
+    use tokio::io::{AsyncRead, ReadBuf};
+    let mut byte = [0u8; 1];
+    let mut buf = ReadBuf::new(&mut byte);
+    let mut cx = Context::from_waker(Waker::noop());
+    matches!(
+        std::pin::Pin::new(stream).poll_read(&mut cx, &mut buf),
+        Poll::Pending
+    )
 }
 
 /// Deadlines of a backend exchange.
@@ -202,7 +239,7 @@ pub async fn send(
     request: RequestHeader,
     deadlines: Deadlines,
 ) -> Result<Exchange, Failed> {
-    let (stream, reused) = match member.idle.take() {
+    let (stream, reused) = match member.idle.take(member.idle_timeout) {
         Some(stream) => (stream, true),
         None => (
             connect(member, deadlines.connect)
@@ -244,8 +281,21 @@ pub async fn send(
 }
 
 async fn connect(member: &Member, deadline: Duration) -> Result<Stream> {
-    match tokio::time::timeout(deadline, tokio::net::UnixStream::connect(&member.socket)).await {
-        Ok(Ok(stream)) => Ok(Box::new(L4Stream::from(stream))),
+    let connect = async {
+        match &member.dial {
+            Some(Dial::Unix(path)) => Ok(L4Stream::from(UnixStream::connect(path).await?)),
+            Some(Dial::Tcp(addr)) => {
+                let stream = TcpStream::connect(addr).await?;
+                // A request goes out in one write and waits for its answer: no Nagle delay
+                // (an optimisation: a socket that refuses it still works).
+                let _ = stream.set_nodelay(true);
+                Ok(L4Stream::from(stream))
+            }
+            None => Err(std::io::Error::other("a server behind TLS")),
+        }
+    };
+    match tokio::time::timeout(deadline, connect).await {
+        Ok(Ok(stream)) => Ok(Box::new(stream)),
         Ok(Err(e)) => Error::e_because(ErrorType::ConnectError, "connecting to the backend", e),
         Err(_) => Error::e_explain(ErrorType::ConnectTimedout, "connecting to the backend"),
     }
@@ -320,8 +370,37 @@ impl Exchange {
         }
         self.client.respect_keepalive();
         if let Some(stream) = self.client.reuse().await {
-            member.idle.put(stream);
+            member.idle.put(stream, member.idle_timeout);
         }
         Ok(())
+    }
+}
+
+/// How often connections idle past their deadline are closed.
+pub const SWEEP_EVERY: Duration = Duration::from_secs(1);
+
+/// The background service that closes idle connections past their deadline, in the
+/// built-in pool and in every named pool of the running configuration.
+pub struct IdleSweep {
+    pub backends: std::sync::Arc<crate::upstream::Pool>,
+    pub live: std::sync::Arc<arc_swap::ArcSwap<crate::live::Live>>,
+}
+
+#[async_trait::async_trait]
+impl pingora::services::background::BackgroundService for IdleSweep {
+    async fn start(&self, mut shutdown: pingora::server::ShutdownWatch) {
+        let mut every = tokio::time::interval(SWEEP_EVERY);
+        every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                _ = every.tick() => {
+                    self.backends.close_idle();
+                    for pool in self.live.load().pools.each() {
+                        pool.close_idle();
+                    }
+                }
+                _ = shutdown.changed() => return,
+            }
+        }
     }
 }

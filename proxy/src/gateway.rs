@@ -67,7 +67,7 @@ const USER_HEADER: &str = "x-gatehouse-user";
 pub struct Gateway {
     /// Everything a reload can change; each request keeps the version it started with.
     live: Arc<ArcSwap<Live>>,
-    pool: Pool,
+    pool: Arc<Pool>,
     shares: Arc<ClientShares>,
     /// Each client's WebSockets (handshakes and open tunnels), held to their own cap: one
     /// lasts up to an hour, where a request lasts seconds.
@@ -76,7 +76,7 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    pub fn new(live: Arc<ArcSwap<Live>>, pool: Pool, drain: Drain) -> Self {
+    pub fn new(live: Arc<ArcSwap<Live>>, pool: Arc<Pool>, drain: Drain) -> Self {
         Self {
             live,
             pool,
@@ -89,14 +89,14 @@ impl Gateway {
     fn stamp<'a>(&'a self, ctx: &'a RequestCtx) -> Stamp<'a> {
         Stamp {
             request_id: &ctx.request_id,
-            hsts: ctx.live.tls.hsts.as_deref().filter(|_| ctx.tls),
+            hsts: ctx.live.tls.hsts(ctx.site.as_deref()).filter(|_| ctx.tls),
             route: ctx.route.as_deref().map(|route| RouteStamp {
                 headers: &route.headers,
                 vars: ctx.vars(ctx.host.as_ref().map(HeaderValue::as_bytes)),
                 allow_origin: ctx.allow_origin.as_ref(),
                 site: match &route.served {
                     Served::Static(site) => Some(site),
-                    Served::Backends | Served::Pool(_) => None,
+                    Served::Backends | Served::Pool(_) | Served::Redirect(_) => None,
                 },
             }),
         }
@@ -273,6 +273,8 @@ pub struct RequestCtx {
     upstream_target: Option<Vec<u8>>,
     /// What a named pool's hash policy ranks its servers by, for this request.
     hash_key: Option<u64>,
+    /// The site the request's host names, where routes name hosts (`None`: the default).
+    site: Option<String>,
 }
 
 /// An upgraded connection, counted in `gatehouse_upgraded_connections_open` until the
@@ -331,6 +333,7 @@ impl ProxyHttp for Gateway {
             tunnel: None,
             upstream_target: None,
             hash_key: None,
+            site: None,
         }
     }
 
@@ -372,6 +375,18 @@ impl ProxyHttp for Gateway {
 
     async fn request_filter(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let live = Arc::clone(&ctx.live);
+        // The site, by the host asked for, when routes name hosts: first, as its HSTS choice
+        // goes on every answer. A host that cannot be read is refused (below) rather than
+        // served by the default site: a backend behind it might read it as the protected
+        // host it nearly names.
+        let mut unreadable_host = false;
+        if live.routes.has_hosts() {
+            let request = session.req_header();
+            let host = header_rules::request_host(request);
+            let name = host.as_ref().and_then(|h| h.to_str().ok());
+            ctx.site = live.routes.site(name.map(host_without_port));
+            unreadable_host = host.is_none() && header_rules::raw_request_host(request).is_some();
+        }
         let stamp = self.stamp(ctx);
 
         // HTTP/1 headers were checked, and the body's read timeout set, as they arrived
@@ -390,36 +405,20 @@ impl ProxyHttp for Gateway {
             return Ok(true);
         }
 
-        // The site, by the host asked for, when routes name hosts. A host that cannot be read
-        // is refused rather than served by the default site: a backend behind it might read
-        // it as the protected host it nearly names.
-        let site = if live.routes.has_hosts() {
-            let request = session.req_header();
-            let host = header_rules::request_host(request);
-            if host.is_none() && header_rules::raw_request_host(request).is_some() {
-                let message = "the Host header is not a valid host name";
-                respond::json_error(session, &stamp, 400, "bad_host", message).await?;
-                return Ok(true);
-            }
-            let name = host.as_ref().and_then(|h| h.to_str().ok());
-            live.routes.site(name.map(host_without_port))
-        } else {
-            None
-        };
-        let site = site.as_deref();
+        if unreadable_host {
+            let message = "the Host header is not a valid host name";
+            respond::json_error(session, &stamp, 400, "bad_host", message).await?;
+            return Ok(true);
+        }
+        let site = ctx.site.as_deref();
 
         if !ctx.tls
-            && let Some(redirect) = &live.tls.redirect
+            && let Some(redirect) = live.tls.redirect(site)
         {
             let request = session.req_header();
             let path_and_query = request.uri.path_and_query().map_or("/", |pq| pq.as_str());
             let host = header_rules::raw_request_host(request);
-            // 308 keeps the method and body; 301 is what every client follows for GET.
-            let status = if matches!(request.method, http::Method::GET | http::Method::HEAD) {
-                301
-            } else {
-                308
-            };
+            let status = redirect_status(&request.method);
             // A host routes name is its own site: redirected to itself, not to the server name.
             match redirect.location(host, path_and_query, site.is_some()) {
                 Some(location) => respond::redirect(session, &stamp, status, &location).await?,
@@ -489,6 +488,25 @@ impl ProxyHttp for Gateway {
                     .await?;
                 Ok(true)
             }
+            Served::Redirect(to) => {
+                let request = session.req_header();
+                let location = match to.upstream_target(request.raw_path()) {
+                    Ok(target) => target,
+                    Err(unfit) => return self.unfit(session, ctx, unfit).await,
+                };
+                // The rest of the target is as the client sent it, which HTTP limits to
+                // ASCII; anything else is refused rather than sent back in a header.
+                let Some(location) = std::str::from_utf8(&location).ok().filter(|l| l.is_ascii())
+                else {
+                    let message = "the target is not ASCII";
+                    respond::json_error(session, &self.stamp(ctx), 400, "bad_request", message)
+                        .await?;
+                    return Ok(true);
+                };
+                let status = redirect_status(&request.method);
+                respond::redirect(session, &self.stamp(ctx), status, location).await?;
+                Ok(true)
+            }
             served @ (Served::Backends | Served::Pool(_)) => {
                 if let Some(rewrite) = &route.rewrite {
                     match rewrite.upstream_target(session.req_header().raw_path()) {
@@ -531,10 +549,15 @@ impl ProxyHttp for Gateway {
                     };
                     ctx.tunnel = Some(tunnel);
                 }
-                match served {
-                    Served::Pool(pool) => ctx.hash_key = pool.request_key(session, ctx.client),
-                    _ if forward::eligible(session) => return self.forward(session, ctx).await,
-                    _ => {}
+                let fast = match served {
+                    Served::Pool(pool) => {
+                        ctx.hash_key = pool.request_key(session, ctx.client);
+                        pool.plain_http()
+                    }
+                    _ => true,
+                };
+                if fast && forward::eligible(session) {
+                    return self.forward(session, ctx).await;
                 }
                 Ok(false)
             }
@@ -611,7 +634,7 @@ impl ProxyHttp for Gateway {
         session: &mut Session,
         e: Box<Error>,
         ctx: &mut RequestCtx,
-        _client_reused: bool,
+        client_reused: bool,
     ) -> Box<Error> {
         let mut e = e.more_context(format!("peer: {peer}"));
         // Like nginx's `proxy_next_upstream error`: an idempotent request whose response has not
@@ -627,10 +650,18 @@ impl ProxyHttp for Gateway {
             && !session.as_ref().retry_buffer_truncated()
             && session.as_ref().response_written().is_none()
             && !timed_out;
-        if retry {
+        // A kept-alive connection the server closed while it was idle is no fault of the
+        // server's: the request is sent again without marking it failed (Pingora bounds the
+        // retries), so a pool of one server does not answer 503 for it.
+        let stale = client_reused
+            && matches!(
+                e.etype(),
+                ErrorType::ConnectionClosed | ErrorType::ReadError | ErrorType::WriteError
+            );
+        if retry && !stale {
             ctx.failed.push(peer._address.clone());
         }
-        if *e.esource() == ErrorSource::Upstream {
+        if *e.esource() == ErrorSource::Upstream && !stale {
             self.upstream_error(ctx, if timed_out { "timeout" } else { "error" });
         }
         e.set_retry(retry);
@@ -725,13 +756,18 @@ impl ProxyHttp for Gateway {
 }
 
 impl Gateway {
+    /// The pool the request's route sends it to.
+    fn pool_of<'a>(&'a self, ctx: &'a RequestCtx) -> &'a crate::upstream::Pool {
+        match ctx.route.as_ref().map(|r| &r.served) {
+            Some(Served::Pool(pool)) => pool,
+            _ => &self.pool,
+        }
+    }
+
     /// A backend for the request, and its slot; the request is now charged to it.
     async fn choose(&self, ctx: &mut RequestCtx) -> Result<Chosen> {
-        let pool = match ctx.route.as_ref().map(|r| &r.served) {
-            Some(Served::Pool(pool)) => pool.as_ref(),
-            _ => &self.pool,
-        };
-        let chosen = pool
+        let chosen = self
+            .pool_of(ctx)
             .select(&ctx.failed, ctx.hash_key)
             .await
             .map_err(|why| {
@@ -752,10 +788,14 @@ impl Gateway {
     async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let chosen = self.choose(ctx).await?;
         let member = chosen.member;
+        if member.dial.is_none() {
+            // Behind TLS: Pingora's path, which picks again.
+            return Ok(false);
+        }
         ctx.slot = Some(chosen.slot);
         let mut request = forward::upstream_request(session).map_err(|e| e.into_down())?;
         forwarding_headers(session, &mut request, ctx)?;
-        let send = forward::send(&member, request, self.pool.deadlines());
+        let send = forward::send(&member, request, self.pool_of(ctx).deadlines());
         let mut exchange = match answer_or_client_gone(session, send).await? {
             Ok(exchange) => exchange,
             Err(failed) => {
@@ -1077,6 +1117,15 @@ fn classify(e: &Error) -> (u16, &'static str, &'static str) {
         ),
         (ErrorSource::Downstream, _) => (400, "bad_request", "the request is malformed"),
         _ => (500, "internal", "the proxy failed to handle the request"),
+    }
+}
+
+/// 308 keeps the method and body; 301 is what every client follows for GET and HEAD.
+fn redirect_status(method: &http::Method) -> u16 {
+    if matches!(*method, http::Method::GET | http::Method::HEAD) {
+        301
+    } else {
+        308
     }
 }
 

@@ -6,7 +6,7 @@
 
 use std::net::{Ipv4Addr, Ipv6Addr};
 
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HttpsRedirect {
     /// Configured server name; `None` means the request's `Host`.
     pub server_name: Option<String>,

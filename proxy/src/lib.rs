@@ -103,7 +103,7 @@ pub use live::RELOAD_FILE;
 pub use rewrite::PrefixRewrite;
 pub use routes::{Route, RouteHeaders, Target};
 pub use settings::{
-    Balance, HealthCheck, NamedPool, PoolSettings, RequestLimits, Settings, TlsBehaviour,
+    Balance, HealthCheck, NamedPool, PoolSettings, RequestLimits, Settings, SiteTls, TlsBehaviour,
     TlsListener, UpstreamServer, UpstreamTls,
 };
 pub use statics::StaticSettings;
@@ -187,14 +187,14 @@ pub fn run(
         connect: settings.pool.connect_timeout,
         read: settings.pool.read_timeout,
     };
-    let pool = upstream::Pool::new(
+    let pool = Arc::new(upstream::Pool::new(
         lb.clone(),
         settings.pool.queue_timeout,
         deadlines,
         settings::Balance::RoundRobin,
-    );
-    let (pools, pool_services) = pools::build(&settings.upstreams)?;
-    let pools = Arc::new(pools);
+        true,
+    ));
+    let pools = Arc::new(pools::Pools::build(&settings.upstreams, None)?);
     let metrics = match &settings.admin_listen {
         Some(_) => Some(Arc::new(metrics::Metrics::new()?)),
         None => None,
@@ -206,7 +206,7 @@ pub fn run(
         &pools,
     )?));
     let drain = drain::Drain::new();
-    let gateway = gateway::Gateway::new(live.clone(), pool, drain.clone());
+    let gateway = gateway::Gateway::new(live.clone(), pool.clone(), drain.clone());
 
     let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
@@ -277,14 +277,23 @@ pub fn run(
         "heap trim",
         heap::Trim,
     ));
+    server.add_service(pingora::services::background::background_service(
+        "idle upstream connections",
+        forward::IdleSweep {
+            backends: pool,
+            live: live.clone(),
+        },
+    ));
     let proxy = server.add_service(proxy);
     server.add_service(health);
     // Requests to a named pool find its servers: the proxy starts once each pool has looked
     // its names up (or failed to, under the lookup deadline).
-    for service in pool_services {
-        let pool = server.add_service(service);
-        proxy.add_dependency(&pool);
-    }
+    // Given away, not kept here: a reload that drops a pool stops its lookups and checks.
+    let starter = server.add_service(pingora::services::background::background_service(
+        "upstream pools",
+        pools::Starter::new(pools),
+    ));
+    proxy.add_dependency(&starter);
     // Last, after everything that can fail: in an upgrade this takes the listening sockets
     // from the old proxy, which stops serving them soon after. Then say so to the
     // supervisor, which waits for it.

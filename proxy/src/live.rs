@@ -2,14 +2,15 @@
 //!
 //! [`Live`] holds everything requests read from the configuration: the route table (each
 //! route with its static root, allow/deny lists, rate policy, htpasswd file, metric series and
-//! access log), HTTPS behaviour and trusted proxies. It sits behind an
+//! access log), the named pools, HTTPS behaviour and trusted proxies. It sits behind an
 //! `ArcSwap`: a reload builds a complete new one and swaps it in, so a request in flight keeps
 //! the version it started with and connections are never touched. A reload that fails at any
 //! step changes nothing.
 //!
-//! Listeners, worker threads, the backend pool (its sockets, deadlines, caps and health
-//! checks), the shutdown grace and the log format are set at start-up; a reload names each of
-//! them that changed (see [`Fixed`]), and they take effect at the next restart or upgrade.
+//! Listeners, worker threads, the built-in backend pool (its sockets, deadlines, caps and
+//! health checks), the shutdown grace and the log format are set at start-up; a reload names
+//! each of them that changed (see [`Fixed`]), and they take effect at the next restart or
+//! upgrade.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -25,6 +26,7 @@ use crate::{
     error::BuildError,
     metrics::{self, Metrics},
     observe::Observer,
+    pools::Pools,
     routes::RouteTable,
     settings::TlsBehaviour,
     tls::CertificateSlot,
@@ -47,8 +49,8 @@ pub struct Live {
     pub metrics: Option<Arc<Metrics>>,
     /// The writer of every access log; `None` when nothing is logged.
     pub access_log: Option<Arc<AccessLog>>,
-    /// The named pools, built at start and kept by every reload.
-    pub pools: Arc<crate::pools::Pools>,
+    /// The named pools: a reload keeps those defined as they were.
+    pub pools: Arc<Pools>,
 }
 
 impl Live {
@@ -59,7 +61,7 @@ impl Live {
         settings: &Settings,
         previous: Option<&Live>,
         metrics: Option<&Arc<Metrics>>,
-        pools: &Arc<crate::pools::Pools>,
+        pools: &Arc<Pools>,
     ) -> Result<Live, BuildError> {
         let counters = match metrics {
             Some(metrics) => metrics.access.clone(),
@@ -184,8 +186,6 @@ impl Fixed {
             ("tls.listen", v(&settings.tls.as_ref().map(|t| t.listen))),
             ("backend.count", v(&sockets)),
             ("upstream.socket_dir", v(&pool.socket_dir)),
-            // Pools are built at start, with their resolvers and health checks.
-            ("upstreams", v(&settings.upstreams)),
             // The health checks' deadline follows the backends' Redis deadline.
             ("redis.timeout", v(&pool.health_check_timeout)),
             ("paths.runtime_dir", v(&settings.runtime_dir)),
@@ -220,14 +220,15 @@ pub struct Signals {
 }
 
 impl Signals {
-    fn reload(&self) {
+    async fn reload(&self) {
         let Some(load) = &self.load else {
             tracing::warn!("SIGHUP: this proxy was started without a config file to reload");
             return;
         };
-        let outcome = load()
-            .map_err(BuildError::Config)
-            .and_then(|settings| self.apply(&settings));
+        let outcome = match load() {
+            Ok(settings) => self.apply(&settings).await,
+            Err(error) => Err(BuildError::Config(error)),
+        };
         if let Some(metrics) = &self.metrics {
             metrics.reload(outcome.is_ok());
         }
@@ -252,7 +253,7 @@ impl Signals {
         }
     }
 
-    fn apply(&self, settings: &Settings) -> Result<(), BuildError> {
+    async fn apply(&self, settings: &Settings) -> Result<(), BuildError> {
         let changed = self.fixed.changed(&Fixed::of(settings));
         if !changed.is_empty() {
             tracing::warn!(
@@ -272,12 +273,13 @@ impl Signals {
             (None, None) => None,
         };
         let previous = self.live.load_full();
-        let live = Live::build(
-            settings,
-            Some(&previous),
-            self.metrics.as_ref(),
-            &previous.pools,
-        )?;
+        let pools = Arc::new(Pools::build(&settings.upstreams, Some(&previous.pools))?);
+        let live = Live::build(settings, Some(&previous), self.metrics.as_ref(), &pools)?;
+        // New pools' servers are looked up before a request can reach them, and a server
+        // that has no address refuses the reload. This holds off SIGUSR1 for at most the
+        // lookup deadline (5 s).
+        pools.look_up(Some(&previous.pools)).await?;
+        pools.keep_current(Some(&previous.pools));
         if let (Some(slot), Some(key)) = (&self.certificate, key) {
             slot.store(Arc::new(key));
         }
@@ -301,7 +303,7 @@ impl BackgroundService for Signals {
         };
         loop {
             tokio::select! {
-                _ = hup.recv() => self.reload(),
+                _ = hup.recv() => self.reload().await,
                 _ = usr1.recv() => {
                     if let Some(log) = &self.live.load().access_log {
                         log.reopen();

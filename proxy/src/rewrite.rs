@@ -38,14 +38,19 @@ impl PrefixRewrite {
     /// characters with no `%`, `//` or dot segment: the rewritten path stays a valid path
     /// with the separators it had, and the prefix can be sent in a header as it is.
     pub fn new(from: &str, to: &str) -> Result<Self, String> {
-        for (what, value) in [("the route's prefix", from), ("rewrite_prefix", to)] {
+        Self::for_key(from, to, "rewrite_prefix")
+    }
+
+    /// As [`PrefixRewrite::new`], for `to` set by the config key `key` (`redirect`).
+    pub fn for_key(from: &str, to: &str, key: &str) -> Result<Self, String> {
+        for (what, value) in [("the route's prefix", from), (key, to)] {
             if !value.starts_with('/') {
                 return Err(format!("{what} {value:?} must start with `/`"));
             }
             if value.bytes().any(|b| !is_plain_path_byte(b)) {
                 return Err(format!(
                     "{what} {value:?} may hold only letters, digits, `/` and \
-                     `-._~!$&'()*+,;=:@` when the prefix is rewritten"
+                     `-._~!$&'()*+,;=:@` when the prefix is replaced"
                 ));
             }
             if value.contains("//") || value.split('/').any(|s| s == "." || s == "..") {
@@ -59,7 +64,7 @@ impl PrefixRewrite {
         }
         if from == to {
             return Err(format!(
-                "{to:?} is the route's prefix itself: nothing to rewrite"
+                "{to:?} is the route's prefix itself: nothing to replace"
             ));
         }
         // What was removed from the front, if that is all the rewrite does.

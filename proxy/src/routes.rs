@@ -33,6 +33,8 @@ pub enum Target {
         cache_control: Option<String>,
         pages: SitePages,
     },
+    /// A redirect to the same path with the prefix replaced (`redirect`: moved pages).
+    Redirect(PrefixRewrite),
 }
 
 /// A route as configured; at run time it is a [`LiveRoute`].
@@ -66,6 +68,7 @@ pub enum Served {
     Backends,
     Pool(Arc<crate::upstream::Pool>),
     Static(Site),
+    Redirect(PrefixRewrite),
 }
 
 /// A route at run time: a request finds it once and keeps it to its end.
@@ -151,6 +154,7 @@ impl RouteTable {
                         cache_control,
                         pages,
                     } => Served::Static(Site::new(&dir, cache_control, pages, statics, sites)?),
+                    Target::Redirect(to) => Served::Redirect(to),
                 };
                 // A site's routes are told apart in metrics and logs by its first host.
                 let name = match route.hosts.first() {

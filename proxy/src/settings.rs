@@ -2,7 +2,7 @@
 //! config loader builds it once, validated and typed (addresses are [`SocketAddr`]s, times
 //! are [`Duration`]s); nothing in the proxy parses a setting again.
 
-use std::{net::SocketAddr, path::PathBuf, time::Duration};
+use std::{collections::HashMap, net::SocketAddr, path::PathBuf, time::Duration};
 
 use crate::{
     AccessSettings, BackendSocket, HttpsRedirect, LogFormat, LogTarget, Route, StaticSettings,
@@ -143,12 +143,47 @@ pub struct TlsListener {
 }
 
 /// What HTTPS changes in how requests are answered.
-#[derive(Debug, Clone)]
+#[derive(Debug, Clone, Default)]
 pub struct TlsBehaviour {
     /// `Some`: plain-HTTP requests are redirected to HTTPS.
     pub redirect: Option<HttpsRedirect>,
     /// `Strict-Transport-Security` for HTTPS responses; `None` sends none.
     pub hsts: Option<String>,
+    /// Sites (as routes name them: `shop.example.com`, `*.example.com`) with their own
+    /// choice of both, in place of the two above.
+    pub sites: HashMap<String, SiteTls>,
+}
+
+/// One site's redirect and HSTS (`[[tls.sites]]`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SiteTls {
+    pub redirect: Option<HttpsRedirect>,
+    pub hsts: Option<String>,
+}
+
+impl TlsBehaviour {
+    /// The redirect for plain-HTTP requests to `site` (`None`: the default site).
+    pub fn redirect(&self, site: Option<&str>) -> Option<&HttpsRedirect> {
+        match self.site(site) {
+            Some(own) => own.redirect.as_ref(),
+            None => self.redirect.as_ref(),
+        }
+    }
+
+    /// The `Strict-Transport-Security` value for HTTPS responses of `site`.
+    pub fn hsts(&self, site: Option<&str>) -> Option<&str> {
+        match self.site(site) {
+            Some(own) => own.hsts.as_deref(),
+            None => self.hsts.as_deref(),
+        }
+    }
+
+    fn site(&self, site: Option<&str>) -> Option<&SiteTls> {
+        if self.sites.is_empty() {
+            return None;
+        }
+        self.sites.get(site?)
+    }
 }
 
 /// What a request may carry (nginx: `client_max_body_size`, `large_client_header_buffers`).

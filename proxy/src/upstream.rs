@@ -63,16 +63,32 @@ pub struct Member {
     pub admin_socket: Option<PathBuf>,
     /// For Pingora's own path (requests with a body, upgrades, retries).
     pub peer: HttpPeer,
+    /// Where the fast path ([`crate::forward`]) connects: a server spoken to in plain HTTP.
+    /// `None` for one behind TLS, which only Pingora's path reaches.
+    pub dial: Option<Dial>,
+    /// How long the fast path keeps a connection to it idle.
+    pub idle_timeout: Duration,
     /// Free slots for requests in flight.
     slots: Arc<Semaphore>,
     /// Keep-alive connections of the fast path ([`crate::forward`]).
     pub idle: crate::forward::IdleConnections,
 }
 
+/// A plain-HTTP server's address, for the fast path.
+#[derive(Debug, Clone)]
+pub enum Dial {
+    Unix(PathBuf),
+    Tcp(std::net::SocketAddr),
+}
+
 impl Member {
-    /// The load balancer's entry for a named pool's server ([`crate::pools`]): reached over
-    /// `peer` on Pingora's path only, so it has no socket of the fast path's.
-    pub fn backend(id: String, peer: HttpPeer, max_connections: usize) -> Backend {
+    /// The load balancer's entry for a named pool's server ([`crate::pools`]).
+    pub fn backend(
+        id: String,
+        peer: HttpPeer,
+        dial: Option<Dial>,
+        max_connections: usize,
+    ) -> Backend {
         let mut entry = Backend {
             addr: peer._address.clone(),
             weight: 1,
@@ -82,7 +98,9 @@ impl Member {
             id: Arc::from(id),
             socket: PathBuf::new(),
             admin_socket: None,
+            idle_timeout: peer.options.idle_timeout.unwrap_or(POOL_IDLE_TIMEOUT),
             peer,
+            dial,
             slots: Arc::new(Semaphore::new(max_connections)),
             idle: Default::default(),
         }));
@@ -130,6 +148,8 @@ pub fn entry(settings: &PoolSettings, backend: &BackendSocket) -> Result<Backend
         socket: path.clone(),
         admin_socket: backend.admin_socket.clone(),
         peer,
+        dial: Some(Dial::Unix(path.clone())),
+        idle_timeout: POOL_IDLE_TIMEOUT,
         slots: Arc::new(Semaphore::new(settings.max_connections_per_backend)),
         idle: Default::default(),
     }));
@@ -187,15 +207,19 @@ pub struct Pool {
     next: AtomicUsize,
     /// How a server is picked (named pools; the built-in pool goes round robin).
     balance: Balance,
+    /// Whether its servers speak plain HTTP, which the fast path speaks too.
+    plain_http: bool,
 }
 
 impl Pool {
-    /// `balance`: round robin for the built-in pool; a named pool's own.
+    /// `balance`: round robin for the built-in pool; a named pool's own. `plain_http`: its
+    /// servers are not behind TLS.
     pub fn new(
         lb: Arc<LoadBalancer<RoundRobin>>,
         queue_timeout: Duration,
         deadlines: Deadlines,
         balance: Balance,
+        plain_http: bool,
     ) -> Self {
         Self {
             lb,
@@ -203,11 +227,26 @@ impl Pool {
             deadlines,
             next: AtomicUsize::new(0),
             balance,
+            plain_http,
         }
     }
 
     pub fn deadlines(&self) -> Deadlines {
         self.deadlines
+    }
+
+    /// Closes each server's fast-path connections idle past its deadline.
+    pub fn close_idle(&self) {
+        for backend in self.lb.backends().get_backend().iter() {
+            if let Some(member) = member(backend) {
+                member.idle.expire(member.idle_timeout);
+            }
+        }
+    }
+
+    /// Whether the fast path ([`crate::forward`]) can reach its servers.
+    pub fn plain_http(&self) -> bool {
+        self.plain_http
     }
 
     /// The next healthy backend with a free slot that has not already failed this request,

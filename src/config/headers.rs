@@ -26,7 +26,7 @@ pub fn route(
         Some(_) if is_static => {
             return Err(source.at(
                 &key("request_headers"),
-                "a static route sends no request on; request_headers are for backend routes".into(),
+                "static and redirect routes send no request on; request_headers are for routes to an upstream".into(),
             ));
         }
         Some(raw) => rules(

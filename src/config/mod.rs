@@ -160,13 +160,13 @@ impl Config {
             redis.timeout,
             source,
         )?;
-        let tls = tls::validate(&raw.tls, source)?;
         let statics = statics::validate(&raw.statics, source)?;
         let access = access::validate(&raw.access, source)?;
         let admin_listen = source.listen(&raw.admin.listen, "admin.listen", true)?;
         let logging = logging::validate(&raw.logging, source)?;
         let upstreams = upstreams::validate(raw, source)?;
         let routes = routes::validate(raw, &logging.access_log, source)?;
+        let tls = tls::validate(&raw.tls, &routes, source)?;
 
         // Across sections.
         if let Some(admin) = admin_listen {

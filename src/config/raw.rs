@@ -190,6 +190,17 @@ pub struct RawCertificate {
     pub key: PathBuf,
 }
 
+/// One of `[[tls.sites]]`: hosts that routes name, with their own redirect and HSTS.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawTlsSite {
+    pub hosts: Vec<String>,
+    /// Default: `tls.redirect_http`.
+    pub redirect_http: Option<bool>,
+    /// A header value, or `"off"`. Default: `tls.hsts`.
+    pub hsts: Option<String>,
+}
+
 /// `[upstreams.NAME]`: a pool of servers. Deadlines and the cap default to `[upstream]`'s.
 #[derive(Deserialize, Serialize)]
 #[serde(deny_unknown_fields)]
@@ -290,6 +301,7 @@ pub struct RawTls {
     pub redirect_http: bool,
     /// The HTTPS port clients reach, when a port mapping makes it differ from `listen`'s.
     pub redirect_port: Option<u16>,
+    pub sites: Vec<RawTlsSite>,
 }
 
 impl Default for RawTls {
@@ -303,6 +315,7 @@ impl Default for RawTls {
             hsts: "max-age=31536000".into(),
             redirect_http: true,
             redirect_port: None,
+            sites: Vec::new(),
         }
     }
 }
@@ -488,6 +501,8 @@ pub struct RawRoute {
     pub upstream: Option<String>,
     pub rewrite_prefix: Option<String>,
     pub static_dir: Option<PathBuf>,
+    /// A path: requests are redirected there, the prefix replaced by it.
+    pub redirect: Option<String>,
     pub cache_control: Option<String>,
     /// Status (`"404"`) to a file below `static_dir`.
     pub error_pages: Option<BTreeMap<String, PathBuf>>,

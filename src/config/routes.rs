@@ -64,8 +64,8 @@ pub fn validate(
                 format!("{:?} is routed twice for the same host", route.prefix),
             ));
         }
-        let target = match (&route.upstream, &route.static_dir) {
-            (Some(upstream), None) => {
+        let target = match (&route.upstream, &route.static_dir, &route.redirect) {
+            (Some(upstream), None, None) => {
                 let target = if upstream == upstreams::BUILT_IN {
                     Target::Backends
                 } else if raw.upstreams.contains_key(upstream) {
@@ -87,7 +87,7 @@ pub fn validate(
                 site_pages::refuse_on_backend(route, i, source)?;
                 target
             }
-            (None, Some(dir)) => {
+            (None, Some(dir), None) => {
                 let dir = source.base.join(dir);
                 if !dir.is_dir() {
                     return Err(source.at(
@@ -105,10 +105,26 @@ pub fn validate(
                     pages,
                 }
             }
+            (None, None, Some(to)) => {
+                // Moved pages, within this site: a path, never a URL a client could steer.
+                let to = PrefixRewrite::for_key(&route.prefix, to, "redirect")
+                    .map_err(|m| source.at(&key("redirect"), m))?;
+                for (field, set) in [
+                    ("rewrite_prefix", route.rewrite_prefix.is_some()),
+                    ("cache_control", route.cache_control.is_some()),
+                ] {
+                    if set {
+                        let message = format!("a redirect route takes no {field}");
+                        return Err(source.at(&key(field), message));
+                    }
+                }
+                site_pages::refuse_on_backend(route, i, source)?;
+                Target::Redirect(to)
+            }
             _ => {
                 return Err(source.at(
                     &key("prefix"),
-                    "a route needs exactly one of `upstream` or `static_dir`".into(),
+                    "a route needs exactly one of `upstream`, `static_dir` or `redirect`".into(),
                 ));
             }
         };
@@ -123,10 +139,12 @@ pub fn validate(
             Some(value) => logging::target(value, &key("access_log"), source)?,
             None => default_log.clone(),
         };
-        let headers = headers::route(route, i, matches!(target, Target::Static { .. }), source)?;
+        // Static and redirect routes send no request on.
+        let sends_nothing = !matches!(target, Target::Backends | Target::Pool(_));
+        let headers = headers::route(route, i, sends_nothing, source)?;
         let rewrite = match &route.rewrite_prefix {
             None => None,
-            Some(_) if route.static_dir.is_some() => {
+            Some(_) if route.upstream.is_none() => {
                 return Err(source.at(
                     &key("rewrite_prefix"),
                     "only routes to an upstream take rewrite_prefix".into(),
@@ -147,5 +165,51 @@ pub fn validate(
             rewrite,
         });
     }
+    refuse_redirect_loops(raw, &routes, source)?;
     Ok(routes)
+}
+
+/// A redirect must land where something is served, in each of its route's sites: a target
+/// that a redirect route takes (itself included: `/docs/` to `/docs/v2/`), or under which
+/// one lies, would send clients round in circles.
+fn refuse_redirect_loops(
+    raw: &RawConfig,
+    routes: &[Route],
+    source: &Source,
+) -> Result<(), ConfigError> {
+    let is_redirect = |r: &Route| matches!(r.target, Target::Redirect(_));
+    for (i, (route, raw_route)) in routes.iter().zip(&raw.routes).enumerate() {
+        let Some(to) = &raw_route.redirect else {
+            continue;
+        };
+        let sites: Vec<Option<&String>> = match route.hosts.is_empty() {
+            true => vec![None],
+            false => route.hosts.iter().map(Some).collect(),
+        };
+        for site in sites {
+            // The site's routes, as the route table picks among them.
+            let of_site = routes.iter().filter(|r| match site {
+                None => r.hosts.is_empty(),
+                Some(host) => r.hosts.contains(host),
+            });
+            let taker = of_site
+                .clone()
+                .filter(|r| to.starts_with(&r.prefix))
+                .max_by_key(|r| r.prefix.len());
+            let below = of_site
+                .clone()
+                .find(|r| r.prefix.starts_with(to.as_str()) && is_redirect(r));
+            let message = match (taker, below) {
+                (None, _) => format!("{to:?}: no route of this site takes it"),
+                (Some(other), _) | (_, Some(other)) if is_redirect(other) => format!(
+                    "{to:?} leads to the redirect route {:?}: a redirect must land where \
+                     something is served",
+                    other.prefix
+                ),
+                _ => continue,
+            };
+            return Err(source.at(&format!("routes[{i}].redirect"), message));
+        }
+    }
+    Ok(())
 }

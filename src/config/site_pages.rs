@@ -60,7 +60,7 @@ pub fn refuse_on_backend(route: &RawRoute, i: usize, source: &Source) -> Result<
         if set {
             return Err(source.at(
                 &format!("routes[{i}].{field}"),
-                format!("only static routes take {field}; backends answer their own errors"),
+                format!("only static routes take {field}; other routes send no files"),
             ));
         }
     }

@@ -762,3 +762,112 @@ fn route_hosts_are_checked_where_they_are_written() {
     assert_eq!(error.key.as_deref(), Some("routes[1].prefix"));
     assert!(error.message.contains("same host"), "{error}");
 }
+
+#[test]
+fn sites_have_their_own_redirect_and_hsts_for_hosts_routes_name() {
+    let routes = "[[routes]]\nprefix = \"/\"\nhosts = [\"shop.test\", \"*.blog.test\"]\n\
+                  static_dir = \".\"\n";
+    let config = parse(&format!(
+        "{ROUTES}{routes}[[tls.sites]]\nhosts = [\"SHOP.test.\"]\nredirect_http = false\n\
+         [[tls.sites]]\nhosts = [\"*.blog.test\"]\nhsts = \"max-age=60\"\n"
+    ))
+    .unwrap();
+    let tls = &config.proxy.tls_behaviour;
+    assert!(tls.redirect(Some("shop.test")).is_none());
+    assert_eq!(tls.hsts(Some("shop.test")), Some("max-age=31536000"));
+    assert!(tls.redirect(Some("*.blog.test")).is_some());
+    assert_eq!(tls.hsts(Some("*.blog.test")), Some("max-age=60"));
+    assert!(tls.redirect(None).is_some());
+    assert_eq!(tls.hsts(None), Some("max-age=31536000"));
+
+    for (site, key, message) in [
+        (
+            "hosts = [\"other.test\"]",
+            "tls.sites[0].hosts[0]",
+            "no route names",
+        ),
+        ("hosts = []", "tls.sites[0].hosts", "names no host"),
+        (
+            "hosts = [\"shop.test\", \"shop.test\"]",
+            "tls.sites[0].hosts[1]",
+            "twice",
+        ),
+        (
+            "hosts = [\"shop.test\"]\nhsts = \"\"",
+            "tls.sites[0].hsts",
+            "write \"off\"",
+        ),
+        (
+            "hosts = [\"shop.test\"]\nhsts = \"a\\u0001\"",
+            "tls.sites[0].hsts",
+            "header value",
+        ),
+    ] {
+        let err = parse(&format!("{ROUTES}{routes}[[tls.sites]]\n{site}\n")).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some(key), "{err}");
+        assert!(err.line.is_some() && err.message.contains(message), "{err}");
+    }
+}
+
+#[test]
+fn redirect_routes_go_to_a_path_of_the_same_site() {
+    let config = parse(&format!(
+        "{ROUTES}[[routes]]\nprefix = \"/docs/\"\nredirect = \"/api/docs/\"\n"
+    ))
+    .unwrap();
+    assert!(matches!(
+        config.proxy.routes[1].target,
+        gatehouse_proxy::Target::Redirect(_)
+    ));
+    for (keys, key, message) in [
+        (
+            "redirect = \"https://elsewhere.example/\"",
+            "redirect",
+            "must start with `/`",
+        ),
+        ("redirect = \"/manual\"", "redirect", "must end with `/`"),
+        ("redirect = \"/a//b/\"", "redirect", "empty or dot segment"),
+        (
+            "redirect = \"/docs/v2/\"",
+            "redirect",
+            "leads to the redirect route \"/docs/\"",
+        ),
+        (
+            "redirect = \"/\"",
+            "redirect",
+            "no route of this site takes it",
+        ),
+        (
+            "redirect = \"/m/\"\nupstream = \"backends\"",
+            "prefix",
+            "exactly one of",
+        ),
+        (
+            "redirect = \"/m/\"\ncache_control = \"no-cache\"",
+            "cache_control",
+            "takes no",
+        ),
+        (
+            "redirect = \"/m/\"\nrewrite_prefix = \"/n/\"",
+            "rewrite_prefix",
+            "takes no",
+        ),
+        (
+            "redirect = \"/m/\"\nrequest_headers = { set = { \"X-A\" = \"b\" } }",
+            "request_headers",
+            "send no request on",
+        ),
+    ] {
+        let err = parse(&format!(
+            "{ROUTES}[[routes]]\nprefix = \"/docs/\"\n{keys}\n"
+        ))
+        .unwrap_err();
+        assert_eq!(
+            err.key.as_deref(),
+            Some(&*format!("routes[1].{key}")),
+            "{err}"
+        );
+        assert!(err.message.contains(message), "{err}");
+        assert!(err.line.is_some_and(|line| line >= 5), "{err}");
+    }
+}
