@@ -76,20 +76,31 @@ fn only_keep_alive_or_close(value: &[u8]) -> bool {
     })
 }
 
-/// The request as the backend gets it, before the forwarding headers: HTTP/1.1, with `Host`
-/// (from the target's authority when it has one) and without `Connection`.
-pub fn upstream_request(session: &Session) -> Result<RequestHeader> {
-    let downstream = session.req_header();
-    // A copy without the map of the client's header-name case that Pingora keeps: cloning it,
-    // and growing it for each header added here, cost more than the rest of the copy, and
-    // header names are case-insensitive to every backend.
-    let mut request = RequestHeader::from(downstream.as_owned_parts());
-    if request.uri.path_and_query().map(|p| p.as_str().as_bytes()) != Some(downstream.raw_path()) {
-        request.set_raw_path(downstream.raw_path())?;
+/// The request as the backend gets it, before the forwarding headers: HTTP/1.1 and without
+/// `Connection`. Its headers are a plain `HeaderMap`, without the map of the client's
+/// header-name case that Pingora keeps: cloning that map, and growing it for each header
+/// added, cost more than the rest of the copy, and header names are case-insensitive to
+/// every backend.
+pub fn upstream_parts(session: &Session) -> http::request::Parts {
+    let mut parts = session.req_header().as_owned_parts();
+    parts.version = Version::HTTP_11;
+    parts.headers.remove(header::CONNECTION);
+    parts
+}
+
+/// `parts` as Pingora sends them, with `target` as the raw request target (a rewritten
+/// one, or the client's as it came).
+pub fn upstream_request(parts: http::request::Parts, target: &[u8]) -> Result<RequestHeader> {
+    let mut request = RequestHeader::from(parts);
+    if request.uri.path_and_query().map(|p| p.as_str().as_bytes()) != Some(target) {
+        request.set_raw_path(target)?;
     }
-    request.set_version(Version::HTTP_11);
-    request.remove_header(&header::CONNECTION);
     Ok(request)
+}
+
+/// A request header that costs nothing to make, to take another's place for a moment.
+pub fn placeholder() -> RequestHeader {
+    RequestHeader::from(http::Request::new(()).into_parts().0)
 }
 
 /// The `Host` the backend gets when the target has an authority (HTTP/2's `:authority`,

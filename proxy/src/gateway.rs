@@ -27,7 +27,7 @@ use std::{
 use async_trait::async_trait;
 use http::HeaderValue;
 use pingora::{
-    Error, ErrorSource, ErrorType, Result,
+    Error, ErrorSource, ErrorType, OrErr, Result,
     http::{RequestHeader, ResponseHeader},
     modules::http::compression::ResponseCompression,
     protocols::l4::socket::SocketAddr,
@@ -46,7 +46,10 @@ use crate::{
     encoding::compressible,
     forward::{self, Failed},
     framing,
-    header_rules::{self, Vars},
+    header_rules::{
+        self, HeaderEdit, Vars, X_FORWARDED_FOR, X_FORWARDED_PREFIX, X_FORWARDED_PROTO, X_REAL_IP,
+        X_REQUEST_ID,
+    },
     live::Live,
     metrics::{AccessRefusal, Cut},
     observe::Finished,
@@ -674,7 +677,22 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        forwarding_headers(session, upstream, ctx)
+        // Edited as the fast path edits its copy: the headers as a plain map, the target set
+        // last. Pingora's request goes on without its map of header-name case, as the fast
+        // path's does.
+        let end_stream = upstream.send_end_stream();
+        let target = match &ctx.upstream_target {
+            Some(target) => target.clone(),
+            None => upstream.raw_path().to_vec(),
+        };
+        let mut parts =
+            http::request::Parts::from(std::mem::replace(upstream, forward::placeholder()));
+        forwarding_headers(session, &mut parts.headers, ctx)?;
+        *upstream = forward::upstream_request(parts, &target)?;
+        if let Some(end_stream) = end_stream {
+            upstream.set_send_end_stream(end_stream);
+        }
+        Ok(())
     }
 
     async fn response_filter(
@@ -793,8 +811,14 @@ impl Gateway {
             return Ok(false);
         }
         ctx.slot = Some(chosen.slot);
-        let mut request = forward::upstream_request(session).map_err(|e| e.into_down())?;
-        forwarding_headers(session, &mut request, ctx)?;
+        let mut parts = forward::upstream_parts(session);
+        forwarding_headers(session, &mut parts.headers, ctx)?;
+        let downstream = session.req_header();
+        let target = ctx
+            .upstream_target
+            .as_deref()
+            .unwrap_or(downstream.raw_path());
+        let request = forward::upstream_request(parts, target).map_err(|e| e.into_down())?;
         let send = forward::send(&member, request, self.pool_of(ctx).deadlines());
         let mut exchange = match answer_or_client_gone(session, send).await? {
             Ok(exchange) => exchange,
@@ -846,23 +870,35 @@ impl Gateway {
         response: &mut ResponseHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
+        // Edited as a plain map, as the request is: the client gets the backend's headers
+        // without Pingora's map of their names' case, on either path.
+        let reason = response.get_reason_phrase().map(str::to_owned);
+        let mut parts = http::response::Parts::from(std::mem::replace(
+            response,
+            ResponseHeader::from(http::Response::new(()).into_parts().0),
+        ));
+        let headers = &mut parts.headers;
         if ctx.route.as_ref().is_some_and(|r| r.headers.cors.is_some()) {
-            Cors::remove_backends(response);
+            Cors::remove_backends(headers);
         }
         if let Some(rewrite) = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref())
-            && let Some(location) = response.headers.get(http::header::LOCATION)
+            && let Some(location) = headers.get(http::header::LOCATION)
         {
             let host = header_rules::request_host(session.req_header());
             if let Some(mapped) = rewrite.location(location, host.as_ref().map(|h| h.as_bytes())) {
-                response.insert_header(http::header::LOCATION, mapped)?;
+                headers.put(&http::header::LOCATION, mapped)?;
             }
         }
-        self.stamp(ctx).apply(response)?;
+        self.stamp(ctx).apply(headers)?;
         ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
-        if let Some(user) = response.remove_header(USER_HEADER)
+        if let Some(user) = headers.remove(USER_HEADER)
             && ctx.user.is_none()
         {
             ctx.user = user.to_str().ok().map(str::to_owned);
+        }
+        *response = ResponseHeader::from(parts);
+        if let Some(reason) = reason {
+            response.set_reason_phrase(Some(&reason))?;
         }
         // Large text responses (a big JSON listing) are compressed by Pingora's module, which
         // also negotiates `Accept-Encoding`; small ones are not worth it. The module is off
@@ -884,14 +920,15 @@ impl Gateway {
     }
 }
 
-/// The forwarding headers, the request id and the host for the backend (both paths).
+/// The forwarding headers, the request id and the host for the backend (both paths), in
+/// the request's own map: names made once, no copy of them per request.
 fn forwarding_headers(
     session: &Session,
-    upstream: &mut RequestHeader,
+    upstream: &mut http::HeaderMap,
     ctx: &RequestCtx,
 ) -> Result<()> {
     if let Some(host) = forward::authority_host(session.req_header()).map_err(|e| e.into_down())? {
-        upstream.insert_header(http::header::HOST, host)?;
+        upstream.put(&http::header::HOST, host)?;
     }
     // A trusted proxy's chain is extended with the hop we saw; anyone else's is replaced,
     // so a backend never sees an address the edge did not vouch for.
@@ -907,35 +944,34 @@ fn forwarding_headers(
         } else {
             ip_text(ctx.client)
         };
-        let chain = match client_ip::forwarded_chain(&upstream.headers) {
+        let chain = match client_ip::forwarded_chain(upstream) {
             Some(chain) if ctx.live.trusted_proxies.contains(peer) => format!("{chain}, {hop}"),
             _ => hop,
         };
-        upstream.insert_header("x-forwarded-for", chain)?;
-        upstream.insert_header("x-real-ip", client)?;
+        upstream.put(&X_FORWARDED_FOR, made_value(chain)?)?;
+        upstream.put(&X_REAL_IP, made_value(client)?)?;
     } else {
         // No address of our own to vouch for: pass on none of the client's.
-        upstream.remove_header("x-forwarded-for");
-        upstream.remove_header("x-real-ip");
+        upstream.drop_all(&X_FORWARDED_FOR);
+        upstream.drop_all(&X_REAL_IP);
     }
     let proto = HeaderValue::from_static(if ctx.tls { "https" } else { "http" });
-    upstream.insert_header("x-forwarded-proto", proto)?;
-    upstream.insert_header("x-request-id", &ctx.request_id)?;
+    upstream.put(&X_FORWARDED_PROTO, proto)?;
+    upstream.put(&X_REQUEST_ID, made_value(ctx.request_id.clone())?)?;
     // Basic-auth credentials are the edge's business unless the route says otherwise.
     let keep = ctx
         .route
         .as_ref()
         .is_none_or(|r| r.access.passes_authorization());
     if !keep {
-        upstream.remove_header("authorization");
+        upstream.drop_all(&http::header::AUTHORIZATION);
     }
     // Only the edge says what prefix it removed.
-    upstream.remove_header("x-forwarded-prefix");
-    if let Some(target) = &ctx.upstream_target {
-        upstream.set_raw_path(target)?;
+    upstream.drop_all(&X_FORWARDED_PREFIX);
+    if ctx.upstream_target.is_some() {
         let rewrite = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref());
         if let Some(prefix) = rewrite.and_then(PrefixRewrite::forwarded_prefix) {
-            upstream.insert_header("x-forwarded-prefix", prefix)?;
+            upstream.put(&X_FORWARDED_PREFIX, prefix.clone())?;
         }
     }
     if let Some(route) = &ctx.route
@@ -943,7 +979,7 @@ fn forwarding_headers(
     {
         let host = header_rules::request_host(session.req_header());
         let vars = ctx.vars(host.as_ref().map(HeaderValue::as_bytes));
-        route.headers.request.apply_request(upstream, &vars)?;
+        route.headers.request.apply(upstream, &vars)?;
     }
     Ok(())
 }
@@ -998,6 +1034,14 @@ fn host_without_port(host: &str) -> &str {
         _ => host,
     };
     name.strip_suffix('.').unwrap_or(name)
+}
+
+/// A header value of text made here, taken over without a copy.
+fn made_value(text: String) -> Result<HeaderValue> {
+    HeaderValue::from_maybe_shared(bytes::Bytes::from(text)).or_err(
+        ErrorType::InvalidHTTPHeader,
+        "a header value made by the proxy",
+    )
 }
 
 /// An address as text; IPv4 without `Display`'s padding machinery, which costs more than the

@@ -7,7 +7,8 @@ use std::net::IpAddr;
 
 use http::{HeaderName, HeaderValue};
 use pingora::{
-    Result,
+    ErrorType::InvalidHTTPHeader,
+    OrErr, Result,
     http::{RequestHeader, ResponseHeader},
 };
 
@@ -324,59 +325,62 @@ impl HeaderRules {
         self.uses_host
     }
 
-    pub fn apply_request(&self, header: &mut RequestHeader, vars: &Vars<'_>) -> Result<()> {
-        self.apply(header, vars)
-    }
-
-    pub fn apply_response(&self, header: &mut ResponseHeader, vars: &Vars<'_>) -> Result<()> {
-        self.apply(header, vars)
-    }
-
-    fn apply(&self, header: &mut impl Edit, vars: &Vars<'_>) -> Result<()> {
+    pub fn apply(&self, header: &mut impl HeaderEdit, vars: &Vars<'_>) -> Result<()> {
         for name in &self.remove {
-            header.remove(name);
+            header.drop_all(name);
         }
         for (name, value) in &self.set {
             match value.render(vars) {
-                Some(value) => header.insert(name, value)?,
-                None => header.remove(name),
+                Some(value) => header.put(name, value)?,
+                None => header.drop_all(name),
             }
         }
         for (name, value) in &self.add {
             if let Some(value) = value.render(vars) {
-                header.append(name, value)?;
+                header.add(name, value)?;
             }
         }
         for (name, value) in &self.defaults {
             if !header.has(name)
                 && let Some(value) = value.render(vars)
             {
-                header.insert(name, value)?;
+                header.put(name, value)?;
             }
         }
         Ok(())
     }
 }
 
-/// The few edits the rules make, on either kind of message header.
-trait Edit {
-    fn remove(&mut self, name: &HeaderName);
-    fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
-    fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+/// Header names the proxy sets on every proxied request, made once.
+pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
+pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
+pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
+pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+
+/// The few edits the proxy makes to headers: on Pingora's message headers through their own
+/// methods (which keep their map of header-name case, parsing the name again each time), and
+/// on a plain `HeaderMap` (the request the backend gets) directly, with the name as it is.
+pub trait HeaderEdit {
+    /// Sets `name` to `value`, replacing any values it had.
+    fn put(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+    /// Adds `value` beside any values `name` has.
+    fn add(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()>;
+    fn drop_all(&mut self, name: &HeaderName);
     fn has(&self, name: &HeaderName) -> bool;
 }
 
 macro_rules! edit_for {
     ($header:ty) => {
-        impl Edit for $header {
-            fn remove(&mut self, name: &HeaderName) {
-                self.remove_header(name);
-            }
-            fn insert(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        impl HeaderEdit for $header {
+            fn put(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
                 self.insert_header(name, value)
             }
-            fn append(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+            fn add(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
                 self.append_header(name, value).map(drop)
+            }
+            fn drop_all(&mut self, name: &HeaderName) {
+                self.remove_header(name);
             }
             fn has(&self, name: &HeaderName) -> bool {
                 self.headers.contains_key(name)
@@ -387,6 +391,25 @@ macro_rules! edit_for {
 
 edit_for!(RequestHeader);
 edit_for!(ResponseHeader);
+
+impl HeaderEdit for http::HeaderMap {
+    fn put(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.try_insert(name.clone(), value)
+            .map(drop)
+            .or_err(InvalidHTTPHeader, "too many headers")
+    }
+    fn add(&mut self, name: &HeaderName, value: HeaderValue) -> Result<()> {
+        self.try_append(name.clone(), value)
+            .map(drop)
+            .or_err(InvalidHTTPHeader, "too many headers")
+    }
+    fn drop_all(&mut self, name: &HeaderName) {
+        self.remove(name);
+    }
+    fn has(&self, name: &HeaderName) -> bool {
+        self.contains_key(name)
+    }
+}
 
 #[cfg(test)]
 mod tests {
@@ -464,28 +487,37 @@ mod tests {
         rules.add(n("x-tag"), t("b"));
         rules.set_if_absent(n("x-frame-options"), t("DENY"));
         rules.set_if_absent(n("x-kept"), t("edge"));
-        let mut header = ResponseHeader::build(200, None).expect("header");
-        for (name, value) in [
+        let before = [
             ("x-debug", "1"),
             ("x-env", "dev"),
             ("x-tag", "a"),
             ("x-kept", "own"),
-        ] {
+        ];
+        // On Pingora's header (with its map of names' case) and on a plain map alike.
+        let mut header = ResponseHeader::build(200, None).expect("header");
+        let mut map = http::HeaderMap::new();
+        for (name, value) in before {
             header.insert_header(name, value).expect("insert");
+            map.append(n(name), HeaderValue::from_static(value));
         }
-        rules.apply_response(&mut header, &vars()).expect("apply");
-        let all = |name: &str| {
-            header
-                .headers
-                .get_all(name)
-                .iter()
-                .map(|v| v.to_str().expect("text").to_owned())
-                .collect::<Vec<_>>()
-        };
-        assert!(all("x-debug").is_empty());
-        assert_eq!(all("x-env"), ["prod"]);
-        assert_eq!(all("x-tag"), ["a", "b"]);
-        assert_eq!(all("x-frame-options"), ["DENY"]);
-        assert_eq!(all("x-kept"), ["own"]);
+        rules.apply(&mut header, &vars()).expect("apply");
+        rules.apply(&mut map, &vars()).expect("apply");
+        let mut wire = Vec::new();
+        header.header_to_h1_wire(&mut wire);
+        assert!(String::from_utf8_lossy(&wire).contains("x-tag: b"));
+        for headers in [&header.headers, &map] {
+            let all = |name: &str| {
+                headers
+                    .get_all(name)
+                    .iter()
+                    .map(|v| v.to_str().expect("text").to_owned())
+                    .collect::<Vec<_>>()
+            };
+            assert!(all("x-debug").is_empty());
+            assert_eq!(all("x-env"), ["prod"]);
+            assert_eq!(all("x-tag"), ["a", "b"]);
+            assert_eq!(all("x-frame-options"), ["DENY"]);
+            assert_eq!(all("x-kept"), ["own"]);
+        }
     }
 }

@@ -4,10 +4,14 @@
 
 use bytes::Bytes;
 use http::HeaderValue;
-use pingora::{Result, http::ResponseHeader};
+use pingora::{ErrorType::InvalidHTTPHeader, OrErr, Result, http::ResponseHeader};
 use pingora_proxy::Session;
 
-use crate::{header_rules::Vars, routes::RouteHeaders, statics::Site};
+use crate::{
+    header_rules::{HeaderEdit, Vars, X_REQUEST_ID},
+    routes::RouteHeaders,
+    statics::Site,
+};
 
 /// A JSON error the proxy answers with: the status, and the `error` code and `message` of
 /// the body (`request_id` is the request's own).
@@ -38,15 +42,17 @@ pub struct RouteStamp<'a> {
 }
 
 impl Stamp<'_> {
-    pub fn apply(&self, header: &mut ResponseHeader) -> Result<()> {
-        header.insert_header("x-request-id", self.request_id)?;
+    pub fn apply(&self, header: &mut impl HeaderEdit) -> Result<()> {
+        let id = HeaderValue::from_str(self.request_id).or_err(InvalidHTTPHeader, "request id")?;
+        header.put(&X_REQUEST_ID, id)?;
         if let Some(hsts) = self.hsts {
-            header.insert_header("strict-transport-security", hsts)?;
+            let hsts = HeaderValue::from_str(hsts).or_err(InvalidHTTPHeader, "tls.hsts")?;
+            header.put(&http::header::STRICT_TRANSPORT_SECURITY, hsts)?;
         }
         if let Some(route) = &self.route {
             let rules = &route.headers.response;
             if !rules.is_empty() {
-                rules.apply_response(header, &route.vars)?;
+                rules.apply(header, &route.vars)?;
             }
             if let Some(cors) = &route.headers.cors {
                 cors.apply(header, route.allow_origin)?;
