@@ -225,14 +225,15 @@ impl Cors {
     }
 
     /// Drops a backend response's own `Access-Control-*` headers, before [`Cors::apply`].
-    pub fn remove_backends(headers: &mut http::HeaderMap) {
+    pub fn remove_backends(headers: &mut impl HeaderEdit) {
         let backends: Vec<HeaderName> = headers
+            .map()
             .keys()
             .filter(|name| name.as_str().starts_with("access-control-"))
             .cloned()
             .collect();
         for name in &backends {
-            headers.remove(name);
+            headers.drop_all(name);
         }
     }
 

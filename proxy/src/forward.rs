@@ -35,7 +35,10 @@ use pingora_proxy::Session;
 
 use tokio::net::{TcpStream, UnixStream};
 
-use crate::upstream::{Dial, Member};
+use crate::{
+    header_rules::HeaderEdit,
+    upstream::{Dial, Member},
+};
 
 /// Request headers that send a request down Pingora's path: hop-by-hop headers other than
 /// `Connection` (which is dropped here), and whatever needs a body or an upgrade handled.
@@ -96,11 +99,6 @@ pub fn upstream_request(parts: http::request::Parts, target: &[u8]) -> Result<Re
         request.set_raw_path(target)?;
     }
     Ok(request)
-}
-
-/// A request header that costs nothing to make, to take another's place for a moment.
-pub fn placeholder() -> RequestHeader {
-    RequestHeader::from(http::Request::new(()).into_parts().0)
 }
 
 /// The `Host` the backend gets when the target has an authority (HTTP/2's `:authority`,
@@ -230,7 +228,9 @@ pub struct Deadlines {
 /// A connection to a backend, with the request sent and the response header read.
 pub struct Exchange {
     client: HttpSession,
-    pub response: Box<ResponseHeader>,
+    /// The response's status and headers, as a plain map for the filters to edit: without the
+    /// map of the backend's header-name case that Pingora keeps, as the request is sent.
+    pub response: http::response::Parts,
 }
 
 /// Why no response header came back.
@@ -276,9 +276,8 @@ pub async fn send(
     .await;
     match outcome {
         Ok(()) => {
-            // Without the case map, as the request above: the filters add headers to it.
             let response = match client.resp_header() {
-                Some(header) => Box::new(ResponseHeader::from(header.as_owned_parts())),
+                Some(header) => header.as_owned_parts(),
                 None => return Err(Failed::Backend(Error::new(ErrorType::InvalidHTTPHeader))),
             };
             Ok(Exchange { client, response })
@@ -345,9 +344,11 @@ impl Exchange {
             && headers.get(header::TRANSFER_ENCODING).is_none()
             && headers.get(header::CONTENT_LENGTH).is_none();
         if close_delimited {
-            self.response.set_version(Version::HTTP_11);
+            self.response.version = Version::HTTP_11;
+            let chunked = http::HeaderValue::from_static("chunked");
             self.response
-                .insert_header(header::TRANSFER_ENCODING, "chunked")?;
+                .headers
+                .put(&header::TRANSFER_ENCODING, chunked)?;
         }
         Ok(())
     }
@@ -358,7 +359,8 @@ impl Exchange {
     pub async fn relay(mut self, session: &mut Session, member: &Member) -> Result<()> {
         let mut done = self.client.is_body_done();
         let mut tasks = Vec::with_capacity(2);
-        tasks.push(HttpTask::Header(self.response, done));
+        let header = Box::new(ResponseHeader::from(self.response));
+        tasks.push(HttpTask::Header(header, done));
         // Most responses are whole in the first read: header and body go out in one write.
         while !done {
             let body: Option<Bytes> = self

@@ -65,7 +65,7 @@ const COMPRESSION_LEVEL: u32 = 5;
 
 /// Response header a backend uses to name the token's subject, for the access log; removed
 /// before the response reaches the client.
-const USER_HEADER: &str = "x-gatehouse-user";
+static USER_HEADER: http::HeaderName = http::HeaderName::from_static("x-gatehouse-user");
 
 pub struct Gateway {
     /// Everything a reload can change; each request keeps the version it started with.
@@ -677,20 +677,10 @@ impl ProxyHttp for Gateway {
         upstream: &mut RequestHeader,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Edited as the fast path edits its copy: the headers as a plain map, the target set
-        // last. Pingora's request goes on without its map of header-name case, as the fast
-        // path's does.
-        let end_stream = upstream.send_end_stream();
-        let target = match &ctx.upstream_target {
-            Some(target) => target.clone(),
-            None => upstream.raw_path().to_vec(),
-        };
-        let mut parts =
-            http::request::Parts::from(std::mem::replace(upstream, forward::placeholder()));
-        forwarding_headers(session, &mut parts.headers, ctx)?;
-        *upstream = forward::upstream_request(parts, &target)?;
-        if let Some(end_stream) = end_stream {
-            upstream.set_send_end_stream(end_stream);
+        // Through Pingora's own methods, which keep the client's header-name case.
+        forwarding_headers(session, upstream, ctx)?;
+        if let Some(target) = &ctx.upstream_target {
+            upstream.set_raw_path(target)?;
         }
         Ok(())
     }
@@ -848,7 +838,7 @@ impl Gateway {
             }
         };
         exchange.chunk_if_close_delimited(session.req_header())?;
-        self.prepare_response(session, &mut exchange.response, ctx)?;
+        self.prepare_response(session, &mut exchange.response.headers, ctx)?;
         if let Err(e) = exchange.relay(session, &member).await {
             if *e.esource() == ErrorSource::Upstream {
                 let kind = if forward::is_timeout(&e) {
@@ -863,26 +853,19 @@ impl Gateway {
         Ok(true)
     }
 
-    /// The backend's response header as the client gets it (both paths).
+    /// The backend's response headers as the client gets them (both paths: Pingora's
+    /// response header, or the fast path's plain map).
     fn prepare_response(
         &self,
         session: &mut Session,
-        response: &mut ResponseHeader,
+        headers: &mut impl HeaderEdit,
         ctx: &mut RequestCtx,
     ) -> Result<()> {
-        // Edited as a plain map, as the request is: the client gets the backend's headers
-        // without Pingora's map of their names' case, on either path.
-        let reason = response.get_reason_phrase().map(str::to_owned);
-        let mut parts = http::response::Parts::from(std::mem::replace(
-            response,
-            ResponseHeader::from(http::Response::new(()).into_parts().0),
-        ));
-        let headers = &mut parts.headers;
         if ctx.route.as_ref().is_some_and(|r| r.headers.cors.is_some()) {
             Cors::remove_backends(headers);
         }
         if let Some(rewrite) = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref())
-            && let Some(location) = headers.get(http::header::LOCATION)
+            && let Some(location) = headers.map().get(http::header::LOCATION)
         {
             let host = header_rules::request_host(session.req_header());
             if let Some(mapped) = rewrite.location(location, host.as_ref().map(|h| h.as_bytes())) {
@@ -891,20 +874,16 @@ impl Gateway {
         }
         self.stamp(ctx).apply(headers)?;
         ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
-        if let Some(user) = headers.remove(USER_HEADER)
+        if let Some(user) = headers.take(&USER_HEADER)
             && ctx.user.is_none()
         {
             ctx.user = user.to_str().ok().map(str::to_owned);
-        }
-        *response = ResponseHeader::from(parts);
-        if let Some(reason) = reason {
-            response.set_reason_phrase(Some(&reason))?;
         }
         // Large text responses (a big JSON listing) are compressed by Pingora's module, which
         // also negotiates `Accept-Encoding`; small ones are not worth it. The module is off
         // until here (Pingora's default), so nothing else pays for reading `Accept-Encoding`:
         // static files are compressed once per version by `statics`, never per request.
-        let headers = &response.headers;
+        let headers = headers.map();
         let large = headers
             .get("content-length")
             .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
@@ -920,11 +899,11 @@ impl Gateway {
     }
 }
 
-/// The forwarding headers, the request id and the host for the backend (both paths), in
-/// the request's own map: names made once, no copy of them per request.
+/// The forwarding headers, the request id and the host for the backend (both paths: Pingora's
+/// request header, or the fast path's plain map).
 fn forwarding_headers(
     session: &Session,
-    upstream: &mut http::HeaderMap,
+    upstream: &mut impl HeaderEdit,
     ctx: &RequestCtx,
 ) -> Result<()> {
     if let Some(host) = forward::authority_host(session.req_header()).map_err(|e| e.into_down())? {
@@ -944,7 +923,7 @@ fn forwarding_headers(
         } else {
             ip_text(ctx.client)
         };
-        let chain = match client_ip::forwarded_chain(upstream) {
+        let chain = match client_ip::forwarded_chain(upstream.map()) {
             Some(chain) if ctx.live.trusted_proxies.contains(peer) => format!("{chain}, {hop}"),
             _ => hop,
         };
