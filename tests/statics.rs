@@ -8,7 +8,7 @@ use std::{
 use reqwest::blocking::Response;
 use serde_json::Value;
 
-use crate::util::{self, Group, Options, gunzip, raw_http, unbrotli, wait_until};
+use crate::util::{self, Group, Options, gunzip, raw_http, unbrotli, unzstd, wait_until};
 
 fn header(response: &Response, name: &str) -> String {
     response
@@ -276,15 +276,23 @@ fn compression_is_negotiated_and_done_once_per_version() {
         "identity fallback"
     );
     assert_eq!(
-        header(&get("zstd"), "content-encoding"),
+        header(&get("deflate"), "content-encoding"),
         "",
         "unknown codings fall back to identity"
     );
-    let etags = [&identity_etag, &gzip_etag, &br_etag];
-    assert!(
-        etags[0] != etags[1] && etags[1] != etags[2] && etags[0] != etags[2],
-        "{etags:?}"
+    // zstd by q-value; brotli wins a tie (the smaller text), zstd one with gzip.
+    let zstd = get("gzip;q=0.5, br;q=0.5, zstd");
+    assert_eq!(header(&zstd, "content-encoding"), "zstd");
+    let zstd_etag = header(&zstd, "etag");
+    assert_eq!(unzstd(&zstd.bytes().unwrap()), text.as_bytes());
+    assert_eq!(
+        header(&get("gzip, deflate, br, zstd"), "content-encoding"),
+        "br"
     );
+    assert_eq!(header(&get("gzip, zstd"), "content-encoding"), "zstd");
+    let etags = [&identity_etag, &gzip_etag, &br_etag, &zstd_etag];
+    let distinct: std::collections::BTreeSet<_> = etags.iter().collect();
+    assert_eq!(distinct.len(), 4, "{etags:?}");
     assert_eq!(
         get("gzip").headers()["etag"],
         gzip_etag.as_str(),
@@ -357,6 +365,16 @@ fn compression_is_negotiated_and_done_once_per_version() {
         .unwrap();
     assert_eq!(header(&response, "content-encoding"), "gzip");
     assert_eq!(gunzip(&response.bytes().unwrap()), sidecar_text.as_bytes());
+    // And a `.zst` one (zstd's own suffix), for clients that prefer zstd.
+    let zst = zstd::bulk::compress(sidecar_text.as_bytes(), 1).unwrap();
+    fs::write(group.dir.path().join("files/app.js.zst"), zst).unwrap();
+    let response = client
+        .get(group.url("/files/app.js"))
+        .header("accept-encoding", "zstd")
+        .send()
+        .unwrap();
+    assert_eq!(header(&response, "content-encoding"), "zstd");
+    assert_eq!(unzstd(&response.bytes().unwrap()), sidecar_text.as_bytes());
 
     // Large JSON from a backend is compressed too (a long path makes a long 404 message).
     let long = format!("/api/{}", "n".repeat(2000));

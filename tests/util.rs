@@ -822,6 +822,10 @@ pub fn unbrotli(bytes: &[u8]) -> Vec<u8> {
     plain
 }
 
+pub fn unzstd(bytes: &[u8]) -> Vec<u8> {
+    zstd::stream::decode_all(bytes).expect("zstd body")
+}
+
 /// Asserts the status, and that an error has the one error shape; returns the body (`Null` for
 /// an empty one).
 pub fn expect(response: reqwest::blocking::Response, status: u16, what: &str) -> Value {

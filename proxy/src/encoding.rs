@@ -1,5 +1,5 @@
-//! Content codings: `Accept-Encoding` negotiation (with q-values), the compressors, and which
-//! media types are worth compressing. Static files use them for their stored variants, the
+//! Content codings (gzip, brotli, zstd): `Accept-Encoding` negotiation (with q-values), the
+//! compressors, and which media types are worth compressing. Static files use them for their stored variants, the
 //! gateway for large backend responses, the metrics for their `encoding` label.
 
 use std::io::Write;
@@ -11,6 +11,7 @@ pub enum Encoding {
     Identity,
     Gzip,
     Brotli,
+    Zstd,
 }
 
 impl Encoding {
@@ -24,6 +25,7 @@ impl Encoding {
             Encoding::Identity => "identity",
             Encoding::Gzip => "gzip",
             Encoding::Brotli => "br",
+            Encoding::Zstd => "zstd",
         }
     }
 
@@ -33,6 +35,7 @@ impl Encoding {
             Encoding::Identity => None,
             Encoding::Gzip => Some("gz"),
             Encoding::Brotli => Some("br"),
+            Encoding::Zstd => Some("zst"),
         }
     }
 
@@ -54,18 +57,22 @@ impl Encoding {
                 };
                 brotli::BrotliCompress(&mut &data[..], &mut out, &params).ok()?;
             }
+            // The highest level without the "ultra" window, whose decoding needs more memory
+            // than browsers grant (Chrome decodes windows up to 8 MiB).
+            Encoding::Zstd => out = zstd::bulk::compress(data, 19).ok()?,
         }
         Some(Bytes::from(out))
     }
 }
 
 /// The best coding the client accepts among those we can make, by q-value, preferring
-/// brotli on ties. Identity when nothing else is acceptable.
+/// brotli, then zstd, then gzip on ties (brotli at its highest level makes the smallest text,
+/// zstd the next). Identity when nothing else is acceptable.
 pub fn negotiate(accept_encoding: Option<&[u8]>) -> Encoding {
     let Some(header) = accept_encoding.and_then(|h| std::str::from_utf8(h).ok()) else {
         return Encoding::Identity;
     };
-    let (mut gzip, mut brotli, mut star) = (None, None, None);
+    let (mut gzip, mut brotli, mut zstd, mut star) = (None, None, None, None);
     for item in header.split(',') {
         let mut parts = item.split(';');
         let coding = parts.next().unwrap_or("").trim();
@@ -86,19 +93,25 @@ pub fn negotiate(accept_encoding: Option<&[u8]>) -> Encoding {
             gzip = Some(q);
         } else if coding.eq_ignore_ascii_case("br") {
             brotli = Some(q);
+        } else if coding.eq_ignore_ascii_case("zstd") {
+            zstd = Some(q);
         } else if coding == "*" {
             star = Some(q);
         }
     }
-    let brotli = brotli.or(star).unwrap_or(0.0);
-    let gzip = gzip.or(star).unwrap_or(0.0);
-    if brotli > 0.0 && brotli >= gzip {
-        Encoding::Brotli
-    } else if gzip > 0.0 {
-        Encoding::Gzip
-    } else {
-        Encoding::Identity
+    // In order of preference; the first with the highest q wins.
+    let ranked = [
+        (Encoding::Brotli, brotli.or(star).unwrap_or(0.0)),
+        (Encoding::Zstd, zstd.or(star).unwrap_or(0.0)),
+        (Encoding::Gzip, gzip.or(star).unwrap_or(0.0)),
+    ];
+    let mut best = (Encoding::Identity, 0.0);
+    for (encoding, q) in ranked {
+        if q > best.1 {
+            best = (encoding, q);
+        }
     }
+    best.0
 }
 
 /// Types worth compressing: text and the structured text formats; never images, archives or
@@ -135,9 +148,14 @@ mod tests {
         assert_eq!(n("br;q=0, gzip;q=0"), Encoding::Identity);
         assert_eq!(n("identity"), Encoding::Identity);
         assert_eq!(n("*"), Encoding::Brotli);
-        assert_eq!(n("*;q=0.1, br;q=0"), Encoding::Gzip);
+        assert_eq!(n("*;q=0.1, br;q=0"), Encoding::Zstd);
+        assert_eq!(n("*;q=0.1, br;q=0, zstd;q=0"), Encoding::Gzip);
         assert_eq!(n("gzip;q=nonsense"), Encoding::Identity);
-        assert_eq!(n("zstd, deflate"), Encoding::Identity);
+        assert_eq!(n("zstd, deflate"), Encoding::Zstd);
+        assert_eq!(n("gzip, deflate, br, zstd"), Encoding::Brotli);
+        assert_eq!(n("br;q=0.5, zstd;q=0.8, gzip;q=0.8"), Encoding::Zstd);
+        assert_eq!(n("zstd;q=0.4, gzip;q=0.5"), Encoding::Gzip);
+        assert_eq!(n("deflate"), Encoding::Identity);
     }
 
     #[test]
@@ -151,6 +169,9 @@ mod tests {
         let mut plain = Vec::new();
         brotli::BrotliDecompress(&mut &br[..], &mut plain).unwrap();
         assert_eq!(plain, data);
+        let zst = Encoding::Zstd.compress(&data).unwrap();
+        assert!(zst.len() < data.len() / 4);
+        assert_eq!(zstd::stream::decode_all(&zst[..]).unwrap(), data);
         assert!(compressible("text/html; charset=utf-8") && !compressible("image/png"));
     }
 }

@@ -17,7 +17,7 @@ const METHODS: [&str; 8] = [
     "GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS", "other",
 ];
 const CLASSES: [&str; 5] = ["1xx", "2xx", "3xx", "4xx", "5xx"];
-const ENCODINGS: [&str; 3] = ["identity", "gzip", "br"];
+const ENCODINGS: [&str; 4] = ["identity", "gzip", "br", "zstd"];
 
 /// The `route` label of requests no route took (the proxy's `/healthz`, redirects, 404s).
 pub const NO_ROUTE: &str = "none";
@@ -105,7 +105,7 @@ pub struct RouteSeries {
     latency: Histogram,
     refusals: [IntCounter; 3],
     /// By encoding, then hit (0) or miss (1); only static routes count here.
-    statics: [[IntCounter; 2]; 3],
+    statics: [[IntCounter; 2]; 4],
 }
 
 impl Metrics {
@@ -324,12 +324,7 @@ impl RouteSeries {
     }
 
     pub fn static_response(&self, encoding: Encoding, hit: bool) {
-        let encoding = match encoding {
-            Encoding::Identity => 0,
-            Encoding::Gzip => 1,
-            Encoding::Brotli => 2,
-        };
-        self.statics[encoding][usize::from(!hit)].inc();
+        self.statics[encoding.index()][usize::from(!hit)].inc();
     }
 }
 

@@ -36,13 +36,14 @@ pub struct Asset {
     pub compressible: bool,
     pub last_modified: String,
     /// One ETag per encoding, indexed by [`Encoding::index`].
-    etags: [String; 3],
+    etags: [String; 4],
     /// The file's own bytes; `None` for files too large to hold, which are streamed from disk.
     pub identity: Option<Bytes>,
     /// Whether the cache holds it (so a compressed variant is made once, not per request).
     pub held: bool,
     gzip: OnceLock<Option<Bytes>>,
     brotli: OnceLock<Option<Bytes>>,
+    zstd: OnceLock<Option<Bytes>>,
     /// When the file was last found unchanged on disk, by [`now_ms`].
     checked: AtomicU64,
 }
@@ -63,7 +64,13 @@ impl Asset {
         let nanos = modified
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let etags = [Encoding::Identity, Encoding::Gzip, Encoding::Brotli].map(|e| match e {
+        let all = [
+            Encoding::Identity,
+            Encoding::Gzip,
+            Encoding::Brotli,
+            Encoding::Zstd,
+        ];
+        let etags = all.map(|e| match e {
             Encoding::Identity => format!("\"{len:x}-{nanos:x}\""),
             other => format!("\"{len:x}-{nanos:x}-{}\"", other.token()),
         });
@@ -79,6 +86,7 @@ impl Asset {
             held: false,
             gzip: OnceLock::new(),
             brotli: OnceLock::new(),
+            zstd: OnceLock::new(),
             checked: AtomicU64::new(now_ms()),
             path,
         })
@@ -105,6 +113,7 @@ impl Asset {
             Encoding::Identity => return None,
             Encoding::Gzip => &self.gzip,
             Encoding::Brotli => &self.brotli,
+            Encoding::Zstd => &self.zstd,
         };
         cell.get_or_init(|| {
             let identity = self.identity.as_ref()?;
@@ -121,6 +130,7 @@ impl Asset {
             Encoding::Identity => true,
             Encoding::Gzip => self.gzip.get().is_some(),
             Encoding::Brotli => self.brotli.get().is_some(),
+            Encoding::Zstd => self.zstd.get().is_some(),
         }
     }
 
@@ -137,11 +147,11 @@ impl Asset {
     }
 
     /// What the entry may come to hold, fixed when it is made: the cache requires a weight
-    /// that never changes. Variants are kept only when smaller than the file, so gzip and
-    /// brotli together stay under twice its size.
+    /// that never changes. Variants are kept only when smaller than the file, so gzip, brotli
+    /// and zstd together stay under three times its size.
     fn weight(&self) -> u64 {
         let bytes = self.identity.as_ref().map_or(0, |b| b.len() as u64);
-        let variants = if self.compressible { 2 * bytes } else { 0 };
+        let variants = if self.compressible { 3 * bytes } else { 0 };
         1024 + bytes + variants
     }
 }
