@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Makes sure the system packages gatehouse needs are present: cmake (to build Pingora's
 # zlib-ng), redis-server (the managed Redis, and the tests' Redis), and with --tests what the
-# tests use besides (openssl, apache2-utils, and schemathesis from PyPI). Installs them with
+# tests use besides (openssl, apache2-utils, pebble, and schemathesis from PyPI). Installs them with
 # apt-get (and pip) when it can; otherwise prints the exact command and fails.
 set -euo pipefail
 
@@ -20,6 +20,9 @@ if [ "${1:-}" = "--tests" ]; then
     # htpasswd files with the real `htpasswd` tool.
     command -v openssl >/dev/null 2>&1 || missing+=(openssl)
     command -v htpasswd >/dev/null 2>&1 || missing+=(apache2-utils)
+    # The ACME tests get their certificates from pebble, the ACME test server, with its DNS
+    # server pebble-challtestsrv (one package).
+    command -v pebble >/dev/null 2>&1 || missing+=(pebble)
     if [ ! -x "$schemathesis_venv/bin/schemathesis" ] && ! command -v schemathesis >/dev/null 2>&1; then
         need_schemathesis=true
         command -v python3 >/dev/null 2>&1 || missing+=(python3)

@@ -4,7 +4,9 @@ mod browser;
 mod util;
 
 mod access;
+// Certificates from a real ACME server (pebble).
 mod accounts;
+mod acme;
 mod api;
 // The OpenAPI document under schemathesis, and Swagger UI in a browser.
 mod api_docs;

@@ -228,6 +228,9 @@ pub struct Options {
     pub static_extra: String,
     /// More TOML merged in: `[rate_limits.*]` tables, more `[[routes]]` (after the base's).
     pub extra: String,
+    /// The HTTP, HTTPS and admin ports, when a test must know them before the group starts
+    /// (another server is told them); free ones otherwise.
+    pub ports: Option<[u16; 3]>,
 }
 
 impl Default for Options {
@@ -244,6 +247,7 @@ impl Default for Options {
             backend_extra: String::new(),
             static_extra: String::new(),
             extra: String::new(),
+            ports: None,
         }
     }
 }
@@ -376,7 +380,7 @@ impl Group {
         };
         // Tests run in parallel: a free port can be taken before the group binds it.
         for _ in 0..3 {
-            let [port, tls_port, admin_port] = free_ports();
+            let [port, tls_port, admin_port] = options.ports.unwrap_or_else(free_ports);
             group.port = port;
             group.tls_port = options.tls.then_some(tls_port);
             group.admin_port = admin_port;
@@ -766,6 +770,40 @@ pub fn write_config(
     let path = dir.join("gatehouse.toml");
     fs::write(&path, config.text()).expect("write config");
     path
+}
+
+/// `openssl x509 -noout X509_ARGS` of the certificate the HTTPS port presents to a client
+/// asking for `sni` (`-ext subjectAltName`, `-issuer -serial`); empty when no handshake.
+pub fn served_certificate(port: u16, sni: &str, x509_args: &[&str]) -> String {
+    let output = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
+        .args(["-servername", sni])
+        .stdin(Stdio::null())
+        .stderr(Stdio::null())
+        .output()
+        .expect("openssl s_client");
+    let text = String::from_utf8_lossy(&output.stdout);
+    let Some(pem) = text
+        .split_once("-----BEGIN CERTIFICATE-----")
+        .and_then(|(_, rest)| rest.split_once("-----END CERTIFICATE-----"))
+        .map(|(body, _)| format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"))
+    else {
+        return String::new();
+    };
+    let mut x509 = Command::new("openssl")
+        .args(["x509", "-noout"])
+        .args(x509_args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("openssl x509");
+    x509.stdin
+        .take()
+        .expect("stdin")
+        .write_all(pem.as_bytes())
+        .expect("write");
+    let out = x509.wait_with_output().expect("openssl x509");
+    String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
 /// One HTTP/1.1 GET straight to a backend's Unix socket; returns status and body.

@@ -33,32 +33,7 @@ fn site(dir: &Path, name: &str, text: &str) -> String {
 
 /// The DNS names of the certificate the HTTPS port presents to a client asking for `sni`.
 fn presented(port: u16, sni: &str) -> String {
-    let output = Command::new("openssl")
-        .args(["s_client", "-connect", &format!("127.0.0.1:{port}")])
-        .args(["-servername", sni])
-        .stdin(std::process::Stdio::null())
-        .output()
-        .expect("openssl s_client");
-    let text = String::from_utf8_lossy(&output.stdout);
-    let pem = text
-        .split_once("-----BEGIN CERTIFICATE-----")
-        .and_then(|(_, rest)| rest.split_once("-----END CERTIFICATE-----"))
-        .map(|(body, _)| format!("-----BEGIN CERTIFICATE-----{body}-----END CERTIFICATE-----\n"))
-        .unwrap_or_default();
-    let mut x509 = Command::new("openssl")
-        .args(["x509", "-noout", "-ext", "subjectAltName"])
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .expect("openssl x509");
-    use std::io::Write;
-    x509.stdin
-        .take()
-        .expect("stdin")
-        .write_all(pem.as_bytes())
-        .expect("write");
-    let out = x509.wait_with_output().expect("openssl x509");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+    util::served_certificate(port, sni, &["-ext", "subjectAltName"])
 }
 
 /// `curl https://HOST:PORT/PATH` with HOST resolved to loopback (so SNI and `Host` are HOST),

@@ -9,6 +9,11 @@ use rustls::pki_types::pem;
 
 #[derive(Debug, thiserror::Error)]
 pub enum BuildError {
+    #[error("acme.storage: cannot make {}: {source}", .path.display())]
+    AcmeStorage {
+        path: PathBuf,
+        source: std::io::Error,
+    },
     #[error("upstreams.{0}.ca_file: a certificate in it cannot be parsed")]
     UpstreamCa(String),
     #[error("upstreams.{pool}: {} cannot be a socket address", .path.display())]

@@ -40,6 +40,7 @@ use arc_swap::ArcSwap;
 
 use crate::{
     access::{Decision, client_ip},
+    acme::{Acme, challenges},
     client_shares::{ClientShares, Share},
     cors::Cors,
     drain::{Drain, InFlight},
@@ -76,16 +77,24 @@ pub struct Gateway {
     /// lasts up to an hour, where a request lasts seconds.
     tunnels: Arc<ClientShares>,
     drain: Drain,
+    /// Answers HTTP-01 challenges when certificates come from an ACME server.
+    acme: Option<Arc<Acme>>,
 }
 
 impl Gateway {
-    pub fn new(live: Arc<ArcSwap<Live>>, pool: Arc<Pool>, drain: Drain) -> Self {
+    pub fn new(
+        live: Arc<ArcSwap<Live>>,
+        pool: Arc<Pool>,
+        drain: Drain,
+        acme: Option<Arc<Acme>>,
+    ) -> Self {
         Self {
             live,
             pool,
             shares: Arc::default(),
             tunnels: Arc::default(),
             drain,
+            acme,
         }
     }
 
@@ -152,6 +161,25 @@ impl Gateway {
     }
 
     /// The proxy's own liveness (the admin listener has the details).
+    /// An HTTP-01 answer: the key authorization for `token`, or 404 if no order waits on it.
+    async fn acme_answer(
+        &self,
+        session: &mut Session,
+        ctx: &RequestCtx,
+        acme: &Acme,
+        token: &str,
+    ) -> Result<()> {
+        let stamp = self.stamp(ctx);
+        let Some(answer) = acme.challenges.http_answer(token) else {
+            let message = "no ACME challenge has this token";
+            return respond::json_error(session, &stamp, 404, "not_found", message).await;
+        };
+        let mut header = ResponseHeader::build(200, Some(4))?;
+        header.insert_header("content-type", "application/octet-stream")?;
+        header.insert_header("cache-control", "no-store")?;
+        respond::send(session, &stamp, header, bytes::Bytes::from(answer)).await
+    }
+
     async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;
@@ -405,6 +433,16 @@ impl ProxyHttp for Gateway {
         // The proxy's own liveness, on every listener, never redirected.
         if raw_path == "/healthz" {
             self.health(session, ctx).await?;
+            return Ok(true);
+        }
+        // Before the redirect to HTTPS, which an HTTP-01 check must not get, and before the
+        // routes and their access rules: the ACME server is no client of theirs.
+        if !ctx.tls
+            && let Some(acme) = &self.acme
+            && let Some(token) = raw_path.strip_prefix(challenges::HTTP_PATH)
+        {
+            let token = token.to_owned();
+            self.acme_answer(session, ctx, acme, &token).await?;
             return Ok(true);
         }
 

@@ -24,6 +24,8 @@
 //! - [`live`]: what a reload (SIGHUP) can change, built whole and swapped atomically.
 //! - [`drain`]: SIGTERM drains in-flight requests and exits when they are done.
 //! - [`admin`]: the admin listener: the metrics of the whole group, `/healthz`, `/readyz`.
+//! - [`acme`]: certificates from an ACME server, renewed in the background; its challenges
+//!   are answered by [`gateway`] (HTTP-01) and [`tls`] (TLS-ALPN-01).
 //! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
 //! - [`heap`]: memory a burst of connections freed, given back to the kernel.
@@ -55,6 +57,7 @@
 
 pub mod access;
 pub mod access_log;
+pub mod acme;
 pub mod admin;
 pub mod client_shares;
 pub mod client_stream;
@@ -205,8 +208,15 @@ pub fn run(
         metrics.as_ref(),
         &pools,
     )?));
+    let acme = match &settings.acme {
+        Some(acme) => Some(Arc::new(acme::Acme::new(
+            acme.clone(),
+            metrics.as_ref().map(|m| &m.registry),
+        )?)),
+        None => None,
+    };
     let drain = drain::Drain::new();
-    let gateway = gateway::Gateway::new(live.clone(), pool.clone(), drain.clone());
+    let gateway = gateway::Gateway::new(live.clone(), pool.clone(), drain.clone(), acme.clone());
 
     let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
@@ -225,7 +235,7 @@ pub fn run(
             .add_listener(ListenerConfig::tcp(tls.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
         handshake = Some((
             tls.listen.port(),
-            tls::Handshake::new(slot, metrics.clone())?,
+            tls::Handshake::new(slot, acme.clone(), metrics.clone())?,
         ));
         public_ports.push(tls.listen.port());
     }
@@ -284,6 +294,12 @@ pub fn run(
             live: live.clone(),
         },
     ));
+    if let Some(acme) = acme {
+        server.add_service(pingora::services::background::background_service(
+            "acme certificates",
+            acme::Renewer(acme),
+        ));
+    }
     let proxy = server.add_service(proxy);
     server.add_service(health);
     // Requests to a named pool find its servers: the proxy starts once each pool has looked

@@ -191,6 +191,7 @@ impl Fixed {
             ("paths.runtime_dir", v(&settings.runtime_dir)),
             ("admin.listen", v(&settings.admin_listen)),
             ("logging.format", v(&settings.json_logs)),
+            ("acme", v(&settings.acme)),
         ];
         Fixed {
             runtime_dir: settings.runtime_dir.clone(),

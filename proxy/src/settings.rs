@@ -25,6 +25,8 @@ pub struct Settings {
     /// `None`: plain HTTP only.
     pub tls: Option<TlsListener>,
     pub tls_behaviour: TlsBehaviour,
+    /// `Some`: certificates for the HTTPS listener's names come from an ACME server.
+    pub acme: Option<crate::acme::AcmeSettings>,
     pub access: AccessSettings,
     /// Upper bound on draining in-flight requests after SIGTERM.
     pub shutdown_grace: Duration,

@@ -6,7 +6,7 @@ use std::{collections::HashMap, path::Path, sync::Arc, time::Instant};
 use arc_swap::ArcSwap;
 use pingora::{
     listeners::tls::Acceptor,
-    protocols::{Peek, Stream, l4::stream::Stream as L4Stream},
+    protocols::{ALPN, Peek, Ssl, Stream, l4::stream::Stream as L4Stream},
 };
 use rustls::{
     ServerConfig,
@@ -17,6 +17,7 @@ use rustls::{
 
 use crate::{
     TlsListener,
+    acme::{Acme, ChallengeKind, challenges},
     error::BuildError,
     metrics::{Cut, Metrics},
 };
@@ -128,7 +129,7 @@ impl Certificates {
 
 /// The DNS names a certificate is for (its subjectAltName), in lower case; `None` if it
 /// names none.
-fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
+pub(crate) fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let san = cert.subject_alternative_name().ok()??;
     let names: Vec<String> = san
@@ -157,16 +158,31 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 impl Handshake {
     /// TLS 1.2 and 1.3 with rustls's AEAD suites in the server's order of preference (Mozilla
     /// "intermediate"), the pair in `slot`, and HTTP/2 and HTTP/1.1 by ALPN.
-    pub fn new(slot: CertificateSlot, metrics: Option<Arc<Metrics>>) -> Result<Self, BuildError> {
+    /// With `acme`, its certificates go before the slot's for their names, and TLS-ALPN-01
+    /// handshakes get its challenge certificates.
+    pub fn new(
+        slot: CertificateSlot,
+        acme: Option<Arc<Acme>>,
+        metrics: Option<Arc<Metrics>>,
+    ) -> Result<Self, BuildError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
         let mut config = ServerConfig::builder_with_provider(provider)
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
             .map_err(BuildError::TlsSettings)?
             .with_no_client_auth()
-            .with_cert_resolver(Arc::new(CurrentCertificate(slot)));
+            .with_cert_resolver(Arc::new(CurrentCertificate {
+                slot,
+                acme: acme.clone(),
+            }));
         // The strongest suite both sides have, rather than the client's first choice.
         config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
+        // Last, so that no client offering HTTP gets it; an ACME server offers it alone.
+        if acme.is_some_and(|a| a.challenge_kind() == ChallengeKind::TlsAlpn01) {
+            config
+                .alpn_protocols
+                .push(challenges::TLS_ALPN_PROTOCOL.to_vec());
+        }
         Ok(Self {
             acceptor: Acceptor::from_server_config(Arc::new(config)),
             metrics,
@@ -198,6 +214,10 @@ impl Handshake {
                 if let Some(m) = metrics {
                     m.tls_handshakes.inc();
                 }
+                // A TLS-ALPN-01 check ends with the handshake (RFC 8737 3): no HTTP on it.
+                if matches!(tls.selected_alpn_proto(), Some(ALPN::Custom(_))) {
+                    return None;
+                }
                 return Some(Box::new(tls));
             }
             Ok(Err(_)) if begun => Cut::TlsHandshakeError,
@@ -211,12 +231,33 @@ impl Handshake {
     }
 }
 
-#[derive(Debug)]
-struct CurrentCertificate(CertificateSlot);
+struct CurrentCertificate {
+    slot: CertificateSlot,
+    acme: Option<Arc<Acme>>,
+}
+
+impl std::fmt::Debug for CurrentCertificate {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CurrentCertificate").finish_non_exhaustive()
+    }
+}
 
 impl ResolvesServerCert for CurrentCertificate {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        Some(self.0.load().for_name(hello.server_name()))
+        let name = hello.server_name();
+        if let Some(acme) = &self.acme {
+            let alpn_check = hello
+                .alpn()
+                .is_some_and(|mut offered| offered.any(|p| p == challenges::TLS_ALPN_PROTOCOL));
+            // Only the challenge certificate, or no handshake: never a real one to a check.
+            if alpn_check {
+                return acme.challenges.tls_alpn_certificate(name);
+            }
+            if let Some(pair) = acme.certificate(name) {
+                return Some(pair);
+            }
+        }
+        Some(self.slot.load().for_name(name))
     }
 }
 
@@ -240,7 +281,7 @@ mod tests {
         let slot = Arc::new(ArcSwap::from_pointee(
             Certificates::load(&listener).unwrap(),
         ));
-        let handshake = Handshake::new(slot, None).unwrap();
+        let handshake = Handshake::new(slot, None, None).unwrap();
         let config = handshake.acceptor.acceptor.config();
         assert!(config.ignore_client_order);
         assert_eq!(

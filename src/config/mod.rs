@@ -15,6 +15,7 @@
 //! the same from any working directory. Nothing after this module parses a setting again.
 
 mod access;
+mod acme;
 mod backend;
 mod check;
 mod env;
@@ -167,6 +168,15 @@ impl Config {
         let upstreams = upstreams::validate(raw, source)?;
         let routes = routes::validate(raw, &logging.access_log, source)?;
         let tls = tls::validate(&raw.tls, &routes, source)?;
+        let data_dir = source.base.join(&raw.paths.data_dir);
+        let acme = raw
+            .acme
+            .as_ref()
+            .map(|a| {
+                let https = tls.listener.is_some();
+                acme::validate(a, &tls.server_names, &routes, https, &data_dir, source)
+            })
+            .transpose()?;
 
         // Across sections.
         if let Some(admin) = admin_listen {
@@ -226,6 +236,7 @@ impl Config {
                 upstreams,
                 tls: tls.listener,
                 tls_behaviour: tls.behaviour,
+                acme,
                 access,
                 shutdown_grace: listener.shutdown_grace,
                 runtime_dir,
@@ -236,7 +247,7 @@ impl Config {
             },
             backend,
             redis,
-            data_dir: source.base.join(&raw.paths.data_dir),
+            data_dir,
             server_names: tls.server_names,
             from_env: source.from_env.clone(),
         })

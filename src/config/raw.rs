@@ -20,6 +20,8 @@ pub struct RawConfig {
     pub upstream: RawUpstream,
     pub access: RawAccess,
     pub tls: RawTls,
+    /// Present: the HTTPS listener's certificates come from an ACME server.
+    pub acme: Option<RawAcme>,
     #[serde(rename = "static")]
     pub statics: RawStatic,
     pub backend: RawBackend,
@@ -42,6 +44,7 @@ impl Default for RawConfig {
             upstream: RawUpstream::default(),
             access: RawAccess::default(),
             tls: RawTls::default(),
+            acme: None,
             statics: RawStatic::default(),
             backend: RawBackend::default(),
             redis: RawRedis::default(),
@@ -316,6 +319,34 @@ impl Default for RawTls {
             redirect_http: true,
             redirect_port: None,
             sites: Vec::new(),
+        }
+    }
+}
+
+/// `[acme]`: certificates from an ACME server (RFC 8555).
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAcme {
+    pub directory: String,
+    /// Email addresses (`mailto:` added when absent) for the CA's notices.
+    pub contact: Vec<String>,
+    /// A PEM root certificate to trust for the ACME server itself.
+    pub trust: Option<PathBuf>,
+    pub challenge: String,
+    /// Default: `acme` under `paths.data_dir`.
+    pub storage: Option<PathBuf>,
+    pub renew_before: Human,
+}
+
+impl Default for RawAcme {
+    fn default() -> Self {
+        Self {
+            directory: "https://acme-v02.api.letsencrypt.org/directory".into(),
+            contact: Vec::new(),
+            trust: None,
+            challenge: "http-01".into(),
+            storage: None,
+            renew_before: Human(std::time::Duration::from_secs(30 * 24 * 3600)),
         }
     }
 }

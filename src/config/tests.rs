@@ -871,3 +871,59 @@ fn redirect_routes_go_to_a_path_of_the_same_site() {
         assert!(err.line.is_some_and(|line| line >= 5), "{err}");
     }
 }
+
+#[test]
+fn acme_orders_the_server_names_and_route_hosts_and_checks_its_keys() {
+    let hosts = "\n[[routes]]\nprefix = \"/\"\nhosts = [\"shop.test\", \"*.shop.test\"]\nupstream = \"backends\"\n";
+    let text = format!(
+        "[tls]\nserver_names = [\"www.test\", \"Shop.test\"]\n[acme]\ncontact = [\"ops@example.com\"]\n{ROUTES}{hosts}"
+    );
+    let config = parse(&text).unwrap();
+    let acme = config.proxy.acme.as_ref().unwrap();
+    assert_eq!(
+        acme.names,
+        ["www.test", "shop.test"],
+        "no wildcard, no repeat"
+    );
+    assert_eq!(
+        acme.directory,
+        "https://acme-v02.api.letsencrypt.org/directory"
+    );
+    assert_eq!(acme.contact, ["mailto:ops@example.com"]);
+    assert_eq!(acme.challenge, gatehouse_proxy::acme::ChallengeKind::Http01);
+    assert_eq!(acme.renew_before, Duration::from_secs(30 * 24 * 3600));
+    let conf = std::env::current_dir().unwrap().join("conf");
+    assert_eq!(acme.storage, conf.join("var/data/acme"));
+
+    for (keys, key, says) in [
+        ("challenge = \"dns-01\"", "acme.challenge", "choose"),
+        (
+            "directory = \"http://ca.test/dir\"",
+            "acme.directory",
+            "https://",
+        ),
+        ("contact = [\"nobody\"]", "acme.contact[0]", "email"),
+        (
+            "trust = \"no/such/root.pem\"",
+            "acme.trust",
+            "no/such/root.pem",
+        ),
+        ("renew_before = \"10s\"", "acme.renew_before", "choose"),
+    ] {
+        let text = format!("[tls]\nserver_names = [\"www.test\"]\n[acme]\n{keys}\n{ROUTES}");
+        let error = parse(&text).unwrap_err();
+        assert_eq!(
+            (error.key.as_deref(), error.line),
+            (Some(key), Some(4)),
+            "{error}"
+        );
+        assert!(error.message.contains(says), "{error}");
+    }
+    // Nothing to order, or nowhere to serve it.
+    let error = parse(&format!("[acme]\n{ROUTES}")).unwrap_err();
+    assert_eq!((error.key.as_deref(), error.line), (Some("acme"), Some(1)));
+    assert!(error.message.contains("no name"), "{error}");
+    let text = format!("[tls]\nlisten = \"off\"\nserver_names = [\"www.test\"]\n[acme]\n{ROUTES}");
+    let error = parse(&text).unwrap_err();
+    assert!(error.message.contains("tls.listen"), "{error}");
+}

@@ -1,0 +1,380 @@
+//! Automatic HTTPS against a real ACME server: pebble, with pebble-challtestsrv answering DNS
+//! so that the test names resolve to loopback. Certificates over HTTP-01 and TLS-ALPN-01, the
+//! served one checked with `openssl s_client -servername`; a renewal under load without a
+//! failed request; a restart serving the stored certificate; a CA that stops answering, with
+//! the old certificate serving on and the failure counted.
+//!
+//! Skipped where pebble is not installed, except where `GATEHOUSE_REQUIRE_PEBBLE` is set (CI).
+
+use std::{
+    fs,
+    path::{Path, PathBuf},
+    process::{Command, Stdio},
+    sync::{
+        Arc,
+        atomic::{AtomicBool, AtomicU64, Ordering},
+    },
+    thread,
+    time::{Duration, Instant},
+};
+
+use crate::util::{self, Group, Options, Process, free_ports, wait_until};
+
+const NAME: &str = "acme.test";
+
+/// pebble and its DNS server, on ports of their own, told to check challenges on `http_port`
+/// and `tls_port`.
+struct Pebble {
+    directory: String,
+    /// The root the ACME client trusts for pebble's own HTTPS.
+    trust: PathBuf,
+    server: Option<Process>,
+    _dns: Process,
+}
+
+impl Pebble {
+    /// `None` (skip) where pebble is not installed and no CI asks for it.
+    fn start(dir: &Path, http_port: u16, tls_port: u16, validity: Duration) -> Option<Pebble> {
+        let installed = Command::new("pebble")
+            .arg("-h")
+            .stderr(Stdio::null())
+            .status()
+            .is_ok();
+        if !installed {
+            assert!(
+                std::env::var_os("GATEHOUSE_REQUIRE_PEBBLE").is_none(),
+                "pebble is not installed, and GATEHOUSE_REQUIRE_PEBBLE asks for it"
+            );
+            eprintln!("skipped: pebble is not installed (apt-get install pebble)");
+            return None;
+        }
+        let [acme_port, dns_port, dns_management] = free_ports();
+        // pebble's HTTPS certificate, signed by a root of the test's own.
+        let ca_key = rcgen::KeyPair::generate().expect("key");
+        let mut ca = rcgen::CertificateParams::new(Vec::<String>::new()).expect("params");
+        ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+        ca.key_usages = vec![
+            rcgen::KeyUsagePurpose::KeyCertSign,
+            rcgen::KeyUsagePurpose::DigitalSignature,
+        ];
+        let ca_cert = ca.self_signed(&ca_key).expect("root");
+        let issuer = rcgen::Issuer::new(ca, ca_key);
+        let leaf_key = rcgen::KeyPair::generate().expect("key");
+        let leaf = rcgen::CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .expect("params")
+            .signed_by(&leaf_key, &issuer)
+            .expect("leaf");
+        let trust = dir.join("pebble-root.pem");
+        fs::write(&trust, ca_cert.pem()).expect("root");
+        fs::write(dir.join("pebble.crt"), leaf.pem()).expect("cert");
+        fs::write(dir.join("pebble.key"), leaf_key.serialize_pem()).expect("key");
+        let config = serde_json::json!({"pebble": {
+            "listenAddress": format!("127.0.0.1:{acme_port}"),
+            "managementListenAddress": "",
+            "certificate": dir.join("pebble.crt"),
+            "privateKey": dir.join("pebble.key"),
+            "httpPort": http_port,
+            "tlsPort": tls_port,
+            "ocspResponderURL": "",
+            "externalAccountBindingRequired": false,
+            "certificateValidityPeriod": validity.as_secs(),
+        }});
+        fs::write(dir.join("pebble.json"), config.to_string()).expect("pebble config");
+
+        let log = |name: &str| fs::File::create(dir.join(name)).expect("log file");
+        // Every name is loopback, over IPv4 only: the proxy listens on 127.0.0.1.
+        let dns = Command::new("pebble-challtestsrv")
+            .args(["-defaultIPv4", "127.0.0.1", "-defaultIPv6", ""])
+            .args(["-dns01", &format!("127.0.0.1:{dns_port}")])
+            .args(["-management", &format!("127.0.0.1:{dns_management}")])
+            .args(["-http01", "", "-https01", "", "-tlsalpn01", ""])
+            .stdout(log("challtestsrv.log"))
+            .stderr(log("challtestsrv.err"))
+            .spawn()
+            .expect("pebble-challtestsrv");
+        let server = Command::new("pebble")
+            .args(["-config"])
+            .arg(dir.join("pebble.json"))
+            .args(["-dnsserver", &format!("127.0.0.1:{dns_port}")])
+            // No random waits before checks, no nonces refused at random, no authorizations
+            // reused: each order is checked for real.
+            .env("PEBBLE_VA_NOSLEEP", "1")
+            .env("PEBBLE_WFE_NONCEREJECT", "0")
+            .env("PEBBLE_AUTHZREUSE", "0")
+            .stdout(log("pebble.log"))
+            .stderr(log("pebble.err"))
+            .spawn()
+            .expect("pebble");
+        let up = wait_until(Duration::from_secs(10), || {
+            std::net::TcpStream::connect(("127.0.0.1", acme_port)).is_ok()
+        });
+        assert!(up, "pebble did not listen");
+        Some(Pebble {
+            directory: format!("https://127.0.0.1:{acme_port}/dir"),
+            trust,
+            server: Some(Process(server)),
+            _dns: Process(dns),
+        })
+    }
+
+    fn stop(&mut self) {
+        self.server.take();
+    }
+}
+
+/// A group on `ports` holding `NAME`'s certificate from `pebble` by `challenge`.
+fn group(pebble: &Pebble, ports: [u16; 3], challenge: &str, storage: &Path) -> Group {
+    Group::start(Options {
+        backends: 1,
+        ports: Some(ports),
+        keys: format!("tls.server_names = [{NAME:?}]\n"),
+        extra: format!(
+            "[acme]\ndirectory = {:?}\ntrust = {:?}\nchallenge = {challenge:?}\nstorage = {:?}\n\
+             contact = [\"ops@example.com\"]\n",
+            pebble.directory,
+            pebble.trust.display().to_string(),
+            storage.display().to_string(),
+        ),
+        ..Options::default()
+    })
+}
+
+/// The issuer and serial of the certificate the HTTPS port presents for `sni`; empty if no
+/// handshake.
+fn presented(port: u16, sni: &str) -> (String, String) {
+    let out = util::served_certificate(port, sni, &["-issuer", "-serial"]);
+    let field = |name: &str| {
+        out.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .unwrap_or_default()
+            .trim()
+            .to_string()
+    };
+    (field("issuer="), field("serial="))
+}
+
+fn from_pebble(issuer: &str) -> bool {
+    issuer.contains("Pebble Intermediate")
+}
+
+/// Waits until `port` presents a certificate from pebble for `NAME`; its serial.
+fn wait_for_pebble_certificate(group: &Group, port: u16, within: Duration) -> String {
+    let mut serial = String::new();
+    let issued = wait_until(within, || {
+        let (issuer, s) = presented(port, NAME);
+        serial = s;
+        from_pebble(&issuer)
+    });
+    assert!(
+        issued,
+        "no certificate from pebble within {within:?}:\n{}",
+        group.log()
+    );
+    serial
+}
+
+/// HTTPS requests to `NAME` on new connections (a handshake each) from 2 threads until
+/// stopped; counts of successes and failures.
+struct Handshakes {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicU64>,
+    failed: Arc<AtomicU64>,
+    threads: Vec<thread::JoinHandle<()>>,
+}
+
+impl Handshakes {
+    fn start(port: u16) -> Self {
+        let stop = Arc::new(AtomicBool::new(false));
+        let (ok, failed) = (Arc::new(AtomicU64::new(0)), Arc::new(AtomicU64::new(0)));
+        let threads = (0..2)
+            .map(|_| {
+                let (stop, ok, failed) = (stop.clone(), ok.clone(), failed.clone());
+                thread::spawn(move || {
+                    // Any certificate: the test's point is that every handshake and request
+                    // succeeds while the certificate changes under it.
+                    let client = reqwest::blocking::Client::builder()
+                        .use_rustls_tls()
+                        .danger_accept_invalid_certs(true)
+                        .pool_max_idle_per_host(0)
+                        .timeout(Duration::from_secs(10))
+                        .resolve(NAME, ([127, 0, 0, 1], port).into())
+                        .build()
+                        .expect("client");
+                    while !stop.load(Ordering::Relaxed) {
+                        let url = format!("https://{NAME}:{port}/api/ping");
+                        match client.get(url).send() {
+                            Ok(r) if r.status() == 200 => ok.fetch_add(1, Ordering::Relaxed),
+                            _ => failed.fetch_add(1, Ordering::Relaxed),
+                        };
+                    }
+                })
+            })
+            .collect();
+        Self {
+            stop,
+            ok,
+            failed,
+            threads,
+        }
+    }
+
+    fn finish(self) -> (u64, u64) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.threads {
+            let _ = t.join();
+        }
+        (
+            self.ok.load(Ordering::Relaxed),
+            self.failed.load(Ordering::Relaxed),
+        )
+    }
+}
+
+fn orders(group: &Group, result: &str) -> f64 {
+    group
+        .metric(&format!(
+            "gatehouse_acme_orders_total{{name=\"{NAME}\",result=\"{result}\"}}"
+        ))
+        .unwrap_or(0.0)
+}
+
+#[test]
+fn http_01_issues_a_certificate_served_at_once_and_renewed_under_load() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports();
+    // 30 s certificates: renewed with a third of that left.
+    let Some(pebble) = Pebble::start(files.path(), ports[0], ports[1], Duration::from_secs(30))
+    else {
+        return;
+    };
+    let storage = files.path().join("acme");
+    let started = Instant::now();
+    let group = group(&pebble, ports, "http-01", &storage);
+    let tls_port = ports[1];
+
+    // The self-signed certificate serves until the first arrives, then this one, without a
+    // restart.
+    let first = wait_for_pebble_certificate(&group, tls_port, Duration::from_secs(30));
+    eprintln!(
+        "first certificate served {:?} after start",
+        started.elapsed()
+    );
+    assert_eq!(orders(&group, "issued"), 1.0, "{}", group.log());
+    // Under a directory named for the ACME server.
+    let port = pebble
+        .directory
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next());
+    let dir = storage.join(format!("127.0.0.1-{}-dir", port.unwrap_or_default()));
+    use std::os::unix::fs::PermissionsExt;
+    for file in ["account.json", &format!("{NAME}.pem")] {
+        let mode = fs::metadata(dir.join(file))
+            .unwrap_or_else(|e| panic!("{file}: {e}"))
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600, "{file} is private");
+    }
+    // localhost keeps the configured certificate.
+    let (issuer, _) = presented(tls_port, "localhost");
+    assert!(!from_pebble(&issuer), "localhost got {issuer}");
+
+    // The challenge path answers only the tokens of an order in progress, over plain HTTP,
+    // before the redirect to HTTPS.
+    let response = group
+        .client
+        .get(group.http_url("/.well-known/acme-challenge/not-a-token"))
+        .send()
+        .expect("request");
+    let status = response.status().as_u16();
+    let body: serde_json::Value = response.json().expect("JSON error");
+    assert_eq!((status, body["error"].as_str()), (404, Some("not_found")));
+    assert!(body["request_id"].is_string());
+
+    // Renewed within about 20 s of issue, while clients make new connections all along.
+    let load = Handshakes::start(tls_port);
+    let mut serial = first.clone();
+    let renewed = wait_until(Duration::from_secs(40), || {
+        let (issuer, s) = presented(tls_port, NAME);
+        if from_pebble(&issuer) {
+            serial = s;
+        }
+        serial != first
+    });
+    thread::sleep(Duration::from_millis(500));
+    let (ok, failed) = load.finish();
+    assert!(renewed, "not renewed:\n{}", group.log());
+    assert!(orders(&group, "issued") >= 2.0);
+    assert_eq!(orders(&group, "failed"), 0.0, "{}", group.log());
+    assert!(ok > 20, "only {ok} requests made it");
+    assert_eq!(failed, 0, "{failed} of {} requests failed", ok + failed);
+    let expiry = group
+        .metric(&format!(
+            "gatehouse_acme_certificate_expiry_timestamp_seconds{{name=\"{NAME}\"}}"
+        ))
+        .expect("expiry series");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(expiry > now, "the served certificate has expired");
+}
+
+#[test]
+fn tls_alpn_01_issues_a_certificate_kept_across_a_restart_and_when_the_ca_fails() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports();
+    let Some(mut pebble) = Pebble::start(files.path(), ports[0], ports[1], Duration::from_secs(45))
+    else {
+        return;
+    };
+    let storage = files.path().join("acme");
+    let mut group = group(&pebble, ports, "tls-alpn-01", &storage);
+    let tls_port = ports[1];
+    let first = wait_for_pebble_certificate(&group, tls_port, Duration::from_secs(30));
+    assert_eq!(orders(&group, "issued"), 1.0, "{}", group.log());
+
+    // A client offering only acme-tls/1 when no order is in progress gets no handshake.
+    let alpn = Command::new("openssl")
+        .args(["s_client", "-connect", &format!("127.0.0.1:{tls_port}")])
+        .args(["-servername", NAME, "-alpn", "acme-tls/1"])
+        .stdin(Stdio::null())
+        .output()
+        .expect("openssl");
+    assert!(
+        !String::from_utf8_lossy(&alpn.stdout).contains("BEGIN CERTIFICATE"),
+        "a certificate was presented to an acme-tls/1 handshake with no order waiting"
+    );
+
+    // A restart serves the stored certificate from the start, ordering nothing.
+    assert!(group.restart().success());
+    let (issuer, serial) = presented(tls_port, NAME);
+    assert!(from_pebble(&issuer) && serial == first, "{issuer} {serial}");
+    assert_eq!(orders(&group, "issued"), 0.0);
+
+    // The CA goes away; the renewal (15 s before expiry) fails, is counted, and the
+    // certificate serves on meanwhile.
+    pebble.stop();
+    let failed = wait_until(Duration::from_secs(45), || orders(&group, "failed") >= 1.0);
+    assert!(failed, "no failed order counted:\n{}", group.log());
+    assert_eq!(
+        group.metric(&format!(
+            "gatehouse_acme_last_order_success{{name=\"{NAME}\"}}"
+        )),
+        Some(0.0)
+    );
+    let (issuer, serial) = presented(tls_port, NAME);
+    assert!(from_pebble(&issuer) && serial == first, "{issuer} {serial}");
+    assert!(group.log().contains("certificate order failed"));
+    let client = reqwest::blocking::Client::builder()
+        .use_rustls_tls()
+        .danger_accept_invalid_certs(true)
+        .resolve(NAME, ([127, 0, 0, 1], tls_port).into())
+        .build()
+        .expect("client");
+    let ping = client
+        .get(format!("https://{NAME}:{tls_port}/api/ping"))
+        .send()
+        .expect("HTTPS while the CA is down");
+    assert_eq!(ping.status(), 200);
+}
