@@ -154,10 +154,10 @@ fn main() -> ExitCode {
             // SIGHUP: the same checks as `gatehouse check`, then the new settings.
             let load: gatehouse_proxy::live::LoadSettings = Box::new(move || {
                 Config::load(&file)
-                    .map(|c| c.proxy)
+                    .and_then(Config::into_proxy_settings)
                     .map_err(|e| e.to_string())
             });
-            gatehouse_proxy::run(loaded.proxy, Some(load), upgrade)
+            gatehouse_proxy::run(loaded.into_proxy_settings()?, Some(load), upgrade)
                 .map(|stopped| match stopped {
                     gatehouse_proxy::Stopped::Graceful => 0,
                     gatehouse_proxy::Stopped::Fast => 130,

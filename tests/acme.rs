@@ -124,8 +124,20 @@ impl Pebble {
 
 /// A group on `ports` holding `NAME`'s certificate from `pebble` by `challenge`.
 fn group(pebble: &Pebble, ports: [u16; 3], challenge: &str, storage: &Path) -> Group {
+    group_on(pebble, ports, challenge, storage, None)
+}
+
+/// As [`group`], with the Redis at `redis_url` rather than a managed one.
+fn group_on(
+    pebble: &Pebble,
+    ports: [u16; 3],
+    challenge: &str,
+    storage: &Path,
+    redis_url: Option<String>,
+) -> Group {
     Group::start(Options {
         backends: 1,
+        redis_url,
         ports: Some(ports),
         keys: format!("tls.server_names = [{NAME:?}]\n"),
         extra: format!(
@@ -259,7 +271,9 @@ fn http_01_issues_a_certificate_served_at_once_and_renewed_under_load() {
         "first certificate served {:?} after start",
         started.elapsed()
     );
-    assert_eq!(orders(&group, "issued"), 1.0, "{}", group.log());
+    // Counted, and stored, just after it is served.
+    let counted = wait_until(Duration::from_secs(5), || orders(&group, "issued") == 1.0);
+    assert!(counted, "{}", group.log());
     // Under a directory named for the ACME server.
     let port = pebble
         .directory
@@ -267,8 +281,13 @@ fn http_01_issues_a_certificate_served_at_once_and_renewed_under_load() {
         .nth(2)
         .and_then(|p| p.split('/').next());
     let dir = storage.join(format!("127.0.0.1-{}-dir", port.unwrap_or_default()));
+    let files = ["account.json".to_string(), format!("{NAME}.pem")];
+    let stored = wait_until(Duration::from_secs(5), || {
+        files.iter().all(|f| dir.join(f).exists())
+    });
+    assert!(stored, "nothing stored in {}", dir.display());
     use std::os::unix::fs::PermissionsExt;
-    for file in ["account.json", &format!("{NAME}.pem")] {
+    for file in &files {
         let mode = fs::metadata(dir.join(file))
             .unwrap_or_else(|e| panic!("{file}: {e}"))
             .permissions()
@@ -332,7 +351,8 @@ fn tls_alpn_01_issues_a_certificate_kept_across_a_restart_and_when_the_ca_fails(
     let mut group = group(&pebble, ports, "tls-alpn-01", &storage);
     let tls_port = ports[1];
     let first = wait_for_pebble_certificate(&group, tls_port, Duration::from_secs(30));
-    assert_eq!(orders(&group, "issued"), 1.0, "{}", group.log());
+    let counted = wait_until(Duration::from_secs(5), || orders(&group, "issued") == 1.0);
+    assert!(counted, "{}", group.log());
 
     // A client offering only acme-tls/1 when no order is in progress gets no handshake.
     let alpn = Command::new("openssl")
@@ -346,10 +366,19 @@ fn tls_alpn_01_issues_a_certificate_kept_across_a_restart_and_when_the_ca_fails(
         "a certificate was presented to an acme-tls/1 handshake with no order waiting"
     );
 
-    // A restart serves the stored certificate from the start, ordering nothing.
+    // A restart serves the stored certificate from the start, due for renewal when it was.
     assert!(group.restart().success());
     let (issuer, serial) = presented(tls_port, NAME);
     assert!(from_pebble(&issuer) && serial == first, "{issuer} {serial}");
+    let series = |name: &str| group.metric(&format!("{name}{{name=\"{NAME}\"}}"));
+    assert!(series("gatehouse_acme_certificate_expiry_timestamp_seconds").is_some());
+    let next = series("gatehouse_acme_next_order_timestamp_seconds").expect("next order");
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    assert!(next > now + 5.0, "ordered again at once after a restart");
+    thread::sleep(Duration::from_secs(2));
     assert_eq!(orders(&group, "issued"), 0.0);
 
     // The CA goes away; the renewal (15 s before expiry) fails, is counted, and the
@@ -377,4 +406,105 @@ fn tls_alpn_01_issues_a_certificate_kept_across_a_restart_and_when_the_ca_fails(
         .send()
         .expect("HTTPS while the CA is down");
     assert_eq!(ping.status(), 200);
+}
+
+#[test]
+fn three_groups_sharing_one_redis_make_one_order() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let redis = util::Redis::start(&files.path().join("redis"));
+    let ports: Vec<[u16; 3]> = (0..3).map(|_| free_ports()).collect();
+    // The CA checks one group's HTTP port, whichever group orders: the others answer
+    // through Redis.
+    let Some(pebble) = Pebble::start(
+        files.path(),
+        ports[0][0],
+        ports[0][1],
+        Duration::from_secs(3600),
+    ) else {
+        return;
+    };
+    let pebble = Arc::new(pebble);
+    let start = |i: usize| {
+        let (pebble, url, ports) = (pebble.clone(), redis.url(), ports[i]);
+        // Storage of its own: only Redis is shared.
+        let storage = files.path().join(format!("acme-{i}"));
+        thread::spawn(move || group_on(&pebble, ports, "http-01", &storage, Some(url)))
+    };
+    // The one the CA checks first (a check that finds no listener fails the order), then
+    // the other two at once, while its order may still be running.
+    let first = start(0).join().expect("first group");
+    let others = [start(1), start(2)].map(|t| t.join().expect("group started"));
+    let groups: Vec<Group> = std::iter::once(first).chain(others).collect();
+
+    let serials: Vec<String> = groups
+        .iter()
+        .zip(&ports)
+        .map(|(group, ports)| wait_for_pebble_certificate(group, ports[1], Duration::from_secs(60)))
+        .collect();
+    assert!(
+        serials.iter().all(|s| *s == serials[0]),
+        "one certificate for all: {serials:?}"
+    );
+    let issued: f64 = groups.iter().map(|g| orders(g, "issued")).sum();
+    let failed: f64 = groups.iter().map(|g| orders(g, "failed")).sum();
+    assert_eq!((issued, failed), (1.0, 0.0), "one order in all");
+    let adopted = groups
+        .iter()
+        .filter(|g| g.log().contains("certificate another replica ordered"))
+        .count();
+    assert_eq!(adopted, 2);
+
+    // Any group answers an HTTP-01 token another put in Redis.
+    let port = pebble
+        .directory
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next());
+    let key = format!(
+        "gatehouse:acme:127.0.0.1-{}-dir:http01:tok-en_1",
+        port.unwrap_or_default()
+    );
+    assert_eq!(redis.command(&["SET", &key, "tok-en_1.thumbprint"]), "OK");
+    for group in &groups[1..] {
+        let response = group
+            .client
+            .get(group.http_url("/.well-known/acme-challenge/tok-en_1"))
+            .send()
+            .expect("request");
+        assert_eq!(response.status(), 200);
+        assert_eq!(response.text().expect("body"), "tok-en_1.thumbprint");
+    }
+}
+
+#[test]
+fn a_failed_validation_is_logged_with_the_reason_and_counted() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let ports = free_ports();
+    // The CA checks a port where nothing listens.
+    let [nothing] = free_ports();
+    let Some(pebble) = Pebble::start(files.path(), nothing, ports[1], Duration::from_secs(3600))
+    else {
+        return;
+    };
+    let group = group(&pebble, ports, "http-01", &files.path().join("acme"));
+    let failed = wait_until(Duration::from_secs(30), || orders(&group, "failed") == 1.0);
+    assert!(failed, "no failed order counted:\n{}", group.log());
+    let log = group.log();
+    let line = log
+        .lines()
+        .find(|l| l.contains("certificate order failed"))
+        .expect("the failure logged");
+    // pebble's own words for the failed check, and when the next attempt is.
+    assert!(line.contains("connection refused"), "{line}");
+    assert!(line.contains("retry_in_seconds"), "{line}");
+    assert!(line.contains("120"), "{line}");
+    assert_eq!(
+        group.metric(&format!(
+            "gatehouse_acme_last_order_success{{name=\"{NAME}\"}}"
+        )),
+        Some(0.0)
+    );
+    // HTTPS serves on, with the configured certificate.
+    let (issuer, _) = presented(ports[1], NAME);
+    assert!(!issuer.is_empty() && !from_pebble(&issuer), "{issuer}");
 }

@@ -14,6 +14,8 @@ pub enum BuildError {
         path: PathBuf,
         source: std::io::Error,
     },
+    #[error("acme: the Redis that replicas share orders through: {0}")]
+    AcmeRedis(String),
     #[error("upstreams.{0}.ca_file: a certificate in it cannot be parsed")]
     UpstreamCa(String),
     #[error("upstreams.{pool}: {} cannot be a socket address", .path.display())]

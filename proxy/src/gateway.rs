@@ -160,8 +160,8 @@ impl Gateway {
         Ok(true)
     }
 
-    /// The proxy's own liveness (the admin listener has the details).
-    /// An HTTP-01 answer: the key authorization for `token`, or 404 if no order waits on it.
+    /// An HTTP-01 answer: the key authorization for `token`, or 404 if no order (of this
+    /// proxy or of a replica sharing its Redis) waits on it.
     async fn acme_answer(
         &self,
         session: &mut Session,
@@ -170,7 +170,7 @@ impl Gateway {
         token: &str,
     ) -> Result<()> {
         let stamp = self.stamp(ctx);
-        let Some(answer) = acme.challenges.http_answer(token) else {
+        let Some(answer) = acme.http_answer(token).await else {
             let message = "no ACME challenge has this token";
             return respond::json_error(session, &stamp, 404, "not_found", message).await;
         };
@@ -180,6 +180,7 @@ impl Gateway {
         respond::send(session, &stamp, header, bytes::Bytes::from(answer)).await
     }
 
+    /// The proxy's own liveness (the admin listener has the details).
     async fn health(&self, session: &mut Session, ctx: &RequestCtx) -> Result<()> {
         let mut header = ResponseHeader::build(200, Some(4))?;
         header.insert_header("content-type", "application/json")?;

@@ -294,13 +294,15 @@ pub fn run(
             live: live.clone(),
         },
     ));
+    let proxy = server.add_service(proxy);
+    // After the listeners: the CA's checks must find them serving.
     if let Some(acme) = acme {
-        server.add_service(pingora::services::background::background_service(
+        let renewer = server.add_service(pingora::services::background::background_service(
             "acme certificates",
             acme::Renewer(acme),
         ));
+        renewer.add_dependency(&proxy);
     }
-    let proxy = server.add_service(proxy);
     server.add_service(health);
     // Requests to a named pool find its servers: the proxy starts once each pool has looked
     // its names up (or failed to, under the lookup deadline).

@@ -246,10 +246,13 @@ impl ResolvesServerCert for CurrentCertificate {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
         let name = hello.server_name();
         if let Some(acme) = &self.acme {
-            let alpn_check = hello
-                .alpn()
-                .is_some_and(|mut offered| offered.any(|p| p == challenges::TLS_ALPN_PROTOCOL));
-            // Only the challenge certificate, or no handshake: never a real one to a check.
+            // A check offers acme-tls/1 alone (RFC 8737 3); it gets the challenge certificate
+            // or no handshake, never a real one.
+            let alpn_check = acme.challenge_kind() == ChallengeKind::TlsAlpn01
+                && hello.alpn().is_some_and(|offered| {
+                    let offered: Vec<&[u8]> = offered.collect();
+                    offered == [challenges::TLS_ALPN_PROTOCOL]
+                });
             if alpn_check {
                 return acme.challenges.tls_alpn_certificate(name);
             }

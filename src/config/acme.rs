@@ -73,25 +73,33 @@ pub fn validate(
             ));
         }
     };
+    // Past a failed order's first retries (2, 4, 8 minutes...), so one failure cannot let a
+    // certificate expire.
     let renew_before = source.duration(
         a.renew_before.0,
-        Duration::from_secs(60)..=Duration::from_secs(90 * 24 * 3600),
+        Duration::from_secs(3600)..=Duration::from_secs(90 * 24 * 3600),
         "acme.renew_before",
     )?;
-    // Wildcards need DNS-01, which gatehouse does not answer: their hosts are left out.
+    // Left out: wildcards (they need DNS-01, which gatehouse does not answer), IP addresses
+    // and single labels such as `localhost` (no public CA issues for them).
     let mut names: Vec<String> = Vec::new();
     let hosts = routes.iter().flat_map(|r| &r.hosts);
     for name in server_names.iter().chain(hosts) {
         let name = name.to_ascii_lowercase();
-        if !name.starts_with("*.") && !names.contains(&name) {
-            names.push(name);
+        let name = name.strip_suffix('.').unwrap_or(&name);
+        let orderable = !name.starts_with("*.")
+            && name.contains('.')
+            && name.parse::<std::net::IpAddr>().is_err();
+        if orderable && !names.iter().any(|n| n == name) {
+            names.push(name.to_owned());
         }
     }
     if names.is_empty() {
         return Err(source.at(
             "acme",
             "no name to order a certificate for: list them in tls.server_names, or give \
-             routes hosts"
+             routes hosts (IP addresses, single labels such as localhost and wildcards are \
+             left out)"
                 .into(),
         ));
     }
@@ -107,5 +115,7 @@ pub fn validate(
         storage,
         renew_before,
         names,
+        // Filled in by the proxy's process, which alone reads the Redis password for it.
+        redis: None,
     })
 }

@@ -266,6 +266,18 @@ impl Config {
         source.at(key, message)
     }
 
+    /// The proxy's settings, with the Redis that replicas coordinate ACME orders through
+    /// (the group's: managed or `redis.url`, with its password).
+    pub fn into_proxy_settings(self) -> Result<gatehouse_proxy::Settings, ConfigError> {
+        let managed = self.managed_redis_socket();
+        let mut settings = self.proxy;
+        if let Some(acme) = &mut settings.acme {
+            let url = self.redis.client_url(&managed)?;
+            acme.redis = Some(gatehouse_proxy::acme::RedisUrl(url));
+        }
+        Ok(settings)
+    }
+
     /// Backend sockets, the managed Redis socket, the lock and pid files.
     pub fn runtime_dir(&self) -> &Path {
         &self.proxy.runtime_dir

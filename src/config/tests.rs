@@ -876,7 +876,8 @@ fn redirect_routes_go_to_a_path_of_the_same_site() {
 fn acme_orders_the_server_names_and_route_hosts_and_checks_its_keys() {
     let hosts = "\n[[routes]]\nprefix = \"/\"\nhosts = [\"shop.test\", \"*.shop.test\"]\nupstream = \"backends\"\n";
     let text = format!(
-        "[tls]\nserver_names = [\"www.test\", \"Shop.test\"]\n[acme]\ncontact = [\"ops@example.com\"]\n{ROUTES}{hosts}"
+        "[tls]\nserver_names = [\"www.test.\", \"Shop.test\", \"localhost\", \"192.0.2.1\"]\n\
+         [acme]\ncontact = [\"ops@example.com\"]\n{ROUTES}{hosts}"
     );
     let config = parse(&text).unwrap();
     let acme = config.proxy.acme.as_ref().unwrap();
@@ -908,7 +909,7 @@ fn acme_orders_the_server_names_and_route_hosts_and_checks_its_keys() {
             "acme.trust",
             "no/such/root.pem",
         ),
-        ("renew_before = \"10s\"", "acme.renew_before", "choose"),
+        ("renew_before = \"10m\"", "acme.renew_before", "choose"),
     ] {
         let text = format!("[tls]\nserver_names = [\"www.test\"]\n[acme]\n{keys}\n{ROUTES}");
         let error = parse(&text).unwrap_err();

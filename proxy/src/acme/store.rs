@@ -62,18 +62,20 @@ impl Store {
         names.iter().any(|n| n == name).then_some(stored)
     }
 
-    pub fn save_certificate(&self, name: &str, chain_pem: &str, key_pem: &str) -> io::Result<()> {
-        let mut whole = String::with_capacity(chain_pem.len() + key_pem.len() + 1);
-        whole.push_str(chain_pem.trim_end());
-        whole.push('\n');
-        whole.push_str(key_pem);
-        write_private(&self.cert_path(name), whole.as_bytes())
+    /// `pem`: the chain, then its key, as [`whole`] joins them.
+    pub fn save_certificate(&self, name: &str, pem: &[u8]) -> io::Result<()> {
+        write_private(&self.cert_path(name), pem)
     }
 
     fn cert_path(&self, name: &str) -> PathBuf {
         // Names are checked host names by now (letters, digits, '-', '.'), never a path.
         self.dir.join(format!("{name}.pem"))
     }
+}
+
+/// A chain and its key in one PEM text, as stored.
+pub fn whole(chain_pem: &str, key_pem: &str) -> String {
+    format!("{}\n{key_pem}", chain_pem.trim_end())
 }
 
 /// A chain followed by its key, as [`Store::save_certificate`] writes it, checked: the key
@@ -111,7 +113,7 @@ fn validity(der: &CertificateDer<'_>) -> Option<(SystemTime, SystemTime)> {
 
 /// `https://acme-v02.api.letsencrypt.org/directory` to
 /// `acme-v02.api.letsencrypt.org-directory`.
-fn dir_name(directory_url: &str) -> String {
+pub(super) fn dir_name(directory_url: &str) -> String {
     let rest = directory_url
         .split_once("://")
         .map_or(directory_url, |(_, rest)| rest);
@@ -127,19 +129,25 @@ fn dir_name(directory_url: &str) -> String {
         .collect()
 }
 
+/// A name of its own per write, so two processes (an upgrade's old and new proxy) never
+/// write into one temporary file.
 fn write_private(path: &Path, contents: &[u8]) -> io::Result<()> {
     let mut temporary = path.as_os_str().to_owned();
-    temporary.push(".new");
+    temporary.push(format!(".{}.new", uuid::Uuid::new_v4().simple()));
     let temporary = PathBuf::from(temporary);
     let mut file = fs::OpenOptions::new()
         .write(true)
-        .create(true)
-        .truncate(true)
+        .create_new(true)
         .mode(0o600)
         .open(&temporary)?;
-    file.write_all(contents)?;
-    file.sync_all()?;
-    fs::rename(&temporary, path)
+    let written = file
+        .write_all(contents)
+        .and_then(|()| file.sync_all())
+        .and_then(|()| fs::rename(&temporary, path));
+    if written.is_err() {
+        let _ = fs::remove_file(&temporary);
+    }
+    written
 }
 
 #[cfg(test)]
@@ -169,9 +177,8 @@ mod tests {
             .unwrap();
         let dir = tempfile::tempdir().unwrap();
         let store = Store::open(dir.path(), "https://ca.test/dir").unwrap();
-        store
-            .save_certificate("a.test", &cert.pem(), &key.serialize_pem())
-            .unwrap();
+        let pem = whole(&cert.pem(), &key.serialize_pem());
+        store.save_certificate("a.test", pem.as_bytes()).unwrap();
         let stored = store.certificate("a.test").expect("reads back");
         assert!(stored.not_after > SystemTime::now());
         assert!(store.certificate("b.test").is_none());
@@ -183,9 +190,8 @@ mod tests {
 
         // A key of another certificate is refused, not served.
         let other = rcgen::KeyPair::generate().unwrap();
-        store
-            .save_certificate("a.test", &cert.pem(), &other.serialize_pem())
-            .unwrap();
+        let pem = whole(&cert.pem(), &other.serialize_pem());
+        store.save_certificate("a.test", pem.as_bytes()).unwrap();
         assert!(store.certificate("a.test").is_none());
     }
 }
