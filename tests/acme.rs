@@ -507,4 +507,25 @@ fn a_failed_validation_is_logged_with_the_reason_and_counted() {
     // HTTPS serves on, with the configured certificate.
     let (issuer, _) = presented(ports[1], NAME);
     assert!(!issuer.is_empty() && !from_pebble(&issuer), "{issuer}");
+
+    // A restart keeps to the backoff rather than ordering again at once (a crash loop would
+    // run into the CA's rate limits).
+    let mut group = group;
+    assert!(group.restart().success());
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .expect("clock")
+        .as_secs_f64();
+    let next = group
+        .metric(&format!(
+            "gatehouse_acme_next_order_timestamp_seconds{{name=\"{NAME}\"}}"
+        ))
+        .expect("next order");
+    assert!(
+        next > now + 60.0,
+        "ordered again {}s after a restart",
+        next - now
+    );
+    thread::sleep(Duration::from_secs(2));
+    assert_eq!(orders(&group, "failed"), 0.0);
 }

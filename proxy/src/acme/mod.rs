@@ -369,13 +369,18 @@ impl BackgroundService for Renewer {
             .settings
             .names
             .iter()
-            .map(|name| Name {
-                name: name.clone(),
-                due: acme
+            .map(|name| {
+                let due = acme
                     .store
                     .certificate(name)
-                    .map_or(now, |stored| acme.renewal_due(&stored)),
-                failures: 0,
+                    .map_or(now, |stored| acme.renewal_due(&stored));
+                // A backoff a previous run started goes on.
+                let (retry, failures) = acme.store.retry(name).unwrap_or((due, 0));
+                Name {
+                    name: name.clone(),
+                    due: due.max(retry),
+                    failures,
+                }
             })
             .collect();
         if let Some(m) = &acme.metrics {
@@ -417,12 +422,14 @@ impl BackgroundService for Renewer {
                     tracing::info!(name, directory = %acme.settings.directory, "certificate issued");
                     next.due = due;
                     next.failures = 0;
+                    acme.store.clear_retry(name);
                     true
                 }
                 Turn::Adopted(due) => {
                     tracing::info!(name, "certificate another replica ordered, served");
                     next.due = due;
                     next.failures = 0;
+                    acme.store.clear_retry(name);
                     false
                 }
                 Turn::Busy => {
@@ -446,6 +453,9 @@ impl BackgroundService for Renewer {
                         "certificate order failed; the certificate served now serves on"
                     );
                     next.due = SystemTime::now() + retry;
+                    if let Err(error) = acme.store.save_retry(name, next.due, next.failures) {
+                        tracing::error!(name, %error, "cannot store the time of the next attempt");
+                    }
                     true
                 }
             };

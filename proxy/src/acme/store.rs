@@ -67,6 +67,28 @@ impl Store {
         write_private(&self.cert_path(name), pem)
     }
 
+    /// When `name` may be ordered again after failures, and how many there were: kept so that
+    /// a restart (or a crash loop) keeps to the backoff, and so to the CA's rate limits.
+    pub fn retry(&self, name: &str) -> Option<(SystemTime, u32)> {
+        let text = fs::read_to_string(self.dir.join(format!("{name}.retry"))).ok()?;
+        let (at, failures) = text.trim().split_once(' ')?;
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(at.parse().ok()?);
+        Some((at, failures.parse().ok()?))
+    }
+
+    pub fn save_retry(&self, name: &str, at: SystemTime, failures: u32) -> io::Result<()> {
+        let secs = at
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .unwrap_or_default()
+            .as_secs();
+        let path = self.dir.join(format!("{name}.retry"));
+        write_private(&path, format!("{secs} {failures}\n").as_bytes())
+    }
+
+    pub fn clear_retry(&self, name: &str) {
+        let _ = fs::remove_file(self.dir.join(format!("{name}.retry")));
+    }
+
     fn cert_path(&self, name: &str) -> PathBuf {
         // Names are checked host names by now (letters, digits, '-', '.'), never a path.
         self.dir.join(format!("{name}.pem"))
@@ -166,6 +188,19 @@ mod tests {
             dir_name("https://127.0.0.1:14000/dir"),
             "127.0.0.1-14000-dir"
         );
+    }
+
+    #[test]
+    fn a_retry_time_outlives_the_process() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(dir.path(), "https://ca.test/dir").unwrap();
+        assert!(store.retry("a.test").is_none());
+        let at = SystemTime::UNIX_EPOCH + Duration::from_secs(2_000_000_000);
+        store.save_retry("a.test", at, 3).unwrap();
+        let reopened = Store::open(dir.path(), "https://ca.test/dir").unwrap();
+        assert_eq!(reopened.retry("a.test"), Some((at, 3)));
+        reopened.clear_retry("a.test");
+        assert!(store.retry("a.test").is_none());
     }
 
     #[test]
