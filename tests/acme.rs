@@ -298,11 +298,11 @@ fn http_01_issues_a_certificate_served_at_once_and_renewed_under_load() {
     let (issuer, _) = presented(tls_port, "localhost");
     assert!(!from_pebble(&issuer), "localhost got {issuer}");
 
-    // The challenge path answers only the tokens of an order in progress, over plain HTTP,
-    // before the redirect to HTTPS.
+    // The challenge path answers over plain HTTP, before the redirect to HTTPS; what is not
+    // an ACME token gets a JSON 404.
     let response = group
         .client
-        .get(group.http_url("/.well-known/acme-challenge/not-a-token"))
+        .get(group.http_url("/.well-known/acme-challenge/not.a.token"))
         .send()
         .expect("request");
     let status = response.status().as_u16();
@@ -454,26 +454,48 @@ fn three_groups_sharing_one_redis_make_one_order() {
         .count();
     assert_eq!(adopted, 2);
 
-    // Any group answers an HTTP-01 token another put in Redis.
+    // One account for all: any group answers any token, with the account's thumbprint, so
+    // the CA's check may reach any of them. Nothing else gets an answer.
+    let answers: Vec<String> = groups
+        .iter()
+        .map(|group| {
+            let response = group
+                .client
+                .get(group.http_url("/.well-known/acme-challenge/tok-en_1"))
+                .send()
+                .expect("request");
+            assert_eq!(response.status(), 200);
+            response.text().expect("body")
+        })
+        .collect();
+    assert!(answers.iter().all(|a| *a == answers[0]), "{answers:?}");
+    let thumbprint = answers[0]
+        .strip_prefix("tok-en_1.")
+        .expect("token.thumbprint");
+    assert_eq!(
+        thumbprint.len(),
+        43,
+        "a SHA-256 thumbprint, base64url: {thumbprint}"
+    );
+    for token in ["tok.en", &"a".repeat(129)] {
+        let url = groups[1].http_url(&format!("/.well-known/acme-challenge/{token}"));
+        let status = groups[1].client.get(url).send().expect("request").status();
+        assert_eq!(status, 404, "{token}");
+    }
     let port = pebble
         .directory
         .split(':')
         .nth(2)
         .and_then(|p| p.split('/').next());
-    let key = format!(
-        "gatehouse:acme:127.0.0.1-{}-dir:http01:tok-en_1",
+    let account = format!(
+        "gatehouse:acme:127.0.0.1-{}-dir:account",
         port.unwrap_or_default()
     );
-    assert_eq!(redis.command(&["SET", &key, "tok-en_1.thumbprint"]), "OK");
-    for group in &groups[1..] {
-        let response = group
-            .client
-            .get(group.http_url("/.well-known/acme-challenge/tok-en_1"))
-            .send()
-            .expect("request");
-        assert_eq!(response.status(), 200);
-        assert_eq!(response.text().expect("body"), "tok-en_1.thumbprint");
-    }
+    assert_ne!(
+        redis.command(&["EXISTS", &account]),
+        "0",
+        "the account is shared"
+    );
 }
 
 #[test]
@@ -528,4 +550,56 @@ fn a_failed_validation_is_logged_with_the_reason_and_counted() {
     );
     thread::sleep(Duration::from_secs(2));
     assert_eq!(orders(&group, "failed"), 0.0);
+}
+
+#[test]
+fn replicas_wait_out_one_backoff_together() {
+    let files = tempfile::tempdir().expect("temp dir");
+    let redis = util::Redis::start(&files.path().join("redis"));
+    let ports: Vec<[u16; 3]> = (0..2).map(|_| free_ports()).collect();
+    // Every check fails: the CA checks a port where nothing listens.
+    let [nothing] = free_ports();
+    let Some(pebble) = Pebble::start(
+        files.path(),
+        nothing,
+        ports[0][1],
+        Duration::from_secs(3600),
+    ) else {
+        return;
+    };
+    let groups: Vec<Group> = ports
+        .iter()
+        .enumerate()
+        .map(|(i, &ports)| {
+            let storage = files.path().join(format!("acme-{i}"));
+            group_on(&pebble, ports, "http-01", &storage, Some(redis.url()))
+        })
+        .collect();
+    let failed = |groups: &[Group]| -> f64 { groups.iter().map(|g| orders(g, "failed")).sum() };
+    assert!(
+        wait_until(Duration::from_secs(30), || failed(&groups) >= 1.0),
+        "no failed order:\n{}",
+        groups[0].log()
+    );
+    // The other replica does not try the name again while the first's backoff runs.
+    thread::sleep(Duration::from_secs(8));
+    assert_eq!(failed(&groups), 1.0, "one failed validation in all");
+    let port = pebble
+        .directory
+        .split(':')
+        .nth(2)
+        .and_then(|p| p.split('/').next());
+    let prefix = format!("gatehouse:acme:127.0.0.1-{}-dir:", port.unwrap_or_default());
+    assert_eq!(
+        redis.command(&["GET", &format!("{prefix}failures:{NAME}")]),
+        "1"
+    );
+    let held: i64 = redis
+        .command(&["PTTL", &format!("{prefix}lock:{NAME}")])
+        .parse()
+        .expect("a lifetime");
+    assert!(
+        held > 60_000,
+        "the lock is held for the backoff: {held} ms left"
+    );
 }

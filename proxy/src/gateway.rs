@@ -160,8 +160,8 @@ impl Gateway {
         Ok(true)
     }
 
-    /// An HTTP-01 answer: the key authorization for `token`, or 404 if no order (of this
-    /// proxy or of a replica sharing its Redis) waits on it.
+    /// An HTTP-01 answer: the key authorization for `token`, or 404 if this proxy cannot
+    /// give one (see [`Acme::http_answer`]).
     async fn acme_answer(
         &self,
         session: &mut Session,
@@ -170,7 +170,7 @@ impl Gateway {
         token: &str,
     ) -> Result<()> {
         let stamp = self.stamp(ctx);
-        let Some(answer) = acme.http_answer(token).await else {
+        let Some(answer) = acme.http_answer(token) else {
             let message = "no ACME challenge has this token";
             return respond::json_error(session, &stamp, 404, "not_found", message).await;
         };

@@ -7,7 +7,7 @@ use std::{path::Path, sync::Arc, time::Duration};
 use bytes::Bytes;
 use hyper_util::{
     client::legacy::{Client, connect::HttpConnector},
-    rt::TokioExecutor,
+    rt::{TokioExecutor, TokioTimer},
 };
 use instant_acme::{Account, AccountBuilder, BodyWrapper};
 use rustls::{
@@ -49,6 +49,7 @@ pub fn account_builder(trust: Option<&Path>) -> Result<AccountBuilder, String> {
         .enable_http1()
         .wrap_connector(http);
     let client: Client<_, BodyWrapper<Bytes>> = Client::builder(TokioExecutor::new())
+        .pool_timer(TokioTimer::new())
         .pool_idle_timeout(Duration::from_secs(30))
         .build(https);
     Ok(Account::builder_with_http(Box::new(client)))

@@ -46,7 +46,7 @@ pub struct AcmeSettings {
     pub trust: Option<PathBuf>,
     pub challenge: ChallengeKind,
     pub storage: PathBuf,
-    /// Renew this long before expiry, or at a third of the lifetime left if that comes first.
+    /// Renew this long before expiry, or with a third of the lifetime left if that is later.
     pub renew_before: Duration,
     /// The names to hold certificates for.
     pub names: Vec<String>,
@@ -84,7 +84,7 @@ impl ChallengeKind {
 const RETRY_FIRST: Duration = Duration::from_secs(120);
 const RETRY_CEILING: Duration = Duration::from_secs(3600);
 
-/// The longest one turn at a name may take: the account, the lock and the order.
+/// The longest the account and the order of one turn may take together.
 const TURN_DEADLINE: Duration = order::ORDER_DEADLINE.saturating_add(Duration::from_secs(30));
 
 /// The soonest a name is ordered again after an order succeeded (or a third of the new
@@ -95,10 +95,6 @@ const MIN_RENEWAL_WAIT: Duration = Duration::from_secs(600);
 /// How soon to look again while another replica orders a name, or while Redis is away.
 const WAIT_FOR_OTHERS: Duration = Duration::from_secs(5);
 
-/// HTTP-01 answers looked up in Redis at once; past that, a token gets a 404 at once, so a
-/// flood of made-up tokens cannot queue work on Redis.
-const SHARED_LOOKUPS: usize = 16;
-
 /// What the listeners read, shared with the [`Renewer`].
 pub struct Acme {
     settings: AcmeSettings,
@@ -107,7 +103,9 @@ pub struct Acme {
     issued: ArcSwap<HashMap<String, Arc<CertifiedKey>>>,
     pub challenges: Arc<Challenges>,
     shared: Option<Shared>,
-    lookups: tokio::sync::Semaphore,
+    /// The account's key thumbprint, once the account is known: with replicas, the HTTP-01
+    /// answer to any token.
+    thumbprint: arc_swap::ArcSwapOption<String>,
     metrics: Option<AcmeMetrics>,
 }
 
@@ -132,7 +130,7 @@ impl Acme {
             issued: ArcSwap::default(),
             challenges: Arc::default(),
             shared,
-            lookups: tokio::sync::Semaphore::new(SHARED_LOOKUPS),
+            thumbprint: arc_swap::ArcSwapOption::empty(),
             metrics,
         };
         for name in &acme.settings.names {
@@ -178,55 +176,58 @@ impl Acme {
         stored.not_after - self.settings.renew_before.min(lifetime / 3)
     }
 
-    /// The key authorization for HTTP-01 `token`: this proxy's, or one another replica put
-    /// in Redis.
-    pub async fn http_answer(&self, token: &str) -> Option<String> {
+    /// The key authorization for HTTP-01 `token`: this proxy's own order's, or, where
+    /// replicas share the account, the token with the account's key thumbprint (RFC 8555
+    /// 8.1), which is the answer to any order of any replica: no replica needs to know which
+    /// orders the others made, and a made-up token costs nothing. It tells a client only the
+    /// thumbprint, which is public.
+    pub fn http_answer(&self, token: &str) -> Option<String> {
         if let Some(answer) = self.challenges.http_answer(token) {
             return Some(answer);
         }
-        let shared = self.shared.as_ref()?;
-        // ACME tokens are base64url (RFC 8555 8.1); anything else is not looked up.
+        self.shared.as_ref()?;
+        // ACME tokens are base64url (RFC 8555 8.1).
         let plausible = (1..=128).contains(&token.len())
             && token
                 .bytes()
                 .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
-        let _permit = self.lookups.try_acquire().ok().filter(|_| plausible)?;
-        shared.http_answer(token).await
+        let thumbprint = self.thumbprint.load_full().filter(|_| plausible)?;
+        Some(format!("{token}.{thumbprint}"))
     }
 
     fn builder(&self) -> Result<instant_acme::AccountBuilder, String> {
         client::account_builder(self.settings.trust.as_deref())
     }
 
-    /// The account: the stored one, else the replicas' shared one, else a new one (shared
-    /// with the replicas unless one of them got there first).
-    async fn account(&self) -> Result<Account, String> {
-        let mut known = self.store.account();
-        if known.is_none()
-            && let Some(shared) = &self.shared
-        {
-            known = shared.account().await?;
-        }
-        let json = match known {
-            Some(json) => json,
-            None => {
-                let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
-                let new = NewAccount {
-                    contact: &contact,
-                    terms_of_service_agreed: true,
-                    only_return_existing: false,
-                };
-                let (_, credentials) = self
-                    .builder()?
-                    .create(&new, self.settings.directory.clone(), None)
-                    .await
-                    .map_err(|e| format!("new account: {e}"))?;
-                let ours = serde_json::to_vec(&credentials).map_err(|e| format!("account: {e}"))?;
-                match &self.shared {
-                    Some(shared) => shared.account_or(&ours).await?,
-                    None => ours,
-                }
-            }
+    /// The account. With replicas, the one they share in Redis, which every replica must use
+    /// (their HTTP-01 answers depend on it): a stored account of this replica's is offered,
+    /// and a new one made only under a lock, by one replica. Alone, the stored one or a new
+    /// one.
+    async fn account(&self) -> Result<Account, Turn> {
+        let local = self.store.account();
+        let json = match (&self.shared, local) {
+            (None, Some(json)) => json,
+            (None, None) => self.new_account().await.map_err(Turn::Failed)?,
+            (Some(shared), local) => match shared.account().await.map_err(Turn::Unavailable)? {
+                Some(json) => json,
+                None => match local {
+                    Some(json) => shared.account_or(&json).await.map_err(Turn::Unavailable)?,
+                    None => {
+                        let lock = match shared.lock("account").await {
+                            Ok(Some(lock)) => lock,
+                            Ok(None) => return Err(Turn::Busy),
+                            Err(error) => return Err(Turn::Unavailable(error)),
+                        };
+                        let made = self.new_account().await;
+                        let shared_json = match made {
+                            Ok(ours) => shared.account_or(&ours).await.map_err(Turn::Unavailable),
+                            Err(error) => Err(Turn::Failed(error)),
+                        };
+                        shared.unlock(lock).await;
+                        shared_json?
+                    }
+                },
+            },
         };
         // Used even if it cannot be stored: failing here would make a new account at every
         // retry.
@@ -236,18 +237,39 @@ impl Acme {
             tracing::error!(%error, "cannot store the ACME account");
         }
         let credentials = serde_json::from_slice(&json)
-            .map_err(|e| format!("the stored account is unreadable: {e}"))?;
-        self.builder()?
+            .map_err(|e| Turn::Failed(format!("the stored account is unreadable: {e}")))?;
+        let account = self
+            .builder()
+            .map_err(Turn::Failed)?
             .from_credentials(credentials)
             .await
-            .map_err(|e| format!("account: {e}"))
+            .map_err(|e| Turn::Failed(format!("account: {e}")))?;
+        self.thumbprint
+            .store(Some(Arc::new(account.key_thumbprint().to_owned())));
+        Ok(account)
+    }
+
+    async fn new_account(&self) -> Result<Vec<u8>, String> {
+        let contact: Vec<&str> = self.settings.contact.iter().map(String::as_str).collect();
+        let new = NewAccount {
+            contact: &contact,
+            terms_of_service_agreed: true,
+            only_return_existing: false,
+        };
+        let (_, credentials) = self
+            .builder()?
+            .create(&new, self.settings.directory.clone(), None)
+            .await
+            .map_err(|e| format!("new account: {e}"))?;
+        serde_json::to_vec(&credentials).map_err(|e| format!("account: {e}"))
     }
 
     /// One turn at `name`: take another replica's newer certificate, wait while one orders
-    /// it, or order it.
+    /// it (or waits out a failure), or order it. Only the account and the order are under
+    /// the turn's deadline, so the lock is always given back or held on purpose.
     async fn turn(&self, account: &mut Option<Account>, name: &str) -> Turn {
         let Some(shared) = &self.shared else {
-            return self.order(account, name).await;
+            return self.timed_order(account, name).await;
         };
         match self.adopt(shared, name).await {
             Ok(Some(due)) => return Turn::Adopted(due),
@@ -262,11 +284,34 @@ impl Acme {
         // Again under the lock: the holder before us may have just finished.
         let turn = match self.adopt(shared, name).await {
             Ok(Some(due)) => Turn::Adopted(due),
-            Ok(None) => self.order(account, name).await,
+            Ok(None) => self.timed_order(account, name).await,
             Err(error) => Turn::Unavailable(error),
         };
-        shared.unlock(lock).await;
-        turn
+        match turn {
+            // Every replica waits out the backoff, which the replicas count together: the
+            // CA's limit on failed validations is per account and name.
+            Turn::Failed(error) => match shared.hold_after_failure(&lock, name).await {
+                Ok(failures) => Turn::FailedShared(error, failures),
+                Err(_) => {
+                    shared.unlock(lock).await;
+                    Turn::Failed(error)
+                }
+            },
+            turn => {
+                if matches!(turn, Turn::Issued(_)) {
+                    shared.clear_failures(name).await;
+                }
+                shared.unlock(lock).await;
+                turn
+            }
+        }
+    }
+
+    async fn timed_order(&self, account: &mut Option<Account>, name: &str) -> Turn {
+        match tokio::time::timeout(TURN_DEADLINE, self.order(account, name)).await {
+            Ok(turn) => turn,
+            Err(_) => Turn::Failed(format!("no result within {}s", TURN_DEADLINE.as_secs())),
+        }
     }
 
     /// Serves the certificate for `name` another replica put in Redis, if it is newer than
@@ -302,25 +347,33 @@ impl Acme {
         if account.is_none() {
             match self.account().await {
                 Ok(new) => *account = Some(new),
-                Err(error) => return Turn::Failed(error),
+                Err(turn) => return turn,
             }
         }
-        let Some(account) = account.as_ref() else {
+        let Some(current) = account.as_ref() else {
             return Turn::Failed("no account".into());
         };
-        match self.renew(account, name).await {
+        match self.renew(current, name).await {
             Ok(due) => Turn::Issued(due),
-            Err(error) => Turn::Failed(error),
+            Err(error) => {
+                // An account the CA no longer knows is forgotten, here and for the replicas,
+                // so the next turn makes a new one.
+                if error.contains("accountDoesNotExist") {
+                    *account = None;
+                    self.store.remove_account();
+                    if let Some(shared) = &self.shared {
+                        shared.remove_account().await;
+                    }
+                }
+                Turn::Failed(error)
+            }
         }
     }
 
     /// Orders `name`, stores and serves what arrives; returns when to order it next.
     async fn renew(&self, account: &Account, name: &str) -> Result<SystemTime, String> {
-        let answers = order::Answers {
-            local: &self.challenges,
-            shared: self.shared.as_ref(),
-        };
-        let issued = order::obtain(account, name, self.settings.challenge, &answers).await?;
+        let issued =
+            order::obtain(account, name, self.settings.challenge, &self.challenges).await?;
         let whole = store::whole(&issued.chain_pem, &issued.key_pem);
         let stored = store::parse(whole.as_bytes())
             .map_err(|e| format!("the issued certificate is unusable: {e}"))?;
@@ -349,11 +402,20 @@ enum Turn {
     Issued(SystemTime),
     /// Another replica's, taken; next due then.
     Adopted(SystemTime),
-    /// Another replica is ordering it.
+    /// Another replica is ordering it, or waiting out a failure.
     Busy,
     /// Redis did not answer: no order without the lock.
     Unavailable(String),
     Failed(String),
+    /// Failed, the replicas' failures for the name so far; the lock is held for the backoff.
+    FailedShared(String, u32),
+}
+
+/// The wait after `failures` failed orders in a row.
+fn backoff(failures: u32) -> Duration {
+    RETRY_FIRST
+        .saturating_mul(1 << failures.saturating_sub(1).min(10))
+        .min(RETRY_CEILING)
 }
 
 /// Orders and renews every name, one at a time, each when it is due; a failure is logged,
@@ -380,6 +442,7 @@ impl BackgroundService for Renewer {
                     name: name.clone(),
                     due: due.max(retry),
                     failures,
+                    unavailable: 0,
                 }
             })
             .collect();
@@ -392,13 +455,49 @@ impl BackgroundService for Renewer {
             }
         }
         let mut account = None;
+        // With replicas, the account is needed from the start, due or not: its thumbprint
+        // answers the HTTP-01 checks of the other replicas' orders.
+        let mut account_due = acme.shared.as_ref().map(|_| SystemTime::now());
+        let mut account_tries = 0u32;
         loop {
+            if account.is_some() {
+                account_due = None;
+            }
+            if let Some(due) = account_due
+                && due <= SystemTime::now()
+            {
+                let outcome = tokio::select! {
+                    outcome = tokio::time::timeout(TURN_DEADLINE, acme.account()) => outcome,
+                    _ = shutdown.changed() => return,
+                };
+                match outcome {
+                    Ok(Ok(known)) => {
+                        account = Some(known);
+                        account_due = None;
+                    }
+                    Ok(Err(Turn::Busy)) => {
+                        account_due = Some(SystemTime::now() + WAIT_FOR_OTHERS);
+                    }
+                    failed => {
+                        account_tries = account_tries.saturating_add(1);
+                        let wait = WAIT_FOR_OTHERS
+                            .saturating_mul(1 << account_tries.min(6))
+                            .min(Duration::from_secs(300));
+                        let error = match failed {
+                            Ok(Err(Turn::Failed(e) | Turn::Unavailable(e))) => e,
+                            _ => format!("no account within {}s", TURN_DEADLINE.as_secs()),
+                        };
+                        tracing::warn!(%error, retry_in_seconds = wait.as_secs(), "no ACME account yet; this replica cannot answer the others' HTTP-01 checks");
+                        account_due = Some(SystemTime::now() + wait);
+                    }
+                }
+            }
             let Some(next) = names.iter_mut().min_by_key(|n| n.due) else {
                 return;
             };
             // At most an hour at a time, so a clock set forward is noticed.
-            let wait = next
-                .due
+            let wake = account_due.map_or(next.due, |a| a.min(next.due));
+            let wait = wake
                 .duration_since(SystemTime::now())
                 .unwrap_or_default()
                 .min(Duration::from_secs(3600));
@@ -408,15 +507,21 @@ impl BackgroundService for Renewer {
                     _ = shutdown.changed() => return,
                 }
             }
-            // One deadline over the account and the order: neither may stall the renewals.
-            let turn = tokio::time::timeout(TURN_DEADLINE, acme.turn(&mut account, &next.name));
+            if next.due > SystemTime::now() {
+                continue;
+            }
             let turn = tokio::select! {
-                turn = turn => turn.unwrap_or_else(|_| {
-                    Turn::Failed(format!("no result within {}s", TURN_DEADLINE.as_secs()))
-                }),
+                turn = acme.turn(&mut account, &next.name) => turn,
                 _ = shutdown.changed() => return,
             };
             let name = next.name.as_str();
+            let turn_failures = match &turn {
+                Turn::FailedShared(_, failures) => Some(*failures),
+                _ => None,
+            };
+            if !matches!(turn, Turn::Unavailable(_)) {
+                next.unavailable = 0;
+            }
             let ordered = match turn {
                 Turn::Issued(due) => {
                     tracing::info!(name, directory = %acme.settings.directory, "certificate issued");
@@ -437,15 +542,21 @@ impl BackgroundService for Renewer {
                     false
                 }
                 Turn::Unavailable(error) => {
-                    tracing::warn!(name, %error, "cannot coordinate the certificate order; trying again soon");
-                    next.due = SystemTime::now() + WAIT_FOR_OTHERS;
+                    // Each warning further apart, up to a minute, while Redis stays away.
+                    next.unavailable = next.unavailable.saturating_add(1);
+                    let wait = WAIT_FOR_OTHERS
+                        .saturating_mul(1 << next.unavailable.min(4))
+                        .min(Duration::from_secs(60));
+                    tracing::warn!(name, %error, retry_in_seconds = wait.as_secs(), "cannot coordinate the certificate order");
+                    next.due = SystemTime::now() + wait;
                     false
                 }
-                Turn::Failed(error) => {
-                    next.failures = next.failures.saturating_add(1);
-                    let retry = RETRY_FIRST
-                        .saturating_mul(1 << (next.failures - 1).min(10))
-                        .min(RETRY_CEILING);
+                Turn::Failed(error) | Turn::FailedShared(error, _) => {
+                    next.failures = match turn_failures {
+                        Some(shared) => shared,
+                        None => next.failures.saturating_add(1),
+                    };
+                    let retry = backoff(next.failures);
                     tracing::warn!(
                         name,
                         %error,
@@ -483,6 +594,8 @@ struct Name {
     name: String,
     due: SystemTime,
     failures: u32,
+    /// Turns in a row that found Redis away.
+    unavailable: u32,
 }
 
 struct AcmeMetrics {

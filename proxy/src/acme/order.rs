@@ -9,7 +9,7 @@ use instant_acme::{
 };
 use rustls::{pki_types::PrivateKeyDer, sign::CertifiedKey};
 
-use super::{ChallengeKind, challenges::Challenges, shared::Shared};
+use super::{ChallengeKind, challenges::Challenges};
 
 /// Longest an order may take, from the new order to the certificate.
 pub const ORDER_DEADLINE: Duration = Duration::from_secs(120);
@@ -26,33 +26,15 @@ pub struct Issued {
     pub key_pem: String,
 }
 
-/// Where challenges are answered: this proxy's `local` answers, and with `shared`, HTTP-01
-/// answers for the replicas sharing it too (the CA's check may reach any of them).
-pub struct Answers<'a> {
-    pub local: &'a Arc<Challenges>,
-    pub shared: Option<&'a Shared>,
-}
-
-/// Orders a certificate for `name`, answering `kind` of challenge. The error is the ACME
-/// server's problem document where it sent one.
+/// Orders a certificate for `name`, answering `kind` of challenge through `challenges`.
+/// The error is the ACME server's problem document where it sent one.
 pub async fn obtain(
     account: &Account,
     name: &str,
     kind: ChallengeKind,
-    answers: &Answers<'_>,
+    challenges: &Arc<Challenges>,
 ) -> Result<Issued, String> {
-    let mut shared_tokens = Vec::new();
-    let outcome = tokio::time::timeout(
-        ORDER_DEADLINE,
-        order(account, name, kind, answers, &mut shared_tokens),
-    )
-    .await;
-    if let Some(shared) = answers.shared {
-        for token in &shared_tokens {
-            shared.remove_http_answer(token).await;
-        }
-    }
-    match outcome {
+    match tokio::time::timeout(ORDER_DEADLINE, order(account, name, kind, challenges)).await {
         Ok(outcome) => outcome,
         Err(_) => Err(format!(
             "the order took longer than {}s",
@@ -65,8 +47,7 @@ async fn order(
     account: &Account,
     name: &str,
     kind: ChallengeKind,
-    answers: &Answers<'_>,
-    shared_tokens: &mut Vec<String>,
+    challenges: &Arc<Challenges>,
 ) -> Result<Issued, String> {
     let acme = |what: &'static str| move |e: instant_acme::Error| format!("{what}: {e}");
     let identifiers = [Identifier::Dns(name.to_owned())];
@@ -91,18 +72,11 @@ async fn order(
         let key_authorization = challenge.key_authorization();
         answering.push(match kind {
             ChallengeKind::Http01 => {
-                if let Some(shared) = answers.shared {
-                    shared
-                        .put_http_answer(&challenge.token, key_authorization.as_str())
-                        .await?;
-                    shared_tokens.push(challenge.token.clone());
-                }
-                let local = answers.local;
-                local.answer_http(&challenge.token, key_authorization.as_str())
+                challenges.answer_http(&challenge.token, key_authorization.as_str())
             }
             ChallengeKind::TlsAlpn01 => {
                 let certificate = alpn_certificate(name, key_authorization.digest().as_ref())?;
-                answers.local.answer_tls_alpn(name, certificate)
+                challenges.answer_tls_alpn(name, certificate)
             }
         });
         challenge.set_ready().await.map_err(acme("challenge"))?;

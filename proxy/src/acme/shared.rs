@@ -5,7 +5,10 @@
 //! - a lock per name (`SET NX` with a lifetime longer than an order's deadline, released only
 //!   by its holder): the replica holding it orders, the others wait for its result;
 //! - the certificate, with its key, kept for the others to serve;
-//! - HTTP-01 answers, since the CA's check may reach any replica.
+//! - the failures in a row per name, so that the replicas wait out one backoff together
+//!   (the CA limits failed validations per account and name), the lock held meanwhile.
+//!
+//! HTTP-01 answers need no sharing: with one account, any replica can answer any token.
 //!
 //! A replica that cannot reach Redis orders nothing until it can: its served certificate stays.
 
@@ -137,34 +140,35 @@ impl Shared {
         }
     }
 
-    /// An HTTP-01 answer for any replica to give, for as long as an order may last.
-    pub async fn put_http_answer(
-        &self,
-        token: &str,
-        key_authorization: &str,
-    ) -> Result<(), String> {
-        let key = format!("{}http01:{token}", self.prefix);
-        let lifetime = LOCK_LIFETIME.as_millis() as u64;
-        let command = redis::cmd("SET")
-            .arg(key)
-            .arg(key_authorization)
-            .arg("PX")
-            .arg(lifetime)
-            .clone();
-        self.run(command).await
+    /// Counts a failed order of `name` for all replicas and holds `lock` for the backoff that
+    /// count calls for, so that no replica orders before it ends; the count.
+    pub async fn hold_after_failure(&self, lock: &Lock, name: &str) -> Result<u32, String> {
+        let key = format!("{}failures:{name}", self.prefix);
+        // Forgotten a day after the last failure.
+        let script = Script::new(
+            "local n = redis.call('INCR', KEYS[1]) redis.call('EXPIRE', KEYS[1], 86400) return n",
+        );
+        let mut redis = self.connection().await?;
+        let failures: u32 = bounded(script.key(&key).invoke_async(&mut redis)).await?;
+        let hold = super::backoff(failures);
+        let extend = Script::new(
+            "if redis.call('GET', KEYS[1]) == ARGV[1] then \
+             return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end return 0",
+        );
+        let mut invocation = extend.key(&lock.key);
+        invocation.arg(&lock.token).arg(hold.as_millis() as u64);
+        let _: i64 = bounded(invocation.invoke_async(&mut redis)).await?;
+        Ok(failures)
     }
 
-    pub async fn remove_http_answer(&self, token: &str) {
-        let key = format!("{}http01:{token}", self.prefix);
+    pub async fn clear_failures(&self, name: &str) {
+        let key = format!("{}failures:{name}", self.prefix);
         let _: Result<i64, _> = self.run(redis::cmd("DEL").arg(key).clone()).await;
     }
 
-    pub async fn http_answer(&self, token: &str) -> Option<String> {
-        let key = format!("{}http01:{token}", self.prefix);
-        self.run(redis::cmd("GET").arg(key).clone())
-            .await
-            .ok()
-            .flatten()
+    pub async fn remove_account(&self) {
+        let key = format!("{}account", self.prefix);
+        let _: Result<i64, _> = self.run(redis::cmd("DEL").arg(key).clone()).await;
     }
 }
 

@@ -49,6 +49,10 @@ impl Store {
         fs::read(self.dir.join("account.json")).ok()
     }
 
+    pub fn remove_account(&self) {
+        let _ = fs::remove_file(self.dir.join("account.json"));
+    }
+
     pub fn save_account(&self, json: &[u8]) -> io::Result<()> {
         write_private(&self.dir.join("account.json"), json)
     }
