@@ -417,27 +417,43 @@ fn access_logs_land_in_the_routes_files_with_every_field_and_no_secret() {
 }
 
 #[test]
-fn request_ids_come_from_trusted_proxies_only_and_reach_the_backend() {
+fn request_and_correlation_ids_come_from_trusted_proxies_only_and_reach_the_backend() {
     let group = Group::start(Options {
         keys: r#"access.trusted_proxies = ["127.0.0.3"]"#.into(),
         logging_extra: r#"access_log_format = "combined""#.into(),
         ..Options::default()
     });
-    let send = |client: &reqwest::blocking::Client| {
+    let send_to = |client: &reqwest::blocking::Client, path: &str| {
         client
-            .get(group.url("/api/nothing"))
+            .get(group.url(path))
             .header("x-request-id", "trace-42")
+            .header("x-correlation-id", "tx-7")
             .send()
             .unwrap()
     };
+    let send = |client: &reqwest::blocking::Client| send_to(client, "/api/nothing");
     let response = send(&group.client_from("127.0.0.3"));
     assert_eq!(response.headers()["x-request-id"], "trace-42");
-    // The backend saw it: it is in the backend's error body.
+    assert_eq!(response.headers()["x-correlation-id"], "tx-7");
+    // The backend saw both: they are in the backend's error body.
     let body: Value = response.json().unwrap();
     assert_eq!(body["request_id"], "trace-42");
-    let response = send(&group.client_from("127.0.0.4"));
-    assert_ne!(response.headers()["x-request-id"], "trace-42");
+    assert_eq!(body["correlation_id"], "tx-7");
+    // And in the proxy's own errors (a static site's 404).
+    let response = send_to(&group.client_from("127.0.0.3"), "/files/no-such-file");
+    assert_eq!(response.status(), 404);
+    assert!(response.headers().get("x-backend-id").is_none());
+    assert_eq!(response.headers()["x-correlation-id"], "tx-7");
     let body: Value = response.json().unwrap();
+    assert_eq!(body["correlation_id"], "tx-7");
+
+    // Anyone else's are replaced: the correlation id is then the request id.
+    let response = send(&group.client_from("127.0.0.4"));
+    let headers = response.headers().clone();
+    assert_ne!(headers["x-request-id"], "trace-42");
+    assert_eq!(headers["x-correlation-id"], headers["x-request-id"]);
+    let body: Value = response.json().unwrap();
+    assert_eq!(body["correlation_id"], body["request_id"]);
     assert_ne!(
         body["request_id"], "trace-42",
         "an untrusted id reached the backend"
@@ -456,6 +472,10 @@ fn request_ids_come_from_trusted_proxies_only_and_reach_the_backend() {
     let text = fs::read_to_string(&log).unwrap();
     let line = text.lines().find(|l| l.contains(" trace-42 ")).unwrap();
     assert!(line.starts_with("127.0.0.3 - - ["), "{line}");
+    assert!(
+        line.ends_with(" tx-7"),
+        "the correlation id ends the line: {line}"
+    );
     assert!(
         line.contains(r#""GET /api/nothing HTTP/2.0" 404 "#)
             || line.contains(r#""GET /api/nothing HTTP/1.1" 404 "#),

@@ -25,17 +25,22 @@ use crate::{
 pub const USER_HEADER: &str = "x-gatehouse-user";
 
 const REQUEST_ID: &str = "x-request-id";
+const CORRELATION_ID: &str = "x-correlation-id";
 
 pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Body> {
     let started = Instant::now();
     // The proxy always sends an id; a backend reached directly makes one. Kept as the header
     // value, so the success path copies no string.
-    let request_id = request
-        .headers()
-        .get(REQUEST_ID)
-        .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
-        .cloned()
-        .unwrap_or_else(new_request_id);
+    let id_header = |name: &str| {
+        request
+            .headers()
+            .get(name)
+            .filter(|v| !v.is_empty() && v.len() <= 128 && v.to_str().is_ok())
+            .cloned()
+    };
+    let request_id = id_header(REQUEST_ID).unwrap_or_else(new_request_id);
+    // The proxy always sends one too: a trusted proxy's, or the request id.
+    let correlation_id = id_header(CORRELATION_ID).unwrap_or_else(|| request_id.clone());
     let id = request_id.to_str().unwrap_or_default();
     let found = routes::find(request.method(), request.uri().path());
     let endpoint = found
@@ -46,7 +51,9 @@ pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Bo
         Ok((route, name)) => call(&app, route, name, request, id, &mut user).await,
         Err(error) => Err(error),
     };
-    let mut response = result.unwrap_or_else(|error| error.into_response(id));
+    let mut response = result.unwrap_or_else(|error| {
+        error.into_response(id, correlation_id.to_str().unwrap_or_default())
+    });
     let seconds = started.elapsed().as_secs_f64();
     app.metrics
         .request(endpoint, response.status().as_u16(), seconds);

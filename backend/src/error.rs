@@ -1,7 +1,7 @@
 //! The backend's error types; the policy they follow is at the top of [`crate`].
 //!
 //! - [`ApiError`]: a request's failure: an HTTP status, a stable machine-readable code and a
-//!   message for people. Every failure leaves the backend as `{"error","message","request_id"}`.
+//!   message for people. Every failure leaves the backend as `{"error","message","request_id","correlation_id"}`.
 //! - [`Unavailable`]: a Redis call failed or missed its deadline; a request answers `503`.
 //! - [`StartError`]: the backend cannot be built from the settings it was given.
 //! - [`UsersError`]: the users file is unusable; the message names the file and line.
@@ -24,6 +24,9 @@ pub struct ErrorBody<'a> {
     pub message: &'a str,
     /// The request's `X-Request-ID`, to find it in the logs.
     pub request_id: &'a str,
+    /// The `X-Correlation-ID` that ties this request to others of the same transaction: a
+    /// trusted proxy's in front of the edge, or the request id.
+    pub correlation_id: &'a str,
 }
 
 #[derive(Debug)]
@@ -104,11 +107,12 @@ impl ApiError {
         .with_header(header::RETRY_AFTER, "1")
     }
 
-    pub fn into_response(self, request_id: &str) -> Response<Body> {
+    pub fn into_response(self, request_id: &str, correlation_id: &str) -> Response<Body> {
         let body = ErrorBody {
             error: self.code,
             message: &self.message,
             request_id,
+            correlation_id,
         };
         let mut response = json_response(self.status, &body);
         for (name, value) in self.headers {

@@ -33,7 +33,7 @@
 //!
 //! - A request fails with [`ApiError`] (status, stable code, message): handlers and the
 //!   [`accounts`] and [`guard`] calls they make return it, and [`dispatch`] alone turns it
-//!   into the `{"error","message","request_id"}` response. Its message is for the client:
+//!   into the `{"error","message","request_id","correlation_id"}` response. Its message is for the client:
 //!   it names the field at fault, never a password, a hash or an internal detail.
 //! - A Redis call fails with [`error::Unavailable`], which carries nothing: [`store`] logs
 //!   the cause once when an outage starts and once when it ends, and every request it fails

@@ -47,6 +47,8 @@ pub struct Record {
     pub target: usize,
     pub time: SystemTime,
     pub request_id: String,
+    /// `None`: the request id.
+    pub correlation_id: Option<String>,
     pub client: IpAddr,
     pub method: http::Method,
     pub path: String,
@@ -350,6 +352,7 @@ impl Stamps {
 struct JsonLine<'a> {
     time: &'a str,
     request_id: &'a str,
+    correlation_id: &'a str,
     client: IpAddr,
     method: &'a str,
     path: &'a str,
@@ -378,6 +381,10 @@ fn json_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
     let line = JsonLine {
         time,
         request_id: &record.request_id,
+        correlation_id: record
+            .correlation_id
+            .as_deref()
+            .unwrap_or(&record.request_id),
         client: record.client,
         method: record.method.as_str(),
         path: &record.path,
@@ -396,9 +403,10 @@ fn json_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
     let _ = serde_json::to_writer(&mut *out, &line);
 }
 
-/// nginx's "combined", then the request id, the request time, the backend and its time:
-/// `$remote_addr - $remote_user [$time_local] "$request" $status $body_bytes_sent
-/// "$http_referer" "$http_user_agent" $request_id $request_time $upstream $upstream_time`.
+/// nginx's "combined", then the request id, the request time, the backend and its time, and
+/// the correlation id: `$remote_addr - $remote_user [$time_local] "$request" $status
+/// $body_bytes_sent "$http_referer" "$http_user_agent" $request_id $request_time $upstream
+/// $upstream_time $correlation_id`.
 fn combined_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
     stamps.at(record.time);
     let _ = write!(out, "{} - ", record.client);
@@ -428,6 +436,15 @@ fn combined_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
         }
         None => out.push(b'-'),
     }
+    out.push(b' ');
+    // Ids are checked when accepted: no quoting needed.
+    out.extend_from_slice(
+        record
+            .correlation_id
+            .as_deref()
+            .unwrap_or(&record.request_id)
+            .as_bytes(),
+    );
 }
 
 fn quoted_or_dash(out: &mut Vec<u8>, value: Option<&str>, quote: bool) {
@@ -467,6 +484,7 @@ mod tests {
             target: 0,
             time: SystemTime::UNIX_EPOCH + Duration::from_secs(1_700_000_000),
             request_id: "rid-1".into(),
+            correlation_id: Some("tx-7".into()),
             client: "203.0.113.9".parse().unwrap(),
             method: http::Method::GET,
             path: "/open/\"x\"".into(),
@@ -489,7 +507,7 @@ mod tests {
         combined_line(&record(), &mut out, &mut Stamps::default());
         assert_eq!(
             String::from_utf8(out).unwrap(),
-            "203.0.113.9 - admin [14/Nov/2023:22:13:20 +0000] \"GET /open/\\x22x\\x22 HTTP/1.1\" 200 512 \"-\" \"curl/8.0\\x0A\" rid-1 0.002 b2 0.001"
+            "203.0.113.9 - admin [14/Nov/2023:22:13:20 +0000] \"GET /open/\\x22x\\x22 HTTP/1.1\" 200 512 \"-\" \"curl/8.0\\x0A\" rid-1 0.002 b2 0.001 tx-7"
         );
     }
 
@@ -502,6 +520,7 @@ mod tests {
         assert_eq!(value["status"], 200);
         assert_eq!(value["duration_ms"], 1.5);
         assert_eq!(value["upstream"], "b2");
+        assert_eq!(value["correlation_id"], "tx-7");
         assert_eq!(value["user"], "admin");
         assert_eq!(value["path"], "/open/\"x\"");
     }

@@ -258,6 +258,7 @@ impl Edge {
             .and_then(|d| d.peer_addr().and_then(|a| a.as_inet()).map(SocketAddr::ip))
             .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         live.unrouted.finished(Finished {
+            correlation_id: None,
             elapsed: started.elapsed(),
             request_id,
             client,
@@ -437,6 +438,8 @@ fn error_response(reply: ErrorReply, request_id: &str, hsts: Option<&str>) -> Ve
         "error": reply.code,
         "message": reply.message,
         "request_id": request_id,
+        // Refused before its headers are read: no trusted proxy's id to keep.
+        "correlation_id": request_id,
     })
     .to_string();
     let reason = http::StatusCode::from_u16(reply.status)
@@ -445,7 +448,8 @@ fn error_response(reply: ErrorReply, request_id: &str, hsts: Option<&str>) -> Ve
         .unwrap_or("");
     let mut head = format!(
         "HTTP/1.1 {} {reason}\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\
-         cache-control: no-store\r\nconnection: close\r\nx-request-id: {request_id}\r\n",
+         cache-control: no-store\r\nconnection: close\r\nx-request-id: {request_id}\r\n\
+         x-correlation-id: {request_id}\r\n",
         reply.status,
         body.len(),
     );
@@ -610,6 +614,8 @@ mod tests {
         let json: serde_json::Value = serde_json::from_str(body).unwrap_or_default();
         assert_eq!(json["error"], "request_timeout");
         assert_eq!(json["request_id"], "id-1");
+        assert_eq!(json["correlation_id"], "id-1");
+        assert!(text.contains("x-correlation-id: id-1\r\n"));
         assert!(text.contains(&format!("content-length: {}\r\n", body.len())));
     }
 }

@@ -48,8 +48,8 @@ use crate::{
     forward::{self, Failed},
     framing,
     header_rules::{
-        self, HeaderEdit, Vars, X_FORWARDED_FOR, X_FORWARDED_PREFIX, X_FORWARDED_PROTO, X_REAL_IP,
-        X_REQUEST_ID,
+        self, HeaderEdit, Vars, X_CORRELATION_ID, X_FORWARDED_FOR, X_FORWARDED_PREFIX,
+        X_FORWARDED_PROTO, X_REAL_IP, X_REQUEST_ID,
     },
     live::Live,
     metrics::{AccessRefusal, Cut},
@@ -101,6 +101,7 @@ impl Gateway {
     fn stamp<'a>(&'a self, ctx: &'a RequestCtx) -> Stamp<'a> {
         Stamp {
             request_id: &ctx.request_id,
+            correlation_id: ctx.correlation(),
             hsts: ctx.live.tls.hsts(ctx.site.as_deref()).filter(|_| ctx.tls),
             route: ctx.route.as_deref().map(|route| RouteStamp {
                 headers: &route.headers,
@@ -272,6 +273,8 @@ pub struct RequestCtx {
     live: Arc<Live>,
     started: Instant,
     request_id: String,
+    /// A trusted proxy's `X-Correlation-ID`; `None`: the request id is the correlation id.
+    correlation_id: Option<String>,
     /// Whether this request came over TLS.
     tls: bool,
     /// The client, after trusted proxies are accounted for.
@@ -329,6 +332,10 @@ impl Drop for Upgraded {
 }
 
 impl RequestCtx {
+    fn correlation(&self) -> &str {
+        self.correlation_id.as_deref().unwrap_or(&self.request_id)
+    }
+
     fn vars<'a>(&'a self, host: Option<&'a [u8]>) -> Vars<'a> {
         Vars {
             client: self.client,
@@ -349,6 +356,7 @@ impl ProxyHttp for Gateway {
             live: self.live.load_full(),
             started: Instant::now(),
             request_id: String::new(),
+            correlation_id: None,
             tls: false,
             client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             route: None,
@@ -388,6 +396,12 @@ impl ProxyHttp for Gateway {
             .filter(|_| trusted)
             .and_then(|v| request_id::accept(v.as_bytes()))
             .map_or_else(request_id::generate, str::to_owned);
+        // The same for the id of a transaction that spans several requests and services.
+        ctx.correlation_id = headers
+            .get(&X_CORRELATION_ID)
+            .filter(|_| trusted)
+            .and_then(|v| request_id::accept(v.as_bytes()))
+            .map(str::to_owned);
         if let Some(peer) = peer {
             ctx.client =
                 client_ip::client_ip(peer, headers, &live.trusted_proxies, live.client_ip_header);
@@ -976,6 +990,7 @@ fn forwarding_headers(
     let proto = HeaderValue::from_static(if ctx.tls { "https" } else { "http" });
     upstream.put(&X_FORWARDED_PROTO, proto)?;
     upstream.put(&X_REQUEST_ID, made_value(ctx.request_id.clone())?)?;
+    upstream.put(&X_CORRELATION_ID, made_value(ctx.correlation().to_owned())?)?;
     // Basic-auth credentials are the edge's business unless the route says otherwise.
     let keep = ctx
         .route
@@ -1106,6 +1121,7 @@ impl Gateway {
         observer.finished(Finished {
             elapsed: ctx.started.elapsed(),
             request_id: std::mem::take(&mut ctx.request_id),
+            correlation_id: ctx.correlation_id.take(),
             client: ctx.client,
             method: Some(&request.method),
             path: request.uri.path(),

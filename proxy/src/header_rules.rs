@@ -41,12 +41,14 @@ const REQUEST_OWN: &[&str] = &[
     "x-real-ip",
     "x-forwarded-proto",
     "x-request-id",
+    "x-correlation-id",
 ];
 
-/// Response headers with their own setting: the request id, `tls.hsts`, and the encoding the
-/// compression negotiates.
+/// Response headers with their own setting: the request and correlation ids, `tls.hsts`, and
+/// the encoding the compression negotiates.
 const RESPONSE_OWN: &[&str] = &[
     "x-request-id",
+    "x-correlation-id",
     "strict-transport-security",
     "content-encoding",
 ];
@@ -357,6 +359,7 @@ pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");
+pub static X_CORRELATION_ID: HeaderName = HeaderName::from_static("x-correlation-id");
 
 /// The few edits the proxy makes to headers: on Pingora's message headers through their own
 /// methods, which keep the map of the names' case the peer sent (and title-case and parse the

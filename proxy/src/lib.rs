@@ -43,7 +43,7 @@
 //!   request id and without the query.
 //! - **A refusal is an answer, not an error**: a request the edge turns away (its framing, the
 //!   path guard, no route, the access rules, a cap) is answered from its phase with a JSON
-//!   `{"error","message","request_id"}` ([`respond`]), counted, and logged in the access log
+//!   `{"error","message","request_id","correlation_id"}` ([`respond`]), counted, and logged in the access log
 //!   only.
 //! - **Building** the run-time state, at start-up or on a reload, fails with a
 //!   [`BuildError`] whose message names the file, socket or setting at fault. At start-up it

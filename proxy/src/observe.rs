@@ -32,6 +32,8 @@ pub struct Finished<'a> {
     /// From its arrival to the end of its response.
     pub elapsed: Duration,
     pub request_id: String,
+    /// `None`: the request id.
+    pub correlation_id: Option<String>,
     pub client: IpAddr,
     /// `None`: refused before its method could be read.
     pub method: Option<&'a http::Method>,
@@ -91,6 +93,7 @@ impl Observer {
             target: *target,
             time: SystemTime::now() - request.elapsed,
             request_id: request.request_id,
+            correlation_id: request.correlation_id,
             client: request.client,
             method: request.method.cloned().unwrap_or(http::Method::CONNECT),
             path: request.path.to_owned(),

@@ -8,7 +8,7 @@ use pingora::{ErrorType::InvalidHTTPHeader, OrErr, Result, http::ResponseHeader}
 use pingora_proxy::Session;
 
 use crate::{
-    header_rules::{HeaderEdit, Vars, X_REQUEST_ID},
+    header_rules::{HeaderEdit, Vars, X_CORRELATION_ID, X_REQUEST_ID},
     routes::RouteHeaders,
     statics::Site,
 };
@@ -25,6 +25,9 @@ pub struct ErrorReply {
 /// The headers every response gets.
 pub struct Stamp<'a> {
     pub request_id: &'a str,
+    /// The id that ties this request to others of one transaction: a trusted proxy's, or the
+    /// request id.
+    pub correlation_id: &'a str,
     /// `Strict-Transport-Security`, on HTTPS connections only.
     pub hsts: Option<&'a str>,
     /// The route's response rules and CORS, once the request has a route.
@@ -45,6 +48,9 @@ impl Stamp<'_> {
     pub fn apply(&self, header: &mut impl HeaderEdit) -> Result<()> {
         let id = HeaderValue::from_str(self.request_id).or_err(InvalidHTTPHeader, "request id")?;
         header.put(&X_REQUEST_ID, id)?;
+        let correlation = HeaderValue::from_str(self.correlation_id)
+            .or_err(InvalidHTTPHeader, "correlation id")?;
+        header.put(&X_CORRELATION_ID, correlation)?;
         if let Some(hsts) = self.hsts {
             let hsts = HeaderValue::from_str(hsts).or_err(InvalidHTTPHeader, "tls.hsts")?;
             header.put(&http::header::STRICT_TRANSPORT_SECURITY, hsts)?;
@@ -81,8 +87,12 @@ pub async fn json_error_with(
     message: &str,
     extra: &[(&'static str, &str)],
 ) -> Result<()> {
-    let body =
-        serde_json::json!({"error": code, "message": message, "request_id": stamp.request_id});
+    let body = serde_json::json!({
+        "error": code,
+        "message": message,
+        "request_id": stamp.request_id,
+        "correlation_id": stamp.correlation_id,
+    });
     let header = header_with(status, "application/json", extra)?;
     send(session, stamp, header, Bytes::from(body.to_string())).await
 }
