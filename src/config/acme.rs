@@ -1,6 +1,6 @@
 //! `[acme]`: certificates for the HTTPS listener's names from an ACME server.
 
-use std::{path::Path, time::Duration};
+use std::{ffi::CString, os::unix::ffi::OsStrExt, path::Path, time::Duration};
 
 use gatehouse_proxy::{
     Route,
@@ -107,6 +107,16 @@ pub fn validate(
         Some(path) => source.path("acme.storage", path),
         None => data_dir.join("acme"),
     };
+    // Found by `check`, not first by `run`: a read-only image without a volume, say.
+    if let Err(message) = can_write(&storage) {
+        let key = if a.storage.is_some() {
+            "acme.storage"
+        } else {
+            "acme"
+        };
+        let message = format!("certificates are kept in {}: {message}", storage.display());
+        return Err(source.at(key, message));
+    }
     Ok(AcmeSettings {
         directory: directory.to_owned(),
         contact,
@@ -118,4 +128,24 @@ pub fn validate(
         // Filled in by the proxy's process, which alone reads the Redis password for it.
         redis: None,
     })
+}
+
+/// Whether `dir` can be made or written to, checked without making anything: its nearest
+/// existing ancestor must be a directory this process may write to.
+fn can_write(dir: &Path) -> Result<(), String> {
+    let existing = dir
+        .ancestors()
+        .find(|p| p.exists())
+        .ok_or("no part of the path exists")?;
+    if !existing.is_dir() {
+        return Err(format!("{} is not a directory", existing.display()));
+    }
+    let path = CString::new(existing.as_os_str().as_bytes())
+        .map_err(|_| "the path holds a NUL byte".to_string())?;
+    // SAFETY: access(2) only reads the NUL-terminated path it is given.
+    if unsafe { libc::access(path.as_ptr(), libc::W_OK) } != 0 {
+        let error = std::io::Error::last_os_error();
+        return Err(format!("{} is not writable ({error})", existing.display()));
+    }
+    Ok(())
 }

@@ -920,6 +920,17 @@ fn acme_orders_the_server_names_and_route_hosts_and_checks_its_keys() {
         );
         assert!(error.message.contains(says), "{error}");
     }
+    // Nowhere to keep the certificates: a file in the way (root may write anywhere else).
+    let text = format!(
+        "[tls]\nserver_names = [\"www.test\"]\n[acme]\nstorage = \"Cargo.toml/acme\"\n{ROUTES}"
+    );
+    let error = Config::from_str(&text, Path::new("g.toml"), &|_| None).unwrap_err();
+    assert_eq!(
+        (error.key.as_deref(), error.line),
+        (Some("acme.storage"), Some(4))
+    );
+    assert!(error.message.contains("is not a directory"), "{error}");
+
     // Nothing to order, or nowhere to serve it.
     let error = parse(&format!("[acme]\n{ROUTES}")).unwrap_err();
     assert_eq!((error.key.as_deref(), error.line), (Some("acme"), Some(1)));
