@@ -208,12 +208,13 @@ pub fn run(
         metrics.as_ref(),
         &pools,
     )?));
-    let acme = match &settings.acme {
-        Some(acme) => Some(Arc::new(acme::Acme::new(
-            acme.clone(),
-            metrics.as_ref().map(|m| &m.registry),
-        )?)),
-        None => None,
+    let (acme, renewer) = match &settings.acme {
+        Some(acme) => {
+            let registry = metrics.as_ref().map(|m| &m.registry);
+            let (acme, renewer) = acme::Acme::start(acme.clone(), registry)?;
+            (Some(acme), Some(renewer))
+        }
+        None => (None, None),
     };
     let drain = drain::Drain::new();
     let gateway = gateway::Gateway::new(live.clone(), pool.clone(), drain.clone(), acme.clone());
@@ -296,10 +297,10 @@ pub fn run(
     ));
     let proxy = server.add_service(proxy);
     // After the listeners: the CA's checks must find them serving.
-    if let Some(acme) = acme {
+    if let Some(renewer) = renewer {
         let renewer = server.add_service(pingora::services::background::background_service(
             "acme certificates",
-            acme::Renewer(acme),
+            renewer,
         ));
         renewer.add_dependency(&proxy);
     }

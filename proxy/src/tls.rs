@@ -111,10 +111,10 @@ impl Certificates {
         }
     }
 
-    /// The pair for `name` (the client's SNI): its own, a wildcard's, or the default.
+    /// The pair for `name` (the client's SNI, as [`sni_name`] gives it): its own, a
+    /// wildcard's, or the default.
     pub fn for_name(&self, name: Option<&str>) -> Arc<CertifiedKey> {
-        // rustls hands the name in lower case, with the dot a fully qualified one may end in.
-        let Some(name) = name.map(|n| n.strip_suffix('.').unwrap_or(n)) else {
+        let Some(name) = name else {
             return self.default.clone();
         };
         if let Some(pair) = self.exact.get(name) {
@@ -242,16 +242,23 @@ impl std::fmt::Debug for CurrentCertificate {
     }
 }
 
+/// The name a client asked for, as the certificates are kept under it: rustls hands it in lower
+/// case, with the dot a fully qualified one may end in.
+fn sni_name<'a>(hello: &'a ClientHello<'_>) -> Option<&'a str> {
+    let name = hello.server_name()?;
+    Some(name.strip_suffix('.').unwrap_or(name))
+}
+
 impl ResolvesServerCert for CurrentCertificate {
     fn resolve(&self, hello: ClientHello<'_>) -> Option<Arc<CertifiedKey>> {
-        let name = hello.server_name();
+        let name = sni_name(&hello);
         if let Some(acme) = &self.acme {
             // A check offers acme-tls/1 alone (RFC 8737 3); it gets the challenge certificate
             // or no handshake, never a real one.
             let alpn_check = acme.challenge_kind() == ChallengeKind::TlsAlpn01
-                && hello.alpn().is_some_and(|offered| {
-                    let offered: Vec<&[u8]> = offered.collect();
-                    offered == [challenges::TLS_ALPN_PROTOCOL]
+                && hello.alpn().is_some_and(|mut offered| {
+                    offered.next() == Some(challenges::TLS_ALPN_PROTOCOL)
+                        && offered.next().is_none()
                 });
             if alpn_check {
                 return acme.challenges.tls_alpn_certificate(name);

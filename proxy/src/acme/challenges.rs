@@ -32,11 +32,9 @@ impl Challenges {
         lock(&self.http).get(token).cloned()
     }
 
-    /// The TLS-ALPN-01 certificate for `name` (the client's SNI).
+    /// The TLS-ALPN-01 certificate for `name` (the client's SNI, without a final dot).
     pub fn tls_alpn_certificate(&self, name: Option<&str>) -> Option<Arc<CertifiedKey>> {
-        let name = name?;
-        let name = name.strip_suffix('.').unwrap_or(name);
-        lock(&self.tls_alpn).get(name).cloned()
+        lock(&self.tls_alpn).get(name?).cloned()
     }
 
     /// Answers HTTP-01 `token` with `key_authorization` until the guard is dropped.

@@ -27,7 +27,7 @@ use async_trait::async_trait;
 use instant_acme::{Account, NewAccount};
 use pingora::{server::ShutdownWatch, services::background::BackgroundService};
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
-use rustls::{pki_types::CertificateDer, sign::CertifiedKey};
+use rustls::sign::CertifiedKey;
 
 use crate::error::BuildError;
 use challenges::Challenges;
@@ -111,8 +111,11 @@ pub struct Acme {
 
 impl Acme {
     /// Opens the store (refusing to start if it cannot be made) and serves the certificates
-    /// it holds that have not expired.
-    pub fn new(settings: AcmeSettings, registry: Option<&Registry>) -> Result<Self, BuildError> {
+    /// it holds that have not expired; the renewer orders each name when it is due.
+    pub fn start(
+        settings: AcmeSettings,
+        registry: Option<&Registry>,
+    ) -> Result<(Arc<Self>, Renewer), BuildError> {
         let store = Store::open(&settings.storage, &settings.directory).map_err(|source| {
             BuildError::AcmeStorage {
                 path: settings.storage.clone(),
@@ -133,14 +136,29 @@ impl Acme {
             thumbprint: arc_swap::ArcSwapOption::empty(),
             metrics,
         };
+        let now = SystemTime::now();
+        let mut names = Vec::with_capacity(acme.settings.names.len());
         for name in &acme.settings.names {
-            if let Some(stored) = acme.store.certificate(name)
-                && stored.not_after > SystemTime::now()
-            {
-                acme.install(name, &stored);
+            let stored = acme.store.certificate(name);
+            if let Some(stored) = stored.as_ref().filter(|s| s.not_after > now) {
+                acme.install(name, stored);
             }
+            let due = stored.map_or(now, |stored| acme.renewal_due(&stored));
+            // A backoff a previous run started goes on.
+            let (retry, failures) = acme.store.retry(name).unwrap_or((due, 0));
+            names.push(Name {
+                name: name.clone(),
+                due: due.max(retry),
+                failures,
+                unavailable: 0,
+            });
         }
-        Ok(acme)
+        let acme = Arc::new(acme);
+        let renewer = Renewer {
+            acme: acme.clone(),
+            names,
+        };
+        Ok((acme, renewer))
     }
 
     pub fn challenge_kind(&self) -> ChallengeKind {
@@ -327,13 +345,8 @@ impl Acme {
             );
             return Ok(None);
         };
-        let names = stored
-            .pair
-            .end_entity_cert()
-            .ok()
-            .and_then(certificate_names);
         let due = self.renewal_due(&stored);
-        if !names.is_some_and(|n| n.iter().any(|n| n == name)) || due <= SystemTime::now() {
+        if !stored.is_for(name) || due <= SystemTime::now() {
             return Ok(None);
         }
         self.install(name, &stored);
@@ -413,39 +426,27 @@ enum Turn {
 
 /// The wait after `failures` failed orders in a row.
 fn backoff(failures: u32) -> Duration {
-    RETRY_FIRST
-        .saturating_mul(1 << failures.saturating_sub(1).min(10))
-        .min(RETRY_CEILING)
+    doubled(RETRY_FIRST, failures.saturating_sub(1), RETRY_CEILING)
+}
+
+/// `first` doubled `times` times, at most `ceiling`.
+fn doubled(first: Duration, times: u32, ceiling: Duration) -> Duration {
+    first.saturating_mul(1 << times.min(16)).min(ceiling)
 }
 
 /// Orders and renews every name, one at a time, each when it is due; a failure is logged,
 /// counted and retried later, and never takes a served certificate down.
-pub struct Renewer(pub Arc<Acme>);
+pub struct Renewer {
+    acme: Arc<Acme>,
+    /// Each name, and when it is first due, from what the store held at start.
+    names: Vec<Name>,
+}
 
 #[async_trait]
 impl BackgroundService for Renewer {
     async fn start(&self, mut shutdown: ShutdownWatch) {
-        let acme = &self.0;
-        let now = SystemTime::now();
-        let mut names: Vec<Name> = acme
-            .settings
-            .names
-            .iter()
-            .map(|name| {
-                let due = acme
-                    .store
-                    .certificate(name)
-                    .map_or(now, |stored| acme.renewal_due(&stored));
-                // A backoff a previous run started goes on.
-                let (retry, failures) = acme.store.retry(name).unwrap_or((due, 0));
-                Name {
-                    name: name.clone(),
-                    due: due.max(retry),
-                    failures,
-                    unavailable: 0,
-                }
-            })
-            .collect();
+        let acme = &self.acme;
+        let mut names = self.names.clone();
         if let Some(m) = &acme.metrics {
             for name in &names {
                 let at = unix_seconds(name.due);
@@ -480,9 +481,8 @@ impl BackgroundService for Renewer {
                     }
                     failed => {
                         account_tries = account_tries.saturating_add(1);
-                        let wait = WAIT_FOR_OTHERS
-                            .saturating_mul(1 << account_tries.min(6))
-                            .min(Duration::from_secs(300));
+                        let wait =
+                            doubled(WAIT_FOR_OTHERS, account_tries, Duration::from_secs(300));
                         let error = match failed {
                             Ok(Err(Turn::Failed(e) | Turn::Unavailable(e))) => e,
                             _ => format!("no account within {}s", TURN_DEADLINE.as_secs()),
@@ -544,9 +544,7 @@ impl BackgroundService for Renewer {
                 Turn::Unavailable(error) => {
                     // Each warning further apart, up to a minute, while Redis stays away.
                     next.unavailable = next.unavailable.saturating_add(1);
-                    let wait = WAIT_FOR_OTHERS
-                        .saturating_mul(1 << next.unavailable.min(4))
-                        .min(Duration::from_secs(60));
+                    let wait = doubled(WAIT_FOR_OTHERS, next.unavailable, Duration::from_secs(60));
                     tracing::warn!(name, %error, retry_in_seconds = wait.as_secs(), "cannot coordinate the certificate order");
                     next.due = SystemTime::now() + wait;
                     false
@@ -590,6 +588,7 @@ impl BackgroundService for Renewer {
     }
 }
 
+#[derive(Clone)]
 struct Name {
     name: String,
     due: SystemTime,
@@ -640,9 +639,4 @@ impl AcmeMetrics {
 fn unix_seconds(at: SystemTime) -> i64 {
     at.duration_since(SystemTime::UNIX_EPOCH)
         .map_or(0, |d| i64::try_from(d.as_secs()).unwrap_or(i64::MAX))
-}
-
-/// The DNS names a certificate is for, in lower case.
-pub fn certificate_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
-    crate::tls::dns_names(der)
 }

@@ -30,6 +30,18 @@ pub struct Stored {
     pub not_after: SystemTime,
 }
 
+impl Stored {
+    /// Whether the certificate names `name` (a DNS name of its subjectAltName).
+    pub fn is_for(&self, name: &str) -> bool {
+        let names = self
+            .pair
+            .end_entity_cert()
+            .ok()
+            .and_then(crate::tls::dns_names);
+        names.is_some_and(|names| names.iter().any(|n| n == name))
+    }
+}
+
 pub struct Store {
     dir: PathBuf,
 }
@@ -61,9 +73,7 @@ impl Store {
     /// names `name`; anything else is as if absent (a new one is ordered).
     pub fn certificate(&self, name: &str) -> Option<Stored> {
         let pem = fs::read(self.cert_path(name)).ok()?;
-        let stored = parse(&pem).ok()?;
-        let names = super::certificate_names(stored.pair.end_entity_cert().ok()?)?;
-        names.iter().any(|n| n == name).then_some(stored)
+        parse(&pem).ok().filter(|stored| stored.is_for(name))
     }
 
     /// `pem`: the chain, then its key, as [`whole`] joins them.
