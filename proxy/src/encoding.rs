@@ -15,6 +15,14 @@ pub enum Encoding {
 }
 
 impl Encoding {
+    /// Every coding, in the order of [`Encoding::index`].
+    pub const ALL: [Encoding; 4] = [
+        Encoding::Identity,
+        Encoding::Gzip,
+        Encoding::Brotli,
+        Encoding::Zstd,
+    ];
+
     pub fn index(self) -> usize {
         self as usize
     }

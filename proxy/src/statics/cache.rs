@@ -41,9 +41,9 @@ pub struct Asset {
     pub identity: Option<Bytes>,
     /// Whether the cache holds it (so a compressed variant is made once, not per request).
     pub held: bool,
-    gzip: OnceLock<Option<Bytes>>,
-    brotli: OnceLock<Option<Bytes>>,
-    zstd: OnceLock<Option<Bytes>>,
+    /// The compressed variants, each made once, by [`Encoding::index`] less one (identity
+    /// has none).
+    variants: [OnceLock<Option<Bytes>>; COMPRESSED],
     /// When the file was last found unchanged on disk, by [`now_ms`].
     checked: AtomicU64,
 }
@@ -64,13 +64,7 @@ impl Asset {
         let nanos = modified
             .duration_since(SystemTime::UNIX_EPOCH)
             .map_or(0, |d| d.as_nanos());
-        let all = [
-            Encoding::Identity,
-            Encoding::Gzip,
-            Encoding::Brotli,
-            Encoding::Zstd,
-        ];
-        let etags = all.map(|e| match e {
+        let etags = Encoding::ALL.map(|e| match e {
             Encoding::Identity => format!("\"{len:x}-{nanos:x}\""),
             other => format!("\"{len:x}-{nanos:x}-{}\"", other.token()),
         });
@@ -84,9 +78,7 @@ impl Asset {
             last_modified: httpdate::fmt_http_date(modified),
             identity,
             held: false,
-            gzip: OnceLock::new(),
-            brotli: OnceLock::new(),
-            zstd: OnceLock::new(),
+            variants: Default::default(),
             checked: AtomicU64::new(now_ms()),
             path,
         })
@@ -109,29 +101,24 @@ impl Asset {
     /// The compressed variant, made once; `None` when it would not be smaller.
     /// Slow the first time: call it off the async threads.
     pub fn variant(&self, encoding: Encoding) -> Option<Bytes> {
-        let cell = match encoding {
-            Encoding::Identity => return None,
-            Encoding::Gzip => &self.gzip,
-            Encoding::Brotli => &self.brotli,
-            Encoding::Zstd => &self.zstd,
-        };
-        cell.get_or_init(|| {
-            let identity = self.identity.as_ref()?;
-            let compressed = self
-                .sidecar(encoding)
-                .or_else(|| encoding.compress(identity))?;
-            (compressed.len() < identity.len()).then_some(compressed)
-        })
-        .clone()
+        self.cell(encoding)?
+            .get_or_init(|| {
+                let identity = self.identity.as_ref()?;
+                let compressed = self
+                    .sidecar(encoding)
+                    .or_else(|| encoding.compress(identity))?;
+                (compressed.len() < identity.len()).then_some(compressed)
+            })
+            .clone()
     }
 
     pub fn variant_ready(&self, encoding: Encoding) -> bool {
-        match encoding {
-            Encoding::Identity => true,
-            Encoding::Gzip => self.gzip.get().is_some(),
-            Encoding::Brotli => self.brotli.get().is_some(),
-            Encoding::Zstd => self.zstd.get().is_some(),
-        }
+        self.cell(encoding).is_none_or(|cell| cell.get().is_some())
+    }
+
+    /// Where `encoding`'s variant is kept; `None` for identity.
+    fn cell(&self, encoding: Encoding) -> Option<&OnceLock<Option<Bytes>>> {
+        self.variants.get(encoding.index().checked_sub(1)?)
     }
 
     /// A precompressed file beside the original, if it is at least as new.
@@ -147,14 +134,21 @@ impl Asset {
     }
 
     /// What the entry may come to hold, fixed when it is made: the cache requires a weight
-    /// that never changes. Variants are kept only when smaller than the file, so gzip, brotli
-    /// and zstd together stay under three times its size.
+    /// that never changes. Variants are kept only when smaller than the file, so together
+    /// they stay under as many times its size as there are compressed codings.
     fn weight(&self) -> u64 {
         let bytes = self.identity.as_ref().map_or(0, |b| b.len() as u64);
-        let variants = if self.compressible { 3 * bytes } else { 0 };
+        let variants = if self.compressible {
+            COMPRESSED as u64 * bytes
+        } else {
+            0
+        };
         1024 + bytes + variants
     }
 }
+
+/// The codings with a variant: all but identity.
+const COMPRESSED: usize = Encoding::ALL.len() - 1;
 
 /// Text types are sent as UTF-8, as nginx's `charset utf-8` would.
 fn with_charset(mime: &'static str) -> &'static str {
