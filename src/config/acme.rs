@@ -85,13 +85,12 @@ pub fn validate(
     let mut names: Vec<String> = Vec::new();
     let hosts = routes.iter().flat_map(|r| &r.hosts);
     for name in server_names.iter().chain(hosts) {
-        let name = name.to_ascii_lowercase();
-        let name = name.strip_suffix('.').unwrap_or(&name);
+        let name = super::routes::host_name(name);
         let orderable = !name.starts_with("*.")
             && name.contains('.')
             && name.parse::<std::net::IpAddr>().is_err();
-        if orderable && !names.iter().any(|n| n == name) {
-            names.push(name.to_owned());
+        if orderable && !names.contains(&name) {
+            names.push(name);
         }
     }
     if names.is_empty() {

@@ -39,9 +39,7 @@ pub fn validate(
         }
         let mut hosts = Vec::with_capacity(route.hosts.len());
         for (j, host) in route.hosts.iter().enumerate() {
-            // As requests' hosts are compared: lower case, no final dot.
-            let host = host.to_ascii_lowercase();
-            let host = host.strip_suffix('.').unwrap_or(&host).to_owned();
+            let host = host_name(host);
             let name = host.strip_prefix("*.").unwrap_or(&host);
             if !gatehouse_proxy::https_redirect::is_dns_name(name) {
                 return Err(source.at(
@@ -212,4 +210,14 @@ fn refuse_redirect_loops(
         }
     }
     Ok(())
+}
+
+/// A host name as routes keep it, and requests' hosts are compared with it: lower case, no
+/// final dot. `[[tls.sites]]` and `[acme]` write theirs the same way.
+pub fn host_name(host: &str) -> String {
+    let host = host.to_ascii_lowercase();
+    match host.strip_suffix('.') {
+        Some(name) => name.to_owned(),
+        None => host,
+    }
 }

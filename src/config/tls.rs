@@ -74,9 +74,7 @@ pub fn validate(t: &RawTls, routes: &[Route], source: &Source) -> Result<Tls, Co
             return Err(source.at(&key("hosts"), "names no host".into()));
         }
         for (j, host) in site.hosts.iter().enumerate() {
-            // As routes' hosts are written down: lower case, no final dot.
-            let host = host.to_ascii_lowercase();
-            let host = host.strip_suffix('.').unwrap_or(&host).to_owned();
+            let host = super::routes::host_name(host);
             let at = || key(&format!("hosts[{j}]"));
             if !routes.iter().any(|r| r.hosts.contains(&host)) {
                 let message = format!(
