@@ -49,6 +49,16 @@ impl Load {
         Load::run(clients)
     }
 
+    /// Each of `clients` sending `GET url`, with whatever connections it was built to make.
+    pub(crate) fn get_with(clients: Vec<reqwest::blocking::Client>, url: &str) -> Load {
+        Load::run(
+            clients
+                .into_iter()
+                .map(|c| (c, url.to_owned(), false))
+                .collect(),
+        )
+    }
+
     /// Each client with its URL, and whether it POSTs (which a backend answers 405).
     fn run(clients: Vec<(reqwest::blocking::Client, String, bool)>) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
