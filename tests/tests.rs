@@ -10,6 +10,8 @@ mod acme;
 mod api;
 // The OpenAPI document under schemathesis, and Swagger UI in a browser.
 mod api_docs;
+// The per-route cache of upstream responses, to a server each test programs.
+mod cache;
 // One backend in this process against a real Redis: its own behaviour, without a group.
 mod backend_inprocess;
 mod backend_limits;

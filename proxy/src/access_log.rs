@@ -62,6 +62,8 @@ pub struct Record {
     pub user: Option<String>,
     pub user_agent: Option<String>,
     pub referer: Option<String>,
+    /// On a route with a response cache: `hit`, `miss`, `stale` or `bypass`.
+    pub cache: Option<&'static str>,
 }
 
 /// Lines waiting for the writer; past this, new lines are dropped. With the interval below,
@@ -366,6 +368,8 @@ struct JsonLine<'a> {
     user: Option<&'a str>,
     user_agent: Option<&'a str>,
     referer: Option<&'a str>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    cache: Option<&'static str>,
 }
 
 fn millis(d: Duration) -> f64 {
@@ -398,6 +402,7 @@ fn json_line(record: &Record, out: &mut Vec<u8>, stamps: &mut Stamps) {
         user: record.user.as_deref(),
         user_agent: record.user_agent.as_deref(),
         referer: record.referer.as_deref(),
+        cache: record.cache,
     };
     // Serializing plain strings and numbers into a Vec does not fail.
     let _ = serde_json::to_writer(&mut *out, &line);
@@ -498,6 +503,7 @@ mod tests {
             user: Some("admin".into()),
             user_agent: Some("curl/8.0\n".into()),
             referer: None,
+            cache: Some("hit"),
         }
     }
 
@@ -521,6 +527,7 @@ mod tests {
         assert_eq!(value["duration_ms"], 1.5);
         assert_eq!(value["upstream"], "b2");
         assert_eq!(value["correlation_id"], "tx-7");
+        assert_eq!(value["cache"], "hit");
         assert_eq!(value["user"], "admin");
         assert_eq!(value["path"], "/open/\"x\"");
     }

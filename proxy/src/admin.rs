@@ -4,7 +4,9 @@
 //!   backend's (fetched over its admin socket, labelled `backend`) and the supervisor's
 //!   (from the file it keeps in the runtime directory);
 //! - `/healthz`: the proxy is alive;
-//! - `/readyz`: at least one backend answers and Redis is reachable (503 otherwise).
+//! - `/readyz`: at least one backend answers and Redis is reachable (503 otherwise);
+//! - `POST /cache/purge?path=...` or `?prefix=...` (and `&host=...`): removes kept backend
+//!   responses ([`crate::cache`]).
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -36,6 +38,7 @@ pub struct Admin {
     pub supervisor_file: PathBuf,
     /// Ports of the public listeners, for the open-connections gauge.
     pub public_ports: Vec<u16>,
+    pub cache: Arc<crate::cache::Store>,
 }
 
 impl Admin {
@@ -65,6 +68,8 @@ impl Admin {
         self.metrics
             .open_connections
             .set(crate::metrics::established_connections(&self.public_ports));
+        self.metrics.cache_bytes.set(self.cache.bytes() as i64);
+        self.metrics.cache_entries.set(self.cache.entries() as i64);
         for (policy, keys) in self.live.load().routes.rate_limit_keys() {
             self.metrics
                 .rate_limit_keys
@@ -135,6 +140,11 @@ impl ServeHttp for Admin {
                 self.render_metrics().await,
             ),
             "/healthz" => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            "/cache/purge" => {
+                let request = session.req_header();
+                let (status, body) = purge(&self.cache, &request.method, request.uri.query());
+                (status, "application/json", body.to_string().into_bytes())
+            }
             "/readyz" => {
                 let (ready, body) = self.readiness().await;
                 let status = if ready { 200 } else { 503 };
@@ -143,11 +153,15 @@ impl ServeHttp for Admin {
             _ => (
                 404,
                 "application/json",
-                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz and /readyz"}"#
+                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz, /readyz and /cache/purge"}"#
                     .to_vec(),
             ),
         };
-        Response::builder()
+        let mut response = Response::builder();
+        if status == 405 {
+            response = response.header("allow", "POST");
+        }
+        response
             .status(status)
             .header("content-type", content_type)
             .header("content-length", body.len())
@@ -155,6 +169,51 @@ impl ServeHttp for Admin {
             .body(body)
             .unwrap_or_default()
     }
+}
+
+/// `POST /cache/purge` with `path` (one URL: path and query) or `prefix` (every path under
+/// it), and optionally `host`, form-encoded in the query.
+fn purge(
+    cache: &crate::cache::Store,
+    method: &http::Method,
+    query: Option<&str>,
+) -> (u16, serde_json::Value) {
+    use crate::cache::Purge;
+    let error = |status, code: &str, message: &str| {
+        (
+            status,
+            serde_json::json!({"error": code, "message": message}),
+        )
+    };
+    if method != http::Method::POST {
+        return error(405, "method_not_allowed", "purge with POST");
+    }
+    let (mut path, mut prefix, mut host) = (None, None, None);
+    for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {
+        match name.as_ref() {
+            "path" => path = Some(value),
+            "prefix" => prefix = Some(value),
+            "host" => host = Some(value),
+            _ => {
+                return error(
+                    400,
+                    "bad_request",
+                    "the parameters are path or prefix, and host",
+                );
+            }
+        }
+    }
+    let target = match (&path, &prefix) {
+        (Some(path), None) if path.starts_with('/') => Purge::Target(path.as_bytes()),
+        (None, Some(prefix)) if prefix.starts_with('/') => Purge::Prefix(prefix.as_bytes()),
+        _ => {
+            let message = "give one of path (a path and query) or prefix, starting with /";
+            return error(400, "bad_request", message);
+        }
+    };
+    let purged = cache.purge(host.as_deref(), target);
+    tracing::info!(?path, ?prefix, ?host, purged, "cache purged");
+    (200, serde_json::json!({ "purged": purged }))
 }
 
 /// Runs each future as its own task, so they overlap, and returns their outputs in order.

@@ -271,6 +271,7 @@ impl Edge {
             upstream_duration: None,
             user: None,
             headers: None,
+            cache: None,
         });
     }
 }

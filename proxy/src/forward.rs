@@ -231,6 +231,8 @@ pub struct Exchange {
     /// The response's status and headers, as a plain map for the filters to edit: without the
     /// map of the backend's header-name case that Pingora keeps, as the request is sent.
     pub response: http::response::Parts,
+    /// Body read ahead (by [`Exchange::read_whole`]), sent before the rest.
+    read: Vec<Bytes>,
 }
 
 /// Why no response header came back.
@@ -280,7 +282,11 @@ pub async fn send(
                 Some(header) => header.as_owned_parts(),
                 None => return Err(Failed::Backend(Error::new(ErrorType::InvalidHTTPHeader))),
             };
-            Ok(Exchange { client, response })
+            Ok(Exchange {
+                client,
+                response,
+                read: Vec::new(),
+            })
         }
         Err(e) if reused && closed_while_idle(&e) => {
             member.idle.clear();
@@ -353,14 +359,54 @@ impl Exchange {
         Ok(())
     }
 
+    /// Reads the body ahead, up to `limit` bytes: the whole body if it ends within them, or
+    /// `None` (what was read is relayed first). Errors are the backend's
+    /// (`ErrorSource::Upstream`).
+    pub async fn read_whole(&mut self, limit: u64) -> Result<Option<Bytes>> {
+        let mut len = 0u64;
+        while !self.client.is_body_done() {
+            let Some(chunk) = self
+                .client
+                .read_body_bytes()
+                .await
+                .map_err(|e| e.into_up())?
+            else {
+                break;
+            };
+            len += chunk.len() as u64;
+            self.read.push(chunk);
+            if len > limit {
+                return Ok(None);
+            }
+        }
+        Ok(Some(match self.read.as_slice() {
+            [] => Bytes::new(),
+            [one] => one.clone(),
+            many => Bytes::from(many.concat()),
+        }))
+    }
+
+    /// After [`Exchange::read_whole`] read the whole body: gives the connection back to
+    /// `member` if the backend kept it open.
+    pub async fn release(mut self, member: &Member) {
+        self.client.respect_keepalive();
+        if let Some(stream) = self.client.reuse().await {
+            member.idle.put(stream, member.idle_timeout);
+        }
+    }
+
     /// Sends the response header (as the filters left it) and the body to the client,
     /// then gives the connection back to `member` if both sides kept it whole. An error from
     /// the backend's side carries `ErrorSource::Upstream`, from the client's `Downstream`.
     pub async fn relay(mut self, session: &mut Session, member: &Member) -> Result<()> {
         let mut done = self.client.is_body_done();
-        let mut tasks = Vec::with_capacity(2);
+        let mut tasks = Vec::with_capacity(2 + self.read.len());
         let header = Box::new(ResponseHeader::from(self.response));
-        tasks.push(HttpTask::Header(header, done));
+        tasks.push(HttpTask::Header(header, done && self.read.is_empty()));
+        let read_ahead = self.read.len();
+        for (i, chunk) in self.read.drain(..).enumerate() {
+            tasks.push(HttpTask::Body(Some(chunk), done && i + 1 == read_ahead));
+        }
         // Most responses are whole in the first read: header and body go out in one write.
         while !done {
             let body: Option<Bytes> = self

@@ -26,6 +26,7 @@
 //! - [`admin`]: the admin listener: the metrics of the whole group, `/healthz`, `/readyz`.
 //! - [`acme`]: certificates from an ACME server, renewed in the background; its challenges
 //!   are answered by [`gateway`] (HTTP-01) and [`tls`] (TLS-ALPN-01).
+//! - [`cache`]: backend responses kept in memory for the routes that ask (`[routes.cache]`).
 //! - [`encoding`]: content codings: negotiation, the compressors, what is worth compressing.
 //! - [`file_limit`]: the open-file limit, raised for the proxy and the backends alike.
 //! - [`heap`]: memory a burst of connections freed, given back to the kernel.
@@ -59,6 +60,7 @@ pub mod access;
 pub mod access_log;
 pub mod acme;
 pub mod admin;
+pub mod cache;
 pub mod client_shares;
 pub mod client_stream;
 pub mod connection;
@@ -217,7 +219,14 @@ pub fn run(
         None => (None, None),
     };
     let drain = drain::Drain::new();
-    let gateway = gateway::Gateway::new(live.clone(), pool.clone(), drain.clone(), acme.clone());
+    let cache = Arc::new(cache::Store::new(settings.cache.clone()));
+    let gateway = gateway::Gateway::new(
+        live.clone(),
+        pool.clone(),
+        drain.clone(),
+        acme.clone(),
+        cache.clone(),
+    );
 
     let mut listeners = Listeners::new();
     let capacity = Arc::new(connection::Capacity::new(live.clone()));
@@ -259,6 +268,7 @@ pub fn run(
             live: live.clone(),
             supervisor_file: settings.runtime_dir.join(SUPERVISOR_METRICS),
             public_ports,
+            cache: cache.clone(),
         };
         let mut service = Service::new("gatehouse admin".into(), admin);
         service.add_tcp(&listen.to_string());

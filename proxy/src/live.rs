@@ -192,6 +192,7 @@ impl Fixed {
             ("admin.listen", v(&settings.admin_listen)),
             ("logging.format", v(&settings.json_logs)),
             ("acme", v(&settings.acme)),
+            ("cache", v(&settings.cache)),
         ];
         Fixed {
             runtime_dir: settings.runtime_dir.clone(),

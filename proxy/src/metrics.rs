@@ -6,6 +6,8 @@
 //! when they move. Gauges that describe state (backend health, open connections) are read
 //! when scraped.
 
+use std::sync::Arc;
+
 use prometheus::{
     Histogram, HistogramOpts, HistogramVec, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, core::Collector,
@@ -97,6 +99,11 @@ pub struct Metrics {
     latency: HistogramVec,
     refusals: [IntCounterVec; 3],
     statics: IntCounterVec,
+    cache: IntCounterVec,
+    cache_hit_bytes: IntCounterVec,
+    /// The response cache's size, set when scraped.
+    pub cache_bytes: IntGauge,
+    pub cache_entries: IntGauge,
 }
 
 /// One route's series, resolved up front.
@@ -106,6 +113,16 @@ pub struct RouteSeries {
     refusals: [IntCounter; 3],
     /// By encoding, then hit (0) or miss (1); only static routes count here.
     statics: [[IntCounter; 2]; 4],
+    /// Made at the route's first request to its cache: routes without one show none.
+    cache: std::sync::OnceLock<CacheSeries>,
+    /// What [`Self::cache`] is made from.
+    cache_families: (IntCounterVec, IntCounterVec, Arc<str>),
+}
+
+struct CacheSeries {
+    /// By [`crate::cache::Status`], in the order of its `ALL`.
+    results: [IntCounter; 4],
+    hit_bytes: IntCounter,
 }
 
 impl Metrics {
@@ -149,6 +166,22 @@ impl Metrics {
             "Static file responses, by route, content encoding and whether the file was in memory.",
             &["route", "encoding", "cache"],
         )?;
+        let cache = counter(
+            "gatehouse_cache_requests_total",
+            "Requests to routes with a response cache, by route and result: hit, miss, stale (served expired: while refreshing, or because every backend failed), bypass (not looked up).",
+            &["route", "result"],
+        )?;
+        let cache_hit_bytes = counter(
+            "gatehouse_cache_hit_bytes_total",
+            "Body bytes served from the response cache (hit and stale), by route.",
+            &["route"],
+        )?;
+        let cache_bytes = IntGauge::new(
+            "gatehouse_cache_bytes",
+            "Memory the response cache holds: bodies, headers, keys (at most cache.max_bytes).",
+        )?;
+        let cache_entries =
+            IntGauge::new("gatehouse_cache_entries", "Entries in the response cache.")?;
         let upstream_errors = counter(
             "gatehouse_upstream_errors_total",
             "Failures talking to a backend, by backend and kind (connect, timeout, error).",
@@ -215,7 +248,11 @@ impl Metrics {
             "gatehouse_upstream_client_limits_total",
             "Requests answered 429 because their client already had limits.max_upstream_requests_per_client requests in flight to the backends.",
         )?;
-        let collectors: [Box<dyn Collector>; 20] = [
+        let collectors: [Box<dyn Collector>; 24] = [
+            Box::new(cache.clone()),
+            Box::new(cache_hit_bytes.clone()),
+            Box::new(cache_bytes.clone()),
+            Box::new(cache_entries.clone()),
             Box::new(upgrades.clone()),
             Box::new(upgrades_open.clone()),
             Box::new(cuts_vec),
@@ -263,6 +300,10 @@ impl Metrics {
             latency,
             refusals,
             statics,
+            cache,
+            cache_hit_bytes,
+            cache_bytes,
+            cache_entries,
         })
     }
 
@@ -282,6 +323,12 @@ impl Metrics {
                 ["hit", "miss"]
                     .map(|cache| self.statics.with_label_values(&[route, encoding, cache]))
             }),
+            cache: std::sync::OnceLock::new(),
+            cache_families: (
+                self.cache.clone(),
+                self.cache_hit_bytes.clone(),
+                Arc::from(route),
+            ),
         }
     }
 
@@ -325,6 +372,22 @@ impl RouteSeries {
 
     pub fn static_response(&self, encoding: Encoding, hit: bool) {
         self.statics[encoding.index()][usize::from(!hit)].inc();
+    }
+
+    /// A request to a cache route; `body_bytes` served from the cache.
+    pub fn cached(&self, status: crate::cache::Status, body_bytes: usize) {
+        let series = self.cache.get_or_init(|| {
+            let (results, hit_bytes, route) = &self.cache_families;
+            CacheSeries {
+                results: crate::cache::Status::ALL
+                    .map(|status| results.with_label_values(&[route, status.label()])),
+                hit_bytes: hit_bytes.with_label_values(&[route]),
+            }
+        });
+        series.results[status as usize].inc();
+        if body_bytes > 0 {
+            series.hit_bytes.inc_by(body_bytes as u64);
+        }
     }
 }
 

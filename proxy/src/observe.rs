@@ -51,6 +51,8 @@ pub struct Finished<'a> {
     /// The request's headers, when they were parsed: the log keeps the user agent and the
     /// referer.
     pub headers: Option<&'a http::HeaderMap>,
+    /// What a route's response cache did.
+    pub cache: Option<crate::cache::Status>,
 }
 
 impl Observer {
@@ -110,6 +112,7 @@ impl Observer {
             referer: header_value(headers, "referer")
                 .and_then(|r| r.split(['?', '#']).next())
                 .map(str::to_owned),
+            cache: request.cache.map(crate::cache::Status::label),
         });
     }
 }

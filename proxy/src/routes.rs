@@ -51,6 +51,8 @@ pub struct Route {
     pub headers: RouteHeaders,
     /// The prefix replaced on the way to the backend; static routes have none.
     pub rewrite: Option<PrefixRewrite>,
+    /// Backend responses kept in memory; only routes to backends have it.
+    pub cache: Option<crate::cache::RoutePolicy>,
 }
 
 /// A route's header rules (the security headers among its response defaults) and CORS.
@@ -81,6 +83,7 @@ pub struct LiveRoute {
     pub observer: Observer,
     pub headers: RouteHeaders,
     pub rewrite: Option<PrefixRewrite>,
+    pub cache: Option<crate::cache::RoutePolicy>,
 }
 
 pub struct RouteTable {
@@ -172,6 +175,7 @@ impl RouteTable {
                     observer,
                     headers: route.headers,
                     rewrite: route.rewrite,
+                    cache: route.cache,
                 }))
             })
             .collect::<Result<_, BuildError>>()?;
@@ -298,6 +302,7 @@ mod tests {
             access_log: None,
             headers: RouteHeaders::default(),
             rewrite: None,
+            cache: None,
         }
     }
 

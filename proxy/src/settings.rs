@@ -19,6 +19,8 @@ pub struct Settings {
     pub threads: usize,
     pub routes: Vec<Route>,
     pub statics: StaticSettings,
+    /// The memory for kept backend responses (`[cache]`).
+    pub cache: crate::cache::CacheSettings,
     pub pool: PoolSettings,
     /// The named pools (`[upstreams.NAME]`), by name.
     pub upstreams: Vec<NamedPool>,

@@ -17,6 +17,7 @@
 mod access;
 mod acme;
 mod backend;
+mod cache;
 mod check;
 mod env;
 mod error;
@@ -162,6 +163,7 @@ impl Config {
             source,
         )?;
         let statics = statics::validate(&raw.statics, source)?;
+        let cache = cache::validate(&raw.cache, source)?;
         let access = access::validate(&raw.access, source)?;
         let admin_listen = source.listen(&raw.admin.listen, "admin.listen", true)?;
         let logging = logging::validate(&raw.logging, source)?;
@@ -232,6 +234,7 @@ impl Config {
                 threads: listener.threads,
                 routes,
                 statics,
+                cache,
                 pool,
                 upstreams,
                 tls: tls.listener,

@@ -24,6 +24,7 @@ pub struct RawConfig {
     pub acme: Option<RawAcme>,
     #[serde(rename = "static")]
     pub statics: RawStatic,
+    pub cache: RawCache,
     pub backend: RawBackend,
     pub redis: RawRedis,
     pub paths: RawPaths,
@@ -46,6 +47,7 @@ impl Default for RawConfig {
             tls: RawTls::default(),
             acme: None,
             statics: RawStatic::default(),
+            cache: RawCache::default(),
             backend: RawBackend::default(),
             redis: RawRedis::default(),
             paths: RawPaths::default(),
@@ -371,6 +373,46 @@ impl Default for RawStatic {
     }
 }
 
+/// `[cache]`: the memory for every route's kept backend responses.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawCache {
+    pub max_bytes: u64,
+    pub max_object_bytes: u64,
+    pub lock_timeout: Human,
+}
+
+impl Default for RawCache {
+    fn default() -> Self {
+        Self {
+            max_bytes: 64 << 20,
+            max_object_bytes: 1 << 20,
+            lock_timeout: secs(5),
+        }
+    }
+}
+
+/// A route's `[routes.cache]`.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawRouteCache {
+    pub max_ttl: Human,
+    pub default_ttl: Human,
+    pub stale_while_revalidate: Human,
+    pub stale_if_error: Human,
+}
+
+impl Default for RawRouteCache {
+    fn default() -> Self {
+        Self {
+            max_ttl: secs(3600),
+            default_ttl: secs(0),
+            stale_while_revalidate: secs(0),
+            stale_if_error: secs(0),
+        }
+    }
+}
+
 #[derive(Deserialize, Serialize, Clone)]
 #[serde(deny_unknown_fields)]
 pub struct RawRate {
@@ -553,6 +595,7 @@ pub struct RawRoute {
     #[serde(default)]
     pub security_headers: bool,
     pub cors: Option<RawCors>,
+    pub cache: Option<RawRouteCache>,
 }
 
 /// A route's `request_headers` or `response_headers`.

@@ -4,7 +4,7 @@
 use gatehouse_proxy::{LogTarget, PrefixRewrite, Route, Target};
 
 use super::{
-    access,
+    access, cache,
     error::{ConfigError, Source},
     headers, logging,
     raw::RawConfig,
@@ -153,6 +153,28 @@ pub fn validate(
                     .map_err(|m| source.at(&key("rewrite_prefix"), m))?,
             ),
         };
+        let cache = match &route.cache {
+            None => None,
+            Some(_) if sends_nothing => {
+                return Err(source.at(
+                    &key("cache"),
+                    "only routes to an upstream take cache; static files have their own".into(),
+                ));
+            }
+            Some(_)
+                if route
+                    .upstream
+                    .as_ref()
+                    .and_then(|u| raw.upstreams.get(u))
+                    .is_some_and(|p| p.tls) =>
+            {
+                return Err(source.at(
+                    &key("cache"),
+                    "a pool reached over TLS is not cached; only plain-HTTP pools and the backends are".into(),
+                ));
+            }
+            Some(c) => Some(cache::route(c, &key("cache"), source)?),
+        };
         routes.push(Route {
             prefix: route.prefix.clone(),
             hosts,
@@ -161,6 +183,7 @@ pub fn validate(
             access_log,
             headers,
             rewrite,
+            cache,
         });
     }
     refuse_redirect_loops(raw, &routes, source)?;

@@ -17,6 +17,11 @@
 //!    ([`respond::Stamp`]), compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
 //! 8. `logging`: the request's metrics and access log line, once it is over.
+//!
+//! A route with a response cache answers its simple `GET` and `HEAD` requests in
+//! `request_filter`, from memory or through the fast path ([`cached`]).
+
+mod cached;
 
 use std::{
     net::{IpAddr, Ipv4Addr},
@@ -58,7 +63,7 @@ use crate::{
     respond::{self, RouteStamp, Stamp},
     rewrite::{PrefixRewrite, Unfit},
     routes::{LiveRoute, Served},
-    upstream::{Chosen, NoBackend, Pool},
+    upstream::{Chosen, Member, NoBackend, Pool},
 };
 
 /// gzip/brotli level for backend responses: a good ratio at a small CPU cost.
@@ -79,6 +84,8 @@ pub struct Gateway {
     drain: Drain,
     /// Answers HTTP-01 challenges when certificates come from an ACME server.
     acme: Option<Arc<Acme>>,
+    /// Backend responses kept for the routes with a cache.
+    cache: Arc<crate::cache::Store>,
 }
 
 impl Gateway {
@@ -87,6 +94,7 @@ impl Gateway {
         pool: Arc<Pool>,
         drain: Drain,
         acme: Option<Arc<Acme>>,
+        cache: Arc<crate::cache::Store>,
     ) -> Self {
         Self {
             live,
@@ -95,6 +103,7 @@ impl Gateway {
             tunnels: Arc::default(),
             drain,
             acme,
+            cache,
         }
     }
 
@@ -310,6 +319,10 @@ pub struct RequestCtx {
     hash_key: Option<u64>,
     /// The site the request's host names, where routes name hosts (`None`: the default).
     site: Option<String>,
+    /// On a route with a cache: what it did for this request (`X-Cache`).
+    cache_status: Option<crate::cache::Status>,
+    /// Body bytes served from the cache.
+    cache_served: usize,
 }
 
 /// An upgraded connection, counted in `gatehouse_upgraded_connections_open` until the
@@ -374,6 +387,8 @@ impl ProxyHttp for Gateway {
             upstream_target: None,
             hash_key: None,
             site: None,
+            cache_status: None,
+            cache_served: 0,
         }
     }
 
@@ -613,6 +628,9 @@ impl ProxyHttp for Gateway {
                     _ => true,
                 };
                 if fast && forward::eligible(session) {
+                    if let Some(policy) = &route.cache {
+                        return self.cached(session, ctx, policy).await;
+                    }
                     return self.forward(session, ctx).await;
                 }
                 Ok(false)
@@ -848,25 +866,13 @@ impl Gateway {
     /// attempt there).
     async fn forward(&self, session: &mut Session, ctx: &mut RequestCtx) -> Result<bool> {
         let chosen = self.choose(ctx).await?;
-        let member = chosen.member;
-        if member.dial.is_none() {
+        let Some((member, answer)) = self.exchange(session, ctx, chosen).await? else {
             // Behind TLS: Pingora's path, which picks again.
             return Ok(false);
-        }
-        ctx.slot = Some(chosen.slot);
-        let mut parts = forward::upstream_parts(session);
-        forwarding_headers(session, &mut parts.headers, ctx)?;
-        let downstream = session.req_header();
-        let target = ctx
-            .upstream_target
-            .as_deref()
-            .unwrap_or(downstream.raw_path());
-        let request = forward::upstream_request(parts, target).map_err(|e| e.into_down())?;
-        let send = forward::send(&member, request, self.pool_of(ctx).deadlines());
-        let mut exchange = match answer_or_client_gone(session, send).await? {
+        };
+        let mut exchange = match answer {
             Ok(exchange) => exchange,
             Err(failed) => {
-                ctx.slot = None;
                 match failed {
                     // The backend is not to blame: Pingora's path may pick it again.
                     Failed::Stale(e) => {
@@ -891,19 +897,69 @@ impl Gateway {
             }
         };
         exchange.chunk_if_close_delimited(session.req_header())?;
+        self.relay(session, ctx, exchange, &member).await
+    }
+
+    /// The fast path's response, as the filters leave it, to the client.
+    async fn relay(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        mut exchange: forward::Exchange,
+        member: &Member,
+    ) -> Result<bool> {
         self.prepare_response(session, &mut exchange.response.headers, ctx)?;
-        if let Err(e) = exchange.relay(session, &member).await {
-            if *e.esource() == ErrorSource::Upstream {
-                let kind = if forward::is_timeout(&e) {
-                    "timeout"
-                } else {
-                    "error"
-                };
-                self.upstream_error(ctx, kind);
-            }
-            return Err(e);
-        }
+        exchange
+            .relay(session, member)
+            .await
+            .inspect_err(|e| self.failed_midway(ctx, e))?;
         Ok(true)
+    }
+
+    /// Counts a failure reading a backend's response body.
+    fn failed_midway(&self, ctx: &RequestCtx, e: &Error) {
+        if *e.esource() == ErrorSource::Upstream {
+            let kind = if forward::is_timeout(e) {
+                "timeout"
+            } else {
+                "error"
+            };
+            self.upstream_error(ctx, kind);
+        }
+    }
+
+    /// The fast path's exchange with `chosen`'s backend: the request sent and the response
+    /// header read, under the backend's slot (given back if it failed). `None`: a backend
+    /// behind TLS, which the fast path does not reach.
+    async fn exchange(
+        &self,
+        session: &mut Session,
+        ctx: &mut RequestCtx,
+        chosen: Chosen,
+    ) -> Result<Option<(Arc<Member>, Result<forward::Exchange, Failed>)>> {
+        let member = chosen.member;
+        if member.dial.is_none() {
+            return Ok(None);
+        }
+        ctx.slot = Some(chosen.slot);
+        let request = self.upstream_request(session, ctx)?;
+        let send = forward::send(&member, request, self.pool_of(ctx).deadlines());
+        let answer = answer_or_client_gone(session, send).await?;
+        if answer.is_err() {
+            ctx.slot = None;
+        }
+        Ok(Some((member, answer)))
+    }
+
+    /// The request as the fast path sends it to a backend.
+    fn upstream_request(&self, session: &Session, ctx: &RequestCtx) -> Result<RequestHeader> {
+        let mut parts = forward::upstream_parts(session);
+        forwarding_headers(session, &mut parts.headers, ctx)?;
+        let target = ctx
+            .upstream_target
+            .as_deref()
+            .unwrap_or(session.req_header().raw_path());
+        forward::upstream_request(parts, target).map_err(|e| e.into_down())
     }
 
     /// The backend's response headers as the client gets them (both paths: Pingora's
@@ -926,6 +982,10 @@ impl Gateway {
             }
         }
         self.stamp(ctx).apply(headers)?;
+        if ctx.route.as_ref().is_some_and(|r| r.cache.is_some()) {
+            let status = *ctx.cache_status.get_or_insert(crate::cache::Status::Bypass);
+            cached::mark(headers, status)?;
+        }
         ctx.upstream_time = ctx.upstream.as_ref().map(|(_, at)| at.elapsed());
         if let Some(user) = headers.take(&USER_HEADER)
             && ctx.user.is_none()
@@ -1118,6 +1178,9 @@ impl Gateway {
             Some(route) => &route.observer,
             None => &ctx.live.unrouted,
         };
+        if let (Some(status), Some(series)) = (ctx.cache_status, observer.series()) {
+            series.cached(status, ctx.cache_served);
+        }
         observer.finished(Finished {
             elapsed: ctx.started.elapsed(),
             request_id: std::mem::take(&mut ctx.request_id),
@@ -1132,6 +1195,7 @@ impl Gateway {
             upstream_duration: ctx.upstream_time,
             user: ctx.user.take(),
             headers: Some(&request.headers),
+            cache: ctx.cache_status,
         });
     }
 }
