@@ -364,13 +364,13 @@ impl Proxy {
         self.client.request(method, self.url(path))
     }
 
-    /// `POST /cache/purge?QUERY` on the admin listener: the status and the JSON body (`Null`
+    /// `DELETE /cache?QUERY` on the admin listener: the status and the JSON body (`Null`
     /// when it is not JSON).
     fn purge(&self, query: &str) -> (u16, Value) {
         let response = self
             .client
-            .post(format!(
-                "http://127.0.0.1:{}/cache/purge?{query}",
+            .delete(format!(
+                "http://127.0.0.1:{}/cache?{query}",
                 self.admin_port
             ))
             .send()
@@ -697,6 +697,39 @@ fn concurrent_misses_of_one_key_make_one_upstream_request() {
 }
 
 #[test]
+fn a_miss_waits_for_another_no_longer_than_lock_timeout() {
+    let origin = Origin::start();
+    let slow = Answer::cache_control("max-age=60").delay(Duration::from_millis(1500));
+    origin.set("/c/hung", slow);
+    origin.set("/c/quick", Answer::cache_control("max-age=60"));
+    let proxy = Proxy::start(&origin, "cache.lock_timeout = \"200ms\"", &[("/c/", "")]);
+    let url = proxy.url("/c/hung");
+    let first = thread::spawn(move || send(client().get(url)));
+    assert!(wait_until(Duration::from_secs(5), || origin
+        .seen("/c/hung")
+        == 1));
+
+    // Others are served meanwhile, and a second miss of the hung key goes on its own once
+    // its wait is over, rather than for as long as the first takes.
+    let started = Instant::now();
+    assert_eq!(proxy.get("/c/quick").status, 200);
+    assert!(started.elapsed() < Duration::from_millis(1000));
+    let second = proxy.get("/c/hung");
+    assert_eq!(
+        origin.seen("/c/hung"),
+        2,
+        "the second miss went upstream itself"
+    );
+    let first = first.join().expect("first client");
+    assert_eq!((first.status, second.status), (200, 200));
+    assert_eq!(
+        (first.cache.as_str(), second.cache.as_str()),
+        ("MISS", "MISS")
+    );
+    assert_ne!(first.body, second.body);
+}
+
+#[test]
 fn a_failing_server_is_covered_by_stale_if_error() {
     let origin = Origin::start();
     origin.set(
@@ -875,10 +908,7 @@ fn the_admin_listener_purges_one_url_or_a_prefix() {
     assert_kept(&proxy, &origin, "/c/h/x", &a);
     assert_kept(&proxy, &origin, "/c/h/x", &b);
 
-    let admin = format!(
-        "http://127.0.0.1:{}/cache/purge?prefix=/c/",
-        proxy.admin_port
-    );
+    let admin = format!("http://127.0.0.1:{}/cache?prefix=/c/", proxy.admin_port);
     let get = proxy.client.get(admin).send().expect("admin listener");
     assert_eq!(get.status(), 405, "a GET purges nothing");
     assert_eq!(proxy.purge("").0, 400, "neither path nor prefix");
@@ -1123,4 +1153,102 @@ fn check_takes_cache_settings_only_on_upstream_routes_and_within_max_ttl() {
         assert_eq!(code, 2, "{route}: {out}");
         assert!(out.contains(key), "{route} should name {key}: {out}");
     }
+}
+
+/// What a client sends beyond the key must not choose what others get: a `HEAD` or a range
+/// in the revalidation window refreshes nothing (its answer has no body to keep), and a
+/// refresh a request with a cookie starts keeps only a `public` answer.
+#[test]
+fn a_refresh_keeps_only_what_any_get_would_have_been_given() {
+    let origin = Origin::start();
+    let proxy = Proxy::start(&origin, "", &[("/c/", "")]);
+    let revalidated = Answer::cache_control("max-age=1, stale-while-revalidate=30");
+    origin.set("/c/head", revalidated.clone());
+    let kept = proxy.get("/c/head");
+    assert_eq!(kept.cache, "MISS");
+    let head = send(proxy.request(reqwest::Method::HEAD, "/c/head"));
+    assert_eq!(head.cache, "HIT");
+    thread::sleep(Duration::from_millis(1100));
+    for headers in [&[][..], &[("range", "bytes=0-3")][..]] {
+        let mut request = proxy.request(reqwest::Method::HEAD, "/c/head");
+        for (name, value) in headers {
+            request = request.header(*name, *value);
+        }
+        assert_eq!(send(request).cache, "STALE");
+    }
+    let get = proxy.get("/c/head");
+    assert_eq!((get.cache.as_str(), &get.body), ("STALE", &kept.body));
+    assert_eq!(get.length, Some(kept.body.len()));
+
+    // A public answer, then one for this cookie only.
+    origin.set(
+        "/c/mine",
+        Answer::cache_control("public, max-age=1, stale-while-revalidate=30"),
+    );
+    let public = proxy.get("/c/mine");
+    origin.set("/c/mine", revalidated);
+    thread::sleep(Duration::from_millis(1100));
+    let with_cookie = proxy.get_with("/c/mine", &[("cookie", "session=alice")]);
+    assert_eq!(with_cookie.cache, "STALE");
+    assert!(wait_until(Duration::from_secs(5), || origin
+        .seen("/c/mine")
+        == 2));
+    thread::sleep(Duration::from_millis(200));
+    let anonymous = proxy.get("/c/mine");
+    assert_eq!(
+        (anonymous.cache.as_str(), &anonymous.body),
+        ("STALE", &public.body),
+        "alice's answer was kept for everyone"
+    );
+}
+
+/// Everything the backend gets that could change its answer is in the key: the port in the
+/// host, and the forwarding headers some frameworks build links from.
+#[test]
+fn a_client_cannot_have_its_own_answer_kept_for_others() {
+    let origin = Origin::start();
+    origin.set("/c/links", Answer::cache_control("max-age=60"));
+    let proxy = Proxy::start(&origin, "", &[("/c/", "")]);
+    let plain = proxy.get_with("/c/links", &[("host", "a.example")]);
+    assert_eq!(plain.cache, "MISS");
+    for headers in [
+        [("host", "a.example:1337"), ("x-cache-test", "-")],
+        [("host", "a.example"), ("x-forwarded-host", "evil.example")],
+        [("host", "a.example"), ("x-http-method-override", "DELETE")],
+        [("host", "a.example"), ("forwarded", "host=evil.example")],
+    ] {
+        let own = proxy.get_with("/c/links", &headers);
+        assert_eq!(own.cache, "MISS", "{headers:?}");
+        assert_ne!(own.body, plain.body, "{headers:?}");
+        let again = proxy.get_with("/c/links", &[("host", "a.example")]);
+        assert_eq!(
+            (again.cache.as_str(), &again.body),
+            ("HIT", &plain.body),
+            "{headers:?}"
+        );
+    }
+}
+
+/// A request that changes a resource through the edge makes the cache forget it (RFC 9111
+/// 4.4); one that failed does not.
+#[test]
+fn a_successful_change_forgets_the_kept_response() {
+    let origin = Origin::start();
+    origin.set("/c/doc", Answer::cache_control("max-age=60"));
+    let proxy = Proxy::start(&origin, "", &[("/c/", "")]);
+    let kept = assert_kept(&proxy, &origin, "/c/doc", &[]);
+    origin.set("/c/doc", Answer::cache_control("max-age=60").status(404));
+    let refused = send(proxy.request(reqwest::Method::DELETE, "/c/doc"));
+    assert_eq!((refused.status, refused.cache.as_str()), (404, "BYPASS"));
+    assert_eq!(
+        proxy.get("/c/doc").body,
+        kept.body,
+        "a failed DELETE changes nothing"
+    );
+    origin.set("/c/doc", Answer::cache_control("max-age=60"));
+    let deleted = send(proxy.request(reqwest::Method::DELETE, "/c/doc"));
+    assert_eq!(deleted.status, 200);
+    let after = proxy.get("/c/doc");
+    assert_eq!(after.cache, "MISS");
+    assert_ne!(after.body, kept.body);
 }

@@ -5,8 +5,9 @@
 //!   (from the file it keeps in the runtime directory);
 //! - `/healthz`: the proxy is alive;
 //! - `/readyz`: at least one backend answers and Redis is reachable (503 otherwise);
-//! - `POST /cache/purge?path=...` or `?prefix=...` (and `&host=...`): removes kept backend
-//!   responses ([`crate::cache`]).
+//! - `DELETE /cache?path=...` or `?prefix=...` (and `&host=...`): removes kept backend
+//!   responses ([`crate::cache`]). `DELETE`, not `POST`: a web page cannot make a browser
+//!   send it to this listener without a CORS preflight, which is refused.
 
 use std::{path::PathBuf, sync::Arc, time::Duration};
 
@@ -140,7 +141,7 @@ impl ServeHttp for Admin {
                 self.render_metrics().await,
             ),
             "/healthz" => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
-            "/cache/purge" => {
+            "/cache" => {
                 let request = session.req_header();
                 let (status, body) = purge(&self.cache, &request.method, request.uri.query());
                 (status, "application/json", body.to_string().into_bytes())
@@ -153,13 +154,13 @@ impl ServeHttp for Admin {
             _ => (
                 404,
                 "application/json",
-                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz, /readyz and /cache/purge"}"#
+                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz, /readyz and /cache"}"#
                     .to_vec(),
             ),
         };
         let mut response = Response::builder();
         if status == 405 {
-            response = response.header("allow", "POST");
+            response = response.header("allow", "DELETE");
         }
         response
             .status(status)
@@ -171,7 +172,7 @@ impl ServeHttp for Admin {
     }
 }
 
-/// `POST /cache/purge` with `path` (one URL: path and query) or `prefix` (every path under
+/// `DELETE /cache` with `path` (one URL: path and query) or `prefix` (every path under
 /// it), and optionally `host`, form-encoded in the query.
 fn purge(
     cache: &crate::cache::Store,
@@ -185,8 +186,8 @@ fn purge(
             serde_json::json!({"error": code, "message": message}),
         )
     };
-    if method != http::Method::POST {
-        return error(405, "method_not_allowed", "purge with POST");
+    if method != http::Method::DELETE {
+        return error(405, "method_not_allowed", "purge with DELETE");
     }
     let (mut path, mut prefix, mut host) = (None, None, None);
     for (name, value) in form_urlencoded::parse(query.unwrap_or_default().as_bytes()) {

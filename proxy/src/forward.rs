@@ -379,11 +379,12 @@ impl Exchange {
                 return Ok(None);
             }
         }
-        Ok(Some(match self.read.as_slice() {
-            [] => Bytes::new(),
-            [one] => one.clone(),
-            many => Bytes::from(many.concat()),
-        }))
+        Ok(Some(joined(&self.read)))
+    }
+
+    /// Whether the whole body has been read (or there is none).
+    pub fn body_done(&mut self) -> bool {
+        self.client.is_body_done()
     }
 
     /// After [`Exchange::read_whole`] read the whole body: gives the connection back to
@@ -398,7 +399,22 @@ impl Exchange {
     /// Sends the response header (as the filters left it) and the body to the client,
     /// then gives the connection back to `member` if both sides kept it whole. An error from
     /// the backend's side carries `ErrorSource::Upstream`, from the client's `Downstream`.
-    pub async fn relay(mut self, session: &mut Session, member: &Member) -> Result<()> {
+    pub async fn relay(self, session: &mut Session, member: &Member) -> Result<()> {
+        self.relay_keeping(session, member, None).await.map(drop)
+    }
+
+    /// [`Exchange::relay`], keeping a copy of the body as it goes when `keep` is its most:
+    /// `Some(body)` if the whole body was within it.
+    pub async fn relay_keeping(
+        mut self,
+        session: &mut Session,
+        member: &Member,
+        keep: Option<u64>,
+    ) -> Result<Option<Bytes>> {
+        let mut copied: u64 = self.read.iter().map(|c| c.len() as u64).sum();
+        let mut copy = keep
+            .filter(|most| copied <= *most)
+            .map(|_| self.read.clone());
         let mut done = self.client.is_body_done();
         let mut tasks = Vec::with_capacity(2 + self.read.len());
         let header = Box::new(ResponseHeader::from(self.response));
@@ -415,6 +431,15 @@ impl Exchange {
                 .await
                 .map_err(|e| e.into_up())?;
             done = self.client.is_body_done() || body.is_none();
+            if let (Some(kept), Some(chunk)) = (copy.as_mut(), body.as_ref()) {
+                copied += chunk.len() as u64;
+                if keep.is_some_and(|most| copied > most) {
+                    // Past the size worth keeping: the rest is only relayed.
+                    copy = None;
+                } else {
+                    kept.push(chunk.clone());
+                }
+            }
             tasks.push(HttpTask::Body(body, done));
             session
                 .write_response_tasks(std::mem::take(&mut tasks))
@@ -431,7 +456,15 @@ impl Exchange {
         if let Some(stream) = self.client.reuse().await {
             member.idle.put(stream, member.idle_timeout);
         }
-        Ok(())
+        Ok(copy.map(|chunks| joined(&chunks)))
+    }
+}
+
+fn joined(chunks: &[Bytes]) -> Bytes {
+    match chunks {
+        [] => Bytes::new(),
+        [one] => one.clone(),
+        many => Bytes::from(many.concat()),
     }
 }
 

@@ -15,11 +15,12 @@ const LONGEST: Duration = Duration::from_secs(365 * 24 * 3600);
 pub fn validate(c: &RawCache, source: &Source) -> Result<CacheSettings, ConfigError> {
     source.positive(c.max_bytes, "cache.max_bytes")?;
     source.positive(c.max_object_bytes, "cache.max_object_bytes")?;
-    if c.max_object_bytes > c.max_bytes {
+    if c.max_object_bytes > c.max_bytes / 2 {
         return Err(source.at(
             "cache.max_object_bytes",
             format!(
-                "{} is more than cache.max_bytes ({}): no such response could be kept",
+                "{} is more than half of cache.max_bytes ({}): the memory is shared out among \
+                 responses, and one that size would not be kept",
                 c.max_object_bytes, c.max_bytes
             ),
         ));

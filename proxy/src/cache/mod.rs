@@ -46,41 +46,60 @@ impl Default for CacheSettings {
     }
 }
 
-/// What a request asks for: its scheme, host (lower case, without port) and target as sent,
-/// and the values of the headers the response varies on (empty for the first lookup). The
-/// scheme is nginx's default key's too: a backend told `X-Forwarded-Proto: http` may answer
-/// with links or a redirect no HTTPS client should get.
+/// What a request asks for: everything of it the backend gets that could change its answer.
+/// Its scheme, host (lower case, with its port) and target (origin form), the request
+/// headers in [`FORWARDED`] that the edge passes on, and the values of the headers the
+/// response varies on (empty for the first lookup). The scheme is nginx's default key's
+/// too: a backend told `X-Forwarded-Proto: http` may answer with links or a redirect no
+/// HTTPS client should get.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Key {
     tls: bool,
     host: Box<str>,
     target: Box<[u8]>,
+    forwarded: Box<[u8]>,
     variant: Box<[u8]>,
 }
 
+/// Request headers some frameworks read to build links and redirects, or to pick a method:
+/// a client could otherwise have a response to its own stored for everyone. Part of the key
+/// when present (a trusted proxy in front sets them on every request alike).
+pub static FORWARDED: [HeaderName; 7] = [
+    HeaderName::from_static("x-forwarded-host"),
+    HeaderName::from_static("x-forwarded-port"),
+    HeaderName::from_static("x-forwarded-scheme"),
+    HeaderName::from_static("forwarded"),
+    HeaderName::from_static("x-original-url"),
+    HeaderName::from_static("x-rewrite-url"),
+    HeaderName::from_static("x-http-method-override"),
+];
+
 impl Key {
-    pub fn new(tls: bool, host: &str, target: &[u8]) -> Self {
+    /// `host` as the backend gets it; `target` in origin form (`/path?query`).
+    pub fn new(tls: bool, host: &str, target: &[u8], request: &HeaderMap) -> Self {
         Self {
             tls,
-            host: host.into(),
+            host: host.to_ascii_lowercase().into(),
             target: target.into(),
+            forwarded: header_values(&FORWARDED, request).into(),
             variant: Box::default(),
         }
     }
 
-    /// The key of the variant of this response that `request` selects: each header `vary`
-    /// names, its values joined as sent (a missing header differs from an empty one).
-    fn variant(&self, vary: &[HeaderName], request: &HeaderMap) -> Self {
-        let mut variant = Vec::new();
-        for name in vary {
-            for value in request.get_all(name) {
-                variant.extend_from_slice(value.as_bytes());
-                variant.push(b',');
-            }
-            variant.push(0);
-        }
+    /// The key of the variant of this response that `request` selects, in the `generation`
+    /// of its `Vary` marker.
+    fn variant(&self, vary: &VarySpec, request: &HeaderMap) -> Self {
+        let mut variant = header_values(&vary.names, request);
+        variant.extend_from_slice(&vary.generation.to_le_bytes());
         Self {
             variant: variant.into(),
+            ..self.clone()
+        }
+    }
+
+    fn primary(&self) -> Self {
+        Self {
+            variant: Box::default(),
             ..self.clone()
         }
     }
@@ -94,6 +113,38 @@ impl Key {
             .unwrap_or(self.target.len());
         &self.target[..end]
     }
+
+    /// Whether the key is for `host` (with or without its port).
+    fn for_host(&self, host: &str) -> bool {
+        let ours = self
+            .host
+            .rsplit_once(':')
+            .map_or(&*self.host, |(name, port)| {
+                if port.contains(']') {
+                    &*self.host
+                } else {
+                    name
+                }
+            });
+        self.host.eq_ignore_ascii_case(host) || ours.eq_ignore_ascii_case(host)
+    }
+}
+
+/// The values of `names` in `request`, each header's joined as sent and ended by a zero byte
+/// (a missing header differs from an empty one).
+fn header_values(names: &[HeaderName], request: &HeaderMap) -> Vec<u8> {
+    let mut out = Vec::new();
+    if !names.iter().any(|name| request.contains_key(name)) {
+        return out;
+    }
+    for name in names {
+        for value in request.get_all(name) {
+            out.extend_from_slice(value.as_bytes());
+            out.push(b',');
+        }
+        out.push(0);
+    }
+    out
 }
 
 /// A kept response.
@@ -164,7 +215,7 @@ impl Entry {
 enum Stored {
     /// The response varies on these request headers: its variants are kept under
     /// [`Key::variant`].
-    Vary(Arc<[HeaderName]>),
+    Vary(Arc<VarySpec>),
     Response(Arc<Entry>),
     /// The last response for the key could not be kept: until this time, misses go to the
     /// backends side by side instead of queueing behind one another (Varnish's hit-for-miss).
@@ -178,14 +229,24 @@ const PASS_FOR: Duration = Duration::from_secs(10);
 /// the entry.
 const OVERHEAD: u64 = 256;
 
+/// The request headers a response varies on, and the generation its variants are keyed
+/// in: a new one each time the marker is made, so that the variants of a marker that was
+/// removed (invalidated, purged, evicted) are never found again.
+struct VarySpec {
+    names: Vec<HeaderName>,
+    generation: u64,
+}
+
+static GENERATIONS: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+
 #[derive(Clone)]
 struct Weight;
 
 impl Weighter<Key, Stored> for Weight {
     fn weight(&self, key: &Key, stored: &Stored) -> u64 {
-        let key_bytes = (key.host.len() + key.target.len() + key.variant.len()) as u64;
+        let key_bytes = key.host.len() + key.target.len() + key.forwarded.len() + key.variant.len();
         let value = match stored {
-            Stored::Vary(names) => names.iter().map(|n| n.as_str().len() as u64).sum(),
+            Stored::Vary(spec) => spec.names.iter().map(|n| n.as_str().len() as u64).sum(),
             Stored::Response(entry) => {
                 let headers: usize = entry
                     .headers
@@ -196,7 +257,7 @@ impl Weighter<Key, Stored> for Weight {
             }
             Stored::Pass(_) => 0,
         };
-        OVERHEAD + key_bytes + value
+        OVERHEAD + key_bytes as u64 + value
     }
 }
 
@@ -233,10 +294,16 @@ impl Drop for Filling<'_> {
     }
 }
 
+/// Background refreshes (`stale-while-revalidate`) at once, over all keys: past it, a stale
+/// response is served without one, and the next request tries again. Each holds a backend
+/// slot that no client's share pays for.
+const MAX_REFRESHES: usize = 16;
+
 pub struct Store {
     responses: Cache<Key, Stored, Weight>,
     /// Keys being fetched, each with the signal its waiters watch.
     fills: Mutex<HashMap<Key, watch::Receiver<()>>>,
+    pub refreshes: Arc<tokio::sync::Semaphore>,
     pub settings: CacheSettings,
 }
 
@@ -244,9 +311,26 @@ impl Store {
     pub fn new(settings: CacheSettings) -> Self {
         // The item estimate only sizes the map up front: responses of a few kilobytes.
         let items = (settings.max_bytes / 4096).clamp(16, 1 << 20) as usize;
+        // The memory is split into shards, and a response larger than its shard's part is
+        // never kept: each holds at least four of the largest.
+        let per_shard = settings.max_object_bytes.saturating_mul(4).max(1);
+        let shards = (settings.max_bytes / per_shard).clamp(1, 16) as usize;
+        let shards = 1 << shards.ilog2();
+        let options = quick_cache::OptionsBuilder::new()
+            .estimated_items_capacity(items)
+            .weight_capacity(settings.max_bytes)
+            .shards(shards)
+            .build();
+        let responses = match options {
+            Ok(options) => {
+                Cache::with_options(options, Weight, Default::default(), Default::default())
+            }
+            Err(_) => Cache::with_weighter(items, settings.max_bytes, Weight),
+        };
         Self {
-            responses: Cache::with_weighter(items, settings.max_bytes, Weight),
+            responses,
             fills: Mutex::default(),
+            refreshes: Arc::new(tokio::sync::Semaphore::new(MAX_REFRESHES)),
             settings,
         }
     }
@@ -255,8 +339,8 @@ impl Store {
     pub fn lookup(&self, key: Key, request: &HeaderMap) -> Found {
         let mut key = key;
         let mut stored = self.responses.get(&key);
-        if let Some(Stored::Vary(names)) = &stored {
-            key = key.variant(names, request);
+        if let Some(Stored::Vary(spec)) = &stored {
+            key = key.variant(spec, request);
             stored = self.responses.get(&key);
         }
         match stored {
@@ -284,20 +368,33 @@ impl Store {
         if entry.body.len() as u64 > self.settings.max_object_bytes {
             return;
         }
-        let vary = vary_names(&entry.headers);
-        let primary = Key {
-            variant: Box::default(),
-            ..key
-        };
-        if vary.is_empty() {
+        let names = vary_names(&entry.headers);
+        let primary = key.primary();
+        if names.is_empty() {
             self.responses
                 .insert(primary, Stored::Response(Arc::new(entry)));
             return;
         }
-        let variant = primary.variant(&vary, request);
-        self.responses.insert(primary, Stored::Vary(vary.into()));
+        // The variants kept beside this one stay, while the response varies as it did.
+        let spec = match self.responses.get(&primary) {
+            Some(Stored::Vary(spec)) if spec.names == names => spec,
+            _ => {
+                let generation = GENERATIONS.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                let spec = Arc::new(VarySpec { names, generation });
+                self.responses
+                    .insert(primary.clone(), Stored::Vary(spec.clone()));
+                spec
+            }
+        };
+        let variant = primary.variant(&spec, request);
         self.responses
             .insert(variant, Stored::Response(Arc::new(entry)));
+    }
+
+    /// Forgets what is kept for `key` and its variants: a request that may change the
+    /// resource (`POST`, `PUT`, `DELETE`...) succeeded (RFC 9111 section 4.4).
+    pub fn invalidate(&self, key: &Key) {
+        self.responses.remove(&key.primary());
     }
 
     /// Notes that the response for `key` could not be kept (see [`Stored::Pass`]), unless
@@ -334,7 +431,7 @@ impl Store {
     pub fn purge(&self, host: Option<&str>, target: Purge<'_>) -> usize {
         let purged = std::cell::Cell::new(0);
         self.responses.retain(|key, stored| {
-            let host_matches = host.is_none_or(|h| h.eq_ignore_ascii_case(&key.host));
+            let host_matches = host.is_none_or(|h| key.for_host(h));
             let matches = host_matches
                 && match target {
                     Purge::Target(target) => &*key.target == target,
@@ -414,9 +511,18 @@ impl Status {
     }
 }
 
-/// Response headers not kept: the connection's, the cache's own, and the one a backend
-/// names its user with (the edge's business, per request).
-pub fn kept_headers(mut headers: HeaderMap, body_len: usize) -> HeaderMap {
+/// Response headers not kept: the connection's (and those `Connection` names), the cache's
+/// own, and the one a backend names its user with (the edge's business, per request).
+pub fn kept_headers(status: StatusCode, mut headers: HeaderMap, body_len: usize) -> HeaderMap {
+    let named: Vec<HeaderName> = headers
+        .get_all(header::CONNECTION)
+        .iter()
+        .flat_map(|v| v.as_bytes().split(|b| *b == b','))
+        .filter_map(|token| HeaderName::from_bytes(token.trim_ascii()).ok())
+        .collect();
+    for name in named {
+        headers.remove(name);
+    }
     for name in [
         header::CONNECTION,
         header::TRANSFER_ENCODING,
@@ -431,7 +537,12 @@ pub fn kept_headers(mut headers: HeaderMap, body_len: usize) -> HeaderMap {
     for name in ["keep-alive", "x-cache", "x-gatehouse-user"] {
         headers.remove(name);
     }
-    headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(body_len));
+    // A 204 has no body and says no length (RFC 9110 8.6).
+    if status == StatusCode::NO_CONTENT {
+        headers.remove(header::CONTENT_LENGTH);
+    } else {
+        headers.insert(header::CONTENT_LENGTH, http::HeaderValue::from(body_len));
+    }
     headers
 }
 
@@ -460,7 +571,10 @@ mod tests {
     }
 
     fn body(store: &Store, target: &str, request: &HeaderMap) -> Option<Bytes> {
-        let found = store.lookup(Key::new(false, "h", target.as_bytes()), request);
+        let found = store.lookup(
+            Key::new(false, "h", target.as_bytes(), &HeaderMap::new()),
+            request,
+        );
         found.entry.map(|e| e.body.clone())
     }
 
@@ -471,11 +585,15 @@ mod tests {
         en.insert("accept-language", "en".parse().expect("value"));
         let mut fr = HeaderMap::new();
         fr.insert("accept-language", "fr".parse().expect("value"));
-        let key = store.lookup(Key::new(false, "h", b"/a"), &en).key;
+        let key = store
+            .lookup(Key::new(false, "h", b"/a", &HeaderMap::new()), &en)
+            .key;
         store.insert(key, &en, entry(Some("Accept-Language"), "en"));
         assert_eq!(body(&store, "/a", &en).as_deref(), Some(&b"en"[..]));
         assert_eq!(body(&store, "/a", &fr), None);
-        let key = store.lookup(Key::new(false, "h", b"/a"), &fr).key;
+        let key = store
+            .lookup(Key::new(false, "h", b"/a", &HeaderMap::new()), &fr)
+            .key;
         store.insert(key, &fr, entry(Some("accept-language"), "fr"));
         assert_eq!(body(&store, "/a", &fr).as_deref(), Some(&b"fr"[..]));
         assert_eq!(body(&store, "/a", &en).as_deref(), Some(&b"en"[..]));
@@ -488,12 +606,16 @@ mod tests {
         let none = HeaderMap::new();
         for target in ["/p/a?x=1", "/p/a", "/p/b", "/q/a"] {
             store.insert(
-                Key::new(false, "h", target.as_bytes()),
+                Key::new(false, "h", target.as_bytes(), &HeaderMap::new()),
                 &none,
                 entry(None, "x"),
             );
         }
-        store.insert(Key::new(true, "other", b"/p/b"), &none, entry(None, "x"));
+        store.insert(
+            Key::new(true, "other", b"/p/b", &HeaderMap::new()),
+            &none,
+            entry(None, "x"),
+        );
         assert_eq!(store.purge(None, Purge::Target(b"/p/a?x=1")), 1);
         assert_eq!(body(&store, "/p/a", &none).as_deref(), Some(&b"x"[..]));
         assert_eq!(store.purge(Some("H"), Purge::Prefix(b"/p/")), 2);
@@ -504,7 +626,7 @@ mod tests {
     #[test]
     fn one_fill_per_key() {
         let store = Store::new(CacheSettings::default());
-        let key = Key::new(false, "h", b"/a");
+        let key = Key::new(false, "h", b"/a", &HeaderMap::new());
         let Some(Turn::Lead(lead)) = store.fill(&key) else {
             panic!("the first request leads");
         };

@@ -43,6 +43,9 @@ struct Directives {
     no_cache: bool,
     private: bool,
     public: bool,
+    /// `must-revalidate`, `proxy-revalidate`, or `s-maxage` (which implies the latter): not
+    /// to be served stale unless it says so itself (`stale-if-error`...).
+    revalidate: bool,
 }
 
 impl Directives {
@@ -62,7 +65,10 @@ impl Directives {
                 let seconds = || argument.and_then(delta_seconds);
                 match name.trim().to_ascii_lowercase().as_str() {
                     "max-age" => out.max_age = Some(seconds().unwrap_or(0)),
-                    "s-maxage" => out.s_maxage = Some(seconds().unwrap_or(0)),
+                    "s-maxage" => {
+                        out.s_maxage = Some(seconds().unwrap_or(0));
+                        out.revalidate = true;
+                    }
                     "stale-while-revalidate" => out.stale_while_revalidate = seconds(),
                     "stale-if-error" => out.stale_if_error = seconds(),
                     "no-store" => out.no_store = true,
@@ -71,6 +77,7 @@ impl Directives {
                     "no-cache" => out.no_cache = true,
                     "private" => out.private = true,
                     "public" => out.public = true,
+                    "must-revalidate" | "proxy-revalidate" => out.revalidate = true,
                     _ => {}
                 }
             }
@@ -97,6 +104,13 @@ fn cacheable_status(status: StatusCode) -> bool {
     )
 }
 
+/// Statuses the route's `default_ttl` keeps when the response says nothing (nginx's
+/// `proxy_cache_valid` default is 200, 301 and 302): never an error, which the request may
+/// have caused as much as the resource.
+fn kept_by_default(status: StatusCode) -> bool {
+    matches!(status.as_u16(), 200 | 203 | 300 | 301 | 308)
+}
+
 /// How long `status` and `headers` may serve from the cache, or `None` if they are not to be
 /// kept. `credentials`: the request carried `Authorization` or `Cookie`, whose answer is
 /// kept only when the response says `public`.
@@ -110,10 +124,12 @@ pub fn lifetimes(
     if !cacheable_status(status) || headers.contains_key(header::SET_COOKIE) {
         return None;
     }
+    // `*`, or a name that cannot be read: nothing tells which requests it answers.
     if headers.get_all(header::VARY).iter().any(|v| {
         v.as_bytes()
             .split(|b| *b == b',')
-            .any(|f| f.trim_ascii() == b"*")
+            .map(<[u8]>::trim_ascii)
+            .any(|f| f == b"*" || (!f.is_empty() && header::HeaderName::from_bytes(f).is_err()))
     }) {
         return None;
     }
@@ -137,7 +153,8 @@ pub fn lifetimes(
                 let date = http_date(headers, header::DATE).flatten().unwrap_or(now);
                 expires.duration_since(date).unwrap_or(Duration::ZERO)
             }
-            None => policy.default_ttl,
+            None if kept_by_default(status) => policy.default_ttl,
+            None => Duration::ZERO,
         },
     };
     let fresh = fresh.min(policy.max_ttl).saturating_sub(age);
@@ -145,6 +162,11 @@ pub fn lifetimes(
         return None;
     }
     let window = |said: Option<u64>, default: Duration| {
+        let default = if directives.revalidate {
+            Duration::ZERO
+        } else {
+            default
+        };
         said.map_or(default, Duration::from_secs)
             .min(policy.max_ttl)
     };

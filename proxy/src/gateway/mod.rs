@@ -767,6 +767,10 @@ impl ProxyHttp for Gateway {
             session.set_read_timeout(Some(ctx.live.limits.upgrade_idle_timeout));
             ctx.upgraded = Upgraded::new(ctx.live.metrics.as_deref());
         }
+        // Only Pingora's path carries methods that change a resource.
+        if ctx.route.as_ref().is_some_and(|r| r.cache.is_some()) {
+            self.invalidate_after(session, ctx, response.status.as_u16());
+        }
         self.prepare_response(session, response, ctx)
     }
 
