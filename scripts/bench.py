@@ -17,7 +17,11 @@ Beside gatehouse's own backends, the rows cover named pools ([upstreams.NAME]) o
 Unix sockets and over TCP to an origin of their own (a separate one-worker nginx answering a
 fixed body, so its CPU is nobody's edge), and a route with a prefix rewrite, header rules and
 CORS beside the same route without the rules; nginx does the same with proxy_pass to a URI,
-proxy_set_header, add_header and a map of allowed origins.
+proxy_set_header, add_header and a map of allowed origins. A cached row sends to that TCP origin
+through a route with gatehouse's response cache ([routes.cache]) and, on nginx, a location with
+proxy_cache; the origin answers that path with `Cache-Control: public, max-age=600`, both sides
+add X-Cache, and both are warmed and seen to answer `X-Cache: HIT` before the row is measured,
+so it times cache hits, not the origin.
 
     scripts/bench.py            # the full run (a few minutes)
     scripts/bench.py --quick    # a short smoke run, as CI does (no strace pass)
@@ -280,6 +284,17 @@ http {{
             proxy_pass http://origin;
             {proxied}
         }}
+        # As gatehouse's route cache (CACHE_ROUTES): the origin's Cache-Control decides, one
+        # request fills an entry while the others wait (gatehouse's cache.lock_timeout), and
+        # X-Cache tells what the cache did.
+        location /cached/ {{
+            proxy_pass http://origin;
+            {proxied}
+            proxy_cache edge_cache;
+            proxy_cache_lock on;
+            proxy_cache_lock_timeout 5s;
+            add_header X-Cache $upstream_cache_status always;
+        }}
         location /plain/ {{
             proxy_pass http://backends/api/;
             {proxied}
@@ -304,6 +319,9 @@ http {{
         server 127.0.0.1:{origin or 9};
         keepalive 64;
     }}
+    # As gatehouse's [cache] (CACHE_SECTION): 64 MiB.
+    proxy_cache_path {work}/nginx-cache levels=1:2 keys_zone=edge_cache:10m max_size=64m inactive=10m
+                     use_temp_path=off;
 }}
 """
 
@@ -323,6 +341,14 @@ http {{
         listen 127.0.0.1:{port};
         location / {{
             default_type application/json;
+            return 200 '{{"status":"ok"}}';
+        }}
+        # The cached row's path: the same answer, which a shared cache may keep for 10 minutes.
+        # Logged, to count what reached the origin through the caches.
+        location /cached/ {{
+            access_log {work}/origin-cached.log;
+            default_type application/json;
+            add_header Cache-Control "public, max-age=600" always;
             return 200 '{{"status":"ok"}}';
         }}
     }}
@@ -366,6 +392,24 @@ rewrite_prefix = "/api/"
 request_headers = { set = { "X-Env" = "prod", "X-Client" = "$client_ip" }, remove = ["X-Debug"] }
 response_headers = { set = { "X-Served-By" = "edge-$request_id" }, remove = ["Server"] }
 cors = { origins = ["https://app.example"] }
+"""
+
+# The cached row's route and the cache's memory, apart from POOL_ROUTES (which
+# scripts/callgrind.py also gives binaries from before [cache] existed): the TCP pool with the
+# response cache, which keeps what the origin's Cache-Control allows. The same 64 MiB as the
+# nginx side's max_size (and gatehouse's default).
+CACHE_SECTION = """
+[cache]
+max_bytes = 67108864
+"""
+CACHE_ROUTES = """
+[[routes]]
+prefix = "/cached/"
+upstream = "tcppool"
+
+[routes.cache]
+max_ttl = "1h"
+default_ttl = "0s"
 """
 
 
@@ -577,6 +621,51 @@ def start_group(binary, work, name, backends, admin, access_log, threads=None, e
     wait_for(f"http://127.0.0.1:{http}/api/ping", home / "gatehouse.log")
     proxy = [p for p in children(group.pid) if " proxy " in cmdline(p)]
     return group, http, https, proxy
+
+
+def nginx_edge(master, workers, timeout=30):
+    """nginx's edge processes: its `workers` workers and its cache manager (proxy_cache's
+    upkeep, as gatehouse's is in its proxy), once all have started and named themselves (a
+    child just forked still shows the master's command line); not the cache loader, which
+    reads the cache directory once and exits."""
+    deadline = time.time() + timeout
+    while True:
+        names = {pid: cmdline(pid) for pid in children(master)}
+        found = [pid for pid, name in names.items() if "worker process" in name or "cache manager" in name]
+        if len(found) == workers + 1:
+            return found
+        if time.time() > deadline:
+            sys.exit(f"bench: nginx started {len(found)} of {workers} workers and a cache manager: {names}")
+        time.sleep(0.1)
+
+
+# The cached row's path (CACHE_ROUTES; nginx's location /cached/).
+CACHED_PATH = "/cached/ping"
+
+
+def cache_status(http_port):
+    """The X-Cache header of a GET of the cached row's path on one side (None if missing)."""
+    url = f"http://127.0.0.1:{http_port}{CACHED_PATH}"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as r:
+            r.read()
+            return r.headers.get("X-Cache")
+    except Exception as e:
+        sys.exit(f"bench: {url} failed: {e}")
+
+
+def expect_hit(name, http_port):
+    """Exits unless the side answers the cached row's path from its cache."""
+    status = cache_status(http_port)
+    if (status or "").upper() != "HIT":
+        sys.exit(f"bench: {name} did not answer {CACHED_PATH} from its cache (X-Cache: {status}); "
+                 "the cached row would time the origin, not the cache")
+
+
+def warm_cache(name, http_port):
+    """One request fills (or refreshes) the side's cache; the next must be a hit."""
+    cache_status(http_port)
+    expect_hit(name, http_port)
 
 
 def only(opts, scenarios):
@@ -807,7 +896,8 @@ def main():
             work, ports["gh_http"], ports["gh_https"], backends, admin=free_port(),
             access_log=f"{work}/gatehouse-access.log" if logs else "off",
             proxy_extra=threads_line(opts.threads),
-            sections=pool_sections(work, backends, ports["origin"]), routes=POOL_ROUTES))
+            sections=pool_sections(work, backends, ports["origin"]) + CACHE_SECTION,
+            routes=POOL_ROUTES + CACHE_ROUTES))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
         env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
         log = open(work / "gatehouse.log", "w")
@@ -825,7 +915,7 @@ def main():
         subprocess.run(["nginx", "-c", work / "nginx.conf"], check=True)
         wait_for(f"http://127.0.0.1:{ports['ngx_http']}/api/ping", work / "nginx-error.log")
         nginx_master = int((work / "nginx.pid").read_text())
-        nginx_workers = children(nginx_master)
+        nginx_workers = nginx_edge(nginx_master, workers)
         # The memory each side needs: its edge processes and the backends both use.
         groups = {"gatehouse": proxy + backend_pids, "nginx": [nginx_master] + nginx_workers + backend_pids}
 
@@ -845,6 +935,7 @@ def main():
             ("GET ping, prefix rewritten", [], "http", "/plain/ping"),
             ("GET ping, prefix rewritten + header rules + CORS", ["-H", "Origin: https://app.example"], "http",
              "/rules/ping"),
+            ("GET cached response (route cache / proxy_cache)", [], "http", CACHED_PATH),
             # Last: nginx hashes a bcrypt password per request and goes on hashing the requests
             # still queued after the run, which would take CPU from whatever ran next.
             ("GET /close/ (allowlist + basic auth)", ["-a", "admin:homework"], "http", "/close/"),
@@ -854,6 +945,10 @@ def main():
             "gatehouse": (ports["gh_http"], ports["gh_https"], proxy),
             "nginx": (ports["ngx_http"], ports["ngx_https"], nginx_workers),
         }
+        cached = any(path == CACHED_PATH for *_, path in scenarios)
+        if cached:
+            for name, (http, *_) in servers.items():
+                warm_cache(name, http)
         results = {}
         for round_no in range(rounds):
             for index, (label, args, scheme, path) in enumerate(scenarios):
@@ -866,6 +961,13 @@ def main():
                         measure(label, base + args, url, pids, raw, run_id, groups[name])
                     )
         calls = syscall_pass(opts, servers, scenarios, connections, raw, results)
+        if cached:
+            # Still answered from the caches after all that load (a full run outlasts the
+            # origin's 10 minutes: the first request may refresh the entry, the next must hit).
+            for name, (http, *_) in servers.items():
+                warm_cache(name, http)
+            origin_log = work / "origin-cached.log"
+            origin_hits = sum(1 for _ in open(origin_log)) if origin_log.exists() else 0
         ceiling = measure(
             "ceiling", base + ["--unix-socket", str(backend_socket)], "http://localhost/api/ping",
             [p for p in members if "backend-1.sock" in cmdline(p)], raw, "ceiling",
@@ -908,6 +1010,9 @@ def main():
     table = "\n".join(lines) + "\n"
     (opts.out / "results.md").write_text(table)
     print(table)
+    if cached:
+        print(f"{CACHED_PATH} reached the origin {origin_hits:,} time(s) through both caches over the whole run "
+              "(a fill per side, and a refresh per side each 10 minutes)")
     print(f"raw oha JSON and strace summaries in {raw}")
 
 
