@@ -10,7 +10,7 @@ use http::{HeaderMap, HeaderName, Method, StatusCode, header};
 use pingora::{Error, Result, http::ResponseHeader, protocols::http::HttpTask};
 use pingora_proxy::Session;
 
-use super::{Gateway, RequestCtx};
+use super::{Gateway, RequestCtx, content_length};
 use crate::{
     cache::{self, Entry, Filling, Freshness, Key, Lifetimes, RoutePolicy, Status, Store, Turn},
     forward::{self, Exchange, Failed},
@@ -422,15 +422,6 @@ fn origin_form(target: &[u8]) -> Option<&[u8]> {
         rest if rest.starts_with(b"/") => Some(rest),
         _ => None,
     }
-}
-
-fn content_length(headers: &HeaderMap) -> Option<u64> {
-    headers
-        .get(header::CONTENT_LENGTH)?
-        .to_str()
-        .ok()?
-        .parse()
-        .ok()
 }
 
 /// A whole response for the cache, if it may be kept: fetched on `member`, whose connection

@@ -1001,10 +1001,7 @@ impl Gateway {
         // until here (Pingora's default), so nothing else pays for reading `Accept-Encoding`:
         // static files are compressed once per version by `statics`, never per request.
         let headers = headers.map();
-        let large = headers
-            .get("content-length")
-            .and_then(|v| std::str::from_utf8(v.as_bytes()).ok()?.parse::<u64>().ok())
-            .is_none_or(|len| len >= ctx.live.compress_min_bytes);
+        let large = content_length(headers).is_none_or(|len| len >= ctx.live.compress_min_bytes);
         let text = headers
             .get("content-type")
             .and_then(|v| v.to_str().ok())
@@ -1131,6 +1128,16 @@ fn host_without_port(host: &str) -> &str {
         _ => host,
     };
     name.strip_suffix('.').unwrap_or(name)
+}
+
+/// A response's `Content-Length`, when it is a number.
+fn content_length(headers: &http::HeaderMap) -> Option<u64> {
+    headers
+        .get(http::header::CONTENT_LENGTH)?
+        .to_str()
+        .ok()?
+        .parse()
+        .ok()
 }
 
 /// A header value of text made here, taken over without a copy.
