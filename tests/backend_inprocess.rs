@@ -65,6 +65,11 @@ impl Backend {
                         body_timeout: limits.body_timeout,
                         max_tokens_per_user: 10,
                         metrics,
+                        audit: gatehouse_backend::AuditSettings {
+                            file: None,
+                            max_events: 1000,
+                        },
+                        admin_address: None,
                     })
                     .unwrap();
                     let listener = gatehouse_backend::bind(&socket).await.unwrap();
@@ -228,7 +233,10 @@ fn a_token_is_refused_when_missing_malformed_or_logged_out() {
     let (backend, _redis, _data) = backend();
     let me = |token: Option<&str>| backend.call("GET", "/api/me", token, None);
     let cases = [
-        (None, "`Authorization: Bearer <token>` header is required"),
+        (
+            None,
+            "`Authorization: Bearer <token>` or `X-API-Key` header is required",
+        ),
         (Some("not-a-jwt"), "the bearer token is not valid"),
     ];
     for (token, says) in cases {

@@ -25,6 +25,8 @@ mod fail_closed;
 mod forwarding;
 // Header rules, security headers and CORS per route, on both paths and static files.
 mod headers;
+// Permissions by role, API keys, the audit log, the group's status for admins.
+mod identity;
 mod jwt;
 mod observability;
 mod operations;

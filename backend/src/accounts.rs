@@ -53,11 +53,28 @@ pub struct User {
     pub active: bool,
 }
 
-/// A token that passed every check: signature and claims, generation, live, and its user, who
-/// exists and is active. `role` is the user's role now, which is what permissions follow.
+/// A caller whose credential passed every check. For a token: signature and claims,
+/// generation, live, and its user, who exists and is active. `role` is the role now (the
+/// user's, or the key's), which is what permissions follow.
 pub struct Session {
-    pub claims: Claims,
+    /// Who: a user name, or `key:NAME` for an API key.
+    pub actor: String,
     pub role: Role,
+    /// Redis's generation when the credential was checked: a change made on the session's
+    /// behalf is refused if Redis lost its data since.
+    pub generation: String,
+    pub credential: Credential,
+}
+
+/// What a [`Session`] was proven with.
+pub enum Credential {
+    Token(Claims),
+    ApiKey {
+        id: String,
+        name: String,
+    },
+    /// A client certificate the proxy verified and mapped to this user.
+    Certificate,
 }
 
 /// A user whose password was just verified, as it was read: the login records the token only
@@ -368,6 +385,87 @@ impl Accounts {
         Ok((session, visits))
     }
 
+    /// The session of user `name`, whom the proxy vouches for from a client certificate it
+    /// verified: the user must exist and be active, and its role now applies. A visit is
+    /// counted (in a second round trip) when `count` and the user passes.
+    pub async fn certificate_session(
+        &self,
+        name: &str,
+        count: bool,
+    ) -> Result<(Session, Option<i64>), ApiError> {
+        let refused = || {
+            ApiError::invalid_token("the client certificate's user does not exist or is disabled")
+        };
+        if !valid_name(name) {
+            return Err(refused());
+        }
+        let mut conn = self.store.connection();
+        let user_key = keys::user(name);
+        let (generation, (role, active)): (Option<String>, (Option<String>, Option<String>)) = self
+            .store
+            .bounded(async move {
+                redis::pipe()
+                    .atomic()
+                    .get(GENERATION)
+                    .cmd("HMGET")
+                    .arg(user_key)
+                    .arg(&["role", "active"])
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        self.saw(generation.as_deref());
+        self.heal(&generation).await;
+        let (Some(generation), Some(role), Some("1")) = (generation, role, active.as_deref())
+        else {
+            return Err(refused());
+        };
+        let role =
+            Role::parse(&role).ok_or_else(|| ApiError::internal("the user's record is damaged"))?;
+        let visits = if count {
+            Some(self.count_visit().await?)
+        } else {
+            None
+        };
+        let session = Session {
+            actor: name.to_string(),
+            role,
+            generation,
+            credential: Credential::Certificate,
+        };
+        Ok((session, visits))
+    }
+
+    async fn count_visit(&self) -> Result<i64, ApiError> {
+        let mut conn = self.store.connection();
+        let visits: i64 = self
+            .store
+            .bounded(async move {
+                redis::cmd("INCR")
+                    .arg(keys::VISITS)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(visits)
+    }
+
+    /// Sets the count back to zero; the count before.
+    pub async fn reset_visits(&self) -> Result<i64, ApiError> {
+        let mut conn = self.store.connection();
+        let before: Option<i64> = self
+            .store
+            .bounded(async move {
+                redis::cmd("GETSET")
+                    .arg(keys::VISITS)
+                    .arg(0)
+                    .query_async(&mut conn)
+                    .await
+            })
+            .await?;
+        Ok(before.unwrap_or(0))
+    }
+
     /// The visits counted so far, without counting one (for `HEAD /api/count`).
     pub async fn visits(&self) -> Result<i64, ApiError> {
         let mut conn = self.store.connection();
@@ -574,7 +672,12 @@ fn admit(
         tracing::error!(user = %claims.sub, role, "a user in Redis has an unknown role");
         ApiError::internal("the user's record is damaged")
     })?;
-    Ok(Session { claims, role })
+    Ok(Session {
+        actor: claims.sub.clone(),
+        role,
+        generation: claims.generation.clone(),
+        credential: Credential::Token(claims),
+    })
 }
 
 /// How long past a token's `exp` its entry in the live tokens is kept: the leeway `exp` is

@@ -1,12 +1,14 @@
 //! The backend's state: [`App`], built once at start-up from [`Settings`] and shared by every
 //! request.
 
-use std::{sync::Arc, time::Duration};
+use std::{net::SocketAddr, path::PathBuf, sync::Arc, time::Duration};
 
 use http::HeaderValue;
 
 use crate::{
     accounts::Accounts,
+    api_keys::ApiKeys,
+    audit::Audit,
     error::StartError,
     guard::{Guard, GuardSettings},
     metrics::Metrics,
@@ -24,6 +26,10 @@ pub struct App {
     pub store: Arc<Store>,
     pub accounts: Accounts,
     pub guard: Guard,
+    pub api_keys: ApiKeys,
+    pub audit: Audit,
+    /// The proxy's admin listener, which `GET /api/status` asks for the group's health.
+    pub admin_address: Option<SocketAddr>,
     pub max_body_bytes: usize,
     /// How long a handler waits for a request body, whole.
     pub body_timeout: Duration,
@@ -46,6 +52,15 @@ pub struct Settings {
     /// Live tokens a user may hold; a login past it revokes the oldest.
     pub max_tokens_per_user: usize,
     pub metrics: Arc<Metrics>,
+    pub audit: AuditSettings,
+    pub admin_address: Option<SocketAddr>,
+}
+
+/// `[audit]`: where the audit events go besides the Redis stream, and the stream's cap.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AuditSettings {
+    pub file: Option<PathBuf>,
+    pub max_events: u64,
 }
 
 impl App {
@@ -60,9 +75,22 @@ impl App {
             body_timeout,
             max_tokens_per_user,
             metrics,
+            audit,
+            admin_address,
         } = settings;
         let id_header = HeaderValue::from_str(&id).map_err(|_| StartError::Id(id.clone()))?;
         let store = Arc::new(store);
+        let audit = Audit::new(
+            store.clone(),
+            audit.file.as_deref(),
+            audit.max_events,
+            &id,
+            Some(metrics.clone()),
+        )
+        .map_err(|error| StartError::AuditFile {
+            path: audit.file.unwrap_or_default(),
+            error,
+        })?;
         Ok(Self {
             id,
             id_header,
@@ -74,6 +102,9 @@ impl App {
                 metrics.clone(),
             )?,
             guard: Guard::new(store.clone(), guard, metrics.clone()),
+            api_keys: ApiKeys::new(store.clone(), metrics.clone()),
+            audit,
+            admin_address,
             store,
             max_body_bytes,
             body_timeout,

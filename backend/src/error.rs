@@ -149,6 +149,11 @@ pub enum StartError {
     Metrics(#[from] prometheus::Error),
     #[error(transparent)]
     Hash(#[from] HashError),
+    #[error("cannot open the audit file {}: {error}", path.display())]
+    AuditFile {
+        path: std::path::PathBuf,
+        error: std::io::Error,
+    },
 }
 
 /// The users file cannot be used: the message starts with the file (and line) at fault.

@@ -90,13 +90,7 @@ impl Guard {
             2 => GuardLimit::Ip,
             _ => GuardLimit::UserAllIps,
         };
-        self.metrics.login_throttled(limit);
-        Err(ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "too_many_attempts",
-            format!("too many failed logins; try again in {wait} s"),
-        )
-        .with_header_value(header::RETRY_AFTER, HeaderValue::from(wait)))
+        Err(self.throttled(limit, wait))
     }
 
     /// A success takes back this attempt's charge, and remembers the address as known for
@@ -127,6 +121,32 @@ impl Guard {
             .arg(known_seconds);
         let () = self.store.script(invocation).await?;
         Ok(())
+    }
+}
+
+impl Guard {
+    pub fn settings(&self) -> GuardSettings {
+        self.settings
+    }
+
+    /// The pair and address counters an API key's failures are charged to: `key:ID` stands for
+    /// the user name (`id` is checked hex, or `-` for a key that could not be read).
+    pub fn key_counters(&self, id: &str, client: Option<IpAddr>) -> [String; 2] {
+        let client = client_part(client);
+        [
+            keys::guard_pair(&format!("key:{id}"), &client),
+            keys::guard_ip(&client),
+        ]
+    }
+
+    pub(crate) fn throttled(&self, limit: GuardLimit, wait: u64) -> ApiError {
+        self.metrics.login_throttled(limit);
+        ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "too_many_attempts",
+            format!("too many failed logins; try again in {wait} s"),
+        )
+        .with_header_value(header::RETRY_AFTER, HeaderValue::from(wait))
     }
 }
 

@@ -17,6 +17,8 @@
 //! - [`openapi`]: the OpenAPI document, generated from the types and the route table.
 //! - [`accounts`]: users, live tokens and the generation marker, in Redis.
 //! - [`guard`]: the login brute-force guard, in Redis.
+//! - [`api_keys`]: API keys, made by admins and sent as `X-API-Key`, in Redis.
+//! - [`audit`]: the audit log of security events, to a file and a Redis stream.
 //! - [`keys`]: every Redis key, in one place; the Lua scripts are in `lua/`.
 //! - [`store`]: the Redis connection, shared by every backend process and replica.
 //! - [`role`]: what a user may do.
@@ -53,7 +55,9 @@
 //! A client's mistake (a bad body, a wrong token) is answered, not logged.
 
 pub mod accounts;
+pub mod api_keys;
 pub mod app;
+pub mod audit;
 pub mod connection;
 pub mod dispatch;
 pub mod error;
@@ -72,7 +76,7 @@ pub mod token;
 pub mod users;
 
 pub use accounts::Accounts;
-pub use app::{App, Settings};
+pub use app::{App, AuditSettings, Settings};
 pub use connection::ConnectionLimits;
 pub use error::{ApiError, StartError, UsersError};
 pub use guard::{Guard, GuardSettings};

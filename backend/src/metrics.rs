@@ -38,6 +38,18 @@ pub enum GuardLimit {
 
 const GUARD_LIMITS: [&str; 3] = ["user_per_ip", "ip", "user_all_ips"];
 
+/// How an `X-API-Key` check ended, as the `outcome` label names it.
+#[derive(Debug, Clone, Copy)]
+pub enum KeyCheck {
+    Accepted,
+    /// No such key, or revoked.
+    Refused,
+    /// Refused unheard by the brute-force guard (429).
+    Throttled,
+}
+
+const KEY_CHECKS: [&str; 3] = ["accepted", "refused", "throttled"];
+
 /// A backend connection limit that acted, as the `limit` label names it.
 #[derive(Debug, Clone, Copy)]
 pub enum ConnectionLimit {
@@ -79,6 +91,10 @@ pub struct Metrics {
     login_throttled: [IntCounter; GUARD_LIMITS.len()],
     connection_limits: [IntCounter; CONNECTION_LIMITS.len()],
     connections_open: IntGauge,
+    key_checks: [IntCounter; KEY_CHECKS.len()],
+    /// Audit events written to Redis, and those that could not be (to the file as well).
+    audit_events: IntCounter,
+    audit_failures: IntCounter,
 }
 
 impl Metrics {
@@ -151,8 +167,28 @@ impl Metrics {
             "gatehouse_backend_tokens_over_cap_total",
             "Tokens revoked because their user logged in past backend.max_tokens_per_user.",
         )?;
+        let key_checks = IntCounterVec::new(
+            Opts::new(
+                "gatehouse_backend_api_key_checks_total",
+                "X-API-Key checks by outcome: accepted, refused (no such key, or revoked) or \
+                 throttled (by the login guard).",
+            ),
+            &["outcome"],
+        )?;
+        let audit_events = IntCounter::new(
+            "gatehouse_backend_audit_events_total",
+            "Audit events this backend recorded.",
+        )?;
+        let audit_failures = IntCounter::new(
+            "gatehouse_backend_audit_failures_total",
+            "Audit events this backend could not write to the Redis stream or to the audit \
+             file (each is still in the other, and in the application log).",
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(key_checks.clone()),
+            Box::new(audit_events.clone()),
+            Box::new(audit_failures.clone()),
             Box::new(latency.clone()),
             Box::new(logins.clone()),
             Box::new(login_throttled.clone()),
@@ -186,7 +222,22 @@ impl Metrics {
             login_throttled: GUARD_LIMITS.map(|l| login_throttled.with_label_values(&[l])),
             connection_limits: CONNECTION_LIMITS.map(|l| connection_limits.with_label_values(&[l])),
             connections_open,
+            key_checks: KEY_CHECKS.map(|o| key_checks.with_label_values(&[o])),
+            audit_events,
+            audit_failures,
         })
+    }
+
+    pub fn key_check(&self, outcome: KeyCheck) {
+        self.key_checks[outcome as usize].inc();
+    }
+
+    pub fn audit_event(&self) {
+        self.audit_events.inc();
+    }
+
+    pub fn audit_failure(&self) {
+        self.audit_failures.inc();
     }
 
     /// A request answered: `endpoint` is its route's label, [`routes::OTHER`] for none.

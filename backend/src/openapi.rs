@@ -15,27 +15,37 @@ use utoipa::{
     Modify, OpenApi,
     openapi::{
         self, Content, HttpMethod, Ref, RefOr, ResponseBuilder,
+        extensions::Extensions,
         header::HeaderBuilder,
-        security::{HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme},
+        security::{
+            ApiKey, ApiKeyValue, HttpAuthScheme, HttpBuilder, SecurityRequirement, SecurityScheme,
+        },
     },
 };
 
 use crate::{
-    handlers::{count, login, ping, tokens, users},
+    handlers::{api_keys, audit, count, login, ping, status, tokens, users},
     http_util::Body,
-    routes::{Access, Op, ROUTES, Route},
+    role::Role,
+    routes::{Op, ROUTES, Route},
 };
 
-/// The security scheme's name in the document (and in Swagger UI's Authorize dialog).
+/// The security schemes' names in the document (and in Swagger UI's Authorize dialog): a
+/// protected operation takes either.
 const BEARER: &str = "bearer";
+const API_KEY: &str = "api_key";
 
 #[derive(OpenApi)]
 #[openapi(
     info(
         title = "gatehouse API",
-        description = "The backends behind the gatehouse proxy: tokens, users and roles, a \
-            shared visit counter. Log in at `POST /auth/login`, then send the token as \
-            `Authorization: Bearer <token>` (in Swagger UI: the Authorize button)."
+        description = "The backends behind the gatehouse proxy: tokens, API keys, users and \
+            roles, an audit log, a shared visit counter. Log in at `POST /auth/login`, then \
+            send the token as `Authorization: Bearer <token>`, or send an API key as \
+            `X-API-Key` (in Swagger UI: the Authorize button). Each protected operation names \
+            the role it needs (`x-required-role`): a viewer reads; a maintainer also writes \
+            what is not user management; an admin also manages users and keys and reads the \
+            audit log."
     ),
     paths(
         ping::ping,
@@ -44,18 +54,28 @@ const BEARER: &str = "bearer";
         tokens::logout,
         tokens::verify,
         users::me,
+        count::hello,
         count::count,
+        count::reset,
         users::list,
         users::create,
         users::update,
         users::delete,
+        api_keys::list,
+        api_keys::create,
+        api_keys::revoke,
+        audit::list,
+        status::status,
     ),
     components(schemas(crate::error::ErrorBody)),
     modifiers(&FromRouteTable),
     tags(
         (name = "tokens", description = "Logging in and out, checking a token."),
         (name = "users", description = "The current user; managing users (admins only)."),
-        (name = "service", description = "Liveness, the visit counter and this document."),
+        (name = "keys", description = "API keys for programs (admins only)."),
+        (name = "audit", description = "The audit log of security events (admins only)."),
+        (name = "service", description = "Liveness, the visit counter, the group's status and \
+            this document."),
     )
 )]
 struct ApiDoc;
@@ -148,6 +168,13 @@ impl Modify for FromRouteTable {
                     .build(),
             ),
         );
+        components.add_security_scheme(
+            API_KEY,
+            SecurityScheme::ApiKey(ApiKey::Header(ApiKeyValue::with_description(
+                "X-API-Key",
+                "A key from `POST /api/keys` (admins), with the key's role.",
+            ))),
+        );
         for (name, _, description, header) in SHARED {
             let mut response = ResponseBuilder::new().description(*description).content(
                 "application/json",
@@ -180,13 +207,23 @@ impl Modify for FromRouteTable {
                     "UnsupportedMediaType",
                 ]);
             }
-            if route.access != Access::Public {
-                operation.security =
-                    Some(vec![SecurityRequirement::new(BEARER, Vec::<String>::new())]);
-                shared.extend(["Unauthorized", "StoreUnavailable"]);
-            }
-            if route.access == Access::Admin {
-                shared.push("Forbidden");
+            if let Some(role) = route.access.role() {
+                operation.security = Some(vec![
+                    SecurityRequirement::new(BEARER, Vec::<String>::new()),
+                    SecurityRequirement::new(API_KEY, Vec::<String>::new()),
+                ]);
+                shared.extend(["Unauthorized", "StoreUnavailable", "BadRequest"]);
+                let about = format!("Needs the `{}` role.", role.as_str());
+                operation.description = Some(match operation.description.take() {
+                    Some(text) => format!("{text}\n\n{about}"),
+                    None => about,
+                });
+                let mut extensions = Extensions::default();
+                extensions.insert("x-required-role".into(), role.as_str().into());
+                operation.extensions = Some(extensions);
+                if role != Role::Viewer {
+                    shared.push("Forbidden");
+                }
             }
             if route.op == Op::Login {
                 shared.push("StoreUnavailable");
@@ -256,16 +293,22 @@ const SHARED: &[Shared] = &[
     (
         "BadRequest",
         400,
-        "The body is not valid JSON or a field is wrong; the message names the field.",
+        "The body is not valid JSON or a field is wrong, or two credentials were sent at \
+         once (a bearer token and an API key); the message names which.",
         None,
     ),
     (
         "Unauthorized",
         401,
-        "No bearer token, or it is invalid, expired, revoked, or its user is disabled or gone.",
+        "No credential, or it is invalid, expired or revoked, or its user is disabled or gone.",
         Some(("WWW-Authenticate", "`Bearer`")),
     ),
-    ("Forbidden", 403, "The token's user is not an admin.", None),
+    (
+        "Forbidden",
+        403,
+        "The caller's role is below the one the operation needs; the message names it.",
+        None,
+    ),
     (
         "RequestTimeout",
         408,
@@ -331,6 +374,8 @@ mod tests {
     use std::collections::BTreeSet;
 
     use serde_json::Value;
+
+    use crate::routes::Access;
 
     use super::*;
 
@@ -425,8 +470,15 @@ mod tests {
         for route in ROUTES.iter().filter(|r| r.op != Op::Health) {
             let operation = &doc["paths"][route.path][route.method.as_str().to_lowercase()];
             let responses = operation["responses"].as_object().unwrap();
-            let secured = operation["security"][0].get(BEARER).is_some();
+            let secured = operation["security"][0].get(BEARER).is_some()
+                && operation["security"][1].get(API_KEY).is_some();
             assert_eq!(secured, route.access != Access::Public, "{}", route.path);
+            assert_eq!(
+                operation["x-required-role"].as_str(),
+                route.access.role().map(Role::as_str),
+                "{}",
+                route.path
+            );
             assert_eq!(
                 responses.contains_key("401"),
                 route.access != Access::Public || route.op == Op::Login,
@@ -435,7 +487,7 @@ mod tests {
             );
             assert_eq!(
                 responses.contains_key("403"),
-                route.access == Access::Admin,
+                route.access.role().is_some_and(|r| r != Role::Viewer),
                 "{}",
                 route.path
             );

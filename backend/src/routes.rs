@@ -9,16 +9,25 @@
 
 use http::{HeaderValue, Method, StatusCode, header};
 
-use crate::error::ApiError;
+use crate::{error::ApiError, role::Role};
 
 /// Who may call an endpoint.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Access {
     Public,
-    /// A valid bearer token: signed by us, not expired, not revoked, of an active user.
-    User,
-    /// As `User`, and the user is an admin now.
-    Admin,
+    /// A caller with a valid credential (a bearer token of an active user, an API key, or a
+    /// client certificate the proxy mapped to an active user) whose role now is at least this.
+    Role(Role),
+}
+
+impl Access {
+    /// The role an endpoint needs; `None` for a public one.
+    pub fn role(self) -> Option<Role> {
+        match self {
+            Access::Public => None,
+            Access::Role(role) => Some(role),
+        }
+    }
 }
 
 /// What answers an endpoint.
@@ -31,16 +40,23 @@ pub enum Op {
     Verify,
     Me,
     Count,
+    ResetCount,
+    Hello,
     ListUsers,
     CreateUser,
     UpdateUser,
     DeleteUser,
+    ListKeys,
+    CreateKey,
+    RevokeKey,
+    Audit,
+    Status,
     Health,
 }
 
 pub struct Route {
     pub method: Method,
-    /// `{name}` stands for one path segment.
+    /// A last segment in braces (`{name}`, `{id}`) stands for one path segment.
     pub path: &'static str,
     pub access: Access,
     pub op: Op,
@@ -65,24 +81,36 @@ const fn route(
     }
 }
 
-use Access::{Admin, Public, User};
+use Access::Public;
+const VIEWER: Access = Access::Role(Role::Viewer);
+const MAINTAINER: Access = Access::Role(Role::Maintainer);
+const ADMIN: Access = Access::Role(Role::Admin);
 
-/// Every endpoint. All but `/healthz` (the proxy's health check, on the backend socket only)
-/// are reachable through the proxy and in the OpenAPI document.
+/// Every endpoint, and the permissions by role: a viewer reads; a maintainer also writes what
+/// is not user management; an admin also manages users and API keys and reads the audit log.
+/// All but `/healthz` (the proxy's health check, on the backend socket only) are reachable
+/// through the proxy and in the OpenAPI document.
 #[rustfmt::skip]
 pub const ROUTES: &[Route] = &[
-    route(Method::GET,    "/api/ping",         Public, Op::Ping,       "ping"),
-    route(Method::GET,    "/api/openapi.json", Public, Op::OpenApi,    "openapi"),
-    route(Method::POST,   "/auth/login",       Public, Op::Login,      "login"),
-    route(Method::POST,   "/auth/logout",      User,   Op::Logout,     "logout"),
-    route(Method::GET,    "/auth/verify",      User,   Op::Verify,     "verify"),
-    route(Method::GET,    "/api/me",           User,   Op::Me,         "me"),
-    route(Method::GET,    "/api/count",        User,   Op::Count,      "count"),
-    route(Method::GET,    "/api/users",        Admin,  Op::ListUsers,  "users"),
-    route(Method::POST,   "/api/users",        Admin,  Op::CreateUser, "users"),
-    route(Method::PUT,    "/api/users/{name}", Admin,  Op::UpdateUser, "users"),
-    route(Method::DELETE, "/api/users/{name}", Admin,  Op::DeleteUser, "users"),
-    route(Method::GET,    "/healthz",          Public, Op::Health,     "healthz"),
+    route(Method::GET,    "/api/ping",         Public,     Op::Ping,       "ping"),
+    route(Method::GET,    "/api/openapi.json", Public,     Op::OpenApi,    "openapi"),
+    route(Method::POST,   "/auth/login",       Public,     Op::Login,      "login"),
+    route(Method::POST,   "/auth/logout",      VIEWER,     Op::Logout,     "logout"),
+    route(Method::GET,    "/auth/verify",      VIEWER,     Op::Verify,     "verify"),
+    route(Method::GET,    "/api/me",           VIEWER,     Op::Me,         "me"),
+    route(Method::GET,    "/api/hello",        VIEWER,     Op::Hello,      "hello"),
+    route(Method::GET,    "/api/count",        VIEWER,     Op::Count,      "count"),
+    route(Method::DELETE, "/api/count",        MAINTAINER, Op::ResetCount, "count"),
+    route(Method::GET,    "/api/users",        ADMIN,      Op::ListUsers,  "users"),
+    route(Method::POST,   "/api/users",        ADMIN,      Op::CreateUser, "users"),
+    route(Method::PUT,    "/api/users/{name}", ADMIN,      Op::UpdateUser, "users"),
+    route(Method::DELETE, "/api/users/{name}", ADMIN,      Op::DeleteUser, "users"),
+    route(Method::GET,    "/api/keys",         ADMIN,      Op::ListKeys,   "keys"),
+    route(Method::POST,   "/api/keys",         ADMIN,      Op::CreateKey,  "keys"),
+    route(Method::DELETE, "/api/keys/{id}",    ADMIN,      Op::RevokeKey,  "keys"),
+    route(Method::GET,    "/api/audit",        ADMIN,      Op::Audit,      "audit"),
+    route(Method::GET,    "/api/status",       ADMIN,      Op::Status,     "status"),
+    route(Method::GET,    "/healthz",          Public,     Op::Health,     "healthz"),
 ];
 
 /// The `endpoint` label of a request no route takes.
@@ -130,14 +158,23 @@ pub fn find(method: &Method, path: &str) -> Result<(&'static Route, Option<Strin
     .with_header_value(header::ALLOW, allow))
 }
 
-/// `Some(None)` for a plain match, `Some(Some(segment))` for a `{name}` template.
+/// `Some(None)` for a plain match, `Some(Some(segment))` for a template ending in `{...}`.
 fn matches<'p>(template: &str, path: &'p str) -> Option<Option<&'p str>> {
-    match template.strip_suffix("{name}") {
+    match template.strip_suffix('}').and_then(|t| t.rsplit_once('{')) {
         None => (template == path).then_some(None),
-        Some(prefix) => path
+        Some((prefix, _)) => path
             .strip_prefix(prefix)
             .filter(|rest| !rest.is_empty() && !rest.contains('/'))
             .map(Some),
+    }
+}
+
+/// The template with its `{...}` segment replaced by `segment`, for tests.
+#[cfg(test)]
+pub(crate) fn fill(template: &str, segment: &str) -> String {
+    match template.strip_suffix('}').and_then(|t| t.rsplit_once('{')) {
+        Some((prefix, _)) => format!("{prefix}{segment}"),
+        None => template.to_string(),
     }
 }
 
@@ -166,6 +203,12 @@ mod tests {
         assert_eq!(error.headers[0].1, "PUT, DELETE");
         let error = op(Method::DELETE, "/api/users").unwrap_err();
         assert_eq!(error.headers[0].1, "GET, HEAD, POST");
+        assert_eq!(
+            op(Method::DELETE, "/api/keys/k1").unwrap(),
+            (Op::RevokeKey, Some("k1".into()))
+        );
+        let error = op(Method::POST, "/api/count").unwrap_err();
+        assert_eq!(error.headers[0].1, "GET, HEAD, DELETE");
         let error = op(Method::POST, "/api/ping").unwrap_err();
         assert_eq!(error.headers[0].1, "GET, HEAD");
     }
@@ -173,7 +216,7 @@ mod tests {
     #[test]
     fn head_is_served_wherever_get_is_and_nowhere_else() {
         for route in ROUTES {
-            let head = find(&Method::HEAD, &route.path.replace("{name}", "alice"));
+            let head = find(&Method::HEAD, &fill(route.path, "alice"));
             if route.method == Method::GET {
                 assert_eq!(
                     head.map(|(r, _)| r.op).ok(),
@@ -201,9 +244,32 @@ mod tests {
         for route in ROUTES {
             let public = matches!(route.op, Op::Ping | Op::Health | Op::OpenApi | Op::Login);
             assert_eq!(route.access == Access::Public, public, "{}", route.path);
-            if route.path.starts_with("/api/users") {
-                assert_eq!(route.access, Access::Admin, "{}", route.path);
-            }
+        }
+    }
+
+    /// Viewers read; writes need a maintainer; users, keys, the audit log and the group's
+    /// status need an admin.
+    #[test]
+    fn writes_and_management_need_their_roles() {
+        for route in ROUTES.iter().filter(|r| r.access != Access::Public) {
+            let admin_only = ["/api/users", "/api/keys", "/api/audit", "/api/status"]
+                .iter()
+                .any(|p| route.path.starts_with(p));
+            let write = route.method != Method::GET && !route.path.starts_with("/auth/");
+            let needed = if admin_only {
+                Role::Admin
+            } else if write {
+                Role::Maintainer
+            } else {
+                Role::Viewer
+            };
+            assert_eq!(
+                route.access,
+                Access::Role(needed),
+                "{} {}",
+                route.method,
+                route.path
+            );
         }
     }
 
@@ -212,8 +278,8 @@ mod tests {
         assert_eq!(
             metric_labels(),
             [
-                "ping", "openapi", "login", "logout", "verify", "me", "count", "users", "healthz",
-                "other"
+                "ping", "openapi", "login", "logout", "verify", "me", "hello", "count", "users",
+                "keys", "audit", "status", "healthz", "other"
             ]
         );
     }

@@ -5,6 +5,8 @@
 //!   (from the file it keeps in the runtime directory);
 //! - `/healthz`: the proxy is alive;
 //! - `/readyz`: at least one backend answers and Redis is reachable (503 otherwise);
+//! - `/status`: the backends in rotation and the requests answered so far, as JSON (what the
+//!   API's `GET /api/status` shows admins);
 //! - `DELETE /cache?path=...` or `?prefix=...` (and `&host=...`): removes kept backend
 //!   responses ([`crate::cache`]). `DELETE`, not `POST`: a web page cannot make a browser
 //!   send it to this listener without a CORS preflight, which is refused.
@@ -104,6 +106,20 @@ impl Admin {
         out
     }
 
+    /// The pool as the proxy's health checks see it now, with no request of its own to the
+    /// backends (unlike `/readyz`), and the requests answered so far.
+    fn status(&self) -> serde_json::Value {
+        let backends = self.lb.backends().get_backend();
+        let in_rotation = backends
+            .iter()
+            .filter(|b| self.lb.backends().ready(b))
+            .count();
+        serde_json::json!({
+            "backends": { "in_rotation": in_rotation, "total": backends.len() },
+            "requests_total": self.metrics.requests_total(),
+        })
+    }
+
     async fn readiness(&self) -> (bool, serde_json::Value) {
         let checks = self.backends().into_iter().map(|b| async move {
             let answer = get(&b.socket, "/healthz").await;
@@ -141,6 +157,7 @@ impl ServeHttp for Admin {
                 self.render_metrics().await,
             ),
             "/healthz" => (200, "application/json", br#"{"status":"ok"}"#.to_vec()),
+            "/status" => (200, "application/json", self.status().to_string().into_bytes()),
             "/cache" => {
                 let request = session.req_header();
                 let (status, body) = purge(&self.cache, &request.method, request.uri.query());
@@ -154,7 +171,7 @@ impl ServeHttp for Admin {
             _ => (
                 404,
                 "application/json",
-                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz, /readyz and /cache"}"#
+                br#"{"error":"not_found","message":"the admin listener serves /metrics, /healthz, /readyz, /status and /cache"}"#
                     .to_vec(),
             ),
         };

@@ -42,6 +42,7 @@ const REQUEST_OWN: &[&str] = &[
     "x-forwarded-proto",
     "x-request-id",
     "x-correlation-id",
+    "x-gatehouse-cert-user",
 ];
 
 /// Response headers with their own setting: the request and correlation ids, `tls.hsts`, and
@@ -356,6 +357,9 @@ impl HeaderRules {
 /// Header names the proxy sets on every proxied request, made once.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
+/// The API user a verified client certificate maps to: the backends sign its user in with no
+/// other credential, so only the edge may ever send it.
+pub static X_GATEHOUSE_CERT_USER: HeaderName = HeaderName::from_static("x-gatehouse-cert-user");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

@@ -414,6 +414,20 @@ pub fn established_connections(ports: &[u16]) -> i64 {
         .sum()
 }
 
+impl Metrics {
+    /// Every request answered so far, over every route, method and status: for the admin
+    /// listener's `/status`, which a console turns into requests per second.
+    pub fn requests_total(&self) -> u64 {
+        use prometheus::core::Collector;
+        self.requests
+            .collect()
+            .iter()
+            .flat_map(|family| family.get_metric())
+            .map(|metric| metric.get_counter().get_value() as u64)
+            .sum()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -5,7 +5,7 @@ use std::{path::PathBuf, time::Duration};
 
 use super::{
     error::{ConfigError, Source},
-    raw::RawBackend,
+    raw::{RawAudit, RawBackend},
 };
 
 /// How long the proxy keeps an idle pooled backend connection; a backend's idle timeout must
@@ -31,6 +31,31 @@ pub struct Backend {
     pub login_guard: gatehouse_backend::GuardSettings,
     /// Deadlines and the cap on each backend's own connections.
     pub connections: gatehouse_backend::ConnectionLimits,
+    /// `[audit]`: the backends write most events, the supervisor the rest.
+    pub audit: gatehouse_backend::AuditSettings,
+}
+
+/// `[audit]`. `max_events` bounds Redis's memory: about 300 bytes an event.
+pub fn audit(
+    a: &RawAudit,
+    source: &Source,
+) -> Result<gatehouse_backend::AuditSettings, ConfigError> {
+    source.within(a.max_events, 100..=10_000_000, "audit.max_events")?;
+    let file = match source.off_or(&a.file, "audit.file")? {
+        None => None,
+        Some("-") => Some(PathBuf::from("-")),
+        Some(file) => {
+            let path = source.base.join(file);
+            if path.is_dir() {
+                return Err(source.at("audit.file", format!("{} is a directory", path.display())));
+            }
+            Some(path)
+        }
+    };
+    Ok(gatehouse_backend::AuditSettings {
+        file,
+        max_events: a.max_events,
+    })
 }
 
 /// Where a secret is read from. Loading the config only names it: the processes that need it
@@ -152,6 +177,7 @@ impl Backend {
 /// `jwt_secret_in_env`: the secret itself is in [`super::ENV_JWT_SECRET`], which wins.
 pub fn validate(
     b: &RawBackend,
+    raw_audit: &RawAudit,
     jwt_secret_in_env: bool,
     source: &Source,
 ) -> Result<Backend, ConfigError> {
@@ -255,5 +281,6 @@ pub fn validate(
             idle_timeout,
             max_connections: b.max_connections,
         },
+        audit: audit(raw_audit, source)?,
     })
 }

@@ -152,7 +152,7 @@ impl Config {
     ) -> Result<Self, ConfigError> {
         let listener = proxy::validate(&raw.proxy, source)?;
         let (limits, h2_max_streams) = proxy::limits(&raw.limits, source)?;
-        let backend = backend::validate(&raw.backend, jwt_secret_in_env, source)?;
+        let backend = backend::validate(&raw.backend, &raw.audit, jwt_secret_in_env, source)?;
         let redis = redis::validate(&raw.redis, source)?;
         let runtime_dir = source.base.join(&raw.paths.runtime_dir);
         let pool = upstream::validate(

@@ -26,6 +26,7 @@ pub struct RawConfig {
     pub statics: RawStatic,
     pub cache: RawCache,
     pub backend: RawBackend,
+    pub audit: RawAudit,
     pub redis: RawRedis,
     pub paths: RawPaths,
     pub admin: RawAdmin,
@@ -49,6 +50,7 @@ impl Default for RawConfig {
             statics: RawStatic::default(),
             cache: RawCache::default(),
             backend: RawBackend::default(),
+            audit: RawAudit::default(),
             redis: RawRedis::default(),
             paths: RawPaths::default(),
             admin: RawAdmin::default(),
@@ -369,6 +371,23 @@ impl Default for RawStatic {
             max_cached_file_bytes: 1 << 20,
             min_compress_bytes: 256,
             check_interval: secs(1),
+        }
+    }
+}
+
+/// `[audit]`: the audit log's file and the cap on its Redis stream.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RawAudit {
+    pub file: String,
+    pub max_events: u64,
+}
+
+impl Default for RawAudit {
+    fn default() -> Self {
+        Self {
+            file: "off".into(),
+            max_events: gatehouse_backend::audit::DEFAULT_MAX_EVENTS,
         }
     }
 }

@@ -115,6 +115,8 @@ pub fn run(config: &Config, sockets: &Sockets, id: String) -> Result<i32> {
                 body_timeout: limits.body_timeout,
                 max_tokens_per_user: config.backend.max_tokens_per_user,
                 metrics: metrics.clone(),
+                audit: config.backend.audit.clone(),
+                admin_address: config.proxy.admin_listen,
             })
             .map_err(|e| Error::Runtime(e.to_string()))?,
         );

@@ -152,6 +152,19 @@ async fn run_group(config: Config) -> Result<i32> {
         .runtime_dir()
         .join(gatehouse_proxy::SUPERVISOR_METRICS);
     let writer = tokio::spawn(metrics.clone().keep_writing(metrics_file.clone(), redis));
+    // Reloads and upgrades are audit events; the backends write the others.
+    let audit = gatehouse_backend::audit::Audit::new(
+        std::sync::Arc::new(gatehouse_backend::Store::new(
+            &redis_url,
+            config.redis.timeout,
+            None,
+        )?),
+        config.backend.audit.file.as_deref(),
+        config.backend.audit.max_events,
+        "gatehouse",
+        None,
+    )
+    .map_err(|e| Error::Runtime(format!("cannot open the audit file: {e}")))?;
 
     let mut members = Members::default();
     let started = tokio::select! {
@@ -194,9 +207,11 @@ async fn run_group(config: Config) -> Result<i32> {
                         if operation.is_some() {
                             tracing::warn!("SIGHUP: a reload or upgrade is still in progress; try again when it is done");
                         } else {
-                            let (config, members, applied, metrics) = (&config, &members, &applied, &metrics);
+                            let (config, members, applied, metrics, audit) = (&config, &members, &applied, &metrics, &audit);
                             operation = Some(Box::pin(async move {
-                                metrics.reload(reload(config, members, applied).await);
+                                let applied = reload(config, members, applied).await;
+                                metrics.reload(applied);
+                                audit.record(group_event("config.reloaded", applied)).await;
                             }));
                         }
                     }
@@ -204,7 +219,11 @@ async fn run_group(config: Config) -> Result<i32> {
                         if operation.is_some() {
                             tracing::warn!("SIGUSR2: a reload or upgrade is still in progress; try again when it is done");
                         } else {
-                            operation = Some(Box::pin(upgrade(&config, &members)));
+                            let (config, members, audit) = (&config, &members, &audit);
+                            operation = Some(Box::pin(async move {
+                                let done = upgrade(config, members).await;
+                                audit.record(group_event("binary.upgraded", done)).await;
+                            }));
                         }
                     }
                     // logrotate's signal: the proxy reopens its access logs.
@@ -359,10 +378,10 @@ async fn rolling_restart(backends: &[Running], config: &Config) -> Result<()> {
 /// SIGUSR2: a new binary in place of the running one without refusing a connection. A new
 /// proxy takes the listening sockets over from the old one, which finishes its requests and
 /// exits; then the backends restart one at a time on the new binary.
-async fn upgrade(config: &Config, members: &Members) {
+async fn upgrade(config: &Config, members: &Members) -> bool {
     if let Err(error) = config::load_checked(&config.file) {
         tracing::error!(%error, "upgrade refused: the config does not pass the check; nothing changed");
-        return;
+        return false;
     }
     tracing::info!("upgrade: starting a new proxy to take the sockets over");
     let hand_over = Replacement::HandOver {
@@ -373,11 +392,27 @@ async fn upgrade(config: &Config, members: &Members) {
         && let Err(error) = proxy.replace(hand_over).await
     {
         tracing::error!(%error, "upgrade failed");
-        return;
+        return false;
     }
     match rolling_restart(&members.backends, config).await {
-        Ok(()) => tracing::info!("upgrade done"),
-        Err(error) => tracing::error!(%error, "upgrade: rolling restart of the backends stopped"),
+        Ok(()) => {
+            tracing::info!("upgrade done");
+            true
+        }
+        Err(error) => {
+            tracing::error!(%error, "upgrade: rolling restart of the backends stopped");
+            false
+        }
+    }
+}
+
+/// A reload or upgrade, done by the group on a signal, as an audit event.
+fn group_event(event: &str, done: bool) -> gatehouse_backend::audit::Event<'_> {
+    gatehouse_backend::audit::Event {
+        event,
+        actor: Some("gatehouse"),
+        outcome: if done { "success" } else { "failure" },
+        ..Default::default()
     }
 }
 

@@ -1,15 +1,14 @@
 //! `POST /auth/login`: a user name and password exchanged for a token, behind the brute-force
 //! guard ([`crate::guard`]).
 
-use std::net::IpAddr;
-
 use http::{HeaderValue, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::read_json;
+use super::{client_address, read_json};
 use crate::{
     app::App,
     connection::RequestBody,
+    dispatch::Context,
     error::ApiError,
     http_util::{Body, json_response},
     metrics::Login,
@@ -60,12 +59,16 @@ pub struct TokenResponse {
 pub(crate) async fn login(
     app: &App,
     request: Request<RequestBody>,
-    request_id: &str,
+    context: &Context<'_>,
     user_header: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {
+    let request_id = context.request_id;
     let client = client_address(&request);
+    // The name tried, for the audit log: only a name a user could have.
+    let mut tried = None;
     let result = async {
         let LoginRequest { username, password } = read_json(app, request).await?;
+        tried = valid_name(&username).then(|| username.clone());
         app.guard.charge(&username, client).await?;
         let refused = || {
             // Only a name a user could have: client bytes (or a password typed into the name
@@ -115,21 +118,38 @@ pub(crate) async fn login(
         ))
     }
     .await;
-    app.metrics.login(match &result {
+    let outcome = match &result {
         Ok(_) => Login::Success,
         Err(e) if e.status == StatusCode::UNAUTHORIZED => Login::Refused,
         Err(e) if e.status == StatusCode::TOO_MANY_REQUESTS => Login::Throttled,
         Err(_) => Login::Error,
-    });
+    };
+    app.metrics.login(outcome);
+    let tried = tried.as_deref();
+    match outcome {
+        Login::Success => {
+            let event = context.event("login.succeeded", tried, tried, "success");
+            app.audit.record(event).await;
+        }
+        Login::Refused => {
+            let event = context.event(
+                "login.failed",
+                None,
+                Some(tried.unwrap_or("<invalid>")),
+                "failure",
+            );
+            app.audit.record(event).await;
+        }
+        Login::Throttled => {
+            let event = context.event(
+                "login.throttled",
+                None,
+                Some(tried.unwrap_or("<invalid>")),
+                "denied",
+            );
+            app.audit.record_refusal(event).await;
+        }
+        Login::Error => {}
+    }
     result
-}
-
-/// The client as the proxy saw it: the proxy replaces any `X-Real-IP` a client sends, and
-/// only the proxy reaches the backend's socket.
-fn client_address<B>(request: &Request<B>) -> Option<IpAddr> {
-    request
-        .headers()
-        .get("x-real-ip")
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.trim().parse().ok())
 }

@@ -6,14 +6,22 @@
 //! - [`login`]: a user name and password exchanged for a token, behind the brute-force guard.
 //! - [`tokens`]: logout and `/auth/verify`.
 //! - [`users`]: `/api/me`, and the admin-only user management.
-//! - [`count`]: the shared visit counter.
+//! - [`count`]: the shared visit counter, and a hello.
+//! - [`api_keys`]: API keys, for admins.
+//! - [`audit`]: the audit log, for admins.
+//! - [`status`]: the group's health, for admins.
 
+pub mod api_keys;
+pub mod audit;
 pub mod count;
 pub mod health;
 pub mod login;
 pub mod ping;
+pub mod status;
 pub mod tokens;
 pub mod users;
+
+use std::net::IpAddr;
 
 use http::{StatusCode, header};
 use http_body_util::{BodyExt, Limited};
@@ -100,4 +108,14 @@ fn body_timeout(limit: std::time::Duration) -> ApiError {
         ),
     )
     .with_header(header::CONNECTION, "close")
+}
+
+/// The client as the proxy saw it: the proxy replaces any `X-Real-IP` a client sends, and
+/// only the proxy reaches the backend's socket.
+pub(crate) fn client_address<B>(request: &http::Request<B>) -> Option<IpAddr> {
+    request
+        .headers()
+        .get("x-real-ip")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.trim().parse().ok())
 }

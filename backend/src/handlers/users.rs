@@ -10,6 +10,7 @@ use crate::{
     accounts::{Session, User},
     app::App,
     connection::RequestBody,
+    dispatch::Context,
     error::ApiError,
     http_util::{Body, json_response, no_content},
     role::Role,
@@ -72,7 +73,7 @@ pub(crate) fn me(session: &Session) -> Response<Body> {
     json_response(
         StatusCode::OK,
         &User {
-            username: session.claims.sub.clone(),
+            username: session.actor.clone(),
             role: session.role,
             // `session` exists only for an active user.
             active: true,
@@ -117,6 +118,7 @@ pub(crate) async fn create(
     app: &App,
     admin: &Session,
     request: Request<RequestBody>,
+    context: &Context<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let NewUser {
         username,
@@ -131,10 +133,18 @@ pub(crate) async fn create(
     };
     let user = app
         .accounts
-        .create(new, password, &admin.claims.generation)
+        .create(new, password, &admin.generation)
         .await?;
-    tracing::info!(admin = %admin.claims.sub, user = %user.username, role = user.role.as_str(),
+    tracing::info!(admin = %admin.actor, user = %user.username, role = user.role.as_str(),
         "user created");
+    let mut event = context.event(
+        "user.created",
+        Some(&admin.actor),
+        Some(&user.username),
+        "success",
+    );
+    event.detail = Some(user.role.as_str());
+    app.audit.record(event).await;
     Ok(json_response(StatusCode::CREATED, &user))
 }
 
@@ -159,6 +169,7 @@ pub(crate) async fn update(
     admin: &Session,
     name: &str,
     request: Request<RequestBody>,
+    context: &Context<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let UserChange {
         role,
@@ -175,10 +186,24 @@ pub(crate) async fn update(
     .collect();
     let user = app
         .accounts
-        .update(name, role, password, active, &admin.claims.generation)
+        .update(name, role, password, active, &admin.generation)
         .await?;
-    tracing::info!(admin = %admin.claims.sub, user = %user.username, changed = ?fields,
+    tracing::info!(admin = %admin.actor, user = %user.username, changed = ?fields,
         "user changed");
+    // Disabling is its own event, so it can be searched for; either way the user's tokens
+    // were revoked.
+    let kind = if active == Some(false) {
+        "user.disabled"
+    } else {
+        "user.changed"
+    };
+    let changed = fields.join(",");
+    let actor = Some(admin.actor.as_str());
+    let mut event = context.event(kind, actor, Some(name), "success");
+    event.detail = Some(&changed);
+    app.audit.record(event).await;
+    let event = context.event("tokens.revoked", actor, Some(name), "success");
+    app.audit.record(event).await;
     Ok(json_response(StatusCode::OK, &user))
 }
 
@@ -201,8 +226,16 @@ pub(crate) async fn delete(
     app: &App,
     admin: &Session,
     name: &str,
+    context: &Context<'_>,
 ) -> Result<Response<Body>, ApiError> {
-    app.accounts.delete(name, &admin.claims.generation).await?;
-    tracing::info!(admin = %admin.claims.sub, user = name, "user deleted");
+    app.accounts.delete(name, &admin.generation).await?;
+    tracing::info!(admin = %admin.actor, user = name, "user deleted");
+    let actor = Some(admin.actor.as_str());
+    app.audit
+        .record(context.event("user.deleted", actor, Some(name), "success"))
+        .await;
+    app.audit
+        .record(context.event("tokens.revoked", actor, Some(name), "success"))
+        .await;
     Ok(no_content())
 }

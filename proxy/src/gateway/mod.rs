@@ -1060,8 +1060,9 @@ fn forwarding_headers(
     if !keep {
         upstream.drop_all(&http::header::AUTHORIZATION);
     }
-    // Only the edge says what prefix it removed.
+    // Only the edge says what prefix it removed, and whom a client certificate vouches for.
     upstream.drop_all(&X_FORWARDED_PREFIX);
+    upstream.drop_all(&header_rules::X_GATEHOUSE_CERT_USER);
     if ctx.upstream_target.is_some() {
         let rewrite = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref());
         if let Some(prefix) = rewrite.and_then(PrefixRewrite::forwarded_prefix) {
