@@ -34,7 +34,9 @@ const FRAMING: &[&str] = &[
 ];
 
 /// Request headers the edge sets itself: the backend's view of the client must stay the
-/// edge's (see `forwarding_headers`), and `Host` names the site the client asked for.
+/// edge's (see `forwarding_headers`), and `Host` names the site the client asked for; the
+/// client certificate's headers ([`crate::client_cert`]) too, or a rule could sign a request
+/// in as any user.
 const REQUEST_OWN: &[&str] = &[
     "host",
     "x-forwarded-for",
@@ -42,6 +44,10 @@ const REQUEST_OWN: &[&str] = &[
     "x-forwarded-proto",
     "x-request-id",
     "x-correlation-id",
+    "x-client-cert-subject",
+    "x-client-cert-san",
+    "x-client-cert-fingerprint",
+    "x-gatehouse-cert-user",
 ];
 
 /// Response headers with their own setting: the request and correlation ids, `tls.hsts`, and

@@ -35,7 +35,7 @@ use pingora::{
     Error, ErrorSource, ErrorType, OrErr, Result,
     http::{RequestHeader, ResponseHeader},
     modules::http::compression::ResponseCompression,
-    protocols::l4::socket::SocketAddr,
+    protocols::{l4::socket::SocketAddr, tls::SslDigest},
     upstreams::peer::HttpPeer,
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -46,6 +46,7 @@ use arc_swap::ArcSwap;
 use crate::{
     access::{Decision, client_ip},
     acme::{Acme, challenges},
+    client_cert::{self, ClientCert},
     client_shares::{ClientShares, Share},
     cors::Cors,
     drain::{Drain, InFlight},
@@ -286,6 +287,9 @@ pub struct RequestCtx {
     correlation_id: Option<String>,
     /// Whether this request came over TLS.
     tls: bool,
+    /// The connection's TLS digest, kept only when it holds a verified client certificate
+    /// ([`RequestCtx::client_cert`]).
+    client_cert: Option<Arc<SslDigest>>,
     /// The client, after trusted proxies are accounted for.
     client: IpAddr,
     /// The matched route, from the same [`Live`].
@@ -349,6 +353,11 @@ impl RequestCtx {
         self.correlation_id.as_deref().unwrap_or(&self.request_id)
     }
 
+    /// The connection's verified client certificate.
+    fn client_cert(&self) -> Option<&ClientCert> {
+        self.client_cert.as_deref().and_then(ClientCert::of)
+    }
+
     fn vars<'a>(&'a self, host: Option<&'a [u8]>) -> Vars<'a> {
         Vars {
             client: self.client,
@@ -371,6 +380,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             correlation_id: None,
             tls: false,
+            client_cert: None,
             client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             route: None,
             user: None,
@@ -421,7 +431,9 @@ impl ProxyHttp for Gateway {
             ctx.client =
                 client_ip::client_ip(peer, headers, &live.trusted_proxies, live.client_ip_header);
         }
-        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
+        ctx.tls = ssl.is_some();
+        ctx.client_cert = ssl.filter(|d| ClientCert::of(d).is_some()).cloned();
         // HTTP/1 sessions got theirs as they were made (`connection`); an HTTP/2 stream's
         // covers its waits for flow-control credit too, so a client that opens a zero window
         // and never reads loses the stream.
@@ -540,6 +552,24 @@ impl ProxyHttp for Gateway {
             if Cors::is_preflight(request) {
                 return self.preflight(session, ctx, route, cors).await;
             }
+        }
+
+        // A property of the connection, like its address: checked before the rules that
+        // count or ask for a password.
+        if route.requires_client_cert && ctx.client_cert.is_none() {
+            if let Some(series) = route.observer.series() {
+                series.refused(AccessRefusal::Denied);
+            }
+            let message = "this route needs a client certificate";
+            respond::error_for_client(
+                session,
+                &self.stamp(ctx),
+                403,
+                "client_certificate_required",
+                message,
+            )
+            .await?;
+            return Ok(true);
         }
 
         let authorization = session
@@ -1060,6 +1090,9 @@ fn forwarding_headers(
     if !keep {
         upstream.drop_all(&http::header::AUTHORIZATION);
     }
+    // Only the edge says who the client's certificate names, on every route: a backend
+    // signs in as the user it names.
+    client_cert::forward(upstream, ctx.client_cert(), &ctx.live.tls.client_users)?;
     // Only the edge says what prefix it removed.
     upstream.drop_all(&X_FORWARDED_PREFIX);
     if ctx.upstream_target.is_some() {
