@@ -41,34 +41,35 @@ fn openssl(dir: &Path, args: &[&str]) {
     );
 }
 
+/// `openssl req`'s arguments for a new P-256 key, unencrypted.
+const NEW_KEY: [&str; 5] = [
+    "-newkey",
+    "ec",
+    "-pkeyopt",
+    "ec_paramgen_curve:P-256",
+    "-nodes",
+];
+
 /// A CA (`NAME-ca.pem`, `NAME-ca.key`) in `dir`.
 fn make_ca(dir: &Path, name: &str) {
     let (pem, key) = (format!("{name}-ca.pem"), format!("{name}-ca.key"));
     let subject = format!("/CN={name} clients CA");
-    openssl(
-        dir,
-        &[
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &pem,
-            "-days",
-            "2",
-            "-subj",
-            &subject,
-            "-addext",
-            "basicConstraints=critical,CA:TRUE",
-            "-addext",
-            "keyUsage=critical,keyCertSign",
-        ],
-    );
+    let rest = [
+        "-x509",
+        "-keyout",
+        &key,
+        "-out",
+        &pem,
+        "-days",
+        "2",
+        "-subj",
+        &subject,
+        "-addext",
+        "basicConstraints=critical,CA:TRUE",
+        "-addext",
+        "keyUsage=critical,keyCertSign",
+    ];
+    openssl(dir, &[&["req"], &NEW_KEY[..], &rest].concat());
 }
 
 /// A client certificate `NAME.pem` (key `NAME.key`) signed by `ca`'s CA, valid for `days`
@@ -79,23 +80,8 @@ fn make_client(dir: &Path, ca: &str, name: &str, subject: &str, sans: &str, days
         format!("{name}.key"),
         format!("{name}.csr"),
     );
-    openssl(
-        dir,
-        &[
-            "req",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:P-256",
-            "-nodes",
-            "-keyout",
-            &key,
-            "-out",
-            &csr,
-            "-subj",
-            subject,
-        ],
-    );
+    let rest = ["-keyout", &key, "-out", &csr, "-subj", subject];
+    openssl(dir, &[&["req"], &NEW_KEY[..], &rest].concat());
     let ext = format!("{name}.ext");
     fs::write(
         dir.join(&ext),
