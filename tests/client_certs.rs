@@ -229,7 +229,9 @@ fn fingerprint(pki: &Path, name: &str) -> String {
     hex.replace(':', "").to_ascii_lowercase()
 }
 
-const FORGED: [&str; 8] = [
+/// What a client may send to pass for a certificate it has not got: the edge's headers, and
+/// one as CGI and WSGI applications would read as the edge's.
+const FORGED: [&str; 10] = [
     "-H",
     "X-Client-Cert-Subject: CN=admin",
     "-H",
@@ -238,6 +240,8 @@ const FORGED: [&str; 8] = [
     "X-Client-Cert-Fingerprint: 00",
     "-H",
     "x-client-cert-san: DNS:admin.internal",
+    "-H",
+    "X_Gatehouse_Cert_User: admin",
 ];
 
 #[test]
@@ -285,6 +289,7 @@ fn an_optional_listener_passes_the_certificate_on_and_routes_may_require_one() {
             "x-client-cert-san",
             "x-client-cert-fingerprint",
             "x-gatehouse-cert-user",
+            "x_gatehouse_cert_user",
         ] {
             assert_eq!(echoed(&head, name), Vec::<&str>::new(), "{args:?}: {head}");
         }
@@ -316,6 +321,7 @@ fn an_optional_listener_passes_the_certificate_on_and_routes_may_require_one() {
                 ["billing"],
                 "{head}"
             );
+            assert_eq!(echoed(&head, "x_gatehouse_cert_user"), Vec::<&str>::new());
         }
     }
     // The most specific name mapped wins: robot's common name is; its DNS name is not.

@@ -269,6 +269,14 @@ pub fn is_user_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b'-'))
 }
 
+/// The headers the edge sets from a certificate.
+const HEADERS: [&HeaderName; 4] = [
+    &X_CLIENT_CERT_SUBJECT,
+    &X_CLIENT_CERT_SAN,
+    &X_CLIENT_CERT_FINGERPRINT,
+    &X_GATEHOUSE_CERT_USER,
+];
+
 /// The identity headers toward an upstream: the client's removed, always; then, for a
 /// connection with a verified certificate, the edge's.
 pub fn forward(
@@ -276,12 +284,18 @@ pub fn forward(
     cert: Option<&ClientCert>,
     users: &ClientUsers,
 ) -> pingora::Result<()> {
-    for name in [
-        &X_CLIENT_CERT_SUBJECT,
-        &X_CLIENT_CERT_SAN,
-        &X_CLIENT_CERT_FINGERPRINT,
-        &X_GATEHOUSE_CERT_USER,
-    ] {
+    for name in HEADERS {
+        upstream.drop_all(name);
+    }
+    // CGI and WSGI read `_` as `-`: a client's `X_Gatehouse_Cert_User` would reach an
+    // application behind them as the edge's header (nginx drops such names by default).
+    let spelled_apart: Vec<HeaderName> = upstream
+        .map()
+        .keys()
+        .filter(|name| name.as_str().contains('_') && is_ours_with_underscores(name))
+        .cloned()
+        .collect();
+    for name in &spelled_apart {
         upstream.drop_all(name);
     }
     let Some(cert) = cert else {
@@ -298,6 +312,18 @@ pub fn forward(
         upstream.put(&X_GATEHOUSE_CERT_USER, user.clone())?;
     }
     Ok(())
+}
+
+fn is_ours_with_underscores(name: &HeaderName) -> bool {
+    let name = name.as_str().as_bytes();
+    HEADERS.iter().any(|ours| {
+        let ours = ours.as_str().as_bytes();
+        ours.len() == name.len()
+            && ours
+                .iter()
+                .zip(name)
+                .all(|(o, n)| o == n || (*o == b'-' && *n == b'_'))
+    })
 }
 
 /// A fingerprint as `[[tls.client_users]]` may write it (`AB:CD:...`, as `openssl x509
@@ -503,6 +529,24 @@ mod tests {
             .collect();
         let der = named(sans, &[]);
         assert!(ClientCert::read(&der).unwrap_err().contains("4096"));
+    }
+
+    #[test]
+    fn the_clients_are_removed_in_any_spelling() {
+        let mut headers = pingora::http::RequestHeader::build("GET", b"/", None).unwrap();
+        for name in [
+            "X-Gatehouse-Cert-User",
+            "x_gatehouse_cert_user",
+            "X-Client_Cert-Subject",
+            "x-client-cert-san",
+            "X-Client-Cert-Fingerprint",
+            "x_other",
+        ] {
+            headers.append_header(name.to_owned(), "admin").unwrap();
+        }
+        forward(&mut headers, None, &ClientUsers::default()).unwrap();
+        let left: Vec<&str> = headers.headers.keys().map(HeaderName::as_str).collect();
+        assert_eq!(left, ["x_other"]);
     }
 
     #[test]
