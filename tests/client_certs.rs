@@ -17,7 +17,8 @@ use std::{
 
 use crate::{
     headers::echo_backend,
-    util::{Group, Options},
+    operations::edit_config,
+    util::{BIN, Group, Options, wait_until},
 };
 
 /// The certificates a test presents, each `NAME.pem` with `NAME.key`, under `pki/`.
@@ -424,5 +425,53 @@ fn clients_are_served_while_an_attacker_hammers_with_bad_certificates() {
             >= refused as f64 / 2.0,
         "{}",
         group.admin("/metrics").1
+    );
+}
+
+/// A reload applies `[[tls.client_users]]` to the next request, and names the listener's
+/// keys, which keep their running values until a restart.
+#[test]
+fn a_reload_maps_certificates_anew_and_names_the_listeners_keys() {
+    let (group, pki) = start("optional");
+    let user = |cert| {
+        let (status, head) = curl(&group, &pki, cert, "/echo/up", &[]).expect("served");
+        assert_eq!(status, 200, "{head}");
+        echoed(&head, "x-gatehouse-cert-user").join(",")
+    };
+    assert_eq!(user(Some(CLIENT)), "billing");
+    edit_config(&group, "user = \"billing\"", "user = \"billing-2\"");
+    edit_config(
+        &group,
+        "client_certs = \"optional\"",
+        "client_certs = \"required\"",
+    );
+    // Another CA in the bundle: the same path, other contents.
+    let bundle = pki.join("edge-ca.pem");
+    let mut text = fs::read_to_string(&bundle).expect("bundle");
+    text.push_str(&fs::read_to_string(pki.join("other-ca.pem")).expect("other CA"));
+    fs::write(&bundle, text).expect("bundle");
+    let output = Command::new(BIN)
+        .args(["reload", "--config"])
+        .arg(group.dir.path().join("gatehouse.toml"))
+        .output()
+        .expect("gatehouse reload");
+    assert!(output.status.success(), "{output:?}");
+    assert!(
+        wait_until(Duration::from_secs(10), || user(Some(CLIENT))
+            == "billing-2"),
+        "the new mapping was not applied:\n{}",
+        group.log()
+    );
+    // The running listener's: clients without a certificate still served, the other CA's
+    // certificates still refused.
+    assert_eq!(user(None), "");
+    assert!(curl(&group, &pki, Some(OTHER_CA), "/echo/up", &[]).is_err());
+    let log = group.log();
+    assert!(
+        log.lines()
+            .any(|line| line.contains("change only at a restart or upgrade")
+                && line.contains("tls.client_ca")
+                && line.contains("tls.client_certs")),
+        "the reload did not name the listener's keys:\n{log}"
     );
 }
