@@ -1,5 +1,6 @@
 //! The HTTPS listener's TLS: the certificate pair, loaded and checked here (Pingora would
-//! panic on a bad one), and the handshake, with its deadline and counters.
+//! panic on a bad one), and the handshake, with its deadline and counters, and the client's
+//! certificate when `tls.client_ca` asks for one ([`crate::client_cert`]).
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Instant};
 

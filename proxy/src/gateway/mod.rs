@@ -1,18 +1,19 @@
 //! The proxy's request phases, in the order Pingora runs them:
 //!
-//! 1. `early_request_filter`: take (from a trusted proxy) or make the request id; note TLS and
-//!    the client address.
+//! 1. `early_request_filter`: take (from a trusted proxy) or make the request id; note TLS (and
+//!    the connection's client certificate) and the client address.
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
-//!    404); a CORS preflight answered (`preflight`); the route's access rules (rate limit ->
+//!    404); a CORS preflight answered (`preflight`); the client certificate a route requires
+//!    (none -> 403, [`crate::client_cert`]); the route's access rules (rate limit ->
 //!    429, allow/deny -> 403, basic auth -> 401); static routes are then answered here from
 //!    files, and a simple `GET` or `HEAD` to the backends is forwarded here (`forward`, the
 //!    fast path; see [`crate::forward`]).
 //! 3. `upstream_peer` (everything else): pick a backend socket (round robin, healthy, not
 //!    failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
-//! 5. `upstream_request_filter`: forwarding headers, the request id and the route's request
-//!    header rules for the backend.
+//! 5. `upstream_request_filter`: forwarding headers, the client certificate's, the request id
+//!    and the route's request header rules for the backend.
 //! 6. `response_filter`: request id, HSTS, the route's response headers and CORS
 //!    ([`respond::Stamp`]), compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
