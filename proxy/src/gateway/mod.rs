@@ -1091,9 +1091,6 @@ fn forwarding_headers(
     if !keep {
         upstream.drop_all(&http::header::AUTHORIZATION);
     }
-    // Only the edge says who the client's certificate names, on every route: a backend
-    // signs in as the user it names.
-    client_cert::forward(upstream, ctx.client_cert(), &ctx.live.tls.client_users)?;
     // Only the edge says what prefix it removed.
     upstream.drop_all(&X_FORWARDED_PREFIX);
     if ctx.upstream_target.is_some() {
@@ -1102,6 +1099,9 @@ fn forwarding_headers(
             upstream.put(&X_FORWARDED_PREFIX, prefix.clone())?;
         }
     }
+    // Only the edge says who the client's certificate names, on every route: a backend
+    // signs in as the user it names.
+    client_cert::forward(upstream, ctx.client_cert(), &ctx.live.tls.client_users)?;
     if let Some(route) = &ctx.route
         && !route.headers.request.is_empty()
     {
