@@ -37,10 +37,11 @@ pub static X_CLIENT_CERT_FINGERPRINT: HeaderName =
 /// The API user `[[tls.client_users]]` maps the certificate to.
 pub static X_GATEHOUSE_CERT_USER: HeaderName = HeaderName::from_static("x-gatehouse-cert-user");
 
-/// A subject longer than this, or a SAN list, is not put in a header: a certificate
+/// A subject longer than this, as written in its header, is not passed on: a certificate
 /// that says more than a header should carry is taken as no certificate (see
 /// [`ClientCert::read`]), rather than passed on cut short.
 pub const MAX_SUBJECT_BYTES: usize = 1024;
+/// The same for the subjectAltNames, as written in theirs.
 pub const MAX_SAN_BYTES: usize = 4096;
 
 /// The HTTPS listener's client certificates (`tls.client_ca`, `tls.client_certs`).
