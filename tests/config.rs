@@ -267,6 +267,18 @@ fn bad_configs_name_file_line_and_key_and_exit_2() {
             "routes[0].fallback",
             "only static routes take fallback",
         ),
+        (
+            "upstream = \"backends\"",
+            "upstream = \"backends\"\nclient_cert = 'required'",
+            "routes[0].client_cert",
+            "set tls.client_ca",
+        ),
+        (
+            "client_users = []",
+            "client_users = []\nclient_ca = \"missing-ca.pem\"",
+            "tls.client_ca",
+            "missing-ca.pem: No such file",
+        ),
     ];
     for (from, to, key, message) in cases {
         let path = variant(dir.path(), from, to);

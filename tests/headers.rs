@@ -22,7 +22,7 @@ use crate::{
 /// Answers every request on `dir/echo.sock` with the request's head as its body, plus
 /// headers of its own for the response rules to act on, and the CORS headers of a careless
 /// backend: the request's `Origin` reflected (or another), with credentials.
-fn echo_backend(dir: &Path) {
+pub fn echo_backend(dir: &Path) {
     let hidden = dir.join(".echo.sock");
     let listener = UnixListener::bind(&hidden).expect("bind the echo socket");
     // In place only once it listens, as the socket directory expects.

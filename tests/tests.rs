@@ -15,6 +15,8 @@ mod cache;
 // One backend in this process against a real Redis: its own behaviour, without a group.
 mod backend_inprocess;
 mod backend_limits;
+// Client certificates (mTLS) made by openssl, presented by curl and rustls.
+mod client_certs;
 mod config;
 mod connection_limits;
 mod drills;

@@ -231,6 +231,9 @@ pub struct Options {
     /// The HTTP, HTTPS and admin ports, when a test must know them before the group starts
     /// (another server is told them); free ones otherwise.
     pub ports: Option<[u16; 3]>,
+    /// A client certificate and its key (PEM) for the group's own client to present, for a
+    /// listener that requires one.
+    pub client_identity: Option<Vec<u8>>,
 }
 
 impl Default for Options {
@@ -248,6 +251,7 @@ impl Default for Options {
             static_extra: String::new(),
             extra: String::new(),
             ports: None,
+            client_identity: None,
         }
     }
 }
@@ -358,6 +362,7 @@ pub struct Group {
     pub child: Child,
     pub client: reqwest::blocking::Client,
     env: Vec<(String, String)>,
+    identity: Option<Vec<u8>>,
 }
 
 impl Group {
@@ -377,6 +382,7 @@ impl Group {
             child: Command::new("true").spawn().expect("placeholder child"),
             client: reqwest::blocking::Client::new(),
             env: options.env.clone(),
+            identity: options.client_identity.clone(),
         };
         // Tests run in parallel: a free port can be taken before the group binds it.
         for _ in 0..3 {
@@ -411,8 +417,8 @@ impl Group {
         panic!("no free port after three tries:\n{}", group.log());
     }
 
-    /// A client that trusts the group's certificate, does not follow redirects and does not
-    /// decompress (tests look at the bytes). `http1_only` pins HTTP/1.1; otherwise ALPN
+    /// A client that trusts the group's certificate (and presents `Options::client_identity`),
+    /// does not follow redirects and does not decompress (tests look at the bytes). `http1_only` pins HTTP/1.1; otherwise ALPN
     /// offers HTTP/2.
     pub fn http_client(&self, http1_only: bool) -> reqwest::blocking::Client {
         let mut builder = reqwest::blocking::Client::builder()
@@ -426,6 +432,9 @@ impl Group {
         }
         if http1_only {
             builder = builder.http1_only();
+        }
+        if let Some(pem) = &self.identity {
+            builder = builder.identity(reqwest::Identity::from_pem(pem).expect("PEM identity"));
         }
         builder.build().expect("http client")
     }

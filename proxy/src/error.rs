@@ -51,6 +51,8 @@ pub enum BuildError {
         cert: PathBuf,
         source: rustls::Error,
     },
+    #[error("tls.client_ca: {0}")]
+    ClientCa(String),
     #[error("TLS settings: {0}")]
     TlsSettings(rustls::Error),
 

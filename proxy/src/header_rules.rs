@@ -34,7 +34,9 @@ const FRAMING: &[&str] = &[
 ];
 
 /// Request headers the edge sets itself: the backend's view of the client must stay the
-/// edge's (see `forwarding_headers`), and `Host` names the site the client asked for.
+/// edge's (see `forwarding_headers`), and `Host` names the site the client asked for; the
+/// client certificate's headers ([`crate::client_cert`]) too, or a rule could sign a request
+/// in as any user.
 const REQUEST_OWN: &[&str] = &[
     "host",
     "x-forwarded-for",
@@ -42,6 +44,9 @@ const REQUEST_OWN: &[&str] = &[
     "x-forwarded-proto",
     "x-request-id",
     "x-correlation-id",
+    "x-client-cert-subject",
+    "x-client-cert-san",
+    "x-client-cert-fingerprint",
     "x-gatehouse-cert-user",
 ];
 
@@ -357,9 +362,6 @@ impl HeaderRules {
 /// Header names the proxy sets on every proxied request, made once.
 pub static X_FORWARDED_FOR: HeaderName = HeaderName::from_static("x-forwarded-for");
 pub static X_REAL_IP: HeaderName = HeaderName::from_static("x-real-ip");
-/// The API user a verified client certificate maps to: the backends sign its user in with no
-/// other credential, so only the edge may ever send it.
-pub static X_GATEHOUSE_CERT_USER: HeaderName = HeaderName::from_static("x-gatehouse-cert-user");
 pub static X_FORWARDED_PROTO: HeaderName = HeaderName::from_static("x-forwarded-proto");
 pub static X_FORWARDED_PREFIX: HeaderName = HeaderName::from_static("x-forwarded-prefix");
 pub static X_REQUEST_ID: HeaderName = HeaderName::from_static("x-request-id");

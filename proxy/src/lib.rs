@@ -3,7 +3,8 @@
 //! A request meets these in order:
 //!
 //! - [`connection`]: each client connection first: the caps on open connections (in all and
-//!   per client, counted by [`client_shares`]), the TLS handshake ([`tls`]), the deadline for a
+//!   per client, counted by [`client_shares`]), the TLS handshake ([`tls`]; a client's
+//!   certificate read once, by [`client_cert`]), the deadline for a
 //!   request header, and the [`framing`] checks (ambiguous or oversized requests are refused
 //!   before anything else); [`client_stream`] holds every write to the deadline for sending
 //!   and watches an HTTP/2 client's opening.
@@ -61,6 +62,7 @@ pub mod access_log;
 pub mod acme;
 pub mod admin;
 pub mod cache;
+pub mod client_cert;
 pub mod client_shares;
 pub mod client_stream;
 pub mod connection;
@@ -245,7 +247,12 @@ pub fn run(
             .add_listener(ListenerConfig::tcp(tls.listen.to_string()).l4_buffer(CLIENT_BUFFERS));
         handshake = Some((
             tls.listen.port(),
-            tls::Handshake::new(slot, acme.clone(), metrics.clone())?,
+            tls::Handshake::new(
+                slot,
+                tls.client_auth.as_ref(),
+                acme.clone(),
+                metrics.clone(),
+            )?,
         ));
         public_ports.push(tls.listen.port());
     }

@@ -7,10 +7,10 @@
 //! the version it started with and connections are never touched. A reload that fails at any
 //! step changes nothing.
 //!
-//! Listeners, worker threads, the built-in backend pool (its sockets, deadlines, caps and
-//! health checks), the shutdown grace and the log format are set at start-up; a reload names
-//! each of them that changed (see [`Fixed`]), and they take effect at the next restart or
-//! upgrade.
+//! Listeners (the client-certificate CAs and mode with the HTTPS one), worker threads, the
+//! built-in backend pool (its sockets, deadlines, caps and health checks), the shutdown
+//! grace and the log format are set at start-up; a reload names each of them that changed
+//! (see [`Fixed`]), and they take effect at the next restart or upgrade.
 
 use std::{path::PathBuf, sync::Arc};
 
@@ -23,6 +23,7 @@ use crate::{
     Settings,
     access::{AccessCounters, client_ip::ClientIpHeader, ip_list::IpList},
     access_log::{AccessLog, LogTarget},
+    client_cert::ClientAuth,
     error::BuildError,
     metrics::{self, Metrics},
     observe::Observer,
@@ -167,6 +168,7 @@ impl Fixed {
         let pool = &settings.pool;
         let sockets: Vec<_> = pool.backends.iter().map(|b| &b.socket).collect();
         let v = |value: &dyn std::fmt::Debug| format!("{value:?}");
+        let client_auth = settings.tls.as_ref().and_then(|t| t.client_auth.as_ref());
         let values = vec![
             ("proxy.listen", v(&settings.listen)),
             ("proxy.threads", v(&settings.threads)),
@@ -184,6 +186,9 @@ impl Fixed {
                 v(&pool.health_check_interval),
             ),
             ("tls.listen", v(&settings.tls.as_ref().map(|t| t.listen))),
+            // The handshake's verifier is built with the listener.
+            ("tls.client_ca", v(&client_auth.map(ClientAuth::bundle))),
+            ("tls.client_certs", v(&client_auth.map(|a| a.required))),
             ("backend.count", v(&sockets)),
             ("upstream.socket_dir", v(&pool.socket_dir)),
             // The health checks' deadline follows the backends' Redis deadline.

@@ -53,6 +53,9 @@ pub struct Route {
     pub rewrite: Option<PrefixRewrite>,
     /// Backend responses kept in memory; only routes to backends have it.
     pub cache: Option<crate::cache::RoutePolicy>,
+    /// Requests without a verified client certificate are refused (`client_cert =
+    /// "required"`).
+    pub requires_client_cert: bool,
 }
 
 /// A route's header rules (the security headers among its response defaults) and CORS.
@@ -84,6 +87,7 @@ pub struct LiveRoute {
     pub headers: RouteHeaders,
     pub rewrite: Option<PrefixRewrite>,
     pub cache: Option<crate::cache::RoutePolicy>,
+    pub requires_client_cert: bool,
 }
 
 pub struct RouteTable {
@@ -176,6 +180,7 @@ impl RouteTable {
                     headers: route.headers,
                     rewrite: route.rewrite,
                     cache: route.cache,
+                    requires_client_cert: route.requires_client_cert,
                 }))
             })
             .collect::<Result<_, BuildError>>()?;
@@ -303,6 +308,7 @@ mod tests {
             headers: RouteHeaders::default(),
             rewrite: None,
             cache: None,
+            requires_client_cert: false,
         }
     }
 

@@ -144,6 +144,8 @@ pub struct TlsListener {
     pub key: PathBuf,
     /// More pairs (certificate, key), each chosen for the DNS names in its certificate.
     pub certificates: Vec<(PathBuf, PathBuf)>,
+    /// `Some`: clients are asked for a certificate from these CAs (`tls.client_ca`).
+    pub client_auth: Option<crate::client_cert::ClientAuth>,
 }
 
 /// What HTTPS changes in how requests are answered.
@@ -156,6 +158,8 @@ pub struct TlsBehaviour {
     /// Sites (as routes name them: `shop.example.com`, `*.example.com`) with their own
     /// choice of both, in place of the two above.
     pub sites: HashMap<String, SiteTls>,
+    /// Client certificates mapped to users of the API (`[[tls.client_users]]`).
+    pub client_users: crate::client_cert::ClientUsers,
 }
 
 /// One site's redirect and HSTS (`[[tls.sites]]`).

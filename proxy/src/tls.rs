@@ -1,12 +1,16 @@
 //! The HTTPS listener's TLS: the certificate pair, loaded and checked here (Pingora would
-//! panic on a bad one), and the handshake, with its deadline and counters.
+//! panic on a bad one), and the handshake, with its deadline and counters, and the client's
+//! certificate when `tls.client_ca` asks for one ([`crate::client_cert`]).
 
 use std::{collections::HashMap, path::Path, sync::Arc, time::Instant};
 
 use arc_swap::ArcSwap;
 use pingora::{
     listeners::tls::Acceptor,
-    protocols::{ALPN, Peek, Ssl, Stream, l4::stream::Stream as L4Stream},
+    protocols::{
+        ALPN, Peek, Ssl, Stream, l4::stream::Stream as L4Stream,
+        tls::server::handshake_with_callback,
+    },
 };
 use rustls::{
     ServerConfig,
@@ -18,6 +22,7 @@ use rustls::{
 use crate::{
     TlsListener,
     acme::{Acme, ChallengeKind, challenges},
+    client_cert::{ClientAuth, Identify},
     error::BuildError,
     metrics::{Cut, Metrics},
 };
@@ -149,6 +154,9 @@ pub(crate) fn dns_names(der: &CertificateDer<'_>) -> Option<Vec<String>> {
 /// would make them before either, allow each 60 s, and log every failure on its own line.
 pub struct Handshake {
     acceptor: Acceptor,
+    /// `Some` when clients are asked for a certificate: it reads theirs once the handshake
+    /// is done. Without it, a handshake costs nothing more.
+    identify: Option<Identify>,
     metrics: Option<Arc<Metrics>>,
 }
 
@@ -158,22 +166,27 @@ const HANDSHAKE_RECORD: u8 = 0x16;
 impl Handshake {
     /// TLS 1.2 and 1.3 with rustls's AEAD suites in the server's order of preference (Mozilla
     /// "intermediate"), the pair in `slot`, and HTTP/2 and HTTP/1.1 by ALPN.
+    /// With `client_auth`, clients are asked for a certificate from its CAs.
     /// With `acme`, its certificates go before the slot's for their names, and TLS-ALPN-01
     /// handshakes get its challenge certificates.
     pub fn new(
         slot: CertificateSlot,
+        client_auth: Option<&ClientAuth>,
         acme: Option<Arc<Acme>>,
         metrics: Option<Arc<Metrics>>,
     ) -> Result<Self, BuildError> {
         let provider = Arc::new(rustls::crypto::ring::default_provider());
-        let mut config = ServerConfig::builder_with_provider(provider)
+        let builder = ServerConfig::builder_with_provider(provider.clone())
             .with_protocol_versions(&[&rustls::version::TLS13, &rustls::version::TLS12])
-            .map_err(BuildError::TlsSettings)?
-            .with_no_client_auth()
-            .with_cert_resolver(Arc::new(CurrentCertificate {
-                slot,
-                acme: acme.clone(),
-            }));
+            .map_err(BuildError::TlsSettings)?;
+        let builder = match client_auth {
+            Some(auth) => builder.with_client_cert_verifier(auth.verifier(provider)?),
+            None => builder.with_no_client_auth(),
+        };
+        let mut config = builder.with_cert_resolver(Arc::new(CurrentCertificate {
+            slot,
+            acme: acme.clone(),
+        }));
         // The strongest suite both sides have, rather than the client's first choice.
         config.ignore_client_order = true;
         config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
@@ -185,6 +198,7 @@ impl Handshake {
         }
         Ok(Self {
             acceptor: Acceptor::from_server_config(Arc::new(config)),
+            identify: client_auth.map(|_| Identify),
             metrics,
         })
     }
@@ -206,7 +220,10 @@ impl Handshake {
             if begun && let Some(m) = metrics {
                 m.tls_connections.inc();
             }
-            self.acceptor.tls_handshake(*socket).await
+            match &self.identify {
+                Some(identify) => handshake_with_callback(&self.acceptor, *socket, identify).await,
+                None => self.acceptor.tls_handshake(*socket).await,
+            }
         };
         let outcome = tokio::time::timeout_at(deadline.into(), handshake).await;
         let failure = match outcome {
@@ -287,11 +304,12 @@ mod tests {
             cert,
             key,
             certificates: Vec::new(),
+            client_auth: None,
         };
         let slot = Arc::new(ArcSwap::from_pointee(
             Certificates::load(&listener).unwrap(),
         ));
-        let handshake = Handshake::new(slot, None, None).unwrap();
+        let handshake = Handshake::new(slot, None, None, None).unwrap();
         let config = handshake.acceptor.acceptor.config();
         assert!(config.ignore_client_order);
         assert_eq!(

@@ -55,6 +55,7 @@ pub fn check(config: Config) -> Result<(Config, Users), ConfigError> {
             cert: cert.clone(),
             key: key.clone(),
             certificates: vec![(cert.clone(), key.clone())],
+            client_auth: None,
         })
         .map_err(|e| config.error_at(&format!("tls.certificates[{i}]"), e.to_string()))?;
     }

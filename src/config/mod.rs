@@ -181,6 +181,24 @@ impl Config {
             .transpose()?;
 
         // Across sections.
+        // A TLS-ALPN-01 check is a handshake from the CA, which has no client certificate.
+        let alpn_challenge = acme
+            .as_ref()
+            .is_some_and(|a| a.challenge == gatehouse_proxy::acme::ChallengeKind::TlsAlpn01);
+        let certificates_required = tls
+            .listener
+            .as_ref()
+            .and_then(|l| l.client_auth.as_ref())
+            .is_some_and(|a| a.required);
+        if alpn_challenge && certificates_required {
+            return Err(source.at(
+                "tls.client_certs",
+                "\"required\" refuses the ACME server's TLS-ALPN-01 handshakes: use \
+                 acme.challenge = \"http-01\", or client_certs = \"optional\" with routes \
+                 that require one"
+                    .into(),
+            ));
+        }
         if let Some(admin) = admin_listen {
             let public = [
                 Some(listener.listen),

@@ -309,6 +309,31 @@ pub struct RawTls {
     /// The HTTPS port clients reach, when a port mapping makes it differ from `listen`'s.
     pub redirect_port: Option<u16>,
     pub sites: Vec<RawTlsSite>,
+    /// A PEM bundle of the CAs whose client certificates are taken.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_ca: Option<PathBuf>,
+    /// `"required"` (the default with `client_ca`) or `"optional"`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_certs: Option<String>,
+    pub client_users: Vec<RawClientUser>,
+}
+
+/// One of `[[tls.client_users]]`: the certificates that sign in as `user`, by one of their
+/// names.
+#[derive(Deserialize, Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct RawClientUser {
+    pub user: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fingerprint: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub uri: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dns: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub cn: Option<String>,
 }
 
 impl Default for RawTls {
@@ -323,6 +348,9 @@ impl Default for RawTls {
             redirect_http: true,
             redirect_port: None,
             sites: Vec::new(),
+            client_ca: None,
+            client_certs: None,
+            client_users: Vec::new(),
         }
     }
 }
@@ -615,6 +643,10 @@ pub struct RawRoute {
     pub security_headers: bool,
     pub cors: Option<RawCors>,
     pub cache: Option<RawRouteCache>,
+    /// `"required"`: requests without a verified client certificate are refused;
+    /// `"optional"` (the default).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub client_cert: Option<String>,
 }
 
 /// A route's `request_headers` or `response_headers`.

@@ -175,6 +175,16 @@ pub fn validate(
             }
             Some(c) => Some(cache::route(c, &key("cache"), source)?),
         };
+        let requires_client_cert = match route.client_cert.as_deref() {
+            None | Some("optional") => false,
+            Some("required") => true,
+            Some(other) => {
+                return Err(source.at(
+                    &key("client_cert"),
+                    format!("{other:?}: choose \"required\" or \"optional\""),
+                ));
+            }
+        };
         routes.push(Route {
             prefix: route.prefix.clone(),
             hosts,
@@ -184,6 +194,7 @@ pub fn validate(
             headers,
             rewrite,
             cache,
+            requires_client_cert,
         });
     }
     refuse_redirect_loops(raw, &routes, source)?;

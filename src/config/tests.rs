@@ -939,3 +939,148 @@ fn acme_orders_the_server_names_and_route_hosts_and_checks_its_keys() {
     let error = parse(&text).unwrap_err();
     assert!(error.message.contains("tls.listen"), "{error}");
 }
+
+#[test]
+fn client_certificates_are_checked_where_they_are_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut ca = rcgen::CertificateParams::default();
+    ca.is_ca = rcgen::IsCa::Ca(rcgen::BasicConstraints::Unconstrained);
+    let key = rcgen::KeyPair::generate().unwrap();
+    let bundle = dir.path().join("ca.pem");
+    std::fs::write(&bundle, ca.self_signed(&key).unwrap().pem()).unwrap();
+    let empty = dir.path().join("empty.pem");
+    std::fs::write(&empty, "not a certificate\n").unwrap();
+    let large = dir.path().join("large.pem");
+    std::fs::write(&large, vec![b'#'; (1 << 20) + 1]).unwrap();
+    let tls = |keys: &str| format!("[tls]\nclient_ca = {bundle:?}\n{keys}\n{ROUTES}");
+    let required =
+        "[[routes]]\nprefix = \"/svc/\"\nupstream = \"backends\"\nclient_cert = \"required\"\n";
+
+    let config = parse(&format!(
+        "{}{required}",
+        tls(
+            "client_certs = \"optional\"\n[[tls.client_users]]\nuser = \"svc.billing\"\n\
+             uri = \"spiffe://example.org/billing\"\n"
+        )
+    ))
+    .unwrap();
+    let auth = config
+        .proxy
+        .tls
+        .as_ref()
+        .unwrap()
+        .client_auth
+        .as_ref()
+        .unwrap();
+    assert!(!auth.required);
+    assert_eq!(auth.ca.len(), 1);
+    assert!(config.proxy.routes.iter().any(|r| r.requires_client_cert));
+    assert!(!config.proxy.tls_behaviour.client_users.is_empty());
+    let config = parse(&tls("")).unwrap();
+    assert!(
+        config.proxy.tls.unwrap().client_auth.unwrap().required,
+        "the default"
+    );
+
+    let user = |keys: &str| tls(&format!("[[tls.client_users]]\n{keys}\n"));
+    for (text, key, says) in [
+        (
+            format!("{ROUTES}{required}"),
+            "routes[1].client_cert",
+            "tls.client_ca",
+        ),
+        (
+            format!("[tls]\nclient_certs = \"optional\"\n{ROUTES}"),
+            "tls.client_certs",
+            "tls.client_ca",
+        ),
+        (
+            format!("[[tls.client_users]]\nuser = \"a\"\ncn = \"a\"\n{ROUTES}"),
+            "tls.client_users",
+            "tls.client_ca",
+        ),
+        (
+            format!("[tls]\nclient_ca = {empty:?}\n{ROUTES}"),
+            "tls.client_ca",
+            "no PEM certificate",
+        ),
+        (
+            format!("[tls]\nclient_ca = {large:?}\n{ROUTES}"),
+            "tls.client_ca",
+            "over 1048576 bytes",
+        ),
+        (
+            format!("[tls]\nclient_ca = \"missing.pem\"\n{ROUTES}"),
+            "tls.client_ca",
+            "missing.pem",
+        ),
+        (
+            format!("[tls]\nlisten = \"off\"\nclient_ca = {bundle:?}\n{ROUTES}"),
+            "tls.client_ca",
+            "tls.listen is off",
+        ),
+        (tls("client_certs = \"on\""), "tls.client_certs", "choose"),
+        (
+            ROUTES.replace("backends\"", "backends\"\nclient_cert = \"yes\""),
+            "routes[0].client_cert",
+            "choose",
+        ),
+        (
+            user("user = \"-x\"\ncn = \"a\""),
+            "tls.client_users[0].user",
+            "user name",
+        ),
+        (user("user = \"a\""), "tls.client_users[0]", "exactly one"),
+        (
+            user("user = \"a\"\ncn = \"a\"\ndns = \"a\""),
+            "tls.client_users[0]",
+            "exactly one",
+        ),
+        (
+            user("user = \"a\"\ncn = \"\""),
+            "tls.client_users[0].cn",
+            "empty",
+        ),
+        (
+            user("user = \"a\"\nfingerprint = \"AB:CD\""),
+            "tls.client_users[0].fingerprint",
+            "64 hex digits",
+        ),
+        (
+            user(
+                "user = \"a\"\ndns = \"A.example\"\n[[tls.client_users]]\nuser = \"b\"\ndns = \"a.EXAMPLE\"",
+            ),
+            "tls.client_users[1].dns",
+            "twice",
+        ),
+        (
+            format!(
+                "{}[acme]\nchallenge = \"tls-alpn-01\"\nstorage = {:?}\n",
+                tls("server_names = [\"www.example.com\"]"),
+                dir.path()
+            ),
+            "tls.client_certs",
+            "TLS-ALPN-01",
+        ),
+    ] {
+        let err = parse(&text).unwrap_err();
+        assert_eq!(err.key.as_deref(), Some(key), "{text}\n{err}");
+        assert!(err.line.is_some(), "{err}");
+        assert!(err.message.contains(says), "{err}");
+    }
+    // The listener's part waits for a restart; the mappings are reloaded.
+    let fixed = |text: &str| gatehouse_proxy::live::Fixed::of(&parse(text).unwrap().proxy);
+    let running = fixed(&tls(""));
+    assert_eq!(
+        running.changed(&fixed(&tls("client_certs = \"optional\""))),
+        ["tls.client_certs"]
+    );
+    assert_eq!(
+        running.changed(&fixed(ROUTES)),
+        ["tls.client_ca", "tls.client_certs"]
+    );
+    assert_eq!(
+        running.changed(&fixed(&user("user = \"a\"\ncn = \"a\""))),
+        Vec::<&str>::new()
+    );
+}

@@ -1,14 +1,22 @@
 //! `[tls]`: the HTTPS listener, its certificate pair, and what HTTPS changes for plain HTTP
-//! (the redirect) and for responses (HSTS).
+//! (the redirect) and for responses (HSTS); client certificates (`client_ca`,
+//! `client_certs`, `[[tls.client_users]]`, and the routes that require one).
 
 use std::collections::HashMap;
 
-use gatehouse_proxy::{HttpsRedirect, Route, SiteTls, TlsBehaviour, TlsListener};
+use gatehouse_proxy::{
+    HttpsRedirect, Route, SiteTls, TlsBehaviour, TlsListener,
+    client_cert::{self, ClientAuth, ClientUsers, Kind},
+};
 
 use super::{
     error::{ConfigError, Source},
-    raw::RawTls,
+    raw::{RawClientUser, RawTls},
+    upstreams,
 };
+
+/// More mappings than a hand-written file holds: past this, a CA to sign in by is the tool.
+const MAX_CLIENT_USERS: usize = 10_000;
 
 pub struct Tls {
     /// `None`: HTTPS is off.
@@ -35,18 +43,19 @@ pub fn validate(t: &RawTls, routes: &[Route], source: &Source) -> Result<Tls, Co
     if let Some(value) = hsts_value {
         source.header_value(value, "tls.hsts")?;
     }
-    let listener = source
-        .listen(&t.listen, "tls.listen", true)?
-        .map(|listen| TlsListener {
-            listen,
-            cert: source.base.join(&t.cert),
-            key: source.base.join(&t.key),
-            certificates: t
-                .certificates
-                .iter()
-                .map(|pair| (source.base.join(&pair.cert), source.base.join(&pair.key)))
-                .collect(),
-        });
+    let listen = source.listen(&t.listen, "tls.listen", true)?;
+    let client_auth = client_auth(t, listen.is_some(), routes, source)?;
+    let listener = listen.map(|listen| TlsListener {
+        listen,
+        cert: source.base.join(&t.cert),
+        key: source.base.join(&t.key),
+        certificates: t
+            .certificates
+            .iter()
+            .map(|pair| (source.base.join(&pair.cert), source.base.join(&pair.key)))
+            .collect(),
+        client_auth,
+    });
     let https = listener.as_ref().map(|l| HttpsRedirect {
         server_name: t.server_names.first().cloned(),
         https_port: t.redirect_port.unwrap_or(l.listen.port()),
@@ -92,10 +101,124 @@ pub fn validate(t: &RawTls, routes: &[Route], source: &Source) -> Result<Tls, Co
         redirect: redirect(t.redirect_http),
         hsts: hsts(hsts_value),
         sites,
+        client_users: client_users(&t.client_users, source)?,
     };
     Ok(Tls {
         listener,
         behaviour,
         server_names: t.server_names.clone(),
     })
+}
+
+/// `client_ca` and `client_certs`; `https`: the HTTPS listener is on. Routes that require a
+/// certificate need a listener that asks for one.
+fn client_auth(
+    t: &RawTls,
+    https: bool,
+    routes: &[Route],
+    source: &Source,
+) -> Result<Option<ClientAuth>, ConfigError> {
+    let Some(file) = &t.client_ca else {
+        if t.client_certs.is_some() {
+            return Err(source.at(
+                "tls.client_certs",
+                "needs tls.client_ca, the CAs whose certificates are taken".into(),
+            ));
+        }
+        if !t.client_users.is_empty() {
+            return Err(source.at(
+                "tls.client_users",
+                "needs tls.client_ca, the CAs whose certificates are taken".into(),
+            ));
+        }
+        if let Some(i) = routes.iter().position(|r| r.requires_client_cert) {
+            return Err(source.at(
+                &format!("routes[{i}].client_cert"),
+                "no client could have one: set tls.client_ca, the CAs whose certificates are \
+                 taken"
+                    .into(),
+            ));
+        }
+        return Ok(None);
+    };
+    if !https {
+        return Err(source.at(
+            "tls.client_ca",
+            "client certificates come in the TLS handshake: tls.listen is off".into(),
+        ));
+    }
+    let required = match t.client_certs.as_deref() {
+        None | Some("required") => true,
+        Some("optional") => false,
+        Some(other) => {
+            return Err(source.at(
+                "tls.client_certs",
+                format!("{other:?}: choose \"required\" or \"optional\""),
+            ));
+        }
+    };
+    let ca = upstreams::ca_certificates(&source.path("tls.client_ca", file))
+        .map_err(|m| source.at("tls.client_ca", m))?;
+    let auth = ClientAuth { ca, required };
+    // As the proxy will build it: a bundle rustls refuses is refused here.
+    auth.verifier(std::sync::Arc::new(rustls::crypto::ring::default_provider()))
+        .map_err(|e| source.at("tls.client_ca", e.to_string()))?;
+    Ok(Some(auth))
+}
+
+/// `[[tls.client_users]]`: each entry a user and exactly one name of the certificate.
+fn client_users(raw: &[RawClientUser], source: &Source) -> Result<ClientUsers, ConfigError> {
+    if raw.len() > MAX_CLIENT_USERS {
+        return Err(source.at(
+            "tls.client_users",
+            format!("{} entries: at most {MAX_CLIENT_USERS}", raw.len()),
+        ));
+    }
+    let mut users = ClientUsers::default();
+    for (i, entry) in raw.iter().enumerate() {
+        let key = |field: &str| format!("tls.client_users[{i}].{field}");
+        let named: Vec<(&str, Kind, &String)> = [
+            ("fingerprint", Kind::Fingerprint, &entry.fingerprint),
+            ("uri", Kind::Uri, &entry.uri),
+            ("dns", Kind::Dns, &entry.dns),
+            ("email", Kind::Email, &entry.email),
+            ("cn", Kind::Cn, &entry.cn),
+        ]
+        .into_iter()
+        .filter_map(|(field, kind, value)| value.as_ref().map(|v| (field, kind, v)))
+        .collect();
+        let [(field, kind, value)] = named[..] else {
+            return Err(source.at(
+                &format!("tls.client_users[{i}]"),
+                "name the certificate by exactly one of fingerprint, uri, dns, email or cn".into(),
+            ));
+        };
+        let name = match kind {
+            Kind::Fingerprint => client_cert::fingerprint(value).ok_or_else(|| {
+                source.at(
+                    &key(field),
+                    format!("{value:?}: a SHA-256 fingerprint, 64 hex digits (colons allowed)"),
+                )
+            })?,
+            Kind::Dns => value.to_ascii_lowercase(),
+            Kind::Uri | Kind::Email | Kind::Cn => value.clone(),
+        };
+        if name.is_empty() {
+            return Err(source.at(&key(field), "is empty".into()));
+        }
+        if !client_cert::is_user_name(&entry.user) {
+            return Err(source.at(
+                &key("user"),
+                format!(
+                    "{:?} is not a user name (a letter or digit, then up to 63 letters, \
+                     digits, `.`, `_` or `-`)",
+                    entry.user
+                ),
+            ));
+        }
+        users
+            .insert(kind, name, &entry.user)
+            .map_err(|m| source.at(&key(field), m))?;
+    }
+    Ok(users)
 }

@@ -236,9 +236,22 @@ fn server(text: &str, base: &Path) -> Result<UpstreamServer, String> {
     Ok(UpstreamServer::Tcp { host, port })
 }
 
-/// The PEM certificates in `file`, as DER.
-fn ca_certificates(file: &Path) -> Result<Vec<Vec<u8>>, String> {
-    let text = std::fs::read(file).map_err(|e| format!("{}: {e}", file.display()))?;
+/// The most a CA bundle may hold: several hundred certificates, more than the system's.
+pub const MAX_CA_BUNDLE_BYTES: u64 = 1 << 20;
+
+/// The PEM certificates in `file`, as DER (an upstream's `ca_file`, `tls.client_ca`).
+pub fn ca_certificates(file: &Path) -> Result<Vec<Vec<u8>>, String> {
+    use std::io::Read;
+    let mut text = Vec::new();
+    std::fs::File::open(file)
+        .and_then(|f| f.take(MAX_CA_BUNDLE_BYTES + 1).read_to_end(&mut text))
+        .map_err(|e| format!("{}: {e}", file.display()))?;
+    if text.len() as u64 > MAX_CA_BUNDLE_BYTES {
+        return Err(format!(
+            "{}: over {MAX_CA_BUNDLE_BYTES} bytes, more than a CA bundle needs",
+            file.display()
+        ));
+    }
     let mut found = Vec::new();
     for certificate in CertificateDer::pem_slice_iter(&text) {
         let certificate = certificate.map_err(|e| format!("{}: {e}", file.display()))?;

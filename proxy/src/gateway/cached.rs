@@ -71,8 +71,10 @@ impl Gateway {
             .route
             .as_ref()
             .is_none_or(|r| r.access.passes_authorization());
+        // A client certificate is one too: the backend may answer as the user it names.
         let credentials = headers.contains_key(header::COOKIE)
-            || (headers.contains_key(header::AUTHORIZATION) && passes_authorization);
+            || (headers.contains_key(header::AUTHORIZATION) && passes_authorization)
+            || ctx.client_cert.is_some();
         // A range or a conditional request may be answered from the cache, but its own
         // answer (`206`, `304`) is not a response to keep, nor one to wait for.
         let partial = PARTIAL.iter().any(|name| headers.contains_key(name));
@@ -359,7 +361,8 @@ impl Gateway {
         let request_headers = session.req_header().headers.clone();
         // With credentials (a `public` entry's), the answer is kept only if `public` too.
         let credentials = request_headers.contains_key(header::COOKIE)
-            || request_headers.contains_key(header::AUTHORIZATION);
+            || request_headers.contains_key(header::AUTHORIZATION)
+            || ctx.client_cert.is_some();
         let (store, policy, hash_key) = (Arc::clone(store), policy.clone(), ctx.hash_key);
         tokio::spawn(async move {
             let _permit = permit;

@@ -1,18 +1,19 @@
 //! The proxy's request phases, in the order Pingora runs them:
 //!
-//! 1. `early_request_filter`: take (from a trusted proxy) or make the request id; note TLS and
-//!    the client address.
+//! 1. `early_request_filter`: take (from a trusted proxy) or make the request id; note TLS (and
+//!    the connection's client certificate) and the client address.
 //! 2. `request_filter`, the edge checks in a fixed order: the proxy's own `/healthz`; plain
 //!    HTTP redirected to HTTPS; the path guard (traversal -> 403); the route lookup (none ->
-//!    404); a CORS preflight answered (`preflight`); the route's access rules (rate limit ->
+//!    404); a CORS preflight answered (`preflight`); the client certificate a route requires
+//!    (none -> 403, [`crate::client_cert`]); the route's access rules (rate limit ->
 //!    429, allow/deny -> 403, basic auth -> 401); static routes are then answered here from
 //!    files, and a simple `GET` or `HEAD` to the backends is forwarded here (`forward`, the
 //!    fast path; see [`crate::forward`]).
 //! 3. `upstream_peer` (everything else): pick a backend socket (round robin, healthy, not
 //!    failed already).
 //! 4. `fail_to_connect`, `error_while_proxy`: a failed backend is skipped on the retry.
-//! 5. `upstream_request_filter`: forwarding headers, the request id and the route's request
-//!    header rules for the backend.
+//! 5. `upstream_request_filter`: forwarding headers, the client certificate's, the request id
+//!    and the route's request header rules for the backend.
 //! 6. `response_filter`: request id, HSTS, the route's response headers and CORS
 //!    ([`respond::Stamp`]), compression of large backend responses.
 //! 7. `fail_to_proxy`: errors become JSON bodies with the right status.
@@ -35,7 +36,7 @@ use pingora::{
     Error, ErrorSource, ErrorType, OrErr, Result,
     http::{RequestHeader, ResponseHeader},
     modules::http::compression::ResponseCompression,
-    protocols::l4::socket::SocketAddr,
+    protocols::{l4::socket::SocketAddr, tls::SslDigest},
     upstreams::peer::HttpPeer,
 };
 use pingora_proxy::{FailToProxy, ProxyHttp, Session};
@@ -46,6 +47,7 @@ use arc_swap::ArcSwap;
 use crate::{
     access::{Decision, client_ip},
     acme::{Acme, challenges},
+    client_cert::{self, ClientCert},
     client_shares::{ClientShares, Share},
     cors::Cors,
     drain::{Drain, InFlight},
@@ -286,6 +288,9 @@ pub struct RequestCtx {
     correlation_id: Option<String>,
     /// Whether this request came over TLS.
     tls: bool,
+    /// The connection's TLS digest, kept only when it holds a verified client certificate
+    /// ([`RequestCtx::client_cert`]).
+    client_cert: Option<Arc<SslDigest>>,
     /// The client, after trusted proxies are accounted for.
     client: IpAddr,
     /// The matched route, from the same [`Live`].
@@ -349,6 +354,11 @@ impl RequestCtx {
         self.correlation_id.as_deref().unwrap_or(&self.request_id)
     }
 
+    /// The connection's verified client certificate.
+    fn client_cert(&self) -> Option<&ClientCert> {
+        self.client_cert.as_deref().and_then(ClientCert::of)
+    }
+
     fn vars<'a>(&'a self, host: Option<&'a [u8]>) -> Vars<'a> {
         Vars {
             client: self.client,
@@ -371,6 +381,7 @@ impl ProxyHttp for Gateway {
             request_id: String::new(),
             correlation_id: None,
             tls: false,
+            client_cert: None,
             client: IpAddr::V4(Ipv4Addr::UNSPECIFIED),
             route: None,
             user: None,
@@ -421,7 +432,9 @@ impl ProxyHttp for Gateway {
             ctx.client =
                 client_ip::client_ip(peer, headers, &live.trusted_proxies, live.client_ip_header);
         }
-        ctx.tls = session.digest().is_some_and(|d| d.ssl_digest.is_some());
+        let ssl = session.digest().and_then(|d| d.ssl_digest.as_ref());
+        ctx.tls = ssl.is_some();
+        ctx.client_cert = ssl.filter(|d| ClientCert::of(d).is_some()).cloned();
         // HTTP/1 sessions got theirs as they were made (`connection`); an HTTP/2 stream's
         // covers its waits for flow-control credit too, so a client that opens a zero window
         // and never reads loses the stream.
@@ -540,6 +553,24 @@ impl ProxyHttp for Gateway {
             if Cors::is_preflight(request) {
                 return self.preflight(session, ctx, route, cors).await;
             }
+        }
+
+        // A property of the connection, like its address: checked before the rules that
+        // count or ask for a password.
+        if route.requires_client_cert && ctx.client_cert.is_none() {
+            if let Some(series) = route.observer.series() {
+                series.refused(AccessRefusal::Denied);
+            }
+            let message = "this route needs a client certificate";
+            respond::error_for_client(
+                session,
+                &self.stamp(ctx),
+                403,
+                "client_certificate_required",
+                message,
+            )
+            .await?;
+            return Ok(true);
         }
 
         let authorization = session
@@ -1060,15 +1091,17 @@ fn forwarding_headers(
     if !keep {
         upstream.drop_all(&http::header::AUTHORIZATION);
     }
-    // Only the edge says what prefix it removed, and whom a client certificate vouches for.
+    // Only the edge says what prefix it removed.
     upstream.drop_all(&X_FORWARDED_PREFIX);
-    upstream.drop_all(&header_rules::X_GATEHOUSE_CERT_USER);
     if ctx.upstream_target.is_some() {
         let rewrite = ctx.route.as_ref().and_then(|r| r.rewrite.as_ref());
         if let Some(prefix) = rewrite.and_then(PrefixRewrite::forwarded_prefix) {
             upstream.put(&X_FORWARDED_PREFIX, prefix.clone())?;
         }
     }
+    // Only the edge says who the client's certificate names, on every route: a backend
+    // signs in as the user it names.
+    client_cert::forward(upstream, ctx.client_cert(), &ctx.live.tls.client_users)?;
     if let Some(route) = &ctx.route
         && !route.headers.request.is_empty()
     {
