@@ -34,6 +34,8 @@ so it times cache hits, not the origin.
     scripts/bench.py --observability  # gatehouse with metrics and access logs on vs off
     scripts/bench.py --baseline OTHER --rounds 6  # this build vs another gatehouse binary
     scripts/bench.py --baseline-threads 1         # this build vs itself with proxy.threads = 1
+    scripts/bench.py --identity --rounds 6  # /api/count: bearer token vs API key, and a request
+                                            # writing an audit event vs one writing none
 
 `--baseline` gives both sides one config, written in this checkout's shape: the other binary
 must read that shape, so a build from before a change of the config's keys (one that refuses the
@@ -825,6 +827,80 @@ def baseline(opts, binary):
     side_by_side(opts, sides, scenarios, title, "baseline")
 
 
+def identity(opts, binary):
+    """What identity costs on /api/count, in one group, the runs alternating round after
+    round: a bearer token against an API key (the key's check and guard in one script, against
+    the token's signature and one MULTI), and a request that writes an audit event (DELETE
+    /api/count by a maintainer key: a line to the audit file and an XADD) against the same key's
+    GET, which writes none. CPU is the whole group's: proxy, backends and Redis."""
+    duration, connections, rounds = ("1s", 16, 1) if opts.quick else ("8s", 64, opts.rounds)
+    opts.out.mkdir(parents=True, exist_ok=True)
+    raw = opts.out / "raw"
+    raw.mkdir(exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="gatehouse-bench-"))
+    processes = []
+    try:
+        copy_static(work)
+        http, https, admin = free_port(), free_port(), free_port()
+        audit_log = work / "audit.log"
+        (work / "gatehouse.toml").write_text(gatehouse_config(
+            work, http, https, 3, admin=admin, proxy_extra=threads_line(opts.threads),
+            sections=f'[audit]\nfile = "{audit_log}"\n'))
+        subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
+        env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
+        log = open(work / "gatehouse.log", "w")
+        group = subprocess.Popen([binary, "run", "--config", work / "gatehouse.toml"], env=env, stdout=log,
+                                 stderr=log)
+        processes.append(group)
+        wait_for(f"http://127.0.0.1:{http}/api/ping", work / "gatehouse.log")
+        pids = children(group.pid)
+        token = login_token(http)
+        made = urllib.request.Request(
+            f"http://127.0.0.1:{http}/api/keys",
+            data=json.dumps({"name": "bench", "role": "maintainer"}).encode(),
+            headers={"Content-Type": "application/json", "Authorization": f"Bearer {token}"},
+        )
+        key = json.load(urllib.request.urlopen(made))["key"]
+        scenarios = [
+            ("GET /api/count, bearer token", ["-H", f"Authorization: Bearer {token}"]),
+            ("GET /api/count, API key", ["-H", f"X-API-Key: {key}"]),
+            ("DELETE /api/count, API key: one audit event each", ["-m", "DELETE", "-H", f"X-API-Key: {key}"]),
+        ]
+        base = load_args(opts, duration, connections)
+        url = f"http://127.0.0.1:{http}/api/count"
+        results = {}
+        for round_no in range(rounds):
+            for index, (label, args) in enumerate(scenarios):
+                settle(http)
+                run_id = f"identity-r{round_no}-s{index}"
+                results.setdefault((label, "group"), []).append(measure(label, base + args, url, pids, raw, run_id))
+        events = sum(1 for _ in open(audit_log))
+    finally:
+        stop_all(processes, work)
+
+    def med(label, key):
+        return median_of(results, label, "group", key)
+
+    first = scenarios[0][0]
+    lines = [
+        f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating, "
+        f"medians; {os.cpu_count()} cores; one group (3 backends, managed Redis); CPU of the whole group "
+        f"(proxy, backends, Redis); {events:,} audit events written.",
+        "",
+        "| scenario | rps | vs first | p99 ms | group CPU us/req | vs first | ctx sw/req |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for label, _ in scenarios:
+        lines.append(
+            f"| {label} | {rps_cell(opts, med(label, 'rps'))} | {med(label, 'rps') / med(first, 'rps'):.3f}x | "
+            f"{med(label, 'p99'):.2f} | {med(label, 'cpu_us'):.1f} | "
+            f"{med(label, 'cpu_us') / med(first, 'cpu_us'):.3f}x | {switches_cell(results, label, 'group')} |"
+        )
+    table = "\n".join(lines) + "\n"
+    (opts.out / "identity.md").write_text(table)
+    print(table)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="short smoke run (CI)")
@@ -852,8 +928,10 @@ def main():
     parser.add_argument("--access-logs", choices=("on", "off"), default="on",
                         help="access logs on both sides in the gatehouse/nginx table (default on, "
                              "as both ship)")
+    parser.add_argument("--identity", action="store_true",
+                        help="bearer token against API key, and an audit event's cost, on /api/count")
     parser.add_argument("--rounds", type=int, default=3,
-                        help="alternating rounds for --observability and --baseline")
+                        help="alternating rounds for --observability, --baseline and --identity")
     opts = parser.parse_args()
     if opts.syscalls is None:
         opts.syscalls = 0 if opts.quick else 5000
@@ -864,6 +942,9 @@ def main():
     if not opts.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=REPO, check=True)
     binary = opts.binary
+    if opts.identity:
+        identity(opts, binary)
+        return
     if opts.observability:
         observability(opts, binary)
         return

@@ -206,6 +206,18 @@ fn a_user_past_the_token_cap_loses_its_oldest_and_a_change_revokes_them_all() {
         metric_sum(&metrics, "gatehouse_backend_tokens_over_cap_total", &[]),
         2.0
     );
+    // Each is an audit event too.
+    let audit: Value = group
+        .call(Method::GET, "/api/audit?limit=100", &admin, None)
+        .json()
+        .unwrap();
+    let revoked = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|e| e["event"] == "tokens.revoked" && e["target"] == "vic")
+        .count();
+    assert_eq!(revoked, 2, "{audit}");
 
     // Any change to the user revokes every token it holds (a bounded delete: at most the
     // cap), and no one else's.

@@ -289,12 +289,13 @@ impl Accounts {
 
     /// Records a new token of `user` and stamps it with Redis's generation, unless the user
     /// changed since its password was checked (then `false`: a token must not outlive a
-    /// change made during its login). Past the cap, the user's oldest tokens are revoked.
+    /// change made during its login). Past the cap, the user's oldest tokens are revoked:
+    /// `Some(how many)`.
     pub async fn open_session(
         &self,
         user: &Verified,
         claims: &mut Claims,
-    ) -> Result<bool, ApiError> {
+    ) -> Result<Option<u64>, ApiError> {
         let lifetime_ms = (claims.exp.saturating_sub(claims.iat) + KEEP_AFTER_EXP) * 1000;
         let mut invocation = self.scripts.open_session.key(keys::user(&claims.sub));
         invocation
@@ -308,7 +309,7 @@ impl Accounts {
             .arg(self.max_tokens_per_user);
         let (generation, dropped): (String, u64) = self.store.script(invocation).await?;
         if generation.is_empty() {
-            return Ok(false);
+            return Ok(None);
         }
         if dropped > 0 {
             self.metrics.tokens_over_cap(dropped);
@@ -321,7 +322,7 @@ impl Accounts {
         }
         self.saw(Some(&generation));
         claims.generation = generation;
-        Ok(true)
+        Ok(Some(dropped))
     }
 
     /// The per-request check of a token whose signature and claims are valid: one round trip

@@ -100,8 +100,15 @@ pub(crate) async fn login(
         app.guard.success(&username, client).await?;
         let mut claims = app.tokens.claims(&username, user.role);
         // The user may have been changed or disabled while its password was being checked.
-        if !app.accounts.open_session(&user, &mut claims).await? {
+        let Some(revoked) = app.accounts.open_session(&user, &mut claims).await? else {
             return Err(refused());
+        };
+        if revoked > 0 {
+            let target = Some(username.as_str());
+            let detail = format!("{revoked} oldest past backend.max_tokens_per_user");
+            let mut event = context.event("tokens.revoked", target, target, "success");
+            event.detail = Some(&detail);
+            app.audit.record(event).await;
         }
         let token = app.tokens.sign(&claims).map_err(|e| {
             tracing::error!(error = %e, request_id, "cannot sign a token");
