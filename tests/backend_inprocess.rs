@@ -70,6 +70,7 @@ impl Backend {
                             max_events: 1000,
                         },
                         admin_address: None,
+                        certificate_users: false,
                     })
                     .unwrap();
                     let listener = gatehouse_backend::bind(&socket).await.unwrap();

@@ -852,6 +852,7 @@ fn requests_with_credentials_share_only_public_responses() {
     for (path, credential) in [
         ("/c/bearer", ("authorization", "Bearer x")),
         ("/c/session", ("cookie", "session=1")),
+        ("/c/key", ("x-api-key", "gk_0123456789abcdef_00")),
     ] {
         origin.set(path, Answer::cache_control("max-age=60"));
         let bypass = proxy.get_with(path, &[credential]);

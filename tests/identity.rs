@@ -10,7 +10,7 @@ use std::{
 use reqwest::{Method, blocking::Response};
 use serde_json::{Value, json};
 
-use crate::util::{Group, Options, Redis, expect, metric_sum, signal, wait_until};
+use crate::util::{Group, Options, Redis, expect, metric_sum, signal, unix_request, wait_until};
 
 fn create_user(group: &Group, admin: &str, name: &str, role: &str) {
     let body = json!({"username": name, "password": "correct horse 1", "role": role});
@@ -258,7 +258,9 @@ fn an_api_key_works_everywhere_with_its_role_and_dies_everywhere_at_once() {
         404,
         "revoked twice",
     );
-    // A certificate user header from a client is never believed.
+    // A certificate user header from a client is never believed: the edge strips it, and a
+    // backend whose edge maps no certificate to a user ignores it even sent straight to its
+    // socket.
     let sent = a
         .client
         .get(a.url("/api/me"))
@@ -266,6 +268,94 @@ fn an_api_key_works_everywhere_with_its_role_and_dies_everywhere_at_once() {
         .send()
         .unwrap();
     expect(sent, 401, "a client's own certificate-user header");
+    let direct = unix_request(
+        &a.dir.path().join("run/backend-1.sock"),
+        "GET /api/me HTTP/1.1\r\nHost: b\r\nX-Gatehouse-Cert-User: admin\r\nConnection: close\r\n\r\n",
+        Duration::from_secs(5),
+    )
+    .unwrap();
+    assert_eq!(direct.0, 401, "{direct:?}");
+
+    // A damaged record (no name nor role) is no key: refused, no visit counted, left out of
+    // the list, and still revocable by its id.
+    let damaged = "0123456789abcdef";
+    let secret = "ab".repeat(32);
+    let damaged_key = format!("gk_{damaged}_{secret}");
+    let digest = {
+        use sha2::Digest;
+        sha2::Sha256::digest(damaged_key.as_bytes())
+            .iter()
+            .map(|b| format!("{b:02x}"))
+            .collect::<String>()
+    };
+    redis.command(&[
+        "HSET",
+        &format!("gatehouse:apikey:{damaged}"),
+        "hash",
+        &digest,
+    ]);
+    redis.command(&["SADD", "gatehouse:apikeys", damaged]);
+    let visits = redis.command(&["GET", "gatehouse:visits"]);
+    expect(
+        with_key(&a, Method::GET, "/api/count", &damaged_key),
+        401,
+        "a damaged key",
+    );
+    assert_eq!(redis.command(&["GET", "gatehouse:visits"]), visits);
+    let listed = expect(
+        a.call(Method::GET, "/api/keys", &admin, None),
+        200,
+        "the list",
+    );
+    assert!(!listed.to_string().contains(damaged), "{listed}");
+    expect(
+        a.call(
+            Method::DELETE,
+            &format!("/api/keys/{damaged}"),
+            &admin,
+            None,
+        ),
+        204,
+        "a damaged key revoked",
+    );
+    assert_eq!(
+        redis.command(&["SISMEMBER", "gatehouse:apikeys", damaged]),
+        "0"
+    );
+}
+
+/// A route that caches the API: what a key's request got is never answered to anyone else
+/// (the edge counts `X-API-Key` as a credential, and the API says `private, no-store`).
+#[test]
+fn answers_for_an_api_key_are_never_kept_for_others() {
+    let group = Group::start(Options {
+        extra:
+            "[[routes]]\nprefix = \"/cached/\"\nupstream = \"backends\"\nrewrite_prefix = \"/\"\n\
+                [routes.cache]\ndefault_ttl = \"60s\"\n"
+                .into(),
+        ..Options::default()
+    });
+    let admin = group.token();
+    let key = create_key(&group, &admin, "ops", "admin")["key"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    for path in ["/cached/api/users", "/cached/api/keys", "/cached/api/me"] {
+        let first = with_key(&group, Method::GET, path, &key);
+        assert_eq!(first.status(), 200, "{path}");
+        assert_eq!(
+            first.headers()["cache-control"],
+            "private, no-store",
+            "{path}"
+        );
+        assert_ne!(
+            first.headers()["x-cache"],
+            "MISS",
+            "{path}: a key's request kept"
+        );
+        let anonymous = group.get(path).unwrap();
+        assert_eq!(anonymous.status(), 401, "{path}: served to anonymous");
+    }
 }
 
 /// Bad keys count against the client in the login guard, checked before the key in one
@@ -430,6 +520,44 @@ fn the_audit_log_records_security_events_in_a_file_and_a_shared_stream_without_s
         wanted.iter().all(|w| seen.iter().any(|s| s == w))
     });
     assert!(complete, "missing events: {page}");
+    // One client failing and then throttled under ever new names is a handful of events,
+    // not one per request.
+    let flooder = group.client_from("127.0.0.3");
+    let mut throttled = 0;
+    for i in 0..120 {
+        let body = json!({"username": format!("flood{i}"), "password": "wrong password"});
+        let answer = flooder
+            .post(group.url("/auth/login"))
+            .json(&body)
+            .send()
+            .unwrap();
+        throttled += usize::from(answer.status() == 429);
+    }
+    assert!(throttled >= 90, "{throttled}");
+    let flood = expect(
+        group.call(Method::GET, "/api/audit?limit=500", &admin, None),
+        200,
+        "audit",
+    );
+    let from = |event: &str| {
+        flood["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == event && e["client"] == "127.0.0.3")
+            .count()
+    };
+    assert!(
+        (1..=3).contains(&from("login.throttled")),
+        "{}",
+        from("login.throttled")
+    );
+    let suppressed = metric_sum(
+        &group.admin("/metrics").1,
+        "gatehouse_backend_audit_suppressed_total",
+        &[],
+    );
+    assert!(suppressed >= 80.0, "{suppressed}");
     // Newest first, each with its request's ids and client; the denial names the role.
     let all = page["events"].as_array().unwrap();
     let times: Vec<&str> = all.iter().map(|e| e["time"].as_str().unwrap()).collect();

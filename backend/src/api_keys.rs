@@ -49,8 +49,12 @@ pub struct KeyInfo {
     /// Unix seconds.
     #[schema(example = 1_790_000_000)]
     pub created: u64,
-    /// Unix seconds of the last request that presented it; `null` if none has.
+    /// Unix seconds of the last request that presented it, to the minute; `null` if none has.
     pub last_used: Option<u64>,
+    /// The admin (or admin key) that made it. A key outlives its maker: disabling or deleting
+    /// that user leaves the key working until it is revoked.
+    #[schema(example = "admin")]
+    pub created_by: Option<String>,
 }
 
 /// A key just made: the only answer that ever holds the key.
@@ -157,7 +161,7 @@ impl ApiKeys {
                     _ => GuardLimit::Ip,
                 };
                 let wait = number(1).and_then(|n| u64::try_from(n).ok()).unwrap_or(1);
-                Err(guard.throttled(limit, wait))
+                Err(guard.throttled(limit, wait, "API keys"))
             }
             Some("refused") => {
                 self.metrics.key_check(KeyCheck::Refused);
@@ -175,6 +179,7 @@ impl ApiKeys {
         name: &str,
         role: Role,
         generation: &str,
+        created_by: &str,
     ) -> Result<NewKey, ApiError> {
         if !valid_name(name) {
             return Err(ApiError::bad_request(
@@ -196,7 +201,8 @@ impl ApiKeys {
                 .arg(digest(&key))
                 .arg(created)
                 .arg(generation)
-                .arg(MAX_KEYS);
+                .arg(MAX_KEYS)
+                .arg(created_by);
             let outcome: String = self.store.script(invocation).await?;
             match outcome.as_str() {
                 "ok" => {
@@ -230,7 +236,7 @@ impl ApiKeys {
         Err(ApiError::internal("unexpected answer from Redis"))
     }
 
-    /// Revokes key `id`; its name, for the audit log.
+    /// Revokes key `id`; its name (empty for a damaged record), for the audit log.
     pub async fn revoke(&self, id: &str) -> Result<String, ApiError> {
         let missing = || ApiError::not_found(format!("no API key with id {id:?}"));
         if !valid_id(id) {
@@ -246,11 +252,18 @@ impl ApiKeys {
     pub async fn list(&self) -> Result<Vec<KeyInfo>, ApiError> {
         let mut invocation = self.list.key(API_KEYS);
         invocation.arg(API_KEY_PREFIX);
-        type Row = (String, String, String, Option<u64>, Option<u64>);
+        type Row = (
+            String,
+            String,
+            String,
+            Option<u64>,
+            Option<u64>,
+            Option<String>,
+        );
         let rows: Vec<Row> = self.store.script(invocation).await?;
         let mut keys = rows
             .into_iter()
-            .map(|(id, name, role, created, last_used)| {
+            .map(|(id, name, role, created, last_used, created_by)| {
                 let role = Role::parse(&role).ok_or_else(|| {
                     tracing::error!(key = %name, role, "an API key in Redis has an unknown role");
                     ApiError::internal("a key's record is damaged")
@@ -261,6 +274,7 @@ impl ApiKeys {
                     role,
                     created: created.unwrap_or(0),
                     last_used,
+                    created_by,
                 })
             })
             .collect::<Result<Vec<_>, ApiError>>()?;

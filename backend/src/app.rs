@@ -30,6 +30,9 @@ pub struct App {
     pub audit: Audit,
     /// The proxy's admin listener, which `GET /api/status` asks for the group's health.
     pub admin_address: Option<SocketAddr>,
+    /// Whether the edge maps client certificates to users: only then is its
+    /// `X-Gatehouse-Cert-User` believed (a header nothing should send otherwise).
+    pub certificate_users: bool,
     pub max_body_bytes: usize,
     /// How long a handler waits for a request body, whole.
     pub body_timeout: Duration,
@@ -54,6 +57,7 @@ pub struct Settings {
     pub metrics: Arc<Metrics>,
     pub audit: AuditSettings,
     pub admin_address: Option<SocketAddr>,
+    pub certificate_users: bool,
 }
 
 /// `[audit]`: where the audit events go besides the Redis stream, and the stream's cap.
@@ -77,6 +81,7 @@ impl App {
             metrics,
             audit,
             admin_address,
+            certificate_users,
         } = settings;
         let id_header = HeaderValue::from_str(&id).map_err(|_| StartError::Id(id.clone()))?;
         let store = Arc::new(store);
@@ -105,6 +110,7 @@ impl App {
             api_keys: ApiKeys::new(store.clone(), metrics.clone()),
             audit,
             admin_address,
+            certificate_users,
             store,
             max_body_bytes,
             body_timeout,

@@ -5,14 +5,19 @@
 //! Each event goes to two places: a line appended to the audit file (every process of the
 //! group appends to the same file; one `write` per line on a file opened for appending keeps
 //! lines whole), and an entry of a Redis stream capped near `audit.max_events`, which every
-//! backend and replica shares and `GET /api/audit` reads, newest first. A file renamed away
-//! (by logrotate) is followed by a new one at the next event. Either may fail alone
+//! backend and replica shares and `GET /api/audit` reads, newest first. Either may fail alone
 //! (a full disk, Redis down): the event is still in the other, the failure is counted, and the
 //! event is also logged at `warn`, so it is never lost silently.
 //!
+//! The file is written by a thread of its own, fed through a bounded queue: a slow disk, or a
+//! standard output nobody reads, never holds a request (the backend serves on one thread). A
+//! file renamed away (by logrotate) is followed by a new one at the next event.
+//!
 //! Refusals an attacker can cause by the thousand (a throttled login, a bad key, a denied
-//! permission) are written once per event, client and target in [`REPEAT_WINDOW`], so a
-//! flood neither fills the stream, pushing older events out, nor costs Redis a write each.
+//! permission) are written once per event, client (IPv6 by /64, as the login guard counts) and
+//! actor in [`REPEAT_WINDOW`], and at most [`MAX_REFUSALS`] of them in a window: the rest are
+//! counted, not written, so a flood neither pushes older events out of the stream nor costs
+//! Redis a write per request.
 
 use std::{
     collections::HashMap,
@@ -20,23 +25,24 @@ use std::{
     io::Write,
     net::IpAddr,
     path::{Path, PathBuf},
-    sync::{Arc, Mutex},
+    sync::{Arc, Mutex, mpsc},
     time::{Duration, Instant, SystemTime},
 };
 
 use serde::Serialize;
 
-use crate::{error::ApiError, keys::AUDIT, metrics::Metrics, store::Store};
+use crate::{error::ApiError, guard::client_part, keys::AUDIT, metrics::Metrics, store::Store};
 
 /// The default of `audit.max_events`.
 pub const DEFAULT_MAX_EVENTS: u64 = 100_000;
 /// The most events `GET /api/audit` returns at once.
 pub const MAX_PAGE: usize = 500;
-/// A repeated refusal (same event, client and target) within this is not written again.
+/// A repeated refusal (same event, client and actor) within this is not written again.
 pub const REPEAT_WINDOW: Duration = Duration::from_secs(10);
-/// Refusals remembered for [`REPEAT_WINDOW`]: past this, the table is cleared, so a flood
-/// from ever new addresses costs memory no larger than this.
-const REPEATS_KEPT: usize = 4096;
+/// Refusals one process writes in a [`REPEAT_WINDOW`] at most, whoever they come from.
+pub const MAX_REFUSALS: u32 = 100;
+/// Lines waiting for the file's writer; past it, a line is counted as a failure.
+const QUEUE: usize = 4096;
 
 /// One security event. Borrowed fields: built on the request's path from what it has.
 #[derive(Debug, Default, Serialize)]
@@ -65,23 +71,30 @@ struct Line<'a> {
     source: &'a str,
 }
 
-type Refusal = (String, Option<IpAddr>, String);
+/// Who a refusal came from, for [`Audit::record_refusal`]: event, client, actor.
+type Refusal = (String, String, String);
+
+/// The refusals of the current window.
+struct Refusals {
+    since: Instant,
+    written: u32,
+    last: HashMap<Refusal, Instant>,
+}
 
 pub struct Audit {
     store: Arc<Store>,
-    file: Option<(PathBuf, Mutex<File>)>,
-    /// Lines go to standard output instead of a file.
-    stdout: bool,
+    /// The file writer's queue; `None`: no file.
+    lines: Option<mpsc::SyncSender<String>>,
     max_events: u64,
     source: String,
     metrics: Option<Arc<Metrics>>,
-    /// When each refusal (event, client, target) was last written.
-    repeats: Mutex<HashMap<Refusal, Instant>>,
+    refusals: Mutex<Refusals>,
 }
 
 impl Audit {
-    /// `file`: the audit file, opened for appending now (created if missing, `0600`), so a
-    /// path that cannot be written stops the start rather than losing events later.
+    /// `file`: the audit file (`-`: standard output), opened for appending now (created if
+    /// missing, `0600`), so a path that cannot be written stops the start rather than losing
+    /// events later.
     pub fn new(
         store: Arc<Store>,
         file: Option<&Path>,
@@ -89,26 +102,39 @@ impl Audit {
         source: &str,
         metrics: Option<Arc<Metrics>>,
     ) -> std::io::Result<Self> {
-        let stdout = file == Some(Path::new("-"));
-        let file = match file {
+        let sink = match file {
             // Standard output: a container's log, beside the access log's JSON lines.
-            Some(path) if path == Path::new("-") => None,
+            Some(path) if path == Path::new("-") => Some(Sink::Stdout),
             Some(path) => {
                 if let Some(dir) = path.parent() {
                     std::fs::create_dir_all(dir)?;
                 }
-                Some((path.to_path_buf(), Mutex::new(open(path)?)))
+                Some(Sink::File(path.to_path_buf(), open(path)?))
+            }
+            None => None,
+        };
+        let lines = match sink {
+            Some(sink) => {
+                let (sender, receiver) = mpsc::sync_channel(QUEUE);
+                let metrics = metrics.clone();
+                std::thread::Builder::new()
+                    .name("audit-file".into())
+                    .spawn(move || sink.write_all(receiver, metrics))?;
+                Some(sender)
             }
             None => None,
         };
         Ok(Self {
-            stdout,
             store,
-            file,
+            lines,
             max_events: max_events.max(1),
             source: source.to_string(),
             metrics,
-            repeats: Mutex::new(HashMap::new()),
+            refusals: Mutex::new(Refusals {
+                since: Instant::now(),
+                written: 0,
+                last: HashMap::new(),
+            }),
         })
     }
 
@@ -123,10 +149,11 @@ impl Audit {
         let Ok(json) = serde_json::to_string(&line) else {
             return;
         };
-        if let Some(metrics) = &self.metrics {
-            metrics.audit_event();
-        }
-        let file_ok = self.append(&json);
+        self.count(Metrics::audit_event);
+        let queued = match &self.lines {
+            Some(lines) => lines.try_send(json.clone()).is_ok(),
+            None => true,
+        };
         let mut conn = self.store.connection();
         let max = self.max_events;
         let stream_ok = self
@@ -145,95 +172,76 @@ impl Audit {
             })
             .await
             .is_ok();
-        if !(file_ok && stream_ok) {
-            if let Some(metrics) = &self.metrics {
-                metrics.audit_failure();
-            }
-            tracing::warn!(audit = %json, file = file_ok, stream = stream_ok,
+        if !(queued && stream_ok) {
+            self.count(Metrics::audit_failure);
+            tracing::warn!(audit = %json, file = queued, stream = stream_ok,
                 "an audit event could not be written everywhere");
         }
     }
 
-    /// As [`Audit::record`], unless the same refusal (event, client, target) was written
-    /// within [`REPEAT_WINDOW`].
+    /// As [`Audit::record`], unless the same refusal (event, client, actor) was written within
+    /// [`REPEAT_WINDOW`], or [`MAX_REFUSALS`] were in this window already: those are counted
+    /// (`gatehouse_backend_audit_suppressed_total`), not written.
     pub async fn record_refusal(&self, event: Event<'_>) {
         let key = (
             event.event.to_string(),
-            event.client,
-            event.target.unwrap_or_default().to_string(),
+            client_part(event.client),
+            event.actor.unwrap_or_default().to_string(),
         );
-        {
-            let mut repeats = self
-                .repeats
+        let write = {
+            let mut refusals = self
+                .refusals
                 .lock()
                 .unwrap_or_else(std::sync::PoisonError::into_inner);
             let now = Instant::now();
-            if repeats
+            if now.duration_since(refusals.since) >= REPEAT_WINDOW {
+                refusals.since = now;
+                refusals.written = 0;
+                refusals
+                    .last
+                    .retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+            }
+            let repeated = refusals
+                .last
                 .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < REPEAT_WINDOW)
-            {
-                return;
+                .is_some_and(|at| now.duration_since(*at) < REPEAT_WINDOW);
+            let write = !repeated && refusals.written < MAX_REFUSALS;
+            if write {
+                refusals.written += 1;
+                refusals.last.insert(key, now);
             }
-            if repeats.len() >= REPEATS_KEPT {
-                repeats.retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
-                if repeats.len() >= REPEATS_KEPT {
-                    repeats.clear();
-                }
-            }
-            repeats.insert(key, now);
+            write
+        };
+        if write {
+            self.record(event).await;
+        } else {
+            self.count(Metrics::audit_suppressed);
         }
-        self.record(event).await;
     }
 
-    /// One line, in one `write`, to the file opened for appending. The file is opened again
-    /// when the path names another file than the one held (logrotate renamed it away: events
-    /// are few, so a `stat` each costs nothing and needs no signal to every process), or
-    /// when the write fails.
-    fn append(&self, json: &str) -> bool {
-        use std::os::unix::fs::MetadataExt;
-        let mut line = String::with_capacity(json.len() + 1);
-        line.push_str(json);
-        line.push('\n');
-        if self.stdout {
-            return std::io::stdout().lock().write_all(line.as_bytes()).is_ok();
-        }
-        let Some((path, file)) = &self.file else {
-            return true;
-        };
-        let mut file = file
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let same =
-            |a: &std::fs::Metadata, b: &std::fs::Metadata| a.dev() == b.dev() && a.ino() == b.ino();
-        let moved = match (std::fs::metadata(path), file.metadata()) {
-            (Ok(named), Ok(held)) => !same(&named, &held),
-            _ => true,
-        };
-        if !moved && file.write_all(line.as_bytes()).is_ok() {
-            return true;
-        }
-        match open(path) {
-            Ok(reopened) => {
-                *file = reopened;
-                file.write_all(line.as_bytes()).is_ok()
-            }
-            Err(_) => false,
+    fn count(&self, counter: fn(&Metrics)) {
+        if let Some(metrics) = &self.metrics {
+            counter(metrics);
         }
     }
 
     /// The newest events first, at most `limit`, older than stream id `before` if given;
-    /// each event's JSON with its stream `id` added.
+    /// each event's JSON with its stream `id` added, and the id of the last entry read (the
+    /// next page's `before`), also when that entry could not be read as an event.
     pub async fn page(
         &self,
         limit: usize,
         before: Option<&str>,
-    ) -> Result<Vec<serde_json::Value>, ApiError> {
+    ) -> Result<(Vec<serde_json::Value>, Option<String>), ApiError> {
         let end = match before {
             // Nothing is older than the first id there can be (and Redis refuses the range).
-            Some(id) if id.split('-').all(|n| n.parse() == Ok(0u64)) => return Ok(Vec::new()),
+            Some(id) if id.split('-').all(|n| n.parse() == Ok(0u64)) => {
+                return Ok((Vec::new(), None));
+            }
             Some(id) => format!("({id}"),
             None => "+".to_string(),
         };
+        let limit = limit.clamp(1, MAX_PAGE);
         let mut conn = self.store.connection();
         let entries: Vec<(String, Vec<(String, String)>)> = self
             .store
@@ -243,12 +251,15 @@ impl Audit {
                     .arg(&end)
                     .arg("-")
                     .arg("COUNT")
-                    .arg(limit.clamp(1, MAX_PAGE))
+                    .arg(limit)
                     .query_async(&mut conn)
                     .await
             })
             .await?;
-        Ok(entries
+        let last = (entries.len() == limit)
+            .then(|| entries.last().map(|(id, _)| id.clone()))
+            .flatten();
+        let events = entries
             .into_iter()
             .filter_map(|(id, fields)| {
                 let json = fields.into_iter().find(|(k, _)| k == "e")?.1;
@@ -258,7 +269,58 @@ impl Audit {
                     .insert("id".into(), serde_json::Value::String(id));
                 Some(event)
             })
-            .collect())
+            .collect();
+        Ok((events, last))
+    }
+}
+
+/// Where the audit file's writer writes.
+enum Sink {
+    Stdout,
+    File(PathBuf, File),
+}
+
+impl Sink {
+    /// The writer thread: each line in one `write`, until every sender is gone. A file is
+    /// opened again when the path names another file than the one held (logrotate renamed it
+    /// away: events are few, so a `stat` each costs nothing and needs no signal to every
+    /// process), or when a write fails.
+    fn write_all(mut self, lines: mpsc::Receiver<String>, metrics: Option<Arc<Metrics>>) {
+        for mut line in lines {
+            line.push('\n');
+            if !self.write(line.as_bytes()) {
+                if let Some(metrics) = &metrics {
+                    metrics.audit_failure();
+                }
+                tracing::warn!(audit = %line.trim_end(), "an audit event could not be written to the audit file");
+            }
+        }
+    }
+
+    fn write(&mut self, line: &[u8]) -> bool {
+        use std::os::unix::fs::MetadataExt;
+        match self {
+            Sink::Stdout => std::io::stdout().lock().write_all(line).is_ok(),
+            Sink::File(path, file) => {
+                let same = |a: &std::fs::Metadata, b: &std::fs::Metadata| {
+                    a.dev() == b.dev() && a.ino() == b.ino()
+                };
+                let moved = match (std::fs::metadata(&*path), file.metadata()) {
+                    (Ok(named), Ok(held)) => !same(&named, &held),
+                    _ => true,
+                };
+                if !moved && file.write_all(line).is_ok() {
+                    return true;
+                }
+                match open(path) {
+                    Ok(reopened) => {
+                        *file = reopened;
+                        file.write_all(line).is_ok()
+                    }
+                    Err(_) => false,
+                }
+            }
+        }
     }
 }
 

@@ -53,6 +53,9 @@ pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Bo
     let endpoint = found
         .as_ref()
         .map_or(routes::OTHER, |(route, _)| route.metric);
+    let protected = found
+        .as_ref()
+        .is_ok_and(|(route, _)| route.access.role().is_some());
     let mut user = None;
     let result = match found {
         Ok((route, name)) => call(&app, route, name, request, &context, &mut user).await,
@@ -68,6 +71,14 @@ pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Bo
     headers.insert(REQUEST_ID, request_id);
     if let Some(user) = user {
         headers.insert(USER_HEADER, user);
+    }
+    // An answer for one caller: no shared cache may keep it, whatever credential header it
+    // came with.
+    if protected {
+        headers.insert(
+            header::CACHE_CONTROL,
+            HeaderValue::from_static("private, no-store"),
+        );
     }
     response
 }
@@ -207,7 +218,7 @@ async fn authenticate<B>(
         } else {
             (app.accounts.session(claims).await?, None)
         }
-    } else if let Some(user) = headers.get(CERT_USER) {
+    } else if let Some(user) = headers.get(CERT_USER).filter(|_| app.certificate_users) {
         let user = user.to_str().unwrap_or_default();
         app.accounts.certificate_session(user, count).await?
     } else {

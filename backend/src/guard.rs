@@ -90,7 +90,7 @@ impl Guard {
             2 => GuardLimit::Ip,
             _ => GuardLimit::UserAllIps,
         };
-        Err(self.throttled(limit, wait))
+        Err(self.throttled(limit, wait, "logins"))
     }
 
     /// A success takes back this attempt's charge, and remembers the address as known for
@@ -139,12 +139,13 @@ impl Guard {
         ]
     }
 
-    pub(crate) fn throttled(&self, limit: GuardLimit, wait: u64) -> ApiError {
+    /// `429` for `what` (`logins`, `API keys`) from a client past a limit.
+    pub(crate) fn throttled(&self, limit: GuardLimit, wait: u64, what: &str) -> ApiError {
         self.metrics.login_throttled(limit);
         ApiError::new(
             StatusCode::TOO_MANY_REQUESTS,
             "too_many_attempts",
-            format!("too many failed logins; try again in {wait} s"),
+            format!("too many failed {what}; try again in {wait} s"),
         )
         .with_header_value(header::RETRY_AFTER, HeaderValue::from(wait))
     }
@@ -178,7 +179,7 @@ fn user_part(user: &str) -> &str {
 }
 
 /// The client as the proxy saw it (`X-Real-IP`); a request straight to the socket has none.
-fn client_part(client: Option<IpAddr>) -> String {
+pub(crate) fn client_part(client: Option<IpAddr>) -> String {
     match client.map(|ip| ip.to_canonical()) {
         Some(IpAddr::V4(ip)) => ip.to_string(),
         // The proxy's stand-in for an unreadable forwarding hop (`100::/64`, discard-only,

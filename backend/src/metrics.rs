@@ -95,6 +95,7 @@ pub struct Metrics {
     /// Audit events written to Redis, and those that could not be (to the file as well).
     audit_events: IntCounter,
     audit_failures: IntCounter,
+    audit_suppressed: IntCounter,
 }
 
 impl Metrics {
@@ -184,8 +185,14 @@ impl Metrics {
             "Audit events this backend could not write to the Redis stream or to the audit \
              file (each is still in the other, and in the application log).",
         )?;
+        let audit_suppressed = IntCounter::new(
+            "gatehouse_backend_audit_suppressed_total",
+            "Refusals (a throttled login, a bad API key, a denied permission) not written to the \
+             audit log: a repeat from the same client within 10 s, or past 100 in 10 s.",
+        )?;
         for collector in [
             Box::new(requests.clone()) as Box<dyn prometheus::core::Collector>,
+            Box::new(audit_suppressed.clone()),
             Box::new(key_checks.clone()),
             Box::new(audit_events.clone()),
             Box::new(audit_failures.clone()),
@@ -225,6 +232,7 @@ impl Metrics {
             key_checks: KEY_CHECKS.map(|o| key_checks.with_label_values(&[o])),
             audit_events,
             audit_failures,
+            audit_suppressed,
         })
     }
 
@@ -238,6 +246,10 @@ impl Metrics {
 
     pub fn audit_failure(&self) {
         self.audit_failures.inc();
+    }
+
+    pub fn audit_suppressed(&self) {
+        self.audit_suppressed.inc();
     }
 
     /// A request answered: `endpoint` is its route's label, [`routes::OTHER`] for none.

@@ -33,6 +33,9 @@ pub struct Backend {
     pub connections: gatehouse_backend::ConnectionLimits,
     /// `[audit]`: the backends write most events, the supervisor the rest.
     pub audit: gatehouse_backend::AuditSettings,
+    /// Whether `[[tls.client_users]]` maps any certificate to a user: only then do the
+    /// backends sign in the user the edge names in `X-Gatehouse-Cert-User`.
+    pub certificate_users: bool,
 }
 
 /// `[audit]`. `max_events` bounds Redis's memory: about 300 bytes an event.
@@ -282,5 +285,6 @@ pub fn validate(
             max_connections: b.max_connections,
         },
         audit: audit(raw_audit, source)?,
+        certificate_users: false,
     })
 }

@@ -243,6 +243,8 @@ impl Config {
             ));
         }
 
+        let mut backend = backend;
+        backend.certificate_users = !tls.behaviour.client_users.is_empty();
         Ok(Config {
             file: file.to_path_buf(),
             proxy: gatehouse_proxy::Settings {

@@ -117,6 +117,7 @@ pub fn run(config: &Config, sockets: &Sockets, id: String) -> Result<i32> {
                 metrics: metrics.clone(),
                 audit: config.backend.audit.clone(),
                 admin_address: config.proxy.admin_listen,
+                certificate_users: config.backend.certificate_users,
             })
             .map_err(|e| Error::Runtime(e.to_string()))?,
         );

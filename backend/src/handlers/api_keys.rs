@@ -54,7 +54,10 @@ pub(crate) async fn create(
     context: &Context<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let KeyRequest { name, role } = read_json(app, request).await?;
-    let key = app.api_keys.create(&name, role, &admin.generation).await?;
+    let key = app
+        .api_keys
+        .create(&name, role, &admin.generation, &admin.actor)
+        .await?;
     tracing::info!(admin = %admin.actor, key = %key.name, id = %key.id, role = role.as_str(),
         "API key created");
     let target = format!("key:{}", key.name);
@@ -97,6 +100,7 @@ pub(crate) async fn revoke(
     context: &Context<'_>,
 ) -> Result<Response<Body>, ApiError> {
     let name = app.api_keys.revoke(id).await?;
+    let name = if name.is_empty() { id } else { &name };
     tracing::info!(admin = %admin.actor, key = %name, id, "API key revoked");
     let target = format!("key:{name}");
     app.audit

@@ -66,12 +66,7 @@ pub(crate) async fn list(app: &App, query: Option<&str>) -> Result<Response<Body
             _ => {}
         }
     }
-    let events = app.audit.page(limit, before.as_deref()).await?;
-    let next_before = (events.len() == limit)
-        .then(|| events.last())
-        .flatten()
-        .and_then(|e| e["id"].as_str())
-        .map(str::to_owned);
+    let (events, next_before) = app.audit.page(limit, before.as_deref()).await?;
     Ok(json_response(
         StatusCode::OK,
         &AuditPage {

@@ -4,7 +4,8 @@
 -- generation, the visit count. ARGV: the SHA-256 of the key presented, now (Unix seconds),
 -- `1` to count a visit, the guard's window, then its limits for the two counters.
 -- Returns {'throttled', seconds to wait, 1-based counter}, {'refused'} (the failure counted in
--- both counters), or {'ok', name, role, generation, visits or false}.
+-- both counters), or {'ok', name, role, generation, visits or false}. `last_used` is kept to
+-- the minute.
 -- The limits are checked before the key, in the same script: parallel guesses cannot slip
 -- past a count, and a client past its limit learns nothing of a key.
 local wait, which = 0, 0
@@ -20,8 +21,9 @@ end
 if wait > 0 then
   return {'throttled', wait, which}
 end
-local key = redis.call('HMGET', KEYS[1], 'hash', 'name', 'role')
-if key[1] ~= ARGV[1] then
+local key = redis.call('HMGET', KEYS[1], 'hash', 'name', 'role', 'last_used')
+-- A record without its name or role (damaged, or half-written by hand) is no key.
+if key[1] ~= ARGV[1] or not key[2] or not key[3] then
   for i = 2, 3 do
     if redis.call('INCR', KEYS[i]) == 1 then
       redis.call('EXPIRE', KEYS[i], ARGV[4])
@@ -29,7 +31,10 @@ if key[1] ~= ARGV[1] then
   end
   return {'refused'}
 end
-redis.call('HSET', KEYS[1], 'last_used', ARGV[2])
+-- Written at most once a minute: a busy key would otherwise cost a write per request.
+if not key[4] or tonumber(ARGV[2]) - (tonumber(key[4]) or 0) >= 60 then
+  redis.call('HSET', KEYS[1], 'last_used', ARGV[2])
+end
 local visits = false
 if ARGV[3] == '1' then
   visits = redis.call('INCR', KEYS[5])

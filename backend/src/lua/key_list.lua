@@ -1,11 +1,13 @@
 -- Every API key, never its hash.
 -- KEYS: the set of key ids. ARGV: the prefix of a key's record.
--- Returns {id, name, role, created, last_used or false} for each key that still has a record.
+-- Returns {id, name, role, created, last_used or false, created_by or false} for each key
+-- whose record has its name and role (a damaged record is left out of the list, and still
+-- counted and revocable by id).
 local rows = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local key = redis.call('HMGET', ARGV[1] .. id, 'name', 'role', 'created', 'last_used')
-  if key[1] then
-    table.insert(rows, {id, key[1], key[2], key[3], key[4]})
+  local key = redis.call('HMGET', ARGV[1] .. id, 'name', 'role', 'created', 'last_used', 'created_by')
+  if key[1] and key[2] then
+    table.insert(rows, {id, key[1], key[2], key[3] or '0', key[4], key[5]})
   end
 end
 return rows

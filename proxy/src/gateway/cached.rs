@@ -71,10 +71,7 @@ impl Gateway {
             .route
             .as_ref()
             .is_none_or(|r| r.access.passes_authorization());
-        // A client certificate is one too: the backend may answer as the user it names.
-        let credentials = headers.contains_key(header::COOKIE)
-            || (headers.contains_key(header::AUTHORIZATION) && passes_authorization)
-            || ctx.client_cert.is_some();
+        let credentials = carries_credentials(headers, passes_authorization, ctx);
         // A range or a conditional request may be answered from the cache, but its own
         // answer (`206`, `304`) is not a response to keep, nor one to wait for.
         let partial = PARTIAL.iter().any(|name| headers.contains_key(name));
@@ -360,9 +357,7 @@ impl Gateway {
         let request = self.upstream_request(session, ctx)?;
         let request_headers = session.req_header().headers.clone();
         // With credentials (a `public` entry's), the answer is kept only if `public` too.
-        let credentials = request_headers.contains_key(header::COOKIE)
-            || request_headers.contains_key(header::AUTHORIZATION)
-            || ctx.client_cert.is_some();
+        let credentials = carries_credentials(&request_headers, true, ctx);
         let (store, policy, hash_key) = (Arc::clone(store), policy.clone(), ctx.hash_key);
         tokio::spawn(async move {
             let _permit = permit;
@@ -461,6 +456,24 @@ async fn fetch_whole(
 pub(super) fn mark(headers: &mut impl header_rules::HeaderEdit, status: Status) -> Result<()> {
     headers.put(&X_CACHE, status.header())
 }
+
+/// Whether the backend may answer this request for someone in particular: a cookie, an
+/// `Authorization` the backend gets (`passes_authorization`: basic auth the edge checks and
+/// keeps to itself cannot change the answer), the API's `X-API-Key`, or a client certificate
+/// (the backend may answer as the user it names). Such a request gets, and leaves, only what
+/// the response said any client may have.
+fn carries_credentials(
+    headers: &http::HeaderMap,
+    passes_authorization: bool,
+    ctx: &RequestCtx,
+) -> bool {
+    headers.contains_key(header::COOKIE)
+        || (headers.contains_key(header::AUTHORIZATION) && passes_authorization)
+        || headers.contains_key(X_API_KEY)
+        || ctx.client_cert.is_some()
+}
+
+const X_API_KEY: &str = "x-api-key";
 
 #[cfg(test)]
 mod tests {
