@@ -10,7 +10,7 @@ use reqwest::Method;
 use serde_json::{Value, json};
 
 use crate::{
-    browser::Browser,
+    browser::{Browser, chromium},
     util::{Group, Options, USER, expect},
 };
 
@@ -171,7 +171,7 @@ fn swagger_ui_and_its_assets_load_through_the_proxy() {
 
     // A real browser: the page runs, loads the document and shows every operation and the
     // Authorize button.
-    let Some(chromium) = chromium() else {
+    let Some(chromium) = chromium("Swagger UI was checked without a browser") else {
         return;
     };
     let profile = tempfile::tempdir().unwrap();
@@ -305,22 +305,3 @@ const SWAGGER_AUTHORIZE: &str = r##"(async () => {
   const after = await execute();
   return {before, after};
 })()"##;
-
-/// Debian's `chromium`, if installed. Without it the browser half of the Swagger UI test is
-/// skipped, unless `GATEHOUSE_REQUIRE_CHROMIUM` is set (CI sets it).
-pub fn chromium() -> Option<PathBuf> {
-    let found = ["chromium", "chromium-browser"].into_iter().find(|name| {
-        Command::new(name)
-            .arg("--version")
-            .output()
-            .is_ok_and(|o| o.status.success())
-    });
-    if found.is_none() {
-        assert!(
-            std::env::var_os("GATEHOUSE_REQUIRE_CHROMIUM").is_none(),
-            "GATEHOUSE_REQUIRE_CHROMIUM is set, but chromium is not installed (apt-get install chromium)"
-        );
-        eprintln!("chromium is not installed: Swagger UI was checked without a browser");
-    }
-    found.map(PathBuf::from)
-}

@@ -9,7 +9,7 @@ use std::{
         fd::{FromRawFd, RawFd},
         unix::process::CommandExt,
     },
-    path::Path,
+    path::{Path, PathBuf},
     process::{Child, Command, Stdio},
 };
 
@@ -93,6 +93,7 @@ impl Browser {
         self.session = Some(attached["sessionId"].as_str().expect("sessionId").into());
         self.call("Page.enable", json!({}));
         self.call("Log.enable", json!({}));
+        self.call("Runtime.enable", json!({}));
         // A page opened before this one has fired its own load event.
         self.events.clear();
         self.call("Page.navigate", json!({"url": url}));
@@ -102,7 +103,7 @@ impl Browser {
         }
     }
 
-    /// What the browser logged about the page so far.
+    /// What the browser logged about the page so far, and the page's uncaught exceptions.
     pub fn log(&self) -> &[String] {
         &self.log
     }
@@ -115,6 +116,13 @@ impl Browser {
             let entry = &event["params"]["entry"];
             self.log
                 .push(format!("{}: {}", entry["level"], entry["text"]));
+        }
+        if method == "Runtime.exceptionThrown" {
+            let details = &event["params"]["exceptionDetails"];
+            self.log.push(format!(
+                "exception: {} {}",
+                details["text"], details["exception"]["description"]
+            ));
         }
         self.events.push(method.to_string());
     }
@@ -130,6 +138,48 @@ impl Browser {
             panic!("the page threw: {exception}");
         }
         result["result"]["value"].clone()
+    }
+
+    /// Types `text` where the focus is, as a keyboard would.
+    pub fn type_text(&mut self, text: &str) {
+        self.call("Input.insertText", json!({"text": text}));
+    }
+
+    /// Presses and releases one key: `Tab`, `Shift+Tab`, `Enter`, `Escape` or `Space`.
+    pub fn press(&mut self, key: &str) {
+        let (modifiers, key) = match key.strip_prefix("Shift+") {
+            Some(key) => (8, key),
+            None => (0, key),
+        };
+        let (name, code, text) = match key {
+            "Tab" => ("Tab", 9, ""),
+            "Enter" => ("Enter", 13, "\r"),
+            "Escape" => ("Escape", 27, ""),
+            "Space" => (" ", 32, " "),
+            other => panic!("no key {other:?} here"),
+        };
+        let mut event = json!({
+            "type": if text.is_empty() { "rawKeyDown" } else { "keyDown" },
+            "key": name,
+            "code": key,
+            "windowsVirtualKeyCode": code,
+            "modifiers": modifiers,
+        });
+        if !text.is_empty() {
+            event["text"] = json!(text);
+        }
+        self.call("Input.dispatchKeyEvent", event.clone());
+        event["type"] = json!("keyUp");
+        self.call("Input.dispatchKeyEvent", event);
+    }
+
+    /// A PNG of the page's viewport as it is drawn now.
+    pub fn screenshot(&mut self) -> Vec<u8> {
+        use base64::{Engine, engine::general_purpose::STANDARD};
+        let shot = self.call("Page.captureScreenshot", json!({"format": "png"}));
+        STANDARD
+            .decode(shot["data"].as_str().expect("the screenshot's data"))
+            .expect("base64")
     }
 
     fn call(&mut self, method: &str, params: Value) -> Value {
@@ -176,6 +226,25 @@ impl Drop for Browser {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Debian's `chromium`, if installed. Without it a test's browser half is skipped, saying
+/// `skipped`, unless `GATEHOUSE_REQUIRE_CHROMIUM` is set (CI sets it).
+pub fn chromium(skipped: &str) -> Option<PathBuf> {
+    let found = ["chromium", "chromium-browser"].into_iter().find(|name| {
+        Command::new(name)
+            .arg("--version")
+            .output()
+            .is_ok_and(|o| o.status.success())
+    });
+    if found.is_none() {
+        assert!(
+            std::env::var_os("GATEHOUSE_REQUIRE_CHROMIUM").is_none(),
+            "GATEHOUSE_REQUIRE_CHROMIUM is set, but chromium is not installed (apt-get install chromium)"
+        );
+        eprintln!("chromium is not installed: {skipped}");
+    }
+    found.map(PathBuf::from)
 }
 
 /// A pipe whose ends are close-on-exec and numbered above 10.

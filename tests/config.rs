@@ -34,7 +34,7 @@ fn variant(dir: &Path, from: &str, to: &str) -> std::path::PathBuf {
     lines[at] = to;
     // The shipped layout, so the config's relative paths (../static/...) resolve.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-    for site in ["main", "open", "close", "swagger"] {
+    for site in ["main", "open", "close", "swagger", "admin"] {
         fs::create_dir_all(dir.join("static").join(site)).unwrap();
     }
     fs::create_dir_all(dir.join("conf")).unwrap();

@@ -572,7 +572,8 @@ fn a_host_that_is_not_a_host_name_never_reaches_a_header() {
 /// Content-Security-Policy.
 #[test]
 fn the_shipped_pages_load_and_frame_each_other_under_their_security_headers() {
-    let Some(chromium) = crate::api_docs::chromium() else {
+    let Some(chromium) = crate::browser::chromium("the shipped pages were not framed in a browser")
+    else {
         return;
     };
     let group = util::Group::start(Options {

@@ -19,6 +19,8 @@ mod backend_limits;
 mod client_certs;
 mod config;
 mod connection_limits;
+// The admin console (static/admin/) in a browser.
+mod console;
 mod drills;
 // conf/examples/, run as shipped and walked through with curl.
 mod examples;

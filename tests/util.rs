@@ -756,6 +756,7 @@ pub fn write_config(
         ("/open/", "open", None),
         ("/close/", "close", None),
         ("/swagger/", "swagger", None),
+        ("/admin/", "admin", Some("no-cache")),
         ("/", "main", Some("no-cache")),
     ] {
         let cache_control = cache_control
