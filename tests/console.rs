@@ -328,8 +328,8 @@ fn the_console_in_a_browser() {
     for (event, target) in [
         ("user.created", NEW_USER),
         ("user.disabled", NEW_USER),
-        ("key.created", ""),
-        ("key.revoked", ""),
+        ("key.created", NEW_KEY),
+        ("key.revoked", NEW_KEY),
     ] {
         assert!(find(event, target), "no {event} of {target}: {events:#?}");
     }

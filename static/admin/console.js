@@ -335,19 +335,27 @@
     let measuring = false;
     await card("health-error", async () => {
       const status = await call("GET", "api/status");
-      const { in_rotation: up, total } = status.backends;
-      $("health-backends").textContent = `${up} of ${total}`;
-      $("health-backends").classList.toggle("bad", up < total);
       $("health-redis").textContent = status.redis;
       $("health-redis").classList.toggle("bad", status.redis !== "up");
+      // The backends and the requests come from the proxy's admin listener: null when it is
+      // off or did not answer the backend in time.
+      const backends = status.backends;
+      $("health-backends").textContent = backends
+        ? `${backends.in_rotation} of ${backends.total}`
+        : "unknown (no answer from the admin listener)";
+      $("health-backends").classList.toggle("bad", !backends || backends.in_rotation < backends.total);
+      const total = status.requests_total;
       const previous = lastHealth;
-      lastHealth = { total: status.requests_total, time: status.time_ms };
+      lastHealth = typeof total === "number" ? { total, time: status.time_ms } : null;
+      if (!lastHealth) {
+        $("health-rps").textContent = "unknown";
+        return;
+      }
       // The first answer, or the counter restarted: one more poll is needed.
-      measuring =
-        !previous || status.requests_total < previous.total || status.time_ms <= previous.time;
+      measuring = !previous || total < previous.total || status.time_ms <= previous.time;
       $("health-rps").textContent = measuring
         ? "measuring…"
-        : (((status.requests_total - previous.total) * 1000) / (status.time_ms - previous.time)).toFixed(1);
+        : (((total - previous.total) * 1000) / (status.time_ms - previous.time)).toFixed(1);
     });
     if (!$("health-error").hidden) {
       for (const id of ["health-backends", "health-redis", "health-rps"]) $(id).textContent = "unknown";
@@ -585,7 +593,13 @@
           "tr",
           { "data-event": e.event, "data-id": String(e.id) },
           el("td", {}, when(e.time)),
-          el("th", { scope: "row" }, el("code", { text: e.event })),
+          el(
+            "th",
+            { scope: "row" },
+            el("code", { text: e.event }),
+            // A few words more, where the API has them (the fields a change touched, ...).
+            e.detail ? el("span", { class: "detail", text: ` ${e.detail}` }) : "",
+          ),
           el("td", {}, e.actor ? e.actor : dash()),
           el("td", {}, e.target ? e.target : dash()),
           el("td", { class: e.outcome === "success" ? "ok" : "bad", text: e.outcome }),
