@@ -1,8 +1,8 @@
 //! The admin console (`static/admin/`): its files through the proxy under the shipped security
 //! headers, then the console used in headless Chromium, mostly from the keyboard: sign in, the
 //! dashboard, a user created and disabled, an API key created and revoked, those events in the
-//! audit view, sign out; and a screenshot of the dashboard checked for the landing page's
-//! colours.
+//! audit view, sign out; a viewer's narrower console, and a token revoked behind its back; and
+//! a screenshot of the dashboard checked for the landing page's colours.
 
 use std::{io::Read, path::Path};
 
@@ -16,6 +16,7 @@ use crate::{
 
 const NEW_USER: &str = "console-user";
 const NEW_KEY: &str = "console-key";
+const VIEWER: &str = "console-viewer";
 
 #[test]
 fn the_console_is_served_as_static_files_under_a_strict_policy() {
@@ -375,6 +376,53 @@ fn the_console_in_a_browser() {
         401,
         "the page's token after sign-out",
     );
+
+    // A viewer, in a tab of its own: the dashboard's first two cards, nothing of the admins'.
+    expect(
+        group.call(
+            Method::POST,
+            "/api/users",
+            &admin,
+            Some(json!({"username": VIEWER, "password": "a viewer password", "role": "viewer"})),
+        ),
+        201,
+        "the viewer",
+    );
+    browser.open(&group.url("/admin/#users"));
+    let viewer = run(
+        &mut browser,
+        &r##"await until("the sign-in form", () => shown("#sign-in") && document.body.classList.contains("ready"));
+            fill("#sign-in-username", "NAME");
+            fill("#sign-in-password", "a viewer password");
+            $("#sign-in-form button[type=submit]").click();
+            await until("the dashboard", () => shown("#dashboard") && text("#hello"));
+            return {hello: text("#hello"), role: text("#me-role"), users: shown("#users"),
+                    links: [...document.querySelectorAll("#nav a")].filter((a) => !a.closest("[hidden]")).map((a) => a.textContent),
+                    health: shown("#health-title"), token: sessionStorage.getItem("gatehouse.console.token")};"##
+            .replace("NAME", VIEWER),
+    );
+    assert_eq!(viewer["hello"], format!("Hello, {VIEWER}!"), "{viewer}");
+    assert_eq!(viewer["role"], "viewer");
+    assert_eq!(viewer["users"], false, "{viewer}");
+    assert_eq!(viewer["links"], json!(["Dashboard"]), "{viewer}");
+    assert_eq!(viewer["health"], false, "{viewer}");
+    // Its token revoked behind the page's back: the next call returns it to the sign-in form,
+    // saying why.
+    let viewer_token = viewer["token"].as_str().unwrap();
+    let logout = group.call(Method::POST, "/auth/logout", viewer_token, None);
+    assert_eq!(logout.status(), 204);
+    let ended = run(
+        &mut browser,
+        r##"$("#count-again").click();
+            await until("the sign-in form", () => shown("#sign-in") && text("#status"));
+            return {status: text("#status"), token: sessionStorage.getItem("gatehouse.console.token")};"##,
+    );
+    let status = ended["status"].as_str().unwrap();
+    assert!(
+        status.starts_with("You were signed out") && status.contains("HTTP 401"),
+        "{ended}"
+    );
+    assert_eq!(ended["token"], Value::Null);
 
     // Nothing the console did was blocked by the Content-Security-Policy, nor threw.
     let problems: Vec<_> = browser
