@@ -119,16 +119,19 @@
   }
 
   // Runs one action of the user: notices cleared first, its error shown if it fails, and
-  // the button that started it disabled meanwhile (no double submits).
+  // the button that started it refusing more presses meanwhile (no double submits). The
+  // button is marked aria-disabled rather than disabled, which would take the keyboard's
+  // focus away from it.
   async function act(doing, button, work) {
+    if (button && button.getAttribute("aria-disabled") === "true") return;
     clearNotices();
-    if (button) button.disabled = true;
+    if (button) button.setAttribute("aria-disabled", "true");
     try {
       await work();
     } catch (error) {
       fail(error, doing);
     } finally {
-      if (button) button.disabled = false;
+      if (button) button.removeAttribute("aria-disabled");
     }
   }
 
