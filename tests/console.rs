@@ -228,6 +228,26 @@ fn the_console_in_a_browser() {
     );
     assert_eq!(user(&group, &admin)["active"], false);
 
+    // Its role changed in the edit form, which sends only what changed.
+    let changed = run(
+        &mut browser,
+        &r##"$("button[aria-label='Edit NAME']").click();
+            await until("the edit form", () => shown("#user-edit-form") && document.activeElement.id === "user-edit-title");
+            $("#user-edit-role").value = "maintainer";
+            $("#user-edit-form button[type=submit]").click();
+            await until("the change", () => !shown("#user-edit-form") && text("#status"));
+            return {status: text("#status"), focus: document.activeElement.getAttribute("aria-label")};"##
+            .replace("NAME", NEW_USER),
+    );
+    assert_eq!(
+        changed,
+        json!({"status": format!("{NEW_USER} changed (role): maintainer, disabled."), "focus": format!("Edit {NEW_USER}")})
+    );
+    assert_eq!(
+        user(&group, &admin),
+        json!({"username": NEW_USER, "role": "maintainer", "active": false})
+    );
+
     // An API key: created, shown once, listed without it, revoked through the dialog.
     go_to(&mut browser, "keys");
     run(
@@ -329,6 +349,7 @@ fn the_console_in_a_browser() {
     for (event, target) in [
         ("user.created", NEW_USER),
         ("user.disabled", NEW_USER),
+        ("user.changed", NEW_USER),
         ("key.created", NEW_KEY),
         ("key.revoked", NEW_KEY),
     ] {
