@@ -693,6 +693,11 @@ error_pages = { 403 = "denied.html" }
     let path = group.dir.path().join("gatehouse.toml");
     let text = fs::read_to_string(&path).unwrap();
     assert!(text.contains("fallback = \"index.html\""), "{text}");
+    // The error names the route by its place in the config's table.
+    let route = text[..text.find("fallback = \"index.html\"").unwrap()]
+        .matches("[[routes]]")
+        .count()
+        - 1;
     fs::write(
         &path,
         text.replacen("fallback = \"index.html\"", "fallback = \"gone.html\"", 1),
@@ -707,7 +712,7 @@ error_pages = { 403 = "denied.html" }
         group.log()
     );
     assert!(
-        group.log().contains("routes[7].fallback: "),
+        group.log().contains(&format!("routes[{route}].fallback: ")),
         "{}",
         group.log()
     );
