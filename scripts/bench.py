@@ -875,6 +875,12 @@ def identity(opts, binary):
                 run_id = f"identity-r{round_no}-s{index}"
                 results.setdefault((label, "group"), []).append(measure(label, base + args, url, pids, raw, run_id))
         events = sum(1 for _ in open(audit_log))
+        # The stream's memory per event, at its cap (audit.max_events, 100,000 by default).
+        redis = ["redis-cli", "-s", str(work / "run" / "redis.sock")]
+        kept = int(subprocess.run([*redis, "XLEN", "gatehouse:audit"], capture_output=True, text=True,
+                                  check=True).stdout)
+        stream_bytes = int(subprocess.run([*redis, "MEMORY", "USAGE", "gatehouse:audit", "SAMPLES", "0"],
+                                          capture_output=True, text=True, check=True).stdout)
     finally:
         stop_all(processes, work)
 
@@ -885,7 +891,9 @@ def identity(opts, binary):
     lines = [
         f"{command_words()}: {load_words(opts, connections, duration)}, {rounds} round(s) alternating, "
         f"medians; {os.cpu_count()} cores; one group (3 backends, managed Redis); CPU of the whole group "
-        f"(proxy, backends, Redis); {events:,} audit events written.",
+        f"(proxy, backends, Redis); {events:,} audit events written, {kept:,} kept in the Redis stream: "
+        f"{stream_bytes / 1048576:.2f} MiB ({stream_bytes / max(kept, 1):.0f} bytes an event, "
+        f"{stream_bytes / max(kept, 1) * 10000 / 1048576:.2f} MiB per 10,000).",
         "",
         "| scenario | rps | vs first | p99 ms | group CPU us/req | vs first | ctx sw/req |",
         "|---|---|---|---|---|---|---|",
