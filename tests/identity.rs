@@ -258,6 +258,21 @@ fn an_api_key_works_everywhere_with_its_role_and_dies_everywhere_at_once() {
         404,
         "revoked twice",
     );
+    // Both groups' events are in the one stream: what A's admin did, B's admin reads, with
+    // the backend of A that wrote it.
+    let seen_by_b = expect(
+        b.call(Method::GET, "/api/audit?limit=100", &b.token(), None),
+        200,
+        "audit on b",
+    );
+    let revoked = seen_by_b["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "key.revoked" && e["target"] == "key:deploy-bot")
+        .cloned()
+        .unwrap_or_else(|| panic!("no key.revoked seen from b: {seen_by_b}"));
+    assert_eq!(revoked["actor"], "admin");
     // A certificate user header from a client is never believed: the edge strips it, and a
     // backend whose edge maps no certificate to a user ignores it even sent straight to its
     // socket.

@@ -335,4 +335,18 @@ fn upgrade_hands_the_sockets_to_a_new_proxy_without_a_failed_request() {
     thread::sleep(Duration::from_millis(500));
     load.finish_without_failures();
     assert_eq!(group.get("/api/ping").unwrap().status(), 200);
+    // The audit log has it, done by the group.
+    let audit: serde_json::Value = group
+        .call(reqwest::Method::GET, "/api/audit", &group.token(), None)
+        .json()
+        .unwrap();
+    let upgraded = audit["events"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|e| e["event"] == "binary.upgraded")
+        .cloned()
+        .unwrap_or_else(|| panic!("no binary.upgraded event: {audit}"));
+    assert_eq!(upgraded["outcome"], "success");
+    assert_eq!(upgraded["actor"], "gatehouse");
 }
