@@ -731,3 +731,58 @@ fn admins_see_the_groups_status() {
     assert!(b >= a + 5, "{a} then {b}");
     assert!(second["time_ms"].as_u64() > first["time_ms"].as_u64());
 }
+
+/// The edge's own guards are audit events too: a client past a route's rate limit is one
+/// `guard.tripped` (by the proxy), however long it goes on, and other clients are served.
+#[test]
+fn a_tripped_rate_limit_is_one_audit_event_per_client_and_route() {
+    let group = Group::start(Options {
+        extra: "[rate_limits.tight]\nper_second = 1\nburst = 2\n\
+                [[routes]]\nprefix = \"/limited/\"\nupstream = \"backends\"\n\
+                rewrite_prefix = \"/api/\"\nrate_limit = \"tight\"\n"
+            .into(),
+        ..Options::default()
+    });
+    let admin = group.token();
+    let flooder = group.client_from("127.0.0.5");
+    let limited = (0..60)
+        .filter(|_| {
+            flooder
+                .get(group.url("/limited/ping"))
+                .send()
+                .unwrap()
+                .status()
+                == 429
+        })
+        .count();
+    assert!(limited >= 50, "{limited}");
+    assert_eq!(group.get("/limited/ping").unwrap().status(), 200);
+    let mut tripped = Vec::new();
+    let found = wait_until(Duration::from_secs(5), || {
+        let page = expect(
+            group.call(Method::GET, "/api/audit?limit=500", &admin, None),
+            200,
+            "audit",
+        );
+        tripped = page["events"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .filter(|e| e["event"] == "guard.tripped" && e["client"] == "127.0.0.5")
+            .cloned()
+            .collect();
+        !tripped.is_empty()
+    });
+    assert!(found, "no guard.tripped event");
+    assert_eq!(tripped.len(), 1, "{tripped:?}");
+    let event = &tripped[0];
+    assert_eq!(event["detail"], "rate_limit");
+    assert_eq!(event["target"], "/limited/");
+    assert_eq!(event["source"], "proxy");
+    assert_eq!(event["outcome"], "denied");
+    assert!(
+        event["request_id"]
+            .as_str()
+            .is_some_and(|id| !id.is_empty())
+    );
+}

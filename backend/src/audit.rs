@@ -179,44 +179,47 @@ impl Audit {
         }
     }
 
-    /// As [`Audit::record`], unless the same refusal (event, client, actor) was written within
-    /// [`REPEAT_WINDOW`], or [`MAX_REFUSALS`] were in this window already: those are counted
-    /// (`gatehouse_backend_audit_suppressed_total`), not written.
+    /// As [`Audit::record`], unless [`Audit::admit_refusal`] says no.
     pub async fn record_refusal(&self, event: Event<'_>) {
-        let key = (
-            event.event.to_string(),
-            client_part(event.client),
-            event.actor.unwrap_or_default().to_string(),
-        );
-        let write = {
-            let mut refusals = self
-                .refusals
-                .lock()
-                .unwrap_or_else(std::sync::PoisonError::into_inner);
-            let now = Instant::now();
-            if now.duration_since(refusals.since) >= REPEAT_WINDOW {
-                refusals.since = now;
-                refusals.written = 0;
-                refusals
-                    .last
-                    .retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
-            }
-            let repeated = refusals
-                .last
-                .get(&key)
-                .is_some_and(|at| now.duration_since(*at) < REPEAT_WINDOW);
-            let write = !repeated && refusals.written < MAX_REFUSALS;
-            if write {
-                refusals.written += 1;
-                refusals.last.insert(key, now);
-            }
-            write
-        };
-        if write {
+        if self.admit_refusal(event.event, event.client, event.actor) {
             self.record(event).await;
+        }
+    }
+
+    /// Whether a refusal is to be written: not when the same one (event, client, actor) was
+    /// within [`REPEAT_WINDOW`], nor past [`MAX_REFUSALS`] in this window; those are counted
+    /// (`gatehouse_backend_audit_suppressed_total`). Decided at once, so a caller on a
+    /// request's path can ask before spending anything on the event.
+    pub fn admit_refusal(&self, event: &str, client: Option<IpAddr>, actor: Option<&str>) -> bool {
+        let key = (
+            event.to_string(),
+            client_part(client),
+            actor.unwrap_or_default().to_string(),
+        );
+        let mut refusals = self
+            .refusals
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let now = Instant::now();
+        if now.duration_since(refusals.since) >= REPEAT_WINDOW {
+            refusals.since = now;
+            refusals.written = 0;
+            refusals
+                .last
+                .retain(|_, at| now.duration_since(*at) < REPEAT_WINDOW);
+        }
+        let repeated = refusals
+            .last
+            .get(&key)
+            .is_some_and(|at| now.duration_since(*at) < REPEAT_WINDOW);
+        let write = !repeated && refusals.written < MAX_REFUSALS;
+        if write {
+            refusals.written += 1;
+            refusals.last.insert(key, now);
         } else {
             self.count(Metrics::audit_suppressed);
         }
+        write
     }
 
     fn count(&self, counter: fn(&Metrics)) {

@@ -221,6 +221,20 @@ impl Gateway {
         if let (Some(series), Some(refusal)) = (series, refusal) {
             series.refused(refusal);
         }
+        let guard = match decision {
+            Decision::RateLimited { .. } => Some("rate_limit"),
+            Decision::TooManyFailures { .. } => Some("basic_auth_guard"),
+            _ => None,
+        };
+        if let (Some(guard), Some(route)) = (guard, &ctx.route) {
+            crate::guard_events::tripped(&crate::guard_events::Tripped {
+                guard,
+                client: ctx.client,
+                route: &route.prefix,
+                request_id: &ctx.request_id,
+                correlation_id: ctx.correlation(),
+            });
+        }
         match decision {
             Decision::Pass { .. } => return Ok(false),
             Decision::RateLimited { retry_after, limit } => {
