@@ -6,7 +6,6 @@
 //! - [`supervisor`]: `gatehouse run`, the process group.
 //! - [`serve_backend`]: `gatehouse backend`, one backend process.
 //! - [`certs`]: the self-signed development certificate.
-//! - [`proxy_audit`]: the proxy's tripped guards, to the audit log.
 //!
 //! # Errors
 //!
@@ -22,7 +21,6 @@
 
 pub mod certs;
 pub mod config;
-pub mod proxy_audit;
 pub mod serve_backend;
 pub mod supervisor;
 

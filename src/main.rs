@@ -150,7 +150,6 @@ fn main() -> ExitCode {
             if !upgrade {
                 ensure_certificate(&loaded)?;
             }
-            gatehouse_proxy::guard_events::set_sink(gatehouse::proxy_audit::sink(&loaded)?);
             let file = config.config.clone();
             // SIGHUP: the same checks as `gatehouse check`, then the new settings.
             let load: gatehouse_proxy::live::LoadSettings = Box::new(move || {

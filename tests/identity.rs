@@ -291,8 +291,8 @@ fn an_api_key_works_everywhere_with_its_role_and_dies_everywhere_at_once() {
     .unwrap();
     assert_eq!(direct.0, 401, "{direct:?}");
 
-    // A damaged record (no name nor role) is no key: refused, no visit counted, left out of
-    // the list, and still revocable by its id.
+    // A damaged record (no name nor role, then an unknown role) is no key: refused, no visit
+    // counted, left out of the list (which still answers), and still revocable by its id.
     let damaged = "0123456789abcdef";
     let secret = "ab".repeat(32);
     let damaged_key = format!("gk_{damaged}_{secret}");
@@ -317,6 +317,18 @@ fn an_api_key_works_everywhere_with_its_role_and_dies_everywhere_at_once() {
         "a damaged key",
     );
     assert_eq!(redis.command(&["GET", "gatehouse:visits"]), visits);
+    // Nor is one whose role this build does not know, with a name and a number that is not.
+    let record = format!("gatehouse:apikey:{damaged}");
+    redis.command(&[
+        "HSET", &record, "name", "odd", "role", "root", "created", "soon",
+    ]);
+    expect(
+        with_key(&a, Method::GET, "/api/count", &damaged_key),
+        401,
+        "a key with an unknown role",
+    );
+    assert_eq!(redis.command(&["GET", "gatehouse:visits"]), visits);
+    assert_eq!(redis.command(&["HEXISTS", &record, "last_used"]), "0");
     let listed = expect(
         a.call(Method::GET, "/api/keys", &admin, None),
         200,
@@ -733,7 +745,8 @@ fn admins_see_the_groups_status() {
 }
 
 /// The edge's own guards are audit events too: a client past a route's rate limit is one
-/// `guard.tripped` (by the proxy), however long it goes on, and other clients are served.
+/// `guard.tripped` (handed by the proxy to a backend, which writes it), however long it goes
+/// on, and other clients are served.
 #[test]
 fn a_tripped_rate_limit_is_one_audit_event_per_client_and_route() {
     let group = Group::start(Options {
@@ -778,11 +791,39 @@ fn a_tripped_rate_limit_is_one_audit_event_per_client_and_route() {
     let event = &tripped[0];
     assert_eq!(event["detail"], "rate_limit");
     assert_eq!(event["target"], "/limited/");
-    assert_eq!(event["source"], "proxy");
+    assert!(
+        event["source"].as_str().is_some_and(|s| s.starts_with('b')),
+        "written by a backend: {event}"
+    );
     assert_eq!(event["outcome"], "denied");
     assert!(
         event["request_id"]
             .as_str()
             .is_some_and(|id| !id.is_empty())
     );
+    // The backend's admin socket takes only such an event, whole and small.
+    let socket = group.dir.path().join("run/backend-1.admin.sock");
+    let post = |body: &str| {
+        let request = format!(
+            "POST /audit HTTP/1.1\r\nHost: b\r\nContent-Type: application/json\r\n\
+             Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+            body.len()
+        );
+        unix_request(&socket, &request, Duration::from_secs(5))
+            .unwrap()
+            .0
+    };
+    let long_route = format!(
+        r#"{{"guard":"rate_limit","client":"192.0.2.1","route":"{}","request_id":"r","correlation_id":"c"}}"#,
+        "x".repeat(5000)
+    );
+    for bad in [
+        "{}",
+        "not json",
+        r#"{"guard":"login","client":"192.0.2.1","route":"/","request_id":"r","correlation_id":"c"}"#,
+        r#"{"guard":"rate_limit","client":"nowhere","route":"/","request_id":"r","correlation_id":"c"}"#,
+        &long_route,
+    ] {
+        assert_eq!(post(bad), 400, "{bad:.80}");
+    }
 }

@@ -16,8 +16,9 @@
 //! Refusals an attacker can cause by the thousand (a throttled login, a bad key, a denied
 //! permission) are written once per event, client (IPv6 by /64, as the login guard counts) and
 //! actor in [`REPEAT_WINDOW`], and at most [`MAX_REFUSALS`] of them in a window: the rest are
-//! counted, not written, so a flood neither pushes older events out of the stream nor costs
-//! Redis a write per request.
+//! counted, not written, so one client flooding costs Redis one write per window, not one per
+//! request. (Many clients at once can still write the budget every window, which turns the
+//! stream over in time; the file keeps everything.)
 
 use std::{
     collections::HashMap,
@@ -325,6 +326,64 @@ impl Sink {
             }
         }
     }
+}
+
+/// What the proxy sends to `POST /audit` on a backend's admin socket: a guard of the edge
+/// that refused a request.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct EdgeEvent {
+    guard: String,
+    client: IpAddr,
+    route: String,
+    request_id: String,
+    correlation_id: String,
+}
+
+/// The most an edge event's body may be.
+const EDGE_EVENT_BYTES: usize = 4096;
+
+/// `POST /audit` on the admin socket: the proxy's tripped guard written as `guard.tripped`,
+/// deduplicated and budgeted like the backend's own refusals. `204`, or `400` for a body that
+/// is not one.
+pub async fn edge_event(app: &crate::App, body: hyper::body::Incoming) -> http::StatusCode {
+    use http_body_util::BodyExt;
+    let read = http_body_util::Limited::new(body, EDGE_EVENT_BYTES).collect();
+    let Ok(Ok(bytes)) = tokio::time::timeout(Duration::from_secs(2), read).await else {
+        return http::StatusCode::BAD_REQUEST;
+    };
+    let Ok(edge) = serde_json::from_slice::<EdgeEvent>(&bytes.to_bytes()) else {
+        return http::StatusCode::BAD_REQUEST;
+    };
+    let guard = match edge.guard.as_str() {
+        "rate_limit" => "rate_limit",
+        "basic_auth_guard" => "basic_auth_guard",
+        _ => return http::StatusCode::BAD_REQUEST,
+    };
+    let short = |s: &str| s.len() <= 256;
+    if !(short(&edge.route) && short(&edge.request_id) && short(&edge.correlation_id)) {
+        return http::StatusCode::BAD_REQUEST;
+    }
+    // The guard and route stand for the actor: one event per guard, client and route.
+    let actor = format!("{guard} {}", edge.route);
+    if app
+        .audit
+        .admit_refusal("guard.tripped", Some(edge.client), Some(&actor))
+    {
+        app.audit
+            .record(Event {
+                event: "guard.tripped",
+                client: Some(edge.client),
+                request_id: Some(&edge.request_id),
+                correlation_id: Some(&edge.correlation_id),
+                target: Some(&edge.route),
+                outcome: "denied",
+                detail: Some(guard),
+                ..Event::default()
+            })
+            .await;
+    }
+    http::StatusCode::NO_CONTENT
 }
 
 /// A stream id as Redis makes them (`MILLISECONDS-SEQUENCE`), so a client's `before` goes to

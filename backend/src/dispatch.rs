@@ -53,9 +53,10 @@ pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Bo
     let endpoint = found
         .as_ref()
         .map_or(routes::OTHER, |(route, _)| route.metric);
-    let protected = found
+    // A credential's answers, and a login's (its token: RFC 6749, 5.1).
+    let private = found
         .as_ref()
-        .is_ok_and(|(route, _)| route.access.role().is_some());
+        .is_ok_and(|(route, _)| route.access.role().is_some() || route.op == Op::Login);
     let mut user = None;
     let result = match found {
         Ok((route, name)) => call(&app, route, name, request, &context, &mut user).await,
@@ -74,7 +75,7 @@ pub async fn handle(app: Arc<App>, request: Request<RequestBody>) -> Response<Bo
     }
     // An answer for one caller: no shared cache may keep it, whatever credential header it
     // came with.
-    if protected {
+    if private {
         headers.insert(
             header::CACHE_CONTROL,
             HeaderValue::from_static("private, no-store"),

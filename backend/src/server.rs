@@ -1,5 +1,5 @@
 //! The listeners: [`serve`] answers the API on the backend's socket, [`serve_admin`] its
-//! metrics on another, and [`bind`] makes either socket.
+//! metrics (and the proxy's audit events) on another, and [`bind`] makes either socket.
 
 use std::{io, path::Path, sync::Arc, time::Duration};
 
@@ -15,7 +15,7 @@ use crate::{
     app::App,
     connection::{self, ConnectionLimits, Tracker, Watched},
     dispatch, http_util,
-    metrics::{ConnectionLimit, Metrics},
+    metrics::ConnectionLimit,
     openapi,
 };
 
@@ -131,8 +131,10 @@ pub async fn serve(
     }
 }
 
-/// Answers `GET /metrics` with the Prometheus text of `metrics`, until the process ends.
-pub async fn serve_admin(listener: UnixListener, metrics: Arc<Metrics>) {
+/// The admin socket: `GET /metrics` for the proxy's admin listener, and `POST /audit`, where
+/// the proxy hands over its tripped guards as audit events (it holds no Redis credentials).
+/// Only processes that can reach the socket's file (the group's own) can call it.
+pub async fn serve_admin(listener: UnixListener, app: Arc<App>) {
     loop {
         let stream = match listener.accept().await {
             Ok((stream, _)) => stream,
@@ -142,21 +144,32 @@ pub async fn serve_admin(listener: UnixListener, metrics: Arc<Metrics>) {
                 continue;
             }
         };
-        let metrics = metrics.clone();
+        let app = app.clone();
         let service = service_fn(move |request: http::Request<hyper::body::Incoming>| {
-            let metrics = metrics.clone();
+            let app = app.clone();
             async move {
-                let response = if request.uri().path() == "/metrics" {
-                    let mut response = http::Response::new(http_util::Body::from(metrics.render()));
-                    response.headers_mut().insert(
-                        http::header::CONTENT_TYPE,
-                        HeaderValue::from_static("text/plain; version=0.0.4"),
-                    );
-                    response
-                } else {
-                    let mut response = http::Response::new(http_util::Body::default());
-                    *response.status_mut() = http::StatusCode::NOT_FOUND;
-                    response
+                let route = (request.method().clone(), request.uri().path().to_owned());
+                let response = match (route.0, route.1.as_str()) {
+                    (http::Method::GET, "/metrics") => {
+                        let mut response =
+                            http::Response::new(http_util::Body::from(app.metrics.render()));
+                        response.headers_mut().insert(
+                            http::header::CONTENT_TYPE,
+                            HeaderValue::from_static("text/plain; version=0.0.4"),
+                        );
+                        response
+                    }
+                    (http::Method::POST, "/audit") => {
+                        let status = crate::audit::edge_event(&app, request.into_body()).await;
+                        let mut response = http::Response::new(http_util::Body::default());
+                        *response.status_mut() = status;
+                        response
+                    }
+                    _ => {
+                        let mut response = http::Response::new(http_util::Body::default());
+                        *response.status_mut() = http::StatusCode::NOT_FOUND;
+                        response
+                    }
                 };
                 Ok::<_, std::convert::Infallible>(response)
             }

@@ -253,6 +253,17 @@ where
 /// One HTTP/1.1 GET over a Unix socket: the status and the body, or `None` on any failure
 /// or past [`BACKEND_DEADLINE`].
 async fn get(socket: &std::path::Path, path: &str) -> Option<(u16, Vec<u8>)> {
+    unix_request(socket, "GET", path, None).await
+}
+
+/// One HTTP/1.1 request over a Unix socket, with a JSON body when given: the status and the
+/// body, or `None` on any failure or past [`BACKEND_DEADLINE`].
+pub(crate) async fn unix_request(
+    socket: &std::path::Path,
+    method: &str,
+    path: &str,
+    json: Option<&[u8]>,
+) -> Option<(u16, Vec<u8>)> {
     // Found in a directory others write to: a symbolic link there could name any socket the
     // proxy can reach.
     if !crate::socket_dir::is_socket(socket) {
@@ -260,9 +271,18 @@ async fn get(socket: &std::path::Path, path: &str) -> Option<(u16, Vec<u8>)> {
     }
     let exchange = async {
         let mut stream = UnixStream::connect(socket).await.ok()?;
-        let request =
-            format!("GET {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n");
-        stream.write_all(request.as_bytes()).await.ok()?;
+        let mut request =
+            format!("{method} {path} HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n");
+        if let Some(body) = json {
+            request.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                body.len()
+            ));
+        }
+        request.push_str("\r\n");
+        let mut bytes = request.into_bytes();
+        bytes.extend_from_slice(json.unwrap_or_default());
+        stream.write_all(&bytes).await.ok()?;
         let mut response = Vec::with_capacity(16 * 1024);
         stream.read_to_end(&mut response).await.ok()?;
         let split = response.windows(4).position(|w| w == b"\r\n\r\n")?;

@@ -12,7 +12,8 @@
 //!   the redirect to HTTPS ([`https_redirect`]), the [`path`] guard, the lookup in [`routes`]
 //!   (a [`routes::LiveRoute`] holds what serves the route, its access rules, its metric
 //!   series and its access log), the route's [`access`] rules (rate limits, allow/deny lists,
-//!   basic auth; a guard that refuses is handed to [`guard_events`]), then a static site ([`statics`]) or the backend pool on Unix sockets
+//!   basic auth; a guard that refuses is an audit event, handed to a backend by
+//!   [`guard_events`]), then a static site ([`statics`]) or the backend pool on Unix sockets
 //!   ([`upstream`], health checks and failover): a simple `GET` or `HEAD` over the proxy's
 //!   own keep-alive connections ([`forward`]), anything else over Pingora's upstream path.
 //! - [`respond`]: the responses the proxy writes itself; an [`respond::ErrorReply`] is a JSON

@@ -235,6 +235,17 @@ impl Pool {
         self.deadlines
     }
 
+    /// The admin socket of a backend in rotation, for what the edge hands the backends (its
+    /// audit events); `None` when none has one (a named pool's servers).
+    pub fn admin_socket(&self) -> Option<std::path::PathBuf> {
+        let backends = self.lb.backends();
+        backends
+            .get_backend()
+            .iter()
+            .filter(|b| backends.ready(b))
+            .find_map(|b| member(b).and_then(|m| m.admin_socket.clone()))
+    }
+
     /// Closes each server's fast-path connections idle past its deadline.
     pub fn close_idle(&self) {
         for backend in self.lb.backends().get_backend().iter() {

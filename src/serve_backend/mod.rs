@@ -140,7 +140,7 @@ pub fn run(config: &Config, sockets: &Sockets, id: String) -> Result<i32> {
             let listener = gatehouse_backend::bind(admin)
                 .await
                 .map_err(Error::io(format!("cannot listen on {}", admin.display())))?;
-            tokio::spawn(gatehouse_backend::serve_admin(listener, metrics));
+            tokio::spawn(gatehouse_backend::serve_admin(listener, app.clone()));
         }
         tracing::info!(backend = %id, socket = %socket.display(), "backend listening");
         let lame_duck = lame_duck(config);

@@ -2,7 +2,8 @@
 -- if it passes and one was asked for.
 -- KEYS: the key's record, the guard's key-and-address counter, its address counter, the
 -- generation, the visit count. ARGV: the SHA-256 of the key presented, now (Unix seconds),
--- `1` to count a visit, the guard's window, then its limits for the two counters.
+-- `1` to count a visit, the guard's window, then its limits for the two counters, then every
+-- role there is.
 -- Returns {'throttled', seconds to wait, 1-based counter}, {'refused'} (the failure counted in
 -- both counters), or {'ok', name, role, generation, visits or false}. `last_used` is kept to
 -- the minute.
@@ -22,8 +23,12 @@ if wait > 0 then
   return {'throttled', wait, which}
 end
 local key = redis.call('HMGET', KEYS[1], 'hash', 'name', 'role', 'last_used')
--- A record without its name or role (damaged, or half-written by hand) is no key.
-if key[1] ~= ARGV[1] or not key[2] or not key[3] then
+-- A record without its name or a known role (damaged, or written by hand) is no key.
+local known_role = false
+for i = 7, #ARGV do
+  known_role = known_role or key[3] == ARGV[i]
+end
+if key[1] ~= ARGV[1] or not key[2] or not known_role then
   for i = 2, 3 do
     if redis.call('INCR', KEYS[i]) == 1 then
       redis.call('EXPIRE', KEYS[i], ARGV[4])

@@ -7,7 +7,9 @@ local rows = {}
 for _, id in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local key = redis.call('HMGET', ARGV[1] .. id, 'name', 'role', 'created', 'last_used', 'created_by')
   if key[1] and key[2] then
-    table.insert(rows, {id, key[1], key[2], key[3] or '0', key[4], key[5]})
+    -- Numbers as numbers, or false: a damaged field must not fail the whole list.
+    table.insert(rows, {id, key[1], key[2], tonumber(key[3]) or 0, tonumber(key[4]) or false,
+      key[5] or false})
   end
 end
 return rows

@@ -227,13 +227,14 @@ impl Gateway {
             _ => None,
         };
         if let (Some(guard), Some(route)) = (guard, &ctx.route) {
-            crate::guard_events::tripped(&crate::guard_events::Tripped {
+            let event = crate::guard_events::Tripped {
                 guard,
                 client: ctx.client,
                 route: &route.prefix,
                 request_id: &ctx.request_id,
                 correlation_id: ctx.correlation(),
-            });
+            };
+            crate::guard_events::tripped(&self.pool, &event);
         }
         match decision {
             Decision::Pass { .. } => return Ok(false),
