@@ -167,6 +167,35 @@ fn the_console_in_a_browser() {
         &mut browser,
         r##"await until("the users", () => $("#users-rows tr[data-user='admin']"));"##,
     );
+    // "Skip to content" from the keyboard: the focus goes to the main content and the users stay
+    // on show; so do they after "Back to top", and after a fragment that names no view.
+    run(&mut browser, r##"$("a.skip").focus();"##);
+    browser.press("Enter");
+    let skipped = run(
+        &mut browser,
+        r##"const settle = () => new Promise((done) => setTimeout(done, 300));
+           const state = () => ({users: shown("#users"), dashboard: shown("#dashboard"),
+                                 focus: document.activeElement.id, hash: location.hash});
+           await until("the main content focused", () => document.activeElement.id === "content");
+           await settle();
+           const skip = state();
+           $("#users-title").focus();
+           $(".site-footer a[href='#content']").click();
+           await settle();
+           const top = state();
+           $("#users-title").focus();
+           location.hash = "#content";
+           await until("the address naming the view again", () => location.hash === "#users");
+           await settle();
+           return [skip, top, state()];"##,
+    );
+    for state in skipped.as_array().unwrap() {
+        assert_eq!(
+            state,
+            &json!({"users": true, "dashboard": false, "focus": "content", "hash": "#users"}),
+            "{skipped}"
+        );
+    }
     // A user created from the keyboard: name, password, then Tab past the role (viewer) and
     // the "active" box to the button.
     run(&mut browser, r##"$("#user-create-username").focus();"##);
@@ -378,19 +407,55 @@ fn the_console_in_a_browser() {
     );
     assert!(!filtered.contains(&"key.created"), "{filtered:?}");
 
-    // Sign out from the keyboard: the token is revoked and forgotten, and what the API showed
-    // is gone from the page.
-    run(&mut browser, r##"$("#sign-out").focus();"##);
+    // Sign out from the keyboard while the dashboard waits for an answer (`GET /api/me`, held
+    // back in the page): the token is revoked and forgotten, what the API showed is gone from
+    // the page, and the late answer brings none of it back.
+    go_to(&mut browser, "dashboard");
+    run(
+        &mut browser,
+        r##"await until("the count", () => /^\d+$/.test(text("#count")));
+           const fetched = window.fetch;
+           let release;
+           const gate = new Promise((done) => (release = done));
+           window.heldBack = {count: 0, release: () => { window.fetch = fetched; release(); }};
+           window.fetch = async (url, init) => {
+             const answer = await fetched(url, init);
+             if (new URL(url).pathname.endsWith("/api/me")) {
+               window.heldBack.count++;
+               await gate;
+             }
+             return answer;
+           };
+           $("#dashboard-refresh").click();
+           await until("the answer held back", () => window.heldBack.count > 0);
+           $("#sign-out").focus();"##,
+    );
     browser.press("Enter");
     let signed_out = run(
         &mut browser,
         r##"await until("the sign-in form", () => shown("#sign-in") && text("#status"));
+           window.heldBack.release();
+           await new Promise((done) => setTimeout(done, 500));
            return {token: sessionStorage.getItem("gatehouse.console.token"), rows: $("#audit-rows").children.length,
-                   status: text("#status"), focus: document.activeElement.id, nav: shown("#nav")};"##,
+                   status: text("#status"), focus: document.activeElement.id, nav: shown("#nav"),
+                   dashboard: shown("#dashboard"), error: shown("#me-error"),
+                   fields: ["#me-username", "#me-role", "#me-active", "#count", "#hello", "#whoami-short"].map(text)};"##,
     );
     assert_eq!(
         signed_out,
-        json!({"token": null, "rows": 0, "status": "Signed out.", "focus": "sign-in-username", "nav": false})
+        json!({"token": null, "rows": 0, "status": "Signed out.", "focus": "sign-in-username", "nav": false,
+               "dashboard": false, "error": false, "fields": ["…", "…", "…", "…", "", ""]})
+    );
+    // An admin's view asked for by its address: still the sign-in form.
+    let asked = run(
+        &mut browser,
+        r##"location.hash = "#users";
+           await new Promise((done) => setTimeout(done, 300));
+           return {sign_in: shown("#sign-in"), users: shown("#users"), nav: shown("#nav")};"##,
+    );
+    assert_eq!(
+        asked,
+        json!({"sign_in": true, "users": false, "nav": false})
     );
     expect(
         group.call(Method::GET, "/api/me", &token, None),

@@ -24,6 +24,11 @@
   let editing = null;
   let auditEvents = [];
   let auditNext = null;
+  // The view on show, kept while the address names no view (after "Skip to content").
+  let shownView = null;
+  // Each sign-in and sign-out starts a new session: an answer to a request of an older one
+  // is dropped, so that nothing of a session that ended comes back into the page.
+  let session = 0;
 
   // ---- The API ---------------------------------------------------------------------------
 
@@ -54,7 +59,15 @@
   // API under a prefix of their own.
   const apiUrl = (path) => new URL(`../${path}`, document.baseURI);
 
+  // The error thrown for an answer that came after its session ended: nothing to show.
+  function dropped() {
+    const error = new ApiError(0, { message: "the session ended" }, null);
+    error.handled = true;
+    return error;
+  }
+
   async function call(method, path, body) {
+    const epoch = session;
     const headers = { Accept: "application/json" };
     if (token) headers.Authorization = `Bearer ${token}`;
     const init = { method, headers, cache: "no-store", credentials: "omit" };
@@ -66,9 +79,16 @@
     try {
       response = await fetch(apiUrl(path), init);
     } catch (e) {
+      if (epoch !== session) throw dropped();
       throw new ApiError(0, { message: `the server could not be reached (${e.message})` }, null);
     }
-    const text = await response.text();
+    let text;
+    try {
+      text = await response.text();
+    } catch {
+      text = "";
+    }
+    if (epoch !== session) throw dropped();
     let data = null;
     try {
       data = text ? JSON.parse(text) : null;
@@ -79,7 +99,7 @@
       const error = new ApiError(response.status, data, response.headers.get("X-Request-ID"));
       // A token that stopped working (signed out elsewhere, expired, its user changed):
       // back to the sign-in form, saying why.
-      if (response.status === 401 && token && path !== "auth/login") {
+      if (response.status === 401 && path !== "auth/login") {
         endSession(`You were signed out: ${error.describe()}. Sign in again.`);
         error.handled = true;
       }
@@ -194,6 +214,7 @@
         password: form.password.value,
       });
       token = answer.token;
+      session++;
       sessionStorage.setItem(TOKEN_KEY, token);
       form.password.value = "";
       me = await call("GET", "api/me");
@@ -214,27 +235,49 @@
   }
 
   // Forgets the token and everything the API showed, and returns to the sign-in form.
+  // Requests still in flight are dropped when they answer (see `call`).
   function endSession(message) {
+    session++;
     token = null;
     me = null;
     sessionStorage.removeItem(TOKEN_KEY);
     stopHealth();
+    lastHealth = null;
     users = [];
     editing = null;
     auditEvents = [];
     auditNext = null;
     for (const id of ["users-rows", "keys-rows", "audit-rows"]) $(id).replaceChildren();
+    const fields = ["me-username", "me-role", "me-active", "count", "health-backends", "health-redis", "health-rps"];
+    for (const id of fields) {
+      $(id).textContent = "…";
+      $(id).classList.remove("bad");
+    }
+    for (const id of ["hello", "whoami-short"]) $(id).textContent = "";
+    for (const id of ["me-error", "count-error", "health-error"]) {
+      $(id).textContent = "";
+      $(id).hidden = true;
+      delete $(id).dataset.failure;
+    }
     hideKey();
     $("user-edit-form").hidden = true;
+    $("user-edit-title").textContent = "Change a user";
+    for (const id of ["user-create-form", "user-edit-form", "key-create-form", "audit-filter-form"]) $(id).reset();
+    $("audit-more").hidden = true;
+    if ($("confirm").open) $("confirm").close("no");
+    shownView = null;
     render(true);
     if (message) say(message);
   }
 
   // ---- Views -----------------------------------------------------------------------------
 
+  const isView = (hash) => VIEWS.includes(hash.slice(1));
+
+  // The view the address names; while it names none (it is "#content" after the skip link),
+  // the one on show.
   function currentView() {
-    const wanted = location.hash.slice(1);
-    if (!VIEWS.includes(wanted)) return "dashboard";
+    const wanted = isView(location.hash) ? location.hash.slice(1) : shownView || "dashboard";
     if (ADMIN_VIEWS.includes(wanted) && !isAdmin()) return "dashboard";
     return wanted;
   }
@@ -258,6 +301,8 @@
     }
     $("whoami-short").textContent = `${me.username} (${me.role})`;
     const view = currentView();
+    shownView = view;
+    if (!isView(location.hash)) history.replaceState(null, "", `#${view}`);
     for (const name of VIEWS) $(name).hidden = name !== view;
     for (const link of document.querySelectorAll("#nav a")) {
       if (link.getAttribute("href") === `#${view}`) link.setAttribute("aria-current", "page");
@@ -267,6 +312,8 @@
     document.title = `${heading.textContent} — gatehouse console`;
     if (moveFocus) heading.focus();
     if (view !== "dashboard") stopHealth();
+    // A new key is shown once, in its view: leaving the view forgets it.
+    if (view !== "keys") hideKey();
     LOADERS[view]();
   }
 
@@ -281,15 +328,24 @@
 
   // Each card loads on its own and says below what failed, so one failing endpoint leaves the
   // others readable.
+  // (The error boxes are alerts. One already showing is rewritten only when the failure
+  // changes, not for each new request id, so that a poll failing the same way again is not
+  // read out again.)
   async function card(errorId, work) {
     const box = $(errorId);
     try {
       await work();
       box.hidden = true;
       box.textContent = "";
+      delete box.dataset.failure;
     } catch (error) {
       if (error.handled) return;
-      box.textContent = `Unavailable: ${error instanceof ApiError ? error.describe() : error}`;
+      const api = error instanceof ApiError;
+      const failure = api ? `${error.status} ${error.code} ${error.message}` : String(error);
+      if (box.hidden || box.dataset.failure !== failure) {
+        box.textContent = `Unavailable: ${api ? error.describe() : error}`;
+        box.dataset.failure = failure;
+      }
       box.hidden = false;
     }
   }
@@ -539,6 +595,8 @@
 
   function hideKey() {
     $("key-shown-value").value = "";
+    $("key-shown-name").textContent = "";
+    $("key-shown-role").textContent = "";
     $("key-shown").hidden = true;
   }
 
@@ -582,6 +640,9 @@
     return page.events.length;
   }
 
+  // A detail is mostly words; one the API gives as an object or a list is shown as JSON.
+  const detailText = (detail) => (typeof detail === "object" ? JSON.stringify(detail) : String(detail));
+
   function drawAudit() {
     const filter = $("audit-filter").value.trim().toLowerCase();
     const shown = auditEvents.filter(
@@ -601,7 +662,7 @@
             { scope: "row" },
             el("code", { text: e.event }),
             // A few words more, where the API has them (the fields a change touched, ...).
-            e.detail ? el("span", { class: "detail", text: ` ${e.detail}` }) : "",
+            e.detail ? el("span", { class: "detail", text: ` ${detailText(e.detail)}` }) : "",
           ),
           el("td", {}, e.actor ? e.actor : dash()),
           el("td", {}, e.target ? e.target : dash()),
@@ -611,6 +672,14 @@
         ),
       ),
     );
+  }
+
+  // "Skip to content" and "Back to top": the focus goes to the main content, and the view stays
+  // (the address keeps naming it).
+  function toContent() {
+    const main = $("content");
+    main.focus({ preventScroll: true });
+    main.scrollIntoView({ block: "start" });
   }
 
   // ---- Wiring ----------------------------------------------------------------------------
@@ -654,7 +723,20 @@
         say(`${count} older events loaded.`);
       }),
     );
+    for (const link of document.querySelectorAll("a[href='#content']")) {
+      link.addEventListener("click", (e) => {
+        e.preventDefault();
+        toContent();
+      });
+    }
+    // Only a view's name changes the view; any other fragment (typed, or followed from
+    // elsewhere) is the main content, and the address goes back to naming the view.
     window.addEventListener("hashchange", () => {
+      if (!isView(location.hash)) {
+        if (me && shownView) history.replaceState(null, "", `#${shownView}`);
+        toContent();
+        return;
+      }
       clearNotices();
       render(true);
     });
