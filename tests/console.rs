@@ -41,6 +41,11 @@ fn the_console_is_served_as_static_files_under_a_strict_policy() {
     let policy = header("content-security-policy");
     assert!(policy.starts_with("default-src 'self';"), "{policy}");
     assert!(!policy.contains("unsafe-inline"), "{policy}");
+    // Stricter than the other sites: framed by no page, no referrer, no other origin.
+    assert!(policy.contains("frame-ancestors 'none'"), "{policy}");
+    assert!(policy.contains("connect-src 'self'"), "{policy}");
+    assert_eq!(header("x-frame-options"), "DENY");
+    assert_eq!(header("referrer-policy"), "no-referrer");
     let html = page.text().unwrap();
     // Nothing inline for the policy to block, and nothing from elsewhere.
     let lower = html.to_ascii_lowercase();

@@ -762,14 +762,20 @@ pub fn write_config(
         let cache_control = cache_control
             .map(|c| format!("cache_control = \"{c}\"\n"))
             .unwrap_or_default();
-        config = config.merge(
-            &format!(
-                "[[routes]]\nprefix = \"{prefix}\"\nstatic_dir = \"{}\"\n{cache_control}\
-                 security_headers = true\n",
-                statics.join(site).display()
-            ),
-            None,
-        );
+        let mut route: toml::Table = format!(
+            "prefix = \"{prefix}\"\nstatic_dir = \"{}\"\n{cache_control}security_headers = true\n",
+            statics.join(site).display()
+        )
+        .parse()
+        .expect("a route");
+        // The shipped route's own header rules (the console's stricter policy), as shipped.
+        if let Some(rules) = shipped_route(prefix).and_then(|r| r.get("response_headers").cloned())
+        {
+            route.insert("response_headers".into(), rules);
+        }
+        let mut routes = toml::Table::new();
+        routes.insert("routes".into(), vec![toml::Value::Table(route)].into());
+        config = config.merge(&toml::to_string(&routes).expect("TOML"), None);
     }
     let config = config
         .merge(&options.keys, None)
@@ -780,6 +786,20 @@ pub fn write_config(
     let path = dir.join("gatehouse.toml");
     fs::write(&path, config.text()).expect("write config");
     path
+}
+
+/// The route with `prefix` in the shipped `conf/gatehouse.toml`.
+fn shipped_route(prefix: &str) -> Option<toml::Table> {
+    let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
+    let text = fs::read_to_string(repo.join("conf/gatehouse.toml")).ok()?;
+    let config: toml::Table = text.parse().ok()?;
+    config
+        .get("routes")?
+        .as_array()?
+        .iter()
+        .filter_map(toml::Value::as_table)
+        .find(|r| r.get("prefix").and_then(toml::Value::as_str) == Some(prefix))
+        .cloned()
 }
 
 /// `openssl x509 -noout X509_ARGS` of the certificate the HTTPS port presents to a client
