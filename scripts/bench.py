@@ -608,14 +608,16 @@ def threads_line(threads):
     return "" if threads is None else f"threads = {threads}"
 
 
-def start_group(binary, work, name, backends, admin, access_log, threads=None, extra_env=None):
+def start_group(binary, work, name, backends, admin, access_log, threads=None, extra_env=None, sections=""):
     """Starts `gatehouse run` in its own directory under `work`, with `extra_env` over this
-    environment; returns (process, http port, https port, proxy pids)."""
+    environment and `sections` (more tables) in its config; returns (process, http port, https
+    port, proxy pids)."""
     home = work / name
     home.mkdir()
     http, https = free_port(), free_port()
     config = home / "gatehouse.toml"
-    text = gatehouse_config(work, http, https, backends, admin, access_log or "off", threads_line(threads))
+    text = gatehouse_config(work, http, https, backends, admin, access_log or "off", threads_line(threads),
+                            sections=sections)
     config.write_text(text.replace(f'"{work}/run"', f'"{home}/run"').replace(f'"{work}/data"', f'"{home}/data"'))
     env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn", **(extra_env or {}))
     log = open(home / "gatehouse.log", "w")
@@ -841,18 +843,12 @@ def identity(opts, binary):
     processes = []
     try:
         copy_static(work)
-        http, https, admin = free_port(), free_port(), free_port()
-        audit_log = work / "audit.log"
-        (work / "gatehouse.toml").write_text(gatehouse_config(
-            work, http, https, 3, admin=admin, proxy_extra=threads_line(opts.threads),
-            sections=f'[audit]\nfile = "{audit_log}"\n'))
+        (work / "gatehouse.toml").write_text(gatehouse_config(work, 1, 2, 1))
         subprocess.run([binary, "cert", "--config", work / "gatehouse.toml"], check=True, capture_output=True)
-        env = dict(os.environ, **{SECRET_ENV: SECRET}, RUST_LOG="warn")
-        log = open(work / "gatehouse.log", "w")
-        group = subprocess.Popen([binary, "run", "--config", work / "gatehouse.toml"], env=env, stdout=log,
-                                 stderr=log)
+        audit_log = work / "audit.log"
+        group, http, _, _ = start_group(binary, work, "identity", 3, free_port(), "", opts.threads,
+                                        sections=f'[audit]\nfile = "{audit_log}"\n')
         processes.append(group)
-        wait_for(f"http://127.0.0.1:{http}/api/ping", work / "gatehouse.log")
         pids = children(group.pid)
         token = login_token(http)
         made = urllib.request.Request(
@@ -876,7 +872,7 @@ def identity(opts, binary):
                 results.setdefault((label, "group"), []).append(measure(label, base + args, url, pids, raw, run_id))
         events = sum(1 for _ in open(audit_log))
         # The stream's memory per event, at its cap (audit.max_events, 100,000 by default).
-        redis = ["redis-cli", "-s", str(work / "run" / "redis.sock")]
+        redis = ["redis-cli", "-s", str(work / "identity" / "run" / "redis.sock")]
         kept = int(subprocess.run([*redis, "XLEN", "gatehouse:audit"], capture_output=True, text=True,
                                   check=True).stdout)
         stream_bytes = int(subprocess.run([*redis, "MEMORY", "USAGE", "gatehouse:audit", "SAMPLES", "0"],

@@ -438,48 +438,33 @@ impl Accounts {
     }
 
     async fn count_visit(&self) -> Result<i64, ApiError> {
-        let mut conn = self.store.connection();
-        let visits: i64 = self
-            .store
-            .bounded(async move {
-                redis::cmd("INCR")
-                    .arg(keys::VISITS)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(visits)
+        let mut incr = redis::cmd("INCR");
+        incr.arg(keys::VISITS);
+        Ok(self.on_visits(incr).await?.unwrap_or(0))
     }
 
     /// Sets the count back to zero; the count before.
     pub async fn reset_visits(&self) -> Result<i64, ApiError> {
-        let mut conn = self.store.connection();
-        let before: Option<i64> = self
-            .store
-            .bounded(async move {
-                redis::cmd("GETSET")
-                    .arg(keys::VISITS)
-                    .arg(0)
-                    .query_async(&mut conn)
-                    .await
-            })
-            .await?;
-        Ok(before.unwrap_or(0))
+        let mut getset = redis::cmd("GETSET");
+        getset.arg(keys::VISITS).arg(0);
+        Ok(self.on_visits(getset).await?.unwrap_or(0))
     }
 
     /// The visits counted so far, without counting one (for `HEAD /api/count`).
     pub async fn visits(&self) -> Result<i64, ApiError> {
+        let mut get = redis::cmd("GET");
+        get.arg(keys::VISITS);
+        Ok(self.on_visits(get).await?.unwrap_or(0))
+    }
+
+    /// One command on the visit count, within the store's deadline: its answer.
+    async fn on_visits(&self, command: redis::Cmd) -> Result<Option<i64>, ApiError> {
         let mut conn = self.store.connection();
-        let visits: Option<i64> = self
+        let answer = self
             .store
-            .bounded(async move {
-                redis::cmd("GET")
-                    .arg(keys::VISITS)
-                    .query_async(&mut conn)
-                    .await
-            })
+            .bounded(async move { command.query_async(&mut conn).await })
             .await?;
-        Ok(visits.unwrap_or(0))
+        Ok(answer)
     }
 
     /// Logout: the token leaves its user's live tokens, so every backend of every replica

@@ -4,7 +4,7 @@
 use http::{HeaderValue, Request, Response, StatusCode};
 use serde::{Deserialize, Serialize};
 
-use super::{client_address, read_json};
+use super::read_json;
 use crate::{
     app::App,
     connection::RequestBody,
@@ -63,7 +63,7 @@ pub(crate) async fn login(
     user_header: &mut Option<HeaderValue>,
 ) -> Result<Response<Body>, ApiError> {
     let request_id = context.request_id;
-    let client = client_address(&request);
+    let client = context.client;
     // The name tried, for the audit log: only a name a user could have.
     let mut tried = None;
     let result = async {

@@ -3,17 +3,14 @@
 
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use http::{Response, StatusCode};
-use serde::{Deserialize, Serialize};
-use tokio::{
-    io::{AsyncReadExt, AsyncWriteExt},
-    net::TcpStream,
-};
-
 use crate::{
     app::App,
     http_util::{Body, json_response},
 };
+use http::{Response, StatusCode};
+use hyper_util::rt::TokioIo;
+use serde::{Deserialize, Serialize};
+use tokio::net::TcpStream;
 
 /// How long the admin listener may take; the answer says `null` past it.
 const ADMIN_DEADLINE: Duration = Duration::from_secs(2);
@@ -77,42 +74,31 @@ pub(crate) async fn status(app: &App) -> Response<Body> {
     )
 }
 
-/// `GET /status` on the admin listener, within [`ADMIN_DEADLINE`]. The answer is read up to
-/// its `Content-Length`: the listener keeps the connection open after it.
+/// `GET /status` on the admin listener (hyper's client, one connection), its answer read up
+/// to [`MAX_ANSWER`], all within [`ADMIN_DEADLINE`].
 async fn admin_status(app: &App) -> Option<AdminStatus> {
+    use http_body_util::{BodyExt, Empty, Limited};
     let address = app.admin_address?;
     let ask = async {
-        let mut stream = TcpStream::connect(address).await.ok()?;
-        stream
-            .write_all(b"GET /status HTTP/1.1\r\nHost: admin\r\nConnection: close\r\n\r\n")
+        let stream = TcpStream::connect(address).await.ok()?;
+        let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream))
             .await
             .ok()?;
-        let mut answer = Vec::with_capacity(512);
-        let mut chunk = [0u8; 4096];
-        loop {
-            let read = stream.read(&mut chunk).await.ok()?;
-            if read == 0 || answer.len() + read > MAX_ANSWER {
-                return None;
-            }
-            answer.extend_from_slice(&chunk[..read]);
-            let Some(end) = answer.windows(4).position(|w| w == b"\r\n\r\n") else {
-                continue;
-            };
-            let head = std::str::from_utf8(&answer[..end]).ok()?;
-            if !head.starts_with("HTTP/1.1 200") {
-                return None;
-            }
-            let length: usize = head.lines().find_map(|line| {
-                let (name, value) = line.split_once(':')?;
-                name.eq_ignore_ascii_case("content-length")
-                    .then(|| value.trim().parse().ok())
-                    .flatten()
-            })?;
-            let body = &answer[end + 4..];
-            if body.len() >= length {
-                return serde_json::from_slice(&body[..length]).ok();
-            }
+        tokio::spawn(connection);
+        let request = http::Request::get("/status")
+            .header(http::header::HOST, "admin")
+            .body(Empty::<bytes::Bytes>::new())
+            .ok()?;
+        let response = sender.send_request(request).await.ok()?;
+        if response.status() != StatusCode::OK {
+            return None;
         }
+        let body = Limited::new(response.into_body(), MAX_ANSWER)
+            .collect()
+            .await
+            .ok()?
+            .to_bytes();
+        serde_json::from_slice(&body).ok()
     };
     tokio::time::timeout(ADMIN_DEADLINE, ask)
         .await
