@@ -815,6 +815,7 @@ def baseline(opts, binary):
             ("static page, identity, HTTPS", [], "https", "/"),
             ("GET /api/ping", [], "http", "/api/ping"),
             ("GET /api/ping, HTTPS", [], "https", "/api/ping"),
+            ("GET /api/ping, HTTP/2 over TLS", ["--http2"], "https", "/api/ping"),
             ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
         ]
 
@@ -1014,6 +1015,7 @@ def main():
             ("static page, identity, HTTPS", [], "https", "/"),
             ("static page, gzip, HTTPS", gzip, "https", "/"),
             ("GET /api/ping", [], "http", "/api/ping"),
+            ("GET /api/ping, HTTP/2 over TLS", ["--http2"], "https", "/api/ping"),
             ("GET /api/count (JWT + Redis)", ["-H", f"Authorization: Bearer {token}"], "http", "/api/count"),
             ("GET ping, named pool over Unix sockets", [], "http", "/unixpool/ping"),
             ("GET ping, named pool over TCP (an nginx origin)", [], "http", "/tcppool/ping"),
