@@ -2,6 +2,8 @@
 //! request id and, on HTTPS, `Strict-Transport-Security`, like every proxied response, and
 //! once the request has a route, that route's response headers and CORS headers.
 
+use std::time::Duration;
+
 use bytes::Bytes;
 use http::HeaderValue;
 use pingora::{ErrorType::InvalidHTTPHeader, OrErr, Result, http::ResponseHeader};
@@ -214,6 +216,35 @@ pub async fn send_head(
         .write_response_header(Box::new(header), head_only)
         .await?;
     Ok(!head_only)
+}
+
+/// How much of an HTTP/2 request's body is read, and for how long, after the proxy answered
+/// before the body arrived.
+const LINGER_BYTES: usize = 64 * 1024;
+const LINGER_TIME: Duration = Duration::from_secs(1);
+
+/// After an answer given before an HTTP/2 request's body was read (a `403`, a `401`, a `429`
+/// to a `POST`): a small body still on its way is read and dropped, so that its stream ends
+/// cleanly. Otherwise the stream is reset with `NO_ERROR`, which RFC 9113 (8.1) allows but
+/// which curl 7.x reports as error 92 in place of the answer when its upload had not
+/// finished. A bigger or slower body still has its stream reset, at these bounds (nginx
+/// lingers on HTTP/1 connections for the same reason). On HTTP/1 an unread body ends the
+/// whole connection instead, as Pingora decides.
+pub async fn linger_h2(session: &mut Session) {
+    if !session.is_http2() || session.is_body_done() {
+        return;
+    }
+    let discard = async {
+        let mut read = 0;
+        while read < LINGER_BYTES {
+            match session.read_request_body().await {
+                Ok(Some(chunk)) => read += chunk.len(),
+                Ok(None) | Err(_) => break,
+            }
+        }
+    };
+    // The bound is the point: a body not read by then is simply left.
+    let _ = tokio::time::timeout(LINGER_TIME, discard).await;
 }
 
 fn html_escape(text: &str) -> String {

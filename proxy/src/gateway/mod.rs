@@ -343,6 +343,8 @@ pub struct RequestCtx {
     cache_status: Option<crate::cache::Status>,
     /// Body bytes served from the cache.
     cache_served: usize,
+    /// A failure answered in full with its JSON error (`fail_to_proxy`).
+    failure_answered: bool,
 }
 
 /// An upgraded connection, counted in `gatehouse_upgraded_connections_open` until the
@@ -415,6 +417,7 @@ impl ProxyHttp for Gateway {
             site: None,
             cache_status: None,
             cache_served: 0,
+            failure_answered: false,
         }
     }
 
@@ -839,13 +842,15 @@ impl ProxyHttp for Gateway {
         } else {
             &[]
         };
-        if status != 0
-            && not_started
-            && let Err(write_error) =
-                respond::json_error_with(session, &self.stamp(ctx), status, code, message, retry)
-                    .await
-        {
-            tracing::debug!(error = %write_error, request_id = %ctx.request_id, "could not send the error response");
+        if status != 0 && not_started {
+            match respond::json_error_with(session, &self.stamp(ctx), status, code, message, retry)
+                .await
+            {
+                Ok(()) => ctx.failure_answered = true,
+                Err(write_error) => {
+                    tracing::debug!(error = %write_error, request_id = %ctx.request_id, "could not send the error response");
+                }
+            }
         }
         FailToProxy {
             error_code: status,
@@ -881,6 +886,15 @@ impl ProxyHttp for Gateway {
             metrics.cut(Cut::SendTimeout);
         }
         self.observe(session, ctx);
+        // After the record: the wait is the client's, not the request's. What the request
+        // holds (a backend slot, its client's shares) goes back first. Only after a whole
+        // answer: a response cut short is reset anyway, and a client that failed is gone.
+        if e.is_none() || ctx.failure_answered {
+            ctx.slot = None;
+            ctx.share = None;
+            ctx.tunnel = None;
+            respond::linger_h2(session).await;
+        }
     }
 }
 
