@@ -1075,7 +1075,10 @@ fn responses_over_the_size_limits_are_relayed_whole_and_memory_stays_bounded() {
         origin.set(&path, Answer::cache_control("max-age=60").size(40_000));
         assert_eq!(proxy.get(&path).body.len(), 40_000);
     }
-    let most = (MAX_BYTES / 40_000) as f64;
+    // At most as many 40 kB answers as fit, besides /c/small and the note kept for each answer
+    // too large to keep (the two above): which of them stay depends on how the keys fall into
+    // the cache's shards.
+    let most = (MAX_BYTES / 40_000) as f64 + 3.0;
     let mut text = String::new();
     assert!(
         wait_until(Duration::from_secs(5), || {
