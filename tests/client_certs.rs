@@ -482,7 +482,7 @@ fn a_reload_maps_certificates_anew_and_names_the_listeners_keys() {
 /// 300 as error 92 in place of the answer. A slow one is waited on for a second only.
 #[test]
 fn refused_http2_uploads_get_their_answer_and_slow_ones_are_not_waited_on() {
-    let (group, _pki) = start("optional");
+    let (group, pki) = start("optional");
     let refused = |args: &[&str], urls: usize| {
         let mut command = Command::new("curl");
         command
@@ -518,7 +518,14 @@ fn refused_http2_uploads_get_their_answer_and_slow_ones_are_not_waited_on() {
     fs::write(&big, vec![b'x'; 1 << 20]).expect("write the upload");
     let upload = format!("@{}", big.display());
     let started = Instant::now();
-    let (answered, output) = refused(&["--limit-rate", "4k", "--data-binary", &upload], 1);
+    let (answered, output) = thread::scope(|scope| {
+        let slow = scope.spawn(|| refused(&["--limit-rate", "4k", "--data-binary", &upload], 1));
+        // Another client, while the proxy waits on the slow body: served.
+        thread::sleep(Duration::from_millis(300));
+        let (status, head) = curl(&group, &pki, None, "/echo/up", &[]).expect("an answer");
+        assert_eq!(status, 200, "{head}");
+        slow.join().expect("the slow upload")
+    });
     assert_eq!(answered, 1, "{}", String::from_utf8_lossy(&output.stderr));
     assert!(
         started.elapsed() < Duration::from_secs(8),
