@@ -54,9 +54,9 @@ SCENARIOS = {
     "ping": ("GET /api/ping", [], "http", "/api/ping"),
     "ping-https": ("GET /api/ping, HTTPS", [], "https", "/api/ping"),
     "count": ("GET /api/count (JWT + Redis)", ["-H", "Authorization: Bearer {token}"], "http", "/api/count"),
-    "static": ("static page, identity, HTTP", [], "http", "/"),
+    "static": ("static page, identity, HTTP", bench.IDENTITY, "http", "/"),
     "static-gzip": ("static page, gzip, HTTP", ["-H", "Accept-Encoding: gzip"], "http", "/"),
-    "static-https": ("static page, identity, HTTPS", [], "https", "/"),
+    "static-https": ("static page, identity, HTTPS", bench.IDENTITY, "https", "/"),
     # The routes of bench.POOL_ROUTES: a named pool over the backends' sockets (Pingora's
     # path), and a prefix rewrite without and with header rules and CORS.
     "pool-unix": ("GET ping, named pool over Unix sockets", [], "http", "/unixpool/ping"),

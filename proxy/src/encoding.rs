@@ -60,7 +60,7 @@ impl Encoding {
             Encoding::Brotli => {
                 let params = brotli::enc::BrotliEncoderParams {
                     quality: 11,
-                    lgwin: 22,
+                    lgwin: brotli_window_bits(data.len()),
                     ..Default::default()
                 };
                 brotli::BrotliCompress(&mut &data[..], &mut out, &params).ok()?;
@@ -122,6 +122,19 @@ pub fn negotiate(accept_encoding: Option<&[u8]>) -> Encoding {
     best.0
 }
 
+/// The smallest brotli window (`lgwin`, 10 to 22 bits) that holds all of `len` bytes, as the
+/// `brotli` tool picks for a file. At quality 11 the encoder's match finder takes eight bytes
+/// per window position, and an allocator that hands out reused memory must zero all of it:
+/// with the full 4 MiB window, compressing one 21 kB page raised the proxy's resident memory
+/// (on mimalloc) by about 60 MB. A window larger than the input finds no match a fitting one
+/// misses.
+fn brotli_window_bits(len: usize) -> i32 {
+    // The encoder keeps 16 bytes of a window for itself (RFC 7932 section 9.1).
+    (10..22)
+        .find(|bits| (1usize << bits) - 16 >= len)
+        .unwrap_or(22)
+}
+
 /// Types worth compressing: text and the structured text formats; never images, archives or
 /// media, which are compressed already.
 pub fn compressible(mime: &str) -> bool {
@@ -181,5 +194,47 @@ mod tests {
         assert!(zst.len() < data.len() / 4);
         assert_eq!(zstd::stream::decode_all(&zst[..]).unwrap(), data);
         assert!(compressible("text/html; charset=utf-8") && !compressible("image/png"));
+    }
+
+    #[test]
+    fn brotli_windows_fit_the_file() {
+        assert_eq!(brotli_window_bits(0), 10);
+        assert_eq!(brotli_window_bits(1008), 10);
+        assert_eq!(brotli_window_bits(1009), 11);
+        assert_eq!(brotli_window_bits(21_367), 15);
+        assert_eq!(brotli_window_bits((1 << 21) - 16), 21);
+        assert_eq!(brotli_window_bits(100 << 20), 22);
+
+        // Across a window boundary, the page shipped, and a file larger than the largest window.
+        let page = std::fs::read(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/../static/main/index.html"
+        ))
+        .unwrap();
+        let lines: Vec<u8> = (0..400_000u32)
+            .flat_map(|i| format!("line {} of {}\n", i % 9973, i % 7).into_bytes())
+            .collect();
+        for data in [&page[..], &page[..1009], &lines[..]] {
+            let br = Encoding::Brotli.compress(data).unwrap();
+            let mut plain = Vec::new();
+            brotli::BrotliDecompress(&mut &br[..], &mut plain).unwrap();
+            assert_eq!(plain, data);
+        }
+
+        // The fitted window compresses the page no worse than the largest one.
+        let mut widest = Vec::new();
+        let params = brotli::enc::BrotliEncoderParams {
+            quality: 11,
+            lgwin: 22,
+            ..Default::default()
+        };
+        brotli::BrotliCompress(&mut &page[..], &mut widest, &params).unwrap();
+        let fitted = Encoding::Brotli.compress(&page).unwrap();
+        assert!(
+            fitted.len() <= widest.len(),
+            "{} > {}",
+            fitted.len(),
+            widest.len()
+        );
     }
 }
