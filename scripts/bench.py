@@ -169,6 +169,7 @@ BENCH_LIMITS = "max_requests_per_connection = 100000"
 
 # oha offers `Accept-Encoding: gzip, compress, deflate, br` unless a request names its own, so a
 # row without this header would measure gatehouse's brotli against nginx's gzip_static.
+OHA_ACCEPT_ENCODING = "gzip, compress, deflate, br"
 IDENTITY = ["-H", "Accept-Encoding: identity"]
 
 
@@ -684,7 +685,13 @@ def expect_encoding(name, label, args, url):
     want = next((coding for coding in ("identity", "gzip") if coding in label), None)
     if want is None or not label.startswith("static page"):
         return
-    headers = dict(args[i + 1].split(": ", 1) for i in range(len(args) - 1) if args[i] == "-H")
+    # What oha sends: its own Accept-Encoding unless the row names one (urllib would send
+    # `identity` for a row without one, and so pass the very fault this check is for).
+    headers = {"Accept-Encoding": OHA_ACCEPT_ENCODING}
+    for flag, header in zip(args, args[1:]):
+        if flag == "-H" and ":" in header:
+            header_name, value = header.split(":", 1)
+            headers[header_name.strip()] = value.strip()
     context = ssl._create_unverified_context()
     try:
         request = urllib.request.Request(url, headers=headers)
@@ -733,6 +740,10 @@ def side_by_side(opts, sides, all_scenarios, title, file_name):
             groups[name] = (http, https, proxy)
         # A token each: a group's sessions live in its own Redis.
         token = {name: login_token(http) for name, (http, _, _) in groups.items()}
+        for name, (http, https, _) in groups.items():
+            for label, args, scheme, path in scenarios(token[name]):
+                port = http if scheme == "http" else https
+                expect_encoding(name, label, args, f"{scheme}://127.0.0.1:{port}{path}")
         base = load_args(opts, duration, connections)
         results = {}
         for round_no in range(rounds):

@@ -146,6 +146,7 @@ fn main() -> ExitCode {
             .load()
             .and_then(|config| signal_group(&config, libc::SIGUSR2)),
         Command::Proxy { config, upgrade } => config.load().and_then(|loaded| {
+            allocator::start_returning_free_pages();
             // As `run` does: alone (a container of its own), the proxy is the one to make it.
             if !upgrade {
                 ensure_certificate(&loaded)?;
@@ -157,12 +158,22 @@ fn main() -> ExitCode {
                     .and_then(Config::into_proxy_settings)
                     .map_err(|e| e.to_string())
             });
-            gatehouse_proxy::run(loaded.into_proxy_settings()?, Some(load), upgrade)
-                .map(|stopped| match stopped {
-                    gatehouse_proxy::Stopped::Graceful => 0,
-                    gatehouse_proxy::Stopped::Fast => 130,
-                })
-                .map_err(Error::from)
+            let allocator = if allocator::on_mimalloc() {
+                gatehouse_proxy::heap::Allocator::Mimalloc
+            } else {
+                gatehouse_proxy::heap::Allocator::Glibc
+            };
+            gatehouse_proxy::run(
+                loaded.into_proxy_settings()?,
+                Some(load),
+                upgrade,
+                allocator,
+            )
+            .map(|stopped| match stopped {
+                gatehouse_proxy::Stopped::Graceful => 0,
+                gatehouse_proxy::Stopped::Fast => 130,
+            })
+            .map_err(Error::from)
         }),
         Command::Backend {
             config,

@@ -122,8 +122,8 @@ pub fn negotiate(accept_encoding: Option<&[u8]>) -> Encoding {
     best.0
 }
 
-/// The smallest brotli window (`lgwin`, 10 to 22 bits) that holds all of `len` bytes, as the
-/// `brotli` tool picks for a file. At quality 11 the encoder's match finder takes eight bytes
+/// The smallest brotli window (`lgwin`) that holds all of `len` bytes, as the `brotli` tool
+/// picks for a file, from 10 bits up to the 22 this proxy always used (the tool goes to 24). At quality 11 the encoder's match finder takes eight bytes
 /// per window position, and an allocator that hands out reused memory must zero all of it:
 /// with the full 4 MiB window, compressing one 21 kB page raised the proxy's resident memory
 /// (on mimalloc) by about 60 MB. A window larger than the input finds no match a fitting one
@@ -221,7 +221,8 @@ mod tests {
             assert_eq!(plain, data);
         }
 
-        // The fitted window compresses the page no worse than the largest one.
+        // The fitted window compresses the page no worse than the largest one, but for the
+        // stream header, which takes up to 3 bits more to name a smaller window.
         let mut widest = Vec::new();
         let params = brotli::enc::BrotliEncoderParams {
             quality: 11,
@@ -231,7 +232,7 @@ mod tests {
         brotli::BrotliCompress(&mut &page[..], &mut widest, &params).unwrap();
         let fitted = Encoding::Brotli.compress(&page).unwrap();
         assert!(
-            fitted.len() <= widest.len(),
+            fitted.len() <= widest.len() + 1,
             "{} > {}",
             fitted.len(),
             widest.len()

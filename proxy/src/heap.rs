@@ -9,6 +9,9 @@
 //! So every [`CHECK_EVERY`], when more than [`SLACK`] of the proxy's resident heap is free,
 //! `malloc_trim(0)` returns the free pages. Pages are reused where they are, so this costs a
 //! few page faults after a burst and nothing in a steady state (nothing is trimmed then).
+//!
+//! The proxy allocates with mimalloc unless `GATEHOUSE_ALLOCATOR=system` (the binary's
+//! `allocator.rs`, which also gives mimalloc's free pages back); the trim runs only on glibc.
 
 use std::time::Duration;
 
@@ -21,6 +24,14 @@ pub const CHECK_EVERY: Duration = Duration::from_secs(10);
 
 /// Free resident heap kept for reuse; more is given back.
 pub const SLACK: u64 = 8 << 20;
+
+/// The allocator the proxy's process runs on: glibc's needs the arena cap and the trim below,
+/// mimalloc neither (the binary gives its free pages back itself).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Allocator {
+    Glibc,
+    Mimalloc,
+}
 
 /// The background service that trims the heap.
 pub struct Trim;

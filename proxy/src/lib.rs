@@ -142,10 +142,12 @@ pub fn check_listen(listen: SocketAddr) -> Result<(), BuildError> {
 ///
 /// `load` reads the configuration again on SIGHUP. `upgrade`: take the listening sockets
 /// over from the running proxy (which hands them over on SIGQUIT) instead of binding them.
+/// `allocator`: the process's, chosen by the binary before `main`.
 pub fn run(
     settings: Settings,
     load: Option<live::LoadSettings>,
     upgrade: bool,
+    allocator: heap::Allocator,
 ) -> Result<Stopped, BuildError> {
     // Until the reload service listens for them, SIGHUP and SIGUSR1 would end the process (a
     // reload or logrotate right after start); ignored now, handled once the service runs.
@@ -155,10 +157,12 @@ pub fn run(
         libc::signal(libc::SIGUSR1, libc::SIG_IGN);
     }
     // glibc gives each busy thread its own heap; under many connections they fragment and the
-    // proxy's memory creeps up run after run. Two heaps keep it flat, at no measurable cost.
-    // SAFETY: mallopt before any thread starts.
-    unsafe {
-        libc::mallopt(libc::M_ARENA_MAX, 2);
+    // proxy's memory creeps up run after run. Two heaps keep it flat.
+    if allocator == heap::Allocator::Glibc {
+        // SAFETY: mallopt before any thread starts.
+        unsafe {
+            libc::mallopt(libc::M_ARENA_MAX, 2);
+        }
     }
     raise_file_limit(settings.limits.max_connections);
     // An upgrade receives its sockets from the old proxy, which still holds the ports.
@@ -303,10 +307,12 @@ pub fn run(
         "reload and log reopening",
         signals,
     ));
-    server.add_service(pingora::services::background::background_service(
-        "heap trim",
-        heap::Trim,
-    ));
+    if allocator == heap::Allocator::Glibc {
+        server.add_service(pingora::services::background::background_service(
+            "heap trim",
+            heap::Trim,
+        ));
+    }
     server.add_service(pingora::services::background::background_service(
         "idle upstream connections",
         forward::IdleSweep {
