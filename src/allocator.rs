@@ -9,7 +9,7 @@
 //! few MB, now that a static page's brotli compression no longer zeroes a 4 MiB window's match
 //! finder (that was the 60 MB jump once blamed on access logs). mimalloc gives free pages
 //! back only while allocating, so a thread here collects every 10 s: 12 s after bursts of a
-//! thousand connections the proxy held 44 MB, against 37 MB on glibc (whose free pages the
+//! thousand connections the proxy held 43 MB, against 37 MB on glibc (whose free pages the
 //! proxy's heap trim gives back) and 60 MB on mimalloc without the collection. A backend spends
 //! its time in Redis round trips and argon2, not in the allocator: there mimalloc would only
 //! add memory.

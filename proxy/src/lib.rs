@@ -151,7 +151,8 @@ pub fn run(
 ) -> Result<Stopped, BuildError> {
     // Until the reload service listens for them, SIGHUP and SIGUSR1 would end the process (a
     // reload or logrotate right after start); ignored now, handled once the service runs.
-    // SAFETY: setting the disposition of two signals to "ignore", before any thread starts.
+    // SAFETY: setting the disposition of two signals to "ignore"; a disposition is the
+    // process's, whichever thread a signal reaches, and no handler of ours is replaced.
     unsafe {
         libc::signal(libc::SIGHUP, libc::SIG_IGN);
         libc::signal(libc::SIGUSR1, libc::SIG_IGN);
@@ -159,7 +160,7 @@ pub fn run(
     // glibc gives each busy thread its own heap; under many connections they fragment and the
     // proxy's memory creeps up run after run. Two heaps keep it flat.
     if allocator == heap::Allocator::Glibc {
-        // SAFETY: mallopt before any thread starts.
+        // SAFETY: mallopt before any thread starts (on glibc the binary starts none).
         unsafe {
             libc::mallopt(libc::M_ARENA_MAX, 2);
         }
