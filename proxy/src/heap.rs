@@ -10,8 +10,8 @@
 //! `malloc_trim(0)` returns the free pages. Pages are reused where they are, so this costs a
 //! few page faults after a burst and nothing in a steady state (nothing is trimmed then).
 //!
-//! The proxy allocates with mimalloc unless `GATEHOUSE_ALLOCATOR=system` (the binary's
-//! `allocator.rs`, which also gives mimalloc's free pages back); the trim runs only on glibc.
+//! With `GATEHOUSE_ALLOCATOR=mimalloc` the proxy allocates with mimalloc instead (the binary's
+//! `allocator.rs`, which then gives mimalloc's free pages back); the trim runs only on glibc.
 
 use std::time::Duration;
 
