@@ -13,9 +13,8 @@
 //! thousand connections the proxy held 43 MB, against 37 MB on glibc (whose free pages the
 //! proxy's heap trim gives back) and 60 MB on mimalloc without the collection. Under the whole
 //! test suite's load, 600 connections at once left it 15 MB above where it started, against
-//! glibc's 12 MB bound (`tests/drills.rs`). A backend spends
-//! its time in Redis round trips and argon2, not in the allocator: there mimalloc would only
-//! add memory.
+//! glibc's 12 MB bound (`tests/drills.rs`). A backend spends its time in Redis round trips
+//! and argon2, not in the allocator: there mimalloc would only add memory.
 //!
 //! The choice is made before `main`, from the command line and environment that glibc hands
 //! to `.init_array` functions (as Rust's own `std::env::args` relies on), so no block is ever

@@ -123,11 +123,11 @@ pub fn negotiate(accept_encoding: Option<&[u8]>) -> Encoding {
 }
 
 /// The smallest brotli window (`lgwin`) that holds all of `len` bytes, as the `brotli` tool
-/// picks for a file, from 10 bits up to the 22 this proxy always used (the tool goes to 24). At quality 11 the encoder's match finder takes eight bytes
-/// per window position, and an allocator that hands out reused memory must zero all of it:
-/// with the full 4 MiB window, compressing one 21 kB page raised the proxy's resident memory
-/// (on mimalloc) by about 60 MB. A window larger than the input finds no match a fitting one
-/// misses.
+/// picks for a file, from 10 bits up to the 22 this proxy always used (the tool goes to 24).
+/// At quality 11 the encoder's match finder takes eight bytes per window position, and an
+/// allocator that hands out reused memory must zero all of it: with the full 4 MiB window,
+/// compressing one 21 kB page raised the proxy's resident memory (on mimalloc) by about 60 MB.
+/// A window larger than the input finds no match a fitting one misses.
 fn brotli_window_bits(len: usize) -> i32 {
     // The encoder keeps 16 bytes of a window for itself (RFC 7932 section 9.1).
     (10..22)
