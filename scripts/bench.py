@@ -149,9 +149,11 @@ def cmdline(pid):
         return ""
 
 
-def wait_for(url, log, timeout=60):
+def wait_for(url, log, timeout=60, proc=None):
+    """Until `url` answers 200; exits with the tail of `log` if it does not within `timeout`
+    seconds, or if `proc` (the process that should answer) ends first."""
     deadline = time.time() + timeout
-    while time.time() < deadline:
+    while time.time() < deadline and (proc is None or proc.poll() is None):
         try:
             with urllib.request.urlopen(url, timeout=2) as r:
                 if r.status == 200:

@@ -21,6 +21,15 @@ wakes every 10 ms) is measured first and taken off each run in proportion to its
     scripts/callgrind.py --baseline target/release/gatehouse  # the same binary twice: the noise
     scripts/callgrind.py --threads 1 --baseline-threads 0     # proxy.threads 1 against default
     scripts/callgrind.py --scenarios ping,static --small 500 --big 3000 -c 2 --rate 100
+    scripts/callgrind.py --nginx --floor    # beside nginx and a bare Pingora proxy (below)
+
+`--nginx` counts nginx too, as one process (no master) with bench.py's config and no access log,
+as the proxy here. `--floor` counts proxy/examples/pingora_floor.rs, a Pingora proxy with none of
+gatehouse's work, twice: through Pingora's own upstream path to the backends (/api/ping and
+/api/count), and answering /api/ping itself from `request_filter`; and a backend (hyper's HTTP/1
+server, one thread) answering /api/ping on its own socket. Together they say where the
+instructions per request go: what nginx needs, what Pingora needs before gatehouse adds
+anything, what gatehouse adds, and what another HTTP stack needs for the same answer.
 
 Two processes of one build agree within about 2% (0.2-2.0% by path in one pair; where the
 spread between processes comes from is not yet known): run the build against itself
@@ -100,19 +109,26 @@ def callgrind_total(dump):
 
 
 class Counted:
-    """A proxy running under callgrind, whose counters are zeroed and dumped on demand."""
+    """A process running under callgrind, whose counters are zeroed and dumped on demand:
+    `command` is what valgrind runs; `ready` a URL that answers 200 once it serves, or the Unix
+    socket it will listen on."""
 
-    def __init__(self, binary, config, http, out_dir, name):
+    def __init__(self, command, ready, out_dir, name, env):
         self.out_dir, self.name = out_dir, name
         self.log = out_dir / f"{name}-valgrind.log"
-        env = dict(os.environ, RUST_LOG="warn")
-        env.pop(bench.SECRET_ENV, None)
         self.proc = subprocess.Popen(
             ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out_dir}/{name}.callgrind.%p",
-             str(binary), "proxy", "--config", str(config)],
+             *map(str, command)],
             env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
         )
-        bench.wait_for(f"http://127.0.0.1:{http}/healthz", self.log, timeout=180)
+        if isinstance(ready, Path):
+            deadline = time.time() + 180
+            while not ready.exists() and self.proc.poll() is None and time.time() < deadline:
+                time.sleep(0.2)
+            if not ready.exists():
+                sys.exit(f"callgrind: {name} did not listen on {ready}\n{self.log.read_text()[-3000:]}")
+        else:
+            bench.wait_for(ready, self.log, timeout=180, proc=self.proc)
         self.dumps = 0
 
     def control(self, flag):
@@ -131,8 +147,14 @@ class Counted:
 
     def idle_rate(self):
         """Instructions per second spent with no request at all: Pingora's timer thread, which
-        wakes every 10 ms whatever the load."""
+        wakes every 10 ms whatever the load. Measured once start-up work is over (a backend
+        hashes its users' passwords after it listens): when two seconds in a row cost alike."""
         short, short_seconds = self.count(lambda: time.sleep(1))
+        for _ in range(60):
+            previous = short
+            short, short_seconds = self.count(lambda: time.sleep(1))
+            if abs(short - previous) <= 0.1 * max(short, previous) + 10_000:
+                break
         long, long_seconds = self.count(lambda: time.sleep(4))
         return (long - short) / (long_seconds - short_seconds)
 
@@ -157,14 +179,14 @@ def drive(opts, requests, args, url, label, out_file):
         sys.exit(f"callgrind: {label}: {served} responses to {requests} requests")
 
 
-def measure_side(opts, name, binary, config, http, https, scenarios, token):
-    """({scenario: Ir per request}, idle Ir per second, token) for one proxy; logs in (through
-    it) unless given a token.
+def measure_side(opts, name, proxy, http, https, unix, scenarios, token):
+    """({scenario: Ir per request}, idle Ir per second, token) for one edge, `proxy` (a
+    Counted), on its ports or, given `unix`, on that socket; logs in (through it) unless
+    given a token.
 
     A run under callgrind takes many times longer than without, and what the proxy spends
     per second of wall time (its idle rate) would count in proportion to how slowly the machine
     ran that run; so each run's idle share (idle rate x its seconds) is taken off."""
-    proxy = Counted(binary, config, http, opts.out, name)
     found = {}
     try:
         token = token or bench.login_token(http)
@@ -173,6 +195,8 @@ def measure_side(opts, name, binary, config, http, https, scenarios, token):
             label, args, scheme, path = SCENARIOS[key]
             args = [a.replace("{token}", token) for a in args]
             url = f"{scheme}://127.0.0.1:{http if scheme == 'http' else https}{path}"
+            if unix:
+                args, url = ["--unix-socket", str(unix), *args], f"http://localhost{path}"
             raw = opts.out / "raw"
             drive(opts, opts.warmup, args, url, label, raw / f"{name}-{key}-warmup.json")
             small, small_seconds = proxy.count(
@@ -189,6 +213,45 @@ def measure_side(opts, name, binary, config, http, https, scenarios, token):
     return found, idle, token
 
 
+# What the other sides of --nginx and --floor serve of SCENARIOS. nginx is given every route
+# (bench.nginx_config). The Pingora floor proxies every path to the backends, so only the
+# backends' own paths; answering, it answers any path alike, so once. The backend, on hyper,
+# is asked on its own socket.
+FLOOR_SCENARIOS = {"pingora": ["ping", "count"], "pingora-answer": ["ping"], "backend": ["ping"]}
+FLOOR_EXAMPLE = bench.REPO / "target" / "release" / "examples" / "pingora_floor"
+
+
+def start_edge(opts, kind, name, work, binary, threads, redis_socket):
+    """(Counted, http port, https port, Unix socket or None) of one side under callgrind."""
+    env = dict(os.environ, RUST_LOG="warn")
+    env.pop(bench.SECRET_ENV, None)
+    if kind == "gatehouse":
+        config, http, https = side_config(work, name, threads, redis_socket)
+        command = [binary, "proxy", "--config", config]
+        return Counted(command, f"http://127.0.0.1:{http}/healthz", opts.out, name, env), http, https, None
+    if kind == "backend":
+        socket = work / "run" / f"{name}.sock"
+        command = [binary, "backend", "--config", work / "backends.toml", "--socket", socket, "--id", name]
+        env[bench.SECRET_ENV] = bench.SECRET
+        return Counted(command, socket, opts.out, name, env), None, None, socket
+    http, https = bench.free_port(), bench.free_port()
+    if kind == "nginx":
+        # One process, as valgrind follows it: no master, no fork (worker_processes is ignored).
+        config = work / f"{name}.conf"
+        config.write_text(bench.nginx_config(work, http, https, BACKENDS, 1))
+        command = ["nginx", "-c", config, "-g", "daemon off; master_process off;"]
+        ready = f"http://127.0.0.1:{http}/api/ping"
+    else:
+        command = [FLOOR_EXAMPLE, "--listen", f"127.0.0.1:{http}", "--threads", str(threads or os.cpu_count())]
+        if kind == "pingora-answer":
+            command.append("--answer")
+        else:
+            for i in range(1, BACKENDS + 1):
+                command += ["--upstream", work / "run" / f"backend-{i}.sock"]
+        ready = f"http://127.0.0.1:{http}/api/ping"
+    return Counted(command, ready, opts.out, name, env), http, https, None
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="tiny counts, /api/ping only (a smoke run)")
@@ -201,6 +264,11 @@ def main():
     parser.add_argument("--threads", type=int, help="proxy.threads of this build's proxy")
     parser.add_argument("--baseline-threads", type=int,
                         help="proxy.threads of the baseline's proxy (alone: this build against itself)")
+    parser.add_argument("--nginx", action="store_true",
+                        help="count nginx too (one process, bench.py's config, access log off as here)")
+    parser.add_argument("--floor", action="store_true",
+                        help="count a bare Pingora proxy too (proxy/examples/pingora_floor.rs): "
+                             "Pingora's upstream path, and answering without one")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     parser.add_argument("--small", type=int, default=500, help="requests of the small run")
@@ -216,16 +284,29 @@ def main():
     unknown = [s for s in scenarios if s not in SCENARIOS]
     if unknown or opts.big <= opts.small:
         sys.exit(f"callgrind: unknown scenarios {unknown}" if unknown else "callgrind: --big must exceed --small")
-    for tool in ("valgrind", "callgrind_control", "oha", "redis-server"):
+    for tool in ("valgrind", "callgrind_control", "oha", "redis-server") + (("nginx",) if opts.nginx else ()):
         if not shutil.which(tool):
             sys.exit(f"callgrind: {tool} not found (oha: cargo install oha --locked; the rest: apt-get install)")
     if not opts.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=bench.REPO, check=True)
+        if opts.floor:
+            subprocess.run(["cargo", "build", "--release", "--locked", "-p", "gatehouse-proxy", "--example",
+                            "pingora_floor"], cwd=bench.REPO, check=True)
+    if opts.floor and not FLOOR_EXAMPLE.exists():
+        sys.exit(f"callgrind: {FLOOR_EXAMPLE} not built (cargo build --release -p gatehouse-proxy "
+                 "--example pingora_floor)")
     binary = opts.binary
-    sides = {"new": (binary, opts.threads)}
+    # name: (kind, binary, proxy.threads, its scenarios)
+    sides = {"new": ("gatehouse", binary, opts.threads, scenarios)}
     if opts.baseline or opts.baseline_threads is not None:
         base_threads = opts.threads if opts.baseline_threads is None else opts.baseline_threads
-        sides["base"] = (opts.baseline or binary, base_threads)
+        sides["base"] = ("gatehouse", opts.baseline or binary, base_threads, scenarios)
+    if opts.nginx:
+        sides["nginx"] = ("nginx", None, None, scenarios)
+    if opts.floor:
+        for kind, served in FLOOR_SCENARIOS.items():
+            sides[kind] = (kind, binary if kind == "backend" else None, opts.threads,
+                           [s for s in scenarios if s in served])
     (opts.out / "raw").mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="gatehouse-callgrind-"))
@@ -240,10 +321,9 @@ def main():
              "--appendonly", "no", "--loglevel", "warning"],
             stdout=open(work / "redis.log", "w"), stderr=subprocess.STDOUT,
         ))
-        configs = {name: side_config(work, name, threads, redis_socket) for name, (_, threads) in sides.items()}
-        first_config = next(iter(configs.values()))[0]
+        first_config = side_config(work, "backends", None, redis_socket)[0]
         subprocess.run([binary, "cert", "--config", first_config], check=True, capture_output=True)
-        # The backends are this build's for both sides: what they answer is the same to each proxy.
+        # The backends are this build's for every side: what they answer is the same to each edge.
         env = dict(os.environ, **{bench.SECRET_ENV: bench.SECRET}, RUST_LOG="warn")
         for i in range(1, BACKENDS + 1):
             processes.append(subprocess.Popen(
@@ -252,10 +332,9 @@ def main():
                 env=env, stdout=open(work / f"backend-{i}.log", "w"), stderr=subprocess.STDOUT,
             ))
         token = None
-        for name, (side_binary, _) in sides.items():
-            config, http, https = configs[name]
-            results[name], idles[name], token = measure_side(
-                opts, name, side_binary, config, http, https, scenarios, token)
+        for name, (kind, side_binary, threads, served) in sides.items():
+            edge, http, https, unix = start_edge(opts, kind, name, work, side_binary, threads, redis_socket)
+            results[name], idles[name], token = measure_side(opts, name, edge, http, https, unix, served, token)
     finally:
         for proc in processes:
             proc.send_signal(signal.SIGTERM)
@@ -266,28 +345,47 @@ def main():
                 proc.kill()
         shutil.rmtree(work, ignore_errors=True)
 
-    names = list(sides)
-    described = ", ".join(
-        f"{name} = {path} (proxy.threads {bench.threads_words(threads)})" for name, (path, threads) in sides.items())
-    lines = [
-        f"`scripts/callgrind.py{''.join(f' {arg}' for arg in sys.argv[1:])}`: proxy instructions (Ir) per "
-        f"request = (Ir of {opts.big:,} requests - Ir of {opts.small:,}) / {opts.big - opts.small:,}, "
-        f"oha -c {opts.connections} -q {opts.rate}, each run's idle share taken off (idle Ir/s: "
-        + ", ".join(f"{n} {idles[n]:,.0f}" for n in names) + f"); {described}.",
-        "",
-        "| scenario | " + " | ".join(f"Ir/req {n}" for n in names)
-        + (f" | {names[0]}/{names[1]} |" if len(names) == 2 else " |"),
-        "|---" * (len(names) + 1 + (len(names) == 2)) + "|",
-    ]
-    for key in scenarios:
-        row = [SCENARIOS[key][0]] + [f"{results[n][key]:,.0f}" for n in names]
-        if len(names) == 2:
-            row.append(f"{results[names[0]][key] / results[names[1]][key]:.4f}x")
-        lines.append("| " + " | ".join(row) + " |")
-    table = "\n".join(lines) + "\n"
+    table = results_table(opts, sides, scenarios, results, idles)
     (opts.out / "results.md").write_text(table)
     print(table)
 
+
+def results_table(opts, sides, scenarios, results, idles):
+    """Ir per request by scenario and side, with new/base where a baseline ran and each side
+    against nginx where nginx ran."""
+    names = list(sides)
+
+    def about(name):
+        kind, path, threads, _ = sides[name]
+        if kind == "gatehouse":
+            return f"{name} = {path} (proxy.threads {bench.threads_words(threads)})"
+        if kind == "nginx":
+            return f"{name} = nginx, one process"
+        if kind == "backend":
+            return f"{name} = a gatehouse backend (hyper, one thread) on its own socket"
+        return f"{name} = proxy/examples/pingora_floor.rs (threads {threads or os.cpu_count()}" + (
+            ", answering itself)" if kind == "pingora-answer" else ", to the backends)")
+
+    ratios = [("new", "base")] if "base" in sides else []
+    if "nginx" in sides:
+        ratios += [(name, "nginx") for name in names if name != "nginx"]
+    lines = [
+        f"`scripts/callgrind.py{''.join(f' {arg}' for arg in sys.argv[1:])}`: edge instructions (Ir) per "
+        f"request = (Ir of {opts.big:,} requests - Ir of {opts.small:,}) / {opts.big - opts.small:,}, "
+        f"oha -c {opts.connections} -q {opts.rate}, each run's idle share taken off (idle Ir/s: "
+        + ", ".join(f"{n} {idles[n]:,.0f}" for n in names) + "); " + ", ".join(map(about, names)) + ".",
+        "",
+        "| scenario | " + " | ".join(f"Ir/req {n}" for n in names)
+        + "".join(f" | {a}/{b}" for a, b in ratios) + " |",
+        "|---" * (len(names) + 1 + len(ratios)) + "|",
+    ]
+    for key in scenarios:
+        row = [SCENARIOS[key][0]] + [f"{results[n][key]:,.0f}" if key in results[n] else "-" for n in names]
+        for a, b in ratios:
+            both = key in results[a] and key in results[b]
+            row.append(f"{results[a][key] / results[b][key]:.4f}x" if both else "-")
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines) + "\n"
 
 if __name__ == "__main__":
     main()
