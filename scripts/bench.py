@@ -161,7 +161,8 @@ def wait_for(url, log, timeout=60, proc=None):
         except Exception:
             time.sleep(0.2)
     tail = log.read_text()[-3000:] if log.exists() else ""
-    sys.exit(f"bench: {url} did not come up\n{tail}")
+    ended = f" (it exited with code {proc.poll()})" if proc is not None and proc.poll() is not None else ""
+    sys.exit(f"bench: {url} did not come up{ended}\n{tail}")
 
 
 # Like nginx's keepalive_requests below: a benchmark's connections are not closed for having

@@ -26,10 +26,11 @@ wakes every 10 ms) is measured first and taken off each run in proportion to its
 `--nginx` counts nginx too, as one process (no master) with bench.py's config and no access log,
 as the proxy here. `--floor` counts proxy/examples/pingora_floor.rs, a Pingora proxy with none of
 gatehouse's work, twice: through Pingora's own upstream path to the backends (/api/ping and
-/api/count), and answering /api/ping itself from `request_filter`; and a backend (hyper's HTTP/1
-server, one thread) answering /api/ping on its own socket. Together they say where the
-instructions per request go: what nginx needs, what Pingora needs before gatehouse adds
-anything, what gatehouse adds, and what another HTTP stack needs for the same answer.
+/api/count), and answering /api/ping itself from `request_filter`; proxy/examples/hyper_floor.rs,
+the same bare proxy on hyper's HTTP/1 server and client (/api/ping and /api/count); and a
+backend (hyper's server, one thread) answering /api/ping on its own socket. Together they say
+where the instructions per request go: what nginx needs, what Pingora needs before gatehouse
+adds anything, what gatehouse adds, and what another HTTP stack needs for the same work.
 
 Two processes of one build agree within about 2% (0.2-2.0% by path in one pair; where the
 spread between processes comes from is not yet known): run the build against itself
@@ -38,8 +39,8 @@ differences above it. Decide a change by these counts first and by bench.py's ti
 second.
 Raw callgrind dumps (for callgrind_annotate) go to the output directory.
 
-Both sides are given one config, written in this checkout's shape: a baseline binary must read
-that shape, so a build from before a change of the config's keys (one that refuses the file) cannot
+Every gatehouse side is given a config written in this checkout's shape: a baseline binary must
+read that shape, so a build from before a change of the config's keys (one that refuses the file) cannot
 be compared this way.
 
 Needs valgrind, oha (cargo install oha --locked) and what gatehouse itself needs.
@@ -49,6 +50,7 @@ import argparse
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -111,7 +113,7 @@ def callgrind_total(dump):
 class Counted:
     """A process running under callgrind, whose counters are zeroed and dumped on demand:
     `command` is what valgrind runs; `ready` a URL that answers 200 once it serves, or the Unix
-    socket it will listen on."""
+    socket on which GET /api/ping will."""
 
     def __init__(self, command, ready, out_dir, name, env):
         self.out_dir, self.name = out_dir, name
@@ -121,15 +123,33 @@ class Counted:
              *map(str, command)],
             env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
         )
-        if isinstance(ready, Path):
-            deadline = time.time() + 180
-            while not ready.exists() and self.proc.poll() is None and time.time() < deadline:
-                time.sleep(0.2)
-            if not ready.exists():
-                sys.exit(f"callgrind: {name} did not listen on {ready}\n{self.log.read_text()[-3000:]}")
-        else:
-            bench.wait_for(ready, self.log, timeout=180, proc=self.proc)
+        try:
+            if isinstance(ready, Path):
+                self.wait_for_socket(ready)
+            else:
+                bench.wait_for(ready, self.log, timeout=180, proc=self.proc)
+        except SystemExit:
+            # Not yet among the processes the caller stops.
+            self.proc.kill()
+            raise
         self.dumps = 0
+
+    def wait_for_socket(self, path, timeout=180):
+        """Until GET /api/ping answers 200 on the Unix socket `path`."""
+        deadline = time.time() + timeout
+        while time.time() < deadline and self.proc.poll() is None:
+            try:
+                with socket.socket(socket.AF_UNIX) as conn:
+                    conn.settimeout(5)
+                    conn.connect(str(path))
+                    conn.sendall(b"GET /api/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+                    if conn.recv(64).startswith(b"HTTP/1.1 200"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        sys.exit(f"callgrind: {self.name} did not answer on {path} (exit code {self.proc.poll()})\n"
+                 f"{self.log.read_text()[-3000:]}")
 
     def control(self, flag):
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True)
@@ -148,13 +168,18 @@ class Counted:
     def idle_rate(self):
         """Instructions per second spent with no request at all: Pingora's timer thread, which
         wakes every 10 ms whatever the load. Measured once start-up work is over (a backend
-        hashes its users' passwords after it listens): when two seconds in a row cost alike."""
+        seeds Redis and builds its OpenAPI document after it binds its socket): when a second costs no more than
+        the cheapest second yet, within 10% and 10,000 instructions."""
         short, short_seconds = self.count(lambda: time.sleep(1))
+        cheapest = short
         for _ in range(60):
-            previous = short
             short, short_seconds = self.count(lambda: time.sleep(1))
-            if abs(short - previous) <= 0.1 * max(short, previous) + 10_000:
+            if short <= 1.1 * cheapest + 10_000 and cheapest <= 1.1 * short + 10_000:
                 break
+            cheapest = min(cheapest, short)
+        else:
+            print(f"callgrind: {self.name}: idle seconds never settled (last {short:,} Ir); "
+                  "its idle rate is a guess", file=sys.stderr)
         long, long_seconds = self.count(lambda: time.sleep(4))
         return (long - short) / (long_seconds - short_seconds)
 
@@ -217,8 +242,9 @@ def measure_side(opts, name, proxy, http, https, unix, scenarios, token):
 # (bench.nginx_config). The Pingora floor proxies every path to the backends, so only the
 # backends' own paths; answering, it answers any path alike, so once. The backend, on hyper,
 # is asked on its own socket.
-FLOOR_SCENARIOS = {"pingora": ["ping", "count"], "pingora-answer": ["ping"], "backend": ["ping"]}
-FLOOR_EXAMPLE = bench.REPO / "target" / "release" / "examples" / "pingora_floor"
+FLOOR_SCENARIOS = {"pingora": ["ping", "count"], "pingora-answer": ["ping"], "hyper": ["ping", "count"],
+                   "backend": ["ping"]}
+EXAMPLES = bench.REPO / "target" / "release" / "examples"
 
 
 def start_edge(opts, kind, name, work, binary, threads, redis_socket):
@@ -236,13 +262,20 @@ def start_edge(opts, kind, name, work, binary, threads, redis_socket):
         return Counted(command, socket, opts.out, name, env), None, None, socket
     http, https = bench.free_port(), bench.free_port()
     if kind == "nginx":
-        # One process, as valgrind follows it: no master, no fork (worker_processes is ignored).
+        # No master and no fork: one process holds all the work, the one callgrind_control zeroes
+        # and dumps (worker_processes is then ignored).
         config = work / f"{name}.conf"
         config.write_text(bench.nginx_config(work, http, https, BACKENDS, 1))
         command = ["nginx", "-c", config, "-g", "daemon off; master_process off;"]
         ready = f"http://127.0.0.1:{http}/api/ping"
+    elif kind == "hyper":
+        # One backend: its upstream connection is the client connection's own.
+        command = [EXAMPLES / "hyper_floor", "--listen", f"127.0.0.1:{http}", "--upstream",
+                   work / "run" / "backend-1.sock"]
+        ready = f"http://127.0.0.1:{http}/api/ping"
     else:
-        command = [FLOOR_EXAMPLE, "--listen", f"127.0.0.1:{http}", "--threads", str(threads or os.cpu_count())]
+        command = [EXAMPLES / "pingora_floor", "--listen", f"127.0.0.1:{http}", "--threads",
+                   str(threads or os.cpu_count())]
         if kind == "pingora-answer":
             command.append("--answer")
         else:
@@ -267,8 +300,9 @@ def main():
     parser.add_argument("--nginx", action="store_true",
                         help="count nginx too (one process, bench.py's config, access log off as here)")
     parser.add_argument("--floor", action="store_true",
-                        help="count a bare Pingora proxy too (proxy/examples/pingora_floor.rs): "
-                             "Pingora's upstream path, and answering without one")
+                        help="count bare proxies too: proxy/examples/pingora_floor.rs (Pingora's upstream path, "
+                             "and answering without one), proxy/examples/hyper_floor.rs (hyper), and a "
+                             "backend (hyper) answering on its own socket")
     parser.add_argument("--scenarios", default=",".join(SCENARIOS),
                         help=f"comma-separated, of: {', '.join(SCENARIOS)}")
     parser.add_argument("--small", type=int, default=500, help="requests of the small run")
@@ -290,11 +324,12 @@ def main():
     if not opts.no_build:
         subprocess.run(["cargo", "build", "--release", "--locked"], cwd=bench.REPO, check=True)
         if opts.floor:
-            subprocess.run(["cargo", "build", "--release", "--locked", "-p", "gatehouse-proxy", "--example",
-                            "pingora_floor"], cwd=bench.REPO, check=True)
-    if opts.floor and not FLOOR_EXAMPLE.exists():
-        sys.exit(f"callgrind: {FLOOR_EXAMPLE} not built (cargo build --release -p gatehouse-proxy "
-                 "--example pingora_floor)")
+            subprocess.run(["cargo", "build", "--release", "--locked", "--workspace", "--bins", "--example",
+                            "pingora_floor", "--example", "hyper_floor"], cwd=bench.REPO, check=True)
+    missing = [name for name in ("pingora_floor", "hyper_floor") if opts.floor and not (EXAMPLES / name).exists()]
+    if missing:
+        sys.exit(f"callgrind: {', '.join(missing)} not built (cargo build --release --workspace "
+                 "--example pingora_floor --example hyper_floor)")
     binary = opts.binary
     # name: (kind, binary, proxy.threads, its scenarios)
     sides = {"new": ("gatehouse", binary, opts.threads, scenarios)}
@@ -305,8 +340,11 @@ def main():
         sides["nginx"] = ("nginx", None, None, scenarios)
     if opts.floor:
         for kind, served in FLOOR_SCENARIOS.items():
-            sides[kind] = (kind, binary if kind == "backend" else None, opts.threads,
-                           [s for s in scenarios if s in served])
+            mine = [s for s in scenarios if s in served]
+            if mine:
+                sides[kind] = (kind, binary if kind == "backend" else None, opts.threads, mine)
+            else:
+                print(f"callgrind: {kind} serves none of these scenarios; not counted", file=sys.stderr)
     (opts.out / "raw").mkdir(parents=True, exist_ok=True)
 
     work = Path(tempfile.mkdtemp(prefix="gatehouse-callgrind-"))
@@ -363,10 +401,14 @@ def results_table(opts, sides, scenarios, results, idles):
             return f"{name} = nginx, one process"
         if kind == "backend":
             return f"{name} = a gatehouse backend (hyper, one thread) on its own socket"
+        if kind == "hyper":
+            return f"{name} = proxy/examples/hyper_floor.rs (one thread, to one backend)"
         return f"{name} = proxy/examples/pingora_floor.rs (threads {threads or os.cpu_count()}" + (
             ", answering itself)" if kind == "pingora-answer" else ", to the backends)")
 
     ratios = [("new", "base")] if "base" in sides else []
+    if "pingora" in sides:
+        ratios.append(("new", "pingora"))
     if "nginx" in sides:
         ratios += [(name, "nginx") for name in names if name != "nginx"]
     lines = [
@@ -386,6 +428,7 @@ def results_table(opts, sides, scenarios, results, idles):
             row.append(f"{results[a][key] / results[b][key]:.4f}x" if both else "-")
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines) + "\n"
+
 
 if __name__ == "__main__":
     main()

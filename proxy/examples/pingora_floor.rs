@@ -9,7 +9,8 @@
 //!   sockets by Pingora's own upstream path and connection pool, as Pingora's load-balancer
 //!   example does.
 //! - `--answer`: every request is answered from `request_filter` with a fixed small body, no
-//!   upstream at all: what Pingora's HTTP/1 server session alone costs.
+//!   upstream at all: what Pingora's proxy service costs (pingora-proxy's phases over
+//!   pingora-core's HTTP/1 session) before it reaches a backend.
 //!
 //! ```text
 //! pingora_floor --listen 127.0.0.1:8080 --threads 2 --upstream /run/b1.sock --upstream /run/b2.sock
@@ -30,7 +31,7 @@ use pingora::{
 use pingora_http::ResponseHeader;
 use pingora_proxy::{ProxyHttp, Session, http_proxy_service};
 
-/// The answer of `--answer`, the size of a backend's `/api/ping`.
+/// The answer of `--answer`: 30 bytes, the shape of a backend's `/healthz`.
 const ANSWER: &[u8] = br#"{"status":"ok","backend":"b1"}"#;
 
 struct Floor {
@@ -61,6 +62,7 @@ impl ProxyHttp for Floor {
     }
 
     async fn upstream_peer(&self, _session: &mut Session, _ctx: &mut ()) -> Result<Box<HttpPeer>> {
+        // Never reached without peers: `request_filter` has answered every request then.
         let at = self.next.fetch_add(1, Ordering::Relaxed) % self.peers.len();
         Ok(Box::new(self.peers[at].clone()))
     }
@@ -97,6 +99,9 @@ fn parse(mut args: impl Iterator<Item = String>) -> std::result::Result<Args, St
     let proxies = !parsed.upstreams.is_empty();
     if parsed.listen.is_empty() || parsed.answer == proxies {
         return Err("give --listen, and either --answer or --upstream SOCKET".into());
+    }
+    if parsed.threads == 0 {
+        return Err("--threads must be at least 1".into());
     }
     Ok(parsed)
 }
