@@ -148,8 +148,8 @@ class Counted:
             except OSError:
                 pass
             time.sleep(0.2)
-        sys.exit(f"callgrind: {self.name} did not answer on {path} (exit code {self.proc.poll()})\n"
-                 f"{self.log.read_text()[-3000:]}")
+        ended = f" (it exited with code {self.proc.poll()})" if self.proc.poll() is not None else ""
+        sys.exit(f"callgrind: {self.name} did not answer on {path}{ended}\n{self.log.read_text()[-3000:]}")
 
     def control(self, flag):
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True)
@@ -168,8 +168,8 @@ class Counted:
     def idle_rate(self):
         """Instructions per second spent with no request at all: Pingora's timer thread, which
         wakes every 10 ms whatever the load. Measured once start-up work is over (a backend
-        seeds Redis and builds its OpenAPI document after it binds its socket): when a second costs no more than
-        the cheapest second yet, within 10% and 10,000 instructions."""
+        seeds Redis as it starts answering): when a second and the cheapest second before it cost
+        alike, within 10% and 10,000 instructions either way."""
         short, short_seconds = self.count(lambda: time.sleep(1))
         cheapest = short
         for _ in range(60):
@@ -240,8 +240,8 @@ def measure_side(opts, name, proxy, http, https, unix, scenarios, token):
 
 # What the other sides of --nginx and --floor serve of SCENARIOS. nginx is given every route
 # (bench.nginx_config). The Pingora floor proxies every path to the backends, so only the
-# backends' own paths; answering, it answers any path alike, so once. The backend, on hyper,
-# is asked on its own socket.
+# backends' own paths; answering, it answers any path alike, so once. The bare proxy on hyper
+# goes to a backend too; the backend itself is asked on its own socket.
 FLOOR_SCENARIOS = {"pingora": ["ping", "count"], "pingora-answer": ["ping"], "hyper": ["ping", "count"],
                    "backend": ["ping"]}
 EXAMPLES = bench.REPO / "target" / "release" / "examples"
@@ -256,10 +256,10 @@ def start_edge(opts, kind, name, work, binary, threads, redis_socket):
         command = [binary, "proxy", "--config", config]
         return Counted(command, f"http://127.0.0.1:{http}/healthz", opts.out, name, env), http, https, None
     if kind == "backend":
-        socket = work / "run" / f"{name}.sock"
-        command = [binary, "backend", "--config", work / "backends.toml", "--socket", socket, "--id", name]
+        path = work / "run" / f"{name}.sock"
+        command = [binary, "backend", "--config", work / "backends.toml", "--socket", path, "--id", name]
         env[bench.SECRET_ENV] = bench.SECRET
-        return Counted(command, socket, opts.out, name, env), None, None, socket
+        return Counted(command, path, opts.out, name, env), None, None, path
     http, https = bench.free_port(), bench.free_port()
     if kind == "nginx":
         # No master and no fork: one process holds all the work, the one callgrind_control zeroes
@@ -269,7 +269,7 @@ def start_edge(opts, kind, name, work, binary, threads, redis_socket):
         command = ["nginx", "-c", config, "-g", "daemon off; master_process off;"]
         ready = f"http://127.0.0.1:{http}/api/ping"
     elif kind == "hyper":
-        # One backend: its upstream connection is the client connection's own.
+        # Each client connection keeps one upstream connection of its own: nothing to balance.
         command = [EXAMPLES / "hyper_floor", "--listen", f"127.0.0.1:{http}", "--upstream",
                    work / "run" / "backend-1.sock"]
         ready = f"http://127.0.0.1:{http}/api/ping"
@@ -389,8 +389,8 @@ def main():
 
 
 def results_table(opts, sides, scenarios, results, idles):
-    """Ir per request by scenario and side, with new/base where a baseline ran and each side
-    against nginx where nginx ran."""
+    """Ir per request by scenario and side, with new/base where a baseline ran, new/pingora
+    where the floor ran and each side against nginx where nginx ran."""
     names = list(sides)
 
     def about(name):

@@ -29,7 +29,8 @@ use tokio::{
 type Upstream = Rc<Mutex<Option<SendRequest<Incoming>>>>;
 
 /// Sends `request` on the client connection's upstream connection, opening it if it has none
-/// or the last one closed.
+/// or the last one closed. Not retried: a backend closing an idle connection just as it is
+/// reused fails the request, which the backends' 75 s idle timeout keeps out of a measured run.
 async fn forward(
     socket: Rc<PathBuf>,
     upstream: Upstream,
@@ -69,16 +70,28 @@ async fn serve(listen: String, socket: PathBuf) -> std::io::Result<()> {
     let listener = TcpListener::bind(&listen).await?;
     let socket = Rc::new(socket);
     loop {
-        let (stream, _) = listener.accept().await?;
+        let stream = match listener.accept().await {
+            Ok((stream, _)) => stream,
+            // Out of file descriptors, say: the next accept may succeed.
+            Err(e) => {
+                eprintln!("hyper_floor: accept: {e}");
+                continue;
+            }
+        };
         let socket = socket.clone();
         let upstream: Upstream = Rc::new(Mutex::new(None));
         tokio::task::spawn_local(async move {
             let service =
                 service_fn(move |request| forward(socket.clone(), upstream.clone(), request));
-            // A client that goes away mid-request is no fault of the instrument.
-            let _ = server::Builder::new()
+            // hyper closes the client connection without an answer when `forward` fails (the
+            // backend's socket missing, say): said here, or a run would only see a hang.
+            if let Err(e) = server::Builder::new()
                 .serve_connection(TokioIo::new(stream), service)
-                .await;
+                .await
+                && !e.is_incomplete_message()
+            {
+                eprintln!("hyper_floor: {e}: {:?}", std::error::Error::source(&e));
+            }
         });
     }
 }

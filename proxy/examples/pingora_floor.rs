@@ -31,7 +31,8 @@ use pingora::{
 use pingora_http::ResponseHeader;
 use pingora_proxy::{ProxyHttp, Session, http_proxy_service};
 
-/// The answer of `--answer`: 30 bytes, the shape of a backend's `/healthz`.
+/// The answer of `--answer`: 30 bytes of JSON, about a backend's answer to `/api/ping` (15
+/// bytes) with its id.
 const ANSWER: &[u8] = br#"{"status":"ok","backend":"b1"}"#;
 
 struct Floor {
