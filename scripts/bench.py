@@ -149,17 +149,23 @@ def cmdline(pid):
         return ""
 
 
-def wait_for(url, log, timeout=60, proc=None):
-    """Until `url` answers 200; exits with the tail of `log` if it does not within `timeout`
-    seconds, or if `proc` (the process that should answer) ends first."""
+def answers_200(url):
+    """Whether `url` answers 200 now."""
+    try:
+        with urllib.request.urlopen(url, timeout=2) as r:
+            return r.status == 200
+    except Exception:
+        return False
+
+
+def wait_for(url, log, timeout=60, proc=None, answers=answers_200):
+    """Until `answers(url)`; exits with the tail of `log` if not within `timeout` seconds, or if
+    `proc` (the process that should answer) ends first."""
     deadline = time.time() + timeout
     while time.time() < deadline and (proc is None or proc.poll() is None):
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return
-        except Exception:
-            time.sleep(0.2)
+        if answers(url):
+            return
+        time.sleep(0.2)
     tail = log.read_text()[-3000:] if log.exists() else ""
     ended = f" (it exited with code {proc.poll()})" if proc is not None and proc.poll() is not None else ""
     sys.exit(f"bench: {url} did not come up{ended}\n{tail}")

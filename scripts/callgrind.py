@@ -110,6 +110,19 @@ def callgrind_total(dump):
     sys.exit(f"callgrind: no totals in {dump}")
 
 
+def answers_on_socket(path):
+    """Whether GET /api/ping answers 200 now on the Unix socket `path` (urllib has no Unix
+    sockets)."""
+    try:
+        with socket.socket(socket.AF_UNIX) as conn:
+            conn.settimeout(5)
+            conn.connect(str(path))
+            conn.sendall(b"GET /api/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+            return conn.recv(64).startswith(b"HTTP/1.1 200")
+    except OSError:
+        return False
+
+
 class Counted:
     """A process running under callgrind, whose counters are zeroed and dumped on demand:
     `command` is what valgrind runs; `ready` a URL that answers 200 once it serves, or the Unix
@@ -124,32 +137,13 @@ class Counted:
             env=env, stdout=open(self.log, "w"), stderr=subprocess.STDOUT,
         )
         try:
-            if isinstance(ready, Path):
-                self.wait_for_socket(ready)
-            else:
-                bench.wait_for(ready, self.log, timeout=180, proc=self.proc)
+            answers = answers_on_socket if isinstance(ready, Path) else bench.answers_200
+            bench.wait_for(ready, self.log, timeout=180, proc=self.proc, answers=answers)
         except SystemExit:
             # Not yet among the processes the caller stops.
             self.proc.kill()
             raise
         self.dumps = 0
-
-    def wait_for_socket(self, path, timeout=180):
-        """Until GET /api/ping answers 200 on the Unix socket `path`."""
-        deadline = time.time() + timeout
-        while time.time() < deadline and self.proc.poll() is None:
-            try:
-                with socket.socket(socket.AF_UNIX) as conn:
-                    conn.settimeout(5)
-                    conn.connect(str(path))
-                    conn.sendall(b"GET /api/ping HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-                    if conn.recv(64).startswith(b"HTTP/1.1 200"):
-                        return
-            except OSError:
-                pass
-            time.sleep(0.2)
-        ended = f" (it exited with code {self.proc.poll()})" if self.proc.poll() is not None else ""
-        sys.exit(f"callgrind: {self.name} did not answer on {path}{ended}\n{self.log.read_text()[-3000:]}")
 
     def control(self, flag):
         subprocess.run(["callgrind_control", flag, str(self.proc.pid)], check=True, capture_output=True)
@@ -267,12 +261,10 @@ def start_edge(opts, kind, name, work, binary, threads, redis_socket):
         config = work / f"{name}.conf"
         config.write_text(bench.nginx_config(work, http, https, BACKENDS, 1))
         command = ["nginx", "-c", config, "-g", "daemon off; master_process off;"]
-        ready = f"http://127.0.0.1:{http}/api/ping"
     elif kind == "hyper":
         # Each client connection keeps one upstream connection of its own: nothing to balance.
         command = [EXAMPLES / "hyper_floor", "--listen", f"127.0.0.1:{http}", "--upstream",
                    work / "run" / "backend-1.sock"]
-        ready = f"http://127.0.0.1:{http}/api/ping"
     else:
         command = [EXAMPLES / "pingora_floor", "--listen", f"127.0.0.1:{http}", "--threads",
                    str(threads or os.cpu_count())]
@@ -281,8 +273,7 @@ def start_edge(opts, kind, name, work, binary, threads, redis_socket):
         else:
             for i in range(1, BACKENDS + 1):
                 command += ["--upstream", work / "run" / f"backend-{i}.sock"]
-        ready = f"http://127.0.0.1:{http}/api/ping"
-    return Counted(command, ready, opts.out, name, env), http, https, None
+    return Counted(command, f"http://127.0.0.1:{http}/api/ping", opts.out, name, env), http, https, None
 
 
 def main():
